@@ -1,0 +1,5 @@
+import sys
+
+from objfs.cli import main
+
+sys.exit(main())

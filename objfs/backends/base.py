@@ -1,0 +1,134 @@
+"""The backend interface, and a base for backends built on blocking SDKs.
+
+Contract for every backend:
+- `put` stores a whole local file under a key, atomically (no partial object is visible);
+- `get` writes the object (or a byte range of it) into a local file and returns the byte count;
+  a range that runs past the end is clamped; a range that starts past the end yields 0 bytes;
+- `head` returns the size; `delete` of a missing object succeeds;
+- `list_page` returns keys in lexicographic order with a continuation token (None at the end);
+- every failure is raised as an `objfs.errors` exception, never an SDK exception.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from objfs.errors import ObjfsError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class Backend(abc.ABC):
+    """Async object store. Implementations are safe to call from many trio tasks at once."""
+
+    name: str = "backend"
+
+    @abc.abstractmethod
+    async def put(self, key: str, path: Path) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self, key: str, path: Path, offset: int = 0,
+                  length: int | None = None) -> int: ...
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo: ...
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_page(self, prefix: str, token: str | None = None,
+                        limit: int = 1000) -> tuple[list[ObjectInfo], str | None]: ...
+
+    @abc.abstractmethod
+    async def copy(self, src: str, dst: str) -> None: ...
+
+    async def list(self, prefix: str, limit: int | None = None) -> AsyncIterator[ObjectInfo]:
+        """Every object under `prefix` (at most `limit`), page by page."""
+        token: str | None = None
+        count = 0
+        while True:
+            page_size = 1000 if limit is None else min(1000, limit - count)
+            page, token = await self.list_page(prefix, token, page_size)
+            for info in page:
+                yield info
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+            if token is None:
+                return
+
+    async def aclose(self) -> None:  # noqa: B027 - most backends hold nothing to close
+        """Release connections. Closes even if it fails."""
+
+
+class ThreadedBackend(Backend):
+    """A backend whose work is blocking calls, run in worker threads under one limiter.
+
+    Subclasses implement the `_sync` methods and `translate`, which turns any exception the
+    SDK raises into an `ObjfsError`.
+    """
+
+    def __init__(self, max_threads: int) -> None:
+        self._limiter = trio.CapacityLimiter(max_threads)
+
+    @abc.abstractmethod
+    def translate(self, exc: Exception, key: str) -> ObjfsError: ...
+
+    async def _run(self, key: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except ObjfsError:
+            raise
+        except Exception as exc:
+            raise self.translate(exc, key) from exc
+
+    @abc.abstractmethod
+    def _put_sync(self, key: str, path: Path) -> None: ...
+
+    @abc.abstractmethod
+    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int: ...
+
+    @abc.abstractmethod
+    def _head_sync(self, key: str) -> ObjectInfo: ...
+
+    @abc.abstractmethod
+    def _delete_sync(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _list_sync(self, prefix: str, token: str | None,
+                   limit: int) -> tuple[list[ObjectInfo], str | None]: ...
+
+    @abc.abstractmethod
+    def _copy_sync(self, src: str, dst: str) -> None: ...
+
+    async def put(self, key: str, path: Path) -> None:
+        await self._run(key, self._put_sync, key, path)
+
+    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None) -> int:
+        return await self._run(key, self._get_sync, key, path, offset, length)
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self._run(key, self._head_sync, key)
+
+    async def delete(self, key: str) -> None:
+        await self._run(key, self._delete_sync, key)
+
+    async def list_page(self, prefix: str, token: str | None = None,
+                        limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:
+        return await self._run(prefix, self._list_sync, prefix, token, limit)
+
+    async def copy(self, src: str, dst: str) -> None:
+        await self._run(src, self._copy_sync, src, dst)

@@ -1,0 +1,145 @@
+"""A directory used as a bucket: the embedded default, no cloud needed.
+
+Keys are relative paths under the directory. Objects are written to ``.objfs-tmp/`` inside the
+bucket, fsynced, then renamed into place, so a reader never sees a partial object and a crash
+leaves at most a temp file (removed at the next start).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from objfs import errors
+from objfs.backends.base import ObjectInfo, ThreadedBackend
+
+TMP_DIR = ".objfs-tmp"
+COPY_CHUNK = 1024 * 1024
+
+
+class LocalBackend(ThreadedBackend):
+    """Backend storing each object as a file under `root` (created if missing)."""
+
+    name = "local"
+
+    def __init__(self, root: Path, max_threads: int = 8) -> None:
+        super().__init__(max_threads)
+        self.root = root
+        self._tmp = root / TMP_DIR
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise errors.BucketMissing(f"local bucket {root}: {exc.strerror}") from exc
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) \
+                or parts[0] == TMP_DIR:
+            raise errors.BackendError(f"invalid object key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def translate(self, exc: Exception, key: str) -> errors.ObjfsError:
+        if isinstance(exc, OSError):
+            what = f"{key}: {exc.strerror or exc}"
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                if not self.root.is_dir():
+                    return errors.BucketMissing(f"local bucket {self.root} is missing")
+                return errors.NotFound(what)
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return errors.Denied(what)
+            if exc.errno in (errno.EFBIG,):
+                return errors.TooLarge(what)
+            return errors.Unavailable(what)
+        return errors.BackendError(f"{key}: {exc!r}")
+
+    def _put_sync(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        tmp = self._tmp / uuid.uuid4().hex
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
+        copied = 0
+        with open(self._path(key), "rb") as src, open(path, "wb") as dst:
+            src.seek(offset)
+            while length is None or copied < length:
+                want = COPY_CHUNK if length is None else min(COPY_CHUNK, length - copied)
+                chunk = src.read(want)
+                if not chunk:
+                    break
+                dst.write(chunk)
+                copied += len(chunk)
+        return copied
+
+    def _head_sync(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        st = path.stat()
+        if not path.is_file():
+            raise errors.NotFound(key)
+        return ObjectInfo(key, st.st_size)
+
+    def _delete_sync(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        # Drop empty parent directories, as a bucket has no directories of its own.
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def _list_sync(self, prefix: str, token: str | None,
+                   limit: int) -> tuple[list[ObjectInfo], str | None]:
+        base, _, name_prefix = prefix.rpartition("/")
+        start = self.root.joinpath(*base.split("/")) if base else self.root
+        found: list[ObjectInfo] = []
+        if start.is_dir():
+            self._collect(start, base + "/" if base else "", name_prefix, found)
+        found.sort(key=lambda info: info.key)
+        if token is not None:
+            found = [info for info in found if info.key > token]
+        page = found[:limit]
+        more = len(found) > limit
+        return page, (page[-1].key if more and page else None)
+
+    def _collect(self, directory: Path, key_prefix: str, name_prefix: str,
+                 out: list[ObjectInfo]) -> None:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not entry.name.startswith(name_prefix):
+                    continue
+                if not key_prefix and entry.name == TMP_DIR:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    self._collect(Path(entry.path), key_prefix + entry.name + "/", "", out)
+                elif entry.is_file(follow_symlinks=False):
+                    out.append(ObjectInfo(key_prefix + entry.name, entry.stat().st_size))
+
+    def _copy_sync(self, src: str, dst: str) -> None:
+        self._put_sync(dst, self._path(src))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

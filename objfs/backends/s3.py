@@ -1,0 +1,157 @@
+"""AWS S3 (and S3-compatible stores) through boto3.
+
+Uploads go through s3transfer: a single PUT up to `ChunkSize`, parallel multipart above it,
+each request carrying a CRC32 checksum the server verifies. Timeouts and SDK retries come from
+the configuration so that no call can block for long; objfs' own retry policy sits above.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.exceptions as bx
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from objfs import errors
+from objfs.backends.base import ObjectInfo, ThreadedBackend
+from objfs.config import S3Settings
+
+READ_CHUNK = 1024 * 1024
+PARTS_IN_FLIGHT = 4
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
+           "InvalidToken", "AllAccessDisabled", "AccountProblem"}
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+              "TooManyRequests", "503"}
+_TRANSIENT = {"RequestTimeout", "InternalError", "ServiceUnavailable", "500",
+              "RequestTimeTooSkewed"}
+
+
+class S3Backend(ThreadedBackend):
+    """Backend for one S3 bucket."""
+
+    name = "s3"
+
+    def __init__(self, cfg: S3Settings) -> None:
+        super().__init__(cfg.max_connections)
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        endpoint = cfg.endpoint
+        if endpoint and "://" not in endpoint:
+            endpoint = "https://" + endpoint
+        config = Config(
+            region_name=cfg.region,
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.request_timeout,
+            retries={"max_attempts": cfg.max_retries + 1, "mode": "standard"},
+            max_pool_connections=cfg.max_connections * PARTS_IN_FLIGHT,
+            s3={"addressing_style": "virtual" if cfg.virtual_addressing else "path"},
+            request_checksum_calculation="when_supported",
+        )
+        session = boto3.session.Session(aws_access_key_id=cfg.access_key,
+                                        aws_secret_access_key=cfg.secret_key,
+                                        region_name=cfg.region)
+        self.client = session.client("s3", endpoint_url=endpoint, config=config)
+        self.transfer = TransferConfig(multipart_threshold=cfg.chunk_size,
+                                       multipart_chunksize=cfg.chunk_size,
+                                       max_concurrency=PARTS_IN_FLIGHT, use_threads=True)
+        self.extra: dict[str, Any] = {"ChecksumAlgorithm": "CRC32"}
+        if cfg.storage_class:
+            self.extra["StorageClass"] = cfg.storage_class
+        if cfg.server_side_encryption:
+            self.extra["ServerSideEncryption"] = cfg.server_side_encryption
+        if cfg.sse_kms_key_id:
+            self.extra["SSEKMSKeyId"] = cfg.sse_kms_key_id
+        if cfg.acl:
+            self.extra["ACL"] = cfg.acl
+        if cfg.tags:
+            self.extra["Tagging"] = urllib.parse.urlencode(cfg.tags)
+
+    def translate(self, exc: Exception, key: str) -> errors.ObjfsError:
+        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
+            exc = exc.__context__
+        where = f"s3://{self.bucket}/{key}"
+        if isinstance(exc, bx.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            what = f"{where}: {code} {err.get('Message', '')}".rstrip()
+            if code in _NOT_FOUND:
+                return errors.NotFound(what)
+            if code == "NoSuchBucket":
+                return errors.BucketMissing(what)
+            if code in _DENIED or status in (401, 403):
+                return errors.Denied(what)
+            if code in _THROTTLED or status in (429, 503):
+                return errors.Throttled(what)
+            if code == "EntityTooLarge":
+                return errors.TooLarge(what)
+            if code in _TRANSIENT or status >= 500:
+                return errors.Unavailable(what)
+            return errors.BackendError(what)
+        if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+            return errors.Denied(f"{where}: {exc}")
+        if isinstance(exc, bx.BotoCoreError | ConnectionError | TimeoutError):
+            return errors.Unavailable(f"{where}: {exc}")
+        return errors.BackendError(f"{where}: {exc!r}")
+
+    def _put_sync(self, key: str, path: Path) -> None:
+        self.client.upload_file(str(path), self.bucket, key, ExtraArgs=self.extra,
+                                Config=self.transfer)
+
+    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if offset or length is not None:
+            if length == 0:
+                path.write_bytes(b"")
+                return 0
+            end = "" if length is None else str(offset + length - 1)
+            args["Range"] = f"bytes={offset}-{end}"
+        try:
+            response = self.client.get_object(**args)
+        except bx.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                path.write_bytes(b"")
+                return 0
+            raise
+        expected = response["ContentLength"]
+        copied = 0
+        with open(path, "wb") as dst:
+            for chunk in response["Body"].iter_chunks(READ_CHUNK):
+                dst.write(chunk)
+                copied += len(chunk)
+        if copied != expected:
+            raise errors.Unavailable(f"s3://{self.bucket}/{key}: short read "
+                                     f"({copied} of {expected} bytes)")
+        return copied
+
+    def _head_sync(self, key: str) -> ObjectInfo:
+        response = self.client.head_object(Bucket=self.bucket, Key=key)
+        return ObjectInfo(key, response["ContentLength"])
+
+    def _delete_sync(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def _list_sync(self, prefix: str, token: str | None,
+                   limit: int) -> tuple[list[ObjectInfo], str | None]:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": limit}
+        if token:
+            args["ContinuationToken"] = token
+        response = self.client.list_objects_v2(**args)
+        page = [ObjectInfo(o["Key"], o["Size"]) for o in response.get("Contents", [])]
+        more = response.get("IsTruncated") and response.get("NextContinuationToken")
+        return page, (more or None)
+
+    def _copy_sync(self, src: str, dst: str) -> None:
+        extra = {k: v for k, v in self.extra.items() if k != "ChecksumAlgorithm"}
+        self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst,
+                         ExtraArgs=extra, Config=self.transfer)
+
+    async def aclose(self) -> None:
+        self.client.close()

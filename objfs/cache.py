@@ -1,0 +1,153 @@
+"""The local tier's files and its space budget.
+
+``<CacheDirectory>/data/<uuid>`` holds every local copy: dirty ones (journal state
+``pending-upload``) and clean ones (``uploaded`` with ``cached``). ``tmp/`` holds downloads in
+progress. The budget (``CacheSize``) counts both and is checked when space is taken:
+`reserve` evicts least-recently-used clean copies that nobody has open, then waits for uploads
+to make more copies clean, then raises `CacheFull` (ENOSPC). Eviction never touches a dirty
+copy (durability invariant 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import trio
+
+from objfs.errors import CacheFull
+from objfs.journal import PENDING_UPLOAD, Journal
+
+log = logging.getLogger(__name__)
+
+EVICTION_BATCH = 64
+
+
+class LocalTier:
+    """Budgeted local copies. Methods run on the event loop; `recover` runs before it starts."""
+
+    def __init__(self, root: Path, capacity: int, journal: Journal, full_timeout: float) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.tmp = root / "tmp"
+        self.capacity = capacity
+        self.journal = journal
+        self.full_timeout = full_timeout
+        self.used = 0
+        self.open_counts: dict[str, int] = {}
+        self._atimes: dict[str, float] = {}
+        self._space_freed = trio.Event()
+
+    def path(self, uuid: str) -> Path:
+        return self.data / uuid
+
+    def tmp_path(self, uuid: str) -> Path:
+        return self.tmp / (uuid + ".part")
+
+    def recover(self) -> None:
+        """Reconcile files with the journal after any stop, clean or not.
+
+        Files without a row were never acknowledged: removed. Rows whose clean copy is gone
+        are marked uncached. A dirty row whose file is gone is data loss (the disk lost an
+        acknowledged file): logged as an error and kept in the journal for the administrator.
+        """
+        for directory in (self.data, self.tmp):
+            directory.mkdir(parents=True, exist_ok=True)
+        for entry in self.tmp.iterdir():
+            entry.unlink()
+        claimed: dict[str, int] = dict(self.journal.cached_rows())
+        for entry in os.scandir(self.data):
+            if entry.name not in claimed:
+                log.info("removing %s: written but never acknowledged", entry.path)
+                os.unlink(entry.path)
+        missing = [u for u in claimed if not self.path(u).exists()]
+        for uuid in missing:
+            row = self.journal.get(uuid)
+            if row is not None and row.state == PENDING_UPLOAD:
+                log.error("attachment %s: acknowledged data file %s is missing from the local "
+                          "disk; it cannot be uploaded", uuid, self.path(uuid))
+        self.journal.uncache(u for u in missing)
+        self.used = sum(size for uuid, size in claimed.items() if uuid not in missing)
+
+    # --- budget -------------------------------------------------------------------------------
+
+    async def reserve(self, nbytes: int) -> None:
+        """Take `nbytes` of the budget, evicting or waiting as needed.
+
+        Raises CacheFull when `CacheFullTimeout` passes with the budget still full of dirty
+        copies or open files.
+        """
+        if self.used + nbytes <= self.capacity:
+            self.used += nbytes
+            return
+        with trio.move_on_after(self.full_timeout):
+            while True:
+                self.evict(self.used + nbytes - self.capacity)
+                if self.used + nbytes <= self.capacity:
+                    self.used += nbytes
+                    return
+                log.warning("cache full (%d of %d bytes, none evictable): waiting for uploads",
+                            self.used, self.capacity)
+                event = self._space_freed
+                await event.wait()
+        raise CacheFull(f"local cache full: {self.used} of {self.capacity} bytes hold data not "
+                        "yet in the bucket or open files")
+
+    def release(self, nbytes: int) -> None:
+        """Give back budget (a copy was removed or a reservation was not used)."""
+        self.used = max(0, self.used - nbytes)
+        self.space_changed()
+
+    def space_changed(self) -> None:
+        """Wake writers waiting for space (a copy became clean or was removed)."""
+        self._space_freed.set()
+        self._space_freed = trio.Event()
+
+    def evict(self, need: int) -> int:
+        """Remove clean copies, least recently used first, until `need` bytes are freed."""
+        self.flush_atimes()
+        freed = 0
+        skip: set[str] = set()
+        while freed < need:
+            victims = [(u, s) for u, s in self.journal.eviction_candidates(EVICTION_BATCH
+                                                                           + len(skip))
+                       if u not in skip and u not in self.open_counts]
+            if not victims:
+                break
+            removed: list[str] = []
+            for uuid, size in victims:
+                if freed >= need:
+                    break
+                try:
+                    os.unlink(self.path(uuid))
+                except FileNotFoundError:
+                    pass
+                removed.append(uuid)
+                freed += size
+            self.journal.uncache(removed)
+            skip.update(removed)
+        if freed:
+            log.debug("evicted %d bytes of clean cached copies", freed)
+            self.used = max(0, self.used - freed)
+        return freed
+
+    # --- open files and recency ---------------------------------------------------------------
+
+    def opened(self, uuid: str) -> None:
+        self.open_counts[uuid] = self.open_counts.get(uuid, 0) + 1
+        self._atimes[uuid] = time.time()
+
+    def closed(self, uuid: str) -> None:
+        left = self.open_counts.get(uuid, 0) - 1
+        if left > 0:
+            self.open_counts[uuid] = left
+        else:
+            self.open_counts.pop(uuid, None)
+
+    def flush_atimes(self) -> None:
+        """Write access times gathered since the last call (they only steer eviction)."""
+        if self._atimes:
+            self.journal.touch(self._atimes)
+            self._atimes = {}

@@ -1,0 +1,104 @@
+"""The ``objfs`` command: mount, status, --version.
+
+User mistakes (bad configuration, busy cache directory, unusable bucket) print one line on
+stderr and exit with status 2 (configuration) or 1 (anything else), without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from objfs import __version__, errors
+from objfs.config import Settings, load_settings
+from objfs.journal import Journal
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="objfs", description="Orthanc storage in object "
+                                     "storage, through a FUSE mount.")
+    parser.add_argument("--version", action="version", version=f"objfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", action="append", default=[], metavar="PATH",
+                       help="a JSON file, or a directory whose *.json files are merged; "
+                            "repeatable, later wins")
+
+    mount = sub.add_parser("mount", help="mount and serve in the foreground")
+    with_config(mount)
+    mount.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    mount.add_argument("mountpoint", type=Path)
+    status = sub.add_parser("status", help="pending uploads and cache use, from the journal")
+    with_config(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _status(settings: Settings, as_json: bool) -> int:
+    path = settings.cache_directory / "journal.sqlite"
+    if not path.exists():
+        print(f"objfs: no journal at {path} (never mounted with this CacheDirectory)",
+              file=sys.stderr)
+        return 1
+    journal = Journal(path, readonly=True)
+    try:
+        stats = journal.stats()
+    finally:
+        journal.close()
+    age = None if stats.oldest_pending is None else max(0.0, time.time() - stats.oldest_pending)
+    facts = {
+        "pending_uploads": stats.pending_uploads,
+        "pending_upload_bytes": stats.pending_upload_bytes,
+        "oldest_pending_age_seconds": None if age is None else round(age, 1),
+        "failing_uploads": stats.failing,
+        "pending_deletes": stats.pending_deletes,
+        "uploaded_known": stats.uploaded,
+        "cache_entries": stats.cached_entries,
+        "cache_bytes": stats.cached_bytes,
+        "cache_capacity_bytes": settings.cache_size,
+    }
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    print(f"cache directory:  {settings.cache_directory}")
+    print(f"pending uploads:  {stats.pending_uploads} ({stats.pending_upload_bytes} bytes)"
+          + ("" if age is None else f", oldest {age:.0f}s ago")
+          + (f", {stats.failing} failing" if stats.failing else ""))
+    print(f"pending deletes:  {stats.pending_deletes}")
+    print(f"cache:            {stats.cached_bytes} of {settings.cache_size} bytes "
+          f"in {stats.cached_entries} files")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if args.command == "status":
+            return _status(settings, args.json)
+        logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from objfs.daemon import serve  # pyfuse3 is needed only to mount
+
+        trio.run(serve, settings, args.mountpoint)
+        return 0
+    except errors.ConfigError as exc:
+        print(f"objfs: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (errors.ObjfsError, OSError) as exc:
+        print(f"objfs: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

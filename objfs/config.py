@@ -1,0 +1,411 @@
+"""Configuration: JSON files, Docker secrets and environment variables -> one typed `Settings`.
+
+Sources, later wins: JSON files (a file, or every ``*.json`` of a directory in name order),
+then files in the secrets directory (default ``/run/secrets``) named like environment variables,
+then environment variables ``ORTHANC__SECTION__KEY`` (orthancteam naming; a value is parsed as
+JSON when it is JSON, else taken as a string). The plugins' sections are read verbatim; objfs'
+own options live in the ``Objfs`` section.
+
+Every problem raises `ConfigError` with the JSON path in its message. Pure apart from reading
+the files it is pointed at.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from objfs.errors import ConfigError
+from objfs.layout import Layout
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+S3_SECTION = "AwsS3Storage"
+OBJFS_SECTION = "Objfs"
+ENV_PREFIX = "ORTHANC__"
+DEFAULT_SECRETS_DIR = "/run/secrets"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One JSON option: its accepted types, default and an optional extra check.
+
+    `check` returns an error message (without the path) or None.
+    """
+
+    types: tuple[type, ...]
+    default: Any = None
+    check: Callable[[Any], str | None] | None = None
+
+
+def _one_of(*values: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in values else f"must be one of {', '.join(map(repr, values))}"
+    return check
+
+
+def _at_least(minimum: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value >= minimum else f"must be >= {minimum}"
+    return check
+
+
+def _root_path(value: Any) -> str | None:
+    return "must not start with '/'" if value.startswith("/") else None
+
+
+def _string_map(value: Any) -> str | None:
+    if all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return None
+    return "must map strings to strings"
+
+
+NUMBER = (int, float)
+
+# Options every provider section (and the Objfs section, for the local bucket) understands.
+COMMON_OPTIONS: dict[str, Option] = {
+    "RootPath": Option((str,), "", _root_path),
+    "StorageStructure": Option((str,), "flat", _one_of("flat", "legacy")),
+    "EnableLegacyUnknownFiles": Option((bool,), False),
+    "StorageEncryption": Option((dict,), None),
+    "HybridMode": Option((str,), "Disabled"),
+    "MigrationFromFileSystemEnabled": Option((bool,), False),
+}
+
+S3_OPTIONS: dict[str, Option] = {
+    **COMMON_OPTIONS,
+    "BucketName": Option((str,)),
+    "Region": Option((str,)),
+    "AccessKey": Option((str,)),
+    "SecretKey": Option((str,)),
+    "Endpoint": Option((str,)),
+    "VirtualAddressing": Option((bool,), True),
+    "ConnectTimeout": Option(NUMBER, 10, _at_least(0.1)),
+    "ConnectionTimeout": Option(NUMBER, None, _at_least(0.1)),
+    "RequestTimeout": Option(NUMBER, 60, _at_least(0.1)),
+    "MaxConnections": Option((int,), 16, _at_least(1)),
+    "MaxRetries": Option((int,), 3, _at_least(0)),
+    "StorageClass": Option((str,)),
+    "Tags": Option((dict,), None, _string_map),
+    "ServerSideEncryption": Option((str,), None, _one_of("AES256", "aws:kms")),
+    "SseKmsKeyId": Option((str,)),
+    "ObjectAcl": Option((str,)),
+    "ChunkSize": Option((int,), 8, _at_least(5)),
+}
+
+# Options of the official S3 plugin that have no meaning for objfs: accepted, with a notice.
+S3_PLUGIN_ONLY = {"UseTransferManager", "TransferPoolSize", "TransferBufferSize",
+                  "EnableAwsSdkLogs"}
+
+OBJFS_OPTIONS: dict[str, Option] = {
+    **COMMON_OPTIONS,
+    "CacheDirectory": Option((str,), "/var/cache/objfs"),
+    "CacheSize": Option((int,), 10240, _at_least(16)),
+    "WriteMode": Option((str,), "write-back", _one_of("write-back", "write-through")),
+    "UploadConcurrency": Option((int,), 8, _at_least(1)),
+    "ShutdownDrainTimeout": Option(NUMBER, 60, _at_least(0)),
+    "CacheFullTimeout": Option(NUMBER, 30, _at_least(0)),
+    "ReadTimeout": Option(NUMBER, 60, _at_least(1)),
+    "LocalBucket": Option((str,), "/var/lib/objfs/bucket"),
+}
+
+SECTIONS: dict[str, dict[str, Option]] = {S3_SECTION: S3_OPTIONS, OBJFS_SECTION: OBJFS_OPTIONS}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """The ``AwsS3Storage`` section, validated. Sizes in bytes, times in seconds."""
+
+    bucket: str
+    region: str
+    access_key: str | None
+    secret_key: str | None
+    endpoint: str | None
+    virtual_addressing: bool
+    connect_timeout: float
+    request_timeout: float
+    max_connections: int
+    max_retries: int
+    storage_class: str | None
+    tags: Mapping[str, str]
+    server_side_encryption: str | None
+    sse_kms_key_id: str | None
+    acl: str | None
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon needs, validated. Sizes in bytes, times in seconds."""
+
+    provider: str  # "local" | "s3"
+    layout: Layout
+    legacy_unknown_files: bool
+    local_bucket: Path
+    cache_directory: Path
+    cache_size: int
+    write_mode: str
+    upload_concurrency: int
+    shutdown_drain_timeout: float
+    cache_full_timeout: float
+    read_timeout: float
+    s3: S3Settings | None = None
+    sources: tuple[str, ...] = field(default=())
+
+
+# --- orthancteam environment-variable naming --------------------------------------------------
+
+_WORD_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def env_word(name: str) -> str:
+    """CamelCase -> CAMEL_CASE as the orthancteam images do (``AwsS3Storage`` ->
+    ``AWS_S3_STORAGE``, ``SseKmsKeyId`` -> ``SSE_KMS_KEY_ID``)."""
+    return _WORD_BOUNDARY.sub("_", name).upper()
+
+
+def env_name(*path: str) -> str:
+    """The environment variable that sets the option at JSON `path`."""
+    return ENV_PREFIX + "__".join(env_word(p) for p in path)
+
+
+ENCRYPTION_KEYS = ("Enable", "MasterKey", "PreviousMasterKeys", "MaxConcurrentInputSize")
+
+
+def _env_paths() -> dict[str, tuple[str, ...]]:
+    paths: dict[str, tuple[str, ...]] = {}
+    for section, options in SECTIONS.items():
+        paths[env_name(section)] = (section,)
+        for name in [*options, *(S3_PLUGIN_ONLY if section == S3_SECTION else ())]:
+            paths[env_name(section, name)] = (section, name)
+        for sub in ENCRYPTION_KEYS:
+            paths[env_name(section, "StorageEncryption", sub)] = (section, "StorageEncryption", sub)
+    return paths
+
+
+ENV_PATHS = _env_paths()
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _json_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: no such configuration file or directory")
+    return files
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return data
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any, origin: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)} (from {origin}): {part} is not an object")
+        node = child
+    node[path[-1]] = value
+
+
+def _overrides(named: Mapping[str, str], origin: str, tree: dict[str, Any]) -> dict[str, Any]:
+    for name in sorted(named):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = ENV_PATHS.get(name)
+        if path is None:
+            if name.startswith(env_name(OBJFS_SECTION) + "__"):
+                raise ConfigError(f"{name} (from {origin}): unknown option in section Objfs")
+            continue  # another ORTHANC__ variable: Orthanc's, not ours
+        value = _parse_env_value(named[name])
+        if len(path) == 1 or (len(path) == 2 and path[1] == "StorageEncryption"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{'.'.join(path)} (from {origin} {name}): "
+                                  "expected a JSON object")
+            base: Any = tree
+            for part in path:
+                base = base.get(part, {}) if isinstance(base, dict) else {}
+            value = _deep_merge(base if isinstance(base, dict) else {}, value)
+        _set_path(tree, path, value, f"{origin} {name}")
+    return tree
+
+
+def _read_secrets(directory: Path) -> dict[str, str]:
+    secrets: dict[str, str] = {}
+    if not directory.is_dir():
+        return secrets
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(ENV_PREFIX) and entry.is_file():
+            try:
+                secrets[entry.name] = entry.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(f"{entry}: cannot read secret: {exc.strerror}") from exc
+    return secrets
+
+
+def load_tree(config_paths: Iterable[str | os.PathLike[str]],
+              environ: Mapping[str, str] | None = None,
+              secrets_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Merge every source into one JSON tree (no validation)."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    for path in _json_files(config_paths):
+        tree = _deep_merge(tree, _load_json(path))
+    secrets = Path(secrets_dir or environ.get("OBJFS_SECRETS_DIR", DEFAULT_SECRETS_DIR))
+    _overrides(_read_secrets(secrets), "secret", tree)
+    _overrides(environ, "environment variable", tree)
+    return tree
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _section(tree: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    value = tree.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a JSON object")
+    return value
+
+
+def _validate(section_name: str, section: Mapping[str, Any], options: Mapping[str, Option],
+              ignored: Iterable[str] = (), strict: bool = True) -> dict[str, Any]:
+    """Check types and values; returns every option of `options` with defaults filled in."""
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        path = f"{section_name}.{key}"
+        option = options.get(key)
+        if option is None:
+            if key in ignored:
+                log.info("%s is an option of the Orthanc plugin only; objfs ignores it", path)
+            elif strict:
+                raise ConfigError(f"{path}: unknown option")
+            else:
+                log.warning("%s: unknown option, ignored", path)
+            continue
+        if value is None:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in option.types
+        if wrong_bool or not isinstance(value, option.types):
+            wanted = " or ".join(t.__name__ for t in option.types).replace("dict", "object")
+            raise ConfigError(f"{path}: expected {wanted}, got {json.dumps(value)}")
+        if option.check is not None:
+            problem = option.check(value)
+            if problem:
+                raise ConfigError(f"{path}: {problem} (got {json.dumps(value)})")
+        out[key] = value
+    for key, option in options.items():
+        out.setdefault(key, option.default)
+    return out
+
+
+def _common(section_name: str, values: Mapping[str, Any]) -> tuple[Layout, bool]:
+    encryption = values["StorageEncryption"]
+    if encryption and encryption.get("Enable", True):
+        raise ConfigError(f"{section_name}.StorageEncryption: client-side encryption is not "
+                          "supported by this version of objfs")
+    mode = values["HybridMode"]
+    if mode != "Disabled" or values["MigrationFromFileSystemEnabled"]:
+        raise ConfigError(f"{section_name}.HybridMode: only 'Disabled' is supported by this "
+                          f"version of objfs (got {json.dumps(mode)})")
+    layout = Layout(values["StorageStructure"], values["RootPath"])
+    return layout, values["EnableLegacyUnknownFiles"]
+
+
+def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -> Settings:
+    """Validate a merged JSON tree into `Settings`; raises ConfigError naming the JSON path."""
+    own = _validate(OBJFS_SECTION, _section(tree, OBJFS_SECTION) or {}, OBJFS_OPTIONS)
+    s3_raw = _section(tree, S3_SECTION)
+    s3: S3Settings | None = None
+    if s3_raw is not None:
+        misplaced = [k for k in COMMON_OPTIONS if k in (_section(tree, OBJFS_SECTION) or {})]
+        if misplaced:
+            raise ConfigError(f"{OBJFS_SECTION}.{misplaced[0]}: with a {S3_SECTION} section this "
+                              f"option belongs in {S3_SECTION}")
+        values = _validate(S3_SECTION, s3_raw, S3_OPTIONS, S3_PLUGIN_ONLY, strict=False)
+        for required in ("BucketName", "Region"):
+            if not values[required]:
+                raise ConfigError(f"{S3_SECTION}.{required}: missing (required)")
+        layout, unknown_files = _common(S3_SECTION, values)
+        if values["SseKmsKeyId"] and values["ServerSideEncryption"] != "aws:kms":
+            raise ConfigError(f"{S3_SECTION}.SseKmsKeyId: needs ServerSideEncryption 'aws:kms'")
+        if (values["AccessKey"] is None) != (values["SecretKey"] is None):
+            raise ConfigError(f"{S3_SECTION}.AccessKey/SecretKey: give both or neither")
+        # The plugin reads ConnectTimeout; other S3 tools say ConnectionTimeout. Both work.
+        connect = (values["ConnectTimeout"] if "ConnectTimeout" in s3_raw
+                   else values["ConnectionTimeout"] or values["ConnectTimeout"])
+        s3 = S3Settings(
+            bucket=values["BucketName"], region=values["Region"],
+            access_key=values["AccessKey"], secret_key=values["SecretKey"],
+            endpoint=values["Endpoint"] or None, virtual_addressing=values["VirtualAddressing"],
+            connect_timeout=float(connect), request_timeout=float(values["RequestTimeout"]),
+            max_connections=values["MaxConnections"], max_retries=values["MaxRetries"],
+            storage_class=values["StorageClass"], tags=dict(values["Tags"] or {}),
+            server_side_encryption=values["ServerSideEncryption"],
+            sse_kms_key_id=values["SseKmsKeyId"], acl=values["ObjectAcl"],
+            chunk_size=values["ChunkSize"] * MIB,
+        )
+        provider = "s3"
+    else:
+        layout, unknown_files = _common(OBJFS_SECTION, own)
+        provider = "local"
+    return Settings(
+        provider=provider, layout=layout, legacy_unknown_files=unknown_files,
+        local_bucket=Path(own["LocalBucket"]), cache_directory=Path(own["CacheDirectory"]),
+        cache_size=own["CacheSize"] * MIB, write_mode=own["WriteMode"],
+        upload_concurrency=own["UploadConcurrency"],
+        shutdown_drain_timeout=float(own["ShutdownDrainTimeout"]),
+        cache_full_timeout=float(own["CacheFullTimeout"]),
+        read_timeout=float(own["ReadTimeout"]), s3=s3, sources=sources,
+    )
+
+
+def load_settings(config_paths: Iterable[str | os.PathLike[str]] = (),
+                  environ: Mapping[str, str] | None = None,
+                  secrets_dir: str | os.PathLike[str] | None = None) -> Settings:
+    """Read every source and validate; raises ConfigError with a one-line message."""
+    paths = tuple(str(p) for p in config_paths)
+    return settings_from_tree(load_tree(paths, environ, secrets_dir), paths)

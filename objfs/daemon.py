@@ -1,0 +1,154 @@
+"""The daemon's lifetime: open everything, mount, serve, unmount, drain, close.
+
+One nursery holds the store's workers, the signal watcher and pyfuse3's main loop. SIGTERM,
+SIGINT or an external ``fusermount3 -u`` end the main loop; then the mount is removed (so
+nothing new arrives), uploads drain up to ``ShutdownDrainTimeout``, and whatever is left stays
+journaled for the next start.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from objfs import errors
+from objfs.backends import open_backend
+from objfs.backends.base import Backend
+from objfs.cache import LocalTier
+from objfs.config import Settings
+from objfs.fs import Operations
+from objfs.journal import Journal
+from objfs.retry import RetryPolicy
+from objfs.store import Store, check_bucket_identity
+
+log = logging.getLogger(__name__)
+
+FSNAME = "objfs"
+PROBE = RetryPolicy(deadline=10.0)
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mounted_filesystems() -> dict[str, str]:
+    """Mount point -> filesystem type, from /proc/self/mountinfo (which, unlike
+    os.path.ismount, also lists a FUSE mount whose daemon died)."""
+    found: dict[str, str] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and right:
+                found[_unescape_mountinfo(fields[4])] = right.split()[0]
+    return found
+
+
+def clear_stale_mount(mountpoint: Path) -> None:
+    """Remove a dead objfs mount left on `mountpoint`; refuse a live one."""
+    fstype = mounted_filesystems().get(str(mountpoint))
+    if fstype is None:
+        return
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s: clearing the stale mount of a daemon that died", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=True)
+        return
+    raise errors.ConfigError(f"{mountpoint} is already mounted ({fstype})")
+
+
+def bucket_identity(settings: Settings) -> str:
+    where = (f"s3:{settings.s3.endpoint or ''}:{settings.s3.bucket}" if settings.s3
+             else f"local:{settings.local_bucket.resolve()}")
+    return f"{where}:{settings.layout.structure}:{settings.layout.root_path}"
+
+
+def _lock_cache(root: Path) -> int:
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise errors.ConfigError(f"cache directory {root} is in use by another objfs daemon")\
+            from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+async def _probe(backend: Backend, settings: Settings) -> None:
+    """Fail fast on a bucket that is missing or refuses us; only warn when it is unreachable."""
+    prefix = settings.layout.root_prefix()
+    try:
+        await PROBE.call("bucket check", lambda: backend.list_page(prefix, None, 1))
+    except errors.Unavailable as exc:
+        log.warning("the bucket is unreachable (%s); mounting anyway: writes are kept locally "
+                    "and uploaded when it answers", exc)
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def serve(settings: Settings, mountpoint: Path) -> None:
+    """Mount objfs on `mountpoint` and serve until unmounted or signalled.
+
+    Raises ConfigError/BackendError before mounting when the setup is unusable.
+    """
+    mountpoint = mountpoint.resolve()
+    clear_stale_mount(mountpoint)
+    st = os.stat(mountpoint)
+    root = settings.cache_directory
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "passthrough").mkdir(exist_ok=True)
+    async with AsyncExitStack() as stack:
+        lock_fd = _lock_cache(root)
+        stack.callback(os.close, lock_fd)
+        journal = Journal(root / "journal.sqlite")
+        stack.callback(journal.close)
+        check_bucket_identity(journal, bucket_identity(settings), root)
+        tier = LocalTier(root, settings.cache_size, journal, settings.cache_full_timeout)
+        tier.recover()
+        backend = open_backend(settings)
+        stack.push_async_callback(backend.aclose)
+        await _probe(backend, settings)
+        store = Store(settings, backend, journal, tier)
+        ops = Operations(store, root / "passthrough", st.st_uid, st.st_gid, st.st_mode)
+        options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}",
+                                                  "allow_other", "noatime"}
+        pyfuse3.init(ops, str(mountpoint), options)
+        mounted = True
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                nursery.start_soon(_stop_on_signal)
+                log.info("objfs mounted on %s (%s bucket, %s layout, %s)", mountpoint,
+                         settings.provider, settings.layout.structure, settings.write_mode)
+                await pyfuse3.main()
+                pyfuse3.close(unmount=True)
+                mounted = False
+                log.info("unmounted %s; waiting up to %ss for uploads", mountpoint,
+                         settings.shutdown_drain_timeout)
+                if await store.drain(settings.shutdown_drain_timeout):
+                    log.info("all uploads done")
+                tier.flush_atimes()
+                nursery.cancel_scope.cancel()
+        finally:
+            if mounted:
+                pyfuse3.close(unmount=True)

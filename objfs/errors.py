@@ -1,0 +1,63 @@
+"""objfs' own exceptions.
+
+Backends translate SDK exceptions into these; the cache and store raise them; `objfs.errnos`
+maps them to errno values in one place. `temporary` says whether retrying may help.
+"""
+
+from __future__ import annotations
+
+
+class ObjfsError(Exception):
+    """Base class of every error objfs raises on purpose."""
+
+    temporary = False
+
+
+class ConfigError(ObjfsError):
+    """The configuration is invalid; the message names the JSON path."""
+
+
+class BackendError(ObjfsError):
+    """A backend call failed."""
+
+
+class NotFound(BackendError):
+    """The object (or attachment) does not exist."""
+
+
+class BucketMissing(BackendError):
+    """The bucket or container does not exist: a configuration problem, not a missing file."""
+
+
+class Denied(BackendError):
+    """The backend refused the credentials or the operation (HTTP 401/403)."""
+
+
+class Unavailable(BackendError):
+    """The backend could not be reached, timed out or answered a server error."""
+
+    temporary = True
+
+
+class Throttled(Unavailable):
+    """The backend asked us to slow down (HTTP 429/503 SlowDown)."""
+
+
+class TooLarge(BackendError):
+    """The object exceeds what the backend accepts in one object."""
+
+
+class Corrupt(ObjfsError):
+    """Stored bytes failed an integrity, size or decryption check."""
+
+
+class CacheFull(ObjfsError):
+    """The local cache budget is full of data that is not yet in the bucket."""
+
+
+class Immutable(ObjfsError):
+    """An attempt to change an attachment after it was written."""
+
+
+class InvalidName(ObjfsError):
+    """A path that is neither an attachment nor a pass-through name."""

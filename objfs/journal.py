@@ -1,0 +1,238 @@
+"""The journal: one SQLite row per attachment the local tier knows about.
+
+States (DESIGN.md "Durability contract"):
+- ``pending-upload``: acknowledged to Orthanc, durable locally, not yet confirmed in the bucket;
+- ``uploaded``: in the bucket; a clean local copy may exist (``cached``);
+- ``pending-delete``: Orthanc deleted it; the object may still exist in the bucket.
+Files still being written (never acknowledged) have no row: a crash discards them.
+
+WAL with ``synchronous=FULL``: a write method returns after its change is on disk. Writes go
+through one connection under a lock and may run in worker threads, to keep fsync latency off
+the event loop; reads use a second connection and must come from the thread that opened the
+journal (the event loop), where they never wait for a writer's fsync.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PENDING_UPLOAD = "pending-upload"
+UPLOADED = "uploaded"
+PENDING_DELETE = "pending-delete"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS attachments (
+    uuid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    key TEXT,
+    cached INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    atime REAL NOT NULL DEFAULT 0,
+    last_error TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS attachments_state ON attachments(state, created);
+CREATE INDEX IF NOT EXISTS attachments_lru ON attachments(atime)
+    WHERE state = 'uploaded' AND cached = 1;
+CREATE TABLE IF NOT EXISTS dirs (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    uuid: str
+    state: str
+    size: int
+    key: str | None
+    cached: bool
+    created: float
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    pending_uploads: int
+    pending_upload_bytes: int
+    oldest_pending: float | None  # creation time of the oldest pending upload
+    pending_deletes: int
+    uploaded: int
+    cached_entries: int
+    cached_bytes: int
+    failing: int  # pending uploads whose last attempt failed
+
+
+_COLUMNS = "uuid, state, size, key, cached, created, last_error"
+
+
+def _row(values: tuple[Any, ...]) -> Row:
+    uuid, state, size, key, cached, created, last_error = values
+    return Row(uuid, state, size, key, bool(cached), created, last_error)
+
+
+class Journal:
+    """The attachment journal in ``<CacheDirectory>/journal.sqlite``."""
+
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                                   timeout=30)
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        self._reader = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        self._reader.close()
+
+    def _write(self, sql: str, args: Iterable[object] = ()) -> None:
+        with self._lock:
+            self._db.execute(sql, tuple(args))
+
+    def _many(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(sql, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- meta ---------------------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        found = self._reader.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return None if found is None else str(found[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._write("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", (name, value))
+
+    # --- attachments --------------------------------------------------------------------------
+
+    def get(self, uuid: str) -> Row | None:
+        found = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE uuid=?",
+                                     (uuid,)).fetchone()
+        return None if found is None else _row(found)
+
+    def put_pending(self, uuid: str, size: int) -> None:
+        """Record an acknowledged write (durable when this returns)."""
+        now = time.time()
+        self._write(
+            "INSERT INTO attachments(uuid, state, size, cached, created, atime) "
+            "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(uuid) DO UPDATE SET size=excluded.size",
+            (uuid, PENDING_UPLOAD, size, now, now))
+
+    def set_key(self, uuid: str, key: str) -> None:
+        self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid))
+
+    def set_error(self, uuid: str, error: str | None) -> None:
+        self._write("UPDATE attachments SET last_error=? WHERE uuid=?", (error, uuid))
+
+    def mark_uploaded(self, uuid: str) -> None:
+        self._write("UPDATE attachments SET state=?, last_error=NULL, atime=? "
+                    "WHERE uuid=? AND state=?", (UPLOADED, time.time(), uuid, PENDING_UPLOAD))
+
+    def mark_pending_delete(self, uuid: str) -> None:
+        self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
+                    (PENDING_DELETE, uuid))
+
+    def set_cached(self, uuid: str, cached: bool) -> None:
+        self._write("UPDATE attachments SET cached=?, atime=? WHERE uuid=?",
+                    (int(cached), time.time(), uuid))
+
+    def uncache(self, uuids: Iterable[str]) -> None:
+        """Record that the local copies of `uuids` were removed (one transaction)."""
+        self._many("UPDATE attachments SET cached=0 WHERE uuid=?", ((u,) for u in uuids))
+
+    def remove(self, uuid: str) -> None:
+        self._write("DELETE FROM attachments WHERE uuid=?", (uuid,))
+
+    def add_remote(self, entries: Iterable[tuple[str, str, int]]) -> None:
+        """Record attachments found in the bucket: (uuid, key, size); known ones are kept."""
+        now = time.time()
+        self._many("INSERT OR IGNORE INTO attachments(uuid, state, size, key, cached, created) "
+                   "VALUES (?, 'uploaded', ?, ?, 0, ?)",
+                   ((uuid, size, key, now) for uuid, key, size in entries))
+
+    def touch(self, atimes: dict[str, float]) -> None:
+        self._many("UPDATE attachments SET atime=? WHERE uuid=?",
+                   ((t, u) for u, t in atimes.items()))
+
+    def in_state(self, state: str) -> list[Row]:
+        rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE state=? "
+                                    "ORDER BY created", (state,)).fetchall()
+        return [_row(r) for r in rows]
+
+    def cached_rows(self) -> Iterator[tuple[str, int]]:
+        """(uuid, size) of every row that claims a local copy."""
+        rows = self._reader.execute("SELECT uuid, size FROM attachments WHERE cached=1").fetchall()
+        return ((str(u), int(s)) for u, s in rows)
+
+    def eviction_candidates(self, limit: int) -> list[tuple[str, int]]:
+        """Least recently used clean local copies: (uuid, size)."""
+        rows = self._reader.execute(
+            "SELECT uuid, size FROM attachments WHERE state='uploaded' AND cached=1 "
+            "ORDER BY atime LIMIT ?", (limit,)).fetchall()
+        return [(str(u), int(s)) for u, s in rows]
+
+    def children(self, prefix: str) -> list[str]:
+        """Uuids (not pending delete) that start with `prefix`, in order."""
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self._reader.execute(
+            "SELECT uuid FROM attachments WHERE uuid >= ? AND uuid < ? AND state != ? "
+            "ORDER BY uuid", (prefix, upper, PENDING_DELETE)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def has_children(self, prefix: str) -> bool:
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        found = self._reader.execute(
+            "SELECT 1 FROM attachments WHERE uuid >= ? AND uuid < ? AND state != ? LIMIT 1",
+            (prefix, upper, PENDING_DELETE)).fetchone()
+        return found is not None
+
+    def stats(self) -> Stats:
+        db = self._reader
+        pending = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), "
+            "COALESCE(SUM(last_error IS NOT NULL), 0) FROM attachments WHERE state=?",
+            (PENDING_UPLOAD,)).fetchone()
+        deletes = db.execute("SELECT COUNT(*) FROM attachments WHERE state=?",
+                             (PENDING_DELETE,)).fetchone()[0]
+        uploaded = db.execute("SELECT COUNT(*) FROM attachments WHERE state=?",
+                              (UPLOADED,)).fetchone()[0]
+        cached = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM attachments "
+                            "WHERE cached=1").fetchone()
+        return Stats(pending_uploads=pending[0], pending_upload_bytes=pending[1],
+                     oldest_pending=pending[2], pending_deletes=deletes, uploaded=uploaded,
+                     cached_entries=cached[0], cached_bytes=cached[1], failing=pending[3])
+
+    def forget_all_clean(self) -> None:
+        """Drop every uploaded row (used when the cache directory changes buckets)."""
+        self._write("DELETE FROM attachments WHERE state=?", (UPLOADED,))
+
+    # --- directories --------------------------------------------------------------------------
+
+    def has_dir(self, name: str) -> bool:
+        return self._reader.execute("SELECT 1 FROM dirs WHERE name=?", (name,)).fetchone() \
+            is not None
+
+    def add_dir(self, name: str) -> None:
+        self._write("INSERT OR IGNORE INTO dirs(name) VALUES (?)", (name,))
+
+    def remove_dir(self, name: str) -> None:
+        self._write("DELETE FROM dirs WHERE name=?", (name,))
+
+    def dirs(self) -> list[str]:
+        return [str(r[0]) for r in self._reader.execute("SELECT name FROM dirs ORDER BY name")]

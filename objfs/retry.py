@@ -1,0 +1,61 @@
+"""The one retry policy: jittered exponential backoff under a deadline."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+
+from objfs.errors import ObjfsError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry failed calls with full-jitter exponential backoff.
+
+    Foreground policies (`persistent` false) retry only temporary errors
+    (``exc.temporary``) and stop at `deadline` seconds, raising the last error. Background
+    policies (`persistent` true, `deadline` None) retry every `ObjfsError` until the call
+    succeeds or the task is cancelled: they serve work whose data stays journaled, where a
+    denied request may succeed once an administrator fixes a permission.
+    """
+
+    first_delay: float = 0.2
+    max_delay: float = 10.0
+    deadline: float | None = 30.0
+    persistent: bool = False
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(self.first_delay / 2,
+                              min(self.max_delay, self.first_delay * 2 ** min(attempt, 30)))
+
+    async def call(self, what: str, fn: Callable[[], Awaitable[T]],
+                   on_error: Callable[[ObjfsError], None] | None = None) -> T:
+        """Run `fn` until it succeeds; `on_error` sees every failure that will be retried."""
+        give_up = None if self.deadline is None else trio.current_time() + self.deadline
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except ObjfsError as exc:
+                if not (exc.temporary or self.persistent):
+                    raise
+                pause = self.delay(attempt)
+                if give_up is not None and trio.current_time() + pause >= give_up:
+                    raise
+                if on_error is not None:
+                    on_error(exc)
+                # Log the first failures and then every 20th, not every retry.
+                level = logging.WARNING if attempt < 3 or attempt % 20 == 0 else logging.DEBUG
+                log.log(level, "%s failed (attempt %d), retrying in %.1fs: %s",
+                        what, attempt + 1, pause, exc)
+                attempt += 1
+                await trio.sleep(pause)

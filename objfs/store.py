@@ -1,0 +1,536 @@
+"""What an attachment operation means: the local tier, the journal, the bucket.
+
+Durability contract (DESIGN.md), as this module keeps it:
+1. `sync` (Orthanc's fdatasync and close) returns only after the data file is fdatasynced and
+   its ``pending-upload`` row is committed; in write-through mode, only after the object is in
+   the bucket.
+2. A dirty copy leaves the local disk only when its upload is confirmed, or when Orthanc
+   deletes the attachment.
+3. `start` re-queues every ``pending-upload`` and ``pending-delete`` row; files that never got
+   a row (never acknowledged) were removed by `LocalTier.recover`.
+4. `drain` waits for the queues up to a deadline; what is left stays journaled.
+7. Objects are only ever created under the attachment's own key.
+
+Uploads and deletes retry forever in the background (the data stays journaled); reads retry
+temporary errors until `ReadTimeout`, then fail.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cachetools
+import trio
+
+from objfs import errors
+from objfs.backends.base import Backend
+from objfs.cache import LocalTier
+from objfs.config import Settings
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row
+from objfs.layout import DETECT_BYTES, Layout, detect_kind
+from objfs.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_TTL = 2.0
+BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, persistent=True)
+
+
+@dataclass
+class WriteHandle:
+    """A new attachment being written. `size` is the end of the furthest write."""
+
+    uuid: str
+    fd: int
+    size: int = 0
+    reserved: int = 0
+    dirty: bool = False
+    durable: bool = False
+    failed: bool = False
+    unlinked: bool = False
+
+
+@dataclass
+class _Fetch:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Store:
+    """Attachment operations for the fs layer. Every method runs on the event loop."""
+
+    def __init__(self, settings: Settings, backend: Backend, journal: Journal,
+                 tier: LocalTier) -> None:
+        self.layout: Layout = settings.layout
+        self.backend = backend
+        self.journal = journal
+        self.tier = tier
+        self.write_through = settings.write_mode == "write-through"
+        self.upload_concurrency = settings.upload_concurrency
+        self.read_retry = RetryPolicy(deadline=settings.read_timeout)
+        self.writing: dict[str, WriteHandle] = {}
+        self.inflight: set[str] = set()
+        self.inventory_done = False
+        self._deleted_during_inventory: set[str] = set()
+        self._known_dirs: set[str] = set()
+        self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(65536, NEGATIVE_TTL)
+        self._fetches: dict[str, _Fetch] = {}
+        # Unbounded on purpose: what waits here is bounded by the cache budget (dirty data
+        # cannot exceed CacheSize) and an entry is one uuid.
+        self._upload_send, self._upload_recv = trio.open_memory_channel[str](math.inf)
+        self._delete_send, self._delete_recv = trio.open_memory_channel[str](math.inf)
+        self._outstanding: set[str] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._journal_limiter = trio.CapacityLimiter(4)
+
+    async def _j(self, fn: object, *args: object) -> None:
+        """Run a journal write (it fsyncs) in a worker thread."""
+        await trio.to_thread.run_sync(fn, *args, limiter=self._journal_limiter)  # type: ignore[arg-type]
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Upload and delete workers plus the bucket inventory; re-queues journaled work."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.upload_concurrency):
+                nursery.start_soon(self._upload_worker, self._upload_recv.clone())
+            for _ in range(max(2, self.upload_concurrency // 2)):
+                nursery.start_soon(self._delete_worker, self._delete_recv.clone())
+            pending = self.journal.in_state(PENDING_UPLOAD)
+            deletes = self.journal.in_state(PENDING_DELETE)
+            if pending or deletes:
+                log.info("resuming %d pending uploads and %d pending deletes from the journal",
+                         len(pending), len(deletes))
+            for row in pending:
+                self._queue_upload(row.uuid)
+            for row in deletes:
+                self._queue_delete(row.uuid)
+            nursery.start_soon(self._inventory)
+            task_status.started()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no upload or delete is queued or running, at most `timeout` seconds.
+
+        Returns True when everything is done; otherwise logs what stays journaled.
+        """
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+            return True
+        stats = self.journal.stats()
+        log.warning("shutdown deadline (%ss) reached: %d uploads (%d bytes) and %d deletes stay "
+                    "journaled and resume at the next start", timeout, stats.pending_uploads,
+                    stats.pending_upload_bytes, stats.pending_deletes)
+        return False
+
+    def _queue_upload(self, uuid: str) -> None:
+        self._track(uuid)
+        self._upload_send.send_nowait(uuid)
+
+    def _queue_delete(self, uuid: str) -> None:
+        self._track(uuid)
+        self._delete_send.send_nowait(uuid)
+
+    def _track(self, uuid: str) -> None:
+        self._outstanding.add(uuid)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _untrack(self, uuid: str) -> None:
+        self._outstanding.discard(uuid)
+        if not self._outstanding:
+            self._idle.set()
+
+    # --- lookups and directories --------------------------------------------------------------
+
+    async def size_of(self, uuid: str) -> int | None:
+        """The attachment's exact size, or None when it does not exist in any tier."""
+        handle = self.writing.get(uuid)
+        if handle is not None:
+            return None if handle.unlinked else handle.size
+        row = await self._row(uuid)
+        return None if row is None else row.size
+
+    async def _row(self, uuid: str) -> Row | None:
+        row = self.journal.get(uuid)
+        if row is not None:
+            return None if row.state == PENDING_DELETE else row
+        if self.inventory_done or uuid in self._negative:
+            return None
+        return await self._find_remote(uuid)
+
+    async def _find_remote(self, uuid: str) -> Row | None:
+        prefix = self.layout.lookup_prefix(uuid)
+        page, _ = await self.read_retry.call(
+            f"look up {prefix}", lambda: self.backend.list_page(prefix, None, 16))
+        key = self.layout.choose_key(uuid, [o.key for o in page], prefer_encrypted=False)
+        if key is None:
+            self._negative[uuid] = True
+            return None
+        size = next(o.size for o in page if o.key == key)
+        await self._j(self.journal.add_remote, [(uuid, key, size)])
+        return self.journal.get(uuid)
+
+    async def dir_exists(self, name: str) -> bool:
+        """Whether Orthanc directory `name` ("ab" or "abcd") exists: created and not removed,
+        or holding an attachment."""
+        if name in self._known_dirs or self.journal.has_dir(name) \
+                or self.journal.has_children(name) \
+                or any(u.startswith(name) for u in self.writing):
+            return True
+        if self.inventory_done or name in self._negative:
+            return False
+        prefix = self.layout.dir_prefix(name)
+        page, _ = await self.read_retry.call(
+            f"look up {prefix}", lambda: self.backend.list_page(prefix, None, 1))
+        if page:
+            self._known_dirs.add(name)
+            return True
+        self._negative[name] = True
+        return False
+
+    async def make_dir(self, name: str) -> None:
+        if await self.dir_exists(name):
+            raise OSError(errno.EEXIST, f"{name} exists")
+        await self._j(self.journal.add_dir, name)
+        self._negative.pop(name, None)
+
+    async def remove_dir(self, name: str) -> None:
+        if not await self.dir_exists(name):
+            raise errors.NotFound(name)
+        if self.journal.has_children(name) or any(u.startswith(name) for u in self.writing) \
+                or (len(name) == 2 and self._has_subdirs(name)):
+            raise OSError(errno.ENOTEMPTY, f"{name} is not empty")
+        self._known_dirs.discard(name)
+        await self._j(self.journal.remove_dir, name)
+
+    def _has_subdirs(self, name: str) -> bool:
+        return any(d.startswith(name) and len(d) == 4
+                   for d in [*self.journal.dirs(), *self._known_dirs])
+
+    def list_dir(self, name: str) -> list[str]:
+        """Children of root (""), a first-level or a second-level directory, as known locally."""
+        if len(name) == 4:
+            found = set(self.journal.children(name))
+            found.update(u for u, h in self.writing.items()
+                         if u.startswith(name) and not h.unlinked)
+            return sorted(found)
+        digits = [f"{i:02x}" for i in range(256)]
+        explicit = set(self.journal.dirs()) | self._known_dirs
+        return [d for d in digits if name + d in explicit
+                or self.journal.has_children(name + d)
+                or any(u.startswith(name + d) for u in self.writing)]
+
+    # --- writing ------------------------------------------------------------------------------
+
+    async def create(self, uuid: str) -> WriteHandle:
+        """Start a new attachment. Raises Immutable when it exists already."""
+        if await self.size_of(uuid) is not None:
+            raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
+        fd = os.open(self.tier.path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        handle = WriteHandle(uuid, fd)
+        self.writing[uuid] = handle
+        self._negative.pop(uuid, None)
+        self.tier.opened(uuid)
+        return handle
+
+    async def write(self, handle: WriteHandle, offset: int, data: bytes) -> int:
+        """Write into the local copy, taking cache budget first (may wait, then CacheFull)."""
+        end = offset + len(data)
+        if end > handle.reserved:
+            try:
+                await self.tier.reserve(end - handle.reserved)
+            except errors.CacheFull:
+                handle.failed = True
+                raise
+            handle.reserved = end
+        try:
+            written = os.pwrite(handle.fd, data, offset)
+        except OSError:
+            handle.failed = True
+            raise
+        handle.size = max(handle.size, offset + written)
+        handle.dirty = True
+        return written
+
+    async def truncate(self, handle: WriteHandle, size: int) -> None:
+        if size > handle.reserved:
+            await self.tier.reserve(size - handle.reserved)
+            handle.reserved = size
+        os.ftruncate(handle.fd, size)
+        handle.size = size
+        handle.dirty = True
+
+    async def sync(self, handle: WriteHandle) -> None:
+        """Make what was written durable (fsync/flush). Errors here reach Orthanc's close()."""
+        if handle.failed:
+            raise errors.Corrupt(f"attachment {handle.uuid}: an earlier write failed")
+        if handle.unlinked or (handle.durable and not handle.dirty):
+            return
+        handle.dirty = False
+        try:
+            await trio.to_thread.run_sync(self._make_durable, handle.fd, handle.uuid, handle.size,
+                                          limiter=self._journal_limiter)
+        except BaseException:
+            handle.failed = True
+            raise
+        handle.durable = True
+        if self.write_through:
+            try:
+                await self._upload(handle.uuid, self.read_retry)
+            except BaseException:
+                handle.failed = True
+                raise
+
+    def _make_durable(self, fd: int, uuid: str, size: int) -> None:
+        os.fdatasync(fd)
+        self.journal.put_pending(uuid, size)
+
+    async def close_write(self, handle: WriteHandle) -> None:
+        """Release a write handle: queue the upload, or discard a write that failed."""
+        os.close(handle.fd)
+        self.writing.pop(handle.uuid, None)
+        self.tier.closed(handle.uuid)
+        if handle.failed or handle.unlinked or not handle.durable:
+            if not handle.unlinked:
+                log.warning("attachment %s: discarding a write that was not acknowledged",
+                            handle.uuid)
+            await self._discard_local(handle.uuid, handle.reserved)
+            return
+        self.tier.release(handle.reserved - handle.size)
+        row = self.journal.get(handle.uuid)
+        if row is not None and row.state == PENDING_UPLOAD:
+            self._queue_upload(handle.uuid)
+
+    async def _discard_local(self, uuid: str, size: int) -> None:
+        self.tier.path(uuid).unlink(missing_ok=True)
+        self.tier.release(size)
+        if self.journal.get(uuid) is not None:
+            await self._j(self.journal.remove, uuid)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def open_read(self, uuid: str) -> int:
+        """An fd on a complete local copy, fetching (and verifying) it first if needed.
+
+        Every failure surfaces here (Orthanc ignores read errors): NotFound, Unavailable
+        after `ReadTimeout`, Corrupt, CacheFull. Callers must `close_read` the uuid.
+        """
+        self.tier.opened(uuid)
+        try:
+            while True:
+                if uuid in self.writing:
+                    return os.open(self.tier.path(uuid), os.O_RDONLY)
+                row = await self._row(uuid)
+                if row is None:
+                    raise errors.NotFound(f"attachment {uuid}")
+                if row.cached or row.state == PENDING_UPLOAD:
+                    try:
+                        return os.open(self.tier.path(uuid), os.O_RDONLY)
+                    except FileNotFoundError:
+                        if row.state == PENDING_UPLOAD:
+                            raise errors.Corrupt(f"attachment {uuid}: journaled local copy "
+                                                 "is missing") from None
+                        await self._j(self.journal.set_cached, uuid, False)
+                await self._fetch(row)
+        except BaseException:
+            self.tier.closed(uuid)
+            raise
+
+    def close_read(self, uuid: str, fd: int) -> None:
+        os.close(fd)
+        self.tier.closed(uuid)
+
+    async def _fetch(self, row: Row) -> None:
+        running = self._fetches.get(row.uuid)
+        if running is not None:
+            await running.done.wait()
+            if running.error is not None:
+                raise running.error
+            return
+        fetch = self._fetches[row.uuid] = _Fetch()
+        try:
+            await self._download(row)
+        except BaseException as exc:
+            fetch.error = exc
+            raise
+        finally:
+            fetch.done.set()
+            del self._fetches[row.uuid]
+
+    async def _download(self, row: Row) -> None:
+        assert row.key is not None
+        key = row.key
+        await self.tier.reserve(row.size)
+        tmp = self.tier.tmp_path(row.uuid)
+        try:
+            got = await self.read_retry.call(f"download {key}",
+                                             lambda: self.backend.get(key, tmp))
+            if got != row.size:
+                raise errors.Corrupt(f"object {key}: {got} bytes, expected {row.size}")
+            os.replace(tmp, self.tier.path(row.uuid))
+        except errors.NotFound:
+            log.error("attachment %s: object %s is missing from the bucket", row.uuid, key)
+            self.tier.release(row.size)
+            raise
+        except BaseException as exc:
+            if isinstance(exc, errors.ObjfsError):
+                log.error("attachment %s: cannot fetch %s: %s", row.uuid, key, exc)
+            self.tier.release(row.size)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        await self._j(self.journal.set_cached, row.uuid, True)
+
+    # --- deleting -----------------------------------------------------------------------------
+
+    async def unlink(self, uuid: str) -> None:
+        """Delete an attachment everywhere. Readers that have it open keep reading."""
+        handle = self.writing.get(uuid)
+        if handle is not None:
+            handle.unlinked = True
+            return
+        row = await self._row(uuid)
+        if row is None:
+            raise errors.NotFound(f"attachment {uuid}")
+        self._negative[uuid] = True
+        if not self.inventory_done:
+            self._deleted_during_inventory.add(uuid)
+        local = row.cached or row.state == PENDING_UPLOAD
+        if row.state == PENDING_UPLOAD and row.key is None:
+            # Never sent to the bucket: forgetting it locally is the whole delete.
+            await self._j(self.journal.remove, uuid)
+        else:
+            await self._j(self.journal.mark_pending_delete, uuid)
+            if uuid not in self.inflight:
+                self._queue_delete(uuid)
+        if local:
+            self.tier.path(uuid).unlink(missing_ok=True)
+            self.tier.release(row.size)
+
+    # --- background work ----------------------------------------------------------------------
+
+    async def _upload_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        async with receive:
+            async for uuid in receive:
+                try:
+                    await self._upload(uuid, BACKGROUND_RETRY)
+                finally:
+                    self._untrack(uuid)
+
+    async def _upload(self, uuid: str, policy: RetryPolicy) -> None:
+        row = self.journal.get(uuid)
+        if row is None or row.state != PENDING_UPLOAD:
+            return
+        key = row.key
+        if key is None:
+            key = await trio.to_thread.run_sync(self._choose_key, uuid, row.size)
+            await self._j(self.journal.set_key, uuid, key)
+        path = self.tier.path(uuid)
+
+        async def put() -> None:
+            current = self.journal.get(uuid)
+            if current is None or current.state != PENDING_UPLOAD:
+                return  # deleted meanwhile: nothing to upload
+            await self.backend.put(key, path)
+
+        def record(exc: errors.ObjfsError) -> None:
+            self.journal.set_error(uuid, str(exc))
+
+        self.inflight.add(uuid)
+        try:
+            await policy.call(f"upload {key}", put, record)
+        finally:
+            self.inflight.discard(uuid)
+        row = self.journal.get(uuid)
+        if row is not None and row.state == PENDING_DELETE:
+            self._queue_delete(uuid)
+        elif row is not None:
+            await self._j(self.journal.mark_uploaded, uuid)
+            self.tier.space_changed()
+
+    def _choose_key(self, uuid: str, size: int) -> str:
+        with open(self.tier.path(uuid), "rb") as f:
+            head = f.read(DETECT_BYTES)
+        return self.layout.object_key(uuid, detect_kind(head, size), encrypted=False)
+
+    async def _delete_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        async with receive:
+            async for uuid in receive:
+                try:
+                    await self._delete_remote(uuid)
+                finally:
+                    self._untrack(uuid)
+
+    async def _delete_remote(self, uuid: str) -> None:
+        row = self.journal.get(uuid)
+        if row is None or row.state != PENDING_DELETE or uuid in self.inflight:
+            return
+        if row.key is not None:
+            keys = [row.key]
+        else:
+            prefix = self.layout.lookup_prefix(uuid)
+            page, _ = await BACKGROUND_RETRY.call(
+                f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
+            keys = [o.key for o in page if (info := self.layout.parse_key(o.key))
+                    and info.uuid == uuid]
+        for key in keys:
+            await BACKGROUND_RETRY.call(f"delete {key}",
+                                        functools.partial(self.backend.delete, key))
+        await self._j(self.journal.remove, uuid)
+
+    async def _inventory(self) -> None:
+        """List the bucket once so lookups never need the network afterwards.
+
+        Until it finishes, names the journal does not know are looked up in the bucket.
+        """
+        prefix = self.layout.root_prefix()
+        count = 0
+        token: str | None = None
+        while True:
+            page, token = await BACKGROUND_RETRY.call(
+                f"inventory of {prefix or 'the bucket'}",
+                functools.partial(self.backend.list_page, prefix, token, 1000))
+            batch = []
+            for info in page:
+                parsed = self.layout.parse_key(info.key)
+                if parsed is None or parsed.uuid in self._deleted_during_inventory:
+                    continue
+                batch.append((parsed.uuid, info.key, info.size))
+            if batch:
+                await self._j(self.journal.add_remote, batch)
+                count += len(batch)
+            if token is None:
+                break
+        self.inventory_done = True
+        self._deleted_during_inventory.clear()
+        log.info("inventory complete: %d attachments in the bucket under %r", count, prefix)
+
+    # --- bucket identity ----------------------------------------------------------------------
+
+
+def check_bucket_identity(journal: Journal, identity: str, tier_root: Path) -> None:
+    """Refuse a cache directory that holds unfinished work for another bucket or layout.
+
+    A cache that only holds clean copies of another bucket is reset instead.
+    """
+    known = journal.get_meta("bucket")
+    if known == identity:
+        return
+    if known is not None:
+        stats = journal.stats()
+        if stats.pending_uploads or stats.pending_deletes:
+            raise errors.ConfigError(
+                f"cache directory {tier_root} holds {stats.pending_uploads} pending uploads and "
+                f"{stats.pending_deletes} pending deletes for {known!r}, not {identity!r}; "
+                "mount it with its former configuration until they finish")
+        log.warning("cache directory %s was used for %r; forgetting its clean copies",
+                    tier_root, known)
+        journal.forget_all_clean()
+    journal.set_meta("bucket", identity)
