@@ -1,0 +1,59 @@
+"""Shared fixtures. FUSE is a hard requirement: without it the session fails, never skips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import MotoServer, Objfs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fuse_available() -> None:
+    problems = []
+    if not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse is missing")
+    if shutil.which("fusermount3") is None:
+        problems.append("fusermount3 is not installed (Debian package fuse3)")
+    if problems:
+        pytest.exit("FUSE is required by the objfs test suite: " + "; ".join(problems),
+                    returncode=3)
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
+    name = "b" + format(abs(hash(request.node.nodeid)) % 10**12, "012d")
+    return moto.new_bucket(name)
+
+
+@pytest.fixture
+def objfs_factory(tmp_path: Path) -> Iterator[Callable[..., Objfs]]:
+    """Make objfs daemons; every one is stopped and unmounted at teardown."""
+    made: list[Objfs] = []
+
+    def make(config: dict[str, Any], name: str = "objfs", **kw: Any) -> Objfs:
+        daemon = Objfs(tmp_path, config, name, **kw)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.cleanup()
+
+
+def local_config(tmp_path: Path, **objfs: Any) -> dict[str, Any]:
+    return {"Objfs": {"CacheDirectory": str(tmp_path / "cache"),
+                      "LocalBucket": str(tmp_path / "bucket"), "CacheSize": 256,
+                      "ShutdownDrainTimeout": 30, **objfs}}

@@ -1,0 +1,258 @@
+"""Test helpers: local servers, objfs daemons in subprocesses, Orthanc, DICOM generation.
+
+Every server binds to 127.0.0.1. Processes run in their own session and are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] |
+               None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise AssertionError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-3000:] if log else ""
+    raise AssertionError(f"{what}: not ready after {timeout}s\n{tail}")
+
+
+class Process:
+    """A subprocess in its own session with its output in a log file."""
+
+    def __init__(self, argv: list[str], log: Path, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.argv = argv
+        self.log = log
+        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=dict(env or os.environ),
+                                     cwd=cwd, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log_file.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def http_ready(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+        return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means the server listens
+    except OSError:
+        return False
+
+
+# --- S3 (moto server) --------------------------------------------------------------------------
+
+
+class MotoServer:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.process: Process | None = None
+        self.start()
+
+    def start(self) -> None:
+        moto = Path(sys.executable).parent / "moto_server"
+        self.process = Process([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+                               self.workdir / f"moto-{self.port}.log")
+        wait_until(lambda: http_ready(self.endpoint + "/moto-api/"), 30, "moto_server",
+                   self.process.proc, self.process.log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def client(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test",
+                            config=Config(s3={"addressing_style": "path"}))
+
+    def new_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        client = self.client()
+        out: dict[str, bytes] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                     Prefix=prefix):
+            for obj in page.get("Contents", []):
+                out[obj["Key"]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        return out
+
+    def s3_section(self, bucket: str, **extra: Any) -> dict[str, Any]:
+        return {"BucketName": bucket, "Region": "us-east-1", "Endpoint": self.endpoint,
+                "AccessKey": "test", "SecretKey": "test", "VirtualAddressing": False,
+                "ConnectTimeout": 2, "RequestTimeout": 5, "MaxRetries": 1, **extra}
+
+
+# --- objfs daemons ------------------------------------------------------------------------------
+
+
+def mounted_paths() -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            out[left.split()[4]] = right.split()[0]
+    return out
+
+
+def is_live_mount(path: Path) -> bool:
+    if mounted_paths().get(str(path)) != "fuse.objfs":
+        return False
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+class Objfs:
+    """An objfs daemon on `mountpoint`, configured by `config` (a JSON tree)."""
+
+    def __init__(self, workdir: Path, config: Mapping[str, Any], name: str = "objfs",
+                 env: Mapping[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.mountpoint = workdir / f"{name}-mnt"
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / f"{name}.json"
+        self.config_path.write_text(json.dumps(config, indent=1))
+        self.log = workdir / f"{name}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.process: Process | None = None
+
+    def start(self, timeout: float = 30) -> Objfs:
+        self.process = Process([sys.executable, "-m", "objfs", "mount", "--log-level", "DEBUG",
+                                "--config", str(self.config_path), str(self.mountpoint)],
+                               self.log, self.env)
+        wait_until(lambda: is_live_mount(self.mountpoint), timeout, "objfs mount",
+                   self.process.proc, self.log)
+        return self
+
+    def stop(self, timeout: float = 120) -> int | None:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.process is not None
+        code = self.process.stop(signal.SIGTERM, timeout)
+        self.cleanup()
+        return code
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+
+    def cleanup(self) -> None:
+        if self.process is not None and self.process.alive():
+            self.process.kill()
+        if str(self.mountpoint) in mounted_paths():
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, "-m", "objfs", "status", "--json", "--config",
+                              str(self.config_path)], capture_output=True, text=True,
+                             check=True)
+        return dict(json.loads(out.stdout))
+
+    def wait_uploaded(self, timeout: float = 120) -> None:
+        wait_until(lambda: self.status()["pending_uploads"] == 0
+                   and self.status()["pending_deletes"] == 0, timeout, "uploads to finish")
+
+
+# --- DICOM -------------------------------------------------------------------------------------
+
+
+def make_dicom(index: int, rows: int = 64, cols: int = 64, frames: int = 1,
+               patient: str = "OBJFS^TEST", study: int = 0, series: int = 0) -> bytes:
+    """A valid Part-10 CT instance with random pixels; uids derive from the arguments."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    root = "1.2.826.0.1.3680043.8.498."
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid(root, [patient, str(study), str(series),
+                                                          str(index)])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = patient
+    ds.PatientID = patient.replace("^", "")
+    ds.StudyInstanceUID = generate_uid(root, [patient, str(study)])
+    ds.SeriesInstanceUID = generate_uid(root, [patient, str(study), str(series)])
+    ds.StudyDescription = f"study {study}"
+    ds.Modality = "CT"
+    ds.InstanceNumber = index
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = os.urandom(rows * cols * 2 * frames)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

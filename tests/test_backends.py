@@ -1,0 +1,187 @@
+"""Backend contract: every backend behaves the same against a real server (or directory)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from objfs import errors
+from objfs.backends.base import Backend
+from objfs.backends.local import LocalBackend
+from objfs.backends.s3 import S3Backend
+from objfs.config import settings_from_tree
+from tests.helpers import MotoServer, free_port
+
+
+def s3_backend(moto: MotoServer, bucket: str, **extra: object) -> S3Backend:
+    settings = settings_from_tree({"AwsS3Storage": moto.s3_section(bucket, **extra)})
+    assert settings.s3 is not None
+    return S3Backend(settings.s3)
+
+
+@pytest.fixture(params=["local", "s3"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "local":
+        made: Backend = LocalBackend(tmp_path / "bucket")
+    else:
+        moto: MotoServer = request.getfixturevalue("moto")
+        made = s3_backend(moto, request.getfixturevalue("bucket"), ChunkSize=5)
+    yield made
+    await made.aclose()
+
+
+def _file(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("size", [0, 1, 1024 * 1024])
+async def test_put_get_roundtrip(backend: Backend, tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    await backend.put("dir/obj.dcm", _file(tmp_path, "src", data))
+    out = tmp_path / "out"
+    assert await backend.get("dir/obj.dcm", out) == size
+    assert out.read_bytes() == data
+    assert (await backend.head("dir/obj.dcm")).size == size
+
+
+async def test_large_object_multipart(backend: Backend, tmp_path: Path) -> None:
+    size = 101 * 1024 * 1024 + 7
+    src = tmp_path / "big"
+    digest = hashlib.sha256()
+    with open(src, "wb") as f:
+        block = os.urandom(1024 * 1024)
+        for i in range(101):
+            chunk = bytes([i]) + block[1:]
+            f.write(chunk)
+            digest.update(chunk)
+        f.write(b"1234567")
+        digest.update(b"1234567")
+    await backend.put("big.dcm", src)
+    out = tmp_path / "big-out"
+    assert await backend.get("big.dcm", out) == size
+    check = hashlib.sha256()
+    with open(out, "rb") as f:
+        while chunk := f.read(1 << 20):
+            check.update(chunk)
+    assert check.hexdigest() == digest.hexdigest()
+
+
+async def test_ranged_get_and_clamping(backend: Backend, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4
+    await backend.put("r", _file(tmp_path, "src", data))
+    out = tmp_path / "o"
+    assert await backend.get("r", out, 10, 20) == 20 and out.read_bytes() == data[10:30]
+    assert await backend.get("r", out, 1000, 500) == 24 and out.read_bytes() == data[1000:]
+    assert await backend.get("r", out, 5000, 10) == 0 and out.read_bytes() == b""
+    assert await backend.get("r", out, 100) == len(data) - 100
+
+
+async def test_missing_object_and_delete(backend: Backend, tmp_path: Path) -> None:
+    with pytest.raises(errors.NotFound):
+        await backend.get("nope", tmp_path / "o")
+    with pytest.raises(errors.NotFound):
+        await backend.head("nope")
+    await backend.delete("nope")  # deleting a missing object succeeds
+    await backend.put("x/y", _file(tmp_path, "src", b"abc"))
+    await backend.delete("x/y")
+    with pytest.raises(errors.NotFound):
+        await backend.head("x/y")
+
+
+async def test_list_prefix_pagination(backend: Backend, tmp_path: Path) -> None:
+    src = _file(tmp_path, "src", b"z")
+    keys = [f"p/{i:05d}.dcm" for i in range(1105)]
+    limiter = trio.CapacityLimiter(16)
+
+    async def put(key: str) -> None:
+        async with limiter:
+            await backend.put(key, src)
+
+    async with trio.open_nursery() as nursery:
+        for key in keys:
+            nursery.start_soon(put, key)
+        nursery.start_soon(put, "q/other")
+        nursery.start_soon(put, "p0-not-under-p-slash")
+    listed = [info.key async for info in backend.list("p/")]
+    assert listed == keys
+    page, token = await backend.list_page("p/", None, 1000)
+    assert len(page) == 1000 and token is not None
+    rest, token2 = await backend.list_page("p/", token, 1000)
+    assert len(rest) == 105 and token2 is None
+    assert [i.key async for i in backend.list("p/0000")] == keys[:10]
+    assert [i.key async for i in backend.list("p/", limit=3)] == keys[:3]
+    assert {i.key async for i in backend.list("")} >= {"q/other", "p0-not-under-p-slash"}
+
+
+async def test_copy(backend: Backend, tmp_path: Path) -> None:
+    await backend.put("a", _file(tmp_path, "src", b"payload"))
+    await backend.copy("a", "b/c")
+    out = tmp_path / "o"
+    await backend.get("b/c", out)
+    assert out.read_bytes() == b"payload"
+
+
+async def test_s3_missing_bucket(moto: MotoServer, tmp_path: Path) -> None:
+    backend = s3_backend(moto, "no-such-bucket-here")
+    with pytest.raises(errors.BucketMissing):
+        await backend.put("k", _file(tmp_path, "src", b"x"))
+    with pytest.raises(errors.BucketMissing):
+        await backend.list_page("", None, 1)
+
+
+async def test_s3_server_down_fails_within_timeout(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    settings = settings_from_tree({"AwsS3Storage": {
+        "BucketName": "b", "Region": "us-east-1", "Endpoint": f"http://127.0.0.1:{port}",
+        "AccessKey": "a", "SecretKey": "s", "VirtualAddressing": False,
+        "ConnectTimeout": 1, "RequestTimeout": 2, "MaxRetries": 1}})
+    assert settings.s3 is not None
+    backend = S3Backend(settings.s3)
+    start = time.monotonic()
+    with pytest.raises(errors.Unavailable):
+        await backend.head("k")
+    assert time.monotonic() - start < 10
+
+
+async def test_s3_server_that_hangs_times_out(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts connections, never answers
+    port = listener.getsockname()[1]
+    try:
+        settings = settings_from_tree({"AwsS3Storage": {
+            "BucketName": "b", "Region": "us-east-1", "Endpoint": f"http://127.0.0.1:{port}",
+            "AccessKey": "a", "SecretKey": "s", "VirtualAddressing": False,
+            "ConnectTimeout": 1, "RequestTimeout": 1, "MaxRetries": 0}})
+        assert settings.s3 is not None
+        backend = S3Backend(settings.s3)
+        start = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            await backend.get("k", tmp_path / "o")
+        assert time.monotonic() - start < 10
+    finally:
+        listener.close()
+
+
+def test_local_backend_rejects_escaping_keys(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "b")
+    for key in ["../x", "/abs", "a/../b", "", ".objfs-tmp/x", "a//b"]:
+        with pytest.raises(errors.BackendError):
+            backend._path(key)
+
+
+async def test_local_backend_never_shows_partial_objects(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "b")
+    await backend.put("k", _file(tmp_path, "src", b"x" * 100))
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".objfs-tmp", "k"]
+    assert list((tmp_path / "b" / ".objfs-tmp").iterdir()) == []
+    assert [i.key async for i in backend.list("")] == ["k"]

@@ -1,0 +1,181 @@
+"""Configuration sources, precedence, orthancteam env naming and every validation error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from objfs.config import ENV_PATHS, env_name, env_word, load_settings, settings_from_tree
+from objfs.errors import ConfigError
+
+S3 = {"BucketName": "b", "Region": "eu-west-1"}
+
+
+def write(path: Path, tree: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(tree))
+    return path
+
+
+def test_defaults_are_the_embedded_local_bucket() -> None:
+    s = settings_from_tree({})
+    assert s.provider == "local"
+    assert str(s.local_bucket) == "/var/lib/objfs/bucket"
+    assert str(s.cache_directory) == "/var/cache/objfs"
+    assert s.write_mode == "write-back"
+    assert (s.layout.structure, s.layout.root_path) == ("flat", "")
+    assert s.cache_size == 10240 * 1024 * 1024
+
+
+def test_s3_section_verbatim() -> None:
+    s = settings_from_tree({"AwsS3Storage": {
+        **S3, "AccessKey": "AK", "SecretKey": "SK", "Endpoint": "http://127.0.0.1:9000",
+        "VirtualAddressing": False, "ConnectTimeout": 3, "RequestTimeout": 7, "MaxRetries": 2,
+        "RootPath": "orthanc", "StorageStructure": "legacy", "StorageClass": "STANDARD_IA",
+        "Tags": {"site": "a"}, "ServerSideEncryption": "aws:kms", "SseKmsKeyId": "k",
+        "ObjectAcl": "private", "ChunkSize": 16, "MaxConnections": 4,
+        "EnableLegacyUnknownFiles": True, "UseTransferManager": True}})
+    assert s.provider == "s3" and s.s3 is not None
+    assert (s.s3.bucket, s.s3.region, s.s3.access_key, s.s3.secret_key) == ("b", "eu-west-1",
+                                                                             "AK", "SK")
+    assert (s.s3.connect_timeout, s.s3.request_timeout, s.s3.max_retries) == (3, 7, 2)
+    assert s.s3.chunk_size == 16 * 1024 * 1024 and not s.s3.virtual_addressing
+    assert s.layout.structure == "legacy" and s.layout.root_path == "orthanc"
+    assert s.legacy_unknown_files and s.s3.tags == {"site": "a"}
+
+
+def test_connection_timeout_spelling_is_honoured() -> None:
+    s = settings_from_tree({"AwsS3Storage": {**S3, "ConnectionTimeout": 4}})
+    assert s.s3 is not None and s.s3.connect_timeout == 4
+    s = settings_from_tree({"AwsS3Storage": {**S3, "ConnectTimeout": 5, "ConnectionTimeout": 4}})
+    assert s.s3 is not None and s.s3.connect_timeout == 5
+
+
+def test_files_then_directory_merge_later_wins(tmp_path: Path) -> None:
+    d = tmp_path / "conf.d"
+    d.mkdir()
+    write(d / "a.json", {"Objfs": {"CacheSize": 100, "UploadConcurrency": 3}})
+    write(d / "b.json", {"Objfs": {"CacheSize": 200}, "Name": "orthanc's own key"})
+    (d / "ignored.txt").write_text("not json")
+    top = write(tmp_path / "top.json", {"Objfs": {"UploadConcurrency": 5}})
+    s = load_settings([d, top], environ={}, secrets_dir=tmp_path / "none")
+    assert s.cache_size == 200 * 1024 * 1024 and s.upload_concurrency == 5
+
+
+def test_secrets_then_environment(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "ORTHANC__AWS_S3_STORAGE__SECRET_KEY").write_text("from-secret\n")
+    (secrets / "ORTHANC__AWS_S3_STORAGE__ACCESS_KEY").write_text("ak-secret")
+    (secrets / "unrelated").write_text("x")
+    conf = write(tmp_path / "c.json", {"AwsS3Storage": {**S3, "AccessKey": "f", "SecretKey": "f"}})
+    env = {"ORTHANC__AWS_S3_STORAGE__ACCESS_KEY": "ak-env",
+           "ORTHANC__AWS_S3_STORAGE__VIRTUAL_ADDRESSING": "false",
+           "ORTHANC__AWS_S3_STORAGE__MAX_RETRIES": "7",
+           "ORTHANC__OBJFS__CACHE_DIRECTORY": "/srv/cache",
+           "ORTHANC__NAME": "orthanc's own variable, ignored"}
+    s = load_settings([conf], environ=env, secrets_dir=secrets)
+    assert s.s3 is not None
+    assert s.s3.secret_key == "from-secret" and s.s3.access_key == "ak-env"
+    assert not s.s3.virtual_addressing and s.s3.max_retries == 7
+    assert str(s.cache_directory) == "/srv/cache"
+
+
+def test_environment_alone_can_configure_s3_and_nested_objects(tmp_path: Path) -> None:
+    env = {"ORTHANC__AWS_S3_STORAGE": json.dumps(S3),
+           "ORTHANC__AWS_S3_STORAGE__ROOT_PATH": "site-a",
+           "ORTHANC__AWS_S3_STORAGE__TAGS": '{"team": "pacs"}'}
+    s = load_settings([], environ=env, secrets_dir=tmp_path)
+    assert s.s3 is not None and s.s3.bucket == "b" and s.layout.root_path == "site-a"
+    assert s.s3.tags == {"team": "pacs"}
+
+
+@pytest.mark.parametrize(("camel", "env"), [
+    ("AwsS3Storage", "AWS_S3_STORAGE"), ("BucketName", "BUCKET_NAME"),
+    ("SseKmsKeyId", "SSE_KMS_KEY_ID"), ("EnableLegacyUnknownFiles", "ENABLE_LEGACY_UNKNOWN_FILES"),
+    ("StorageEncryption", "STORAGE_ENCRYPTION"), ("MasterKey", "MASTER_KEY"),
+    ("MaxConcurrentInputSize", "MAX_CONCURRENT_INPUT_SIZE"), ("RootPath", "ROOT_PATH"),
+    ("Objfs", "OBJFS"), ("CacheSize", "CACHE_SIZE"), ("HTTPServer", "HTTP_SERVER"),
+])
+def test_env_naming(camel: str, env: str) -> None:
+    assert env_word(camel) == env
+
+
+def test_every_known_option_has_an_env_name() -> None:
+    assert ENV_PATHS[env_name("AwsS3Storage", "BucketName")] == ("AwsS3Storage", "BucketName")
+    assert ENV_PATHS["ORTHANC__AWS_S3_STORAGE__STORAGE_ENCRYPTION__MASTER_KEY"] == (
+        "AwsS3Storage", "StorageEncryption", "MasterKey")
+
+
+@pytest.mark.parametrize(("tree", "message"), [
+    ({"Objfs": {"CacheSise": 1}}, "Objfs.CacheSise: unknown option"),
+    ({"Objfs": {"CacheSize": "big"}}, 'Objfs.CacheSize: expected int, got "big"'),
+    ({"Objfs": {"CacheSize": True}}, "Objfs.CacheSize: expected int"),
+    ({"Objfs": {"CacheSize": 1}}, "Objfs.CacheSize: must be >= 16"),
+    ({"Objfs": {"WriteMode": "sometimes"}}, "Objfs.WriteMode: must be one of"),
+    ({"Objfs": {"RootPath": "/abs"}}, "Objfs.RootPath: must not start with '/'"),
+    ({"Objfs": {"StorageStructure": "tree"}}, "Objfs.StorageStructure: must be one of"),
+    ({"Objfs": []}, "Objfs: must be a JSON object"),
+    ({"AwsS3Storage": {"Region": "r"}}, "AwsS3Storage.BucketName: missing"),
+    ({"AwsS3Storage": {"BucketName": "b"}}, "AwsS3Storage.Region: missing"),
+    ({"AwsS3Storage": {**S3, "RootPath": "/x"}}, "AwsS3Storage.RootPath: must not start"),
+    ({"AwsS3Storage": {**S3, "StorageStructure": "deep"}}, "AwsS3Storage.StorageStructure"),
+    ({"AwsS3Storage": {**S3, "ChunkSize": 1}}, "AwsS3Storage.ChunkSize: must be >= 5"),
+    ({"AwsS3Storage": {**S3, "VirtualAddressing": "yes"}}, "AwsS3Storage.VirtualAddressing"),
+    ({"AwsS3Storage": {**S3, "ServerSideEncryption": "rot13"}},
+     "AwsS3Storage.ServerSideEncryption: must be one of"),
+    ({"AwsS3Storage": {**S3, "SseKmsKeyId": "k"}}, "AwsS3Storage.SseKmsKeyId: needs"),
+    ({"AwsS3Storage": {**S3, "AccessKey": "a"}}, "AwsS3Storage.AccessKey/SecretKey"),
+    ({"AwsS3Storage": {**S3, "Tags": {"a": 1}}}, "AwsS3Storage.Tags: must map strings"),
+    ({"AwsS3Storage": S3, "Objfs": {"RootPath": "x"}}, "Objfs.RootPath: with a AwsS3Storage"),
+    ({"AwsS3Storage": {**S3, "HybridMode": "WriteToFileSystem"}}, "AwsS3Storage.HybridMode"),
+])
+def test_validation_errors_name_the_json_path(tree: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from_tree(tree)
+    assert message in str(info.value)
+
+
+def test_unknown_env_option_in_objfs_section_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ORTHANC__OBJFS__NOPE"):
+        load_settings([], environ={"ORTHANC__OBJFS__NOPE": "1"}, secrets_dir=tmp_path)
+
+
+def test_unknown_provider_option_is_only_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    s = settings_from_tree({"AwsS3Storage": {**S3, "SomeFutureOption": 1}})
+    assert s.s3 is not None
+    assert "AwsS3Storage.SomeFutureOption: unknown option" in caplog.text
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json: invalid JSON"):
+        load_settings([bad], environ={}, secrets_dir=tmp_path)
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_settings([tmp_path / "missing.json"], environ={}, secrets_dir=tmp_path)
+    arr = write(tmp_path / "arr.json", [])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="top level must be a JSON object"):
+        load_settings([arr], environ={}, secrets_dir=tmp_path)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
+    conf = write(tmp_path / "c.json", {"Objfs": {"WriteMode": "never"}})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = subprocess.run([sys.executable, "-m", "objfs", "mount", "--config", str(conf),
+                          str(mnt)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("objfs: configuration error: Objfs.WriteMode")
+    assert "Traceback" not in out.stderr
+    assert str(mnt) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_cli_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "objfs", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("objfs ")
