@@ -59,7 +59,7 @@ def clear_stale_mount(mountpoint: Path) -> None:
     if fstype is None:
         return
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # always reaches the daemon; a stat may be served from cache
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise

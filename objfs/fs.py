@@ -66,6 +66,7 @@ def errno_boundary(fn: F) -> F:
 class FileNode:
     uuid: str
     lookups: int = 0
+    size: int = 0  # last size reported, kept for files unlinked while open
 
 
 @dataclass
@@ -196,7 +197,11 @@ class Operations(pyfuse3.Operations):
         size = await self.store.size_of(uuid)
         if size is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._entry(self._file_inode(uuid), self.file_mode, size, STABLE_TIMEOUT)
+        inode = self._file_inode(uuid)
+        node = self.nodes[inode]
+        assert isinstance(node, FileNode)
+        node.size = size
+        return self._entry(inode, self.file_mode, size, STABLE_TIMEOUT)
 
     def _pass_entry(self, rel: str) -> pyfuse3.EntryAttributes:
         st = os.lstat(self._pass_path(rel))
@@ -212,6 +217,11 @@ class Operations(pyfuse3.Operations):
             return self._dir_entry(name)
         node = self.nodes.get(inode)
         if isinstance(node, FileNode):
+            if await self.store.size_of(node.uuid) is None:
+                # Unlinked while open: the kernel still asks (fstat, writeback of times).
+                entry = self._entry(inode, self.file_mode, node.size, STABLE_TIMEOUT)
+                entry.st_nlink = 0
+                return entry
             return await self._file_entry(node.uuid)
         if isinstance(node, PassNode):
             return self._pass_entry(node.rel)
@@ -398,7 +408,10 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if isinstance(handle, WriteHandle):
-            await self.store.close_write(handle)
+            if not await self.store.close_write(handle) and not handle.unlinked:
+                # A failed write leaves no file behind: drop the kernel's cached entry.
+                pyfuse3.invalidate_entry_async(_dir_inode(handle.uuid[:4]),
+                                               handle.uuid.encode(), ignore_enoent=True)
         elif isinstance(handle, ReadHandle):
             self.store.close_read(handle.uuid, handle.fd)
         else:

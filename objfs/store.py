@@ -29,7 +29,7 @@ import cachetools
 import trio
 
 from objfs import errors
-from objfs.backends.base import Backend
+from objfs.backends.base import Backend, ObjectInfo
 from objfs.cache import LocalTier
 from objfs.config import Settings
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row
@@ -52,7 +52,7 @@ class WriteHandle:
     reserved: int = 0
     dirty: bool = False
     durable: bool = False
-    failed: bool = False
+    error: Exception | None = None  # the first failure; sync and close report it again
     unlinked: bool = False
 
 
@@ -118,8 +118,13 @@ class Store:
     async def drain(self, timeout: float) -> bool:
         """Wait until no upload or delete is queued or running, at most `timeout` seconds.
 
-        Returns True when everything is done; otherwise logs what stays journaled.
+        Returns True when everything is done; otherwise logs what stays journaled. Call it
+        after unmounting: acknowledged files whose release the kernel had not yet sent are
+        queued here too.
         """
+        for row in self.journal.in_state(PENDING_UPLOAD):
+            if row.uuid not in self._outstanding:
+                self._queue_upload(row.uuid)
         with trio.move_on_after(timeout):
             await self._idle.wait()
             return True
@@ -165,10 +170,22 @@ class Store:
             return None
         return await self._find_remote(uuid)
 
+    async def _remote_listing(self, prefix: str, limit: int) -> list[ObjectInfo]:
+        """One listing for a name the journal does not know (before the inventory is done).
+
+        An unreachable bucket counts as "not there": a new attachment's existence check
+        must not fail Orthanc's write, and an old one cannot be served anyway.
+        """
+        try:
+            page, _ = await self.backend.list_page(prefix, None, limit)
+        except errors.Unavailable as exc:
+            log.warning("cannot look up %s in the bucket (%s): treating it as absent", prefix,
+                        exc)
+            return []
+        return page
+
     async def _find_remote(self, uuid: str) -> Row | None:
-        prefix = self.layout.lookup_prefix(uuid)
-        page, _ = await self.read_retry.call(
-            f"look up {prefix}", lambda: self.backend.list_page(prefix, None, 16))
+        page = await self._remote_listing(self.layout.lookup_prefix(uuid), 16)
         key = self.layout.choose_key(uuid, [o.key for o in page], prefer_encrypted=False)
         if key is None:
             self._negative[uuid] = True
@@ -186,10 +203,7 @@ class Store:
             return True
         if self.inventory_done or name in self._negative:
             return False
-        prefix = self.layout.dir_prefix(name)
-        page, _ = await self.read_retry.call(
-            f"look up {prefix}", lambda: self.backend.list_page(prefix, None, 1))
-        if page:
+        if await self._remote_listing(self.layout.dir_prefix(name), 1):
             self._known_dirs.add(name)
             return True
         self._negative[name] = True
@@ -246,14 +260,14 @@ class Store:
         if end > handle.reserved:
             try:
                 await self.tier.reserve(end - handle.reserved)
-            except errors.CacheFull:
-                handle.failed = True
+            except errors.CacheFull as exc:
+                handle.error = exc
                 raise
             handle.reserved = end
         try:
             written = os.pwrite(handle.fd, data, offset)
-        except OSError:
-            handle.failed = True
+        except OSError as exc:
+            handle.error = exc
             raise
         handle.size = max(handle.size, offset + written)
         handle.dirty = True
@@ -269,44 +283,48 @@ class Store:
 
     async def sync(self, handle: WriteHandle) -> None:
         """Make what was written durable (fsync/flush). Errors here reach Orthanc's close()."""
-        if handle.failed:
-            raise errors.Corrupt(f"attachment {handle.uuid}: an earlier write failed")
+        if handle.error is not None:
+            raise handle.error
         if handle.unlinked or (handle.durable and not handle.dirty):
             return
         handle.dirty = False
         try:
             await trio.to_thread.run_sync(self._make_durable, handle.fd, handle.uuid, handle.size,
                                           limiter=self._journal_limiter)
-        except BaseException:
-            handle.failed = True
+        except Exception as exc:
+            handle.error = exc
             raise
         handle.durable = True
         if self.write_through:
             try:
                 await self._upload(handle.uuid, self.read_retry)
-            except BaseException:
-                handle.failed = True
+            except Exception as exc:
+                handle.error = exc
                 raise
 
     def _make_durable(self, fd: int, uuid: str, size: int) -> None:
         os.fdatasync(fd)
         self.journal.put_pending(uuid, size)
 
-    async def close_write(self, handle: WriteHandle) -> None:
-        """Release a write handle: queue the upload, or discard a write that failed."""
+    async def close_write(self, handle: WriteHandle) -> bool:
+        """Release a write handle: queue the upload, or discard a write that failed.
+
+        Returns False when the file was discarded (the caller drops the kernel's entry).
+        """
         os.close(handle.fd)
         self.writing.pop(handle.uuid, None)
         self.tier.closed(handle.uuid)
-        if handle.failed or handle.unlinked or not handle.durable:
+        if handle.error is not None or handle.unlinked or not handle.durable:
             if not handle.unlinked:
                 log.warning("attachment %s: discarding a write that was not acknowledged",
                             handle.uuid)
             await self._discard_local(handle.uuid, handle.reserved)
-            return
+            return False
         self.tier.release(handle.reserved - handle.size)
         row = self.journal.get(handle.uuid)
         if row is not None and row.state == PENDING_UPLOAD:
             self._queue_upload(handle.uuid)
+        return True
 
     async def _discard_local(self, uuid: str, size: int) -> None:
         self.tier.path(uuid).unlink(missing_ok=True)

@@ -159,7 +159,7 @@ def is_live_mount(path: Path) -> bool:
     if mounted_paths().get(str(path)) != "fuse.objfs":
         return False
     try:
-        os.stat(path)
+        os.statvfs(path)  # always reaches the daemon, unlike a cached stat
         return True
     except OSError:
         return False

@@ -1,0 +1,261 @@
+"""Real mounts: the kernel talks to an objfs daemon running in a subprocess."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import local_config
+from tests.helpers import MotoServer, Objfs, make_dicom, wait_until
+
+U1 = "0a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
+U2 = "0a1b9999-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
+U3 = "ffee0000-0000-4000-8000-000000000001"
+
+
+def att(mnt: Path, uuid: str, make_dirs: bool = True) -> Path:
+    path = mnt / uuid[:2] / uuid[2:4] / uuid
+    if make_dirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def orthanc_write(path: Path, data: bytes) -> None:
+    """Write as Orthanc does: O_WRONLY|O_CREAT|O_TRUNC, 4 KiB writes, fdatasync, close."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        for off in range(0, len(data), 4096):
+            os.write(fd, data[off:off + 4096])
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def bucket_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and ".objfs-tmp" not in p.parts}
+
+
+@pytest.fixture
+def local_mount(tmp_path: Path, objfs_factory: Callable[..., Objfs]) -> Objfs:
+    return objfs_factory(local_config(tmp_path)).start()
+
+
+def test_write_read_unlink_rmdir(local_mount: Objfs, tmp_path: Path) -> None:
+    mnt = local_mount.mountpoint
+    data = os.urandom(300_000)
+    path = att(mnt, U1)
+    orthanc_write(path, data)
+    assert os.stat(path).st_size == len(data)
+    assert path.read_bytes() == data
+    dicom = make_dicom(1)
+    orthanc_write(att(mnt, U2), dicom)
+    local_mount.wait_uploaded()
+    assert bucket_files(tmp_path / "bucket") == {f"{U1}.unk": data, f"{U2}.dcm": dicom}
+    assert sorted(os.listdir(mnt / "0a" / "1b")) == sorted([U1, U2])
+    assert os.listdir(mnt) == ["0a"] and os.listdir(mnt / "0a") == ["1b"]
+    with pytest.raises(OSError) as info:
+        os.rmdir(mnt / "0a" / "1b")
+    assert info.value.errno == errno.ENOTEMPTY
+    os.unlink(path)
+    os.unlink(att(mnt, U2))
+    assert not path.exists()
+    os.rmdir(mnt / "0a" / "1b")
+    os.rmdir(mnt / "0a")
+    assert os.listdir(mnt) == []
+    local_mount.wait_uploaded()
+    assert bucket_files(tmp_path / "bucket") == {}
+    assert local_mount.status()["cache_bytes"] == 0
+
+
+def test_directories_behave(local_mount: Objfs) -> None:
+    mnt = local_mount.mountpoint
+    os.mkdir(mnt / "ab")
+    with pytest.raises(FileExistsError):
+        os.mkdir(mnt / "ab")
+    os.mkdir(mnt / "ab" / "cd")
+    assert os.path.isdir(mnt / "ab" / "cd")
+    with pytest.raises(OSError) as info:
+        os.rmdir(mnt / "ab")
+    assert info.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "ac")
+    with pytest.raises(FileNotFoundError):
+        os.mkdir(mnt / "ac" / "dd")
+    os.rmdir(mnt / "ab" / "cd")
+    os.rmdir(mnt / "ab")
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "ab")
+
+
+def test_invalid_names_and_immutability(local_mount: Objfs) -> None:
+    mnt = local_mount.mountpoint
+    path = att(mnt, U1)
+    orthanc_write(path, b"first")
+    for bad in ["not-a-uuid", U3, U1.upper()]:  # U3 lives under ff/ee, not 0a/1b
+        with pytest.raises(PermissionError):
+            os.open(path.parent / bad, os.O_WRONLY | os.O_CREAT, 0o666)
+    with pytest.raises(PermissionError):
+        os.mkdir(path.parent / "sub")
+    with pytest.raises(PermissionError):
+        os.open(path, os.O_WRONLY)
+    with pytest.raises(PermissionError):
+        os.open(path, os.O_WRONLY | os.O_TRUNC)
+    with pytest.raises(PermissionError):
+        os.rename(path, path.parent / U2)
+    assert path.read_bytes() == b"first"
+    assert "not an Orthanc attachment path" in local_mount.text()
+
+
+def test_concurrent_readers_and_open_unlink(tmp_path: Path,
+                                            objfs_factory: Callable[..., Objfs]) -> None:
+    daemon = objfs_factory(local_config(tmp_path)).start()
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    path = att(daemon.mountpoint, U1)
+    orthanc_write(path, data)
+    daemon.wait_uploaded()
+    daemon.stop()
+    shutil.rmtree(tmp_path / "cache")  # cold: every read must come from the bucket
+    daemon.start()
+    digest = hashlib.sha256(data).hexdigest()
+    results: list[str] = []
+
+    def reader() -> None:
+        with open(path, "rb") as f:
+            results.append(hashlib.sha256(f.read()).hexdigest())
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [digest] * 8
+    with open(path, "rb") as held:
+        first = held.read(1000)
+        os.unlink(path)
+        assert not path.exists()
+        rest = held.read()
+    assert first + rest == data
+    daemon.wait_uploaded()
+    assert bucket_files(tmp_path / "bucket") == {}
+
+
+def test_restart_serves_everything_and_status(tmp_path: Path,
+                                              objfs_factory: Callable[..., Objfs]) -> None:
+    daemon = objfs_factory(local_config(tmp_path)).start()
+    files = {f"{i:02x}{i:02x}0000-0000-4000-8000-{i:012x}": os.urandom(1000 * i)
+             for i in range(1, 20)}
+    for uuid, data in files.items():
+        orthanc_write(att(daemon.mountpoint, uuid), data)
+    assert daemon.stop() == 0
+    assert "all uploads done" in daemon.text()
+    status = daemon.status()
+    assert status["pending_uploads"] == 0 and status["cache_entries"] == len(files)
+    daemon.start()
+    for uuid, data in files.items():
+        assert os.stat(att(daemon.mountpoint, uuid, False)).st_size == len(data)
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == data
+
+
+def test_cache_budget_evicts_clean_copies(tmp_path: Path,
+                                          objfs_factory: Callable[..., Objfs]) -> None:
+    daemon = objfs_factory(local_config(tmp_path, CacheSize=16)).start()
+    files = {f"aa{i:02x}0000-0000-4000-8000-{i:012x}": os.urandom(3 * 1024 * 1024)
+             for i in range(12)}  # 36 MiB through a 16 MiB cache
+    for uuid, data in files.items():
+        orthanc_write(att(daemon.mountpoint, uuid), data)
+    for uuid, data in files.items():
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == data
+    daemon.wait_uploaded()
+    status = daemon.status()
+    assert status["cache_bytes"] <= 16 * 1024 * 1024
+    assert len(bucket_files(tmp_path / "bucket")) == 12
+    usage = sum(p.stat().st_size for p in (tmp_path / "cache" / "data").iterdir())
+    assert usage <= 16 * 1024 * 1024
+
+
+def test_full_cache_of_dirty_data_gives_enospc(tmp_path: Path, moto: MotoServer,
+                                               objfs_factory: Callable[..., Objfs]) -> None:
+    # The bucket does not answer (nothing listens), so nothing written can become clean.
+    port_config = moto.s3_section("unreachable")
+    port_config["Endpoint"] = "http://127.0.0.1:9"
+    config = {"AwsS3Storage": port_config,
+              "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 16,
+                        "CacheFullTimeout": 1, "ShutdownDrainTimeout": 1}}
+    daemon = objfs_factory(config).start()
+    first = os.urandom(10 * 1024 * 1024)
+    orthanc_write(att(daemon.mountpoint, U1), first)
+    with pytest.raises(OSError) as info:
+        orthanc_write(att(daemon.mountpoint, U2), os.urandom(10 * 1024 * 1024))
+    assert info.value.errno == errno.ENOSPC
+    assert att(daemon.mountpoint, U1, False).read_bytes() == first
+    assert not att(daemon.mountpoint, U2, False).exists()
+    status = daemon.status()
+    assert status["pending_uploads"] == 1
+    wait_until(lambda: daemon.status()["failing_uploads"] == 1, 30, "failure recorded")
+    assert daemon.stop() == 0
+    assert "stay journaled" in daemon.text()
+
+
+def test_passthrough_for_other_names(local_mount: Objfs, tmp_path: Path) -> None:
+    mnt = local_mount.mountpoint
+    (mnt / "index").write_bytes(b"sqlite")
+    with open(mnt / "index", "r+b") as f:
+        f.seek(2)
+        f.write(b"XX")
+        f.truncate(5)
+    assert (mnt / "index").read_bytes() == b"sqXXt"
+    os.rename(mnt / "index", mnt / "index-wal")
+    assert (tmp_path / "cache" / "passthrough" / "index-wal").read_bytes() == b"sqXXt"
+    os.mkdir(mnt / "other")
+    (mnt / "other" / "f").write_text("x")
+    assert sorted(os.listdir(mnt)) == ["index-wal", "other"]
+    assert "set IndexDirectory" in local_mount.text()
+    assert bucket_files(tmp_path / "bucket") == {}
+
+
+def test_stale_mount_is_cleared_after_a_crash(tmp_path: Path,
+                                              objfs_factory: Callable[..., Objfs]) -> None:
+    daemon = objfs_factory(local_config(tmp_path)).start()
+    orthanc_write(att(daemon.mountpoint, U1), b"before crash")
+    daemon.kill()
+    with pytest.raises(OSError) as info:  # a dead daemon fails writes, never hides them
+        orthanc_write(att(daemon.mountpoint, U2, False), b"after crash")
+    assert info.value.errno == errno.ENOTCONN
+    daemon.start()
+    assert "clearing the stale mount" in daemon.text()
+    assert att(daemon.mountpoint, U1, False).read_bytes() == b"before crash"
+    daemon.wait_uploaded()
+    assert bucket_files(tmp_path / "bucket") == {f"{U1}.unk": b"before crash"}
+
+
+def test_a_second_daemon_on_the_same_mount_is_refused(
+        tmp_path: Path, objfs_factory: Callable[..., Objfs]) -> None:
+    first = objfs_factory(local_config(tmp_path)).start()
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "objfs", "mount", "--config",
+                          str(first.config_path), str(first.mountpoint)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "already mounted" in out.stderr
+
+
+def test_s3_flat_and_legacy_keys(tmp_path: Path, moto: MotoServer, bucket: str,
+                                 objfs_factory: Callable[..., Objfs]) -> None:
+    dicom = make_dicom(7)
+    for structure, root in [("flat", "site"), ("legacy", "old/")]:
+        config = {"AwsS3Storage": moto.s3_section(bucket, StorageStructure=structure,
+                                                  RootPath=root),
+                  "Objfs": {"CacheDirectory": str(tmp_path / f"cache-{structure}")}}
+        daemon = objfs_factory(config, name=structure).start()
+        orthanc_write(att(daemon.mountpoint, U1), dicom)
+        daemon.wait_uploaded()
+        assert daemon.stop() == 0
+    assert moto.keys(bucket) == {f"site/{U1}.dcm": dicom, f"old/0a/1b/{U1}": dicom}
