@@ -76,6 +76,9 @@ class Store:
         self.read_retry = RetryPolicy(deadline=settings.read_timeout)
         self.writing: dict[str, WriteHandle] = {}
         self.inflight: set[str] = set()
+        # Uuids being unlinked while their journal change is committed in a worker thread:
+        # an upload that starts meanwhile must not send them to the bucket.
+        self._unlinking: set[str] = set()
         self.inventory_done = False
         self._deleted_during_inventory: set[str] = set()
         self._known_dirs: set[str] = set()
@@ -421,13 +424,17 @@ class Store:
         if not self.inventory_done:
             self._deleted_during_inventory.add(uuid)
         local = row.cached or row.state == PENDING_UPLOAD
-        if row.state == PENDING_UPLOAD and row.key is None:
-            # Never sent to the bucket: forgetting it locally is the whole delete.
-            await self._j(self.journal.remove, uuid)
-        else:
-            await self._j(self.journal.mark_pending_delete, uuid)
-            if uuid not in self.inflight:
-                self._queue_delete(uuid)
+        self._unlinking.add(uuid)
+        try:
+            if row.state == PENDING_UPLOAD and row.key is None and uuid not in self.inflight:
+                # Never sent to the bucket: forgetting it locally is the whole delete.
+                await self._j(self.journal.remove, uuid)
+            else:
+                await self._j(self.journal.mark_pending_delete, uuid)
+                if uuid not in self.inflight:
+                    self._queue_delete(uuid)
+        finally:
+            self._unlinking.discard(uuid)
         if local:
             self.tier.path(uuid).unlink(missing_ok=True)
             self.tier.release(row.size)
@@ -439,30 +446,39 @@ class Store:
             async for uuid in receive:
                 try:
                     await self._upload(uuid, BACKGROUND_RETRY)
+                except Exception:
+                    log.exception("upload of attachment %s failed; it stays journaled and is "
+                                  "retried at the next start", uuid)
                 finally:
                     self._untrack(uuid)
 
     async def _upload(self, uuid: str, policy: RetryPolicy) -> None:
         row = self.journal.get(uuid)
-        if row is None or row.state != PENDING_UPLOAD:
+        if row is None or row.state != PENDING_UPLOAD or uuid in self._unlinking:
             return
-        key = row.key
-        if key is None:
-            key = await trio.to_thread.run_sync(self._choose_key, uuid, row.size)
-            await self._j(self.journal.set_key, uuid, key)
-        path = self.tier.path(uuid)
-
-        async def put() -> None:
-            current = self.journal.get(uuid)
-            if current is None or current.state != PENDING_UPLOAD:
-                return  # deleted meanwhile: nothing to upload
-            await self.backend.put(key, path)
-
-        def record(exc: errors.ObjfsError) -> None:
-            self.journal.set_error(uuid, str(exc))
-
         self.inflight.add(uuid)
         try:
+            key = row.key
+            if key is None:
+                try:
+                    key = await trio.to_thread.run_sync(self._choose_key, uuid, row.size)
+                except FileNotFoundError:
+                    if uuid in self._unlinking or self.journal.get(uuid) is None:
+                        return  # unlinked meanwhile
+                    raise
+                await self._j(self.journal.set_key, uuid, key)
+            path = self.tier.path(uuid)
+
+            async def put() -> None:
+                current = self.journal.get(uuid)
+                if current is None or current.state != PENDING_UPLOAD \
+                        or uuid in self._unlinking:
+                    return  # deleted meanwhile: nothing to upload
+                await self.backend.put(key, path)
+
+            def record(exc: errors.ObjfsError) -> None:
+                self.journal.set_error(uuid, str(exc))
+
             await policy.call(f"upload {key}", put, record)
         finally:
             self.inflight.discard(uuid)
@@ -483,6 +499,9 @@ class Store:
             async for uuid in receive:
                 try:
                     await self._delete_remote(uuid)
+                except Exception:
+                    log.exception("delete of attachment %s failed; it stays journaled and is "
+                                  "retried at the next start", uuid)
                 finally:
                     self._untrack(uuid)
 

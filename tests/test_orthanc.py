@@ -1,0 +1,131 @@
+"""End to end: the Debian orthanc package stores, serves and deletes DICOM through objfs."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import MotoServer, Objfs, make_dicom, wait_until
+from tests.orthanc import Orthanc, sop_instance_uid
+
+pytestmark = pytest.mark.orthanc
+
+N_REST = 100
+N_DIMSE = 100
+
+
+def dataset_bytes(dicom: bytes) -> bytes:
+    """The data set after the file meta group: C-STORE makes Orthanc write its own meta
+    header (its AE title, implementation UID), so only this part survives DIMSE unchanged."""
+    length = int.from_bytes(dicom[140:144], "little")  # (0002,0000) group length, UL
+    assert dicom[132:136] == b"\x02\x00\x00\x00"
+    return dicom[144 + length:]
+
+
+def corpus() -> list[bytes]:
+    """200 instances: 2 patients x 2 studies x 2 series, 96x96 16-bit CT."""
+    out = []
+    for i in range(N_REST + N_DIMSE):
+        out.append(make_dicom(i, rows=96, cols=96, patient=f"PAT^{i % 2}", study=i % 4,
+                              series=i % 8))
+    return out
+
+
+@pytest.mark.parametrize("structure", ["flat", "legacy"])
+def test_orthanc_on_s3(structure: str, tmp_path: Path, moto: MotoServer, bucket: str,
+                       objfs_factory: Callable[..., Objfs]) -> None:
+    config = {"AwsS3Storage": moto.s3_section(bucket, StorageStructure=structure,
+                                              RootPath="orthanc"),
+              "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 512}}
+    daemon = objfs_factory(config).start()
+    orthanc = Orthanc(tmp_path, daemon.mountpoint).start()
+    try:
+        files = corpus()
+        by_id: dict[str, bytes] = {}  # what Orthanc must serve back, byte for byte
+        with ThreadPoolExecutor(4) as pool:  # 4 concurrent REST clients
+            for dicom, oid in zip(files[:N_REST], pool.map(orthanc.upload, files[:N_REST]),
+                                  strict=True):
+                by_id[oid] = dicom
+        dimse = tmp_path / "dimse"
+        dimse.mkdir()
+        for i, dicom in enumerate(files[N_REST:]):
+            (dimse / f"{i}.dcm").write_bytes(dicom)
+        orthanc.storescu(sorted(dimse.iterdir()))
+        for dicom in files[N_REST:]:
+            oid = orthanc.instance_id(sop_instance_uid(dicom))
+            stored = orthanc.request("GET", f"/instances/{oid}/file")
+            assert dataset_bytes(stored) == dataset_bytes(dicom)
+            by_id[oid] = stored
+        assert len(by_id) == N_REST + N_DIMSE
+
+        def check_all() -> None:
+            for oid, dicom in by_id.items():
+                assert orthanc.request("GET", f"/instances/{oid}/file") == dicom
+            tags = orthanc.json("GET", f"/instances/{next(iter(by_id))}/tags?simplify")
+            assert tags["Modality"] == "CT"
+            study = orthanc.json("GET", "/studies")[0]
+            archive = zipfile.ZipFile(io.BytesIO(orthanc.request("GET",
+                                                                 f"/studies/{study}/archive")))
+            members = [n for n in archive.namelist() if not n.endswith("/")]
+            expected = orthanc.json("GET", f"/studies/{study}/instances")
+            assert len(members) == len(expected) > 0
+            assert all(archive.read(n) in by_id.values() for n in members)
+
+        check_all()
+        daemon.wait_uploaded()
+        objects = moto.keys(bucket, "orthanc/")
+        assert len(objects) == len(by_id)
+        assert sorted(objects.values()) == sorted(by_id.values())
+        suffix = ".dcm" if structure == "flat" else ""
+        assert all(k.endswith(suffix) and k.count("/") == (1 if structure == "flat" else 3)
+                   for k in objects)
+
+        # Orthanc restarted on the same mount; then objfs restarted with an empty cache.
+        orthanc.stop()
+        orthanc.start()
+        check_all()
+        orthanc.stop()
+        assert daemon.stop() == 0
+        shutil.rmtree(tmp_path / "cache")
+        daemon.start()
+        orthanc.start()
+        check_all()
+
+        for patient in orthanc.json("GET", "/patients"):
+            orthanc.request("DELETE", f"/patients/{patient}")
+        assert orthanc.json("GET", "/instances") == []
+        daemon.wait_uploaded()
+        wait_until(lambda: moto.keys(bucket) == {}, 30, "bucket to empty")
+    finally:
+        orthanc.stop()
+
+
+def test_orthanc_on_the_embedded_local_bucket(tmp_path: Path,
+                                              objfs_factory: Callable[..., Objfs]) -> None:
+    from tests.conftest import local_config
+
+    daemon = objfs_factory(local_config(tmp_path)).start()
+    orthanc = Orthanc(tmp_path, daemon.mountpoint).start()
+    try:
+        files = [make_dicom(i, patient="LOCAL^BUCKET") for i in range(20)]
+        ids = [orthanc.upload(d) for d in files]
+        for oid, dicom in zip(ids, files, strict=True):
+            assert orthanc.request("GET", f"/instances/{oid}/file") == dicom
+        # A duplicate is written, then unlinked by Orthanc (OverwriteInstances false).
+        assert orthanc.json("POST", "/instances", files[0])["Status"] == "AlreadyStored"
+        daemon.wait_uploaded()
+        stored = sorted(p.read_bytes() for p in (tmp_path / "bucket").iterdir()
+                        if p.is_file())
+        assert stored == sorted(files)
+        orthanc.request("DELETE", f"/patients/{orthanc.json('GET', '/patients')[0]}")
+        daemon.wait_uploaded()
+        assert [p for p in (tmp_path / "bucket").iterdir() if p.is_file()] == []
+        assert list(daemon.mountpoint.iterdir()) == []  # Orthanc removed its empty dirs
+    finally:
+        orthanc.stop()
