@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
-apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev orthanc)
+apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev curl orthanc)
 [ "$want_test" = 1 ] && apt_packages+=(dcmtk)
 missing=()
 for p in "${apt_packages[@]}"; do

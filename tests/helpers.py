@@ -53,7 +53,7 @@ class Process:
                  cwd: Path | None = None) -> None:
         self.argv = argv
         self.log = log
-        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = open(log, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=dict(env or os.environ),
                                      cwd=cwd, start_new_session=True)

@@ -141,7 +141,7 @@ def test_validation_errors_name_the_json_path(tree: dict[str, Any], message: str
 
 
 def test_unknown_env_option_in_objfs_section_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="ORTHANC__OBJFS__NOPE"):
+    with pytest.raises(ConfigError, match=r"ORTHANC__OBJFS__NOPE"):
         load_settings([], environ={"ORTHANC__OBJFS__NOPE": "1"}, secrets_dir=tmp_path)
 
 
@@ -154,7 +154,7 @@ def test_unknown_provider_option_is_only_a_warning(caplog: pytest.LogCaptureFixt
 def test_bad_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ConfigError, match="bad.json: invalid JSON"):
+    with pytest.raises(ConfigError, match=r"bad\.json: invalid JSON"):
         load_settings([bad], environ={}, secrets_dir=tmp_path)
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_settings([tmp_path / "missing.json"], environ={}, secrets_dir=tmp_path)
