@@ -295,7 +295,9 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         kind, what = self._child(parent_inode, name)
         if kind == "dir":
-            await self.store.make_dir(what)
+            if len(what) == 4 and not await self.store.dir_exists(what[:2]):
+                raise OSError(errno.ENOENT, what[:2])
+            self.store.make_dir(what)
             return self._dir_entry(what)
         if kind == "pass":
             os.mkdir(self._pass_path(what), mode)
@@ -306,7 +308,7 @@ class Operations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         kind, what = self._child(parent_inode, name)
         if kind == "dir":
-            await self.store.remove_dir(what)
+            self.store.remove_dir(what)
         elif kind == "pass":
             os.rmdir(self._pass_path(what))
         else:

@@ -40,7 +40,6 @@ CREATE TABLE IF NOT EXISTS attachments (
 CREATE INDEX IF NOT EXISTS attachments_state ON attachments(state, created);
 CREATE INDEX IF NOT EXISTS attachments_lru ON attachments(atime)
     WHERE state = 'uploaded' AND cached = 1;
-CREATE TABLE IF NOT EXISTS dirs (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
@@ -89,26 +88,34 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+        # Changes whose loss in a crash is harmless (a repeated upload, a stale recency or
+        # cache flag that start-up recovery checks) skip the fsync: the next durable commit
+        # writes them out along with itself, in order.
+        self._lazy = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                     check_same_thread=False, timeout=30)
+        self._lazy.execute("PRAGMA synchronous=NORMAL")
         self._reader = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._lazy.close()
         self._reader.close()
 
-    def _write(self, sql: str, args: Iterable[object] = ()) -> None:
+    def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True) -> None:
         with self._lock:
-            self._db.execute(sql, tuple(args))
+            (self._db if durable else self._lazy).execute(sql, tuple(args))
 
-    def _many(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+    def _many(self, sql: str, rows: Iterable[tuple[object, ...]], durable: bool = True) -> None:
+        db = self._db if durable else self._lazy
         with self._lock:
-            self._db.execute("BEGIN")
+            db.execute("BEGIN")
             try:
-                self._db.executemany(sql, rows)
+                db.executemany(sql, rows)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     # --- meta ---------------------------------------------------------------------------------
 
@@ -138,23 +145,28 @@ class Journal:
         self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid))
 
     def set_error(self, uuid: str, error: str | None) -> None:
-        self._write("UPDATE attachments SET last_error=? WHERE uuid=?", (error, uuid))
+        self._write("UPDATE attachments SET last_error=? WHERE uuid=?", (error, uuid),
+                    durable=False)
 
     def mark_uploaded(self, uuid: str) -> None:
+        """Not durable on its own: after a crash the upload is simply repeated."""
         self._write("UPDATE attachments SET state=?, last_error=NULL, atime=? "
-                    "WHERE uuid=? AND state=?", (UPLOADED, time.time(), uuid, PENDING_UPLOAD))
+                    "WHERE uuid=? AND state=?", (UPLOADED, time.time(), uuid, PENDING_UPLOAD),
+                    durable=False)
 
     def mark_pending_delete(self, uuid: str) -> None:
         self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
                     (PENDING_DELETE, uuid))
 
     def set_cached(self, uuid: str, cached: bool) -> None:
+        """Not durable on its own: start-up recovery checks cached rows against the files."""
         self._write("UPDATE attachments SET cached=?, atime=? WHERE uuid=?",
-                    (int(cached), time.time(), uuid))
+                    (int(cached), time.time(), uuid), durable=False)
 
     def uncache(self, uuids: Iterable[str]) -> None:
         """Record that the local copies of `uuids` were removed (one transaction)."""
-        self._many("UPDATE attachments SET cached=0 WHERE uuid=?", ((u,) for u in uuids))
+        self._many("UPDATE attachments SET cached=0 WHERE uuid=?", ((u,) for u in uuids),
+                   durable=False)
 
     def remove(self, uuid: str) -> None:
         self._write("DELETE FROM attachments WHERE uuid=?", (uuid,))
@@ -164,11 +176,11 @@ class Journal:
         now = time.time()
         self._many("INSERT OR IGNORE INTO attachments(uuid, state, size, key, cached, created) "
                    "VALUES (?, 'uploaded', ?, ?, 0, ?)",
-                   ((uuid, size, key, now) for uuid, key, size in entries))
+                   ((uuid, size, key, now) for uuid, key, size in entries), durable=False)
 
     def touch(self, atimes: dict[str, float]) -> None:
         self._many("UPDATE attachments SET atime=? WHERE uuid=?",
-                   ((t, u) for u, t in atimes.items()))
+                   ((t, u) for u, t in atimes.items()), durable=False)
 
     def in_state(self, state: str) -> list[Row]:
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE state=? "
@@ -221,18 +233,3 @@ class Journal:
     def forget_all_clean(self) -> None:
         """Drop every uploaded row (used when the cache directory changes buckets)."""
         self._write("DELETE FROM attachments WHERE state=?", (UPLOADED,))
-
-    # --- directories --------------------------------------------------------------------------
-
-    def has_dir(self, name: str) -> bool:
-        return self._reader.execute("SELECT 1 FROM dirs WHERE name=?", (name,)).fetchone() \
-            is not None
-
-    def add_dir(self, name: str) -> None:
-        self._write("INSERT OR IGNORE INTO dirs(name) VALUES (?)", (name,))
-
-    def remove_dir(self, name: str) -> None:
-        self._write("DELETE FROM dirs WHERE name=?", (name,))
-
-    def dirs(self) -> list[str]:
-        return [str(r[0]) for r in self._reader.execute("SELECT name FROM dirs ORDER BY name")]

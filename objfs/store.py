@@ -81,7 +81,7 @@ class Store:
         self._unlinking: set[str] = set()
         self.inventory_done = False
         self._deleted_during_inventory: set[str] = set()
-        self._known_dirs: set[str] = set()
+        self._dirs: set[str] = set()  # known to exist: made by mkdir or seen holding files
         self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(65536, NEGATIVE_TTL)
         self._fetches: dict[str, _Fetch] = {}
         # Unbounded on purpose: what waits here is bounded by the cache budget (dirty data
@@ -198,38 +198,39 @@ class Store:
         return self.journal.get(uuid)
 
     async def dir_exists(self, name: str) -> bool:
-        """Whether Orthanc directory `name` ("ab" or "abcd") exists: created and not removed,
-        or holding an attachment."""
-        if name in self._known_dirs or self.journal.has_dir(name) \
-                or self.journal.has_children(name) \
-                or any(u.startswith(name) for u in self.writing):
+        """Whether Orthanc directory `name` ("ab" or "abcd") exists: made by mkdir since the
+        daemon started, or holding an attachment. Empty directories are not kept across
+        restarts (a bucket has none); Orthanc makes them again as it needs them."""
+        if name in self._dirs:
+            return True
+        if self._has_files(name):
+            self._dirs.add(name)
             return True
         if self.inventory_done or name in self._negative:
             return False
         if await self._remote_listing(self.layout.dir_prefix(name), 1):
-            self._known_dirs.add(name)
+            self._dirs.add(name)
             return True
         self._negative[name] = True
         return False
 
-    async def make_dir(self, name: str) -> None:
-        if await self.dir_exists(name):
+    def _has_files(self, prefix: str) -> bool:
+        return self.journal.has_children(prefix) or any(
+            u.startswith(prefix) and not h.unlinked for u, h in self.writing.items())
+
+    def make_dir(self, name: str) -> None:
+        """mkdir: EEXIST when the directory exists (the kernel asked `dir_exists` just before,
+        so no second look in the bucket)."""
+        if name in self._dirs or self._has_files(name):
             raise OSError(errno.EEXIST, f"{name} exists")
-        await self._j(self.journal.add_dir, name)
-        self._negative.pop(name, None)
+        self._dirs.add(name)
 
-    async def remove_dir(self, name: str) -> None:
-        if not await self.dir_exists(name):
+    def remove_dir(self, name: str) -> None:
+        if name not in self._dirs and not self._has_files(name):
             raise errors.NotFound(name)
-        if self.journal.has_children(name) or any(u.startswith(name) for u in self.writing) \
-                or (len(name) == 2 and self._has_subdirs(name)):
+        if self._has_files(name) or any(d.startswith(name) and d != name for d in self._dirs):
             raise OSError(errno.ENOTEMPTY, f"{name} is not empty")
-        self._known_dirs.discard(name)
-        await self._j(self.journal.remove_dir, name)
-
-    def _has_subdirs(self, name: str) -> bool:
-        return any(d.startswith(name) and len(d) == 4
-                   for d in [*self.journal.dirs(), *self._known_dirs])
+        self._dirs.discard(name)
 
     def list_dir(self, name: str) -> list[str]:
         """Children of root (""), a first-level or a second-level directory, as known locally."""
@@ -238,11 +239,8 @@ class Store:
             found.update(u for u, h in self.writing.items()
                          if u.startswith(name) and not h.unlinked)
             return sorted(found)
-        digits = [f"{i:02x}" for i in range(256)]
-        explicit = set(self.journal.dirs()) | self._known_dirs
-        return [d for d in digits if name + d in explicit
-                or self.journal.has_children(name + d)
-                or any(u.startswith(name + d) for u in self.writing)]
+        return [d for d in (f"{i:02x}" for i in range(256))
+                if any(k.startswith(name + d) for k in self._dirs) or self._has_files(name + d)]
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -461,12 +459,12 @@ class Store:
             key = row.key
             if key is None:
                 try:
-                    key = await trio.to_thread.run_sync(self._choose_key, uuid, row.size)
+                    key = await trio.to_thread.run_sync(self._choose_key, uuid, row.size,
+                                                        limiter=self._journal_limiter)
                 except FileNotFoundError:
                     if uuid in self._unlinking or self.journal.get(uuid) is None:
                         return  # unlinked meanwhile
                     raise
-                await self._j(self.journal.set_key, uuid, key)
             path = self.tier.path(uuid)
 
             async def put() -> None:
@@ -490,9 +488,13 @@ class Store:
             self.tier.space_changed()
 
     def _choose_key(self, uuid: str, size: int) -> str:
+        """Name the object from its first bytes, and journal the name before the first upload
+        attempt (so a later delete knows the bucket may hold it). Runs in a worker thread."""
         with open(self.tier.path(uuid), "rb") as f:
             head = f.read(DETECT_BYTES)
-        return self.layout.object_key(uuid, detect_kind(head, size), encrypted=False)
+        key = self.layout.object_key(uuid, detect_kind(head, size), encrypted=False)
+        self.journal.set_key(uuid, key)
+        return key
 
     async def _delete_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
         async with receive:

@@ -22,6 +22,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from objfs.journal import Journal, Stats
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
@@ -33,7 +35,7 @@ def free_port() -> int:
 
 
 def wait_until(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] |
-               None = None, log: Path | None = None) -> None:
+               None = None, log: Path | None = None, poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -41,7 +43,7 @@ def wait_until(predicate: Any, timeout: float, what: str, proc: subprocess.Popen
         if proc is not None and proc.poll() is not None:
             tail = log.read_text(errors="replace")[-3000:] if log else ""
             raise AssertionError(f"{what}: process exited with {proc.returncode}\n{tail}")
-        time.sleep(0.05)
+        time.sleep(poll)
     tail = log.read_text(errors="replace")[-3000:] if log else ""
     raise AssertionError(f"{what}: not ready after {timeout}s\n{tail}")
 
@@ -180,7 +182,7 @@ class Objfs:
         self.process: Process | None = None
 
     def start(self, timeout: float = 30) -> Objfs:
-        self.process = Process([sys.executable, "-m", "objfs", "mount", "--log-level", "DEBUG",
+        self.process = Process([sys.executable, "-m", "objfs", "mount", "--log-level", "INFO",
                                 "--config", str(self.config_path), str(self.mountpoint)],
                                self.log, self.env)
         wait_until(lambda: is_live_mount(self.mountpoint), timeout, "objfs mount",
@@ -208,14 +210,27 @@ class Objfs:
         return self.log.read_text(errors="replace")
 
     def status(self) -> dict[str, Any]:
+        """`objfs status --json`, through the CLI."""
         out = subprocess.run([sys.executable, "-m", "objfs", "status", "--json", "--config",
                               str(self.config_path)], capture_output=True, text=True,
                              check=True)
         return dict(json.loads(out.stdout))
 
+    def journal_stats(self) -> Stats:
+        """The journal's counters, read in this process (cheap enough to poll)."""
+        cache = json.loads(self.config_path.read_text()).get("Objfs", {}).get("CacheDirectory")
+        journal = Journal(Path(cache) / "journal.sqlite", readonly=True)
+        try:
+            return journal.stats()
+        finally:
+            journal.close()
+
     def wait_uploaded(self, timeout: float = 120) -> None:
-        wait_until(lambda: self.status()["pending_uploads"] == 0
-                   and self.status()["pending_deletes"] == 0, timeout, "uploads to finish")
+        def idle() -> bool:
+            stats = self.journal_stats()
+            return stats.pending_uploads == 0 and stats.pending_deletes == 0
+
+        wait_until(idle, timeout, "uploads to finish", poll=0.02)
 
 
 # --- DICOM -------------------------------------------------------------------------------------

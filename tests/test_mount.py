@@ -199,7 +199,7 @@ def test_full_cache_of_dirty_data_gives_enospc(tmp_path: Path, moto: MotoServer,
     assert not att(daemon.mountpoint, U2, False).exists()
     status = daemon.status()
     assert status["pending_uploads"] == 1
-    wait_until(lambda: daemon.status()["failing_uploads"] == 1, 30, "failure recorded")
+    wait_until(lambda: daemon.journal_stats().failing == 1, 30, "failure recorded")
     assert daemon.stop() == 0
     assert "stay journaled" in daemon.text()
 

@@ -102,8 +102,13 @@ class S3Backend(ThreadedBackend):
         return errors.BackendError(f"{where}: {exc!r}")
 
     def _put_sync(self, key: str, path: Path) -> None:
-        self.client.upload_file(str(path), self.bucket, key, ExtraArgs=self.extra,
-                                Config=self.transfer)
+        if path.stat().st_size > self.cfg.chunk_size:
+            self.client.upload_file(str(path), self.bucket, key, ExtraArgs=self.extra,
+                                    Config=self.transfer)
+            return
+        # One PUT: far less overhead than the transfer manager for Orthanc's typical files.
+        with open(path, "rb") as body:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.extra)
 
     def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}

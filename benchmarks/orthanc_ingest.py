@@ -1,0 +1,218 @@
+"""Orthanc on local disk vs Orthanc on objfs (S3 via moto, write-back), in the same run.
+
+Prints figures and ratios to local disk: ingest (small instances/s, large MB/s), time until
+everything is durable in the bucket, warm read, cold read (caches emptied), delete; the
+daemon's peak RSS and CPU seconds; and the background upload throughput against raw boto3
+PUTs of the same files at the same concurrency.
+
+    .venv/bin/python benchmarks/orthanc_ingest.py [--small 300] [--small-kb 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers import MotoServer, Objfs, make_dicom, wait_until
+from tests.orthanc import Orthanc
+
+CLIENTS = 4
+UPLOAD_CONCURRENCY = 8
+
+
+def corpus(n_small: int, small_kb: int) -> tuple[list[bytes], list[bytes]]:
+    side = int((small_kb * 1024 / 2) ** 0.5)
+    small = [make_dicom(i, rows=side, cols=side, patient=f"BENCH^{i % 3}", study=i % 6,
+                        series=i % 12) for i in range(n_small)]
+    large = [make_dicom(10_000 + i, rows=512, cols=512, frames=frames, patient="BENCH^LARGE",
+                        study=100 + i) for i, frames in enumerate((60, 150))]
+    return small, large
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn: Any, *args: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def proc_usage(pid: int) -> tuple[float, float]:
+    """(peak RSS in MB, CPU seconds) of a live process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return hwm / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes],
+                daemon: Objfs | None, moto: MotoServer | None, bucket: str | None
+                ) -> dict[str, float]:
+    orthanc = Orthanc(work, storage, name="orthanc").start()
+    out: dict[str, float] = {}
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            ids = list(pool.map(orthanc.upload, small))
+        out["ingest_small_s"] = time.perf_counter() - start
+        large_start = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            large_ids = list(pool.map(orthanc.upload, large))
+        out["ingest_large_s"] = time.perf_counter() - large_start
+        if daemon is not None:
+            daemon.wait_uploaded(timeout=900)
+            out["durable_s"] = time.perf_counter() - start
+
+        def read_all() -> int:
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                return sum(len(b) for b in pool.map(
+                    lambda i: orthanc.request("GET", f"/instances/{i}/file"), ids + large_ids))
+
+        out["warm_read_s"], out["read_bytes"] = timed(read_all)
+        orthanc.stop()
+        if daemon is not None:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir / "cache")
+            daemon.start()
+        out["page_cache_dropped"] = float(drop_page_cache())
+        orthanc.start()
+        out["cold_read_s"], _ = timed(read_all)
+        if daemon is not None:
+            assert daemon.process is not None
+            out["rss_mb"], out["cpu_s"] = proc_usage(daemon.process.pid)
+
+        def delete_all() -> None:
+            for patient in orthanc.json("GET", "/patients"):
+                orthanc.request("DELETE", f"/patients/{patient}")
+
+        out["delete_s"], _ = timed(delete_all)
+        if daemon is not None and moto is not None and bucket is not None:
+            daemon.wait_uploaded(timeout=600)
+            wait_until(lambda: moto.keys(bucket) == {}, 120, "bucket empty")
+    finally:
+        orthanc.stop()
+    return out
+
+
+def upload_phase(work: Path, moto: MotoServer, files: list[bytes]) -> tuple[float, float]:
+    """MB/s of objfs' resumed background uploads vs raw boto3 PUTs of the same files."""
+    bucket = moto.new_bucket("bench-upload-phase")
+    config = {"AwsS3Storage": moto.s3_section(bucket, RequestTimeout=2, ConnectTimeout=1),
+              "Objfs": {"CacheDirectory": str(work / "cache-phase"), "CacheSize": 4096,
+                        "UploadConcurrency": UPLOAD_CONCURRENCY, "ShutdownDrainTimeout": 0}}
+    daemon = Objfs(work, config, name="objfs-phase").start()
+    assert moto.process is not None
+    os.kill(moto.process.pid, signal.SIGSTOP)  # nothing can upload: all stays journaled
+    try:
+        for i, data in enumerate(files):
+            uuid = f"{i:08x}-0000-4000-8000-{i:012x}"
+            path = daemon.mountpoint / uuid[:2] / uuid[2:4] / uuid
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        daemon.stop(timeout=60)
+    finally:
+        os.kill(moto.process.pid, signal.SIGCONT)
+    total = sum(len(f) for f in files)
+    daemon.start()
+    start = time.perf_counter()
+    daemon.wait_uploaded(timeout=900)
+    objfs_rate = total / (time.perf_counter() - start) / 1e6
+    daemon.stop()
+
+    client = moto.client()
+    raw_bucket = moto.new_bucket("bench-raw-put")
+    tmp = work / "raw"
+    tmp.mkdir()
+    paths = []
+    for i, data in enumerate(files):
+        paths.append(tmp / str(i))
+        paths[-1].write_bytes(data)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
+        list(pool.map(lambda p: client.upload_file(str(p), raw_bucket, p.name), paths))
+    raw_rate = total / (time.perf_counter() - start) / 1e6
+    return objfs_rate, raw_rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=300)
+    parser.add_argument("--small-kb", type=int, default=512)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="objfs-bench-"))
+    small, large = corpus(args.small, args.small_kb)
+    small_mb = sum(map(len, small)) / 1e6
+    large_mb = sum(map(len, large)) / 1e6
+    print(f"corpus: {len(small)} instances of {len(small[0]) / 1e6:.2f} MB, "
+          f"2 multi-frame files of {', '.join(f'{len(x) / 1e6:.0f}' for x in large)} MB; "
+          f"{CLIENTS} concurrent REST clients; work dir {work}")
+    moto = MotoServer(work)
+    objfs_holder: list[Objfs] = []
+    try:
+        local_dir = work / "local-storage"
+        local_dir.mkdir()
+        (work / "local").mkdir()
+        local = run_orthanc(work / "local", local_dir, small, large, None, None, None)
+        bucket = moto.new_bucket("bench-orthanc")
+        (work / "objfs").mkdir()
+        config = {"AwsS3Storage": moto.s3_section(bucket),
+                  "Objfs": {"CacheDirectory": str(work / "objfs" / "cache"), "CacheSize": 4096,
+                            "UploadConcurrency": UPLOAD_CONCURRENCY}}
+        daemon = Objfs(work / "objfs", config).start()
+        objfs_holder.append(daemon)
+        objfs = run_orthanc(work / "objfs", daemon.mountpoint, small, large, daemon, moto,
+                            bucket)
+        daemon.stop()
+        phase, raw = upload_phase(work, moto, small)
+    finally:
+        for d in objfs_holder:
+            d.cleanup()
+        moto.stop()
+
+    def row(name: str, unit: str, loc: float, obj: float) -> None:
+        print(f"{name:<34} {loc:>10.1f} {obj:>10.1f}  {unit:<12} {obj / loc:>6.2f}x")
+
+    total_mb = (small_mb + large_mb)
+    print(f"{'':<34} {'local':>10} {'objfs':>10}  {'unit':<12} {'ratio':>7}")
+    row("ingest, small instances", "inst/s", len(small) / local["ingest_small_s"],
+        len(small) / objfs["ingest_small_s"])
+    row("ingest, multi-frame files", "MB/s", large_mb / local["ingest_large_s"],
+        large_mb / objfs["ingest_large_s"])
+    row("warm read (all files)", "MB/s", local["read_bytes"] / 1e6 / local["warm_read_s"],
+        objfs["read_bytes"] / 1e6 / objfs["warm_read_s"])
+    row("cold read (caches emptied)", "MB/s", local["read_bytes"] / 1e6 / local["cold_read_s"],
+        objfs["read_bytes"] / 1e6 / objfs["cold_read_s"])
+    row("delete (all patients)", "inst/s", (len(small) + 2) / local["delete_s"],
+        (len(small) + 2) / objfs["delete_s"])
+    print(f"everything durable in the bucket {objfs['durable_s']:.1f} s after ingest start "
+          f"({total_mb:.0f} MB; local-disk ingest took "
+          f"{local['ingest_small_s'] + local['ingest_large_s']:.1f} s)")
+    print(f"objfs daemon: peak RSS {objfs['rss_mb']:.0f} MB, CPU {objfs['cpu_s']:.1f} s "
+          f"(cold-read restart included)")
+    print(f"background upload phase: objfs {phase:.0f} MB/s vs raw boto3 upload_file "
+          f"{raw:.0f} MB/s at concurrency {UPLOAD_CONCURRENCY}: {phase / raw:.2f}x")
+    if not local.get("page_cache_dropped"):
+        print("note: could not drop the page cache; local cold read is a warm read")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
