@@ -1,4 +1,4 @@
-"""The ``objfs`` command: mount, status, --version.
+"""The ``objfs`` command: mount, status, keys generate, rekey, --version.
 
 User mistakes (bad configuration, busy cache directory, unusable bucket) print one line on
 stderr and exit with status 2 (configuration) or 1 (anything else), without a traceback.
@@ -16,8 +16,10 @@ from pathlib import Path
 import trio
 
 from objfs import __version__, errors
+from objfs.codec import write_key_file
 from objfs.config import Settings, load_settings
 from objfs.journal import Journal
+from objfs.rekey import rekey
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="pending uploads and cache use, from the journal")
     with_config(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    keys = sub.add_parser("keys", help="master key files")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_sub.add_parser("generate", help="write a new random master key (mode 0600)")
+    generate.add_argument("path", type=Path)
+    rekey = sub.add_parser("rekey", help="re-encrypt the bucket under the current MasterKey")
+    with_config(rekey)
+    rekey.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    rekey.add_argument("--include-unencrypted", action="store_true",
+                       help="also encrypt objects that are not encrypted")
     return parser
 
 
@@ -83,11 +94,21 @@ def _status(settings: Settings, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "keys":
+            write_key_file(args.path)
+            print(f"objfs: wrote a new master key to {args.path} (mode 0600); keep a copy: "
+                  "without it, what it encrypts cannot be read")
+            return 0
         settings = load_settings(args.config)
         if args.command == "status":
             return _status(settings, args.json)
-        logging.basicConfig(level=args.log_level, stream=sys.stderr,
+        logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.command == "rekey":
+            summary = trio.run(rekey, settings, args.dry_run, args.include_unencrypted)
+            print(f"objfs rekey{' (dry run)' if args.dry_run else ''}: "
+                  f"{summary.line(args.dry_run)}")
+            return 1 if summary.failed else 0
         from objfs.daemon import serve  # pyfuse3 is needed only to mount
 
         trio.run(serve, settings, args.mountpoint)

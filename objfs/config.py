@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from objfs.codec import MAX_KEY_ID, KeyRing, read_key_file
 from objfs.errors import ConfigError
 from objfs.layout import Layout
 
@@ -114,9 +115,25 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "CacheFullTimeout": Option(NUMBER, 30, _at_least(0)),
     "ReadTimeout": Option(NUMBER, 60, _at_least(1)),
     "LocalBucket": Option((str,), "/var/lib/objfs/bucket"),
+    "AllowUnencryptedReads": Option((bool,), False),
 }
 
 SECTIONS: dict[str, dict[str, Option]] = {S3_SECTION: S3_OPTIONS, OBJFS_SECTION: OBJFS_OPTIONS}
+
+ENCRYPTION_OPTIONS: dict[str, Option] = {
+    "Enable": Option((bool,), True),
+    "MasterKey": Option((list,)),
+    "PreviousMasterKeys": Option((list,), None),
+    "MaxConcurrentInputSize": Option((int,), 1024, _at_least(1)),
+}
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """Validated ``StorageEncryption``: the key ring and the bound on bytes in flight."""
+
+    ring: KeyRing
+    max_concurrent_input: int
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,8 @@ class Settings:
     cache_full_timeout: float
     read_timeout: float
     s3: S3Settings | None = None
+    encryption: Encryption | None = None
+    allow_unencrypted_reads: bool = False
     sources: tuple[str, ...] = field(default=())
 
 
@@ -176,16 +195,13 @@ def env_name(*path: str) -> str:
     return ENV_PREFIX + "__".join(env_word(p) for p in path)
 
 
-ENCRYPTION_KEYS = ("Enable", "MasterKey", "PreviousMasterKeys", "MaxConcurrentInputSize")
-
-
 def _env_paths() -> dict[str, tuple[str, ...]]:
     paths: dict[str, tuple[str, ...]] = {}
     for section, options in SECTIONS.items():
         paths[env_name(section)] = (section,)
         for name in [*options, *(S3_PLUGIN_ONLY if section == S3_SECTION else ())]:
             paths[env_name(section, name)] = (section, name)
-        for sub in ENCRYPTION_KEYS:
+        for sub in ENCRYPTION_OPTIONS:
             paths[env_name(section, "StorageEncryption", sub)] = (section, "StorageEncryption", sub)
     return paths
 
@@ -342,11 +358,40 @@ def _validate(section_name: str, section: Mapping[str, Any], options: Mapping[st
     return out
 
 
+def _key_entry(path: str, entry: Any) -> tuple[int, bytes]:
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+            and not isinstance(entry[0], bool) and isinstance(entry[1], str)):
+        raise ConfigError(f"{path}: expected [id, \"/path/to/key\"], got {json.dumps(entry)}")
+    if not 0 <= entry[0] <= MAX_KEY_ID:
+        raise ConfigError(f"{path}: key id {entry[0]} is not a uint32")
+    try:
+        return entry[0], read_key_file(entry[1])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _encryption(section_name: str, raw: Mapping[str, Any] | None) -> Encryption | None:
+    """The plugin's ``StorageEncryption`` object; unlike the plugin, any mistake is an error
+    (the plugin silently stores plaintext)."""
+    path = f"{section_name}.StorageEncryption"
+    if raw is None:
+        return None
+    values = _validate(path, raw, ENCRYPTION_OPTIONS)
+    if not values["Enable"]:
+        return None
+    if values["MasterKey"] is None:
+        raise ConfigError(f"{path}.MasterKey: missing (required when Enable is true)")
+    current_id, current = _key_entry(f"{path}.MasterKey", values["MasterKey"])
+    keys = {current_id: current}
+    for i, entry in enumerate(values["PreviousMasterKeys"] or []):
+        key_id, key = _key_entry(f"{path}.PreviousMasterKeys[{i}]", entry)
+        if key_id in keys:
+            raise ConfigError(f"{path}.PreviousMasterKeys[{i}]: key id {key_id} is used twice")
+        keys[key_id] = key
+    return Encryption(KeyRing(current_id, keys), values["MaxConcurrentInputSize"] * MIB)
+
+
 def _common(section_name: str, values: Mapping[str, Any]) -> tuple[Layout, bool]:
-    encryption = values["StorageEncryption"]
-    if encryption and encryption.get("Enable", True):
-        raise ConfigError(f"{section_name}.StorageEncryption: client-side encryption is not "
-                          "supported by this version of objfs")
     mode = values["HybridMode"]
     if mode != "Disabled" or values["MigrationFromFileSystemEnabled"]:
         raise ConfigError(f"{section_name}.HybridMode: only 'Disabled' is supported by this "
@@ -370,6 +415,7 @@ def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -
             if not values[required]:
                 raise ConfigError(f"{S3_SECTION}.{required}: missing (required)")
         layout, unknown_files = _common(S3_SECTION, values)
+        encryption = _encryption(S3_SECTION, values["StorageEncryption"])
         if values["SseKmsKeyId"] and values["ServerSideEncryption"] != "aws:kms":
             raise ConfigError(f"{S3_SECTION}.SseKmsKeyId: needs ServerSideEncryption 'aws:kms'")
         if (values["AccessKey"] is None) != (values["SecretKey"] is None):
@@ -391,6 +437,7 @@ def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -
         provider = "s3"
     else:
         layout, unknown_files = _common(OBJFS_SECTION, own)
+        encryption = _encryption(OBJFS_SECTION, own["StorageEncryption"])
         provider = "local"
     return Settings(
         provider=provider, layout=layout, legacy_unknown_files=unknown_files,
@@ -399,7 +446,8 @@ def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -
         upload_concurrency=own["UploadConcurrency"],
         shutdown_drain_timeout=float(own["ShutdownDrainTimeout"]),
         cache_full_timeout=float(own["CacheFullTimeout"]),
-        read_timeout=float(own["ReadTimeout"]), s3=s3, sources=sources,
+        read_timeout=float(own["ReadTimeout"]), s3=s3, encryption=encryption,
+        allow_unencrypted_reads=own["AllowUnencryptedReads"], sources=sources,
     )
 
 

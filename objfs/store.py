@@ -22,13 +22,14 @@ import functools
 import logging
 import math
 import os
+import uuid as uuid_mod
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cachetools
 import trio
 
-from objfs import errors
+from objfs import codec, errors
 from objfs.backends.base import Backend, ObjectInfo
 from objfs.cache import LocalTier
 from objfs.config import Settings
@@ -73,6 +74,12 @@ class Store:
         self.tier = tier
         self.write_through = settings.write_mode == "write-through"
         self.upload_concurrency = settings.upload_concurrency
+        self.encryption = settings.encryption
+        self.allow_unencrypted_reads = settings.allow_unencrypted_reads
+        # Each encryption or decryption holds one chunk in memory: bound how many run at once.
+        self._crypto_limiter = trio.CapacityLimiter(
+            max(1, settings.encryption.max_concurrent_input // codec.CHUNK)
+            if settings.encryption else 1)
         self.read_retry = RetryPolicy(deadline=settings.read_timeout)
         self.writing: dict[str, WriteHandle] = {}
         self.inflight: set[str] = set()
@@ -188,14 +195,35 @@ class Store:
         return page
 
     async def _find_remote(self, uuid: str) -> Row | None:
-        page = await self._remote_listing(self.layout.lookup_prefix(uuid), 16)
-        key = self.layout.choose_key(uuid, [o.key for o in page], prefer_encrypted=False)
-        if key is None:
+        found = await self._locate(uuid)
+        if found is None:
             self._negative[uuid] = True
             return None
-        size = next(o.size for o in page if o.key == key)
-        await self._j(self.journal.add_remote, [(uuid, key, size)])
+        key, size = found
+        await self._j(self.journal.add_remote, [(uuid, key, await self._plain_size(key, size))])
         return self.journal.get(uuid)
+
+    async def _locate(self, uuid: str) -> tuple[str, int] | None:
+        """The attachment's object key and stored size, by one prefix listing."""
+        page = await self._remote_listing(self.layout.lookup_prefix(uuid), 16)
+        key = self.layout.choose_key(uuid, [o.key for o in page],
+                                     prefer_encrypted=self.encryption is not None)
+        return None if key is None else (key, next(o.size for o in page if o.key == key))
+
+    async def _plain_size(self, key: str, stored: int) -> int:
+        """The attachment's size from its object's: flat names say whether it is encrypted;
+        legacy names do not, so with encryption on the header is read (2 bytes)."""
+        info = self.layout.parse_key(key)
+        encrypted = info.encrypted if info is not None else None
+        if encrypted is None and self.encryption is not None:
+            probe = self.tier.tmp_path(uuid_mod.uuid4().hex)
+            try:
+                await self.read_retry.call(f"read header of {key}",
+                                           lambda: self.backend.get(key, probe, 0, 2))
+                encrypted = codec.is_encrypted(probe.read_bytes())
+            finally:
+                probe.unlink(missing_ok=True)
+        return codec.plaintext_size(stored) if encrypted else stored
 
     async def dir_exists(self, name: str) -> bool:
         """Whether Orthanc directory `name` ("ab" or "abcd") exists: made by mkdir since the
@@ -384,28 +412,63 @@ class Store:
             del self._fetches[row.uuid]
 
     async def _download(self, row: Row) -> None:
+        """Fetch, decrypt and verify an object into the local tier; the copy appears only
+        when every check passed."""
         assert row.key is not None
         key = row.key
         await self.tier.reserve(row.size)
         tmp = self.tier.tmp_path(row.uuid)
+        plain = self.tier.tmp_path(row.uuid + ".plain")
         try:
-            got = await self.read_retry.call(f"download {key}",
-                                             lambda: self.backend.get(key, tmp))
+            try:
+                await self.read_retry.call(f"download {key}", lambda: self.backend.get(key, tmp))
+            except errors.NotFound:
+                # Renamed since we learnt its key (re-encrypted by `objfs rekey`, or rewritten
+                # by the plugin): one listing finds the current name.
+                found = await self._locate(row.uuid)
+                if found is None or found[0] == key:
+                    raise
+                key = found[0]
+                await self._j(self.journal.set_key, row.uuid, key)
+                await self.read_retry.call(f"download {key}", lambda: self.backend.get(key, tmp))
+            source = await self._decode(key, tmp, plain)
+            got = source.stat().st_size
             if got != row.size:
-                raise errors.Corrupt(f"object {key}: {got} bytes, expected {row.size}")
-            os.replace(tmp, self.tier.path(row.uuid))
+                raise errors.Corrupt(f"{got} bytes, expected {row.size}")
+            os.replace(source, self.tier.path(row.uuid))
         except errors.NotFound:
             log.error("attachment %s: object %s is missing from the bucket", row.uuid, key)
             self.tier.release(row.size)
             raise
         except BaseException as exc:
             if isinstance(exc, errors.ObjfsError):
-                log.error("attachment %s: cannot fetch %s: %s", row.uuid, key, exc)
+                log.error("attachment %s: cannot read object %s: %s", row.uuid, key, exc)
             self.tier.release(row.size)
             raise
         finally:
             tmp.unlink(missing_ok=True)
+            plain.unlink(missing_ok=True)
         await self._j(self.journal.set_cached, row.uuid, True)
+
+    async def _decode(self, key: str, fetched: Path, plain: Path) -> Path:
+        """The plaintext of a fetched object: `fetched` itself, or `plain` after decryption.
+        Raises Corrupt for an object that cannot or must not be used."""
+        with open(fetched, "rb") as f:
+            head = f.read(2)
+        info = self.layout.parse_key(key)
+        encrypted = info.encrypted if info is not None and info.encrypted is not None \
+            else codec.is_encrypted(head)
+        if not encrypted:
+            if self.encryption is not None and not self.allow_unencrypted_reads:
+                raise errors.Corrupt("not encrypted (no A1 header) while StorageEncryption is "
+                                     "enabled; set Objfs.AllowUnencryptedReads to accept it")
+            return fetched
+        if self.encryption is None:
+            raise errors.Corrupt("the object is encrypted but StorageEncryption is not enabled")
+        ring = self.encryption.ring
+        async with self._crypto_limiter:
+            await trio.to_thread.run_sync(codec.decrypt_file, fetched, plain, ring)
+        return plain
 
     # --- deleting -----------------------------------------------------------------------------
 
@@ -466,6 +529,12 @@ class Store:
                         return  # unlinked meanwhile
                     raise
             path = self.tier.path(uuid)
+            sealed = self.tier.tmp_path(uuid + ".enc")
+            if self.encryption is not None:
+                async with self._crypto_limiter:
+                    await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
+                                                  self.encryption.ring)
+                path = sealed
 
             async def put() -> None:
                 current = self.journal.get(uuid)
@@ -477,7 +546,10 @@ class Store:
             def record(exc: errors.ObjfsError) -> None:
                 self.journal.set_error(uuid, str(exc))
 
-            await policy.call(f"upload {key}", put, record)
+            try:
+                await policy.call(f"upload {key}", put, record)
+            finally:
+                sealed.unlink(missing_ok=True)
         finally:
             self.inflight.discard(uuid)
         row = self.journal.get(uuid)
@@ -492,7 +564,8 @@ class Store:
         attempt (so a later delete knows the bucket may hold it). Runs in a worker thread."""
         with open(self.tier.path(uuid), "rb") as f:
             head = f.read(DETECT_BYTES)
-        key = self.layout.object_key(uuid, detect_kind(head, size), encrypted=False)
+        key = self.layout.object_key(uuid, detect_kind(head, size),
+                                     encrypted=self.encryption is not None)
         self.journal.set_key(uuid, key)
         return key
 
@@ -541,7 +614,8 @@ class Store:
                 parsed = self.layout.parse_key(info.key)
                 if parsed is None or parsed.uuid in self._deleted_during_inventory:
                     continue
-                batch.append((parsed.uuid, info.key, info.size))
+                batch.append((parsed.uuid, info.key, await self._plain_size(info.key,
+                                                                            info.size)))
             if batch:
                 await self._j(self.journal.add_remote, batch)
                 count += len(batch)

@@ -1,0 +1,188 @@
+"""`objfs rekey`: re-encrypt every object of the bucket under the current master key.
+
+For each attachment object whose master key id is not the current one (or that is not
+encrypted at all, when asked): decrypt, encrypt under the current key, write it to a temporary
+key under ``RootPath/.objfs-rekey/`` (outside every attachment's prefix), read it back and
+compare, copy it over the final key, verify that too, then remove the temporary object (and, in
+the flat layout, the old unencrypted name). An interruption at any point leaves a readable
+object; a rerun skips what is done and removes leftover temporary objects, so it is resumable.
+It can run while objfs serves the bucket: objfs keeps plaintext copies locally and finds a
+renamed object by listing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from objfs import codec, errors
+from objfs.backends import open_backend
+from objfs.backends.base import Backend
+from objfs.codec import KeyRing
+from objfs.config import Settings
+from objfs.layout import Kind, Layout
+from objfs.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+TEMP_DIR = ".objfs-rekey/"
+PARALLEL = 4
+RETRY = RetryPolicy(deadline=120)
+
+
+@dataclass
+class Summary:
+    scanned: int = 0
+    current: int = 0  # already under the current key
+    unencrypted_skipped: int = 0
+    rewritten: int = 0
+    failed: int = 0
+
+    def line(self, dry_run: bool) -> str:
+        verb = "to rewrite" if dry_run else "rewritten"
+        return (f"scanned {self.scanned}, {verb} {self.rewritten}, failed {self.failed}, "
+                f"already current {self.current}, unencrypted left {self.unencrypted_skipped}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(codec.CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Rekeyer:
+    def __init__(self, backend: Backend, layout: Layout, ring: KeyRing, workdir: Path,
+                 include_unencrypted: bool, dry_run: bool) -> None:
+        self.backend = backend
+        self.layout = layout
+        self.ring = ring
+        self.workdir = workdir
+        self.include_unencrypted = include_unencrypted
+        self.dry_run = dry_run
+        self.summary = Summary()
+        self.temp_prefix = layout.root_prefix() + TEMP_DIR
+
+    async def _get(self, key: str, path: Path, length: int | None = None) -> None:
+        await RETRY.call(f"download {key}", lambda: self.backend.get(key, path, 0, length))
+
+    async def _plaintext(self, key: str, fetched: Path, out: Path) -> Path:
+        with open(fetched, "rb") as f:
+            encrypted = codec.is_encrypted(f.read(2))
+        if not encrypted:
+            return fetched
+        await trio.to_thread.run_sync(codec.decrypt_file, fetched, out, self.ring)
+        return out
+
+    async def _verify(self, key: str, expected: str, scratch: Path) -> None:
+        fetched, plain = scratch / "verify", scratch / "verify.plain"
+        await self._get(key, fetched)
+        got = await trio.to_thread.run_sync(_sha256, await self._plaintext(key, fetched, plain))
+        if got != expected:
+            raise errors.Corrupt(f"{key}: read-back does not match the original")
+
+    async def one(self, key: str, size: int) -> None:
+        info = self.layout.parse_key(key)
+        if info is None:
+            return
+        self.summary.scanned += 1
+        scratch = Path(tempfile.mkdtemp(dir=self.workdir))
+        try:
+            head = scratch / "head"
+            await self._get(key, head, 6)
+            key_id = codec.key_id_of(head.read_bytes())
+            if key_id == self.ring.current_id:
+                self.summary.current += 1
+                return
+            if key_id is None and not self.include_unencrypted:
+                self.summary.unencrypted_skipped += 1
+                return
+            if self.dry_run:
+                self.summary.rewritten += 1
+                return
+            fetched, plain, sealed = scratch / "old", scratch / "plain", scratch / "new"
+            await self._get(key, fetched)
+            source = await self._plaintext(key, fetched, plain)
+            digest = await trio.to_thread.run_sync(_sha256, source)
+            await trio.to_thread.run_sync(codec.encrypt_file, source, sealed, self.ring)
+            temp_key = self.temp_prefix + info.uuid
+            await RETRY.call(f"upload {temp_key}", lambda: self.backend.put(temp_key, sealed))
+            await self._verify(temp_key, digest, scratch)
+            final = self.layout.object_key(info.uuid, info.kind or Kind.UNKNOWN, True) \
+                if not self.layout.legacy else key
+            await RETRY.call(f"copy to {final}", lambda: self.backend.copy(temp_key, final))
+            await self._verify(final, digest, scratch)
+            await RETRY.call(f"delete {temp_key}", lambda: self.backend.delete(temp_key))
+            if final != key:
+                await RETRY.call(f"delete {key}", lambda: self.backend.delete(key))
+            self.summary.rewritten += 1
+        except errors.ObjfsError as exc:
+            self.summary.failed += 1
+            log.error("rekey of %s failed: %s", key, exc)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def run(self, progress: Callable[[Summary], None]) -> Summary:
+        async for leftover in self.backend.list(self.temp_prefix):
+            if not self.dry_run:
+                log.info("removing %s left by an interrupted rekey", leftover.key)
+                await self.backend.delete(leftover.key)
+        send, receive = trio.open_memory_channel[tuple[str, int]](PARALLEL * 2)
+
+        async def worker(items: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
+            async with items:
+                async for key, size in items:
+                    await self.one(key, size)
+                    progress(self.summary)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(PARALLEL):
+                nursery.start_soon(worker, receive.clone())
+            receive.close()
+            async with send:
+                async for info in self.backend.list(self.layout.root_prefix()):
+                    if not info.key.startswith(self.temp_prefix):
+                        await send.send((info.key, info.size))
+        return self.summary
+
+
+def _progress_printer() -> Callable[[Summary], None]:
+    last = [0.0]
+    tty = sys.stderr.isatty()
+
+    def show(summary: Summary) -> None:
+        now = time.monotonic()
+        if now - last[0] < (0.2 if tty else 5.0):
+            return
+        last[0] = now
+        end = "\r" if tty else "\n"
+        print(f"rekey: scanned {summary.scanned}, rewritten {summary.rewritten}, failed "
+              f"{summary.failed}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+async def rekey(settings: Settings, dry_run: bool, include_unencrypted: bool) -> Summary:
+    """Run a rekey over the configured bucket; raises ConfigError without encryption keys."""
+    if settings.encryption is None:
+        raise errors.ConfigError("rekey needs StorageEncryption enabled with a MasterKey")
+    settings.cache_directory.mkdir(parents=True, exist_ok=True)
+    backend = open_backend(settings)
+    workdir = Path(tempfile.mkdtemp(prefix="rekey-", dir=settings.cache_directory))
+    try:
+        worker = Rekeyer(backend, settings.layout, settings.encryption.ring, workdir,
+                         include_unencrypted, dry_run)
+        return await worker.run(_progress_printer())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        await backend.aclose()
