@@ -65,8 +65,13 @@ class LocalBackend(ThreadedBackend):
                 shutil.copyfileobj(src, dst, COPY_CHUNK)
                 dst.flush()
                 os.fsync(dst.fileno())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
+            for _ in range(10):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(tmp, target)
+                    break
+                except FileNotFoundError:
+                    continue  # a concurrent delete removed the emptied directory: again
             _fsync_dir(target.parent)
         finally:
             tmp.unlink(missing_ok=True)
