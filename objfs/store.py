@@ -17,12 +17,14 @@ temporary errors until `ReadTimeout`, then fail.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import math
 import os
 import uuid as uuid_mod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,11 @@ from objfs.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 2.0
+# While Orthanc writes or deletes, background requests yield the CPU to it (on a small host
+# the SDK's request signing and checksums compete with ingest): at most BUSY_REQUESTS run until
+# Orthanc pauses for BUSY_WINDOW seconds, or until the cache budget is half full.
+BUSY_WINDOW = 0.5
+BUSY_REQUESTS = 1
 BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, persistent=True)
 
 
@@ -99,6 +106,8 @@ class Store:
         self._idle = trio.Event()
         self._idle.set()
         self._journal_limiter = trio.CapacityLimiter(4)
+        self._last_foreground = -math.inf
+        self._background = 0
 
     async def _j(self, fn: object, *args: object) -> None:
         """Run a journal write (it fsyncs) in a worker thread."""
@@ -256,7 +265,8 @@ class Store:
     def remove_dir(self, name: str) -> None:
         if name not in self._dirs and not self._has_files(name):
             raise errors.NotFound(name)
-        if self._has_files(name) or any(d.startswith(name) and d != name for d in self._dirs):
+        if self._has_files(name) or (len(name) == 2 and any(
+                name + f"{i:02x}" in self._dirs for i in range(256))):
             raise OSError(errno.ENOTEMPTY, f"{name} is not empty")
         self._dirs.discard(name)
 
@@ -285,6 +295,7 @@ class Store:
 
     async def write(self, handle: WriteHandle, offset: int, data: bytes) -> int:
         """Write into the local copy, taking cache budget first (may wait, then CacheFull)."""
+        self._last_foreground = trio.current_time()
         end = offset + len(data)
         if end > handle.reserved:
             try:
@@ -481,6 +492,7 @@ class Store:
         row = await self._row(uuid)
         if row is None:
             raise errors.NotFound(f"attachment {uuid}")
+        self._last_foreground = trio.current_time()
         self._negative[uuid] = True
         if not self.inventory_done:
             self._deleted_during_inventory.add(uuid)
@@ -506,12 +518,26 @@ class Store:
         async with receive:
             async for uuid in receive:
                 try:
-                    await self._upload(uuid, BACKGROUND_RETRY)
+                    async with self._turn():
+                        await self._upload(uuid, BACKGROUND_RETRY)
                 except Exception:
                     log.exception("upload of attachment %s failed; it stays journaled and is "
                                   "retried at the next start", uuid)
                 finally:
                     self._untrack(uuid)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """A background request's turn; Orthanc's own requests come first (BUSY_WINDOW)."""
+        while self._background >= BUSY_REQUESTS \
+                and trio.current_time() - self._last_foreground < BUSY_WINDOW \
+                and self.tier.used < self.tier.capacity // 2:
+            await trio.sleep(BUSY_WINDOW / 5)
+        self._background += 1
+        try:
+            yield
+        finally:
+            self._background -= 1
 
     async def _upload(self, uuid: str, policy: RetryPolicy) -> None:
         row = self.journal.get(uuid)
@@ -573,7 +599,8 @@ class Store:
         async with receive:
             async for uuid in receive:
                 try:
-                    await self._delete_remote(uuid)
+                    async with self._turn():
+                        await self._delete_remote(uuid)
                 except Exception:
                     log.exception("delete of attachment %s failed; it stays journaled and is "
                                   "retried at the next start", uuid)

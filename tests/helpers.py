@@ -102,7 +102,8 @@ def http_ready(url: str) -> bool:
 
 
 class MotoServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, nice: int = 0) -> None:
+        self.nice = nice
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -111,7 +112,8 @@ class MotoServer:
 
     def start(self) -> None:
         moto = Path(sys.executable).parent / "moto_server"
-        self.process = Process([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+        self.process = Process(["nice", "-n", str(self.nice), str(moto), "-H", "127.0.0.1",
+                                "-p", str(self.port)],
                                self.workdir / f"moto-{self.port}.log")
         wait_until(lambda: http_ready(self.endpoint + "/moto-api/"), 30, "moto_server",
                    self.process.proc, self.process.log)
