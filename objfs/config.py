@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 S3_SECTION = "AwsS3Storage"
+AZURE_SECTION = "AzureBlobStorage"
+GCS_SECTION = "GoogleCloudStorage"
 OBJFS_SECTION = "Objfs"
 ENV_PREFIX = "ORTHANC__"
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -118,7 +120,38 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "AllowUnencryptedReads": Option((bool,), False),
 }
 
-SECTIONS: dict[str, dict[str, Option]] = {S3_SECTION: S3_OPTIONS, OBJFS_SECTION: OBJFS_OPTIONS}
+# Options every object-store client of objfs has (objfs-only for Azure and GCS).
+CLIENT_OPTIONS: dict[str, Option] = {
+    "ConnectTimeout": Option(NUMBER, 10, _at_least(0.1)),
+    "RequestTimeout": Option(NUMBER, 60, _at_least(0.1)),
+    "MaxConnections": Option((int,), 16, _at_least(1)),
+    "MaxRetries": Option((int,), 3, _at_least(0)),
+    "ChunkSize": Option((int,), 8, _at_least(5)),
+}
+
+AZURE_TIERS = ("Hot", "Cool", "Cold", "Archive", "Premium")
+AZURE_OPTIONS: dict[str, Option] = {
+    **COMMON_OPTIONS, **CLIENT_OPTIONS,
+    "ConnectionString": Option((str,)),
+    "AccountUrl": Option((str,)),
+    "ContainerName": Option((str,)),
+    "CreateContainerIfNotExists": Option((bool,), True),
+    "AccessTier": Option((str,), None, _one_of(*AZURE_TIERS)),
+    "ApiVersion": Option((str,)),
+}
+
+GCS_OPTIONS: dict[str, Option] = {
+    **COMMON_OPTIONS, **CLIENT_OPTIONS,
+    "ServiceAccountFile": Option((str,)),
+    "BucketName": Option((str,)),
+    "Project": Option((str,)),
+    "Endpoint": Option((str,)),
+    "StorageClass": Option((str,)),
+}
+
+SECTIONS: dict[str, dict[str, Option]] = {S3_SECTION: S3_OPTIONS, AZURE_SECTION: AZURE_OPTIONS,
+                                          GCS_SECTION: GCS_OPTIONS, OBJFS_SECTION: OBJFS_OPTIONS}
+PROVIDERS = {S3_SECTION: "s3", AZURE_SECTION: "azure", GCS_SECTION: "gcs"}
 
 ENCRYPTION_OPTIONS: dict[str, Option] = {
     "Enable": Option((bool,), True),
@@ -159,10 +192,46 @@ class S3Settings:
 
 
 @dataclass(frozen=True)
+class ClientSettings:
+    """Timeouts and limits shared by the Azure and GCS clients (seconds, bytes)."""
+
+    connect_timeout: float
+    request_timeout: float
+    max_connections: int
+    max_retries: int
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class AzureSettings:
+    """The ``AzureBlobStorage`` section, validated."""
+
+    connection_string: str | None
+    account_url: str | None
+    container: str
+    create_container: bool
+    access_tier: str | None
+    api_version: str | None
+    client: ClientSettings
+
+
+@dataclass(frozen=True)
+class GcsSettings:
+    """The ``GoogleCloudStorage`` section, validated."""
+
+    bucket: str
+    service_account_file: str | None
+    project: str | None
+    endpoint: str | None
+    storage_class: str | None
+    client: ClientSettings
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the daemon needs, validated. Sizes in bytes, times in seconds."""
 
-    provider: str  # "local" | "s3"
+    provider: str  # "local" | "s3" | "azure" | "gcs"
     layout: Layout
     legacy_unknown_files: bool
     local_bucket: Path
@@ -174,6 +243,8 @@ class Settings:
     cache_full_timeout: float
     read_timeout: float
     s3: S3Settings | None = None
+    azure: AzureSettings | None = None
+    gcs: GcsSettings | None = None
     encryption: Encryption | None = None
     allow_unencrypted_reads: bool = False
     sources: tuple[str, ...] = field(default=())
@@ -400,45 +471,91 @@ def _common(section_name: str, values: Mapping[str, Any]) -> tuple[Layout, bool]
     return layout, values["EnableLegacyUnknownFiles"]
 
 
+def _client(values: Mapping[str, Any]) -> ClientSettings:
+    return ClientSettings(connect_timeout=float(values["ConnectTimeout"]),
+                          request_timeout=float(values["RequestTimeout"]),
+                          max_connections=values["MaxConnections"],
+                          max_retries=values["MaxRetries"], chunk_size=values["ChunkSize"] * MIB)
+
+
+def _required(section: str, values: Mapping[str, Any], *names: str) -> None:
+    for name in names:
+        if not values[name]:
+            raise ConfigError(f"{section}.{name}: missing (required)")
+
+
+def _s3(raw: Mapping[str, Any], values: Mapping[str, Any]) -> S3Settings:
+    _required(S3_SECTION, values, "BucketName", "Region")
+    if values["SseKmsKeyId"] and values["ServerSideEncryption"] != "aws:kms":
+        raise ConfigError(f"{S3_SECTION}.SseKmsKeyId: needs ServerSideEncryption 'aws:kms'")
+    if (values["AccessKey"] is None) != (values["SecretKey"] is None):
+        raise ConfigError(f"{S3_SECTION}.AccessKey/SecretKey: give both or neither")
+    # The plugin reads ConnectTimeout; other S3 tools say ConnectionTimeout. Both work.
+    connect = (values["ConnectTimeout"] if "ConnectTimeout" in raw
+               else values["ConnectionTimeout"] or values["ConnectTimeout"])
+    return S3Settings(
+        bucket=values["BucketName"], region=values["Region"],
+        access_key=values["AccessKey"], secret_key=values["SecretKey"],
+        endpoint=values["Endpoint"] or None, virtual_addressing=values["VirtualAddressing"],
+        connect_timeout=float(connect), request_timeout=float(values["RequestTimeout"]),
+        max_connections=values["MaxConnections"], max_retries=values["MaxRetries"],
+        storage_class=values["StorageClass"], tags=dict(values["Tags"] or {}),
+        server_side_encryption=values["ServerSideEncryption"],
+        sse_kms_key_id=values["SseKmsKeyId"], acl=values["ObjectAcl"],
+        chunk_size=values["ChunkSize"] * MIB,
+    )
+
+
+def _azure(values: Mapping[str, Any]) -> AzureSettings:
+    _required(AZURE_SECTION, values, "ContainerName")
+    if not values["ConnectionString"] and not values["AccountUrl"]:
+        raise ConfigError(f"{AZURE_SECTION}.ConnectionString: missing (or give AccountUrl to "
+                          "use DefaultAzureCredential)")
+    return AzureSettings(
+        connection_string=values["ConnectionString"], account_url=values["AccountUrl"],
+        container=values["ContainerName"],
+        create_container=values["CreateContainerIfNotExists"],
+        access_tier=values["AccessTier"], api_version=values["ApiVersion"],
+        client=_client(values))
+
+
+def _gcs(values: Mapping[str, Any]) -> GcsSettings:
+    _required(GCS_SECTION, values, "BucketName")
+    return GcsSettings(bucket=values["BucketName"],
+                       service_account_file=values["ServiceAccountFile"],
+                       project=values["Project"], endpoint=values["Endpoint"] or None,
+                       storage_class=values["StorageClass"], client=_client(values))
+
+
 def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -> Settings:
     """Validate a merged JSON tree into `Settings`; raises ConfigError naming the JSON path."""
-    own = _validate(OBJFS_SECTION, _section(tree, OBJFS_SECTION) or {}, OBJFS_OPTIONS)
-    s3_raw = _section(tree, S3_SECTION)
-    s3: S3Settings | None = None
-    if s3_raw is not None:
-        misplaced = [k for k in COMMON_OPTIONS if k in (_section(tree, OBJFS_SECTION) or {})]
+    own_raw = _section(tree, OBJFS_SECTION) or {}
+    own = _validate(OBJFS_SECTION, own_raw, OBJFS_OPTIONS)
+    present = [name for name in PROVIDERS if _section(tree, name) is not None]
+    if len(present) > 1:
+        raise ConfigError(f"{' and '.join(present)}: only one object-storage section may be "
+                          "configured")
+    clouds: dict[str, Any] = {}
+    if present:
+        section = present[0]
+        raw = _section(tree, section) or {}
+        misplaced = [k for k in COMMON_OPTIONS if k in own_raw]
         if misplaced:
-            raise ConfigError(f"{OBJFS_SECTION}.{misplaced[0]}: with a {S3_SECTION} section this "
-                              f"option belongs in {S3_SECTION}")
-        values = _validate(S3_SECTION, s3_raw, S3_OPTIONS, S3_PLUGIN_ONLY, strict=False)
-        for required in ("BucketName", "Region"):
-            if not values[required]:
-                raise ConfigError(f"{S3_SECTION}.{required}: missing (required)")
-        layout, unknown_files = _common(S3_SECTION, values)
-        encryption = _encryption(S3_SECTION, values["StorageEncryption"])
-        if values["SseKmsKeyId"] and values["ServerSideEncryption"] != "aws:kms":
-            raise ConfigError(f"{S3_SECTION}.SseKmsKeyId: needs ServerSideEncryption 'aws:kms'")
-        if (values["AccessKey"] is None) != (values["SecretKey"] is None):
-            raise ConfigError(f"{S3_SECTION}.AccessKey/SecretKey: give both or neither")
-        # The plugin reads ConnectTimeout; other S3 tools say ConnectionTimeout. Both work.
-        connect = (values["ConnectTimeout"] if "ConnectTimeout" in s3_raw
-                   else values["ConnectionTimeout"] or values["ConnectTimeout"])
-        s3 = S3Settings(
-            bucket=values["BucketName"], region=values["Region"],
-            access_key=values["AccessKey"], secret_key=values["SecretKey"],
-            endpoint=values["Endpoint"] or None, virtual_addressing=values["VirtualAddressing"],
-            connect_timeout=float(connect), request_timeout=float(values["RequestTimeout"]),
-            max_connections=values["MaxConnections"], max_retries=values["MaxRetries"],
-            storage_class=values["StorageClass"], tags=dict(values["Tags"] or {}),
-            server_side_encryption=values["ServerSideEncryption"],
-            sse_kms_key_id=values["SseKmsKeyId"], acl=values["ObjectAcl"],
-            chunk_size=values["ChunkSize"] * MIB,
-        )
-        provider = "s3"
+            raise ConfigError(f"{OBJFS_SECTION}.{misplaced[0]}: with a {section} section this "
+                              f"option belongs in {section}")
+        ignored = S3_PLUGIN_ONLY if section == S3_SECTION else ()
+        values = _validate(section, raw, SECTIONS[section], ignored, strict=False)
+        provider = PROVIDERS[section]
+        if provider == "s3":
+            clouds["s3"] = _s3(raw, values)
+        elif provider == "azure":
+            clouds["azure"] = _azure(values)
+        else:
+            clouds["gcs"] = _gcs(values)
     else:
-        layout, unknown_files = _common(OBJFS_SECTION, own)
-        encryption = _encryption(OBJFS_SECTION, own["StorageEncryption"])
-        provider = "local"
+        section, values, provider = OBJFS_SECTION, own, "local"
+    layout, unknown_files = _common(section, values)
+    encryption = _encryption(section, values["StorageEncryption"])
     return Settings(
         provider=provider, layout=layout, legacy_unknown_files=unknown_files,
         local_bucket=Path(own["LocalBucket"]), cache_directory=Path(own["CacheDirectory"]),
@@ -446,8 +563,8 @@ def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -
         upload_concurrency=own["UploadConcurrency"],
         shutdown_drain_timeout=float(own["ShutdownDrainTimeout"]),
         cache_full_timeout=float(own["CacheFullTimeout"]),
-        read_timeout=float(own["ReadTimeout"]), s3=s3, encryption=encryption,
-        allow_unencrypted_reads=own["AllowUnencryptedReads"], sources=sources,
+        read_timeout=float(own["ReadTimeout"]), encryption=encryption,
+        allow_unencrypted_reads=own["AllowUnencryptedReads"], sources=sources, **clouds,
     )
 
 

@@ -70,8 +70,17 @@ def clear_stale_mount(mountpoint: Path) -> None:
 
 
 def bucket_identity(settings: Settings) -> str:
-    where = (f"s3:{settings.s3.endpoint or ''}:{settings.s3.bucket}" if settings.s3
-             else f"local:{settings.local_bucket.resolve()}")
+    if settings.s3:
+        where = f"s3:{settings.s3.endpoint or ''}:{settings.s3.bucket}"
+    elif settings.azure:
+        account = settings.azure.account_url or next(
+            (p for p in (settings.azure.connection_string or "").split(";")
+             if p.startswith(("AccountName=", "BlobEndpoint="))), "")
+        where = f"azure:{account}:{settings.azure.container}"
+    elif settings.gcs:
+        where = f"gcs:{settings.gcs.endpoint or ''}:{settings.gcs.bucket}"
+    else:
+        where = f"local:{settings.local_bucket.resolve()}"
     return f"{where}:{settings.layout.structure}:{settings.layout.root_path}"
 
 
@@ -92,6 +101,7 @@ async def _probe(backend: Backend, settings: Settings) -> None:
     """Fail fast on a bucket that is missing or refuses us; only warn when it is unreachable."""
     prefix = settings.layout.root_prefix()
     try:
+        await PROBE.call("bucket preparation", backend.prepare)
         await PROBE.call("bucket check", lambda: backend.list_page(prefix, None, 1))
     except errors.Unavailable as exc:
         log.warning("the bucket is unreachable (%s); mounting anyway: writes are kept locally "

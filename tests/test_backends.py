@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from objfs import errors
-from objfs.backends.base import Backend
+from objfs.backends import open_backend
+from objfs.backends.base import Backend, ObjectInfo
 from objfs.backends.local import LocalBackend
 from objfs.backends.s3 import S3Backend
 from objfs.config import settings_from_tree
-from tests.helpers import MotoServer, free_port
+from tests.conftest import bucket_name, cloud_server
+from tests.helpers import AZ_KEY, AzuriteServer, FakeGcsServer, MotoServer, free_port
 
 
 def s3_backend(moto: MotoServer, bucket: str, **extra: object) -> S3Backend:
@@ -26,15 +31,71 @@ def s3_backend(moto: MotoServer, bucket: str, **extra: object) -> S3Backend:
     return S3Backend(settings.s3)
 
 
-@pytest.fixture(params=["local", "s3"])
+def cloud_backend(section_name: str, section: dict[str, Any]) -> Backend:
+    return open_backend(settings_from_tree({section_name: section}))
+
+
+# A real cloud joins the suite when its section is in the environment as JSON, e.g.
+# OBJFS_TEST_AZURE='{"ConnectionString": "...", "ContainerName": "objfs-test"}'.
+REAL = {"s3-real": ("OBJFS_TEST_S3", "AwsS3Storage"),
+        "azure-real": ("OBJFS_TEST_AZURE", "AzureBlobStorage"),
+        "gcs-real": ("OBJFS_TEST_GCS", "GoogleCloudStorage")}
+
+
+@pytest.fixture(params=["local", "s3", "azure", "gcs", *REAL])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    if request.param == "local":
+    kind = request.param
+    if kind == "local":
         made: Backend = LocalBackend(tmp_path / "bucket")
+    elif kind in REAL:
+        variable, section_name = REAL[kind]
+        if variable not in os.environ:
+            pytest.skip(f"{variable} is not set: no real {section_name} account to test")
+        section = json.loads(os.environ[variable])
+        section["RootPath"] = f"objfs-contract/{uuid.uuid4()}"
+        made = cloud_backend(section_name, section)
+        made = PrefixedBackend(made, section["RootPath"] + "/")
     else:
-        moto: MotoServer = request.getfixturevalue("moto")
-        made = s3_backend(moto, request.getfixturevalue("bucket"), ChunkSize=5)
+        server = cloud_server(request, kind)
+        name = server.new_bucket(bucket_name(request))
+        made = cloud_backend(server.section_name, server.section(name, ChunkSize=5))
     yield made
     await made.aclose()
+
+
+class PrefixedBackend(Backend):
+    """A real bucket shared with others: every key of the contract tests under one prefix,
+    removed afterwards."""
+
+    def __init__(self, inner: Backend, prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    async def put(self, key: str, path: Path) -> None:
+        await self.inner.put(self.prefix + key, path)
+
+    async def get(self, key: str, path: Path, offset: int = 0,
+                  length: int | None = None) -> int:
+        return await self.inner.get(self.prefix + key, path, offset, length)
+
+    async def head(self, key: str) -> ObjectInfo:
+        info = await self.inner.head(self.prefix + key)
+        return ObjectInfo(key, info.size)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(self.prefix + key)
+
+    async def list_page(self, prefix: str, token: str | None = None,
+                        limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:
+        page, token = await self.inner.list_page(self.prefix + prefix, token, limit)
+        return [ObjectInfo(i.key[len(self.prefix):], i.size) for i in page], token
+
+    async def copy(self, src: str, dst: str) -> None:
+        await self.inner.copy(self.prefix + src, self.prefix + dst)
+
+    async def aclose(self) -> None:
+        async for info in self.inner.list(self.prefix):
+            await self.inner.delete(info.key)
+        await self.inner.aclose()
 
 
 def _file(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -185,3 +246,55 @@ async def test_local_backend_never_shows_partial_objects(tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".objfs-tmp", "k"]
     assert list((tmp_path / "b" / ".objfs-tmp").iterdir()) == []
     assert [i.key async for i in backend.list("")] == ["k"]
+
+
+async def test_azure_missing_container_and_bad_key(azurite: AzuriteServer, tmp_path: Path) -> None:
+    missing = cloud_backend("AzureBlobStorage", azurite.section("no-such-container"))
+    with pytest.raises(errors.BucketMissing):
+        await missing.put("k", _file(tmp_path, "src", b"x"))
+    with pytest.raises(errors.BucketMissing):
+        await missing.list_page("", None, 1)
+    name = azurite.new_bucket("bad-key-test")
+    wrong = AZ_KEY[:-6] + "AAAA=="
+    section = azurite.section(name)
+    section["ConnectionString"] = azurite.connection_string(wrong)
+    denied = cloud_backend("AzureBlobStorage", section)
+    with pytest.raises(errors.Denied):
+        await denied.list_page("", None, 1)
+
+
+async def test_azure_creates_its_container(azurite: AzuriteServer, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    backend = cloud_backend("AzureBlobStorage", azurite.section(
+        "created-by-objfs", CreateContainerIfNotExists=True))
+    await backend.prepare()
+    await backend.prepare()  # exists now: no error
+    await backend.put("k", _file(tmp_path, "src", b"x"))
+    assert "check that it is private" in caplog.text
+
+
+async def test_gcs_missing_bucket(fake_gcs: FakeGcsServer, tmp_path: Path) -> None:
+    backend = cloud_backend("GoogleCloudStorage", fake_gcs.section("no-such-bucket"))
+    with pytest.raises(errors.BucketMissing):
+        await backend.list_page("", None, 1)
+    with pytest.raises(errors.BucketMissing):
+        await backend.put("k", _file(tmp_path, "src", b"x"))
+
+
+@pytest.mark.parametrize("section_name", ["AzureBlobStorage", "GoogleCloudStorage"])
+async def test_server_down_fails_within_timeout(section_name: str, tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    section: dict[str, Any] = {"ConnectTimeout": 1, "RequestTimeout": 2, "MaxRetries": 1}
+    if section_name == "AzureBlobStorage":
+        section |= {"ContainerName": "c", "ConnectionString": (
+            f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZ_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")}
+    else:
+        section |= {"BucketName": "b", "Endpoint": f"http://127.0.0.1:{port}"}
+    backend = cloud_backend(section_name, section)
+    start = time.monotonic()
+    with pytest.raises(errors.Unavailable):
+        await backend.get("k", tmp_path / "o")
+    with pytest.raises(errors.Unavailable):
+        await backend.put("k", _file(tmp_path, "src", b"x"))
+    assert time.monotonic() - start < 20

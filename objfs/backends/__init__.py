@@ -13,6 +13,16 @@ def open_backend(settings: Settings) -> Backend:
 
         assert settings.s3 is not None
         return S3Backend(settings.s3)
+    if settings.provider == "azure":
+        from objfs.backends.azure import AzureBackend
+
+        assert settings.azure is not None
+        return AzureBackend(settings.azure)
+    if settings.provider == "gcs":
+        from objfs.backends.gcs import GcsBackend
+
+        assert settings.gcs is not None
+        return GcsBackend(settings.gcs)
     from objfs.backends.local import LocalBackend
 
     return LocalBackend(settings.local_bucket)

@@ -70,6 +70,9 @@ class Backend(abc.ABC):
             if token is None:
                 return
 
+    async def prepare(self) -> None:  # noqa: B027 - most backends have nothing to prepare
+        """Create what the configuration asks to create (a container); called once at start."""
+
     async def aclose(self) -> None:  # noqa: B027 - most backends hold nothing to close
         """Release connections. Closes even if it fails."""
 
@@ -85,15 +88,17 @@ class ThreadedBackend(Backend):
         self._limiter = trio.CapacityLimiter(max_threads)
 
     @abc.abstractmethod
-    def translate(self, exc: Exception, key: str) -> ObjfsError: ...
+    def translate(self, exc: Exception, key: str, op: str) -> ObjfsError:
+        """The objfs error for an SDK exception raised by operation `op` ("put", "get",
+        "head", "delete", "list", "copy") on `key`."""
 
-    async def _run(self, key: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, op: str, key: str, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except ObjfsError:
             raise
         except Exception as exc:
-            raise self.translate(exc, key) from exc
+            raise self.translate(exc, key, op) from exc
 
     @abc.abstractmethod
     def _put_sync(self, key: str, path: Path) -> None: ...
@@ -115,20 +120,20 @@ class ThreadedBackend(Backend):
     def _copy_sync(self, src: str, dst: str) -> None: ...
 
     async def put(self, key: str, path: Path) -> None:
-        await self._run(key, self._put_sync, key, path)
+        await self._run("put", key, self._put_sync, key, path)
 
     async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None) -> int:
-        return await self._run(key, self._get_sync, key, path, offset, length)
+        return await self._run("get", key, self._get_sync, key, path, offset, length)
 
     async def head(self, key: str) -> ObjectInfo:
-        return await self._run(key, self._head_sync, key)
+        return await self._run("head", key, self._head_sync, key)
 
     async def delete(self, key: str) -> None:
-        await self._run(key, self._delete_sync, key)
+        await self._run("delete", key, self._delete_sync, key)
 
     async def list_page(self, prefix: str, token: str | None = None,
                         limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:
-        return await self._run(prefix, self._list_sync, prefix, token, limit)
+        return await self._run("list", prefix, self._list_sync, prefix, token, limit)
 
     async def copy(self, src: str, dst: str) -> None:
-        await self._run(src, self._copy_sync, src, dst)
+        await self._run("copy", src, self._copy_sync, src, dst)

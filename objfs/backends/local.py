@@ -43,7 +43,7 @@ class LocalBackend(ThreadedBackend):
             raise errors.BackendError(f"invalid object key {key!r}")
         return self.root.joinpath(*parts)
 
-    def translate(self, exc: Exception, key: str) -> errors.ObjfsError:
+    def translate(self, exc: Exception, key: str, op: str) -> errors.ObjfsError:
         if isinstance(exc, OSError):
             what = f"{key}: {exc.strerror or exc}"
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):

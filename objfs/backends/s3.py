@@ -73,7 +73,7 @@ class S3Backend(ThreadedBackend):
         if cfg.tags:
             self.extra["Tagging"] = urllib.parse.urlencode(cfg.tags)
 
-    def translate(self, exc: Exception, key: str) -> errors.ObjfsError:
+    def translate(self, exc: Exception, key: str, op: str) -> errors.ObjfsError:
         if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
             exc = exc.__context__
         where = f"s3://{self.bucket}/{key}"

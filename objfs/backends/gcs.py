@@ -1,0 +1,135 @@
+"""Google Cloud Storage through google-cloud-storage.
+
+Objects up to `ChunkSize` go up in one request, larger ones as resumable uploads in
+`ChunkSize` pieces; uploads and whole downloads are checked with CRC32C. Every call has a
+(connect, read) timeout and a retry deadline derived from the configuration, instead of the
+SDK's 120 s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import requests
+from google.api_core import exceptions as gx
+from google.api_core.retry import Retry
+from google.auth.exceptions import GoogleAuthError
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from objfs import errors
+from objfs.backends.base import ObjectInfo, ThreadedBackend
+from objfs.config import GcsSettings
+
+
+class GcsBackend(ThreadedBackend):
+    """Backend for one Google Cloud Storage bucket."""
+
+    name = "gcs"
+
+    def __init__(self, cfg: GcsSettings) -> None:
+        super().__init__(cfg.client.max_connections)
+        self.cfg = cfg
+        options: dict[str, Any] = {}
+        if cfg.endpoint:
+            options["client_options"] = {"api_endpoint": cfg.endpoint}
+        if cfg.service_account_file:
+            self.client = storage.Client.from_service_account_json(
+                cfg.service_account_file, project=cfg.project, **options)
+        elif cfg.endpoint:
+            # An emulator or private endpoint without a key file: anonymous.
+            from google.auth.credentials import AnonymousCredentials
+
+            self.client = storage.Client(project=cfg.project or "objfs",
+                                         credentials=AnonymousCredentials(), **options)
+        else:
+            self.client = storage.Client(project=cfg.project, **options)  # ADC
+        self.bucket = self.client.bucket(cfg.bucket)
+        client_cfg = cfg.client
+        self.timeout = (client_cfg.connect_timeout, client_cfg.request_timeout)
+        budget = (client_cfg.connect_timeout + client_cfg.request_timeout) \
+            * (client_cfg.max_retries + 1)
+        self.retry: Retry | None = DEFAULT_RETRY.with_deadline(budget) \
+            if client_cfg.max_retries else None
+
+    def translate(self, exc: Exception, key: str, op: str) -> errors.ObjfsError:
+        where = f"gs://{self.cfg.bucket}/{key}"
+        if isinstance(exc, gx.RetryError) and isinstance(exc.cause, Exception):
+            return self.translate(exc.cause, key, op)
+        if isinstance(exc, gx.GoogleAPICallError):
+            what = f"{where}: {exc.code} {exc.message}"
+            if isinstance(exc, gx.NotFound):
+                # Listing or writing cannot miss an object: only the bucket can be missing.
+                return errors.BucketMissing(what) if op in ("list", "put") else \
+                    errors.NotFound(what)
+            if isinstance(exc, gx.Unauthorized | gx.Forbidden):
+                return errors.Denied(what)
+            if isinstance(exc, gx.TooManyRequests):
+                return errors.Throttled(what)
+            if isinstance(exc, gx.ServerError | gx.RequestTimeout):
+                return errors.Unavailable(what)
+            return errors.BackendError(what)
+        if isinstance(exc, GoogleAuthError):
+            return errors.Denied(f"{where}: {exc}")
+        if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError):
+            return errors.Unavailable(f"{where}: {exc}")
+        return errors.BackendError(f"{where}: {exc!r}")
+
+    def _put_sync(self, key: str, path: Path) -> None:
+        size = path.stat().st_size
+        chunk = self.cfg.client.chunk_size if size > self.cfg.client.chunk_size else None
+        blob = self.bucket.blob(key, chunk_size=chunk)
+        if self.cfg.storage_class:
+            blob.storage_class = self.cfg.storage_class
+        blob.upload_from_filename(str(path), checksum="crc32c", timeout=self.timeout,
+                                  retry=self.retry)
+
+    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
+        blob = self.bucket.blob(key)
+        whole = offset == 0 and length is None
+        if length == 0:
+            path.write_bytes(b"")
+            return 0
+        end = None if length is None else offset + length - 1
+        try:
+            with open(path, "wb") as out:
+                blob.download_to_file(out, start=None if whole else offset, end=end,
+                                      checksum="crc32c" if whole else None, raw_download=True,
+                                      timeout=self.timeout, retry=self.retry)
+        except gx.RequestRangeNotSatisfiable:
+            path.write_bytes(b"")
+            return 0
+        return path.stat().st_size
+
+    def _head_sync(self, key: str) -> ObjectInfo:
+        blob = self.bucket.get_blob(key, timeout=self.timeout, retry=self.retry)
+        if blob is None:
+            raise errors.NotFound(f"gs://{self.cfg.bucket}/{key}")
+        return ObjectInfo(key, int(blob.size or 0))
+
+    def _delete_sync(self, key: str) -> None:
+        try:
+            self.bucket.blob(key).delete(timeout=self.timeout, retry=self.retry)
+        except gx.NotFound:
+            pass  # already gone: success
+
+    def _list_sync(self, prefix: str, token: str | None,
+                   limit: int) -> tuple[list[ObjectInfo], str | None]:
+        blobs = self.client.list_blobs(self.bucket, prefix=prefix or None, page_token=token,
+                                       max_results=None, page_size=limit,
+                                       timeout=self.timeout, retry=self.retry)
+        page = next(blobs.pages)
+        found = [ObjectInfo(b.name, int(b.size or 0)) for b in page]
+        return found, blobs.next_page_token or None
+
+    def _copy_sync(self, src: str, dst: str) -> None:
+        target = self.bucket.blob(dst)
+        token, _, _ = target.rewrite(self.bucket.blob(src), timeout=self.timeout,
+                                     retry=self.retry)
+        while token is not None:
+            token, _, _ = target.rewrite(self.bucket.blob(src), token=token,
+                                         timeout=self.timeout, retry=self.retry)
+
+    async def aclose(self) -> None:
+        self.client.close()
