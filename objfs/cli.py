@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(settings, args.json)
         logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # The Azure SDK logs every HTTP request at INFO.
+        logging.getLogger("azure").setLevel(logging.WARNING)
         if args.command == "rekey":
             summary = trio.run(rekey, settings, args.dry_run, args.include_unencrypted)
             print(f"objfs rekey{' (dry run)' if args.dry_run else ''}: "

@@ -627,30 +627,47 @@ class Store:
     async def _inventory(self) -> None:
         """List the bucket once so lookups never need the network afterwards.
 
-        Until it finishes, names the journal does not know are looked up in the bucket.
+        Until it finishes (or if it cannot), names the journal does not know are looked up
+        in the bucket.
         """
         prefix = self.layout.root_prefix()
-        count = 0
+        count, skipped = 0, 0
         token: str | None = None
-        while True:
-            page, token = await BACKGROUND_RETRY.call(
-                f"inventory of {prefix or 'the bucket'}",
-                functools.partial(self.backend.list_page, prefix, token, 1000))
-            batch = []
-            for info in page:
-                parsed = self.layout.parse_key(info.key)
-                if parsed is None or parsed.uuid in self._deleted_during_inventory:
-                    continue
-                batch.append((parsed.uuid, info.key, await self._plain_size(info.key,
-                                                                            info.size)))
-            if batch:
-                await self._j(self.journal.add_remote, batch)
-                count += len(batch)
-            if token is None:
-                break
-        self.inventory_done = True
+        try:
+            while True:
+                page, token = await BACKGROUND_RETRY.call(
+                    f"inventory of {prefix or 'the bucket'}",
+                    functools.partial(self.backend.list_page, prefix, token, 1000))
+                batch = []
+                for info in page:
+                    parsed = self.layout.parse_key(info.key)
+                    if parsed is None or parsed.uuid in self._deleted_during_inventory \
+                            or self.journal.get(parsed.uuid) is not None:
+                        continue
+                    try:
+                        size = await self._plain_size(info.key, info.size)
+                    except errors.ObjfsError as exc:
+                        log.error("inventory: cannot size %s (%s); it is looked up again "
+                                  "when Orthanc asks for it", info.key, exc)
+                        skipped += 1
+                        continue
+                    batch.append((parsed.uuid, info.key, size))
+                if batch:
+                    await self._j(self.journal.add_remote, batch)
+                    count += len(batch)
+                if token is None:
+                    break
+        except Exception:
+            log.exception("inventory of the bucket failed; unknown names will be looked up in "
+                          "the bucket")
+            return
         self._deleted_during_inventory.clear()
-        log.info("inventory complete: %d attachments in the bucket under %r", count, prefix)
+        if skipped:
+            log.warning("inventory: %d objects could not be sized", skipped)
+            return
+        self.inventory_done = True
+        log.info("inventory complete: %d attachments found in the bucket under %r", count,
+                 prefix)
 
     # --- bucket identity ----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ want_test=0
 
 apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev curl orthanc)
 [ "$want_test" = 1 ] && apt_packages+=(dcmtk)
+[ "$want_test" = 1 ] && ! command -v npm >/dev/null && apt_packages+=(nodejs npm)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,12 +26,21 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
-    | grep -v "is ignored: it is neither" || true
+# pip's failures must stop the script; only its noise about this image's extra indexes goes.
+pip_install() {
+    .venv/bin/pip install -q --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither" || true; }
+}
+pip_install -r requirements.txt
 if [ "$want_test" = 1 ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt 2>&1 \
-        | grep -v "is ignored: it is neither" || true
+    pip_install -r requirements-test.txt
+    # Its own call: a pinned hash turns on require-hashes mode for the whole install.
+    pip_install --require-hashes -r requirements-gcs-emulator.txt
+    if [ ! -x .cache/node/node_modules/.bin/azurite-blob ]; then
+        echo "setup: installing Azurite (npm)"
+        npm install --silent --prefix .cache/node --no-audit --no-fund azurite@3.35.0 2>&1 \
+            | { grep -v 'Unknown user config "nodedir"' || true; }
+    fi
 fi
-.venv/bin/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 \
-    | grep -v "is ignored: it is neither" || true
+pip_install --no-deps -e .
 .venv/bin/objfs --version

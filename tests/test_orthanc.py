@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MotoServer, Objfs, make_dicom, wait_until
+from tests.conftest import bucket_name, cloud_server
+from tests.helpers import Objfs, make_dicom, wait_until
 from tests.orthanc import Orthanc, sop_instance_uid
+from tests.test_codec import VECTORS, independent_decrypt, key
+
+KEY3 = VECTORS / "keys" / "key3.b64"
 
 pytestmark = pytest.mark.orthanc
 
@@ -37,11 +41,18 @@ def corpus() -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 @pytest.mark.parametrize("structure", ["flat", "legacy"])
-def test_orthanc_on_s3(structure: str, tmp_path: Path, moto: MotoServer, bucket: str,
-                       objfs_factory: Callable[..., Objfs]) -> None:
-    config = {"AwsS3Storage": moto.s3_section(bucket, StorageStructure=structure,
-                                              RootPath="orthanc"),
+@pytest.mark.parametrize("cloud", ["s3", "azure", "gcs"])
+def test_orthanc_on_cloud(cloud: str, structure: str, encrypted: bool, tmp_path: Path,
+                          request: pytest.FixtureRequest,
+                          objfs_factory: Callable[..., Objfs]) -> None:
+    server = cloud_server(request, cloud)
+    bucket = server.new_bucket(bucket_name(request))
+    section = server.section(bucket, StorageStructure=structure, RootPath="orthanc")
+    if encrypted:
+        section["StorageEncryption"] = {"MasterKey": [3, str(KEY3)]}
+    config = {server.section_name: section,
               "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 512}}
     daemon = objfs_factory(config).start()
     orthanc = Orthanc(tmp_path, daemon.mountpoint).start()
@@ -79,10 +90,12 @@ def test_orthanc_on_s3(structure: str, tmp_path: Path, moto: MotoServer, bucket:
 
         check_all()
         daemon.wait_uploaded()
-        objects = moto.keys(bucket, "orthanc/")
+        objects = server.keys(bucket, "orthanc/")
         assert len(objects) == len(by_id)
-        assert sorted(objects.values()) == sorted(by_id.values())
-        suffix = ".dcm" if structure == "flat" else ""
+        stored = [independent_decrypt(b, {3: key(3)}) if encrypted
+                  else b for b in objects.values()]
+        assert sorted(stored) == sorted(by_id.values())
+        suffix = (".dcm.enc" if encrypted else ".dcm") if structure == "flat" else ""
         assert all(k.endswith(suffix) and k.count("/") == (1 if structure == "flat" else 3)
                    for k in objects)
 
@@ -101,7 +114,7 @@ def test_orthanc_on_s3(structure: str, tmp_path: Path, moto: MotoServer, bucket:
             orthanc.request("DELETE", f"/patients/{patient}")
         assert orthanc.json("GET", "/instances") == []
         daemon.wait_uploaded()
-        wait_until(lambda: moto.keys(bucket) == {}, 30, "bucket to empty")
+        wait_until(lambda: server.keys(bucket) == {}, 30, "bucket to empty")
     finally:
         orthanc.stop()
 

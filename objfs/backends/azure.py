@@ -105,7 +105,9 @@ class AzureBackend(ThreadedBackend):
             path.write_bytes(b"")
             return 0
         try:
-            stream = self.container.download_blob(key, offset=offset or None, length=length,
+            ranged = offset > 0 or length is not None
+            stream = self.container.download_blob(key, offset=offset if ranged else None,
+                                                  length=length,
                                                   max_concurrency=PARALLEL_BLOCKS)
         except ax.HttpResponseError as exc:
             if exc.status_code == 416:  # starts past the end
