@@ -1,4 +1,4 @@
-"""Orthanc on local disk vs Orthanc on objfs (S3 via moto, write-back), in the same run.
+"""Orthanc on local disk vs Orthanc on objfs (write-back) on each cloud emulator, one run.
 
 Prints figures and ratios to local disk: ingest (small instances/s, large MB/s), time until
 everything is durable in the bucket, warm read, cold read (caches emptied), delete; the
@@ -24,14 +24,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from objfs import codec
-from tests.helpers import MotoServer, Objfs, make_dicom, wait_until
+from tests.helpers import (
+    AzuriteServer,
+    FakeGcsServer,
+    MotoServer,
+    Objfs,
+    make_dicom,
+    wait_until,
+)
 from tests.orthanc import Orthanc
 
 CLIENTS = 4
 UPLOAD_CONCURRENCY = 8
-# S3 is remote in production: the emulator's CPU should not be taken from the system under
-# test on this 2-core machine, so it runs at a lower priority.
-MOTO_NICE = 10
+# Object storage is remote in production: the emulators' CPU should not be taken from the
+# system under test on this 2-core machine, so they run at a lower priority.
+EMULATOR_NICE = 10
 
 
 def corpus(n_small: int, small_kb: int) -> tuple[list[bytes], list[bytes]]:
@@ -68,8 +75,7 @@ def proc_usage(pid: int) -> tuple[float, float]:
 
 
 def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes],
-                daemon: Objfs | None, moto: MotoServer | None, bucket: str | None
-                ) -> dict[str, float]:
+                daemon: Objfs | None, server: Any, bucket: str | None) -> dict[str, float]:
     orthanc = Orthanc(work, storage, name="orthanc").start()
     out: dict[str, float] = {}
     try:
@@ -107,9 +113,9 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
                 orthanc.request("DELETE", f"/patients/{patient}")
 
         out["delete_s"], _ = timed(delete_all)
-        if daemon is not None and moto is not None and bucket is not None:
+        if daemon is not None and server is not None and bucket is not None:
             daemon.wait_uploaded(timeout=600)
-            wait_until(lambda: moto.keys(bucket) == {}, 120, "bucket empty")
+            wait_until(lambda: server.keys(bucket) == {}, 120, "bucket empty")
             assert daemon.process is not None
             rss, cpu = proc_usage(daemon.process.pid)  # the restarted daemon: cold read, delete
             out["rss_mb"], out["cpu_s"] = max(rss, out["rss_mb"]), cpu + out["cpu_s"]
@@ -118,15 +124,16 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
     return out
 
 
-def upload_phase(work: Path, moto: MotoServer, files: list[bytes]) -> tuple[float, float]:
-    """MB/s of objfs' resumed background uploads vs raw boto3 PUTs of the same files."""
-    bucket = moto.new_bucket("bench-upload-phase")
-    config = {"AwsS3Storage": moto.s3_section(bucket, RequestTimeout=2, ConnectTimeout=1),
-              "Objfs": {"CacheDirectory": str(work / "cache-phase"), "CacheSize": 4096,
-                        "UploadConcurrency": UPLOAD_CONCURRENCY, "ShutdownDrainTimeout": 0}}
-    daemon = Objfs(work, config, name="objfs-phase").start()
-    assert moto.process is not None
-    os.kill(moto.process.pid, signal.SIGSTOP)  # nothing can upload: all stays journaled
+def upload_phase(work: Path, server: Any, files: list[bytes]) -> float:
+    """MB/s of objfs' background uploads of `files`, journaled while the server was frozen
+    and resumed all at once (nothing else running)."""
+    bucket = server.new_bucket(f"phase-{server.section_name.lower()}")
+    config = {server.section_name: server.section(bucket, RequestTimeout=2, ConnectTimeout=1),
+              "Objfs": {"CacheDirectory": str(work / f"cache-phase-{bucket}"),
+                        "CacheSize": 4096, "UploadConcurrency": UPLOAD_CONCURRENCY,
+                        "ShutdownDrainTimeout": 0}}
+    daemon = Objfs(work, config, name=f"objfs-phase-{bucket}").start()
+    os.kill(server.process.pid, signal.SIGSTOP)  # nothing can upload: all stays journaled
     try:
         for i, data in enumerate(files):
             uuid = f"{i:08x}-0000-4000-8000-{i:012x}"
@@ -135,44 +142,46 @@ def upload_phase(work: Path, moto: MotoServer, files: list[bytes]) -> tuple[floa
             path.write_bytes(data)
         daemon.stop(timeout=60)
     finally:
-        os.kill(moto.process.pid, signal.SIGCONT)
-    total = sum(len(f) for f in files)
+        os.kill(server.process.pid, signal.SIGCONT)
     daemon.start()
     start = time.perf_counter()
     daemon.wait_uploaded(timeout=900)
-    objfs_rate = total / (time.perf_counter() - start) / 1e6
+    rate = sum(map(len, files)) / (time.perf_counter() - start) / 1e6
     daemon.stop()
+    return rate
 
-    client = moto.client()
-    raw_bucket = moto.new_bucket("bench-raw-put")
-    tmp = work / "raw"
+
+def raw_ceilings(work: Path, server: Any, files: list[bytes]) -> tuple[float, float]:
+    """MB/s of the SDK's own PUTs and GETs of `files` at the same concurrency."""
+    bucket = server.new_bucket(f"raw-{server.section_name.lower()}")
+    tmp = work / f"raw-{bucket}"
     tmp.mkdir()
     paths = []
     for i, data in enumerate(files):
         paths.append(tmp / str(i))
         paths[-1].write_bytes(data)
-    start = time.perf_counter()
-    def put(path: Path) -> None:
-        with open(path, "rb") as body:
-            client.put_object(Bucket=raw_bucket, Key=path.name, Body=body)
-
+    total = sum(map(len, files)) / 1e6
     with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
-        list(pool.map(put, paths))
-    raw_rate = total / (time.perf_counter() - start) / 1e6
-    return objfs_rate, raw_rate
+        start = time.perf_counter()
+        list(pool.map(lambda p: server.raw_put(bucket, p.name, p), paths))
+        put = total / (time.perf_counter() - start)
+        start = time.perf_counter()
+        list(pool.map(lambda p: server.raw_get(bucket, p.name), paths))
+        get = total / (time.perf_counter() - start)
+    return put, get
 
 
-def objfs_run(work: Path, name: str, moto: MotoServer, small: list[bytes], large: list[bytes],
+def objfs_run(work: Path, name: str, server: Any, small: list[bytes], large: list[bytes],
               extra: dict[str, Any]) -> dict[str, float]:
-    bucket = moto.new_bucket(f"bench-{name}")
+    bucket = server.new_bucket(f"bench-{name}")
     (work / name).mkdir()
-    config = {"AwsS3Storage": {**moto.s3_section(bucket), **extra},
+    config = {server.section_name: {**server.section(bucket), **extra},
               "Objfs": {"CacheDirectory": str(work / name / "cache"), "CacheSize": 4096,
                         "UploadConcurrency": UPLOAD_CONCURRENCY}}
     daemon = Objfs(work / name, config)
     try:
         daemon.start()
-        return run_orthanc(work / name, daemon.mountpoint, small, large, daemon, moto, bucket)
+        return run_orthanc(work / name, daemon.mountpoint, small, large, daemon, server, bucket)
     finally:
         daemon.cleanup()
 
@@ -181,6 +190,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=300)
     parser.add_argument("--small-kb", type=int, default=512)
+    parser.add_argument("--backends", default="s3,azure,gcs",
+                        help="comma-separated: s3 (moto), azure (Azurite), gcs (fake-gcs)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="objfs-bench-"))
     small, large = corpus(args.small, args.small_kb)
@@ -188,21 +199,30 @@ def main() -> None:
     large_mb = sum(map(len, large)) / 1e6
     print(f"corpus: {len(small)} instances of {len(small[0]) / 1e6:.2f} MB, "
           f"2 multi-frame files of {', '.join(f'{len(x) / 1e6:.0f}' for x in large)} MB; "
-          f"{CLIENTS} concurrent REST clients; moto_server at nice {MOTO_NICE}")
+          f"{CLIENTS} concurrent REST clients; emulators at nice {EMULATOR_NICE}")
     key = work / "bench.key"
     codec.write_key_file(key)
-    moto = MotoServer(work, nice=MOTO_NICE)
-    try:
-        local_dir = work / "local-storage"
-        local_dir.mkdir()
-        (work / "local").mkdir()
-        local = run_orthanc(work / "local", local_dir, small, large, None, None, None)
-        plain = objfs_run(work, "plain", moto, small, large, {})
-        enc = objfs_run(work, "encrypted", moto, small, large,
-                        {"StorageEncryption": {"MasterKey": [1, str(key)]}})
-        phase, raw = upload_phase(work, moto, small)
-    finally:
-        moto.stop()
+    makers = {"s3": lambda: MotoServer(work, nice=EMULATOR_NICE),
+              "azure": lambda: AzuriteServer(work, nice=EMULATOR_NICE),
+              "gcs": lambda: FakeGcsServer(work, nice=EMULATOR_NICE)}
+    local_dir = work / "local-storage"
+    local_dir.mkdir()
+    (work / "local").mkdir()
+    local = run_orthanc(work / "local", local_dir, small, large, None, None, None)
+    runs: list[tuple[str, dict[str, float]]] = []
+    ceilings: list[tuple[str, float, float, float]] = []
+    for name in args.backends.split(","):
+        server = makers[name]()
+        try:
+            runs.append((name, objfs_run(work, name, server, small, large, {})))
+            if name == "s3":
+                runs.append(("s3+enc", objfs_run(work, "s3enc", server, small, large, {
+                    "StorageEncryption": {"MasterKey": [1, str(key)]}})))
+            phase = upload_phase(work, server, small)
+            put, get = raw_ceilings(work, server, small)
+            ceilings.append((name, phase, put, get))
+        finally:
+            server.stop()
 
     def rates(r: dict[str, float]) -> list[float]:
         return [len(small) / r["ingest_small_s"], large_mb / r["ingest_large_s"],
@@ -212,20 +232,28 @@ def main() -> None:
     names = [("ingest, small instances", "inst/s"), ("ingest, multi-frame files", "MB/s"),
              ("warm read (all files)", "MB/s"), ("cold read (caches emptied)", "MB/s"),
              ("delete (all patients)", "inst/s")]
-    print(f"{'':<28} {'unit':<7} {'local':>8} {'objfs':>8} {'ratio':>6} {'objfs+enc':>10} "
-          f"{'ratio':>6} {'enc/plain':>9}")
-    for (name, unit), loc, obj, sec in zip(names, rates(local), rates(plain), rates(enc),
-                                           strict=True):
-        print(f"{name:<28} {unit:<7} {loc:>8.1f} {obj:>8.1f} {obj / loc:>5.2f}x {sec:>10.1f} "
-              f"{sec / loc:>5.2f}x {sec / obj:>8.2f}x")
+    print(f"{'':<28} {'unit':<7} {'local':>8}" + "".join(f" {n:>16}" for n, _ in runs))
+    for i, (name, unit) in enumerate(names):
+        loc = rates(local)[i]
+        cells = "".join(f" {rates(r)[i]:>8.1f} {rates(r)[i] / loc:>5.2f}x" for _, r in runs)
+        print(f"{name:<28} {unit:<7} {loc:>8.1f}{cells}")
+    by_name = dict(runs)
+    if "s3" in by_name and "s3+enc" in by_name:
+        enc = [a / b for a, b in zip(rates(by_name["s3+enc"]), rates(by_name["s3"]),
+                                     strict=True)]
+        print("encryption on/off (s3): " + ", ".join(
+            f"{n.split(',')[0] if ',' in n else n} {r:.2f}x" for (n, _), r in zip(
+                names, enc, strict=True)))
     total_mb = small_mb + large_mb
     local_ingest = local["ingest_small_s"] + local["ingest_large_s"]
-    for label, r in (("objfs", plain), ("objfs+enc", enc)):
-        print(f"{label}: everything durable in the bucket {r['durable_s']:.1f} s after ingest "
-              f"start ({total_mb:.0f} MB; local-disk ingest took {local_ingest:.1f} s); daemon "
-              f"peak RSS {r['rss_mb']:.0f} MB, CPU {r['cpu_s']:.1f} s over the whole run")
-    print(f"background upload phase: objfs {phase:.0f} MB/s vs raw boto3 PUTs {raw:.0f} MB/s "
-          f"at concurrency {UPLOAD_CONCURRENCY}: {phase / raw:.2f}x")
+    for label, r in runs:
+        print(f"{label}: all {total_mb:.0f} MB durable in the bucket {r['durable_s']:.1f} s "
+              f"after ingest start (local-disk ingest: {local_ingest:.1f} s); daemon peak RSS "
+              f"{r['rss_mb']:.0f} MB, CPU {r['cpu_s']:.1f} s over the run")
+    for name, phase, put, get in ceilings:
+        print(f"{name}: background upload phase {phase:.0f} MB/s = {phase / put:.2f}x the raw "
+              f"SDK PUT ceiling ({put:.0f} MB/s; raw GET {get:.0f} MB/s) at concurrency "
+              f"{UPLOAD_CONCURRENCY}")
     if not local.get("page_cache_dropped"):
         print("note: could not drop the page cache; local cold read is a warm read")
     shutil.rmtree(work, ignore_errors=True)

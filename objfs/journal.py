@@ -82,25 +82,26 @@ class Journal:
         self.path = path
         self._lock = threading.Lock()
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        self._reader = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+        if readonly:
+            self._db = self._lazy = self._reader  # never written through
+            return
         self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
                                    timeout=30)
-        if not readonly:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
         # Changes whose loss in a crash is harmless (a repeated upload, a stale recency or
         # cache flag that start-up recovery checks) skip the fsync: the next durable commit
         # writes them out along with itself, in order.
         self._lazy = sqlite3.connect(uri, uri=True, isolation_level=None,
                                      check_same_thread=False, timeout=30)
         self._lazy.execute("PRAGMA synchronous=NORMAL")
-        self._reader = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
-            self._lazy.close()
-        self._reader.close()
+            for db in {self._db, self._lazy, self._reader}:
+                db.close()
 
     def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True) -> None:
         with self._lock:
@@ -142,17 +143,17 @@ class Journal:
             (uuid, PENDING_UPLOAD, size, now, now))
 
     def set_key(self, uuid: str, key: str) -> None:
-        self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid))
+        self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid), durable=False)
 
     def set_error(self, uuid: str, error: str | None) -> None:
         self._write("UPDATE attachments SET last_error=? WHERE uuid=?", (error, uuid),
                     durable=False)
 
-    def mark_uploaded(self, uuid: str) -> None:
+    def mark_uploaded(self, uuid: str, key: str) -> None:
         """Not durable on its own: after a crash the upload is simply repeated."""
-        self._write("UPDATE attachments SET state=?, last_error=NULL, atime=? "
-                    "WHERE uuid=? AND state=?", (UPLOADED, time.time(), uuid, PENDING_UPLOAD),
-                    durable=False)
+        self._write("UPDATE attachments SET state=?, key=?, last_error=NULL, atime=? "
+                    "WHERE uuid=? AND state=?",
+                    (UPLOADED, key, time.time(), uuid, PENDING_UPLOAD), durable=False)
 
     def mark_pending_delete(self, uuid: str) -> None:
         self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",

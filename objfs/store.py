@@ -42,6 +42,8 @@ from objfs.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 2.0
+FIRST_LOOK = 64 * 1024
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # While Orthanc writes or deletes, background requests yield the CPU to it (on a small host
 # the SDK's request signing and checksums compete with ingest): at most BUSY_REQUESTS run until
 # Orthanc pauses for BUSY_WINDOW seconds, or until the cache budget is half full.
@@ -90,6 +92,9 @@ class Store:
         self.read_retry = RetryPolicy(deadline=settings.read_timeout)
         self.writing: dict[str, WriteHandle] = {}
         self.inflight: set[str] = set()
+        # Written by this process and not yet handed to an upload: they cannot be in the
+        # bucket, so a delete only has to forget them locally.
+        self._fresh: set[str] = set()
         # Uuids being unlinked while their journal change is committed in a worker thread:
         # an upload that starts meanwhile must not send them to the bucket.
         self._unlinking: set[str] = set()
@@ -289,6 +294,7 @@ class Store:
         fd = os.open(self.tier.path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         handle = WriteHandle(uuid, fd)
         self.writing[uuid] = handle
+        self._fresh.add(uuid)
         self._negative.pop(uuid, None)
         self.tier.opened(uuid)
         return handle
@@ -358,6 +364,7 @@ class Store:
             if not handle.unlinked:
                 log.warning("attachment %s: discarding a write that was not acknowledged",
                             handle.uuid)
+            self._fresh.discard(handle.uuid)
             await self._discard_local(handle.uuid, handle.reserved)
             return False
         self.tier.release(handle.reserved - handle.size)
@@ -499,7 +506,7 @@ class Store:
         local = row.cached or row.state == PENDING_UPLOAD
         self._unlinking.add(uuid)
         try:
-            if row.state == PENDING_UPLOAD and row.key is None and uuid not in self.inflight:
+            if row.state == PENDING_UPLOAD and uuid in self._fresh:
                 # Never sent to the bucket: forgetting it locally is the whole delete.
                 await self._j(self.journal.remove, uuid)
             else:
@@ -508,6 +515,7 @@ class Store:
                     self._queue_delete(uuid)
         finally:
             self._unlinking.discard(uuid)
+            self._fresh.discard(uuid)
         if local:
             self.tier.path(uuid).unlink(missing_ok=True)
             self.tier.release(row.size)
@@ -544,16 +552,9 @@ class Store:
         if row is None or row.state != PENDING_UPLOAD or uuid in self._unlinking:
             return
         self.inflight.add(uuid)
+        self._fresh.discard(uuid)
         try:
-            key = row.key
-            if key is None:
-                try:
-                    key = await trio.to_thread.run_sync(self._choose_key, uuid, row.size,
-                                                        limiter=self._journal_limiter)
-                except FileNotFoundError:
-                    if uuid in self._unlinking or self.journal.get(uuid) is None:
-                        return  # unlinked meanwhile
-                    raise
+            key = row.key or self._choose_key(uuid, row.size)
             path = self.tier.path(uuid)
             sealed = self.tier.tmp_path(uuid + ".enc")
             if self.encryption is not None:
@@ -580,20 +581,24 @@ class Store:
             self.inflight.discard(uuid)
         row = self.journal.get(uuid)
         if row is not None and row.state == PENDING_DELETE:
+            await self._j(self.journal.set_key, uuid, key)
             self._queue_delete(uuid)
         elif row is not None:
-            await self._j(self.journal.mark_uploaded, uuid)
+            await self._j(self.journal.mark_uploaded, uuid, key)
             self.tier.space_changed()
 
     def _choose_key(self, uuid: str, size: int) -> str:
-        """Name the object from its first bytes, and journal the name before the first upload
-        attempt (so a later delete knows the bucket may hold it). Runs in a worker thread."""
+        """Name the object from its first bytes (a local page-cache read, done inline).
+
+        The name is journaled only with the upload's success: a row without one that was
+        not written by this process may have reached the bucket, and a delete then lists it.
+        """
         with open(self.tier.path(uuid), "rb") as f:
-            head = f.read(DETECT_BYTES)
-        key = self.layout.object_key(uuid, detect_kind(head, size),
-                                     encrypted=self.encryption is not None)
-        self.journal.set_key(uuid, key)
-        return key
+            head = f.read(FIRST_LOOK)
+            if len(head) == FIRST_LOOK and PIXEL_DATA_TAG not in head:
+                head += f.read(DETECT_BYTES - FIRST_LOOK)  # a long header, or compressed
+        return self.layout.object_key(uuid, detect_kind(head, size),
+                                      encrypted=self.encryption is not None)
 
     async def _delete_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
         async with receive:

