@@ -179,3 +179,59 @@ def test_cli_version() -> None:
     out = subprocess.run([sys.executable, "-m", "objfs", "--version"], capture_output=True,
                          text=True, check=True)
     assert out.stdout.startswith("objfs ")
+
+
+AZ = {"ConnectionString": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=a2V5;",
+      "ContainerName": "orthanc"}
+GCS = {"BucketName": "orthanc"}
+
+
+def test_azure_and_gcs_sections() -> None:
+    s = settings_from_tree({"AzureBlobStorage": {**AZ, "AccessTier": "Cool", "ApiVersion":
+                                                 "2025-11-05", "RootPath": "r",
+                                                 "StorageStructure": "legacy"}})
+    assert s.provider == "azure" and s.azure is not None
+    assert (s.azure.container, s.azure.access_tier, s.azure.api_version) == (
+        "orthanc", "Cool", "2025-11-05")
+    assert s.azure.create_container and s.layout.root_path == "r" and s.layout.legacy
+    assert s.azure.client.connect_timeout == 10 and s.azure.client.max_retries == 3
+    g = settings_from_tree({"GoogleCloudStorage": {**GCS, "Endpoint": "http://127.0.0.1:1",
+                                                   "StorageClass": "NEARLINE",
+                                                   "RequestTimeout": 7}})
+    assert g.provider == "gcs" and g.gcs is not None
+    assert (g.gcs.bucket, g.gcs.endpoint, g.gcs.storage_class) == ("orthanc",
+                                                                   "http://127.0.0.1:1",
+                                                                   "NEARLINE")
+    assert g.gcs.client.request_timeout == 7 and g.gcs.service_account_file is None
+    url = settings_from_tree({"AzureBlobStorage": {"AccountUrl": "https://a.blob.core",
+                                                   "ContainerName": "c"}})
+    assert url.azure is not None and url.azure.connection_string is None
+
+
+@pytest.mark.parametrize(("tree", "message"), [
+    ({"AwsS3Storage": S3, "AzureBlobStorage": AZ},
+     "AwsS3Storage and AzureBlobStorage: only one object-storage section"),
+    ({"AzureBlobStorage": AZ, "GoogleCloudStorage": GCS},
+     "AzureBlobStorage and GoogleCloudStorage: only one"),
+    ({"AzureBlobStorage": {**AZ, "AccessTier": "Lukewarm"}},
+     "AzureBlobStorage.AccessTier: must be one of 'Hot', 'Cool', 'Cold', 'Archive', 'Premium'"),
+    ({"AzureBlobStorage": {"ConnectionString": "x"}}, "AzureBlobStorage.ContainerName: missing"),
+    ({"AzureBlobStorage": {"ContainerName": "c"}}, "AzureBlobStorage.ConnectionString: missing"),
+    ({"AzureBlobStorage": {**AZ, "CreateContainerIfNotExists": "yes"}},
+     "AzureBlobStorage.CreateContainerIfNotExists: expected bool"),
+    ({"GoogleCloudStorage": {"Endpoint": "x"}}, "GoogleCloudStorage.BucketName: missing"),
+    ({"GoogleCloudStorage": {**GCS, "MaxRetries": -1}}, "GoogleCloudStorage.MaxRetries"),
+    ({"GoogleCloudStorage": GCS, "Objfs": {"StorageStructure": "legacy"}},
+     "Objfs.StorageStructure: with a GoogleCloudStorage section"),
+])
+def test_provider_section_errors(tree: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from_tree(tree)
+    assert message in str(info.value)
+
+
+def test_env_names_of_every_provider() -> None:
+    assert ENV_PATHS["ORTHANC__AZURE_BLOB_STORAGE__CONNECTION_STRING"] == (
+        "AzureBlobStorage", "ConnectionString")
+    assert ENV_PATHS["ORTHANC__GOOGLE_CLOUD_STORAGE__SERVICE_ACCOUNT_FILE"] == (
+        "GoogleCloudStorage", "ServiceAccountFile")
