@@ -118,6 +118,7 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "ReadTimeout": Option(NUMBER, 60, _at_least(1)),
     "LocalBucket": Option((str,), "/var/lib/objfs/bucket"),
     "AllowUnencryptedReads": Option((bool,), False),
+    "EncryptLocalCache": Option((bool,), False),
 }
 
 # Options every object-store client of objfs has (objfs-only for Azure and GCS).
@@ -247,6 +248,7 @@ class Settings:
     gcs: GcsSettings | None = None
     encryption: Encryption | None = None
     allow_unencrypted_reads: bool = False
+    encrypt_local_cache: bool = False
     sources: tuple[str, ...] = field(default=())
 
 
@@ -556,6 +558,9 @@ def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -
         section, values, provider = OBJFS_SECTION, own, "local"
     layout, unknown_files = _common(section, values)
     encryption = _encryption(section, values["StorageEncryption"])
+    if own["EncryptLocalCache"] and encryption is None:
+        raise ConfigError(f"{OBJFS_SECTION}.EncryptLocalCache: needs StorageEncryption enabled "
+                          f"(in {section})")
     return Settings(
         provider=provider, layout=layout, legacy_unknown_files=unknown_files,
         local_bucket=Path(own["LocalBucket"]), cache_directory=Path(own["CacheDirectory"]),
@@ -564,7 +569,8 @@ def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -
         shutdown_drain_timeout=float(own["ShutdownDrainTimeout"]),
         cache_full_timeout=float(own["CacheFullTimeout"]),
         read_timeout=float(own["ReadTimeout"]), encryption=encryption,
-        allow_unencrypted_reads=own["AllowUnencryptedReads"], sources=sources, **clouds,
+        allow_unencrypted_reads=own["AllowUnencryptedReads"],
+        encrypt_local_cache=own["EncryptLocalCache"], sources=sources, **clouds,
     )
 
 

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS attachments (
     size INTEGER NOT NULL,
     key TEXT,
     cached INTEGER NOT NULL DEFAULT 0,
+    sealed INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     atime REAL NOT NULL DEFAULT 0,
     last_error TEXT
@@ -53,6 +54,7 @@ class Row:
     cached: bool
     created: float
     last_error: str | None = None
+    sealed: bool = False  # the local copy is A1 ciphertext (Objfs.EncryptLocalCache)
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,12 @@ class Stats:
     failing: int  # pending uploads whose last attempt failed
 
 
-_COLUMNS = "uuid, state, size, key, cached, created, last_error"
+_COLUMNS = "uuid, state, size, key, cached, created, last_error, sealed"
 
 
 def _row(values: tuple[Any, ...]) -> Row:
-    uuid, state, size, key, cached, created, last_error = values
-    return Row(uuid, state, size, key, bool(cached), created, last_error)
+    uuid, state, size, key, cached, created, last_error, sealed = values
+    return Row(uuid, state, size, key, bool(cached), created, last_error, bool(sealed))
 
 
 class Journal:
@@ -134,13 +136,15 @@ class Journal:
                                      (uuid,)).fetchone()
         return None if found is None else _row(found)
 
-    def put_pending(self, uuid: str, size: int) -> None:
+    def put_pending(self, uuid: str, size: int, key: str | None = None,
+                    sealed: bool = False) -> None:
         """Record an acknowledged write (durable when this returns)."""
         now = time.time()
         self._write(
-            "INSERT INTO attachments(uuid, state, size, cached, created, atime) "
-            "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(uuid) DO UPDATE SET size=excluded.size",
-            (uuid, PENDING_UPLOAD, size, now, now))
+            "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
+            "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT(uuid) DO UPDATE SET "
+            "size=excluded.size, key=excluded.key, sealed=excluded.sealed",
+            (uuid, PENDING_UPLOAD, size, key, int(sealed), now, now))
 
     def set_key(self, uuid: str, key: str) -> None:
         self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid), durable=False)
@@ -159,10 +163,10 @@ class Journal:
         self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
                     (PENDING_DELETE, uuid))
 
-    def set_cached(self, uuid: str, cached: bool) -> None:
+    def set_cached(self, uuid: str, cached: bool, sealed: bool = False) -> None:
         """Not durable on its own: start-up recovery checks cached rows against the files."""
-        self._write("UPDATE attachments SET cached=?, atime=? WHERE uuid=?",
-                    (int(cached), time.time(), uuid), durable=False)
+        self._write("UPDATE attachments SET cached=?, sealed=?, atime=? WHERE uuid=?",
+                    (int(cached), int(sealed), time.time(), uuid), durable=False)
 
     def uncache(self, uuids: Iterable[str]) -> None:
         """Record that the local copies of `uuids` were removed (one transaction)."""

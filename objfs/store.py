@@ -85,6 +85,7 @@ class Store:
         self.upload_concurrency = settings.upload_concurrency
         self.encryption = settings.encryption
         self.allow_unencrypted_reads = settings.allow_unencrypted_reads
+        self.seal_local = settings.encrypt_local_cache
         # Each encryption or decryption holds one chunk in memory: bound how many run at once.
         self._crypto_limiter = trio.CapacityLimiter(
             max(1, settings.encryption.max_concurrent_input // codec.CHUNK)
@@ -349,8 +350,20 @@ class Store:
                 raise
 
     def _make_durable(self, fd: int, uuid: str, size: int) -> None:
+        """Runs in a worker thread. With EncryptLocalCache the complete file is sealed (A1,
+        exactly the object to upload) and replaces the plaintext before the row commits."""
         os.fdatasync(fd)
-        self.journal.put_pending(uuid, size)
+        if not self.seal_local:
+            self.journal.put_pending(uuid, size)
+            return
+        assert self.encryption is not None
+        key = self._choose_key(uuid, size, _fd_path(fd))
+        sealed = self.tier.tmp_path(uuid + ".seal")
+        codec.encrypt_file(_fd_path(fd), sealed, self.encryption.ring)
+        _fsync_path(sealed)
+        os.replace(sealed, self.tier.path(uuid))
+        _fsync_path(self.tier.data)  # the rename must be durable before the row says sealed
+        self.journal.put_pending(uuid, size, key, sealed=True)
 
     async def close_write(self, handle: WriteHandle) -> bool:
         """Release a write handle: queue the upload, or discard a write that failed.
@@ -390,23 +403,51 @@ class Store:
         self.tier.opened(uuid)
         try:
             while True:
-                if uuid in self.writing:
-                    return os.open(self.tier.path(uuid), os.O_RDONLY)
+                handle = self.writing.get(uuid)
+                if handle is not None:  # its own (plaintext) file, even if sealed meanwhile
+                    return os.open(_fd_path(handle.fd), os.O_RDONLY)
                 row = await self._row(uuid)
                 if row is None:
                     raise errors.NotFound(f"attachment {uuid}")
                 if row.cached or row.state == PENDING_UPLOAD:
                     try:
+                        if row.sealed:
+                            return await self._unseal(row)
                         return os.open(self.tier.path(uuid), os.O_RDONLY)
                     except FileNotFoundError:
                         if row.state == PENDING_UPLOAD:
                             raise errors.Corrupt(f"attachment {uuid}: journaled local copy "
                                                  "is missing") from None
                         await self._j(self.journal.set_cached, uuid, False)
+                    except errors.Corrupt as exc:
+                        if row.state == PENDING_UPLOAD:
+                            raise
+                        # The bucket holds a good copy: drop the damaged one and fetch again.
+                        log.error("attachment %s: local sealed copy is damaged (%s); "
+                                  "fetching it again", uuid, exc)
+                        self.tier.path(uuid).unlink(missing_ok=True)
+                        self.tier.release(row.size)
+                        await self._j(self.journal.set_cached, uuid, False)
                 await self._fetch(row)
         except BaseException:
             self.tier.closed(uuid)
             raise
+
+    async def _unseal(self, row: Row) -> int:
+        """An fd on a decrypted, verified copy of a sealed local file: an O_TMPFILE, never
+        linked into a directory, freed at close."""
+        assert self.encryption is not None
+        fd = os.open(self.tier.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
+        try:
+            async with self._crypto_limiter:
+                await trio.to_thread.run_sync(codec.decrypt_file, self.tier.path(row.uuid),
+                                              _fd_path(fd), self.encryption.ring)
+            if os.fstat(fd).st_size != row.size:
+                raise errors.Corrupt(f"{os.fstat(fd).st_size} bytes, expected {row.size}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def close_read(self, uuid: str, fd: int) -> None:
         os.close(fd)
@@ -453,6 +494,8 @@ class Store:
             got = source.stat().st_size
             if got != row.size:
                 raise errors.Corrupt(f"{got} bytes, expected {row.size}")
+            if self.seal_local:
+                source = await self._seal(source, tmp, plain)
             os.replace(source, self.tier.path(row.uuid))
         except errors.NotFound:
             log.error("attachment %s: object %s is missing from the bucket", row.uuid, key)
@@ -466,7 +509,18 @@ class Store:
         finally:
             tmp.unlink(missing_ok=True)
             plain.unlink(missing_ok=True)
-        await self._j(self.journal.set_cached, row.uuid, True)
+        await self._j(self.journal.set_cached, row.uuid, True, self.seal_local)
+
+    async def _seal(self, plaintext: Path, fetched: Path, scratch: Path) -> Path:
+        """The sealed form of a verified download: the fetched object when it is already A1
+        under our keys (verification just decrypted it), else a fresh encryption."""
+        assert self.encryption is not None
+        if plaintext != fetched:
+            return fetched
+        async with self._crypto_limiter:
+            await trio.to_thread.run_sync(codec.encrypt_file, plaintext, scratch,
+                                          self.encryption.ring)
+        return scratch
 
     async def _decode(self, key: str, fetched: Path, plain: Path) -> Path:
         """The plaintext of a fetched object: `fetched` itself, or `plain` after decryption.
@@ -557,7 +611,7 @@ class Store:
             key = row.key or self._choose_key(uuid, row.size)
             path = self.tier.path(uuid)
             sealed = self.tier.tmp_path(uuid + ".enc")
-            if self.encryption is not None:
+            if self.encryption is not None and not row.sealed:
                 async with self._crypto_limiter:
                     await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
                                                   self.encryption.ring)
@@ -587,13 +641,14 @@ class Store:
             await self._j(self.journal.mark_uploaded, uuid, key)
             self.tier.space_changed()
 
-    def _choose_key(self, uuid: str, size: int) -> str:
-        """Name the object from its first bytes (a local page-cache read, done inline).
+    def _choose_key(self, uuid: str, size: int, source: Path | None = None) -> str:
+        """Name the object from the first bytes of its plaintext (a local page-cache read,
+        done inline).
 
         The name is journaled only with the upload's success: a row without one that was
         not written by this process may have reached the bucket, and a delete then lists it.
         """
-        with open(self.tier.path(uuid), "rb") as f:
+        with open(source or self.tier.path(uuid), "rb") as f:
             head = f.read(FIRST_LOOK)
             if len(head) == FIRST_LOOK and PIXEL_DATA_TAG not in head:
                 head += f.read(DETECT_BYTES - FIRST_LOOK)  # a long header, or compressed
@@ -696,3 +751,16 @@ def check_bucket_identity(journal: Journal, identity: str, tier_root: Path) -> N
                     tier_root, known)
         journal.forget_all_clean()
     journal.set_meta("bucket", identity)
+
+
+def _fd_path(fd: int) -> Path:
+    """A path that opens the file behind `fd` (even if it was unlinked or replaced)."""
+    return Path(f"/proc/self/fd/{fd}")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -255,3 +255,47 @@ def test_orthanc_with_encryption_on_s3(tmp_path: Path, moto: MotoServer, bucket:
         wait_until(lambda: moto.keys(bucket) == {}, 30, "bucket to empty")
     finally:
         orthanc.stop()
+
+
+def test_encrypt_local_cache(tmp_path: Path, objfs_factory: Callable[..., Objfs]) -> None:
+    config = encrypted_config(tmp_path, 3, EncryptLocalCache=True)
+    daemon = objfs_factory(config).start()
+    files = {uuid_for(1): make_dicom(1), uuid_for(2): os.urandom(300_000)}
+    for uuid, data in files.items():
+        orthanc_write(att(daemon.mountpoint, uuid), data)
+    data_dir = tmp_path / "cache" / "data"
+
+    def local_copies_are_sealed() -> None:
+        for uuid, data in files.items():
+            blob = (data_dir / uuid).read_bytes()
+            assert blob[:2] == b"A1" and independent_decrypt(blob, {3: key(3)}) == data
+
+    local_copies_are_sealed()  # sealed as soon as close() returned
+    for uuid, data in files.items():
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == data
+    daemon.wait_uploaded()
+    assert (tmp_path / "bucket" / f"{uuid_for(1)}.dcm.enc").read_bytes() == \
+        (data_dir / uuid_for(1)).read_bytes()  # the sealed copy is what was uploaded
+    daemon.stop()
+    shutil.rmtree(tmp_path / "cache")
+    daemon.start()
+    for uuid, data in files.items():
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == data
+    local_copies_are_sealed()  # downloads are kept sealed too
+    assert not list((tmp_path / "cache" / "tmp").iterdir())  # plaintext only in O_TMPFILEs
+    # A damaged local copy is dropped and fetched again; the reader sees good bytes.
+    daemon.stop()
+    damaged = bytearray((data_dir / uuid_for(2)).read_bytes())
+    damaged[100] ^= 1
+    (data_dir / uuid_for(2)).write_bytes(bytes(damaged))
+    daemon.start()
+    assert att(daemon.mountpoint, uuid_for(2), False).read_bytes() == files[uuid_for(2)]
+    assert "local sealed copy is damaged" in daemon.text()
+
+
+def test_encrypt_local_cache_needs_encryption(tmp_path: Path) -> None:
+    from objfs.config import settings_from_tree
+    from objfs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="EncryptLocalCache: needs StorageEncryption"):
+        settings_from_tree(local_config(tmp_path, EncryptLocalCache=True))
