@@ -93,12 +93,20 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         # Changes whose loss in a crash is harmless (a repeated upload, a stale recency or
         # cache flag that start-up recovery checks) skip the fsync: the next durable commit
         # writes them out along with itself, in order.
         self._lazy = sqlite3.connect(uri, uri=True, isolation_level=None,
                                      check_same_thread=False, timeout=30)
         self._lazy.execute("PRAGMA synchronous=NORMAL")
+
+    def _migrate(self) -> None:
+        """Bring a journal made by an earlier objfs to the current schema."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(attachments)")}
+        if "sealed" not in columns:  # before Objfs.EncryptLocalCache
+            self._db.execute("ALTER TABLE attachments ADD COLUMN sealed INTEGER NOT NULL "
+                             "DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:

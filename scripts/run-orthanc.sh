@@ -22,6 +22,7 @@ fi
 
 if ! grep -q " $mnt fuse.objfs " /proc/self/mountinfo; then
     mkdir -p "$mnt"
+    chattr -i "$mnt" 2>/dev/null || true  # from an earlier run
     chown orthanc:orthanc "$mnt" "$index"
     # An empty mount point must not accept files while objfs is not mounted (they would
     # be hidden, then lost, by the next mount): make it immutable where the fs allows it.

@@ -1,0 +1,50 @@
+"""The journal's schema and state transitions."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Journal
+
+
+def test_journal_of_an_earlier_version_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE attachments (uuid TEXT PRIMARY KEY, state TEXT NOT NULL,
+            size INTEGER NOT NULL, key TEXT, cached INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL, atime REAL NOT NULL DEFAULT 0, last_error TEXT)
+            WITHOUT ROWID;
+        INSERT INTO attachments(uuid, state, size, key, cached, created)
+            VALUES ('u1', 'pending-upload', 5, NULL, 1, 1.0);
+    """)
+    old.commit()
+    old.close()
+    journal = Journal(path)
+    row = journal.get("u1")
+    assert row is not None and row.state == PENDING_UPLOAD and not row.sealed
+    assert [r.uuid for r in journal.in_state(PENDING_UPLOAD)] == ["u1"]
+    journal.close()
+
+
+def test_state_transitions_and_stats(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.put_pending("a", 10)
+    journal.put_pending("b", 20, key="b.dcm.enc", sealed=True)
+    stats = journal.stats()
+    assert (stats.pending_uploads, stats.pending_upload_bytes, stats.cached_bytes) == (2, 30, 30)
+    journal.mark_uploaded("a", "a.dcm")
+    journal.mark_pending_delete("b")
+    a, b = journal.get("a"), journal.get("b")
+    assert a is not None and (a.state, a.key) == (UPLOADED, "a.dcm")
+    assert b is not None and (b.state, b.cached, b.sealed) == (PENDING_DELETE, False, True)
+    assert journal.children("a") == ["a"] and journal.children("b") == []
+    journal.add_remote([("a", "other", 1), ("c", "c.dcm", 7)])  # known rows are kept
+    a = journal.get("a")
+    assert a is not None and a.key == "a.dcm"
+    assert journal.eviction_candidates(10) == [("a", 10)]
+    readonly = Journal(tmp_path / "j.sqlite", readonly=True)
+    assert readonly.stats().uploaded == 2
+    readonly.close()
+    journal.close()
