@@ -729,7 +729,8 @@ class Store:
         log.info("inventory complete: %d attachments found in the bucket under %r", count,
                  prefix)
 
-    # --- bucket identity ----------------------------------------------------------------------
+
+# --- bucket identity ---------------------------------------------------------------------------
 
 
 def check_bucket_identity(journal: Journal, identity: str, tier_root: Path) -> None:
