@@ -35,6 +35,7 @@ from objfs import codec, errors
 from objfs.backends.base import Backend, ObjectInfo
 from objfs.cache import LocalTier
 from objfs.config import Settings
+from objfs.fsutil import fsync_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
 from objfs.retry import RetryPolicy
@@ -360,9 +361,9 @@ class Store:
         key = self._choose_key(uuid, size, _fd_path(fd))
         sealed = self.tier.tmp_path(uuid + ".seal")
         codec.encrypt_file(_fd_path(fd), sealed, self.encryption.ring)
-        _fsync_path(sealed)
+        fsync_path(sealed)
         os.replace(sealed, self.tier.path(uuid))
-        _fsync_path(self.tier.data)  # the rename must be durable before the row says sealed
+        fsync_path(self.tier.data)  # the rename must be durable before the row says sealed
         self.journal.put_pending(uuid, size, key, sealed=True)
 
     async def close_write(self, handle: WriteHandle) -> bool:
@@ -758,10 +759,3 @@ def _fd_path(fd: int) -> Path:
     """A path that opens the file behind `fd` (even if it was unlinked or replaced)."""
     return Path(f"/proc/self/fd/{fd}")
 
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from objfs import errors
 from objfs.backends.base import ObjectInfo, ThreadedBackend
+from objfs.fsutil import fsync_path
 
 TMP_DIR = ".objfs-tmp"
 COPY_CHUNK = 1024 * 1024
@@ -72,7 +73,7 @@ class LocalBackend(ThreadedBackend):
                     break
                 except FileNotFoundError:
                     continue  # a concurrent delete removed the emptied directory: again
-            _fsync_dir(target.parent)
+            fsync_path(target.parent)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -141,10 +142,3 @@ class LocalBackend(ThreadedBackend):
     def _copy_sync(self, src: str, dst: str) -> None:
         self._put_sync(dst, self._path(src))
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
