@@ -17,7 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +249,6 @@ class Settings:
     encryption: Encryption | None = None
     allow_unencrypted_reads: bool = False
     encrypt_local_cache: bool = False
-    sources: tuple[str, ...] = field(default=())
 
 
 # --- orthancteam environment-variable naming --------------------------------------------------
@@ -529,7 +528,7 @@ def _gcs(values: Mapping[str, Any]) -> GcsSettings:
                        storage_class=values["StorageClass"], client=_client(values))
 
 
-def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -> Settings:
+def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
     """Validate a merged JSON tree into `Settings`; raises ConfigError naming the JSON path."""
     own_raw = _section(tree, OBJFS_SECTION) or {}
     own = _validate(OBJFS_SECTION, own_raw, OBJFS_OPTIONS)
@@ -570,7 +569,7 @@ def settings_from_tree(tree: Mapping[str, Any], sources: tuple[str, ...] = ()) -
         cache_full_timeout=float(own["CacheFullTimeout"]),
         read_timeout=float(own["ReadTimeout"]), encryption=encryption,
         allow_unencrypted_reads=own["AllowUnencryptedReads"],
-        encrypt_local_cache=own["EncryptLocalCache"], sources=sources, **clouds,
+        encrypt_local_cache=own["EncryptLocalCache"], **clouds,
     )
 
 
@@ -578,5 +577,4 @@ def load_settings(config_paths: Iterable[str | os.PathLike[str]] = (),
                   environ: Mapping[str, str] | None = None,
                   secrets_dir: str | os.PathLike[str] | None = None) -> Settings:
     """Read every source and validate; raises ConfigError with a one-line message."""
-    paths = tuple(str(p) for p in config_paths)
-    return settings_from_tree(load_tree(paths, environ, secrets_dir), paths)
+    return settings_from_tree(load_tree(config_paths, environ, secrets_dir))

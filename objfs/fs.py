@@ -295,8 +295,6 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         kind, what = self._child(parent_inode, name)
         if kind == "dir":
-            if len(what) == 4 and not await self.store.dir_exists(what[:2]):
-                raise OSError(errno.ENOENT, what[:2])
             self.store.make_dir(what)
             return self._dir_entry(what)
         if kind == "pass":

@@ -91,7 +91,7 @@ class Rekeyer:
         if got != expected:
             raise errors.Corrupt(f"{key}: read-back does not match the original")
 
-    async def one(self, key: str, size: int) -> None:
+    async def one(self, key: str) -> None:
         info = self.layout.parse_key(key)
         if info is None:
             return
@@ -137,12 +137,12 @@ class Rekeyer:
             if not self.dry_run:
                 log.info("removing %s left by an interrupted rekey", leftover.key)
                 await self.backend.delete(leftover.key)
-        send, receive = trio.open_memory_channel[tuple[str, int]](PARALLEL * 2)
+        send, receive = trio.open_memory_channel[str](PARALLEL * 2)
 
-        async def worker(items: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
+        async def worker(items: trio.MemoryReceiveChannel[str]) -> None:
             async with items:
-                async for key, size in items:
-                    await self.one(key, size)
+                async for key in items:
+                    await self.one(key)
                     progress(self.summary)
 
         async with trio.open_nursery() as nursery:
@@ -152,7 +152,7 @@ class Rekeyer:
             async with send:
                 async for info in self.backend.list(self.layout.root_prefix()):
                     if not info.key.startswith(self.temp_prefix):
-                        await send.send((info.key, info.size))
+                        await send.send(info.key)
         return self.summary
 
 
