@@ -10,14 +10,14 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import trio
 
-from objfs import __version__, errors
+from objfs import __version__, errors, status
 from objfs.codec import write_key_file
 from objfs.config import Settings, load_settings
+from objfs.fstier import FileSystemTier
 from objfs.journal import Journal
 from objfs.rekey import rekey
 
@@ -66,28 +66,11 @@ def _status(settings: Settings, as_json: bool) -> int:
         stats = journal.stats()
     finally:
         journal.close()
-    age = None if stats.oldest_pending is None else max(0.0, time.time() - stats.oldest_pending)
-    facts = {
-        "pending_uploads": stats.pending_uploads,
-        "pending_upload_bytes": stats.pending_upload_bytes,
-        "oldest_pending_age_seconds": None if age is None else round(age, 1),
-        "failing_uploads": stats.failing,
-        "pending_deletes": stats.pending_deletes,
-        "uploaded_known": stats.uploaded,
-        "cache_entries": stats.cached_entries,
-        "cache_bytes": stats.cached_bytes,
-        "cache_capacity_bytes": settings.cache_size,
-    }
-    if as_json:
-        print(json.dumps(facts, indent=2))
-        return 0
-    print(f"cache directory:  {settings.cache_directory}")
-    print(f"pending uploads:  {stats.pending_uploads} ({stats.pending_upload_bytes} bytes)"
-          + ("" if age is None else f", oldest {age:.0f}s ago")
-          + (f", {stats.failing} failing" if stats.failing else ""))
-    print(f"pending deletes:  {stats.pending_deletes}")
-    print(f"cache:            {stats.cached_bytes} of {settings.cache_size} bytes "
-          f"in {stats.cached_entries} files")
+    fs = None
+    if settings.fs_directory is not None:
+        fs = FileSystemTier(settings.fs_directory, None, False)
+    found = status.facts(stats, settings, fs)
+    print(json.dumps(found, indent=2) if as_json else status.render(settings, found))
     return 0
 
 

@@ -12,6 +12,7 @@ the files it is pointed at.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ def _string_map(value: Any) -> str | None:
 
 
 NUMBER = (int, float)
+HYBRID_MODES = ("Disabled", "WriteToFileSystem", "WriteToObjectStorage")
 
 # Options every provider section (and the Objfs section, for the local bucket) understands.
 COMMON_OPTIONS: dict[str, Option] = {
@@ -78,7 +80,7 @@ COMMON_OPTIONS: dict[str, Option] = {
     "StorageStructure": Option((str,), "flat", _one_of("flat", "legacy")),
     "EnableLegacyUnknownFiles": Option((bool,), False),
     "StorageEncryption": Option((dict,), None),
-    "HybridMode": Option((str,), "Disabled"),
+    "HybridMode": Option((str,), "Disabled", _one_of(*HYBRID_MODES)),
     "MigrationFromFileSystemEnabled": Option((bool,), False),
 }
 
@@ -119,6 +121,27 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "LocalBucket": Option((str,), "/var/lib/objfs/bucket"),
     "AllowUnencryptedReads": Option((bool,), False),
     "EncryptLocalCache": Option((bool,), False),
+    "FileSystemDirectory": Option((str,)),
+    "EncryptFileSystemTier": Option((bool,), True),
+    "RestApi": Option((dict,), None),
+    "Orthanc": Option((dict,), None),
+}
+
+REST_API_OPTIONS: dict[str, Option] = {
+    "Enable": Option((bool,), True),
+    "Host": Option((str,), "127.0.0.1"),
+    "Port": Option((int,), 8044, lambda v: None if 0 <= v <= 65535 else "must be a TCP port"),
+    "Username": Option((str,)),
+    "Password": Option((str,)),
+}
+
+ORTHANC_OPTIONS: dict[str, Option] = {
+    "Url": Option((str,), "http://127.0.0.1:8042",
+                  lambda v: None if v.startswith(("http://", "https://")) else
+                  "must start with http:// or https://"),
+    "Username": Option((str,)),
+    "Password": Option((str,)),
+    "Timeout": Option(NUMBER, 60, _at_least(1)),
 }
 
 # Options every object-store client of objfs has (objfs-only for Azure and GCS).
@@ -229,6 +252,26 @@ class GcsSettings:
 
 
 @dataclass(frozen=True)
+class RestApiSettings:
+    """``Objfs.RestApi``: where the sidecar listens and the basic-auth credentials."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+
+@dataclass(frozen=True)
+class OrthancSettings:
+    """``Objfs.Orthanc``: how the sidecar reaches Orthanc's REST API."""
+
+    url: str
+    username: str | None
+    password: str | None
+    timeout: float
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the daemon needs, validated. Sizes in bytes, times in seconds."""
 
@@ -249,6 +292,11 @@ class Settings:
     encryption: Encryption | None = None
     allow_unencrypted_reads: bool = False
     encrypt_local_cache: bool = False
+    hybrid_mode: str = "Disabled"  # one of HYBRID_MODES
+    fs_directory: Path | None = None  # the file-system tier (HybridMode not Disabled)
+    encrypt_fs_tier: bool = True
+    rest_api: RestApiSettings | None = None  # None: the sidecar is disabled
+    orthanc: OrthancSettings = OrthancSettings("http://127.0.0.1:8042", None, None, 60.0)
 
 
 # --- orthancteam environment-variable naming --------------------------------------------------
@@ -273,9 +321,18 @@ def _env_paths() -> dict[str, tuple[str, ...]]:
         paths[env_name(section)] = (section,)
         for name in [*options, *(S3_PLUGIN_ONLY if section == S3_SECTION else ())]:
             paths[env_name(section, name)] = (section, name)
-        for sub in ENCRYPTION_OPTIONS:
-            paths[env_name(section, "StorageEncryption", sub)] = (section, "StorageEncryption", sub)
+        for sub_name, sub_options in _subsections(section).items():
+            for sub in sub_options:
+                paths[env_name(section, sub_name, sub)] = (section, sub_name, sub)
     return paths
+
+
+def _subsections(section: str) -> dict[str, dict[str, Option]]:
+    """Options that are JSON objects of their own, with their options."""
+    subs = {"StorageEncryption": ENCRYPTION_OPTIONS}
+    if section == OBJFS_SECTION:
+        subs.update(RestApi=REST_API_OPTIONS, Orthanc=ORTHANC_OPTIONS)
+    return subs
 
 
 ENV_PATHS = _env_paths()
@@ -348,7 +405,7 @@ def _overrides(named: Mapping[str, str], origin: str, tree: dict[str, Any]) -> d
                 raise ConfigError(f"{name} (from {origin}): unknown option in section Objfs")
             continue  # another ORTHANC__ variable: Orthanc's, not ours
         value = _parse_env_value(named[name])
-        if len(path) == 1 or (len(path) == 2 and path[1] == "StorageEncryption"):
+        if len(path) == 1 or (len(path) == 2 and path[1] in _subsections(path[0])):
             if not isinstance(value, dict):
                 raise ConfigError(f"{'.'.join(path)} (from {origin} {name}): "
                                   "expected a JSON object")
@@ -463,13 +520,39 @@ def _encryption(section_name: str, raw: Mapping[str, Any] | None) -> Encryption 
     return Encryption(KeyRing(current_id, keys), values["MaxConcurrentInputSize"] * MIB)
 
 
-def _common(section_name: str, values: Mapping[str, Any]) -> tuple[Layout, bool]:
-    mode = values["HybridMode"]
-    if mode != "Disabled" or values["MigrationFromFileSystemEnabled"]:
-        raise ConfigError(f"{section_name}.HybridMode: only 'Disabled' is supported by this "
-                          f"version of objfs (got {json.dumps(mode)})")
-    layout = Layout(values["StorageStructure"], values["RootPath"])
-    return layout, values["EnableLegacyUnknownFiles"]
+def _hybrid_mode(section_name: str, values: Mapping[str, Any]) -> str:
+    mode: str = values["HybridMode"]
+    if values["MigrationFromFileSystemEnabled"] and mode == "Disabled":
+        log.warning("%s.MigrationFromFileSystemEnabled is deprecated: use \"HybridMode\": "
+                    "\"WriteToObjectStorage\" instead (which it means)", section_name)
+        return "WriteToObjectStorage"
+    return mode
+
+
+def _rest_api(raw: Mapping[str, Any] | None) -> RestApiSettings | None:
+    path = f"{OBJFS_SECTION}.RestApi"
+    values = _validate(path, raw or {}, REST_API_OPTIONS)
+    if not values["Enable"]:
+        return None
+    if (values["Username"] is None) != (values["Password"] is None):
+        raise ConfigError(f"{path}.Username/Password: give both or neither")
+    host = values["Host"]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and values["Username"] is None:
+        raise ConfigError(f"{path}.Username/Password: required when Host ({host}) is not a "
+                          "loopback address: the API moves and describes patient data")
+    return RestApiSettings(host, values["Port"], values["Username"], values["Password"])
+
+
+def _orthanc(raw: Mapping[str, Any] | None) -> OrthancSettings:
+    values = _validate(f"{OBJFS_SECTION}.Orthanc", raw or {}, ORTHANC_OPTIONS)
+    if (values["Username"] is None) != (values["Password"] is None):
+        raise ConfigError(f"{OBJFS_SECTION}.Orthanc.Username/Password: give both or neither")
+    return OrthancSettings(values["Url"].rstrip("/"), values["Username"], values["Password"],
+                           float(values["Timeout"]))
 
 
 def _client(values: Mapping[str, Any]) -> ClientSettings:
@@ -555,13 +638,17 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
             clouds["gcs"] = _gcs(values)
     else:
         section, values, provider = OBJFS_SECTION, own, "local"
-    layout, unknown_files = _common(section, values)
+    layout = Layout(values["StorageStructure"], values["RootPath"])
+    hybrid = _hybrid_mode(section, values)
+    if hybrid != "Disabled" and not own["FileSystemDirectory"]:
+        raise ConfigError(f"{OBJFS_SECTION}.FileSystemDirectory: missing (required with "
+                          f"{section}.HybridMode {hybrid!r})")
     encryption = _encryption(section, values["StorageEncryption"])
     if own["EncryptLocalCache"] and encryption is None:
         raise ConfigError(f"{OBJFS_SECTION}.EncryptLocalCache: needs StorageEncryption enabled "
                           f"(in {section})")
     return Settings(
-        provider=provider, layout=layout, legacy_unknown_files=unknown_files,
+        provider=provider, layout=layout, legacy_unknown_files=values["EnableLegacyUnknownFiles"],
         local_bucket=Path(own["LocalBucket"]), cache_directory=Path(own["CacheDirectory"]),
         cache_size=own["CacheSize"] * MIB, write_mode=own["WriteMode"],
         upload_concurrency=own["UploadConcurrency"],
@@ -569,7 +656,10 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
         cache_full_timeout=float(own["CacheFullTimeout"]),
         read_timeout=float(own["ReadTimeout"]), encryption=encryption,
         allow_unencrypted_reads=own["AllowUnencryptedReads"],
-        encrypt_local_cache=own["EncryptLocalCache"], **clouds,
+        encrypt_local_cache=own["EncryptLocalCache"], hybrid_mode=hybrid,
+        fs_directory=Path(own["FileSystemDirectory"]) if hybrid != "Disabled" else None,
+        encrypt_fs_tier=own["EncryptFileSystemTier"], rest_api=_rest_api(own["RestApi"]),
+        orthanc=_orthanc(own["Orthanc"]), **clouds,
     )
 
 

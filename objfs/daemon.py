@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -28,6 +29,10 @@ from objfs.config import Settings
 from objfs.fs import Operations
 from objfs.journal import Journal
 from objfs.retry import RetryPolicy
+from objfs.sidecar.app import Sidecar
+from objfs.sidecar.jobs import Jobs
+from objfs.sidecar.orthanc import OrthancClient
+from objfs.sidecar.server import serve as serve_sidecar
 from objfs.store import Store, check_bucket_identity
 
 log = logging.getLogger(__name__)
@@ -139,18 +144,33 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         stack.push_async_callback(backend.aclose)
         await _probe(backend, settings)
         store = Store(settings, backend, journal, tier)
+        if store.fs is not None:
+            _prepare_fs_tier(store.fs.prepare, settings)
+        orthanc = OrthancClient(settings.orthanc)
+        stack.push_async_callback(orthanc.aclose)
+        jobs = Jobs(journal, store, orthanc)
         ops = Operations(store, root / "passthrough", st.st_uid, st.st_gid, st.st_mode)
         options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}",
                                                   "allow_other", "noatime"}
-        pyfuse3.init(ops, str(mountpoint), options)
-        mounted = True
+        mounted = False
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
+                if settings.rest_api is not None:
+                    sidecar = Sidecar(settings, store, jobs, orthanc, mountpoint,
+                                      lambda: mounted)
+                    await nursery.start(serve_sidecar, sidecar.app(settings.rest_api),
+                                        settings.rest_api)
+                pyfuse3.init(ops, str(mountpoint), options)
+                mounted = True
+                jobs_scope = trio.CancelScope()
+                nursery.start_soon(_run_in_scope, jobs_scope, jobs.run)
                 nursery.start_soon(_stop_on_signal)
-                log.info("objfs mounted on %s (%s bucket, %s layout, %s)", mountpoint,
-                         settings.provider, settings.layout.structure, settings.write_mode)
+                log.info("objfs mounted on %s (%s bucket, %s layout, %s, HybridMode %s)",
+                         mountpoint, settings.provider, settings.layout.structure,
+                         settings.write_mode, settings.hybrid_mode)
                 await pyfuse3.main()
+                jobs_scope.cancel()  # a running job resumes at the next start
                 pyfuse3.close(unmount=True)
                 mounted = False
                 log.info("unmounted %s; waiting up to %ss for uploads", mountpoint,
@@ -162,3 +182,16 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         finally:
             if mounted:
                 pyfuse3.close(unmount=True)
+
+
+async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await fn()
+
+
+def _prepare_fs_tier(prepare: Callable[[], None], settings: Settings) -> None:
+    try:
+        prepare()
+    except OSError as exc:
+        raise errors.ConfigError(f"Objfs.FileSystemDirectory: {settings.fs_directory} cannot "
+                                 f"be used: {exc.strerror or exc}") from exc

@@ -61,3 +61,9 @@ class Immutable(ObjfsError):
 
 class InvalidName(ObjfsError):
     """A path that is neither an attachment nor a pass-through name."""
+
+
+class OrthancUnavailable(ObjfsError):
+    """Orthanc's REST API (used to resolve resources to attachments) failed or is unreachable."""
+
+    temporary = True

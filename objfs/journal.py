@@ -42,6 +42,7 @@ CREATE INDEX IF NOT EXISTS attachments_state ON attachments(state, created);
 CREATE INDEX IF NOT EXISTS attachments_lru ON attachments(atime)
     WHERE state = 'uploaded' AND cached = 1;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -137,6 +138,15 @@ class Journal:
     def set_meta(self, name: str, value: str) -> None:
         self._write("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", (name, value))
 
+    # --- jobs (the sidecar's move-storage jobs, as JSON records) -------------------------------
+
+    def put_job(self, job_id: str, record: str, durable: bool = True) -> None:
+        self._write("INSERT OR REPLACE INTO jobs(id, record) VALUES (?, ?)", (job_id, record),
+                    durable)
+
+    def job_records(self) -> list[str]:
+        return [str(r[0]) for r in self._reader.execute("SELECT record FROM jobs")]
+
     # --- attachments --------------------------------------------------------------------------
 
     def get(self, uuid: str) -> Row | None:
@@ -153,6 +163,15 @@ class Journal:
             "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT(uuid) DO UPDATE SET "
             "size=excluded.size, key=excluded.key, sealed=excluded.sealed",
             (uuid, PENDING_UPLOAD, size, key, int(sealed), now, now))
+
+    def put_uploaded(self, uuid: str, key: str, size: int) -> None:
+        """Record an object put in the bucket by a move, with no local copy (durable)."""
+        now = time.time()
+        self._write(
+            "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
+            "VALUES (?, ?, ?, ?, 0, 0, ?, ?) ON CONFLICT(uuid) DO UPDATE SET state=excluded.state, "
+            "size=excluded.size, key=excluded.key, cached=0, sealed=0, last_error=NULL",
+            (uuid, UPLOADED, size, key, now, now))
 
     def set_key(self, uuid: str, key: str) -> None:
         self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid), durable=False)

@@ -13,6 +13,11 @@ Durability contract (DESIGN.md), as this module keeps it:
 
 Uploads and deletes retry forever in the background (the data stays journaled); reads retry
 temporary errors until `ReadTimeout`, then fail.
+
+HybridMode adds the file-system tier (`objfs.fstier`): WriteToFileSystem writes there and reads
+there first; WriteToObjectStorage writes through the write-back cache and reads the bucket
+first. A delete removes both copies. A move between the tiers copies, verifies, records the
+new place durably, and only then deletes the source: a crash leaves one or two good copies.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from objfs import codec, errors
 from objfs.backends.base import Backend, ObjectInfo
 from objfs.cache import LocalTier
 from objfs.config import Settings
+from objfs.fstier import FileSystemTier, sha256_file
 from objfs.fsutil import fsync_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
@@ -65,6 +71,8 @@ class WriteHandle:
     durable: bool = False
     error: Exception | None = None  # the first failure; sync and close report it again
     unlinked: bool = False
+    fs: bool = False  # written to the file-system tier (HybridMode WriteToFileSystem)
+    placed: bool = False  # the fs-tier file behind `fd` has its final name
 
 
 @dataclass
@@ -115,6 +123,14 @@ class Store:
         self._journal_limiter = trio.CapacityLimiter(4)
         self._last_foreground = -math.inf
         self._background = 0
+        self.hybrid_mode = settings.hybrid_mode
+        self.fs: FileSystemTier | None = None
+        if settings.fs_directory is not None:
+            ring = settings.encryption.ring if settings.encryption else None
+            self.fs = FileSystemTier(settings.fs_directory, ring, settings.encrypt_fs_tier)
+        self.fs_first = settings.hybrid_mode == "WriteToFileSystem"
+        # Attachments being moved between tiers: a delete waits for the move to finish.
+        self.moving: dict[str, trio.Event] = {}
 
     async def _j(self, fn: object, *args: object) -> None:
         """Run a journal write (it fsyncs) in a worker thread."""
@@ -185,8 +201,14 @@ class Store:
         handle = self.writing.get(uuid)
         if handle is not None:
             return None if handle.unlinked else handle.size
+        if self.fs is not None and self.fs_first:
+            size = self.fs.size(uuid)
+            if size is not None:
+                return size
         row = await self._row(uuid)
-        return None if row is None else row.size
+        if row is not None:
+            return row.size
+        return None if self.fs is None or self.fs_first else self.fs.size(uuid)
 
     async def _row(self, uuid: str) -> Row | None:
         row = self.journal.get(uuid)
@@ -250,6 +272,8 @@ class Store:
         if self._has_files(name):
             self._dirs.add(name)
             return True
+        if self.fs is not None and self.fs.has_dir(name):
+            return True
         if self.inventory_done or name in self._negative:
             return False
         if await self._remote_listing(self.layout.dir_prefix(name), 1):
@@ -260,21 +284,29 @@ class Store:
 
     def _has_files(self, prefix: str) -> bool:
         return self.journal.has_children(prefix) or any(
-            u.startswith(prefix) and not h.unlinked for u, h in self.writing.items())
+            u.startswith(prefix) and not h.unlinked for u, h in self.writing.items()) or (
+            self.fs is not None and self.fs.has_files(prefix))
+
+    def _in_fs_dirs(self, name: str) -> bool:
+        return self.fs is not None and self.fs.has_dir(name)
 
     def make_dir(self, name: str) -> None:
         """mkdir: EEXIST when the directory exists (the kernel asked `dir_exists` just before,
         so no second look in the bucket)."""
-        if name in self._dirs or self._has_files(name):
+        if name in self._dirs or self._has_files(name) or self._in_fs_dirs(name):
             raise OSError(errno.EEXIST, f"{name} exists")
         self._dirs.add(name)
 
     def remove_dir(self, name: str) -> None:
-        if name not in self._dirs and not self._has_files(name):
+        in_fs = self._in_fs_dirs(name)
+        if name not in self._dirs and not in_fs and not self._has_files(name):
             raise errors.NotFound(name)
         if self._has_files(name) or (len(name) == 2 and any(
                 name + f"{i:02x}" in self._dirs for i in range(256))):
             raise OSError(errno.ENOTEMPTY, f"{name} is not empty")
+        if in_fs:
+            assert self.fs is not None
+            self.fs.remove_dir(name)
         self._dirs.discard(name)
 
     def list_dir(self, name: str) -> list[str]:
@@ -283,9 +315,12 @@ class Store:
             found = set(self.journal.children(name))
             found.update(u for u, h in self.writing.items()
                          if u.startswith(name) and not h.unlinked)
+            if self.fs is not None:
+                found.update(self.fs.children(name))
             return sorted(found)
         return [d for d in (f"{i:02x}" for i in range(256))
-                if any(k.startswith(name + d) for k in self._dirs) or self._has_files(name + d)]
+                if any(k.startswith(name + d) for k in self._dirs) or self._has_files(name + d)
+                or self._in_fs_dirs(name + d)]
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -293,19 +328,24 @@ class Store:
         """Start a new attachment. Raises Immutable when it exists already."""
         if await self.size_of(uuid) is not None:
             raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
-        fd = os.open(self.tier.path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        handle = WriteHandle(uuid, fd)
+        if self.fs is not None and self.fs_first:
+            fd = os.open(self.fs.partial_path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            handle = WriteHandle(uuid, fd, fs=True)
+        else:
+            fd = os.open(self.tier.path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            handle = WriteHandle(uuid, fd)
+            self._fresh.add(uuid)
         self.writing[uuid] = handle
-        self._fresh.add(uuid)
         self._negative.pop(uuid, None)
         self.tier.opened(uuid)
         return handle
 
     async def write(self, handle: WriteHandle, offset: int, data: bytes) -> int:
-        """Write into the local copy, taking cache budget first (may wait, then CacheFull)."""
+        """Write into the local copy, taking cache budget first (may wait, then CacheFull);
+        the file-system tier has no budget."""
         self._last_foreground = trio.current_time()
         end = offset + len(data)
-        if end > handle.reserved:
+        if end > handle.reserved and not handle.fs:
             try:
                 await self.tier.reserve(end - handle.reserved)
             except errors.CacheFull as exc:
@@ -322,7 +362,7 @@ class Store:
         return written
 
     async def truncate(self, handle: WriteHandle, size: int) -> None:
-        if size > handle.reserved:
+        if size > handle.reserved and not handle.fs:
             await self.tier.reserve(size - handle.reserved)
             handle.reserved = size
         os.ftruncate(handle.fd, size)
@@ -336,6 +376,17 @@ class Store:
         if handle.unlinked or (handle.durable and not handle.dirty):
             return
         handle.dirty = False
+        if handle.fs:
+            assert self.fs is not None
+            try:
+                handle.placed = await trio.to_thread.run_sync(
+                    self.fs.commit, handle.fd, handle.uuid, handle.placed,
+                    limiter=self._journal_limiter)
+            except Exception as exc:
+                handle.error = exc
+                raise
+            handle.durable = True
+            return
         try:
             await trio.to_thread.run_sync(self._make_durable, handle.fd, handle.uuid, handle.size,
                                           limiter=self._journal_limiter)
@@ -374,6 +425,8 @@ class Store:
         os.close(handle.fd)
         self.writing.pop(handle.uuid, None)
         self.tier.closed(handle.uuid)
+        if handle.fs:
+            return await self._close_fs_write(handle)
         if handle.error is not None or handle.unlinked or not handle.durable:
             if not handle.unlinked:
                 log.warning("attachment %s: discarding a write that was not acknowledged",
@@ -387,6 +440,22 @@ class Store:
             self._queue_upload(handle.uuid)
         return True
 
+    async def _close_fs_write(self, handle: WriteHandle) -> bool:
+        assert self.fs is not None
+        fs = self.fs
+        keep = handle.error is None and not handle.unlinked and handle.durable
+        if not keep and not handle.unlinked:
+            log.warning("attachment %s: discarding a write that was not acknowledged",
+                        handle.uuid)
+
+        def finish() -> None:
+            fs.discard_partial(handle.uuid)
+            if not keep and handle.durable:
+                fs.remove(handle.uuid)
+
+        await trio.to_thread.run_sync(finish)
+        return keep
+
     async def _discard_local(self, uuid: str, size: int) -> None:
         self.tier.path(uuid).unlink(missing_ok=True)
         self.tier.release(size)
@@ -395,20 +464,30 @@ class Store:
 
     # --- reading ------------------------------------------------------------------------------
 
-    async def open_read(self, uuid: str) -> int:
-        """An fd on a complete local copy, fetching (and verifying) it first if needed.
+    async def open_read(self, uuid: str, objects_only: bool = False) -> int:
+        """An fd on a complete local copy, fetching (and verifying) it first if needed; in
+        HybridMode the file-system tier is tried first or last (unless `objects_only`).
 
         Every failure surfaces here (Orthanc ignores read errors): NotFound, Unavailable
         after `ReadTimeout`, Corrupt, CacheFull. Callers must `close_read` the uuid.
         """
+        fs = None if objects_only else self.fs
         self.tier.opened(uuid)
         try:
             while True:
                 handle = self.writing.get(uuid)
                 if handle is not None:  # its own (plaintext) file, even if sealed meanwhile
                     return os.open(_fd_path(handle.fd), os.O_RDONLY)
+                if fs is not None and self.fs_first:
+                    fd = await self._open_fs(uuid)
+                    if fd is not None:
+                        return fd
                 row = await self._row(uuid)
                 if row is None:
+                    if fs is not None and not self.fs_first:
+                        fd = await self._open_fs(uuid)
+                        if fd is not None:
+                            return fd
                     raise errors.NotFound(f"attachment {uuid}")
                 if row.cached or row.state == PENDING_UPLOAD:
                     try:
@@ -433,6 +512,34 @@ class Store:
         except BaseException:
             self.tier.closed(uuid)
             raise
+
+    async def _open_fs(self, uuid: str) -> int | None:
+        """An fd on the file-system tier's plaintext of `uuid` (decrypted into an O_TMPFILE
+        when the file is A1), or None when the file is not there. Raises Corrupt."""
+        assert self.fs is not None
+        path = self.fs.path(uuid)
+        try:
+            if not self.fs.encrypted(uuid):
+                return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        assert self.encryption is not None
+        fd = os.open(self.tier.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
+        try:
+            async with self._crypto_limiter:
+                await trio.to_thread.run_sync(codec.decrypt_file, path, _fd_path(fd),
+                                              self.encryption.ring)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        except errors.Corrupt as exc:
+            os.close(fd)
+            log.error("attachment %s: cannot read %s: %s", uuid, path, exc)
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     async def _unseal(self, row: Row) -> int:
         """An fd on a decrypted, verified copy of a sealed local file: an O_TMPFILE, never
@@ -546,15 +653,28 @@ class Store:
     # --- deleting -----------------------------------------------------------------------------
 
     async def unlink(self, uuid: str) -> None:
-        """Delete an attachment everywhere. Readers that have it open keep reading."""
+        """Delete an attachment everywhere (both tiers in HybridMode). Readers that have it
+        open keep reading. Raises NotFound when no tier has it."""
         handle = self.writing.get(uuid)
         if handle is not None:
             handle.unlinked = True
             return
+        while (moving := self.moving.get(uuid)) is not None:
+            await moving.wait()
+        in_fs = self.fs is not None and self.fs.stat(uuid) is not None
         row = await self._row(uuid)
-        if row is None:
+        if row is None and not in_fs:
             raise errors.NotFound(f"attachment {uuid}")
         self._last_foreground = trio.current_time()
+        if in_fs:
+            assert self.fs is not None
+            await trio.to_thread.run_sync(self.fs.remove, uuid, limiter=self._journal_limiter)
+        if row is not None:
+            await self._forget_object(uuid, row)
+
+    async def _forget_object(self, uuid: str, row: Row, queue: bool = True) -> None:
+        """Delete the bucket side of an attachment: durably journaled, the object's delete
+        queued (unless `queue` is False: the caller deletes it), the local copy removed."""
         self._negative[uuid] = True
         if not self.inventory_done:
             self._deleted_during_inventory.add(uuid)
@@ -566,7 +686,7 @@ class Store:
                 await self._j(self.journal.remove, uuid)
             else:
                 await self._j(self.journal.mark_pending_delete, uuid)
-                if uuid not in self.inflight:
+                if uuid not in self.inflight and queue:
                     self._queue_delete(uuid)
         finally:
             self._unlinking.discard(uuid)
@@ -574,6 +694,133 @@ class Store:
         if local:
             self.tier.path(uuid).unlink(missing_ok=True)
             self.tier.release(row.size)
+
+    # --- moving between tiers (HybridMode) ----------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _moving(self, uuid: str) -> AsyncIterator[None]:
+        while (other := self.moving.get(uuid)) is not None:
+            await other.wait()
+        done = self.moving[uuid] = trio.Event()
+        try:
+            yield
+        finally:
+            del self.moving[uuid]
+            done.set()
+
+    def _require_fs(self) -> FileSystemTier:
+        if self.fs is None:
+            raise errors.ConfigError("HybridMode is Disabled: there is no file-system tier")
+        return self.fs
+
+    async def move_to_object_storage(self, uuid: str) -> bool:
+        """Move an attachment from the file-system tier to the bucket: upload its bytes (the
+        A1 file as it is when encryption is on, else encrypted now), read the object back and
+        compare checksums, journal it durably, then delete the file. Returns False when it
+        was already in the bucket only. Raises NotFound (neither tier), Corrupt, Unavailable
+        (after ReadTimeout); on any failure both copies are left as they were."""
+        fs = self._require_fs()
+        async with self._moving(uuid):
+            while uuid in self.writing:  # Orthanc is closing it: moments away
+                await trio.sleep(0.05)
+            if fs.stat(uuid) is None:
+                if await self._row(uuid) is not None:
+                    return False
+                raise errors.NotFound(f"attachment {uuid} is in neither tier")
+            names = [self.tier.tmp_path(f"{uuid}.{n}") for n in ("plain", "body", "check")]
+            plain, body, check = names
+            try:
+                source = fs.path(uuid)
+                encrypted = fs.encrypted(uuid)
+                if encrypted:
+                    assert self.encryption is not None
+                    async with self._crypto_limiter:  # also verifies the file's tag
+                        await trio.to_thread.run_sync(codec.decrypt_file, source, plain,
+                                                      self.encryption.ring)
+                upload = source
+                if self.encryption is not None and not encrypted:
+                    async with self._crypto_limiter:
+                        await trio.to_thread.run_sync(codec.encrypt_file, source, body,
+                                                      self.encryption.ring)
+                    upload = body
+                plaintext = plain if encrypted else source
+                size = plaintext.stat().st_size
+                key = self._choose_key(uuid, size, plaintext)
+                expected = await trio.to_thread.run_sync(sha256_file, upload)
+                await self.read_retry.call(f"upload {key}", lambda: self.backend.put(key, upload))
+                await self.read_retry.call(f"read back {key}",
+                                           lambda: self.backend.get(key, check))
+                got = await trio.to_thread.run_sync(sha256_file, check)
+                if got != expected:
+                    raise errors.Corrupt(f"object {key} does not read back as uploaded ({got[0]} "
+                                         f"bytes, expected {expected[0]})")
+                old = self.journal.get(uuid)
+                await self._j(self.journal.put_uploaded, uuid, key, size)
+                if old is not None and old.cached:
+                    self.tier.path(uuid).unlink(missing_ok=True)
+                    self.tier.release(old.size)
+                self._negative.pop(uuid, None)
+                await trio.to_thread.run_sync(fs.remove, uuid, True)
+            finally:
+                for name in names:
+                    name.unlink(missing_ok=True)
+        return True
+
+    async def move_to_file_system(self, uuid: str) -> bool:
+        """Move an attachment from the bucket to the file-system tier: write the plaintext
+        (encrypted when EncryptFileSystemTier) durably, read it back and compare checksums,
+        then delete the object. Returns False when it was already in the file-system tier
+        only. Raises like `move_to_object_storage`; a failure leaves both copies."""
+        fs = self._require_fs()
+        async with self._moving(uuid):
+            row = await self._row(uuid)
+            if row is None:
+                if fs.stat(uuid) is not None:
+                    return False
+                raise errors.NotFound(f"attachment {uuid} is in neither tier")
+            fd = await self.open_read(uuid, objects_only=True)
+            try:
+                await trio.to_thread.run_sync(fs.write_copy, _fd_path(fd), uuid)
+            finally:
+                self.close_read(uuid, fd)
+            while uuid in self.inflight:  # an upload of it is running: let it settle first
+                await trio.sleep(0.05)
+            row = self.journal.get(uuid)
+            if row is None or row.state == PENDING_DELETE:
+                return True
+            await self._forget_object(uuid, row, queue=False)
+            try:
+                await self._delete_remote(uuid, self.read_retry)
+            except errors.ObjfsError as exc:
+                log.warning("attachment %s is in the file-system tier; deleting its object "
+                            "failed (%s) and is retried in the background", uuid, exc)
+                self._queue_delete(uuid)
+            except BaseException:
+                self._queue_delete(uuid)
+                raise
+        return True
+
+    def placement(self, uuid: str) -> dict[str, object] | None:
+        """Where an attachment is, for the REST API; None when no tier has it."""
+        facts: dict[str, object] = {"Uuid": uuid}
+        handle = self.writing.get(uuid)
+        if handle is not None and not handle.unlinked:
+            facts["BeingWritten"] = True
+            facts["Size"] = handle.size
+        if self.fs is not None:
+            st = self.fs.stat(uuid)
+            if st is not None:
+                facts["FileSystem"] = {"Path": str(self.fs.path(uuid)),
+                                       "StoredSize": st.st_size,
+                                       "Encrypted": self.fs.encrypted(uuid)}
+                facts["Size"] = self.fs.size(uuid)
+        row = self.journal.get(uuid)
+        if row is not None and row.state != PENDING_DELETE:
+            facts["ObjectStorage"] = {"Key": row.key, "Uploaded": row.state != PENDING_UPLOAD,
+                                      "PendingUpload": row.state == PENDING_UPLOAD,
+                                      "Cached": row.cached, "LastError": row.last_error}
+            facts["Size"] = row.size
+        return facts if len(facts) > 1 else None
 
     # --- background work ----------------------------------------------------------------------
 
@@ -668,7 +915,7 @@ class Store:
                 finally:
                     self._untrack(uuid)
 
-    async def _delete_remote(self, uuid: str) -> None:
+    async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
         row = self.journal.get(uuid)
         if row is None or row.state != PENDING_DELETE or uuid in self.inflight:
             return
@@ -676,13 +923,12 @@ class Store:
             keys = [row.key]
         else:
             prefix = self.layout.lookup_prefix(uuid)
-            page, _ = await BACKGROUND_RETRY.call(
+            page, _ = await policy.call(
                 f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
             keys = [o.key for o in page if (info := self.layout.parse_key(o.key))
                     and info.uuid == uuid]
         for key in keys:
-            await BACKGROUND_RETRY.call(f"delete {key}",
-                                        functools.partial(self.backend.delete, key))
+            await policy.call(f"delete {key}", functools.partial(self.backend.delete, key))
         await self._j(self.journal.remove, uuid)
 
     async def _inventory(self) -> None:

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-.venv/bin/ruff check objfs tests benchmarks
+.venv/bin/ruff check objfs tests benchmarks contrib
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

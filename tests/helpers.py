@@ -310,6 +310,10 @@ class Objfs:
         self.mountpoint = workdir / f"{name}-mnt"
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{name}.json"
+        config = json.loads(json.dumps(config))
+        rest = config.setdefault("Objfs", {}).setdefault("RestApi", {})
+        rest.setdefault("Port", free_port())
+        self.api = f"http://127.0.0.1:{rest['Port']}"
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log = workdir / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
@@ -405,3 +409,30 @@ def make_dicom(index: int, rows: int = 64, cols: int = 64, frames: int = 1,
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+# --- the sidecar REST API ----------------------------------------------------------------------
+
+
+def rest(base: str, method: str, path: str, body: Any = None,
+         auth: tuple[str, str] | None = None, timeout: float = 300) -> tuple[int, Any]:
+    """(status, decoded JSON or raw text) of one HTTP request; never raises for HTTP errors.
+    `body` is sent as JSON unless it is bytes."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")

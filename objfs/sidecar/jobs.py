@@ -1,0 +1,202 @@
+"""Move-storage jobs: persisted in the journal, run one at a time, highest priority first.
+
+A job names resources (already resolved to their level when it was submitted) and a target
+tier. Running it asks Orthanc for every attachment under the resources, then moves them one
+by one (`Store.move_to_*`: copy, verify, record, delete the source). Progress is saved as it
+goes; a daemon stop or crash leaves the job "Running" in the journal and the next start runs
+it again from the beginning, where attachments already on the target are skipped quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid as uuid_mod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from objfs import errors
+from objfs.journal import Journal
+from objfs.sidecar.orthanc import CONTENT_GROUPS, OrthancClient
+from objfs.store import Store
+
+log = logging.getLogger(__name__)
+
+FILE_SYSTEM = "file-system"
+OBJECT_STORAGE = "object-storage"
+TARGETS = (FILE_SYSTEM, OBJECT_STORAGE)
+PENDING, RUNNING, SUCCESS, FAILURE = "Pending", "Running", "Success", "Failure"
+JOB_TYPE = "MoveStorage"
+
+
+@dataclass
+class Job:
+    """One move-storage job. `resources` holds (level, Orthanc id) pairs."""
+
+    id: str
+    target: str
+    resources: list[tuple[str, str]]
+    priority: int = 0
+    state: str = PENDING
+    progress: float = 0.0
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    completed: float | None = None
+    moved: int = 0
+    skipped: int = 0
+    seq: int = 0  # submission order, to run equal priorities first come, first served
+
+    @property
+    def content(self) -> dict[str, list[str]]:
+        """The resources grouped by level, as the plugins' job Content."""
+        groups: dict[str, list[str]] = {}
+        for level, resource in self.resources:
+            groups.setdefault(CONTENT_GROUPS[level], []).append(resource)
+        return groups
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (SUCCESS, FAILURE)
+
+    def describe(self) -> dict[str, Any]:
+        """The Orthanc-like JSON of GET /jobs/{id}."""
+        return {
+            "ID": self.id, "Type": JOB_TYPE, "State": self.state,
+            "Progress": round(self.progress), "Priority": self.priority,
+            "Content": {**self.content, "TargetStorage": self.target,
+                        "MovedAttachments": self.moved, "SkippedAttachments": self.skipped},
+            "ErrorDescription": self.error or "", "CreationTime": _iso(self.created),
+            "CompletionTime": _iso(self.completed) if self.completed else None,
+        }
+
+    def record(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_record(cls, record: str) -> Job:
+        values = json.loads(record)
+        values["resources"] = [tuple(r) for r in values["resources"]]
+        return cls(**values)
+
+
+def _iso(t: float) -> str:
+    """Orthanc's timestamp format (UTC, basic ISO 8601)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}"
+
+
+class Jobs:
+    """The job list and its runner. Methods run on the event loop."""
+
+    def __init__(self, journal: Journal, store: Store, orthanc: OrthancClient) -> None:
+        self.journal = journal
+        self.store = store
+        self.orthanc = orthanc
+        self.jobs: dict[str, Job] = {}
+        self._wakeup = trio.Event()
+        self._finished: dict[str, trio.Event] = {}
+        self._running: tuple[Job, trio.CancelScope] | None = None
+        for record in journal.job_records():
+            job = Job.from_record(record)
+            if job.state == RUNNING:
+                log.info("job %s was interrupted by a stop; it runs again", job.id)
+                job.state = PENDING
+            self.jobs[job.id] = job
+
+    async def _save(self, job: Job, durable: bool = True) -> None:
+        if durable:
+            await trio.to_thread.run_sync(self.journal.put_job, job.id, job.record())
+        else:
+            self.journal.put_job(job.id, job.record(), durable=False)
+
+    async def submit(self, target: str, resources: list[tuple[str, str]],
+                     priority: int) -> Job:
+        """Persist a new job (durable when this returns) and wake the runner."""
+        seq = max((j.seq for j in self.jobs.values()), default=0) + 1
+        job = Job(str(uuid_mod.uuid4()), target, resources, priority, seq=seq)
+        await self._save(job)
+        self.jobs[job.id] = job
+        self._wakeup.set()
+        log.info("job %s: move %s to %s (priority %d)", job.id, job.content, target, priority)
+        return job
+
+    async def wait(self, job_id: str) -> Job:
+        """Wait until the job has finished (Success or Failure)."""
+        job = self.jobs[job_id]
+        while not job.finished:
+            await self._finished.setdefault(job_id, trio.Event()).wait()
+        return job
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a pending or running job (it ends in Failure); a finished one is left as is.
+        An attachment being moved when the cancel arrives keeps at least one good copy."""
+        job = self.jobs[job_id]
+        if job.state == PENDING:
+            await self._finish(job, FAILURE, "canceled before it started")
+        elif self._running is not None and self._running[0] is job:
+            self._running[1].cancel()
+        return job
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run pending jobs forever, highest priority first."""
+        task_status.started()
+        while True:
+            pending = [j for j in self.jobs.values() if j.state == PENDING]
+            if not pending:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            job = max(pending, key=lambda j: (j.priority, -j.seq))
+            await self._execute(job)
+
+    async def _execute(self, job: Job) -> None:
+        job.state, job.progress, job.moved, job.skipped = RUNNING, 0.0, 0, 0
+        await self._save(job)
+        with trio.CancelScope() as scope:
+            self._running = (job, scope)
+            try:
+                await self._move_all(job)
+            except (errors.ObjfsError, OSError) as exc:
+                log.error("job %s failed: %s", job.id, exc)
+                await self._finish(job, FAILURE, str(exc))
+                return
+            finally:
+                self._running = None
+        if scope.cancelled_caught:
+            log.warning("job %s canceled after %d attachments moved", job.id, job.moved)
+            await self._finish(job, FAILURE, f"canceled after {job.moved} attachments were "
+                               "moved")
+            return
+        job.progress = 100.0
+        log.info("job %s done: %d attachments moved to %s, %d already there", job.id,
+                 job.moved, job.target, job.skipped)
+        await self._finish(job, SUCCESS, None)
+
+    async def _move_all(self, job: Job) -> None:
+        uuids: list[str] = []
+        for level, resource in job.resources:
+            uuids.extend(await self.orthanc.attachment_uuids(level, resource))
+        uuids = list(dict.fromkeys(uuids))
+        move = (self.store.move_to_file_system if job.target == FILE_SYSTEM
+                else self.store.move_to_object_storage)
+        for done, uuid in enumerate(uuids, 1):
+            try:
+                moved = await move(uuid)
+            except errors.ObjfsError as exc:
+                raise type(exc)(f"attachment {uuid}: {exc}") from exc
+            if moved:
+                job.moved += 1
+            else:
+                job.skipped += 1
+            job.progress = 100.0 * done / len(uuids)
+            await self._save(job, durable=False)
+
+    async def _finish(self, job: Job, state: str, error: str | None) -> None:
+        job.state, job.error, job.completed = state, error, time.time()
+        with trio.CancelScope(shield=True):
+            await self._save(job)
+        event = self._finished.pop(job.id, None)
+        if event is not None:
+            event.set()

@@ -1,0 +1,83 @@
+"""Orthanc's REST API, as far as move-storage needs it: what a resource id is, and the uuids
+of every attachment under it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+from objfs.config import OrthancSettings
+from objfs.errors import OrthancUnavailable
+
+log = logging.getLogger(__name__)
+
+# Orthanc resource type -> its REST collection, from the highest level down.
+COLLECTIONS = {"Patient": "patients", "Study": "studies", "Series": "series",
+               "Instance": "instances"}
+# How the plugins name each level in a job's Content.
+CONTENT_GROUPS = {"Patient": "Patients", "Study": "Studies", "Series": "Series",
+                  "Instance": "Instances"}
+_BELOW = {"Patient": ("Study", "Series", "Instance"), "Study": ("Series", "Instance"),
+          "Series": ("Instance",), "Instance": ()}
+
+
+class OrthancClient:
+    """An HTTP client of Orthanc. Every method raises OrthancUnavailable when Orthanc cannot
+    be reached or answers an unexpected error."""
+
+    def __init__(self, settings: OrthancSettings) -> None:
+        auth = (settings.username, settings.password) if settings.username else None
+        self.url = settings.url
+        self._http = httpx.AsyncClient(base_url=settings.url, auth=auth,
+                                       timeout=settings.timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _get(self, path: str) -> Any | None:
+        """The JSON answer of GET `path`, or None for 404."""
+        try:
+            response = await self._http.get(path)
+        except httpx.HTTPError as exc:
+            raise OrthancUnavailable(f"Orthanc at {self.url} is unreachable: {exc}") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise OrthancUnavailable(f"Orthanc answered HTTP {response.status_code} to GET "
+                                     f"{path}: {response.text[:200]}")
+        return response.json()
+
+    async def resource_type(self, resource_id: str) -> str | None:
+        """"Patient", "Study", "Series" or "Instance", or None for an unknown id. Ids are
+        tried from the instance level up, as the plugins do."""
+        if not resource_id or "/" in resource_id:
+            return None
+        for level in ("Instance", "Series", "Study", "Patient"):
+            if await self._get(f"/{COLLECTIONS[level]}/{resource_id}") is not None:
+                return level
+        return None
+
+    async def attachment_uuids(self, level: str, resource_id: str) -> list[str]:
+        """Every attachment uuid of the resource and of everything under it (DICOM files,
+        other instance attachments, and patient/study/series-level attachments)."""
+        owners = [(level, resource_id)]
+        for below in _BELOW[level]:
+            children = await self._get(f"/{COLLECTIONS[level]}/{resource_id}/"
+                                       f"{COLLECTIONS[below]}")
+            owners.extend((below, child["ID"]) for child in children or [])
+        uuids: list[str] = []
+        for owner_level, owner in owners:
+            uuids.extend(await self._own_attachments(COLLECTIONS[owner_level], owner))
+        return list(dict.fromkeys(uuids))
+
+    async def _own_attachments(self, collection: str, resource_id: str) -> list[str]:
+        base = f"/{collection}/{resource_id}/attachments"
+        types = await self._get(base + "?full")
+        uuids = []
+        for content_type in (types or {}).values():
+            info = await self._get(f"{base}/{content_type}/info")
+            if info is not None:
+                uuids.append(str(info["Uuid"]))
+        return uuids
