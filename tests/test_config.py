@@ -132,7 +132,18 @@ def test_every_known_option_has_an_env_name() -> None:
     ({"AwsS3Storage": {**S3, "AccessKey": "a"}}, "AwsS3Storage.AccessKey/SecretKey"),
     ({"AwsS3Storage": {**S3, "Tags": {"a": 1}}}, "AwsS3Storage.Tags: must map strings"),
     ({"AwsS3Storage": S3, "Objfs": {"RootPath": "x"}}, "Objfs.RootPath: with a AwsS3Storage"),
-    ({"AwsS3Storage": {**S3, "HybridMode": "WriteToFileSystem"}}, "AwsS3Storage.HybridMode"),
+    ({"AwsS3Storage": {**S3, "HybridMode": "WriteToFileSystem"}},
+     "Objfs.FileSystemDirectory: missing (required with AwsS3Storage.HybridMode"),
+    ({"AwsS3Storage": {**S3, "HybridMode": "Sometimes"}}, "AwsS3Storage.HybridMode: must be"),
+    ({"Objfs": {"RestApi": {"Host": "0.0.0.0"}}},
+     "Objfs.RestApi.Username/Password: required when Host (0.0.0.0)"),
+    ({"Objfs": {"RestApi": {"Host": "orthanc.example", "Username": "u"}}},
+     "Objfs.RestApi.Username/Password: give both"),
+    ({"Objfs": {"RestApi": {"Port": 70000}}}, "Objfs.RestApi.Port: must be a TCP port"),
+    ({"Objfs": {"RestApi": {"Bogus": 1}}}, "Objfs.RestApi.Bogus: unknown option"),
+    ({"Objfs": {"RestApi": []}}, "Objfs.RestApi: expected object"),
+    ({"Objfs": {"Orthanc": {"Url": "ftp://x"}}}, "Objfs.Orthanc.Url: must start with http"),
+    ({"Objfs": {"Orthanc": {"Password": "p"}}}, "Objfs.Orthanc.Username/Password"),
 ])
 def test_validation_errors_name_the_json_path(tree: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -235,3 +246,43 @@ def test_env_names_of_every_provider() -> None:
         "AzureBlobStorage", "ConnectionString")
     assert ENV_PATHS["ORTHANC__GOOGLE_CLOUD_STORAGE__SERVICE_ACCOUNT_FILE"] == (
         "GoogleCloudStorage", "ServiceAccountFile")
+
+
+def test_hybrid_mode_and_its_deprecated_spelling(caplog: pytest.LogCaptureFixture) -> None:
+    s = settings_from_tree({"AwsS3Storage": {**S3, "MigrationFromFileSystemEnabled": True},
+                            "Objfs": {"FileSystemDirectory": "/srv/orthanc"}})
+    assert s.hybrid_mode == "WriteToObjectStorage" and s.fs_directory == Path("/srv/orthanc")
+    assert "MigrationFromFileSystemEnabled is deprecated" in caplog.text
+    s = settings_from_tree({"AwsS3Storage": {**S3, "MigrationFromFileSystemEnabled": True,
+                                             "HybridMode": "WriteToFileSystem"},
+                            "Objfs": {"FileSystemDirectory": "/srv/orthanc"}})
+    assert s.hybrid_mode == "WriteToFileSystem" and s.encrypt_fs_tier
+    s = settings_from_tree({"Objfs": {"HybridMode": "WriteToFileSystem",
+                                      "FileSystemDirectory": "/d",
+                                      "EncryptFileSystemTier": False}})
+    assert s.provider == "local" and s.hybrid_mode == "WriteToFileSystem"
+    assert not s.encrypt_fs_tier
+    default = settings_from_tree({})
+    assert default.hybrid_mode == "Disabled" and default.fs_directory is None
+
+
+def test_rest_api_and_orthanc_sections(tmp_path: Path) -> None:
+    s = settings_from_tree({})
+    assert s.rest_api is not None and (s.rest_api.host, s.rest_api.port) == ("127.0.0.1", 8044)
+    assert s.orthanc.url == "http://127.0.0.1:8042" and s.orthanc.username is None
+    for host in ("::1", "localhost", "127.0.0.2"):
+        api = settings_from_tree({"Objfs": {"RestApi": {"Host": host}}}).rest_api
+        assert api is not None and api.host == host
+    env = {"ORTHANC__OBJFS__REST_API__PORT": "9000",
+           "ORTHANC__OBJFS__REST_API__HOST": "10.1.2.3",
+           "ORTHANC__OBJFS__REST_API__USERNAME": "admin",
+           "ORTHANC__OBJFS__ORTHANC__URL": "http://orthanc:8042/"}
+    (tmp_path / "ORTHANC__OBJFS__REST_API__PASSWORD").write_text("from a secret\n")
+    s = load_settings([], environ=env, secrets_dir=tmp_path)
+    assert s.rest_api is not None
+    assert (s.rest_api.host, s.rest_api.port) == ("10.1.2.3", 9000)
+    assert (s.rest_api.username, s.rest_api.password) == ("admin", "from a secret")
+    assert s.orthanc.url == "http://orthanc:8042"
+    off = load_settings([], environ={"ORTHANC__OBJFS__REST_API": '{"Enable": false}'},
+                        secrets_dir=tmp_path / "none")
+    assert off.rest_api is None

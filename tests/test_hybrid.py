@@ -187,11 +187,17 @@ def test_migration_from_a_plain_storage_directory(
         assert len(moto.keys(bucket)) == 10 and len(fs_files(plain)) == 30
         assert daemon.status()["file_system_files"] == 30
         patients = orthanc.json("GET", "/patients")
-        answer = orthanc.json("GET", "/patients")  # Orthanc itself still works
-        assert sorted(answer) == sorted(patients)
-        status, answer = rest(daemon.api, "POST", "/move-storage",
-                              {"Resources": patients, "TargetStorage": "object-storage"})
-        assert status == 200 and sorted(answer["Patients"]) == sorted(patients)
+        status, answer = rest(daemon.api, "POST", "/move-storage", {
+            "Resources": patients, "TargetStorage": "object-storage", "Asynchronous": True})
+        assert status == 200
+        rounds = 0
+        while rest(daemon.api, "GET", answer["Path"])[1]["State"] in ("Pending", "Running"):
+            check_reads(orthanc, {**old, **new})  # reads keep working during the move
+            rounds += 1
+        job = rest(daemon.api, "GET", answer["Path"])[1]
+        assert job["State"] == "Success" and sorted(job["Content"]["Patients"]) == \
+            sorted(patients), job
+        assert rounds >= 1
         assert fs_files(plain) == {} and len(moto.keys(bucket)) == 40
         check_reads(orthanc, {**old, **new})
         orthanc.stop()
