@@ -1,8 +1,8 @@
 """HybridMode: ingest into the file-system tier, then move-storage both ways, on moto.
 
 Prints: ingest with WriteToFileSystem vs Orthanc on plain local disk (same run); the move to
-object storage and back in MB/s and attachments/s, against the raw SDK at the same (serial)
-concurrency, since a job moves one attachment at a time and verifies each copy (a PUT and a
+object storage and back in MB/s and attachments/s (resolution through Orthanc included),
+against the raw SDK making the essential requests one file at a time (a PUT and the read-back
 GET going up, a GET coming down); the daemon's peak RSS.
 
     .venv/bin/python benchmarks/hybrid_moves.py [--count 200] [--kb 512]

@@ -1,8 +1,8 @@
 """Move-storage jobs: persisted in the journal, run one at a time, highest priority first.
 
 A job names resources (already resolved to their level when it was submitted) and a target
-tier. Running it asks Orthanc for every attachment under the resources, then moves them one
-by one (`Store.move_to_*`: copy, verify, record, delete the source). Progress is saved as it
+tier. Running it asks Orthanc for every attachment under the resources, then moves them a few
+at a time (`Store.move_to_*`: copy, verify, record, delete the source). Progress is saved as it
 goes; a daemon stop or crash leaves the job "Running" in the journal and the next start runs
 it again from the beginning, where attachments already on the target are skipped quickly.
 """
@@ -30,6 +30,9 @@ OBJECT_STORAGE = "object-storage"
 TARGETS = (FILE_SYSTEM, OBJECT_STORAGE)
 PENDING, RUNNING, SUCCESS, FAILURE = "Pending", "Running", "Success", "Failure"
 JOB_TYPE = "MoveStorage"
+# Attachments of one job moved concurrently: each move waits on the network (upload, read-back,
+# delete) and on fsyncs, so a few in flight keep both busy.
+MOVES_AT_ONCE = 4
 
 
 @dataclass
@@ -175,23 +178,37 @@ class Jobs:
         await self._finish(job, SUCCESS, None)
 
     async def _move_all(self, job: Job) -> None:
+        """Move every attachment, MOVES_AT_ONCE at a time; the first failure stops the rest
+        (each attachment's move is all-or-nothing) and is raised."""
         uuids: list[str] = []
         for level, resource in job.resources:
             uuids.extend(await self.orthanc.attachment_uuids(level, resource))
         uuids = list(dict.fromkeys(uuids))
         move = (self.store.move_to_file_system if job.target == FILE_SYSTEM
                 else self.store.move_to_object_storage)
-        for done, uuid in enumerate(uuids, 1):
-            try:
-                moved = await move(uuid)
-            except errors.ObjfsError as exc:
-                raise type(exc)(f"attachment {uuid}: {exc}") from exc
-            if moved:
-                job.moved += 1
-            else:
-                job.skipped += 1
-            job.progress = 100.0 * done / len(uuids)
-            await self._save(job, durable=False)
+        todo = iter(uuids)
+        failures: list[errors.ObjfsError] = []
+
+        async def worker(cancel_scope: trio.CancelScope) -> None:
+            for uuid in todo:
+                try:
+                    moved = await move(uuid)
+                except errors.ObjfsError as exc:
+                    failures.append(type(exc)(f"attachment {uuid}: {exc}"))
+                    cancel_scope.cancel()
+                    return
+                if moved:
+                    job.moved += 1
+                else:
+                    job.skipped += 1
+                job.progress = 100.0 * (job.moved + job.skipped) / len(uuids)
+                await self._save(job, durable=False)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(MOVES_AT_ONCE, len(uuids))):
+                nursery.start_soon(worker, nursery.cancel_scope)
+        if failures:
+            raise failures[0]
 
     async def _finish(self, job: Job, state: str, error: str | None) -> None:
         job.state, job.error, job.completed = state, error, time.time()
