@@ -809,11 +809,14 @@ class Store:
             facts["Size"] = handle.size
         if self.fs is not None:
             st = self.fs.stat(uuid)
-            if st is not None:
-                facts["FileSystem"] = {"Path": str(self.fs.path(uuid)),
-                                       "StoredSize": st.st_size,
-                                       "Encrypted": self.fs.encrypted(uuid)}
-                facts["Size"] = self.fs.size(uuid)
+            try:
+                if st is not None:
+                    facts["FileSystem"] = {"Path": str(self.fs.path(uuid)),
+                                           "StoredSize": st.st_size,
+                                           "Encrypted": self.fs.encrypted(uuid)}
+                    facts["Size"] = self.fs.size(uuid)
+            except FileNotFoundError:  # moved or deleted this very moment
+                facts.pop("FileSystem", None)
         row = self.journal.get(uuid)
         if row is not None and row.state != PENDING_DELETE:
             facts["ObjectStorage"] = {"Key": row.key, "Uploaded": row.state != PENDING_UPLOAD,

@@ -1,5 +1,5 @@
 """HybridMode and the sidecar: the file-system tier, move-storage jobs, the REST API, the
-Orthanc forwarding plugin. Real mounts, the Debian orthanc package, moto server."""
+Orthanc forwarding plugin. Real mounts, the Debian orthanc package, the cloud emulators."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import local_config
+from tests.conftest import bucket_name, cloud_server, local_config
 from tests.helpers import ROOT, MotoServer, Objfs, make_dicom, rest, wait_until
 from tests.orthanc import HttpError, Orthanc
 from tests.test_codec import MANIFEST, VECTORS, independent_decrypt, key
@@ -81,29 +81,35 @@ def check_reads(orthanc: Orthanc, sent: dict[str, bytes]) -> None:
         assert orthanc.request("GET", f"/instances/{instance}/file") == dicom, instance
 
 
-def hybrid_s3(moto: MotoServer, bucket: str, tmp_path: Path, mode: str, orthanc: Orthanc,
-              fs_dir: Path, **s3: Any) -> dict[str, Any]:
-    return {"AwsS3Storage": moto.s3_section(bucket, HybridMode=mode, **s3),
+def hybrid_config(server: Any, bucket: str, tmp_path: Path, mode: str, orthanc: Orthanc,
+                  fs_dir: Path, **section: Any) -> dict[str, Any]:
+    return {server.section_name: server.section(bucket, HybridMode=mode, **section),
             "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 256,
                       "FileSystemDirectory": str(fs_dir), "Orthanc": {"Url": orthanc.url}}}
 
 
 @pytest.mark.orthanc
+@pytest.mark.parametrize("cloud", ["s3", "azure", "gcs", "s3-encrypted"])
 def test_write_to_file_system_and_moves_both_ways(
-        tmp_path: Path, moto: MotoServer, bucket: str,
+        cloud: str, tmp_path: Path, request: pytest.FixtureRequest,
         objfs_factory: Callable[..., Objfs]) -> None:
+    encrypted = cloud.endswith("-encrypted")
+    server = cloud_server(request, cloud.removesuffix("-encrypted"))
+    bucket = server.new_bucket(bucket_name(request))
     fs_dir = tmp_path / "fs-tier"
     orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt", Plugins=[PYTHON_PLUGIN],
                       PythonScript=str(FORWARDER), UserContentType={"objfs-note": 1030})
-    daemon = objfs_factory(hybrid_s3(moto, bucket, tmp_path, "WriteToFileSystem", orthanc,
-                                     fs_dir)).start()
+    extra = {"StorageEncryption": {"MasterKey": [3, KEY3]}} if encrypted else {}
+    daemon = objfs_factory(hybrid_config(server, bucket, tmp_path, "WriteToFileSystem",
+                                         orthanc, fs_dir, **extra)).start()
     orthanc.config["ObjfsSidecar"] = {"Url": daemon.api}
     orthanc.start()
     try:
         sent = ingest(orthanc, 50, studies=2)
         assert len(fs_files(fs_dir)) == 50
+        assert all((p.read_bytes()[:2] == b"A1") == encrypted for p in fs_files(fs_dir).values())
         daemon.wait_uploaded()
-        assert moto.keys(bucket) == {}
+        assert server.keys(bucket) == {}
         study_a, study_b = sorted(s for s in orthanc.json("GET", "/studies"))
         orthanc.request("PUT", f"/studies/{study_a}/attachments/objfs-note", b"a study note")
         in_a = attachment_uuids(orthanc, "study", study_a)
@@ -120,8 +126,9 @@ def test_write_to_file_system_and_moves_both_ways(
         assert job["State"] == "Success" and job["Progress"] == 100, job
         assert job["Type"] == "MoveStorage" and job["Content"]["Studies"] == [study_a]
         assert job["Content"]["MovedAttachments"] == 26
-        on_disk, in_bucket = fs_files(fs_dir), moto.keys(bucket)
+        on_disk, in_bucket = fs_files(fs_dir), server.keys(bucket)
         assert len(on_disk) == 25 and len(in_bucket) == 26
+        assert all((data[:2] == b"A1") == encrypted for data in in_bucket.values())
         for uuid in in_a:
             assert uuid not in on_disk
             status, where = rest(daemon.api, "GET", f"/attachments/{uuid}")
@@ -135,7 +142,7 @@ def test_write_to_file_system_and_moves_both_ways(
         answer = orthanc.json("POST", "/move-storage",
                               {"Resources": [study_a], "TargetStorage": "file-system"})
         assert answer == {"Studies": [study_a]}
-        assert len(fs_files(fs_dir)) == 51 and moto.keys(bucket) == {}
+        assert len(fs_files(fs_dir)) == 51 and server.keys(bucket) == {}
         for uuid in in_a:
             status, where = rest(daemon.api, "GET", f"/attachments/{uuid}")
             assert "FileSystem" in where and "ObjectStorage" not in where, where
@@ -175,7 +182,7 @@ def test_migration_from_a_plain_storage_directory(
     assert len(fs_files(plain)) == 30
 
     orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt")  # the same index directory
-    config = hybrid_s3(moto, bucket, tmp_path, "Disabled", orthanc, plain,
+    config = hybrid_config(moto, bucket, tmp_path, "Disabled", orthanc, plain,
                        MigrationFromFileSystemEnabled=True)  # the deprecated spelling
     daemon = objfs_factory(config).start()
     assert "MigrationFromFileSystemEnabled is deprecated" in daemon.text()
@@ -214,7 +221,7 @@ def test_job_interrupted_by_kill_9_resumes(tmp_path: Path, moto: MotoServer, buc
                                            objfs_factory: Callable[..., Objfs]) -> None:
     fs_dir = tmp_path / "fs-tier"
     orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt")
-    config = hybrid_s3(moto, bucket, tmp_path, "WriteToFileSystem", orthanc, fs_dir,
+    config = hybrid_config(moto, bucket, tmp_path, "WriteToFileSystem", orthanc, fs_dir,
                        ConnectTimeout=1, RequestTimeout=2)
     daemon = objfs_factory(config).start()
     orthanc.start()
