@@ -222,7 +222,8 @@ def test_job_interrupted_by_kill_9_resumes(tmp_path: Path, moto: MotoServer, buc
     fs_dir = tmp_path / "fs-tier"
     orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt")
     config = hybrid_config(moto, bucket, tmp_path, "WriteToFileSystem", orthanc, fs_dir,
-                       ConnectTimeout=1, RequestTimeout=2)
+                           ConnectTimeout=1, RequestTimeout=2)
+    config["Objfs"]["ReadTimeout"] = 6
     daemon = objfs_factory(config).start()
     orthanc.start()
     assert moto.process is not None
@@ -247,6 +248,25 @@ def test_job_interrupted_by_kill_9_resumes(tmp_path: Path, moto: MotoServer, buc
         assert fs_files(fs_dir) == {} and len(moto.keys(bucket)) == 20
         assert "was interrupted by a stop; it runs again" in daemon.text()
         check_reads(orthanc, sent)
+
+        # A move that cannot complete fails clearly and leaves the source as it was.
+        status, answer = rest(daemon.api, "POST", "/move-storage",
+                              {"Resources": patients, "TargetStorage": "file-system"})
+        assert status == 200 and len(fs_files(fs_dir)) == 20 and moto.keys(bucket) == {}
+        os.kill(moto.process.pid, signal.SIGSTOP)
+        try:
+            status, health = rest(daemon.api, "GET", "/health")
+            assert status == 503 and "the bucket" in health["Problems"][0], health
+            status, answer = rest(daemon.api, "POST", "/move-storage",
+                                  {"Resources": patients, "TargetStorage": "object-storage"})
+            assert status == 500 and answer["Message"].startswith("attachment "), answer
+            job = rest(daemon.api, "GET", answer["Path"])[1]
+            assert job["State"] == "Failure" and job["ErrorDescription"] == answer["Message"]
+            assert len(fs_files(fs_dir)) == 20
+        finally:
+            os.kill(moto.process.pid, signal.SIGCONT)
+        check_reads(orthanc, sent)
+        assert rest(daemon.api, "GET", "/health")[0] == 200
     finally:
         orthanc.stop()
 
@@ -405,3 +425,20 @@ def test_file_system_tier_encryption(tmp_path: Path,
         at(mnt, uuid_for(301)).read_bytes()
     assert info.value.errno == errno.EIO
     assert at(mnt, uuid_for(300)).read_bytes() == data
+
+
+def test_plaintext_file_system_tier_with_encryption_on(
+        tmp_path: Path, objfs_factory: Callable[..., Objfs]) -> None:
+    fs_dir = tmp_path / "fs"
+    vector = MANIFEST["vectors"][0]
+    at(fs_dir, uuid_for(1)).parent.mkdir(parents=True)
+    shutil.copy(VECTORS / vector["ciphertext_file"], at(fs_dir, uuid_for(1)))
+    config = local_config(tmp_path, HybridMode="WriteToFileSystem",
+                          FileSystemDirectory=str(fs_dir), EncryptFileSystemTier=False,
+                          StorageEncryption={"MasterKey": [3, KEY3],
+                                             "PreviousMasterKeys": [[1, KEY1]]})
+    daemon = objfs_factory(config).start()
+    write(at(daemon.mountpoint, uuid_for(2)), b"kept in clear on local disk")
+    assert at(fs_dir, uuid_for(2)).read_bytes() == b"kept in clear on local disk"
+    assert at(daemon.mountpoint, uuid_for(1)).read_bytes() == \
+        (VECTORS / vector["plaintext_file"]).read_bytes()
