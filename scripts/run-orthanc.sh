@@ -67,5 +67,6 @@ for _ in $(seq 300); do
 done
 echo "Orthanc is running on objfs: http://127.0.0.1:$http_port/ (DICOM port $dicom_port)"
 echo "objfs mount: $mnt (bucket: Objfs.LocalBucket, default /var/lib/objfs/bucket)"
+echo "objfs REST API (status, health, move-storage): http://127.0.0.1:8044/status"
 echo "Status: .venv/bin/objfs status ${config_args[*]}   Stop: Ctrl-C"
 wait "$orthanc_pid"
