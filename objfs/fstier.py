@@ -24,7 +24,7 @@ from pathlib import Path
 
 from objfs import codec
 from objfs.errors import Corrupt
-from objfs.fsutil import fsync_path
+from objfs.fsutil import fd_path, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class FileSystemTier:
         os.fdatasync(fd)
         if self.seal is not None:
             sealed = self.partial_path(uuid, ".enc")
-            codec.encrypt_file(Path(f"/proc/self/fd/{fd}"), sealed, self.seal)
+            codec.encrypt_file(fd_path(fd), sealed, self.seal)
             self._publish(sealed, uuid)
             return False
         if not placed:

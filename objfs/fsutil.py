@@ -1,4 +1,5 @@
-"""Small local-filesystem helpers shared by the local tier and the local backend."""
+"""Small local-filesystem helpers shared by the local tier, the file-system tier and the local
+backend."""
 
 from __future__ import annotations
 
@@ -13,3 +14,8 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fd_path(fd: int) -> Path:
+    """A path that opens the file behind `fd` (even if it was unlinked or replaced)."""
+    return Path(f"/proc/self/fd/{fd}")

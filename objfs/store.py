@@ -41,7 +41,7 @@ from objfs.backends.base import Backend, ObjectInfo
 from objfs.cache import LocalTier
 from objfs.config import Settings
 from objfs.fstier import FileSystemTier, sha256_file
-from objfs.fsutil import fsync_path
+from objfs.fsutil import fd_path, fsync_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
 from objfs.retry import RetryPolicy
@@ -409,9 +409,9 @@ class Store:
             self.journal.put_pending(uuid, size)
             return
         assert self.encryption is not None
-        key = self._choose_key(uuid, size, _fd_path(fd))
+        key = self._choose_key(uuid, size, fd_path(fd))
         sealed = self.tier.tmp_path(uuid + ".seal")
-        codec.encrypt_file(_fd_path(fd), sealed, self.encryption.ring)
+        codec.encrypt_file(fd_path(fd), sealed, self.encryption.ring)
         fsync_path(sealed)
         os.replace(sealed, self.tier.path(uuid))
         fsync_path(self.tier.data)  # the rename must be durable before the row says sealed
@@ -477,7 +477,7 @@ class Store:
             while True:
                 handle = self.writing.get(uuid)
                 if handle is not None:  # its own (plaintext) file, even if sealed meanwhile
-                    return os.open(_fd_path(handle.fd), os.O_RDONLY)
+                    return os.open(fd_path(handle.fd), os.O_RDONLY)
                 if fs is not None and self.fs_first:
                     fd = await self._open_fs(uuid)
                     if fd is not None:
@@ -527,7 +527,7 @@ class Store:
         fd = os.open(self.tier.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
         try:
             async with self._crypto_limiter:
-                await trio.to_thread.run_sync(codec.decrypt_file, path, _fd_path(fd),
+                await trio.to_thread.run_sync(codec.decrypt_file, path, fd_path(fd),
                                               self.encryption.ring)
         except FileNotFoundError:
             os.close(fd)
@@ -549,7 +549,7 @@ class Store:
         try:
             async with self._crypto_limiter:
                 await trio.to_thread.run_sync(codec.decrypt_file, self.tier.path(row.uuid),
-                                              _fd_path(fd), self.encryption.ring)
+                                              fd_path(fd), self.encryption.ring)
             if os.fstat(fd).st_size != row.size:
                 raise errors.Corrupt(f"{os.fstat(fd).st_size} bytes, expected {row.size}")
         except BaseException:
@@ -780,7 +780,7 @@ class Store:
                 raise errors.NotFound(f"attachment {uuid} is in neither tier")
             fd = await self.open_read(uuid, objects_only=True)
             try:
-                await trio.to_thread.run_sync(fs.write_copy, _fd_path(fd), uuid)
+                await trio.to_thread.run_sync(fs.write_copy, fd_path(fd), uuid)
             finally:
                 self.close_read(uuid, fd)
             while uuid in self.inflight:  # an upload of it is running: let it settle first
@@ -1002,9 +1002,3 @@ def check_bucket_identity(journal: Journal, identity: str, tier_root: Path) -> N
                     tier_root, known)
         journal.forget_all_clean()
     journal.set_meta("bucket", identity)
-
-
-def _fd_path(fd: int) -> Path:
-    """A path that opens the file behind `fd` (even if it was unlinked or replaced)."""
-    return Path(f"/proc/self/fd/{fd}")
-
