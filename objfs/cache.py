@@ -36,6 +36,8 @@ class LocalTier:
         self.journal = journal
         self.full_timeout = full_timeout
         self.used = 0
+        self.evicted_files = 0  # since start, for the metrics
+        self.evicted_bytes = 0
         self.open_counts: dict[str, int] = {}
         self._atimes: dict[str, float] = {}
         self._space_freed = trio.Event()
@@ -127,10 +129,12 @@ class LocalTier:
                 removed.append(uuid)
                 freed += size
             self.journal.uncache(removed)
+            self.evicted_files += len(removed)
             skip.update(removed)
         if freed:
             log.debug("evicted %d bytes of clean cached copies", freed)
             self.used = max(0, self.used - freed)
+            self.evicted_bytes += freed
         return freed
 
     # --- open files and recency ---------------------------------------------------------------

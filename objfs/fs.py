@@ -25,6 +25,7 @@ import pyfuse3
 from objfs import layout
 from objfs.errnos import errno_for
 from objfs.errors import Immutable, InvalidName, ObjfsError
+from objfs.metrics import Tally
 from objfs.store import Store, WriteHandle
 
 log = logging.getLogger(__name__)
@@ -42,22 +43,27 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def errno_boundary(fn: F) -> F:
-    """Turn any exception a handler raises into a FUSEError with the table's errno."""
+    """Turn any exception a handler raises into a FUSEError with the table's errno, and count
+    the request by operation and result in the instance's `tally`."""
+    name = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any) -> Any:
+    async def wrapper(self: Operations, *args: Any) -> Any:
         try:
-            return await fn(*args)
-        except pyfuse3.FUSEError:
+            result = await fn(self, *args)
+        except pyfuse3.FUSEError as exc:
+            self.tally.fuse_ops[name, errno.errorcode.get(exc.errno, str(exc.errno))] += 1
             raise
         except Exception as exc:
             code = errno_for(exc)
             if code == errno.EIO or not isinstance(exc, ObjfsError | OSError):
-                log.error("%s failed: %s", fn.__name__, exc,
-                          exc_info=not isinstance(exc, ObjfsError))
+                log.error("%s failed: %s", name, exc, exc_info=not isinstance(exc, ObjfsError))
             elif code not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
-                log.warning("%s refused (%s): %s", fn.__name__, errno.errorcode.get(code), exc)
+                log.warning("%s refused (%s): %s", name, errno.errorcode.get(code), exc)
+            self.tally.fuse_ops[name, errno.errorcode.get(code, str(code))] += 1
             raise pyfuse3.FUSEError(code) from None
+        self.tally.fuse_ops[name, "OK"] += 1
+        return result
 
     return wrapper  # type: ignore[return-value]
 
@@ -110,9 +116,10 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, store: Store, passthrough: Path, uid: int, gid: int,
-                 dir_mode: int) -> None:
+                 dir_mode: int, tally: Tally) -> None:
         super().__init__()
         self.store = store
+        self.tally = tally
         self.passthrough = passthrough
         self.uid, self.gid = uid, gid
         self.dir_mode = stat.S_IFDIR | (dir_mode & 0o7777)

@@ -44,6 +44,7 @@ from objfs.fstier import FileSystemTier, sha256_file
 from objfs.fsutil import fd_path, fsync_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
+from objfs.metrics import Tally, error_class
 from objfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ class Store:
     """Attachment operations for the fs layer. Every method runs on the event loop."""
 
     def __init__(self, settings: Settings, backend: Backend, journal: Journal,
-                 tier: LocalTier) -> None:
+                 tier: LocalTier, tally: Tally) -> None:
         self.layout: Layout = settings.layout
+        self.tally = tally
         self.backend = backend
         self.journal = journal
         self.tier = tier
@@ -876,6 +878,7 @@ class Store:
                 await self.backend.put(key, path)
 
             def record(exc: errors.ObjfsError) -> None:
+                self.tally.upload_errors[error_class(exc)] += 1
                 self.journal.set_error(uuid, str(exc))
 
             try:
@@ -890,6 +893,7 @@ class Store:
             self._queue_delete(uuid)
         elif row is not None:
             await self._j(self.journal.mark_uploaded, uuid, key)
+            self.tally.uploads += 1
             self.tier.space_changed()
 
     def _choose_key(self, uuid: str, size: int, source: Path | None = None) -> str:

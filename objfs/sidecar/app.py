@@ -5,6 +5,7 @@
 - ``GET /jobs`` (``?expand``), ``GET /jobs/{id}``, ``POST /jobs/{id}/cancel``.
 - ``GET /attachments/{uuid}``: which tier holds an attachment, its object key and size.
 - ``GET /status``, ``GET /health`` (200, or 503 with the reason).
+- ``GET /metrics``: Prometheus text format (see `objfs.metrics`).
 
 Errors answer Orthanc-like JSON ``{"HttpStatus": n, "Message": "..."}``. With credentials
 configured every request needs HTTP basic auth (401 otherwise).
@@ -31,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from objfs import errors, status
 from objfs.config import RestApiSettings, Settings
+from objfs.metrics import CONTENT_TYPE, Metrics
 from objfs.sidecar.jobs import TARGETS, Jobs
 from objfs.sidecar.orthanc import OrthancClient
 from objfs.store import Store
@@ -75,8 +77,9 @@ class Sidecar:
     """The endpoints, over the daemon's store, jobs and Orthanc client."""
 
     def __init__(self, settings: Settings, store: Store, jobs: Jobs, orthanc: OrthancClient,
-                 mountpoint: Path, mounted: Callable[[], bool]) -> None:
+                 metrics: Metrics, mountpoint: Path, mounted: Callable[[], bool]) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.store = store
         self.jobs = jobs
         self.orthanc = orthanc
@@ -92,6 +95,7 @@ class Sidecar:
             Route("/attachments/{uuid}", self.attachment, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
         ]
         app: ASGIApp = Starlette(routes=routes)
         if rest.username is not None and rest.password is not None:
@@ -163,6 +167,9 @@ class Sidecar:
         stats = self.store.journal.stats()
         found = await trio.to_thread.run_sync(status.facts, stats, self.settings, self.store.fs)
         return JSONResponse(found)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def health(self, request: Request) -> Response:
         problems = []
