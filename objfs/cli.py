@@ -1,4 +1,4 @@
-"""The ``objfs`` command: mount, status, keys generate, rekey, --version.
+"""The ``objfs`` command: mount, status, config show/check, keys generate, rekey, --version.
 
 User mistakes (bad configuration, busy cache directory, unusable bucket) print one line on
 stderr and exit with status 2 (configuration) or 1 (anything else), without a traceback.
@@ -10,18 +10,30 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from objfs import __version__, errors, status
+from objfs import __version__, errors, logs, status
 from objfs.codec import write_key_file
-from objfs.config import Settings, load_settings
+from objfs.config import (
+    DEFAULT_CONFIG_DIR,
+    Problems,
+    Settings,
+    load_settings,
+    load_tree,
+    masked,
+    settings_from_tree,
+)
 from objfs.fstier import FileSystemTier
 from objfs.journal import Journal
 from objfs.rekey import rekey
 
 log = logging.getLogger(__name__)
+
+DRAIN_REFRESH = 1.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,22 +45,33 @@ def _parser() -> argparse.ArgumentParser:
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", action="append", default=[], metavar="PATH",
                        help="a JSON file, or a directory whose *.json files are merged; "
-                            "repeatable, later wins")
+                            f"repeatable, later wins (default: {DEFAULT_CONFIG_DIR})")
+
+    def with_log_level(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     mount = sub.add_parser("mount", help="mount and serve in the foreground")
     with_config(mount)
-    mount.add_argument("--log-level", default="INFO",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    with_log_level(mount)
     mount.add_argument("mountpoint", type=Path)
-    status = sub.add_parser("status", help="pending uploads and cache use, from the journal")
+    status = sub.add_parser("status", help="pending uploads and cache use, from the journal; "
+                            "follows the progress while the daemon drains at shutdown")
     with_config(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    config = sub.add_parser("config", help="the merged configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print objfs' sections, secrets masked")
+    with_config(show)
+    check = config_sub.add_parser("check", help="validate; list every problem, exit 2 if any")
+    with_config(check)
     keys = sub.add_parser("keys", help="master key files")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_sub.add_parser("generate", help="write a new random master key (mode 0600)")
     generate.add_argument("path", type=Path)
     rekey = sub.add_parser("rekey", help="re-encrypt the bucket under the current MasterKey")
     with_config(rekey)
+    with_log_level(rekey)
     rekey.add_argument("--dry-run", action="store_true", help="count, change nothing")
     rekey.add_argument("--include-unencrypted", action="store_true",
                        help="also encrypt objects that are not encrypted")
@@ -61,6 +84,25 @@ def _status(settings: Settings, as_json: bool) -> int:
         print(f"objfs: no journal at {path} (never mounted with this CacheDirectory)",
               file=sys.stderr)
         return 1
+    found = _facts(settings, path)
+    state = status.daemon_phase(settings.cache_directory)
+    if as_json:
+        found["daemon"] = state["phase"] if state else "stopped"
+        print(json.dumps(found, indent=2))
+        return 0
+    print(status.render(settings, found))
+    print(f"daemon:           {state['phase'] if state else 'not running'}")
+    while state is not None and state["phase"] == "draining":
+        print(status.drain_line(state, found), flush=True)
+        time.sleep(DRAIN_REFRESH)
+        found = _facts(settings, path)
+        state = status.daemon_phase(settings.cache_directory)
+    if state is None and found["pending_uploads"]:
+        print(f"{found['pending_uploads']} uploads stay journaled; they resume at the next start")
+    return 0
+
+
+def _facts(settings: Settings, path: Path) -> dict[str, Any]:
     journal = Journal(path, readonly=True)
     try:
         stats = journal.stats()
@@ -69,9 +111,36 @@ def _status(settings: Settings, as_json: bool) -> int:
     fs = None
     if settings.fs_directory is not None:
         fs = FileSystemTier(settings.fs_directory, None, False)
-    found = status.facts(stats, settings, fs)
-    print(json.dumps(found, indent=2) if as_json else status.render(settings, found))
+    return status.facts(stats, settings, fs)
+
+
+def _config(command: str, paths: list[str]) -> int:
+    problems = Problems()
+    tree = load_tree(paths, problems=problems)
+    settings = None
+    try:
+        settings = settings_from_tree(tree)
+    except errors.ConfigError as exc:
+        problems.found.extend(exc.problems)
+    if command == "show":
+        print(json.dumps(masked(tree), indent=2))
+    if problems.found:
+        print(f"objfs: {len(problems.found)} configuration problem(s):", file=sys.stderr)
+        for problem in problems.found:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    if command == "check":
+        assert settings is not None
+        print(f"objfs: configuration OK: {settings.provider} bucket, "
+              f"{settings.layout.structure} layout, HybridMode {settings.hybrid_mode}, "
+              f"cache {settings.cache_directory}")
     return 0
+
+
+def _config_paths(given: list[str]) -> list[str]:
+    if given:
+        return given
+    return [DEFAULT_CONFIG_DIR] if Path(DEFAULT_CONFIG_DIR).is_dir() else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"objfs: wrote a new master key to {args.path} (mode 0600); keep a copy: "
                   "without it, what it encrypts cannot be read")
             return 0
-        settings = load_settings(args.config)
+        paths = _config_paths(args.config)
+        if args.command == "config":
+            return _config(args.config_command, paths)
+        settings = load_settings(paths)
         if args.command == "status":
             return _status(settings, args.json)
-        logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        # The Azure SDK logs every HTTP request at INFO.
-        logging.getLogger("azure").setLevel(logging.WARNING)
+        logs.setup(getattr(args, "log_level", "INFO"))
         if args.command == "rekey":
             summary = trio.run(rekey, settings, args.dry_run, args.include_unencrypted)
             print(f"objfs rekey{' (dry run)' if args.dry_run else ''}: "
@@ -99,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve, settings, args.mountpoint)
         return 0
     except errors.ConfigError as exc:
-        print(f"objfs: configuration error: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"objfs: configuration error: {problem}", file=sys.stderr)
         return 2
     except (errors.ObjfsError, OSError) as exc:
         print(f"objfs: {exc}", file=sys.stderr)

@@ -1,23 +1,26 @@
 """Configuration: JSON files, Docker secrets and environment variables -> one typed `Settings`.
 
-Sources, later wins: JSON files (a file, or every ``*.json`` of a directory in name order),
-then files in the secrets directory (default ``/run/secrets``) named like environment variables,
-then environment variables ``ORTHANC__SECTION__KEY`` (orthancteam naming; a value is parsed as
-JSON when it is JSON, else taken as a string). The plugins' sections are read verbatim; objfs'
-own options live in the ``Objfs`` section.
+Sources, later wins, in the orthancteam images' order: JSON files (a file, or every ``*.json``
+of a directory in name order; default ``/etc/orthanc``) and the secrets directory's ``*.json``
+(default ``/run/secrets``); ``ORTHANC_JSON`` (a whole JSON root); environment variables
+``ORTHANC__SECTION__KEY`` (orthancteam naming; a value is parsed as JSON when it is JSON, else
+taken as a string); then secret files named like those variables, or named by a variable
+``ORTHANC__SECTION__KEY_SECRET``. JSON may hold ``//`` and ``/* */`` comments, as Orthanc's own
+files do. The plugins' sections are read verbatim; objfs' own options live in ``Objfs``.
 
-Every problem raises `ConfigError` with the JSON path in its message. Pure apart from reading
-the files it is pointed at.
+Every problem is reported, all together, as a `ConfigError` naming each JSON path. Pure apart
+from reading the files it is pointed at.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ GCS_SECTION = "GoogleCloudStorage"
 OBJFS_SECTION = "Objfs"
 ENV_PREFIX = "ORTHANC__"
 DEFAULT_SECRETS_DIR = "/run/secrets"
+DEFAULT_CONFIG_DIR = "/etc/orthanc"  # where the orthancteam images keep their JSON
 
 
 @dataclass(frozen=True)
@@ -302,12 +306,23 @@ class Settings:
 # --- orthancteam environment-variable naming --------------------------------------------------
 
 _WORD_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# Names the orthancteam images do not derive by their rule (their non-standard table).
+ENV_EXCEPTIONS = {"PostgreSQL": "POSTGRESQL", "MySQL": "MYSQL"}
+_JSON_EXCEPTIONS = {v: k for k, v in ENV_EXCEPTIONS.items()}
+SECRET_SUFFIX = "_SECRET"
+WHOLE_ROOT_ENV = "ORTHANC_JSON"
 
 
 def env_word(name: str) -> str:
     """CamelCase -> CAMEL_CASE as the orthancteam images do (``AwsS3Storage`` ->
     ``AWS_S3_STORAGE``, ``SseKmsKeyId`` -> ``SSE_KMS_KEY_ID``)."""
-    return _WORD_BOUNDARY.sub("_", name).upper()
+    return ENV_EXCEPTIONS.get(name) or _WORD_BOUNDARY.sub("_", name).upper()
+
+
+def json_word(word: str) -> str:
+    """The orthancteam rule back: each ``_``-separated word keeps its first character and
+    lower-cases the rest (``AWS_S3_STORAGE`` -> ``AwsS3Storage``)."""
+    return _JSON_EXCEPTIONS.get(word) or "".join(w[:1] + w[1:].lower() for w in word.split("_"))
 
 
 def env_name(*path: str) -> str:
@@ -315,16 +330,9 @@ def env_name(*path: str) -> str:
     return ENV_PREFIX + "__".join(env_word(p) for p in path)
 
 
-def _env_paths() -> dict[str, tuple[str, ...]]:
-    paths: dict[str, tuple[str, ...]] = {}
-    for section, options in SECTIONS.items():
-        paths[env_name(section)] = (section,)
-        for name in [*options, *(S3_PLUGIN_ONLY if section == S3_SECTION else ())]:
-            paths[env_name(section, name)] = (section, name)
-        for sub_name, sub_options in _subsections(section).items():
-            for sub in sub_options:
-                paths[env_name(section, sub_name, sub)] = (section, sub_name, sub)
-    return paths
+def env_path(name: str) -> tuple[str, ...]:
+    """The JSON path an ``ORTHANC__...`` variable (or secret file) name sets."""
+    return tuple(json_word(w) for w in name[len(ENV_PREFIX):].split("__"))
 
 
 def _subsections(section: str) -> dict[str, dict[str, Option]]:
@@ -335,7 +343,46 @@ def _subsections(section: str) -> dict[str, dict[str, Option]]:
     return subs
 
 
-ENV_PATHS = _env_paths()
+def _known_paths() -> set[tuple[str, ...]]:
+    paths: set[tuple[str, ...]] = set()
+    for section, options in SECTIONS.items():
+        paths.add((section,))
+        for name in [*options, *(S3_PLUGIN_ONLY if section == S3_SECTION else ())]:
+            paths.add((section, name))
+        for sub_name, sub_options in _subsections(section).items():
+            paths.update((section, sub_name, sub) for sub in sub_options)
+    return paths
+
+
+KNOWN_PATHS = _known_paths()
+# Option values that `objfs config show` masks.
+SECRET_OPTIONS = {"AccessKey", "SecretKey", "Password", "ConnectionString"}
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+class Problems:
+    """Every problem found in one pass, so that one run of `objfs config check` (or a failed
+    start) lists them all."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.found.append(message)
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """Record a ConfigError raised in the block and carry on after it."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.found.extend(exc.problems)
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise ConfigError(*self.found)
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -343,9 +390,6 @@ def _parse_env_value(raw: str) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
-
-
-# --- loading ---------------------------------------------------------------------------------
 
 
 def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -358,7 +402,33 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _json_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+def strip_comments(text: str) -> str:
+    """Remove ``//`` and ``/* */`` comments outside strings (Orthanc accepts them in its JSON
+    files; Debian's orthanc.json has many)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            out.append(" ")
+            i = n if end < 0 else end + 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _json_files(paths: Iterable[str | os.PathLike[str]], problems: Problems) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -367,20 +437,26 @@ def _json_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ConfigError(f"{path}: no such configuration file or directory")
+            problems.add(f"{path}: no such configuration file or directory")
     return files
+
+
+def _parse_json_object(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = json.loads(strip_comments(text))
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: invalid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a JSON object")
+    return data
 
 
 def _load_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a JSON object")
-    return data
+    return _parse_json_object(text, str(path))
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any, origin: str) -> None:
@@ -395,53 +471,87 @@ def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any, origin: s
     node[path[-1]] = value
 
 
-def _overrides(named: Mapping[str, str], origin: str, tree: dict[str, Any]) -> dict[str, Any]:
-    for name in sorted(named):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = ENV_PATHS.get(name)
-        if path is None:
-            if name.startswith(env_name(OBJFS_SECTION) + "__"):
-                raise ConfigError(f"{name} (from {origin}): unknown option in section Objfs")
-            continue  # another ORTHANC__ variable: Orthanc's, not ours
-        value = _parse_env_value(named[name])
-        if len(path) == 1 or (len(path) == 2 and path[1] in _subsections(path[0])):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{'.'.join(path)} (from {origin} {name}): "
-                                  "expected a JSON object")
-            base: Any = tree
-            for part in path:
-                base = base.get(part, {}) if isinstance(base, dict) else {}
-            value = _deep_merge(base if isinstance(base, dict) else {}, value)
-        _set_path(tree, path, value, f"{origin} {name}")
-    return tree
+def _override(tree: dict[str, Any], name: str, raw: str, origin: str) -> None:
+    """Apply one ``ORTHANC__...`` value to `tree`; names outside objfs' sections are
+    Orthanc's and ignored."""
+    path = env_path(name)
+    if path[0] not in SECTIONS:
+        return
+    where = f"{origin} {name}"
+    if path not in KNOWN_PATHS and path[0] == OBJFS_SECTION:
+        raise ConfigError(f"{name} (from {origin}): unknown option in section Objfs")
+    value = _parse_env_value(raw)
+    if len(path) == 1 or (len(path) == 2 and path[1] in _subsections(path[0])):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{'.'.join(path)} (from {where}): expected a JSON object")
+        base: Any = tree
+        for part in path:
+            base = base.get(part, {}) if isinstance(base, dict) else {}
+        value = _deep_merge(base if isinstance(base, dict) else {}, value)
+    _set_path(tree, path, value, where)
 
 
-def _read_secrets(directory: Path) -> dict[str, str]:
-    secrets: dict[str, str] = {}
-    if not directory.is_dir():
-        return secrets
-    for entry in sorted(directory.iterdir()):
-        if entry.name.startswith(ENV_PREFIX) and entry.is_file():
-            try:
-                secrets[entry.name] = entry.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"{entry}: cannot read secret: {exc.strerror}") from exc
-    return secrets
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read secret: {exc.strerror}") from exc
 
 
 def load_tree(config_paths: Iterable[str | os.PathLike[str]],
               environ: Mapping[str, str] | None = None,
-              secrets_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Merge every source into one JSON tree (no validation)."""
+              secrets_dir: str | os.PathLike[str] | None = None,
+              problems: Problems | None = None) -> dict[str, Any]:
+    """Merge every source into one JSON tree (no validation), in the orthancteam images'
+    order, later wins: the JSON files (each path a file or a directory of ``*.json``), the
+    secrets directory's ``*.json``; ``ORTHANC_JSON``; ``ORTHANC__...`` variables; secrets
+    named like those variables, and variables ``NAME_SECRET=file`` naming a secret file that
+    holds NAME's value. Problems go to `problems`, or are raised together at the end."""
     environ = os.environ if environ is None else environ
-    tree: dict[str, Any] = {}
-    for path in _json_files(config_paths):
-        tree = _deep_merge(tree, _load_json(path))
+    own = problems if problems is not None else Problems()
     secrets = Path(secrets_dir or environ.get("OBJFS_SECRETS_DIR", DEFAULT_SECRETS_DIR))
-    _overrides(_read_secrets(secrets), "secret", tree)
-    _overrides(environ, "environment variable", tree)
+    files = _json_files(config_paths, own)
+    if secrets.is_dir():
+        files += sorted(p for p in secrets.iterdir() if p.suffix == ".json" and p.is_file())
+    tree: dict[str, Any] = {}
+    for path in files:
+        with own.collect():
+            tree = _deep_merge(tree, _load_json(path))
+    if WHOLE_ROOT_ENV in environ:
+        with own.collect():
+            tree = _deep_merge(tree, _parse_json_object(environ[WHOLE_ROOT_ENV],
+                                                        f"environment variable {WHOLE_ROOT_ENV}"))
+    indirect: dict[str, str] = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name.endswith(SECRET_SUFFIX):
+            indirect[name[:-len(SECRET_SUFFIX)]] = environ[name]
+            continue
+        with own.collect():
+            _override(tree, name, environ[name], "environment variable")
+    named: dict[str, Path] = {}
+    if secrets.is_dir():
+        named = {p.name: p for p in secrets.iterdir()
+                 if p.name.startswith(ENV_PREFIX) and p.is_file()}
+    for name, file_name in indirect.items():
+        named[name] = secrets / file_name
+    for name in sorted(named):
+        with own.collect():
+            _override(tree, name, _read_secret(named[name]), f"secret {named[name]}")
+    if problems is None:
+        own.raise_any()
     return tree
+
+
+def masked(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """objfs' sections of `tree` with secret values replaced, for display."""
+    def walk(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        return {k: "********" if k in SECRET_OPTIONS and isinstance(v, str) else walk(v)
+                for k, v in node.items()}
+    return {k: walk(v) for k, v in tree.items() if k in SECTIONS}
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -457,8 +567,10 @@ def _section(tree: Mapping[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def _validate(section_name: str, section: Mapping[str, Any], options: Mapping[str, Option],
-              ignored: Iterable[str] = (), strict: bool = True) -> dict[str, Any]:
-    """Check types and values; returns every option of `options` with defaults filled in."""
+              problems: Problems, ignored: Iterable[str] = (),
+              strict: bool = True) -> dict[str, Any]:
+    """Check types and values; returns every option of `options`, defaults filled in (also
+    for the options found wrong, which are recorded in `problems`)."""
     out: dict[str, Any] = {}
     for key, value in section.items():
         path = f"{section_name}.{key}"
@@ -467,7 +579,7 @@ def _validate(section_name: str, section: Mapping[str, Any], options: Mapping[st
             if key in ignored:
                 log.info("%s is an option of the Orthanc plugin only; objfs ignores it", path)
             elif strict:
-                raise ConfigError(f"{path}: unknown option")
+                problems.add(f"{path}: unknown option")
             else:
                 log.warning("%s: unknown option, ignored", path)
             continue
@@ -476,11 +588,13 @@ def _validate(section_name: str, section: Mapping[str, Any], options: Mapping[st
         wrong_bool = isinstance(value, bool) and bool not in option.types
         if wrong_bool or not isinstance(value, option.types):
             wanted = " or ".join(t.__name__ for t in option.types).replace("dict", "object")
-            raise ConfigError(f"{path}: expected {wanted}, got {json.dumps(value)}")
+            problems.add(f"{path}: expected {wanted}, got {json.dumps(value)}")
+            continue
         if option.check is not None:
             problem = option.check(value)
             if problem:
-                raise ConfigError(f"{path}: {problem} (got {json.dumps(value)})")
+                problems.add(f"{path}: {problem} (got {json.dumps(value)})")
+                continue
         out[key] = value
     for key, option in options.items():
         out.setdefault(key, option.default)
@@ -499,24 +613,31 @@ def _key_entry(path: str, entry: Any) -> tuple[int, bytes]:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _encryption(section_name: str, raw: Mapping[str, Any] | None) -> Encryption | None:
+def _encryption(section_name: str, raw: Mapping[str, Any] | None,
+                problems: Problems) -> Encryption | None:
     """The plugin's ``StorageEncryption`` object; unlike the plugin, any mistake is an error
     (the plugin silently stores plaintext)."""
     path = f"{section_name}.StorageEncryption"
     if raw is None:
         return None
-    values = _validate(path, raw, ENCRYPTION_OPTIONS)
+    values = _validate(path, raw, ENCRYPTION_OPTIONS, problems)
     if not values["Enable"]:
         return None
     if values["MasterKey"] is None:
         raise ConfigError(f"{path}.MasterKey: missing (required when Enable is true)")
-    current_id, current = _key_entry(f"{path}.MasterKey", values["MasterKey"])
-    keys = {current_id: current}
+    keys: dict[int, bytes] = {}
+    current_id = None
+    with problems.collect():
+        current_id, keys[current_id] = _key_entry(f"{path}.MasterKey", values["MasterKey"])
     for i, entry in enumerate(values["PreviousMasterKeys"] or []):
-        key_id, key = _key_entry(f"{path}.PreviousMasterKeys[{i}]", entry)
-        if key_id in keys:
-            raise ConfigError(f"{path}.PreviousMasterKeys[{i}]: key id {key_id} is used twice")
-        keys[key_id] = key
+        with problems.collect():
+            key_id, key = _key_entry(f"{path}.PreviousMasterKeys[{i}]", entry)
+            if key_id in keys:
+                raise ConfigError(f"{path}.PreviousMasterKeys[{i}]: key id {key_id} is used "
+                                  "twice")
+            keys[key_id] = key
+    if current_id is None:
+        return None  # the problem is recorded
     return Encryption(KeyRing(current_id, keys), values["MaxConcurrentInputSize"] * MIB)
 
 
@@ -529,9 +650,9 @@ def _hybrid_mode(section_name: str, values: Mapping[str, Any]) -> str:
     return mode
 
 
-def _rest_api(raw: Mapping[str, Any] | None) -> RestApiSettings | None:
+def _rest_api(raw: Mapping[str, Any] | None, problems: Problems) -> RestApiSettings | None:
     path = f"{OBJFS_SECTION}.RestApi"
-    values = _validate(path, raw or {}, REST_API_OPTIONS)
+    values = _validate(path, raw or {}, REST_API_OPTIONS, problems)
     if not values["Enable"]:
         return None
     if (values["Username"] is None) != (values["Password"] is None):
@@ -547,8 +668,8 @@ def _rest_api(raw: Mapping[str, Any] | None) -> RestApiSettings | None:
     return RestApiSettings(host, values["Port"], values["Username"], values["Password"])
 
 
-def _orthanc(raw: Mapping[str, Any] | None) -> OrthancSettings:
-    values = _validate(f"{OBJFS_SECTION}.Orthanc", raw or {}, ORTHANC_OPTIONS)
+def _orthanc(raw: Mapping[str, Any] | None, problems: Problems) -> OrthancSettings:
+    values = _validate(f"{OBJFS_SECTION}.Orthanc", raw or {}, ORTHANC_OPTIONS, problems)
     if (values["Username"] is None) != (values["Password"] is None):
         raise ConfigError(f"{OBJFS_SECTION}.Orthanc.Username/Password: give both or neither")
     return OrthancSettings(values["Url"].rstrip("/"), values["Username"], values["Password"],
@@ -612,41 +733,58 @@ def _gcs(values: Mapping[str, Any]) -> GcsSettings:
 
 
 def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
-    """Validate a merged JSON tree into `Settings`; raises ConfigError naming the JSON path."""
-    own_raw = _section(tree, OBJFS_SECTION) or {}
-    own = _validate(OBJFS_SECTION, own_raw, OBJFS_OPTIONS)
-    present = [name for name in PROVIDERS if _section(tree, name) is not None]
+    """Validate a merged JSON tree into `Settings`; raises one ConfigError listing every
+    problem, each naming its JSON path."""
+    problems = Problems()
+    own_raw: dict[str, Any] = {}
+    with problems.collect():
+        own_raw = _section(tree, OBJFS_SECTION) or {}
+    own = _validate(OBJFS_SECTION, own_raw, OBJFS_OPTIONS, problems)
+    present = []
+    for name in PROVIDERS:
+        with problems.collect():
+            if _section(tree, name) is not None:
+                present.append(name)
     if len(present) > 1:
-        raise ConfigError(f"{' and '.join(present)}: only one object-storage section may be "
-                          "configured")
+        problems.add(f"{' and '.join(present)}: only one object-storage section may be "
+                     "configured")
     clouds: dict[str, Any] = {}
     if present:
         section = present[0]
-        raw = _section(tree, section) or {}
-        misplaced = [k for k in COMMON_OPTIONS if k in own_raw]
-        if misplaced:
-            raise ConfigError(f"{OBJFS_SECTION}.{misplaced[0]}: with a {section} section this "
-                              f"option belongs in {section}")
+        raw = tree[section]
+        for key in COMMON_OPTIONS:
+            if key in own_raw:
+                problems.add(f"{OBJFS_SECTION}.{key}: with a {section} section this option "
+                             f"belongs in {section}")
         ignored = S3_PLUGIN_ONLY if section == S3_SECTION else ()
-        values = _validate(section, raw, SECTIONS[section], ignored, strict=False)
+        values = _validate(section, raw, SECTIONS[section], problems, ignored, strict=False)
         provider = PROVIDERS[section]
-        if provider == "s3":
-            clouds["s3"] = _s3(raw, values)
-        elif provider == "azure":
-            clouds["azure"] = _azure(values)
-        else:
-            clouds["gcs"] = _gcs(values)
+        with problems.collect():
+            if provider == "s3":
+                clouds["s3"] = _s3(raw, values)
+            elif provider == "azure":
+                clouds["azure"] = _azure(values)
+            else:
+                clouds["gcs"] = _gcs(values)
     else:
         section, values, provider = OBJFS_SECTION, own, "local"
     layout = Layout(values["StorageStructure"], values["RootPath"])
     hybrid = _hybrid_mode(section, values)
     if hybrid != "Disabled" and not own["FileSystemDirectory"]:
-        raise ConfigError(f"{OBJFS_SECTION}.FileSystemDirectory: missing (required with "
-                          f"{section}.HybridMode {hybrid!r})")
-    encryption = _encryption(section, values["StorageEncryption"])
+        problems.add(f"{OBJFS_SECTION}.FileSystemDirectory: missing (required with "
+                     f"{section}.HybridMode {hybrid!r})")
+    encryption = rest_api = None
+    orthanc = OrthancSettings("http://127.0.0.1:8042", None, None, 60.0)
+    with problems.collect():
+        encryption = _encryption(section, values["StorageEncryption"], problems)
     if own["EncryptLocalCache"] and encryption is None:
-        raise ConfigError(f"{OBJFS_SECTION}.EncryptLocalCache: needs StorageEncryption enabled "
-                          f"(in {section})")
+        problems.add(f"{OBJFS_SECTION}.EncryptLocalCache: needs StorageEncryption enabled "
+                     f"(in {section})")
+    with problems.collect():
+        rest_api = _rest_api(own["RestApi"], problems)
+    with problems.collect():
+        orthanc = _orthanc(own["Orthanc"], problems)
+    problems.raise_any()
     return Settings(
         provider=provider, layout=layout, legacy_unknown_files=values["EnableLegacyUnknownFiles"],
         local_bucket=Path(own["LocalBucket"]), cache_directory=Path(own["CacheDirectory"]),
@@ -658,13 +796,20 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
         allow_unencrypted_reads=own["AllowUnencryptedReads"],
         encrypt_local_cache=own["EncryptLocalCache"], hybrid_mode=hybrid,
         fs_directory=Path(own["FileSystemDirectory"]) if hybrid != "Disabled" else None,
-        encrypt_fs_tier=own["EncryptFileSystemTier"], rest_api=_rest_api(own["RestApi"]),
-        orthanc=_orthanc(own["Orthanc"]), **clouds,
+        encrypt_fs_tier=own["EncryptFileSystemTier"], rest_api=rest_api,
+        orthanc=orthanc, **clouds,
     )
 
 
 def load_settings(config_paths: Iterable[str | os.PathLike[str]] = (),
                   environ: Mapping[str, str] | None = None,
                   secrets_dir: str | os.PathLike[str] | None = None) -> Settings:
-    """Read every source and validate; raises ConfigError with a one-line message."""
-    return settings_from_tree(load_tree(config_paths, environ, secrets_dir))
+    """Read every source and validate; raises one ConfigError listing every problem."""
+    problems = Problems()
+    tree = load_tree(config_paths, environ, secrets_dir, problems)
+    try:
+        settings = settings_from_tree(tree)
+    except ConfigError as exc:
+        problems.found.extend(exc.problems)
+    problems.raise_any()
+    return settings

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -28,6 +30,8 @@ from objfs.cache import LocalTier
 from objfs.config import Settings
 from objfs.fs import Operations
 from objfs.journal import Journal
+from objfs.metrics import Metrics
+from objfs.notify import Notifier
 from objfs.retry import RetryPolicy
 from objfs.sidecar.app import Sidecar
 from objfs.sidecar.jobs import Jobs
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 
 FSNAME = "objfs"
 PROBE = RetryPolicy(deadline=10.0)
+STATUS_INTERVAL = 5.0
+MIB = 1024 * 1024
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -113,12 +119,54 @@ async def _probe(backend: Backend, settings: Settings) -> None:
                     "and uploaded when it answers", exc)
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
+            notifier.stopping("unmounting")
             pyfuse3.terminate()
             return
+
+
+async def _announce_ready(mountpoint: Path, root_ino: int, notifier: Notifier,
+                          status: Callable[[], str]) -> None:
+    """READY=1 once a stat of the mount point is answered by this daemon (pyfuse3's main
+    loop is running); a mount that does not answer is never reported ready."""
+    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    if st.st_ino != root_ino:
+        raise errors.BackendError(f"{mountpoint} does not show the objfs mount")
+    notifier.ready(status())
+    log.debug("the mount answers; readiness reported")
+
+
+async def _report_status(notifier: Notifier, status: Callable[[], str]) -> None:
+    while True:
+        await trio.sleep(STATUS_INTERVAL)
+        notifier.status(status())
+
+
+def running_status(store: Store) -> str:
+    """The one-line STATUS= text while mounted."""
+    stats = store.journal.stats()
+    line = f"{stats.pending_uploads} uploads queued ({_mib(stats.pending_upload_bytes)})"
+    if stats.oldest_pending is not None:
+        line += f", oldest {max(0.0, time.time() - stats.oldest_pending):.0f}s"
+    if stats.failing:
+        line += f", {stats.failing} failing"
+    tier = store.tier
+    return f"{line}; cache {_mib(tier.used)} of {_mib(tier.capacity)}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.1f} MiB"
+
+
+def write_state(root: Path, phase: str, **facts: float) -> None:
+    """Record the daemon's phase for `objfs status` (atomically; not fsynced: it only informs
+    a human and is rewritten at every start)."""
+    tmp = root / "state.json.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "phase": phase, **facts}), encoding="utf-8")
+    os.replace(tmp, root / "state.json")
 
 
 async def serve(settings: Settings, mountpoint: Path) -> None:
@@ -140,48 +188,88 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         check_bucket_identity(journal, bucket_identity(settings), root)
         tier = LocalTier(root, settings.cache_size, journal, settings.cache_full_timeout)
         tier.recover()
-        backend = open_backend(settings)
+        metrics = Metrics()
+        backend = metrics.instrument(open_backend(settings))
         stack.push_async_callback(backend.aclose)
         await _probe(backend, settings)
-        store = Store(settings, backend, journal, tier)
+        store = Store(settings, backend, journal, tier, metrics.tally)
+        metrics.attach(store, tier, backend, root / "journal.sqlite")
         if store.fs is not None:
             _prepare_fs_tier(store.fs.prepare, settings)
         orthanc = OrthancClient(settings.orthanc)
         stack.push_async_callback(orthanc.aclose)
         jobs = Jobs(journal, store, orthanc)
-        ops = Operations(store, root / "passthrough", st.st_uid, st.st_gid, st.st_mode)
+        ops = Operations(store, root / "passthrough", st.st_uid, st.st_gid, st.st_mode,
+                         metrics.tally)
         options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}",
                                                   "allow_other", "noatime"}
+        notifier = Notifier()
+        stack.callback(notifier.close)
         mounted = False
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.run)
                 if settings.rest_api is not None:
-                    sidecar = Sidecar(settings, store, jobs, orthanc, mountpoint,
+                    sidecar = Sidecar(settings, store, jobs, orthanc, metrics, mountpoint,
                                       lambda: mounted)
                     await nursery.start(serve_sidecar, sidecar.app(settings.rest_api),
                                         settings.rest_api)
                 pyfuse3.init(ops, str(mountpoint), options)
                 mounted = True
+                write_state(root, "running")
                 jobs_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, jobs_scope, jobs.run)
-                nursery.start_soon(_stop_on_signal)
+                nursery.start_soon(_stop_on_signal, notifier)
+                nursery.start_soon(_announce_ready, mountpoint, pyfuse3.ROOT_INODE, notifier,
+                                   lambda: running_status(store))
+                status_scope = trio.CancelScope()
+                nursery.start_soon(_run_in_scope, status_scope,
+                                   lambda: _report_status(notifier, lambda: running_status(store)))
                 log.info("objfs mounted on %s (%s bucket, %s layout, %s, HybridMode %s)",
                          mountpoint, settings.provider, settings.layout.structure,
                          settings.write_mode, settings.hybrid_mode)
                 await pyfuse3.main()
+                status_scope.cancel()
                 jobs_scope.cancel()  # a running job resumes at the next start
+                notifier.stopping("unmounting")
                 pyfuse3.close(unmount=True)
                 mounted = False
-                log.info("unmounted %s; waiting up to %ss for uploads", mountpoint,
-                         settings.shutdown_drain_timeout)
-                if await store.drain(settings.shutdown_drain_timeout):
-                    log.info("all uploads done")
+                await _drain(store, settings, root, notifier)
                 tier.flush_atimes()
                 nursery.cancel_scope.cancel()
         finally:
             if mounted:
                 pyfuse3.close(unmount=True)
+            (root / "state.json").unlink(missing_ok=True)
+
+
+async def _drain(store: Store, settings: Settings, root: Path, notifier: Notifier) -> None:
+    """Wait for uploads up to ShutdownDrainTimeout, telling systemd and `objfs status` how
+    far it got."""
+    timeout = settings.shutdown_drain_timeout
+    start = store.journal.stats()
+    write_state(root, "draining", deadline=time.time() + timeout,
+                uploads_at_start=start.pending_uploads, bytes_at_start=start.pending_upload_bytes)
+    log.info("unmounted; waiting up to %ss for %d uploads (%d bytes)", timeout,
+             start.pending_uploads, start.pending_upload_bytes)
+
+    async def progress() -> None:
+        while True:
+            stats = store.journal.stats()
+            notifier.status(f"draining: {stats.pending_uploads} uploads left "
+                            f"({_mib(stats.pending_upload_bytes)}), "
+                            f"{stats.pending_deletes} deletes")
+            await trio.sleep(1.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(progress)
+        done = await store.drain(timeout)
+        nursery.cancel_scope.cancel()
+    if done:
+        log.info("all uploads done")
+        notifier.status("all uploads done")
+    else:
+        notifier.status("shutdown deadline reached: uploads stay journaled")
 
 
 async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:

@@ -14,7 +14,12 @@ class ObjfsError(Exception):
 
 
 class ConfigError(ObjfsError):
-    """The configuration is invalid; the message names the JSON path."""
+    """The configuration is invalid: one or more problems, each naming its JSON path (the
+    message has one per line)."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 class BackendError(ObjfsError):

@@ -1,9 +1,13 @@
 """What `objfs status` and ``GET /status`` report: the journal's counters, the cache budget and,
-in HybridMode, the file-system tier's size."""
+in HybridMode, the file-system tier's size; and, while the daemon drains its uploads at
+shutdown, how far it got."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from objfs.config import Settings
@@ -51,3 +55,46 @@ def render(settings: Settings, f: dict[str, Any]) -> str:
                      f"{f['file_system_files']} files at {f['file_system_directory']} "
                      f"(HybridMode {f['hybrid_mode']})")
     return "\n".join(lines)
+
+
+def lock_holder(lock_file: Path) -> int | None:
+    """The pid holding a flock on `lock_file`, from /proc/locks (no lock is taken, so a
+    daemon starting meanwhile is not disturbed)."""
+    try:
+        st = os.stat(lock_file)
+        with open("/proc/locks", encoding="ascii") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; blocked waiters have "->"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[2] != "->":
+            # The device is not compared: under overlayfs (containers) it differs from stat's.
+            if int(fields[5].rsplit(":", 1)[-1]) == st.st_ino:
+                return int(fields[4])
+    return None
+
+
+def daemon_phase(cache_directory: Path) -> dict[str, Any] | None:
+    """The running daemon's ``state.json`` (phase ``running`` or ``draining``), or None when
+    no daemon holds the cache directory (a state file left by a crash is ignored)."""
+    holder = lock_holder(cache_directory / "lock")
+    if holder is None:
+        return None
+    try:
+        state: dict[str, Any] = json.loads((cache_directory / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if state.get("pid") == holder else None
+
+
+def drain_line(state: dict[str, Any], f: dict[str, Any]) -> str:
+    """One progress line while draining: a bar of uploads done since the drain began."""
+    total = max(int(state.get("uploads_at_start", 0)), f["pending_uploads"])
+    done = total - f["pending_uploads"]
+    width = 30
+    filled = width if total == 0 else width * done // total
+    left = max(0.0, float(state.get("deadline", 0)) - time.time())
+    return (f"draining [{'#' * filled}{'.' * (width - filled)}] {done}/{total} uploads, "
+            f"{f['pending_upload_bytes']} bytes left, deadline in {left:.0f}s")

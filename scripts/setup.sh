@@ -43,4 +43,6 @@ if [ "$want_test" = 1 ]; then
     fi
 fi
 pip_install --no-deps -e .
+# The systemd units (systemd/) run /usr/local/bin/objfs.
+ln -sfn "$PWD/.venv/bin/objfs" /usr/local/bin/objfs
 .venv/bin/objfs --version

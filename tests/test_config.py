@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from objfs.config import ENV_PATHS, env_name, env_word, load_settings, settings_from_tree
+from objfs.config import (
+    KNOWN_PATHS,
+    env_name,
+    env_path,
+    env_word,
+    load_settings,
+    load_tree,
+    masked,
+    settings_from_tree,
+)
 from objfs.errors import ConfigError
 
 S3 = {"BucketName": "b", "Region": "eu-west-1"}
@@ -66,7 +75,8 @@ def test_files_then_directory_merge_later_wins(tmp_path: Path) -> None:
     assert s.cache_size == 200 * 1024 * 1024 and s.upload_concurrency == 5
 
 
-def test_secrets_then_environment(tmp_path: Path) -> None:
+def test_environment_then_secrets(tmp_path: Path) -> None:
+    """The orthancteam order: files, environment, then secrets (a secret wins)."""
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "ORTHANC__AWS_S3_STORAGE__SECRET_KEY").write_text("from-secret\n")
@@ -80,9 +90,51 @@ def test_secrets_then_environment(tmp_path: Path) -> None:
            "ORTHANC__NAME": "orthanc's own variable, ignored"}
     s = load_settings([conf], environ=env, secrets_dir=secrets)
     assert s.s3 is not None
-    assert s.s3.secret_key == "from-secret" and s.s3.access_key == "ak-env"
+    assert s.s3.secret_key == "from-secret" and s.s3.access_key == "ak-secret"
     assert not s.s3.virtual_addressing and s.s3.max_retries == 7
     assert str(s.cache_directory) == "/srv/cache"
+
+
+def test_orthanc_json_secret_json_files_and_secret_indirection(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    write(secrets / "storage.json", {"AwsS3Storage": {"Region": "from-secret-json"}})
+    (secrets / "s3-secret").write_text("sk-from-file\n")
+    conf = tmp_path / "orthanc.json"
+    conf.write_text('{\n  // Orthanc files have comments\n  "Name": "a // not a comment",\n'
+                    '  /* a block */ "AwsS3Storage": {"BucketName": "from-file", '
+                    '"Region": "from-file"}\n}')
+    env = {"ORTHANC_JSON": json.dumps({"AwsS3Storage": {"BucketName": "from-orthanc-json",
+                                                        "AccessKey": "ak"}}),
+           "ORTHANC__AWS_S3_STORAGE__SECRET_KEY_SECRET": "s3-secret"}
+    tree = load_tree([conf], environ=env, secrets_dir=secrets)
+    assert tree["Name"] == "a // not a comment"
+    s = settings_from_tree(tree)
+    assert s.s3 is not None
+    assert (s.s3.bucket, s.s3.region, s.s3.secret_key) == ("from-orthanc-json",
+                                                           "from-secret-json", "sk-from-file")
+    shown = masked(tree)
+    assert set(shown) == {"AwsS3Storage"}
+    assert shown["AwsS3Storage"]["SecretKey"] == shown["AwsS3Storage"]["AccessKey"] == "********"
+    assert shown["AwsS3Storage"]["BucketName"] == "from-orthanc-json"
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    env = {"ORTHANC__OBJFS__CACHE_SIZE": "1", "ORTHANC__OBJFS__NOPE": "x",
+           "ORTHANC_JSON": "[1]"}
+    conf = write(tmp_path / "c.json", {"Objfs": {"WriteMode": "never"},
+                                       "AwsS3Storage": {"Region": "r", "ChunkSize": 1}})
+    with pytest.raises(ConfigError) as info:
+        load_settings([bad, conf], environ=env, secrets_dir=tmp_path / "none")
+    found = info.value.problems
+    for expected in ("bad.json: invalid JSON", "ORTHANC_JSON: the top level must be",
+                     "ORTHANC__OBJFS__NOPE", "Objfs.CacheSize: must be >= 16",
+                     "Objfs.WriteMode: must be one of", "AwsS3Storage.ChunkSize: must be >= 5",
+                     "AwsS3Storage.BucketName: missing"):
+        assert sum(expected in p for p in found) == 1, (expected, found)
+    assert len(found) == 7, found
 
 
 def test_environment_alone_can_configure_s3_and_nested_objects(tmp_path: Path) -> None:
@@ -105,10 +157,63 @@ def test_env_naming(camel: str, env: str) -> None:
     assert env_word(camel) == env
 
 
-def test_every_known_option_has_an_env_name() -> None:
-    assert ENV_PATHS[env_name("AwsS3Storage", "BucketName")] == ("AwsS3Storage", "BucketName")
-    assert ENV_PATHS["ORTHANC__AWS_S3_STORAGE__STORAGE_ENCRYPTION__MASTER_KEY"] == (
-        "AwsS3Storage", "StorageEncryption", "MasterKey")
+# Option names of the official object-storage plugins (Orthanc Book) and Orthanc's own names
+# the orthancteam images treat as exceptions, with the variable those images read.
+PLUGIN_OPTION_ENV = [
+    (("AwsS3Storage",), "ORTHANC__AWS_S3_STORAGE"),
+    (("AwsS3Storage", "BucketName"), "ORTHANC__AWS_S3_STORAGE__BUCKET_NAME"),
+    (("AwsS3Storage", "Region"), "ORTHANC__AWS_S3_STORAGE__REGION"),
+    (("AwsS3Storage", "AccessKey"), "ORTHANC__AWS_S3_STORAGE__ACCESS_KEY"),
+    (("AwsS3Storage", "SecretKey"), "ORTHANC__AWS_S3_STORAGE__SECRET_KEY"),
+    (("AwsS3Storage", "Endpoint"), "ORTHANC__AWS_S3_STORAGE__ENDPOINT"),
+    (("AwsS3Storage", "VirtualAddressing"), "ORTHANC__AWS_S3_STORAGE__VIRTUAL_ADDRESSING"),
+    (("AwsS3Storage", "ConnectTimeout"), "ORTHANC__AWS_S3_STORAGE__CONNECT_TIMEOUT"),
+    (("AwsS3Storage", "RequestTimeout"), "ORTHANC__AWS_S3_STORAGE__REQUEST_TIMEOUT"),
+    (("AwsS3Storage", "RootPath"), "ORTHANC__AWS_S3_STORAGE__ROOT_PATH"),
+    (("AwsS3Storage", "StorageStructure"), "ORTHANC__AWS_S3_STORAGE__STORAGE_STRUCTURE"),
+    (("AwsS3Storage", "MigrationFromFileSystemEnabled"),
+     "ORTHANC__AWS_S3_STORAGE__MIGRATION_FROM_FILE_SYSTEM_ENABLED"),
+    (("AwsS3Storage", "HybridMode"), "ORTHANC__AWS_S3_STORAGE__HYBRID_MODE"),
+    (("AwsS3Storage", "EnableLegacyUnknownFiles"),
+     "ORTHANC__AWS_S3_STORAGE__ENABLE_LEGACY_UNKNOWN_FILES"),
+    (("AwsS3Storage", "UseTransferManager"), "ORTHANC__AWS_S3_STORAGE__USE_TRANSFER_MANAGER"),
+    (("AwsS3Storage", "TransferPoolSize"), "ORTHANC__AWS_S3_STORAGE__TRANSFER_POOL_SIZE"),
+    (("AwsS3Storage", "TransferBufferSize"), "ORTHANC__AWS_S3_STORAGE__TRANSFER_BUFFER_SIZE"),
+    (("AwsS3Storage", "EnableAwsSdkLogs"), "ORTHANC__AWS_S3_STORAGE__ENABLE_AWS_SDK_LOGS"),
+    (("AwsS3Storage", "StorageEncryption", "Enable"),
+     "ORTHANC__AWS_S3_STORAGE__STORAGE_ENCRYPTION__ENABLE"),
+    (("AwsS3Storage", "StorageEncryption", "MasterKey"),
+     "ORTHANC__AWS_S3_STORAGE__STORAGE_ENCRYPTION__MASTER_KEY"),
+    (("AwsS3Storage", "StorageEncryption", "PreviousMasterKeys"),
+     "ORTHANC__AWS_S3_STORAGE__STORAGE_ENCRYPTION__PREVIOUS_MASTER_KEYS"),
+    (("AwsS3Storage", "StorageEncryption", "MaxConcurrentInputSize"),
+     "ORTHANC__AWS_S3_STORAGE__STORAGE_ENCRYPTION__MAX_CONCURRENT_INPUT_SIZE"),
+    (("AzureBlobStorage", "ConnectionString"), "ORTHANC__AZURE_BLOB_STORAGE__CONNECTION_STRING"),
+    (("AzureBlobStorage", "ContainerName"), "ORTHANC__AZURE_BLOB_STORAGE__CONTAINER_NAME"),
+    (("AzureBlobStorage", "CreateContainerIfNotExists"),
+     "ORTHANC__AZURE_BLOB_STORAGE__CREATE_CONTAINER_IF_NOT_EXISTS"),
+    (("AzureBlobStorage", "HybridMode"), "ORTHANC__AZURE_BLOB_STORAGE__HYBRID_MODE"),
+    (("GoogleCloudStorage", "ServiceAccountFile"),
+     "ORTHANC__GOOGLE_CLOUD_STORAGE__SERVICE_ACCOUNT_FILE"),
+    (("GoogleCloudStorage", "BucketName"), "ORTHANC__GOOGLE_CLOUD_STORAGE__BUCKET_NAME"),
+    (("Objfs", "RestApi", "Password"), "ORTHANC__OBJFS__REST_API__PASSWORD"),
+    (("Objfs", "ShutdownDrainTimeout"), "ORTHANC__OBJFS__SHUTDOWN_DRAIN_TIMEOUT"),
+    (("PostgreSQL", "EnableIndex"), "ORTHANC__POSTGRESQL__ENABLE_INDEX"),
+    (("MySQL", "Host"), "ORTHANC__MYSQL__HOST"),
+]
+
+
+@pytest.mark.parametrize(("path", "env"), PLUGIN_OPTION_ENV)
+def test_plugin_option_names_follow_the_orthancteam_rule(path: tuple[str, ...],
+                                                          env: str) -> None:
+    assert env_name(*path) == env
+    assert env_path(env) == path
+
+
+def test_every_option_objfs_knows_round_trips() -> None:
+    assert len(KNOWN_PATHS) > 100
+    for path in KNOWN_PATHS:
+        assert env_path(env_name(*path)) == path, path
 
 
 @pytest.mark.parametrize(("tree", "message"), [
@@ -239,13 +344,6 @@ def test_provider_section_errors(tree: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         settings_from_tree(tree)
     assert message in str(info.value)
-
-
-def test_env_names_of_every_provider() -> None:
-    assert ENV_PATHS["ORTHANC__AZURE_BLOB_STORAGE__CONNECTION_STRING"] == (
-        "AzureBlobStorage", "ConnectionString")
-    assert ENV_PATHS["ORTHANC__GOOGLE_CLOUD_STORAGE__SERVICE_ACCOUNT_FILE"] == (
-        "GoogleCloudStorage", "ServiceAccountFile")
 
 
 def test_hybrid_mode_and_its_deprecated_spelling(caplog: pytest.LogCaptureFixture) -> None:
