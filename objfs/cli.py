@@ -7,10 +7,13 @@ stderr and exit with status 2 (configuration) or 1 (anything else), without a tr
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     with_config(show)
     check = config_sub.add_parser("check", help="validate; list every problem, exit 2 if any")
     with_config(check)
+    health = sub.add_parser("health", help="ask the running daemon's GET /health (exit 0 when "
+                            "healthy, 1 otherwise): for container health checks")
+    with_config(health)
+    health.add_argument("--timeout", type=float, default=15.0, help="seconds (default 15)")
     keys = sub.add_parser("keys", help="master key files")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_sub.add_parser("generate", help="write a new random master key (mode 0600)")
@@ -137,6 +144,30 @@ def _config(command: str, paths: list[str]) -> int:
     return 0
 
 
+def _health(settings: Settings, timeout: float) -> int:
+    rest = settings.rest_api
+    if rest is None:
+        print("objfs: Objfs.RestApi is disabled: no /health to ask", file=sys.stderr)
+        return 1
+    host = "127.0.0.1" if rest.host in ("0.0.0.0", "") else "::1" if rest.host == "::" \
+        else rest.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{rest.port}/health"
+    request = urllib.request.Request(url)
+    if rest.username is not None:
+        token = base64.b64encode(f"{rest.username}:{rest.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(errors="replace"))
+        return 1
+    except OSError as exc:
+        print(f"objfs: {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+
+
 def _config_paths(given: list[str]) -> list[str]:
     if given:
         return given
@@ -157,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(paths)
         if args.command == "status":
             return _status(settings, args.json)
+        if args.command == "health":
+            return _health(settings, args.timeout)
         logs.setup(getattr(args, "log_level", "INFO"))
         if args.command == "rekey":
             summary = trio.run(rekey, settings, args.dry_run, args.include_unencrypted)
