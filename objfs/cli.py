@@ -31,7 +31,7 @@ from objfs.config import (
     settings_from_tree,
 )
 from objfs.fstier import FileSystemTier
-from objfs.journal import Journal
+from objfs.journal import read_stats
 from objfs.rekey import rekey
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,7 @@ def _status(settings: Settings, as_json: bool) -> int:
 
 
 def _facts(settings: Settings, path: Path) -> dict[str, Any]:
-    journal = Journal(path, readonly=True)
-    try:
-        stats = journal.stats()
-    finally:
-        journal.close()
+    stats = read_stats(path)
     fs = None
     if settings.fs_directory is not None:
         fs = FileSystemTier(settings.fs_directory, None, False)

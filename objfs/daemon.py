@@ -29,7 +29,7 @@ from objfs.backends.base import Backend
 from objfs.cache import LocalTier
 from objfs.config import Settings
 from objfs.fs import Operations
-from objfs.journal import Journal
+from objfs.journal import Journal, Stats
 from objfs.metrics import Metrics
 from objfs.notify import Notifier
 from objfs.retry import RetryPolicy
@@ -129,25 +129,24 @@ async def _stop_on_signal(notifier: Notifier) -> None:
 
 
 async def _announce_ready(mountpoint: Path, root_ino: int, notifier: Notifier,
-                          status: Callable[[], str]) -> None:
+                          store: Store) -> None:
     """READY=1 once a stat of the mount point is answered by this daemon (pyfuse3's main
     loop is running); a mount that does not answer is never reported ready."""
     st = await trio.to_thread.run_sync(os.stat, mountpoint)
     if st.st_ino != root_ino:
         raise errors.BackendError(f"{mountpoint} does not show the objfs mount")
-    notifier.ready(status())
+    notifier.ready(running_status(store, await store.stats()))
     log.debug("the mount answers; readiness reported")
 
 
-async def _report_status(notifier: Notifier, status: Callable[[], str]) -> None:
+async def _report_status(notifier: Notifier, store: Store) -> None:
     while True:
         await trio.sleep(STATUS_INTERVAL)
-        notifier.status(status())
+        notifier.status(running_status(store, await store.stats()))
 
 
-def running_status(store: Store) -> str:
+def running_status(store: Store, stats: Stats) -> str:
     """The one-line STATUS= text while mounted."""
-    stats = store.journal.stats()
     line = f"{stats.pending_uploads} uploads queued ({_mib(stats.pending_upload_bytes)})"
     if stats.oldest_pending is not None:
         line += f", oldest {max(0.0, time.time() - stats.oldest_pending):.0f}s"
@@ -221,10 +220,10 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 nursery.start_soon(_run_in_scope, jobs_scope, jobs.run)
                 nursery.start_soon(_stop_on_signal, notifier)
                 nursery.start_soon(_announce_ready, mountpoint, pyfuse3.ROOT_INODE, notifier,
-                                   lambda: running_status(store))
+                                   store)
                 status_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, status_scope,
-                                   lambda: _report_status(notifier, lambda: running_status(store)))
+                                   lambda: _report_status(notifier, store))
                 log.info("objfs mounted on %s (%s bucket, %s layout, %s, HybridMode %s)",
                          mountpoint, settings.provider, settings.layout.structure,
                          settings.write_mode, settings.hybrid_mode)
@@ -247,7 +246,7 @@ async def _drain(store: Store, settings: Settings, root: Path, notifier: Notifie
     """Wait for uploads up to ShutdownDrainTimeout, telling systemd and `objfs status` how
     far it got."""
     timeout = settings.shutdown_drain_timeout
-    start = store.journal.stats()
+    start = await store.stats()
     write_state(root, "draining", deadline=time.time() + timeout,
                 uploads_at_start=start.pending_uploads, bytes_at_start=start.pending_upload_bytes)
     log.info("unmounted; waiting up to %ss for %d uploads (%d bytes)", timeout,
@@ -255,7 +254,7 @@ async def _drain(store: Store, settings: Settings, root: Path, notifier: Notifie
 
     async def progress() -> None:
         while True:
-            stats = store.journal.stats()
+            stats = await store.stats()
             notifier.status(f"draining: {stats.pending_uploads} uploads left "
                             f"({_mib(stats.pending_upload_bytes)}), "
                             f"{stats.pending_deletes} deletes")

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from objfs.backends.base import Backend, ObjectInfo
 from objfs.errors import ObjfsError
+from objfs.journal import Stats
 
 if TYPE_CHECKING:
     from objfs.cache import LocalTier
@@ -116,9 +117,10 @@ class DaemonCollector(Collector):
         self.backend = backend
         self.tally = tally
         self.journal_path = journal_path
+        self.stats = Stats(0, 0, None, 0, 0, 0, 0, 0)  # set by `Metrics.render`
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.store.journal.stats()
+        stats = self.stats
         age = 0.0 if stats.oldest_pending is None else max(0.0, time.time() - stats.oldest_pending)
         yield _gauge("objfs_uploads_queued", "Attachments waiting for upload (journaled)",
                      stats.pending_uploads)
@@ -186,15 +188,19 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.tally = Tally()
+        self._collector: DaemonCollector | None = None
 
     def instrument(self, backend: Backend) -> InstrumentedBackend:
         return InstrumentedBackend(backend, self.registry)
 
     def attach(self, store: Store, tier: LocalTier, backend: InstrumentedBackend,
                journal_path: Path) -> None:
-        self.registry.register(DaemonCollector(store, tier, backend, self.tally, journal_path))
+        self._collector = DaemonCollector(store, tier, backend, self.tally, journal_path)
+        self.registry.register(self._collector)
 
-    def render(self) -> bytes:
-        """The text exposition. Call it on the event loop thread, which owns the journal's
-        connections and the counters."""
+    def render(self, stats: Stats) -> bytes:
+        """The text exposition, with the journal's counters `stats` (counted beforehand, off
+        the event loop). Call it on the event loop thread, which owns the other counters."""
+        if self._collector is not None:
+            self._collector.stats = stats
         return generate_latest(self.registry)

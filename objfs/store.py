@@ -42,7 +42,7 @@ from objfs.cache import LocalTier
 from objfs.config import Settings
 from objfs.fstier import FileSystemTier, sha256_file
 from objfs.fsutil import fd_path, fsync_path
-from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row, Stats, read_stats
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
 from objfs.metrics import Tally, error_class
 from objfs.retry import RetryPolicy
@@ -177,6 +177,11 @@ class Store:
                     "journaled and resume at the next start", timeout, stats.pending_uploads,
                     stats.pending_upload_bytes, stats.pending_deletes)
         return False
+
+    async def stats(self) -> Stats:
+        """The journal's counters, counted in a worker thread: the event loop keeps serving
+        Orthanc meanwhile."""
+        return await trio.to_thread.run_sync(read_stats, self.journal.path)
 
     def _queue_upload(self, uuid: str) -> None:
         self._track(uuid)

@@ -164,12 +164,13 @@ class Sidecar:
         return JSONResponse(found)
 
     async def status(self, request: Request) -> Response:
-        stats = self.store.journal.stats()
+        stats = await self.store.stats()
         found = await trio.to_thread.run_sync(status.facts, stats, self.settings, self.store.fs)
         return JSONResponse(found)
 
     async def prometheus(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        stats = await self.store.stats()
+        return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
 
     async def health(self, request: Request) -> Response:
         problems = []
