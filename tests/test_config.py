@@ -384,3 +384,44 @@ def test_rest_api_and_orthanc_sections(tmp_path: Path) -> None:
     off = load_settings([], environ={"ORTHANC__OBJFS__REST_API": '{"Enable": false}'},
                         secrets_dir=tmp_path / "none")
     assert off.rest_api is None
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "objfs", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_cli_config_check_and_show(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    (tmp_path / "secrets").mkdir()
+    bad = write(tmp_path / "bad.json", {
+        "Objfs": {"CacheSize": 1, "RestApi": {"Host": "0.0.0.0"}},
+        "AwsS3Storage": {"Region": "r", "SecretKey": "s3cr3t", "AccessKey": "AKIA",
+                         "StorageEncryption": {"MasterKey": [1, str(key)]}}})
+    env = {"PATH": "/usr/bin:/bin", "OBJFS_SECRETS_DIR": str(tmp_path / "secrets")}
+    out = run_cli("config", "check", "--config", str(bad), env=env)
+    assert out.returncode == 2 and out.stdout == ""
+    problems = out.stderr.splitlines()
+    assert problems[0] == "objfs: 4 configuration problem(s):"
+    assert [p.split(":")[0] for p in problems[1:]] == [
+        "  - Objfs.CacheSize", "  - AwsS3Storage.BucketName",
+        "  - AwsS3Storage.StorageEncryption.MasterKey", "  - Objfs.RestApi.Username/Password"]
+    out = run_cli("config", "show", "--config", str(bad), env=env)
+    assert out.returncode == 2  # shown, and the problems listed
+    shown = json.loads(out.stdout)
+    assert shown["AwsS3Storage"]["SecretKey"] == "********" and "s3cr3t" not in out.stdout
+    assert shown["Objfs"]["CacheSize"] == 1
+    good = write(tmp_path / "good.json", {"AwsS3Storage": S3})
+    out = run_cli("config", "check", "--config", str(good), env=env)
+    assert out.returncode == 0
+    assert out.stdout.startswith("objfs: configuration OK: s3 bucket, flat layout")
+
+
+def test_default_configuration_is_etc_orthanc_with_its_comments(tmp_path: Path) -> None:
+    """Without --config objfs reads /etc/orthanc/*.json, as the orthancteam images do; Debian's
+    own orthanc.json (full of comments) parses."""
+    assert "//" in Path("/etc/orthanc/orthanc.json").read_text()
+    env = {"PATH": "/usr/bin:/bin", "OBJFS_SECRETS_DIR": str(tmp_path)}
+    out = run_cli("config", "check", env=env)
+    assert out.returncode == 0, out.stderr
+    assert run_cli("config", "show", env=env).stdout.strip() == "{}"
