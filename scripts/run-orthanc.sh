@@ -12,8 +12,8 @@ http_port=${ORTHANC_HTTP_PORT:-8042}
 dicom_port=${ORTHANC_DICOM_PORT:-4242}
 state=/run/objfs-demo
 mkdir -p /etc/objfs "$state" "$index" /var/log/objfs
-config_args=()
-compgen -G "/etc/objfs/*.json" >/dev/null && config_args=(--config /etc/objfs)
+# Always /etc/objfs (empty: the embedded defaults), never the default /etc/orthanc.
+config_args=(--config /etc/objfs)
 
 if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev/null; then
     echo "run: stopping the packaged orthanc service (it serves the plain disk on port 8042)"
@@ -67,6 +67,6 @@ for _ in $(seq 300); do
 done
 echo "Orthanc is running on objfs: http://127.0.0.1:$http_port/ (DICOM port $dicom_port)"
 echo "objfs mount: $mnt (bucket: Objfs.LocalBucket, default /var/lib/objfs/bucket)"
-echo "objfs REST API (status, health, move-storage): http://127.0.0.1:8044/status"
+echo "objfs REST API (status, health, metrics, move-storage): http://127.0.0.1:8044/status"
 echo "Status: .venv/bin/objfs status ${config_args[*]}   Stop: Ctrl-C"
 wait "$orthanc_pid"
