@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from objfs.config import (
 )
 from objfs.fstier import FileSystemTier
 from objfs.journal import read_stats
-from objfs.rekey import rekey
+from objfs.rekey import Summary, rekey
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,23 @@ def _health(settings: Settings, timeout: float) -> int:
         return 1
 
 
+def _rekey_progress() -> Callable[[Summary], None]:
+    """A progress line on stderr: rewritten in place on a terminal, every 5 s in a log."""
+    last = [0.0]
+    tty = sys.stderr.isatty()
+
+    def show(summary: Summary) -> None:
+        now = time.monotonic()
+        if now - last[0] < (0.2 if tty else 5.0):
+            return
+        last[0] = now
+        end = "\r" if tty else "\n"
+        print(f"rekey: scanned {summary.scanned}, rewritten {summary.rewritten}, failed "
+              f"{summary.failed}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
 def _config_paths(given: list[str]) -> list[str]:
     if given:
         return given
@@ -188,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             return _health(settings, args.timeout)
         logs.setup(getattr(args, "log_level", "INFO"))
         if args.command == "rekey":
-            summary = trio.run(rekey, settings, args.dry_run, args.include_unencrypted)
+            summary = trio.run(rekey, settings, args.dry_run, args.include_unencrypted,
+                               _rekey_progress())
             print(f"objfs rekey{' (dry run)' if args.dry_run else ''}: "
                   f"{summary.line(args.dry_run)}")
             return 1 if summary.failed else 0

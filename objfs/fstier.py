@@ -15,7 +15,6 @@ rename publishes them); whatever is left there after a crash was never acknowled
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -24,23 +23,12 @@ from pathlib import Path
 
 from objfs import codec
 from objfs.errors import Corrupt
-from objfs.fsutil import fd_path, fsync_path
+from objfs.fsutil import fd_path, fsync_path, sha256_file
 
 log = logging.getLogger(__name__)
 
 TMP_DIR = ".objfs-tmp"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def sha256_file(path: Path) -> tuple[int, str]:
-    """(size, hex sha256) of a file, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 class FileSystemTier:

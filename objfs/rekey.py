@@ -12,12 +12,9 @@ renamed object by listing.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
-import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from objfs.backends import open_backend
 from objfs.backends.base import Backend
 from objfs.codec import KeyRing
 from objfs.config import Settings
+from objfs.fsutil import sha256_file
 from objfs.layout import Kind, Layout
 from objfs.retry import RetryPolicy
 
@@ -51,14 +49,6 @@ class Summary:
         verb = "to rewrite" if dry_run else "rewritten"
         return (f"scanned {self.scanned}, {verb} {self.rewritten}, failed {self.failed}, "
                 f"already current {self.current}, unencrypted left {self.unencrypted_skipped}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(codec.CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Rekeyer:
@@ -87,7 +77,8 @@ class Rekeyer:
     async def _verify(self, key: str, expected: str, scratch: Path) -> None:
         fetched, plain = scratch / "verify", scratch / "verify.plain"
         await self._get(key, fetched)
-        got = await trio.to_thread.run_sync(_sha256, await self._plaintext(key, fetched, plain))
+        plaintext = await self._plaintext(key, fetched, plain)
+        _, got = await trio.to_thread.run_sync(sha256_file, plaintext)
         if got != expected:
             raise errors.Corrupt(f"{key}: read-back does not match the original")
 
@@ -113,7 +104,7 @@ class Rekeyer:
             fetched, plain, sealed = scratch / "old", scratch / "plain", scratch / "new"
             await self._get(key, fetched)
             source = await self._plaintext(key, fetched, plain)
-            digest = await trio.to_thread.run_sync(_sha256, source)
+            _, digest = await trio.to_thread.run_sync(sha256_file, source)
             await trio.to_thread.run_sync(codec.encrypt_file, source, sealed, self.ring)
             temp_key = self.temp_prefix + info.uuid
             await RETRY.call(f"upload {temp_key}", lambda: self.backend.put(temp_key, sealed))
@@ -156,24 +147,10 @@ class Rekeyer:
         return self.summary
 
 
-def _progress_printer() -> Callable[[Summary], None]:
-    last = [0.0]
-    tty = sys.stderr.isatty()
-
-    def show(summary: Summary) -> None:
-        now = time.monotonic()
-        if now - last[0] < (0.2 if tty else 5.0):
-            return
-        last[0] = now
-        end = "\r" if tty else "\n"
-        print(f"rekey: scanned {summary.scanned}, rewritten {summary.rewritten}, failed "
-              f"{summary.failed}", end=end, file=sys.stderr, flush=True)
-
-    return show
-
-
-async def rekey(settings: Settings, dry_run: bool, include_unencrypted: bool) -> Summary:
-    """Run a rekey over the configured bucket; raises ConfigError without encryption keys."""
+async def rekey(settings: Settings, dry_run: bool, include_unencrypted: bool,
+                progress: Callable[[Summary], None]) -> Summary:
+    """Run a rekey over the configured bucket, calling `progress` after each object; raises
+    ConfigError without encryption keys."""
     if settings.encryption is None:
         raise errors.ConfigError("rekey needs StorageEncryption enabled with a MasterKey")
     settings.cache_directory.mkdir(parents=True, exist_ok=True)
@@ -182,7 +159,7 @@ async def rekey(settings: Settings, dry_run: bool, include_unencrypted: bool) ->
     try:
         worker = Rekeyer(backend, settings.layout, settings.encryption.ring, workdir,
                          include_unencrypted, dry_run)
-        return await worker.run(_progress_printer())
+        return await worker.run(progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         await backend.aclose()

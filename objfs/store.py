@@ -40,8 +40,8 @@ from objfs import codec, errors
 from objfs.backends.base import Backend, ObjectInfo
 from objfs.cache import LocalTier
 from objfs.config import Settings
-from objfs.fstier import FileSystemTier, sha256_file
-from objfs.fsutil import fd_path, fsync_path
+from objfs.fstier import FileSystemTier
+from objfs.fsutil import fd_path, fsync_path, sha256_file
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row, Stats, read_stats
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
 from objfs.metrics import Tally, error_class
