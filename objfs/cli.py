@@ -22,15 +22,7 @@ import trio
 
 from objfs import __version__, errors, logs, status
 from objfs.codec import write_key_file
-from objfs.config import (
-    DEFAULT_CONFIG_DIR,
-    Problems,
-    Settings,
-    load_settings,
-    load_tree,
-    masked,
-    settings_from_tree,
-)
+from objfs.config import DEFAULT_CONFIG_DIR, Settings, check, load_settings, masked
 from objfs.fstier import FileSystemTier
 from objfs.journal import read_stats
 from objfs.rekey import Summary, rekey
@@ -119,22 +111,15 @@ def _facts(settings: Settings, path: Path) -> dict[str, Any]:
 
 
 def _config(command: str, paths: list[str]) -> int:
-    problems = Problems()
-    tree = load_tree(paths, problems=problems)
-    settings = None
-    try:
-        settings = settings_from_tree(tree)
-    except errors.ConfigError as exc:
-        problems.found.extend(exc.problems)
+    tree, settings, problems = check(paths)
     if command == "show":
         print(json.dumps(masked(tree), indent=2))
-    if problems.found:
-        print(f"objfs: {len(problems.found)} configuration problem(s):", file=sys.stderr)
-        for problem in problems.found:
+    if settings is None:
+        print(f"objfs: {len(problems)} configuration problem(s):", file=sys.stderr)
+        for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     if command == "check":
-        assert settings is not None
         print(f"objfs: configuration OK: {settings.provider} bucket, "
               f"{settings.layout.structure} layout, HybridMode {settings.hybrid_mode}, "
               f"cache {settings.cache_directory}")

@@ -801,15 +801,27 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
     )
 
 
-def load_settings(config_paths: Iterable[str | os.PathLike[str]] = (),
-                  environ: Mapping[str, str] | None = None,
-                  secrets_dir: str | os.PathLike[str] | None = None) -> Settings:
-    """Read every source and validate; raises one ConfigError listing every problem."""
+def check(config_paths: Iterable[str | os.PathLike[str]] = (),
+          environ: Mapping[str, str] | None = None,
+          secrets_dir: str | os.PathLike[str] | None = None,
+          ) -> tuple[dict[str, Any], Settings | None, list[str]]:
+    """Read every source and validate without raising: the merged tree, the settings (None
+    when there is a problem) and every problem found."""
     problems = Problems()
     tree = load_tree(config_paths, environ, secrets_dir, problems)
+    settings = None
     try:
         settings = settings_from_tree(tree)
     except ConfigError as exc:
         problems.found.extend(exc.problems)
-    problems.raise_any()
+    return tree, (None if problems.found else settings), problems.found
+
+
+def load_settings(config_paths: Iterable[str | os.PathLike[str]] = (),
+                  environ: Mapping[str, str] | None = None,
+                  secrets_dir: str | os.PathLike[str] | None = None) -> Settings:
+    """Read every source and validate; raises one ConfigError listing every problem."""
+    _, settings, problems = check(config_paths, environ, secrets_dir)
+    if settings is None:
+        raise ConfigError(*problems)
     return settings
