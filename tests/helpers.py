@@ -23,7 +23,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from objfs.journal import Journal, Stats
+from objfs.journal import Stats, read_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -357,11 +357,7 @@ class Objfs:
     def journal_stats(self) -> Stats:
         """The journal's counters, read in this process (cheap enough to poll)."""
         cache = json.loads(self.config_path.read_text()).get("Objfs", {}).get("CacheDirectory")
-        journal = Journal(Path(cache) / "journal.sqlite", readonly=True)
-        try:
-            return journal.stats()
-        finally:
-            journal.close()
+        return read_stats(Path(cache) / "journal.sqlite")
 
     def wait_uploaded(self, timeout: float = 120) -> None:
         def idle() -> bool:
