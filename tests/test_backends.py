@@ -200,14 +200,18 @@ async def test_s3_missing_bucket(moto: MotoServer, tmp_path: Path) -> None:
         await backend.list_page("", None, 1)
 
 
-async def test_s3_server_down_fails_within_timeout(tmp_path: Path) -> None:
-    port = free_port()  # nothing listens there
+def s3_at_port(port: int, request_timeout: float, max_retries: int) -> S3Backend:
+    """An S3 backend for a local port with a 1 s connect timeout."""
     settings = settings_from_tree({"AwsS3Storage": {
         "BucketName": "b", "Region": "us-east-1", "Endpoint": f"http://127.0.0.1:{port}",
         "AccessKey": "a", "SecretKey": "s", "VirtualAddressing": False,
-        "ConnectTimeout": 1, "RequestTimeout": 2, "MaxRetries": 1}})
+        "ConnectTimeout": 1, "RequestTimeout": request_timeout, "MaxRetries": max_retries}})
     assert settings.s3 is not None
-    backend = S3Backend(settings.s3)
+    return S3Backend(settings.s3)
+
+
+async def test_s3_server_down_fails_within_timeout(tmp_path: Path) -> None:
+    backend = s3_at_port(free_port(), 2, 1)  # nothing listens there
     start = time.monotonic()
     with pytest.raises(errors.Unavailable):
         await backend.head("k")
@@ -218,14 +222,8 @@ async def test_s3_server_that_hangs_times_out(tmp_path: Path) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)  # accepts connections, never answers
-    port = listener.getsockname()[1]
     try:
-        settings = settings_from_tree({"AwsS3Storage": {
-            "BucketName": "b", "Region": "us-east-1", "Endpoint": f"http://127.0.0.1:{port}",
-            "AccessKey": "a", "SecretKey": "s", "VirtualAddressing": False,
-            "ConnectTimeout": 1, "RequestTimeout": 1, "MaxRetries": 0}})
-        assert settings.s3 is not None
-        backend = S3Backend(settings.s3)
+        backend = s3_at_port(listener.getsockname()[1], 1, 0)
         start = time.monotonic()
         with pytest.raises(errors.Unavailable):
             await backend.get("k", tmp_path / "o")
