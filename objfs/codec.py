@@ -1,7 +1,7 @@
 """Client-side envelope encryption in the format of the official Orthanc object-storage plugins.
 
 Pure: files in, files out, no network. Layout of an encrypted object (all facts measured from
-the plugin's code; see ``../shared/interop/plugin-encryption/``)::
+the plugin's code; see ``tests/data/plugin-encryption/``)::
 
     offset  len  field
     0       2    "A1"

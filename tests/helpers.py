@@ -26,7 +26,6 @@ from botocore.config import Config
 from objfs.journal import Stats, read_stats
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 
 
 def free_port() -> int:
