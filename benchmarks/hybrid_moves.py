@@ -20,8 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.orthanc_ingest import CLIENTS, EMULATOR_NICE, proc_usage
-from tests.helpers import MotoServer, Objfs, make_dicom, rest
-from tests.orthanc import Orthanc
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import Orthanc
+from tests.support.rest import rest
 
 
 def ingest(orthanc: Orthanc, files: list[bytes]) -> float:

@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from objfs.journal import Journal, read_stats
-from tests.helpers import Objfs, rest
+from tests.support.daemon import Objfs
+from tests.support.rest import rest
 
 
 def create_files(root: Path, count: int, size: int = 4096) -> float:

@@ -24,15 +24,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from objfs import codec
-from tests.helpers import (
-    AzuriteServer,
-    FakeGcsServer,
-    MotoServer,
-    Objfs,
-    make_dicom,
-    wait_until,
-)
-from tests.orthanc import Orthanc
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.emulators import AzuriteServer, FakeGcsServer, MotoServer
+from tests.support.orthanc import Orthanc
+from tests.support.procs import wait_until
 
 CLIENTS = 4
 UPLOAD_CONCURRENCY = 8

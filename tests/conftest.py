@@ -1,28 +1,28 @@
-"""Shared fixtures. FUSE is a hard requirement: without it the session fails, never skips."""
+"""Shared fixtures.
+
+FUSE is required by every test that mounts objfs: without it those tests fail (never skip)
+and the run ends with a banner saying why; tests that need no mount run and pass anyway.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import AzuriteServer, FakeGcsServer, MotoServer, Objfs
+from tests.support.daemon import Objfs
+from tests.support.emulators import AzuriteServer, FakeGcsServer, MotoServer
+from tests.support.fuse import fuse_problems
 
 
-@pytest.fixture(scope="session", autouse=True)
-def fuse_available() -> None:
-    problems = []
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    if shutil.which("fusermount3") is None:
-        problems.append("fusermount3 is not installed (Debian package fuse3)")
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    problems = fuse_problems()
     if problems:
-        pytest.exit("FUSE is required by the objfs test suite: " + "; ".join(problems),
-                    returncode=3)
+        terminalreporter.section("FUSE IS NOT USABLE HERE", sep="!", red=True, bold=True)
+        terminalreporter.line("every test that mounts objfs failed: " + "; ".join(problems),
+                              red=True)
 
 
 @pytest.fixture(scope="session")

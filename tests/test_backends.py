@@ -23,7 +23,8 @@ from objfs.backends.local import LocalBackend
 from objfs.backends.s3 import S3Backend
 from objfs.config import settings_from_tree
 from tests.conftest import bucket_name, cloud_server
-from tests.helpers import AZ_KEY, AzuriteServer, FakeGcsServer, MotoServer, free_port
+from tests.support.emulators import AZ_KEY, AzuriteServer, FakeGcsServer, MotoServer
+from tests.support.procs import free_port
 
 
 def s3_backend(moto: MotoServer, bucket: str, **extra: object) -> S3Backend:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from objfs import codec
 from objfs.config import settings_from_tree
 from objfs.errors import ConfigError, Corrupt
+
 # Made by the official plugin's own code (see the README beside them); copied in so that the
 # suite needs nothing outside the repository.
 VECTORS = Path(__file__).resolve().parent / "data" / "plugin-encryption"

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MotoServer, Objfs, make_dicom, wait_until
-from tests.orthanc import HttpError, Orthanc
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import HttpError, Orthanc
+from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.orthanc
 

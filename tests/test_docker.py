@@ -21,16 +21,10 @@ import yaml
 
 from objfs.codec import write_key_file
 from objfs.config import KNOWN_PATHS, OBJFS_OPTIONS, env_path, load_tree, settings_from_tree
-from tests.helpers import (
-    ROOT,
-    MotoServer,
-    Process,
-    free_port,
-    is_live_mount,
-    mounted_paths,
-    wait_until,
-)
-from tests.orthanc import Orthanc
+from tests.support.daemon import is_live_mount, mounted_paths
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import Orthanc
+from tests.support.procs import ROOT, Process, free_port, wait_until
 from tests.test_hybrid import at, ingest, uuid_for, write
 
 DOCKER = ROOT / "docker"

@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import local_config
-from tests.helpers import MotoServer, Objfs, make_dicom, wait_until
-from tests.orthanc import Orthanc
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import Orthanc
+from tests.support.procs import wait_until
 from tests.test_codec import MANIFEST, VECTORS, independent_decrypt, key
 from tests.test_mount import att, orthanc_write
 

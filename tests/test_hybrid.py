@@ -17,8 +17,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import bucket_name, cloud_server, local_config
-from tests.helpers import ROOT, MotoServer, Objfs, make_dicom, rest, wait_until
-from tests.orthanc import HttpError, Orthanc
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import HttpError, Orthanc
+from tests.support.procs import ROOT, wait_until
+from tests.support.rest import rest
 from tests.test_codec import MANIFEST, VECTORS, independent_decrypt, key
 
 PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"

@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from objfs.layout import Kind, Layout, detect_kind, join_root, scan_dicom
-from tests.helpers import make_dicom
+from tests.support.dicom import make_dicom
 
 U = "0a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
 

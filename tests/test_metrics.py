@@ -16,8 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from objfs import logs
-from tests.helpers import MotoServer, Objfs, rest, wait_until
-from tests.orthanc import Orthanc
+from tests.support.daemon import Objfs
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import Orthanc
+from tests.support.procs import wait_until
+from tests.support.rest import rest
 from tests.test_hybrid import at, check_reads, ingest, uuid_for, write
 
 

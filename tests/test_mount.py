@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import local_config
-from tests.helpers import MotoServer, Objfs, make_dicom, wait_until
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.emulators import MotoServer
+from tests.support.procs import wait_until
 
 U1 = "0a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
 U2 = "0a1b9999-4e5f-4a6b-8c7d-0e1f2a3b4c5d"

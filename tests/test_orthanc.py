@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import bucket_name, cloud_server
-from tests.helpers import Objfs, make_dicom, wait_until
-from tests.orthanc import Orthanc, sop_instance_uid
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.orthanc import Orthanc, sop_instance_uid
+from tests.support.procs import wait_until
 from tests.test_codec import VECTORS, independent_decrypt, key
 
 KEY3 = VECTORS / "keys" / "key3.b64"

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from objfs.config import OBJFS_OPTIONS, strip_comments
-from tests.helpers import ROOT, MotoServer, Objfs, is_live_mount, wait_until
+from tests.support.daemon import Objfs, is_live_mount
+from tests.support.emulators import MotoServer
+from tests.support.procs import ROOT, wait_until
 from tests.test_hybrid import at, uuid_for, write
 
 SYSTEMD = ROOT / "systemd"

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import ROOT, Process, free_port, http_ready, wait_until
+from tests.support.procs import ROOT, Process, free_port, http_ready, wait_until
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 _SHIM_CACHE: Path | None = None
