@@ -152,8 +152,8 @@ def running_status(store: Store, stats: Stats) -> str:
         line += f", oldest {max(0.0, time.time() - stats.oldest_pending):.0f}s"
     if stats.failing:
         line += f", {stats.failing} failing"
-    tier = store.tier
-    return f"{line}; cache {_mib(tier.used)} of {_mib(tier.capacity)}"
+    space = store.cache_space()
+    return f"{line}; cache {_mib(space.used)} of {_mib(space.capacity)}"
 
 
 def _mib(n: int) -> str:
@@ -192,7 +192,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         stack.push_async_callback(backend.aclose)
         await _probe(backend, settings)
         store = Store(settings, backend, journal, tier, metrics.tally)
-        metrics.attach(store, tier, backend, root / "journal.sqlite")
+        metrics.attach(store, backend, root / "journal.sqlite")
         if store.fs is not None:
             _prepare_fs_tier(store.fs.prepare, settings)
         orthanc = OrthancClient(settings.orthanc)

@@ -25,8 +25,8 @@ import pyfuse3
 from objfs import layout
 from objfs.errnos import errno_for
 from objfs.errors import Immutable, InvalidName, ObjfsError
-from objfs.metrics import Tally
 from objfs.store import Store, WriteHandle
+from objfs.tally import Tally
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class Operations(pyfuse3.Operations):
                 os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                                    attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
         elif isinstance(node, FileNode) and fields.update_size:
-            handle = self.store.writing.get(node.uuid)
+            handle = self.store.write_handle(node.uuid)
             if handle is None:
                 raise Immutable(f"attachment {node.uuid} is write-once")
             await self.store.truncate(handle, attr.st_size)
@@ -469,11 +469,12 @@ class Operations(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         """Capacity as the local tier sees it: what a writer can put down right now."""
-        st = os.statvfs(self.store.tier.root)
+        space = self.store.cache_space()
+        st = os.statvfs(space.root)
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = 4096
-        budget = self.store.tier.capacity // 4096
-        free = max(0, (self.store.tier.capacity - self.store.tier.used) // 4096)
+        budget = space.capacity // 4096
+        free = max(0, (space.capacity - space.used) // 4096)
         out.f_blocks = budget
         out.f_bfree = out.f_bavail = min(free, st.f_bavail * st.f_frsize // 4096)
         out.f_files = 1 << 32

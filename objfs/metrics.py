@@ -1,8 +1,9 @@
 """Prometheus metrics of one daemon, served by the sidecar at ``GET /metrics``.
 
-The store, the cache tier and the FUSE handlers keep plain counters (no Prometheus in those
-layers); `DaemonCollector` reads them, and the journal's counters, at scrape time. Backend
-latency and traffic are measured by `InstrumentedBackend`, a wrapper around the real backend.
+The store, the cache tier and the FUSE handlers keep plain counters (`objfs.tally`; no
+Prometheus in those layers); `DaemonCollector` reads them through the store's accessors, and
+the journal's counters, at scrape time. Backend latency and traffic are measured by
+`objfs.backends.instrumented.InstrumentedBackend`, which reports to a histogram made here.
 Every metric lives in the daemon's own registry, not the process-wide default one.
 """
 
@@ -10,22 +11,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from objfs.backends.base import Backend, ObjectInfo
-from objfs.errors import ObjfsError
+from objfs.backends.base import Backend
+from objfs.backends.instrumented import InstrumentedBackend
 from objfs.journal import Stats
+from objfs.tally import Tally
 
 if TYPE_CHECKING:
-    from objfs.cache import LocalTier
     from objfs.store import Store
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -34,86 +33,12 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
                    120, 300)
 
 
-@dataclass
-class Tally:
-    """Plain counters the store and the FUSE layer bump; read at scrape time."""
-
-    uploads: int = 0
-    upload_errors: Counter[str] = field(default_factory=Counter)  # by error class
-    fuse_ops: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, errno name)
-
-
-def error_class(exc: BaseException) -> str:
-    """The label for a failure: the objfs error class, or ``Other``."""
-    return type(exc).__name__ if isinstance(exc, ObjfsError) else "Other"
-
-
-class InstrumentedBackend(Backend):
-    """Delegates to `inner`, timing every request by operation and outcome and counting the
-    bytes that go up and down. Errors pass through unchanged."""
-
-    def __init__(self, inner: Backend, registry: CollectorRegistry) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.latency = Histogram("objfs_backend_request_duration_seconds",
-                                 "Object-store request latency", ["operation", "outcome"],
-                                 buckets=LATENCY_BUCKETS, registry=registry)
-        self.bytes_up = 0
-        self.bytes_down = 0
-
-    async def _timed(self, op: str, fn: Callable[[], Any]) -> Any:
-        start = time.monotonic()
-        outcome = "error"
-        try:
-            result = await fn()
-            outcome = "ok"
-            return result
-        except ObjfsError as exc:
-            outcome = error_class(exc)
-            raise
-        finally:
-            self.latency.labels(op, outcome).observe(time.monotonic() - start)
-
-    async def put(self, key: str, path: Path) -> None:
-        size = os.stat(path).st_size
-        await self._timed("put", lambda: self.inner.put(key, path))
-        self.bytes_up += size
-
-    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None) -> int:
-        count: int = await self._timed("get", lambda: self.inner.get(key, path, offset, length))
-        self.bytes_down += count
-        return count
-
-    async def head(self, key: str) -> ObjectInfo:
-        info: ObjectInfo = await self._timed("head", lambda: self.inner.head(key))
-        return info
-
-    async def delete(self, key: str) -> None:
-        await self._timed("delete", lambda: self.inner.delete(key))
-
-    async def list_page(self, prefix: str, token: str | None = None,
-                        limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:
-        page: tuple[list[ObjectInfo], str | None] = await self._timed(
-            "list", lambda: self.inner.list_page(prefix, token, limit))
-        return page
-
-    async def copy(self, src: str, dst: str) -> None:
-        await self._timed("copy", lambda: self.inner.copy(src, dst))
-
-    async def prepare(self) -> None:
-        await self.inner.prepare()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 class DaemonCollector(Collector):
     """Reads the store, cache tier, journal and backend counters when Prometheus scrapes."""
 
-    def __init__(self, store: Store, tier: LocalTier, backend: InstrumentedBackend,
-                 tally: Tally, journal_path: Path) -> None:
+    def __init__(self, store: Store, backend: InstrumentedBackend, tally: Tally,
+                 journal_path: Path) -> None:
         self.store = store
-        self.tier = tier
         self.backend = backend
         self.tally = tally
         self.journal_path = journal_path
@@ -127,7 +52,7 @@ class DaemonCollector(Collector):
         yield _gauge("objfs_uploads_queued_bytes", "Bytes waiting for upload",
                      stats.pending_upload_bytes)
         yield _gauge("objfs_uploads_in_progress", "Uploads being sent now",
-                     len(self.store.inflight))
+                     self.store.uploads_in_progress)
         yield _gauge("objfs_uploads_failing", "Queued uploads whose last attempt failed",
                      stats.failing)
         yield _gauge("objfs_oldest_pending_upload_age_seconds",
@@ -145,14 +70,15 @@ class DaemonCollector(Collector):
                        self.backend.bytes_up)
         yield _counter("objfs_downloaded_bytes", "Bytes read from the object store",
                        self.backend.bytes_down)
-        yield _gauge("objfs_cache_bytes", "Bytes held by the local cache", self.tier.used)
-        yield _gauge("objfs_cache_capacity_bytes", "CacheSize", self.tier.capacity)
+        space = self.store.cache_space()
+        yield _gauge("objfs_cache_bytes", "Bytes held by the local cache", space.used)
+        yield _gauge("objfs_cache_capacity_bytes", "CacheSize", space.capacity)
         yield _gauge("objfs_cache_entries", "Clean copies kept in the local cache",
                      stats.cached_entries)
         yield _counter("objfs_cache_evictions", "Clean copies evicted from the cache",
-                       self.tier.evicted_files)
+                       space.evicted_files)
         yield _counter("objfs_cache_evicted_bytes", "Bytes evicted from the cache",
-                       self.tier.evicted_bytes)
+                       space.evicted_bytes)
         ops = CounterMetricFamily("objfs_fuse_operations", "FUSE requests by operation and "
                                   "result (errno name, OK on success)",
                                   labels=["operation", "errno"])
@@ -191,11 +117,17 @@ class Metrics:
         self._collector: DaemonCollector | None = None
 
     def instrument(self, backend: Backend) -> InstrumentedBackend:
-        return InstrumentedBackend(backend, self.registry)
+        latency = Histogram("objfs_backend_request_duration_seconds",
+                            "Object-store request latency", ["operation", "outcome"],
+                            buckets=LATENCY_BUCKETS, registry=self.registry)
 
-    def attach(self, store: Store, tier: LocalTier, backend: InstrumentedBackend,
-               journal_path: Path) -> None:
-        self._collector = DaemonCollector(store, tier, backend, self.tally, journal_path)
+        def observe(operation: str, outcome: str, seconds: float) -> None:
+            latency.labels(operation, outcome).observe(seconds)
+
+        return InstrumentedBackend(backend, observe)
+
+    def attach(self, store: Store, backend: InstrumentedBackend, journal_path: Path) -> None:
+        self._collector = DaemonCollector(store, backend, self.tally, journal_path)
         self.registry.register(self._collector)
 
     def render(self, stats: Stats) -> bytes:

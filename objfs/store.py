@@ -44,8 +44,8 @@ from objfs.fstier import FileSystemTier
 from objfs.fsutil import fd_path, fsync_path, sha256_file
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row, Stats, read_stats
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
-from objfs.metrics import Tally, error_class
 from objfs.retry import RetryPolicy
+from objfs.tally import Tally, error_class
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,17 @@ class WriteHandle:
     unlinked: bool = False
     fs: bool = False  # written to the file-system tier (HybridMode WriteToFileSystem)
     placed: bool = False  # the fs-tier file behind `fd` has its final name
+
+
+@dataclass(frozen=True)
+class CacheSpace:
+    """The local tier's budget as the fs layer (statfs), metrics and STATUS= show it."""
+
+    root: Path
+    capacity: int
+    used: int
+    evicted_files: int
+    evicted_bytes: int
 
 
 @dataclass
@@ -200,6 +211,25 @@ class Store:
         self._outstanding.discard(uuid)
         if not self._outstanding:
             self._idle.set()
+
+    # --- narrow accessors for the fs layer, metrics, the sidecar and the daemon --------------
+
+    def write_handle(self, uuid: str) -> WriteHandle | None:
+        """The open write of `uuid`, if Orthanc is writing it now."""
+        return self.writing.get(uuid)
+
+    @property
+    def uploads_in_progress(self) -> int:
+        return len(self.inflight)
+
+    def cache_space(self) -> CacheSpace:
+        tier = self.tier
+        return CacheSpace(tier.root, tier.capacity, tier.used, tier.evicted_files,
+                          tier.evicted_bytes)
+
+    async def probe_bucket(self) -> None:
+        """One cheap request (a one-key listing of the root prefix); raises what it raises."""
+        await self.backend.list_page(self.layout.root_prefix(), None, 1)
 
     # --- lookups and directories --------------------------------------------------------------
 

@@ -186,10 +186,9 @@ class Sidecar:
                                 f"{HEALTH_TIMEOUT:.0f}s")
             except OSError as exc:
                 problems.append(f"the mount at {self.mountpoint} fails: {exc}")
-        prefix = self.settings.layout.root_prefix()
         try:
             with trio.fail_after(HEALTH_TIMEOUT):
-                await self.store.backend.list_page(prefix, None, 1)
+                await self.store.probe_bucket()
         except trio.TooSlowError:
             problems.append(f"the bucket did not answer within {HEALTH_TIMEOUT:.0f}s")
         except errors.ObjfsError as exc:
