@@ -60,10 +60,10 @@ class LocalTier:
         for entry in self.tmp.iterdir():
             entry.unlink()
         claimed: dict[str, int] = dict(self.journal.cached_rows())
-        for entry in os.scandir(self.data):
-            if entry.name not in claimed:
-                log.info("removing %s: written but never acknowledged", entry.path)
-                os.unlink(entry.path)
+        for found in os.scandir(self.data):
+            if found.name not in claimed:
+                log.info("removing %s: written but never acknowledged", found.path)
+                os.unlink(found.path)
         missing = [u for u in claimed if not self.path(u).exists()]
         for uuid in missing:
             row = self.journal.get(uuid)

@@ -1,4 +1,5 @@
-"""The ``objfs`` command: mount, status, config show/check, keys generate, rekey, --version.
+"""The ``objfs`` command: mount, status, config show/check/options, keys generate, rekey,
+--version.
 
 User mistakes (bad configuration, busy cache directory, unusable bucket) print one line on
 stderr and exit with status 2 (configuration) or 1 (anything else), without a traceback.
@@ -22,7 +23,8 @@ import trio
 
 from objfs import __version__, errors, logs, status
 from objfs.codec import write_key_file
-from objfs.config import DEFAULT_CONFIG_DIR, Settings, check, load_settings, masked
+from objfs.config import DEFAULT_CONFIG_DIR, Settings, check, load_settings, masked, text_help
+from objfs.config.schema import markdown_tables
 from objfs.fstier import FileSystemTier
 from objfs.journal import read_stats
 from objfs.rekey import Summary, rekey
@@ -61,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     with_config(show)
     check = config_sub.add_parser("check", help="validate; list every problem, exit 2 if any")
     with_config(check)
+    options = config_sub.add_parser("options", help="every option with its type, default and "
+                                    "meaning")
+    options.add_argument("--markdown", action="store_true",
+                         help="the README's option tables, as Markdown")
     health = sub.add_parser("health", help="ask the running daemon's GET /health (exit 0 when "
                             "healthy, 1 otherwise): for container health checks")
     with_config(health)
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             write_key_file(args.path)
             print(f"objfs: wrote a new master key to {args.path} (mode 0600); keep a copy: "
                   "without it, what it encrypts cannot be read")
+            return 0
+        if args.command == "config" and args.config_command == "options":
+            print(markdown_tables() if args.markdown else text_help())
             return 0
         paths = _config_paths(args.config)
         if args.command == "config":

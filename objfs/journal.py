@@ -1,6 +1,6 @@
 """The journal: one SQLite row per attachment the local tier knows about.
 
-States (DESIGN.md "Durability contract"):
+States (`RowState`; docs/durability.md):
 - ``pending-upload``: acknowledged to Orthanc, durable locally, not yet confirmed in the bucket;
 - ``uploaded``: in the bucket; a clean local copy may exist (``cached``);
 - ``pending-delete``: Orthanc deleted it; the object may still exist in the bucket.
@@ -14,6 +14,7 @@ journal (the event loop), where they never wait for a writer's fsync.
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 import time
@@ -22,9 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PENDING_UPLOAD = "pending-upload"
-UPLOADED = "uploaded"
-PENDING_DELETE = "pending-delete"
+
+class RowState(enum.StrEnum):
+    """An attachment's journaled state (stored as its string in the ``state`` column)."""
+
+    PENDING_UPLOAD = "pending-upload"
+    UPLOADED = "uploaded"
+    PENDING_DELETE = "pending-delete"
+
+
+PENDING_UPLOAD = RowState.PENDING_UPLOAD
+UPLOADED = RowState.UPLOADED
+PENDING_DELETE = RowState.PENDING_DELETE
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS attachments (
@@ -49,7 +59,7 @@ CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL) WITH
 @dataclass(frozen=True)
 class Row:
     uuid: str
-    state: str
+    state: RowState
     size: int
     key: str | None
     cached: bool
@@ -75,7 +85,8 @@ _COLUMNS = "uuid, state, size, key, cached, created, last_error, sealed"
 
 def _row(values: tuple[Any, ...]) -> Row:
     uuid, state, size, key, cached, created, last_error, sealed = values
-    return Row(uuid, state, size, key, bool(cached), created, last_error, bool(sealed))
+    return Row(uuid, RowState(state), size, key, bool(cached), created, last_error,
+               bool(sealed))
 
 
 class Journal:
@@ -214,7 +225,7 @@ class Journal:
         self._many("UPDATE attachments SET atime=? WHERE uuid=?",
                    ((t, u) for u, t in atimes.items()), durable=False)
 
-    def in_state(self, state: str) -> list[Row]:
+    def in_state(self, state: RowState) -> list[Row]:
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE state=? "
                                     "ORDER BY created", (state,)).fetchall()
         return [_row(r) for r in rows]

@@ -74,16 +74,23 @@ class KeyInfo:
     encrypted: bool | None
 
 
+class StorageStructure(enum.StrEnum):
+    """The plugins' object naming: ``RootPath/<uuid>.dcm`` (flat) or ``RootPath/ab/cd/<uuid>``."""
+
+    FLAT = "flat"
+    LEGACY = "legacy"
+
+
 @dataclass(frozen=True)
 class Layout:
     """Object naming under one bucket, as configured by ``StorageStructure`` and ``RootPath``."""
 
-    structure: str = "flat"
+    structure: StorageStructure = StorageStructure.FLAT
     root_path: str = ""
 
     @property
     def legacy(self) -> bool:
-        return self.structure == "legacy"
+        return self.structure == StorageStructure.LEGACY
 
     def object_key(self, uuid: str, kind: Kind, encrypted: bool) -> str:
         """The key the plugins would give attachment `uuid` of type `kind`."""

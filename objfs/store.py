@@ -39,7 +39,7 @@ import trio
 from objfs import codec, errors
 from objfs.backends.base import Backend, ObjectInfo
 from objfs.cache import LocalTier
-from objfs.config import Settings
+from objfs.config import HybridMode, Settings, WriteMode
 from objfs.fstier import FileSystemTier
 from objfs.fsutil import fd_path, fsync_path, sha256_file
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row, Stats, read_stats
@@ -103,7 +103,7 @@ class Store:
         self.backend = backend
         self.journal = journal
         self.tier = tier
-        self.write_through = settings.write_mode == "write-through"
+        self.write_through = settings.write_mode == WriteMode.WRITE_THROUGH
         self.upload_concurrency = settings.upload_concurrency
         self.encryption = settings.encryption
         self.allow_unencrypted_reads = settings.allow_unencrypted_reads
@@ -141,7 +141,7 @@ class Store:
         if settings.fs_directory is not None:
             ring = settings.encryption.ring if settings.encryption else None
             self.fs = FileSystemTier(settings.fs_directory, ring, settings.encrypt_fs_tier)
-        self.fs_first = settings.hybrid_mode == "WriteToFileSystem"
+        self.fs_first = settings.hybrid_mode == HybridMode.WRITE_TO_FILE_SYSTEM
         # Attachments being moved between tiers: a delete waits for the move to finish.
         self.moving: dict[str, trio.Event] = {}
 

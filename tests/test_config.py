@@ -330,7 +330,7 @@ def test_azure_and_gcs_sections() -> None:
     ({"AzureBlobStorage": AZ, "GoogleCloudStorage": GCS},
      "AzureBlobStorage and GoogleCloudStorage: only one"),
     ({"AzureBlobStorage": {**AZ, "AccessTier": "Lukewarm"}},
-     "AzureBlobStorage.AccessTier: must be one of 'Hot', 'Cool', 'Cold', 'Archive', 'Premium'"),
+     "AzureBlobStorage.AccessTier: must be one of 'Hot', 'Cool', 'Cold', 'Archive'"),
     ({"AzureBlobStorage": {"ConnectionString": "x"}}, "AzureBlobStorage.ContainerName: missing"),
     ({"AzureBlobStorage": {"ContainerName": "c"}}, "AzureBlobStorage.ConnectionString: missing"),
     ({"AzureBlobStorage": {**AZ, "CreateContainerIfNotExists": "yes"}},
@@ -425,3 +425,80 @@ def test_default_configuration_is_etc_orthanc_with_its_comments(tmp_path: Path) 
     out = run_cli("config", "check", env=env)
     assert out.returncode == 0, out.stderr
     assert run_cli("config", "show", env=env).stdout.strip() == "{}"
+
+
+# --- the option schema: one source for validation, help and the README ---------------------
+
+
+def test_readme_option_tables_are_generated_from_the_schema() -> None:
+    from objfs.config.schema import markdown_tables
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    begin = "<!-- BEGIN generated: objfs config options --markdown -->\n"
+    start = readme.index(begin) + len(begin)
+    block = readme[start:readme.index("\n<!-- END generated -->", start)]
+    assert block == markdown_tables(), "README option tables differ from the schema: " \
+        "paste the output of `objfs config options --markdown` between the markers"
+
+
+def test_config_options_lists_every_known_option_with_its_default() -> None:
+    from objfs.config.schema import COMMON_OPTIONS, S3_PLUGIN_ONLY, SECTIONS, subsections
+
+    out = subprocess.run([sys.executable, "-m", "objfs", "config", "options"],
+                         capture_output=True, text=True, check=True).stdout
+    for path in KNOWN_PATHS:
+        assert f"  {path[-1]}  (" in out or path[-1] in S3_PLUGIN_ONLY or len(path) == 1, path
+    for section, options in SECTIONS.items():
+        for name, option in options.items():
+            line = next(ln for ln in out.splitlines() if ln.startswith(f"  {name}  ("))
+            assert option.type_name() in line, line
+            assert option.help, f"{section}.{name} has no help text"
+        for sub in subsections(section).values():
+            assert all(o.help for o in sub.values())
+    assert "  CacheSize  (integer, default: 10240)" in out
+    assert "  ReadTimeout  (number, default: 60)" in out
+    assert "  Url  (string, default: \"http://127.0.0.1:8042\")" in out
+    assert all(name in out for name in COMMON_OPTIONS)
+
+
+def test_every_default_passes_its_own_check() -> None:
+    from objfs.config.schema import SECTIONS, subsections
+
+    for options in [*SECTIONS.values(),
+                    *(sub for s in SECTIONS for sub in subsections(s).values())]:
+        for name, option in options.items():
+            if option.default is not None:
+                assert isinstance(option.default, option.types), name
+                assert option.check is None or option.check(option.default) is None, name
+
+
+def test_secrets_stay_out_of_reprs(tmp_path: Path) -> None:
+    keyfile = tmp_path / "k.key"
+    subprocess.run([sys.executable, "-m", "objfs", "keys", "generate", str(keyfile)],
+                   check=True, capture_output=True)
+    s = settings_from_tree({
+        "AwsS3Storage": {**S3, "AccessKey": "AKIA-VISIBLE-ID", "SecretKey": "s3cr3t-value",
+                         "StorageEncryption": {"MasterKey": [1, str(keyfile)]}},
+        "Objfs": {"RestApi": {"Username": "u", "Password": "rest-pass-word"},
+                  "Orthanc": {"Username": "o", "Password": "orthanc-pass-word"}}})
+    text = repr(s)
+    for secret in ("AKIA-VISIBLE-ID", "s3cr3t-value", "rest-pass-word", "orthanc-pass-word"):
+        assert secret not in text
+    assert s.encryption is not None
+    assert s.encryption.ring.keys[1].hex() not in text
+    azure = settings_from_tree({"AzureBlobStorage": {
+        "ConnectionString": "AccountKey=az-secret-key;", "ContainerName": "c"}})
+    assert "az-secret-key" not in repr(azure)
+
+
+def test_closed_sets_are_enums() -> None:
+    from objfs.config import HybridMode, Provider, StorageStructure, WriteMode
+
+    s = settings_from_tree({"Objfs": {"WriteMode": "write-through", "HybridMode":
+                                      "WriteToFileSystem", "FileSystemDirectory": "/x",
+                                      "StorageStructure": "legacy"}})
+    assert s.provider is Provider.LOCAL
+    assert s.write_mode is WriteMode.WRITE_THROUGH
+    assert s.hybrid_mode is HybridMode.WRITE_TO_FILE_SYSTEM
+    assert s.layout.structure is StorageStructure.LEGACY
+    assert json.dumps(s.hybrid_mode) == '"WriteToFileSystem"'

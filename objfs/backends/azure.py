@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from azure.core import exceptions as ax
-from azure.storage.blob import BlobServiceClient, ContainerClient, LinearRetry
+from azure.storage.blob import BlobServiceClient, ContainerClient, LinearRetry, StandardBlobTier
 
 from objfs import errors
 from objfs.backends.base import ObjectInfo, ThreadedBackend
@@ -34,6 +34,8 @@ class AzureBackend(ThreadedBackend):
     def __init__(self, cfg: AzureSettings) -> None:
         super().__init__(cfg.client.max_connections)
         self.cfg = cfg
+        self._tier = (StandardBlobTier(cfg.access_tier.value) if cfg.access_tier is not None
+                      else None)
         options: dict[str, Any] = {
             "connection_timeout": cfg.client.connect_timeout,
             "read_timeout": cfg.client.request_timeout,
@@ -102,7 +104,7 @@ class AzureBackend(ThreadedBackend):
         with open(path, "rb") as body:
             self.container.upload_blob(key, body, length=path.stat().st_size, overwrite=True,
                                        validate_content=True, max_concurrency=PARALLEL_BLOCKS,
-                                       standard_blob_tier=self.cfg.access_tier)
+                                       standard_blob_tier=self._tier)
 
     def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
         if length == 0:
@@ -139,7 +141,10 @@ class AzureBackend(ThreadedBackend):
                                           results_per_page=limit).by_page(
             continuation_token=token)
         page = [ObjectInfo(b.name, int(b.size)) for b in next(pages)]
-        return page, (pages.continuation_token or None)
+        # by_page() returns an ItemPaged page iterator, which carries the token; the SDK's
+        # annotation says only Iterator.
+        following: str | None = getattr(pages, "continuation_token", None)
+        return page, (following or None)
 
     def _copy_sync(self, src: str, dst: str) -> None:
         target = self.container.get_blob_client(dst)

@@ -42,7 +42,8 @@ class GcsBackend(ThreadedBackend):
             from google.auth.credentials import AnonymousCredentials
 
             self.client = storage.Client(project=cfg.project or "objfs",
-                                         credentials=AnonymousCredentials(), **options)
+                                         credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+                                         **options)
         else:
             self.client = storage.Client(project=cfg.project, **options)  # ADC
         self.bucket = self.client.bucket(cfg.bucket)
@@ -67,7 +68,8 @@ class GcsBackend(ThreadedBackend):
                 return errors.Denied(what)
             if isinstance(exc, gx.TooManyRequests):
                 return errors.Throttled(what)
-            if isinstance(exc, gx.ServerError | gx.RequestTimeout):
+            # 408 has no class of its own in google.api_core: it is a plain ClientError.
+            if isinstance(exc, gx.ServerError) or exc.code == 408:
                 return errors.Unavailable(what)
             return errors.BackendError(what)
         if isinstance(exc, GoogleAuthError):

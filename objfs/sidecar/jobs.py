@@ -9,6 +9,7 @@ it again from the beginning, where attachments already on the target are skipped
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
@@ -25,10 +26,29 @@ from objfs.store import Store
 
 log = logging.getLogger(__name__)
 
-FILE_SYSTEM = "file-system"
-OBJECT_STORAGE = "object-storage"
-TARGETS = (FILE_SYSTEM, OBJECT_STORAGE)
-PENDING, RUNNING, SUCCESS, FAILURE = "Pending", "Running", "Success", "Failure"
+
+
+class Target(enum.StrEnum):
+    """Where a move-storage job moves attachments to."""
+
+    FILE_SYSTEM = "file-system"
+    OBJECT_STORAGE = "object-storage"
+
+
+class JobState(enum.StrEnum):
+    """A job's state, as Orthanc names job states. Allowed transitions: Pending -> Running ->
+    Success | Failure; Pending -> Failure (canceled); Running -> Pending only at a start-up
+    that finds the job interrupted by a stop or crash."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCESS = "Success"
+    FAILURE = "Failure"
+
+
+FILE_SYSTEM, OBJECT_STORAGE = Target.FILE_SYSTEM, Target.OBJECT_STORAGE
+TARGETS = tuple(Target)
+PENDING, RUNNING, SUCCESS, FAILURE = JobState
 JOB_TYPE = "MoveStorage"
 # Attachments of one job moved concurrently: each move waits on the network (upload, read-back,
 # delete) and on fsyncs, so a few in flight keep both busy.
@@ -40,10 +60,10 @@ class Job:
     """One move-storage job. `resources` holds (level, Orthanc id) pairs."""
 
     id: str
-    target: str
+    target: Target
     resources: list[tuple[str, str]]
     priority: int = 0
-    state: str = PENDING
+    state: JobState = PENDING
     progress: float = 0.0
     error: str | None = None
     created: float = field(default_factory=time.time)
@@ -82,6 +102,8 @@ class Job:
     def from_record(cls, record: str) -> Job:
         values = json.loads(record)
         values["resources"] = [tuple(r) for r in values["resources"]]
+        values["target"] = Target(values["target"])
+        values["state"] = JobState(values["state"])
         return cls(**values)
 
 
@@ -118,7 +140,7 @@ class Jobs:
                      priority: int) -> Job:
         """Persist a new job (durable when this returns) and wake the runner."""
         seq = max((j.seq for j in self.jobs.values()), default=0) + 1
-        job = Job(str(uuid_mod.uuid4()), target, resources, priority, seq=seq)
+        job = Job(str(uuid_mod.uuid4()), Target(target), resources, priority, seq=seq)
         await self._save(job)
         self.jobs[job.id] = job
         self._wakeup.set()
@@ -210,7 +232,7 @@ class Jobs:
         if failures:
             raise failures[0]
 
-    async def _finish(self, job: Job, state: str, error: str | None) -> None:
+    async def _finish(self, job: Job, state: JobState, error: str | None) -> None:
         job.state, job.error, job.completed = state, error, time.time()
         with trio.CancelScope(shield=True):
             await self._save(job)

@@ -28,7 +28,9 @@ class OrthancClient:
     be reached or answers an unexpected error."""
 
     def __init__(self, settings: OrthancSettings) -> None:
-        auth = (settings.username, settings.password) if settings.username else None
+        auth = None
+        if settings.username is not None and settings.password is not None:
+            auth = (settings.username, settings.password)
         self.url = settings.url
         self._http = httpx.AsyncClient(base_url=settings.url, auth=auth,
                                        timeout=settings.timeout)
