@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import trio
 
-from objfs.errors import ObjfsError
+from objfs.errors import ObjfsError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,26 @@ class RetryPolicy:
 
     async def call(self, what: str, fn: Callable[[], Awaitable[T]],
                    on_error: Callable[[ObjfsError], None] | None = None) -> T:
-        """Run `fn` until it succeeds; `on_error` sees every failure that will be retried."""
-        give_up = None if self.deadline is None else trio.current_time() + self.deadline
+        """Run `fn` until it succeeds; `on_error` sees every failure that will be retried.
+
+        With a `deadline`, the whole operation (attempts and pauses together) ends by then: a
+        call still running at the deadline is cancelled (backends abandon the worker thread)
+        and `Unavailable` is raised, naming the last error seen (docs/durability.md,
+        invariant 6). An error that retrying cannot fix is raised at once.
+        """
+        if self.deadline is None:
+            return await self._attempts(what, fn, on_error, None, [])
+        seen: list[ObjfsError] = []
+        give_up = trio.current_time() + self.deadline
+        with trio.move_on_at(give_up):
+            return await self._attempts(what, fn, on_error, give_up, seen)
+        last = f"; last error: {seen[-1]}" if seen else ""
+        log.warning("%s: no answer within %gs%s", what, self.deadline, last)
+        raise Unavailable(f"{what}: no answer within {self.deadline:g}s{last}")
+
+    async def _attempts(self, what: str, fn: Callable[[], Awaitable[T]],
+                        on_error: Callable[[ObjfsError], None] | None, give_up: float | None,
+                        seen: list[ObjfsError]) -> T:
         attempt = 0
         while True:
             try:
@@ -51,6 +69,8 @@ class RetryPolicy:
                 pause = self.delay(attempt)
                 if give_up is not None and trio.current_time() + pause >= give_up:
                     raise
+                seen.append(exc)
+                del seen[:-1]
                 if on_error is not None:
                     on_error(exc)
                 # Log the first failures and then every 20th, not every retry.

@@ -93,8 +93,11 @@ class ThreadedBackend(Backend):
         "head", "delete", "list", "copy") on `key`."""
 
     async def _run(self, op: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` in a worker thread. Cancelling the caller (a deadline) abandons the thread:
+        it ends on the SDK's own timeouts, still holding its limiter slot until then."""
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter,
+                                                 abandon_on_cancel=True)
         except ObjfsError:
             raise
         except Exception as exc:

@@ -1,0 +1,130 @@
+"""The in-process tier: the store, the local tier and the FUSE `Operations` object driven
+directly under trio, with the local backend. No FUSE, no subprocess: these run where
+/dev/fuse is absent.
+
+Time is trio's `MockClock(autojump_threshold=0)` (pytest-trio's `autojump_clock`): a backoff,
+a deadline or a write-back delay of minutes passes at once, and happens at the same virtual
+moment on every run. For that, worker-thread hops run inline here (`inline_threads`): a real
+thread would leave the run loop idle while it works, and the clock would jump past deadlines
+that real work never reaches.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from objfs.backends.local import LocalBackend
+from objfs.cache import LocalTier
+from objfs.config import Settings, settings_from_tree
+from objfs.journal import Journal
+from objfs.store import Store
+from objfs.tally import Tally
+from tests.inprocess.faults import FaultyBackend
+
+
+async def _inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+    await trio.lowlevel.checkpoint()
+    return fn(*args)
+
+
+REAL_SECONDS_PER_TEST = 60
+
+
+class Hung(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise Hung(f"in-process test still running after {REAL_SECONDS_PER_TEST} real seconds: "
+               "a wait that no deadline ends")
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A test that would wait forever (a missing deadline) fails instead of hanging the run."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(REAL_SECONDS_PER_TEST)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True)
+def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trio.to_thread, "run_sync", _inline)
+
+
+class Rig:
+    """A store on a local bucket behind a fault-injecting wrapper, with its parts."""
+
+    def __init__(self, root: Path, objfs: dict[str, Any]) -> None:
+        self.root = root
+        tree = {"Objfs": {"CacheDirectory": str(root / "cache"),
+                          "LocalBucket": str(root / "bucket"), "CacheSize": 16,
+                          "ReadTimeout": 20, "CacheFullTimeout": 30, **objfs}}
+        self.settings: Settings = settings_from_tree(tree)
+        cache = self.settings.cache_directory
+        cache.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(cache / "journal.sqlite")
+        self.tier = LocalTier(cache, self.settings.cache_size, self.journal,
+                              self.settings.cache_full_timeout)
+        self.tier.recover()
+        self.local = LocalBackend(self.settings.local_bucket)
+        self.backend = FaultyBackend(self.local)
+        self.tally = Tally()
+        self.store = Store(self.settings, self.backend, self.journal, self.tier, self.tally)
+
+    def bucket_files(self) -> dict[str, bytes]:
+        bucket = self.settings.local_bucket
+        return {str(p.relative_to(bucket)): p.read_bytes() for p in bucket.rglob("*")
+                if p.is_file() and ".objfs-tmp" not in p.parts}
+
+    async def write(self, uuid: str, data: bytes) -> None:
+        """Orthanc's create, write, fdatasync and close of one attachment."""
+        handle = await self.store.create(uuid)
+        await self.store.write(handle, 0, data)
+        await self.store.sync(handle)
+        assert await self.store.close_write(handle)
+
+    async def read(self, uuid: str) -> bytes:
+        fd = await self.store.open_read(uuid)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            self.store.close_read(uuid, fd)
+
+
+@pytest.fixture
+def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def make(name: str = "rig", **objfs: Any) -> Rig:
+        rig = Rig(tmp_path / name, objfs)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.journal.close()
+
+
+@pytest.fixture
+async def running(nursery: trio.Nursery) -> AsyncIterator[Callable[[Rig], Awaitable[None]]]:
+    """Start a rig's background workers (uploads, deletes, inventory) in the test's nursery."""
+
+    async def start(rig: Rig) -> None:
+        await nursery.start(rig.store.run)
+
+    yield start
+    nursery.cancel_scope.cancel()

@@ -1,0 +1,74 @@
+"""A backend wrapper for in-process tests: each operation can be made to fail, hang, or wait
+for the test's go-ahead, switchable while running. (The integration tests use real servers;
+this only steers the local backend in-process.)"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from objfs import errors
+from objfs.backends.base import Backend, ObjectInfo
+
+T = TypeVar("T")
+
+
+class Mode(enum.Enum):
+    OK = "ok"
+    UNAVAILABLE = "unavailable"  # every call fails with a temporary error
+    HANG = "hang"  # every call blocks until cancelled
+    GATED = "gated"  # every call waits for `gate` to be set, then succeeds
+
+
+class FaultyBackend(Backend):
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.modes: dict[str, Mode] = {}
+        self.gate = trio.Event()
+        self.calls: Counter[str] = Counter()
+        self.started = trio.Event()  # set whenever a call starts (replaced after each wait)
+
+    def set(self, mode: Mode, *ops: str) -> None:
+        for op in ops or ("put", "get", "head", "delete", "list", "copy"):
+            self.modes[op] = mode
+        if mode is Mode.GATED:
+            self.gate = trio.Event()
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        self.calls[op] += 1
+        self.started.set()
+        self.started = trio.Event()
+        mode = self.modes.get(op, Mode.OK)
+        if mode is Mode.UNAVAILABLE:
+            await trio.lowlevel.checkpoint()
+            raise errors.Unavailable(f"{op}: injected 503")
+        if mode is Mode.HANG:
+            await trio.sleep_forever()
+        if mode is Mode.GATED:
+            await self.gate.wait()
+        return await fn()
+
+    async def put(self, key: str, path: Path) -> None:
+        await self._call("put", lambda: self.inner.put(key, path))
+
+    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None) -> int:
+        return await self._call("get", lambda: self.inner.get(key, path, offset, length))
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self._call("head", lambda: self.inner.head(key))
+
+    async def delete(self, key: str) -> None:
+        await self._call("delete", lambda: self.inner.delete(key))
+
+    async def list_page(self, prefix: str, token: str | None = None,
+                        limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:
+        return await self._call("list", lambda: self.inner.list_page(prefix, token, limit))
+
+    async def copy(self, src: str, dst: str) -> None:
+        await self._call("copy", lambda: self.inner.copy(src, dst))

@@ -1,0 +1,158 @@
+"""The FUSE `Operations` object called in-process, as the kernel would for Orthanc's
+syscall sequence (see docs/design.md): errno mapping, immutability, exact sizes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from objfs.fs import Operations
+from tests.inprocess.conftest import Rig
+from tests.inprocess.faults import Mode
+
+CTX = pyfuse3.RequestContext()
+Start = Callable[[Rig], Awaitable[None]]
+
+
+def ops_for(rig: Rig, tmp_path: Path) -> Operations:
+    passthrough = tmp_path / "passthrough"
+    passthrough.mkdir(exist_ok=True)
+    return Operations(rig.store, passthrough, os.getuid(), os.getgid(), 0o750, rig.tally)
+
+
+async def mkdirs(ops: Operations, uuid: str) -> int:
+    """Orthanc's lookup-then-mkdir of ab/ and ab/cd/; returns the inode of ab/cd."""
+    parent = pyfuse3.ROOT_INODE
+    for part in (uuid[:2], uuid[2:4]):
+        try:
+            entry = await ops.lookup(parent, part.encode(), CTX)
+        except pyfuse3.FUSEError as exc:
+            assert exc.errno == errno.ENOENT
+            entry = await ops.mkdir(parent, part.encode(), 0o777, CTX)
+        parent = entry.st_ino
+    return parent
+
+
+async def orthanc_write(ops: Operations, uuid: str, data: bytes) -> int:
+    """stat (ENOENT), mkdirs, create, write in 4 KiB pieces, fdatasync, close; the inode."""
+    folder = await mkdirs(ops, uuid)
+    with pytest.raises(pyfuse3.FUSEError) as missing:
+        await ops.lookup(folder, uuid.encode(), CTX)
+    assert missing.value.errno == errno.ENOENT
+    info, entry = await ops.create(folder, uuid.encode(), 0o666,
+                                   os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CTX)
+    for off in range(0, len(data), 4096):
+        assert await ops.write(info.fh, off, data[off:off + 4096]) == len(data[off:off + 4096])
+    await ops.fsync(info.fh, True)
+    await ops.flush(info.fh)
+    await ops.release(info.fh)
+    return entry.st_ino
+
+
+async def orthanc_read(ops: Operations, inode: int) -> bytes:
+    attr = await ops.getattr(inode, CTX)
+    info = await ops.open(inode, os.O_RDONLY, CTX)
+    try:
+        return await ops.read(info.fh, 0, attr.st_size + 8191)
+    finally:
+        await ops.release(info.fh)
+
+
+async def test_orthanc_write_read_delete_sequence(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    rig = rig_factory()
+    await running(rig)
+    ops = ops_for(rig, tmp_path)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(20_000)
+    inode = await orthanc_write(ops, uuid, data)
+    attr = await ops.getattr(inode, CTX)
+    assert stat.S_ISREG(attr.st_mode) and attr.st_size == len(data)
+    assert await orthanc_read(ops, inode) == data
+    folder = await mkdirs(ops, uuid)
+    await ops.unlink(folder, uuid.encode(), CTX)
+    with pytest.raises(pyfuse3.FUSEError) as gone:
+        await ops.lookup(folder, uuid.encode(), CTX)
+    assert gone.value.errno == errno.ENOENT
+    ab = await ops.lookup(pyfuse3.ROOT_INODE, uuid[:2].encode(), CTX)
+    await ops.rmdir(ab.st_ino, uuid[2:4].encode(), CTX)
+    assert rig.tally.fuse_ops["create", "OK"] == 1
+    assert rig.tally.fuse_ops["lookup", "ENOENT"] >= 2
+
+
+async def test_attachments_are_write_once(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    rig = rig_factory()
+    await running(rig)
+    ops = ops_for(rig, tmp_path)
+    uuid = str(uuid_mod.uuid4())
+    inode = await orthanc_write(ops, uuid, b"x" * 100)
+    folder = await mkdirs(ops, uuid)
+    with pytest.raises(pyfuse3.FUSEError) as again:
+        await ops.create(folder, uuid.encode(), 0o666, os.O_WRONLY | os.O_CREAT, CTX)
+    assert again.value.errno == errno.EPERM
+    with pytest.raises(pyfuse3.FUSEError) as rw:
+        await ops.open(inode, os.O_RDWR, CTX)
+    assert rw.value.errno == errno.EPERM
+    with pytest.raises(pyfuse3.FUSEError) as bad:
+        await ops.lookup(folder, b"not-an-attachment", CTX)
+    assert bad.value.errno == errno.ENOENT
+
+
+async def test_a_bucket_that_cannot_answer_gives_eio_at_open_never_short_data(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    rig = rig_factory(ReadTimeout=10)
+    await running(rig)
+    ops = ops_for(rig, tmp_path)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(30_000)
+    inode = await orthanc_write(ops, uuid, data)
+    assert await rig.store.drain(timeout=60)
+    rig.tier.evict(1 << 30)
+    rig.backend.set(Mode.HANG, "get")
+    start = trio.current_time()
+    with pytest.raises(pyfuse3.FUSEError) as failed:
+        await ops.open(inode, os.O_RDONLY, CTX)
+    assert failed.value.errno == errno.EIO
+    assert trio.current_time() - start <= 10 + 1e-6
+    assert rig.tally.fuse_ops["open", "EIO"] == 1
+    rig.backend.set(Mode.OK, "get")
+    assert await orthanc_read(ops, inode) == data
+
+
+async def test_write_into_a_full_cache_reports_enospc_at_write_and_close(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    rig = rig_factory(CacheSize=16, CacheFullTimeout=5)
+    rig.backend.set(Mode.UNAVAILABLE, "put")
+    await running(rig)
+    ops = ops_for(rig, tmp_path)
+    await orthanc_write(ops, str(uuid_mod.uuid4()), os.urandom(15 * 1024 * 1024))
+    uuid = str(uuid_mod.uuid4())
+    folder = await mkdirs(ops, uuid)
+    info, _ = await ops.create(folder, uuid.encode(), 0o666, os.O_WRONLY | os.O_CREAT, CTX)
+    with pytest.raises(pyfuse3.FUSEError) as full:
+        await ops.write(info.fh, 0, os.urandom(2 * 1024 * 1024))
+    assert full.value.errno == errno.ENOSPC
+    with pytest.raises(pyfuse3.FUSEError) as at_close:
+        await ops.flush(info.fh)
+    assert at_close.value.errno == errno.ENOSPC
+
+
+async def test_statfs_shows_the_cache_budget(
+        rig_factory: Callable[..., Rig], tmp_path: Path) -> None:
+    rig = rig_factory(CacheSize=64)
+    ops = ops_for(rig, tmp_path)
+    st = await ops.statfs(CTX)
+    assert st.f_blocks * st.f_frsize == 64 * 1024 * 1024
+    assert st.f_bavail <= st.f_blocks

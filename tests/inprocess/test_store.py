@@ -1,0 +1,152 @@
+"""The store driven in-process: write-back, drain, backpressure and read deadlines, on the
+local backend, under a mock clock."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from objfs import errors
+from objfs.journal import PENDING_UPLOAD, UPLOADED
+from tests.inprocess.conftest import Rig
+from tests.inprocess.faults import Mode
+
+MIB = 1024 * 1024
+Start = Callable[[Rig], Awaitable[None]]
+
+
+def new_uuid() -> str:
+    return str(uuid_mod.uuid4())
+
+
+async def test_write_back_acknowledges_locally_then_uploads(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory()
+    rig.backend.set(Mode.GATED, "put")
+    await running(rig)
+    uuid, data = new_uuid(), os.urandom(100_000)
+    await rig.write(uuid, data)
+    # Acknowledged (close returned) while the bucket has not answered: journaled, pending.
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == PENDING_UPLOAD
+    assert rig.bucket_files() == {}
+    assert await rig.read(uuid) == data
+    rig.backend.gate.set()
+    with trio.fail_after(5):
+        while (row := rig.journal.get(uuid)) is None or row.state != UPLOADED:
+            await trio.sleep(0.01)
+    assert list(rig.bucket_files().values()) == [data]
+    assert rig.tally.uploads == 1
+
+
+async def test_drain_waits_for_the_queue_then_leaves_the_rest_journaled(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory()
+    rig.backend.set(Mode.UNAVAILABLE, "put")
+    await running(rig)
+    uuids = [new_uuid() for _ in range(5)]
+    for uuid in uuids:
+        await rig.write(uuid, os.urandom(10_000))
+    start = trio.current_time()
+    assert await rig.store.drain(timeout=45) is False
+    assert trio.current_time() - start == pytest.approx(45)
+    assert {r.uuid for r in rig.journal.in_state(PENDING_UPLOAD)} == set(uuids)
+    assert rig.tally.upload_errors["Unavailable"] >= 5
+    # The bucket comes back: the same drain now finishes, within the background backoff.
+    rig.backend.set(Mode.OK, "put")
+    start = trio.current_time()
+    assert await rig.store.drain(timeout=600) is True
+    assert trio.current_time() - start <= 61
+    assert rig.journal.in_state(PENDING_UPLOAD) == []
+    assert len(rig.bucket_files()) == 5
+
+
+async def test_a_full_cache_of_dirty_data_makes_writers_wait_then_enospc(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(CacheSize=16, CacheFullTimeout=30)
+    rig.backend.set(Mode.UNAVAILABLE, "put")
+    await running(rig)
+    for _ in range(3):
+        await rig.write(new_uuid(), os.urandom(5 * MIB))  # 15 of 16 MiB, all dirty
+    handle = await rig.store.create(new_uuid())
+    start = trio.current_time()
+    with pytest.raises(errors.CacheFull):
+        await rig.store.write(handle, 0, os.urandom(2 * MIB))
+    assert trio.current_time() - start == pytest.approx(30)
+    # The failure sticks to the handle: fsync/close report it (Orthanc checks close).
+    with pytest.raises(errors.CacheFull):
+        await rig.store.sync(handle)
+    assert await rig.store.close_write(handle) is False
+    assert rig.store.cache_space().used == 15 * MIB
+
+
+async def test_a_waiting_writer_proceeds_once_uploads_make_copies_clean(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(CacheSize=16, CacheFullTimeout=30)
+    rig.backend.set(Mode.GATED, "put")
+    await running(rig)
+    for _ in range(3):
+        await rig.write(new_uuid(), os.urandom(5 * MIB))
+    uuid, data = new_uuid(), os.urandom(3 * MIB)
+    handle = await rig.store.create(uuid)
+    released_at = None
+
+    async def bucket_recovers_after_ten_seconds() -> None:
+        nonlocal released_at
+        await trio.sleep(10)
+        released_at = trio.current_time()
+        rig.backend.gate.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bucket_recovers_after_ten_seconds)
+        assert await rig.store.write(handle, 0, data) == len(data)
+    assert released_at is not None and trio.current_time() >= released_at
+    await rig.store.sync(handle)
+    assert await rig.store.close_write(handle)
+    assert rig.store.cache_space().used <= 16 * MIB
+    assert rig.tier.evicted_files >= 1
+    assert await rig.read(uuid) == data
+
+
+async def test_read_of_an_uncached_attachment_ends_by_read_timeout(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(ReadTimeout=20)
+    await running(rig)
+    uuid, data = new_uuid(), os.urandom(50_000)
+    await rig.write(uuid, data)
+    assert await rig.store.drain(timeout=60)
+    assert rig.tier.evict(10 * MIB) == len(data)  # the clean copy goes: reads must fetch
+    for mode in (Mode.UNAVAILABLE, Mode.HANG):
+        rig.backend.set(mode, "get")
+        start = trio.current_time()
+        with pytest.raises(errors.Unavailable):
+            await rig.read(uuid)
+        assert trio.current_time() - start <= 20 + 1e-6, mode
+    rig.backend.set(Mode.OK, "get")
+    assert await rig.read(uuid) == data
+
+
+async def test_deleted_attachment_leaves_the_bucket(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory()
+    await running(rig)
+    keep, gone = new_uuid(), new_uuid()
+    await rig.write(keep, b"k" * 1000)
+    await rig.write(gone, b"g" * 1000)
+    assert await rig.store.drain(timeout=60)
+    await rig.store.unlink(gone)
+    assert await rig.store.drain(timeout=60)
+    assert list(rig.bucket_files().values()) == [b"k" * 1000]
+    assert await rig.store.size_of(gone) is None
+    assert await rig.store.size_of(keep) == 1000
