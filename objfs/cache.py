@@ -5,7 +5,7 @@
 progress. The budget (``CacheSize``) counts both and is checked when space is taken:
 `reserve` evicts least-recently-used clean copies that nobody has open, then waits for uploads
 to make more copies clean, then raises `CacheFull` (ENOSPC). Eviction never touches a dirty
-copy (durability invariant 2).
+copy (docs/durability.md, invariants 2 and 5).
 """
 
 from __future__ import annotations

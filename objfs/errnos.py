@@ -1,4 +1,4 @@
-"""The one exception -> errno table (DESIGN.md "Errno table").
+"""The one exception -> errno table (docs/design.md, "Errno table").
 
 FUSE handlers call `errno_for` at the syscall boundary and nowhere else decides an errno.
 """

@@ -1,6 +1,6 @@
 """What an attachment operation means: the local tier, the journal, the bucket.
 
-Durability contract (DESIGN.md), as this module keeps it:
+Durability contract (docs/durability.md; numbers are its invariants), as this module keeps it:
 1. `sync` (Orthanc's fdatasync and close) returns only after the data file is fdatasynced and
    its ``pending-upload`` row is committed; in write-through mode, only after the object is in
    the bucket.

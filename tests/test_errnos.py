@@ -1,4 +1,4 @@
-"""The exception -> errno table of DESIGN.md."""
+"""The exception -> errno table of docs/design.md."""
 
 from __future__ import annotations
 
