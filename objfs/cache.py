@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid as uuid_mod
 from pathlib import Path
 
 import trio
@@ -45,8 +46,10 @@ class LocalTier:
     def path(self, uuid: str) -> Path:
         return self.data / uuid
 
-    def tmp_path(self, uuid: str) -> Path:
-        return self.tmp / (uuid + ".part")
+    def tmp_path(self, uuid: str, purpose: str = "part") -> Path:
+        """A scratch file name in ``tmp/`` that no other caller gets: concurrent operations on
+        one attachment (a download and a tier move, say) never share a temporary file."""
+        return self.tmp / f"{uuid}.{purpose}.{uuid_mod.uuid4().hex[:12]}"
 
     def recover(self) -> None:
         """Reconcile files with the journal after any stop, clean or not.

@@ -35,7 +35,8 @@ L1_BASE = 2  # inodes 2..257: first-level directories "00".."ff"
 L2_BASE = L1_BASE + 256  # inodes 258..65793: second-level directories "0000".."ffff"
 FIRST_DYNAMIC = 1 << 20
 # Attachments are immutable and objfs invalidates what it removes, so the kernel may keep
-# names and attributes for long: this is what makes ingest fast (docs/design.md, "Performance shape").
+# names and attributes for long: this is what makes ingest fast (docs/design.md,
+# "Performance shape").
 STABLE_TIMEOUT = 300.0
 PASS_TIMEOUT = 1.0
 

@@ -28,7 +28,6 @@ import functools
 import logging
 import math
 import os
-import uuid as uuid_mod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +290,7 @@ class Store:
         info = self.layout.parse_key(key)
         encrypted = info.encrypted if info is not None else None
         if encrypted is None and self.encryption is not None:
-            probe = self.tier.tmp_path(uuid_mod.uuid4().hex)
+            probe = self.tier.tmp_path("header", "probe")
             try:
                 await self.read_retry.call(f"read header of {key}",
                                            lambda: self.backend.get(key, probe, 0, 2))
@@ -447,7 +446,7 @@ class Store:
             return
         assert self.encryption is not None
         key = self._choose_key(uuid, size, fd_path(fd))
-        sealed = self.tier.tmp_path(uuid + ".seal")
+        sealed = self.tier.tmp_path(uuid, "seal")
         codec.encrypt_file(fd_path(fd), sealed, self.encryption.ring)
         fsync_path(sealed)
         os.replace(sealed, self.tier.path(uuid))
@@ -621,8 +620,8 @@ class Store:
         assert row.key is not None
         key = row.key
         await self.tier.reserve(row.size)
-        tmp = self.tier.tmp_path(row.uuid)
-        plain = self.tier.tmp_path(row.uuid + ".plain")
+        tmp = self.tier.tmp_path(row.uuid, "download")
+        plain = self.tier.tmp_path(row.uuid, "plain")
         try:
             try:
                 await self.read_retry.call(f"download {key}", lambda: self.backend.get(key, tmp))
@@ -764,7 +763,7 @@ class Store:
                 if await self._row(uuid) is not None:
                     return False
                 raise errors.NotFound(f"attachment {uuid} is in neither tier")
-            names = [self.tier.tmp_path(f"{uuid}.{n}") for n in ("plain", "body", "check")]
+            names = [self.tier.tmp_path(uuid, f"move-{n}") for n in ("plain", "body", "check")]
             plain, body, check = names
             try:
                 source = fs.path(uuid)
@@ -898,7 +897,7 @@ class Store:
         try:
             key = row.key or self._choose_key(uuid, row.size)
             path = self.tier.path(uuid)
-            sealed = self.tier.tmp_path(uuid + ".enc")
+            sealed = self.tier.tmp_path(uuid, "enc")
             if self.encryption is not None and not row.sealed:
                 async with self._crypto_limiter:
                     await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
