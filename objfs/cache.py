@@ -18,12 +18,18 @@ from pathlib import Path
 
 import trio
 
+from objfs import codec
 from objfs.errors import CacheFull
-from objfs.journal import PENDING_UPLOAD, Journal
+from objfs.journal import PENDING_UPLOAD, Journal, Row
 
 log = logging.getLogger(__name__)
 
 EVICTION_BATCH = 64
+
+
+def stored_size(row: Row) -> int:
+    """The bytes a local copy of `row` takes on disk: its size, or the A1 size when sealed."""
+    return row.size + codec.OVERHEAD if row.sealed else row.size
 
 
 class LocalTier:
@@ -62,19 +68,35 @@ class LocalTier:
             directory.mkdir(parents=True, exist_ok=True)
         for entry in self.tmp.iterdir():
             entry.unlink()
-        claimed: dict[str, int] = dict(self.journal.cached_rows())
+        claimed = {row.uuid: row for row in self.journal.cached_rows()}
         for found in os.scandir(self.data):
             if found.name not in claimed:
                 log.info("removing %s: written but never acknowledged", found.path)
                 os.unlink(found.path)
-        missing = [u for u in claimed if not self.path(u).exists()]
-        for uuid in missing:
-            row = self.journal.get(uuid)
-            if row is not None and row.state == PENDING_UPLOAD:
-                log.error("attachment %s: acknowledged data file %s is missing from the local "
-                          "disk; it cannot be uploaded", uuid, self.path(uuid))
-        self.journal.uncache(u for u in missing)
-        self.used = sum(size for uuid, size in claimed.items() if uuid not in missing)
+        lost = []
+        for uuid, row in claimed.items():
+            try:
+                size = os.stat(self.path(uuid)).st_size
+            except FileNotFoundError:
+                size = None
+            if size == stored_size(row):
+                continue
+            if row.state == PENDING_UPLOAD:
+                # Invariant 1 fsyncs the file before its row commits: only a failing disk gets
+                # here. The row stays (reads answer EIO, never short data) for the operator.
+                log.error("attachment %s: acknowledged data file %s is %s; it cannot be "
+                          "uploaded", uuid, self.path(uuid),
+                          "missing" if size is None else f"{size} bytes, not {stored_size(row)}")
+                continue
+            if size is not None:
+                log.warning("attachment %s: cached copy is %d bytes, not %d: dropped (the "
+                            "bucket has the object)", uuid, size, stored_size(row))
+                os.unlink(self.path(uuid))
+            lost.append(uuid)
+        self.journal.uncache(lost)
+        self.journal.barrier()
+        # The budget counts plaintext sizes, as `reserve` does when the copy is made.
+        self.used = sum(row.size for uuid, row in claimed.items() if uuid not in lost)
 
     # --- budget -------------------------------------------------------------------------------
 
@@ -121,6 +143,9 @@ class LocalTier:
                        if u not in skip and u not in self.open_counts]
             if not victims:
                 break
+            # Their "uploaded" state may still be a lazy commit: make it durable before the
+            # only local copy goes (docs/durability.md, invariant 2).
+            self.journal.barrier()
             removed: list[str] = []
             for uuid, size in victims:
                 if freed >= need:

@@ -18,7 +18,7 @@ import enum
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,17 @@ class Journal:
                                     "ORDER BY created", (state,)).fetchall()
         return [_row(r) for r in rows]
 
-    def cached_rows(self) -> Iterator[tuple[str, int]]:
-        """(uuid, size) of every row that claims a local copy."""
-        rows = self._reader.execute("SELECT uuid, size FROM attachments WHERE cached=1").fetchall()
-        return ((str(u), int(s)) for u, s in rows)
+    def cached_rows(self) -> list[Row]:
+        """Every row that claims a local copy (dirty or clean)."""
+        rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE cached=1")
+        return [_row(r) for r in rows.fetchall()]
+
+    def barrier(self) -> None:
+        """Make every change committed so far durable, lazy ones included (one WAL fsync):
+        call it before acting on a lazily recorded state, e.g. unlinking a copy whose row
+        says uploaded (docs/durability.md, invariant 2)."""
+        self._write("INSERT OR REPLACE INTO meta(name, value) VALUES ('barrier', ?)",
+                    (str(time.time()),))
 
     def eviction_candidates(self, limit: int) -> list[tuple[str, int]]:
         """Least recently used clean local copies: (uuid, size)."""

@@ -529,17 +529,21 @@ class Store:
                     try:
                         if row.sealed:
                             return await self._unseal(row)
-                        return os.open(self.tier.path(uuid), os.O_RDONLY)
+                        return self._open_local(row)
                     except FileNotFoundError:
                         if row.state == PENDING_UPLOAD:
+                            if await self._adopt_uploaded(row):
+                                continue
                             raise errors.Corrupt(f"attachment {uuid}: journaled local copy "
                                                  "is missing") from None
                         await self._j(self.journal.set_cached, uuid, False)
                     except errors.Corrupt as exc:
                         if row.state == PENDING_UPLOAD:
+                            if await self._adopt_uploaded(row):
+                                continue
                             raise
                         # The bucket holds a good copy: drop the damaged one and fetch again.
-                        log.error("attachment %s: local sealed copy is damaged (%s); "
+                        log.error("attachment %s: local copy is damaged (%s); "
                                   "fetching it again", uuid, exc)
                         self.tier.path(uuid).unlink(missing_ok=True)
                         self.tier.release(row.size)
@@ -548,6 +552,35 @@ class Store:
         except BaseException:
             self.tier.closed(uuid)
             raise
+
+    async def _adopt_uploaded(self, row: Row) -> bool:
+        """A pending upload whose local copy is gone or damaged (a power loss undid the
+        journal's "uploaded" after the copy was evicted, or the disk failed): when the bucket
+        holds its object with the right size, record it as uploaded and uncached, durably, and
+        return True; otherwise (data loss) return False."""
+        found = await self._locate(row.uuid)
+        if found is None:
+            return False
+        key, stored = found
+        if await self._plain_size(key, stored) != row.size:
+            return False
+        log.warning("attachment %s: local copy lost, but object %s in the bucket is complete; "
+                    "reading from there", row.uuid, key)
+        self.tier.path(row.uuid).unlink(missing_ok=True)
+        await self._j(self.journal.put_uploaded, row.uuid, key, row.size)
+        self.tier.release(row.size)
+        return True
+
+    def _open_local(self, row: Row) -> int:
+        """An fd on the local plaintext copy of `row`, whose size must be the row's: Orthanc
+        would serve a short copy padded with zeros. Raises Corrupt (a clean copy is then
+        fetched again), FileNotFoundError."""
+        fd = os.open(self.tier.path(row.uuid), os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        if size != row.size:
+            os.close(fd)
+            raise errors.Corrupt(f"local copy is {size} bytes, expected {row.size}")
+        return fd
 
     async def _open_fs(self, uuid: str) -> int | None:
         """An fd on the file-system tier's plaintext of `uuid` (decrypted into an O_TMPFILE
@@ -640,6 +673,9 @@ class Store:
                 raise errors.Corrupt(f"{got} bytes, expected {row.size}")
             if self.seal_local:
                 source = await self._seal(source, tmp, plain)
+            # Durable before it is marked cached: after a power loss a cached row never
+            # points at a short file (recovery also checks sizes).
+            await trio.to_thread.run_sync(fsync_path, source)
             os.replace(source, self.tier.path(row.uuid))
         except errors.NotFound:
             log.error("attachment %s: object %s is missing from the bucket", row.uuid, key)
@@ -895,6 +931,15 @@ class Store:
         self.inflight.add(uuid)
         self._fresh.discard(uuid)
         try:
+            if not self.tier.path(uuid).exists():
+                lost = row
+                adopted = await policy.call(f"look up {uuid}",
+                                            lambda: self._adopt_uploaded(lost))
+                if not adopted:
+                    log.error("attachment %s: its acknowledged local copy is missing and the "
+                              "bucket has no complete object: data lost", uuid)
+                    self.journal.set_error(uuid, "local copy missing, not in the bucket")
+                return
             key = row.key or self._choose_key(uuid, row.size)
             path = self.tier.path(uuid)
             sealed = self.tier.tmp_path(uuid, "enc")

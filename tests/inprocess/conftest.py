@@ -11,6 +11,7 @@ that real work never reaches.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -67,6 +68,7 @@ class Rig:
 
     def __init__(self, root: Path, objfs: dict[str, Any]) -> None:
         self.root = root
+        self.objfs = objfs
         tree = {"Objfs": {"CacheDirectory": str(root / "cache"),
                           "LocalBucket": str(root / "bucket"), "CacheSize": 16,
                           "ReadTimeout": 20, "CacheFullTimeout": 30, **objfs}}
@@ -81,6 +83,12 @@ class Rig:
         self.backend = FaultyBackend(self.local)
         self.tally = Tally()
         self.store = Store(self.settings, self.backend, self.journal, self.tier, self.tally)
+
+    def restarted(self) -> Rig:
+        """The same directories opened again, as after a stop or crash (the caller's
+        background workers must be stopped first)."""
+        self.journal.close()
+        return Rig(self.root, self.objfs)
 
     def bucket_files(self) -> dict[str, bytes]:
         bucket = self.settings.local_bucket
@@ -116,7 +124,8 @@ def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
 
     yield make
     for rig in made:
-        rig.journal.close()
+        with contextlib.suppress(Exception):
+            rig.journal.close()
 
 
 @pytest.fixture

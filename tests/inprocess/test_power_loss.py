@@ -1,0 +1,99 @@
+"""Power-loss simulations (issue 12, finding 4): a journal that lost its last lazy commits, a
+local copy cut short. The attachment is fetched again or answers EIO, never short data."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuid_mod
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from objfs import errors
+from objfs.journal import PENDING_UPLOAD, UPLOADED
+from tests.inprocess.conftest import Rig
+
+
+async def _written_and_uploaded(rig: Rig, data: bytes) -> str:
+    uuid = str(uuid_mod.uuid4())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        await rig.write(uuid, data)
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    return uuid
+
+
+async def test_journal_that_lost_uploaded_after_eviction_reads_from_the_bucket(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    data = os.urandom(70_000)
+    uuid = await _written_and_uploaded(rig, data)
+    # What a power loss could leave before the fix: the copy evicted (unlinked) while the
+    # journal on disk still said pending-upload.
+    rig.journal._write("UPDATE attachments SET state=?, cached=1 WHERE uuid=?",
+                       (PENDING_UPLOAD, uuid))
+    rig.tier.path(uuid).unlink()
+    rig = rig.restarted()
+    assert await rig.read(uuid) == data
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == UPLOADED
+    # The upload worker meets the same row without spinning: it adopts the bucket's object.
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+
+
+async def test_pending_upload_whose_copy_is_lost_and_not_in_the_bucket_gives_eio(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(5000)
+    await rig.write(uuid, data)  # acknowledged, never uploaded (no workers running)
+    rig.tier.path(uuid).write_bytes(data[:100])  # the disk lost the end of it
+    rig = rig.restarted()
+    with pytest.raises(errors.Corrupt):
+        await rig.read(uuid)
+
+
+async def test_a_short_cached_copy_is_dropped_at_start_and_fetched_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    data = os.urandom(90_000)
+    uuid = await _written_and_uploaded(rig, data)
+    with open(rig.tier.path(uuid), "r+b") as f:
+        f.truncate(1000)
+    rig = rig.restarted()
+    assert not rig.tier.path(uuid).exists()
+    assert rig.tier.used == 0
+    assert await rig.read(uuid) == data
+
+
+async def test_a_copy_cut_short_while_running_is_fetched_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    data = os.urandom(90_000)
+    uuid = await _written_and_uploaded(rig, data)
+    with open(rig.tier.path(uuid), "r+b") as f:
+        f.truncate(10)
+    assert await rig.read(uuid) == data
+
+
+async def test_eviction_makes_uploaded_durable_before_unlinking(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = rig_factory()
+    uuid = await _written_and_uploaded(rig, os.urandom(30_000))
+    present_at_barrier: list[bool] = []
+    barrier = rig.journal.barrier
+
+    def spy() -> None:
+        present_at_barrier.append(rig.tier.path(uuid).exists())
+        barrier()
+
+    monkeypatch.setattr(rig.journal, "barrier", spy)
+    assert rig.tier.evict(1) == 30_000
+    assert present_at_barrier == [True]
+    assert not rig.tier.path(uuid).exists()
