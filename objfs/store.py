@@ -49,6 +49,8 @@ from objfs.tally import Tally, error_class
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 2.0
+INVENTORY_META = "inventory"
+INVENTORY_COMPLETE = "complete"
 FIRST_LOOK = 64 * 1024
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # While Orthanc writes or deletes, background requests yield the CPU to it (on a small host
@@ -120,7 +122,10 @@ class Store:
         # Uuids being unlinked while their journal change is committed in a worker thread:
         # an upload that starts meanwhile must not send them to the bucket.
         self._unlinking: set[str] = set()
-        self.inventory_done = False
+        # True once one complete listing of the bucket is in the journal (kept across
+        # restarts): from then on every attachment is known here, so an unknown name is new.
+        self.inventory_done = journal.get_meta(INVENTORY_META) == INVENTORY_COMPLETE
+        self._lookup_failures: cachetools.TTLCache[str, bool] = cachetools.TTLCache(4096, 600)
         self._deleted_during_inventory: set[str] = set()
         self._dirs: set[str] = set()  # known to exist: made by mkdir or seen holding files
         self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(65536, NEGATIVE_TTL)
@@ -255,17 +260,22 @@ class Store:
         return await self._find_remote(uuid)
 
     async def _remote_listing(self, prefix: str, limit: int) -> list[ObjectInfo]:
-        """One listing for a name the journal does not know (before the inventory is done).
+        """One listing for a name the journal does not know, retried up to `ReadTimeout`.
 
-        An unreachable bucket counts as "not there": a new attachment's existence check
-        must not fail Orthanc's write, and an old one cannot be served anyway.
+        Before the first inventory has completed only the bucket can tell a new name from an
+        existing one, so a bucket that cannot answer makes this raise `Unavailable` (EIO),
+        never answer "absent": Orthanc would serve HTTP 500 for an existing attachment, and
+        its delete would skip the unlink and leak the object (docs/durability.md, invariant 9).
         """
         try:
-            page, _ = await self.backend.list_page(prefix, None, limit)
+            page, _ = await self.read_retry.call(
+                f"look up {prefix}", lambda: self.backend.list_page(prefix, None, limit))
         except errors.Unavailable as exc:
-            log.warning("cannot look up %s in the bucket (%s): treating it as absent", prefix,
-                        exc)
-            return []
+            if prefix not in self._lookup_failures:
+                self._lookup_failures[prefix] = True
+                log.warning("cannot tell whether %s exists: the bucket did not answer (%s); "
+                            "answering EIO until it does", prefix, exc)
+            raise
         return page
 
     async def _find_remote(self, uuid: str) -> Row | None:
@@ -1023,6 +1033,10 @@ class Store:
         Until it finishes (or if it cannot), names the journal does not know are looked up
         in the bucket.
         """
+        if self.inventory_done:
+            log.info("the journal holds a complete inventory of the bucket: unknown names are "
+                     "new")
+            return
         prefix = self.layout.root_prefix()
         count, skipped = 0, 0
         token: str | None = None
@@ -1058,6 +1072,7 @@ class Store:
         if skipped:
             log.warning("inventory: %d objects could not be sized", skipped)
             return
+        await self._j(self.journal.set_meta, INVENTORY_META, INVENTORY_COMPLETE)
         self.inventory_done = True
         log.info("inventory complete: %d attachments found in the bucket under %r", count,
                  prefix)
@@ -1084,4 +1099,5 @@ def check_bucket_identity(journal: Journal, identity: str, tier_root: Path) -> N
         log.warning("cache directory %s was used for %r; forgetting its clean copies",
                     tier_root, known)
         journal.forget_all_clean()
+        journal.set_meta(INVENTORY_META, "")  # it listed the other bucket
     journal.set_meta("bucket", identity)
