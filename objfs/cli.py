@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from objfs import __version__, errors, logs, status
+from objfs.backends import check_client
 from objfs.codec import write_key_file
 from objfs.config import DEFAULT_CONFIG_DIR, Settings, check, load_settings, masked, text_help
 from objfs.config.schema import markdown_tables
@@ -118,6 +119,10 @@ def _facts(settings: Settings, path: Path) -> dict[str, Any]:
 
 def _config(command: str, paths: list[str]) -> int:
     tree, settings, problems = check(paths)
+    if settings is not None and command == "check":
+        problems = check_client(settings)
+        if problems:
+            settings = None
     if command == "show":
         print(json.dumps(masked(tree), indent=2))
     if settings is None:

@@ -1015,15 +1015,16 @@ class Store:
         row = self.journal.get(uuid)
         if row is None or row.state != PENDING_DELETE or uuid in self.inflight:
             return
+        # Every object of the uuid, not only the journaled key: `objfs rekey` renames X.dcm to
+        # X.dcm.enc, and a plugin may have written a sibling (.dcm.head, .json).
+        prefix = self.layout.lookup_prefix(uuid)
+        page, _ = await policy.call(
+            f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
+        keys = {o.key for o in page if (info := self.layout.parse_key(o.key))
+                and info.uuid == uuid}
         if row.key is not None:
-            keys = [row.key]
-        else:
-            prefix = self.layout.lookup_prefix(uuid)
-            page, _ = await policy.call(
-                f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
-            keys = [o.key for o in page if (info := self.layout.parse_key(o.key))
-                    and info.uuid == uuid]
-        for key in keys:
+            keys.add(row.key)
+        for key in sorted(keys):
             await policy.call(f"delete {key}", functools.partial(self.backend.delete, key))
         await self._j(self.journal.remove, uuid)
 

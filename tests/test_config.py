@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -502,3 +503,50 @@ def test_closed_sets_are_enums() -> None:
     assert s.hybrid_mode is HybridMode.WRITE_TO_FILE_SYSTEM
     assert s.layout.structure is StorageStructure.LEGACY
     assert json.dumps(s.hybrid_mode) == '"WriteToFileSystem"'
+
+
+# --- values the SDKs would refuse (issue 12, finding 9) -------------------------------------
+
+
+@pytest.mark.parametrize(("section", "option", "value", "message"), [
+    ("AwsS3Storage", "Region", "eu west 1", "is not a region name"),
+    ("AwsS3Storage", "Region", "-bad-", "is not a region name"),
+    ("AwsS3Storage", "Endpoint", "http://exa mple:9000", "is not a URL"),
+    ("AwsS3Storage", "Endpoint", "minio:99999", "invalid port"),
+    ("AwsS3Storage", "Endpoint", "ftp://minio", "must be http:// or https://"),
+    ("GoogleCloudStorage", "Endpoint", "http://", "is not a URL"),
+    ("AzureBlobStorage", "AccountUrl", "https://acct .blob", "is not a URL"),
+])
+def test_values_the_sdks_refuse_are_configuration_errors(section: str, option: str,
+                                                         value: str, message: str) -> None:
+    base = {"AwsS3Storage": dict(S3), "GoogleCloudStorage": {"BucketName": "b"},
+            "AzureBlobStorage": {"ContainerName": "c", "ConnectionString": "x"}}[section]
+    with pytest.raises(ConfigError) as exc:
+        settings_from_tree({section: {**base, option: value}})
+    assert any(p.startswith(f"{section}.{option}: ") and message in p
+               for p in exc.value.problems), exc.value.problems
+
+
+def test_sdk_refusals_at_client_creation_name_the_section(tmp_path: Path) -> None:
+    """What only the SDK can judge (here a malformed Azure connection string) is a
+    configuration error at `config check` and at mount: exit 2, no traceback."""
+    from objfs.backends import check_client, open_backend
+
+    tree = {"AzureBlobStorage": {"ContainerName": "c", "ConnectionString": "not a connection"}}
+    settings = settings_from_tree(tree)
+    with pytest.raises(ConfigError, match=r"^AzureBlobStorage: the azure client refuses"):
+        open_backend(settings)
+    assert check_client(settings)[0].startswith("AzureBlobStorage: ")
+    path = write(tmp_path / "c.json", tree)
+    check = subprocess.run([sys.executable, "-m", "objfs", "config", "check", "--config",
+                            str(path)], capture_output=True, text=True)
+    assert check.returncode == 2 and "AzureBlobStorage: the azure client" in check.stderr
+    assert "Traceback" not in check.stderr
+    (tmp_path / "mnt").mkdir()
+    mount = subprocess.run([sys.executable, "-m", "objfs", "mount", "--config", str(path),
+                            str(tmp_path / "mnt")], capture_output=True, text=True,
+                           env={**os.environ, "ORTHANC__OBJFS__CACHE_DIRECTORY":
+                                str(tmp_path / "cache")}, timeout=60)
+    assert mount.returncode == 2, mount.stderr
+    assert "AzureBlobStorage: the azure client" in mount.stderr
+    assert "Traceback" not in mount.stderr

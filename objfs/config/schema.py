@@ -10,6 +10,8 @@ compares them). Sections: the plugins' ``AwsS3Storage``, ``AzureBlobStorage`` an
 from __future__ import annotations
 
 import json
+import re
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +93,32 @@ def _tcp_port(value: Any) -> str | None:
     return None if 0 <= value <= 65535 else "must be a TCP port"
 
 
+# The form botocore accepts for a region name (it raises InvalidRegionError otherwise).
+_REGION = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+
+
+def _region(value: Any) -> str | None:
+    return None if _REGION.match(value) else "is not a region name (like eu-west-1)"
+
+
+def _endpoint(value: Any) -> str | None:
+    """An endpoint the SDKs can connect to: ``host[:port]`` or ``http(s)://host[:port][/path]``
+    (S3 adds ``https://`` when no scheme is given)."""
+    if value == "":
+        return None
+    url = urllib.parse.urlsplit(value if "://" in value else "https://" + value)
+    problem = None
+    try:
+        url.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        problem = "has an invalid port"
+    if url.scheme not in ("http", "https"):
+        problem = "must be http:// or https://"
+    elif not url.hostname or any(c.isspace() for c in value):
+        problem = "is not a URL (host[:port] or http(s)://host[:port])"
+    return problem
+
+
 def _http_url(value: Any) -> str | None:
     return None if value.startswith(("http://", "https://")) else \
         "must start with http:// or https://"
@@ -126,12 +154,12 @@ COMMON_OPTIONS: dict[str, Option] = {
 S3_OPTIONS: dict[str, Option] = {
     **COMMON_OPTIONS,
     "BucketName": Option((str,), None, None, "The bucket.", "required"),
-    "Region": Option((str,), None, None, "The bucket's region.", "required"),
+    "Region": Option((str,), None, _region, "The bucket's region.", "required"),
     "AccessKey": Option((str,), None, None, "Give both or neither; secret.",
                         "boto3 default chain"),
     "SecretKey": Option((str,), None, None, "Give both or neither; secret.",
                         "boto3 default chain"),
-    "Endpoint": Option((str,), None, None,
+    "Endpoint": Option((str,), None, _endpoint,
                        "S3-compatible endpoint; `https://` is added when no scheme is given.",
                        "AWS"),
     "VirtualAddressing": Option((bool,), True, None, "`false`: path-style requests."),
@@ -177,7 +205,7 @@ CLIENT_OPTIONS: dict[str, Option] = {
 AZURE_OPTIONS: dict[str, Option] = {
     **COMMON_OPTIONS, **CLIENT_OPTIONS,
     "ConnectionString": Option((str,), None, None, "Secret.", "required, unless `AccountUrl`"),
-    "AccountUrl": Option((str,), None, None,
+    "AccountUrl": Option((str,), None, _endpoint,
                          "With `DefaultAzureCredential` when there is no connection string "
                          "(objfs only)."),
     "ContainerName": Option((str,), None, None, "The container.", "required"),
@@ -197,7 +225,7 @@ GCS_OPTIONS: dict[str, Option] = {
     "ServiceAccountFile": Option((str,), None, None, "A service-account JSON key file.",
                                  "Application Default Credentials"),
     "Project": Option((str,), None, None, "Project id (objfs only).", "from the credentials"),
-    "Endpoint": Option((str,), None, None, "Emulator or private endpoint (objfs only).",
+    "Endpoint": Option((str,), None, _endpoint, "Emulator or private endpoint (objfs only).",
                        "Google"),
     "StorageClass": Option((str,), None, None, "E.g. `NEARLINE` (objfs only).",
                            "bucket default"),

@@ -150,3 +150,23 @@ async def test_deleted_attachment_leaves_the_bucket(
     assert list(rig.bucket_files().values()) == [b"k" * 1000]
     assert await rig.store.size_of(gone) is None
     assert await rig.store.size_of(keep) == 1000
+
+
+async def test_a_delete_removes_every_object_of_the_uuid(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """Issue 12, finding 7: a rekey rename or a plugin-written sibling does not survive."""
+    rig = rig_factory()
+    await running(rig)
+    uuid = new_uuid()
+    await rig.write(uuid, b"d" * 3000)
+    assert await rig.store.drain(timeout=60)
+    bucket = rig.settings.local_bucket
+    (key,) = rig.bucket_files()
+    (bucket / f"{uuid}.dcm.head").write_bytes(b"plugin header copy")
+    (bucket / f"{key}.enc").write_bytes(b"renamed by rekey")
+    other = new_uuid()
+    (bucket / f"{other}.dcm").write_bytes(b"another attachment")
+    await rig.store.unlink(uuid)
+    assert await rig.store.drain(timeout=60)
+    assert rig.bucket_files() == {f"{other}.dcm": b"another attachment"}
