@@ -23,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from objfs import errors
+from objfs import errors, testhooks
 from objfs.backends import open_backend
 from objfs.backends.base import Backend
 from objfs.cache import LocalTier
@@ -142,6 +142,7 @@ async def _announce_ready(mountpoint: Path, root_ino: int, notifier: Notifier,
 async def _report_status(notifier: Notifier, store: Store) -> None:
     while True:
         await trio.sleep(STATUS_INTERVAL)
+        testhooks.fail_point("status-reporter")
         notifier.status(running_status(store, await store.stats()))
 
 
@@ -217,17 +218,19 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 mounted = True
                 write_state(root, "running")
                 jobs_scope = trio.CancelScope()
-                nursery.start_soon(_run_in_scope, jobs_scope, jobs.run)
+                nursery.start_soon(_run_in_scope, jobs_scope,
+                                   lambda: _supervised("the job runner", jobs.run))
                 nursery.start_soon(_stop_on_signal, notifier)
                 nursery.start_soon(_announce_ready, mountpoint, pyfuse3.ROOT_INODE, notifier,
                                    store)
                 status_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, status_scope,
-                                   lambda: _report_status(notifier, store))
+                                   lambda: _supervised("the status reporter",
+                                                       lambda: _report_status(notifier, store)))
                 log.info("objfs mounted on %s (%s bucket, %s layout, %s, HybridMode %s)",
                          mountpoint, settings.provider, settings.layout.structure,
                          settings.write_mode, settings.hybrid_mode)
-                await pyfuse3.main()
+                await _fuse_main()
                 status_scope.cancel()
                 jobs_scope.cancel()  # a running job resumes at the next start
                 notifier.stopping("unmounting")
@@ -236,9 +239,18 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 await _drain(store, settings, root, notifier)
                 tier.flush_atimes()
                 nursery.cancel_scope.cancel()
-        finally:
+        except BaseException:
             if mounted:
-                pyfuse3.close(unmount=True)
+                # Never a clean unmount on a failure: the mount point must answer ENOTCONN
+                # (Orthanc's writes fail) rather than show the bare directory underneath,
+                # where they would land and be hidden by the next mount (invariant 8). The
+                # next `objfs mount` clears the dead mount and resumes from the journal.
+                log.critical("objfs cannot go on; leaving %s dead (ENOTCONN) until objfs is "
+                             "started again", mountpoint)
+                pyfuse3.close(unmount=False)
+                mounted = False
+            raise
+        finally:
             (root / "state.json").unlink(missing_ok=True)
 
 
@@ -269,6 +281,37 @@ async def _drain(store: Store, settings: Settings, root: Path, notifier: Notifie
         notifier.status("all uploads done")
     else:
         notifier.status("shutdown deadline reached: uploads stay journaled")
+
+
+async def _fuse_main() -> None:
+    """pyfuse3's request loop. With the test hook ``fuse-loop@SECONDS`` armed it fails after
+    that long, to show what a dead loop does (exit non-zero, the mount left dead)."""
+    delay = testhooks.failure_delay("fuse-loop")
+    if delay is None:
+        await pyfuse3.main()
+        return
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pyfuse3.main)
+        await trio.sleep(delay)
+        testhooks.fail_point("fuse-loop")
+
+
+SUPERVISOR_FIRST_DELAY = 1.0
+SUPERVISOR_MAX_DELAY = 60.0
+
+
+async def _supervised(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run background task `fn`; when it fails, log it and start it again after a growing
+    pause. A background task never takes the mount down (docs/durability.md, invariant 8)."""
+    delay = SUPERVISOR_FIRST_DELAY
+    while True:
+        try:
+            await fn()
+            return
+        except Exception:
+            log.exception("%s failed; restarting it in %.0fs", what, delay)
+        await trio.sleep(delay)
+        delay = min(SUPERVISOR_MAX_DELAY, delay * 2)
 
 
 async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:

@@ -641,12 +641,16 @@ class Store:
         self.tier.closed(uuid)
 
     async def _fetch(self, row: Row) -> None:
-        running = self._fetches.get(row.uuid)
-        if running is not None:
+        """Download `row` once however many readers ask at the same time; raises what the
+        download raised. A download cancelled in its own task (its reader gave up) is not an
+        error for the others: the next waiter downloads it itself, so another task's
+        `trio.Cancelled` never escapes into a FUSE handler."""
+        while (running := self._fetches.get(row.uuid)) is not None:
             await running.done.wait()
-            if running.error is not None:
+            if running.error is None:
+                return
+            if isinstance(running.error, Exception):
                 raise running.error
-            return
         fetch = self._fetches[row.uuid] = _Fetch()
         try:
             await self._download(row)

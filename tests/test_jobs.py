@@ -107,3 +107,37 @@ async def test_jobs_persist_and_an_interrupted_job_runs_again(tmp_path: Path) ->
         await again.wait(job.id)
         nursery.cancel_scope.cancel()
     assert resumed.state == SUCCESS and store.moved == [("os", "p-a"), ("os", "p-b")]
+
+
+async def test_an_unexpected_error_fails_the_job_and_the_runner_goes_on(
+        tmp_path: Path) -> None:
+    """Issue 12, finding 3: a non-JSON 200 from Orthanc (here a ValueError) or a bug in a
+    move ends that job as Failure with the reason; the next job still runs."""
+    class BrokenOrthanc(FakeOrthanc):
+        async def attachment_uuids(self, level: str, resource: str) -> list[str]:
+            if resource == "garbled":
+                raise ValueError("Expecting value: line 1 column 1 (char 0)")
+            return await super().attachment_uuids(level, resource)
+
+    store = FakeStore()
+    jobs = Jobs(Journal(tmp_path / "journal.sqlite"), cast(Any, store),
+                cast(Any, BrokenOrthanc()))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(jobs.run)
+        bad = await jobs.submit("file-system", [("Study", "garbled")], 0)
+        await jobs.wait(bad.id)
+        assert bad.state == FAILURE
+        assert bad.error == "unexpected ValueError: Expecting value: line 1 column 1 (char 0)"
+
+        async def explode(uuid: str) -> bool:
+            raise KeyError(uuid)
+
+        store.move_to_object_storage = explode  # type: ignore[method-assign]
+        buggy = await jobs.submit("object-storage", [("Series", "s1")], 0)
+        await jobs.wait(buggy.id)
+        assert buggy.state == FAILURE and "unexpected KeyError" in (buggy.error or "")
+        good = await jobs.submit("file-system", [("Series", "s2")], 0)
+        await jobs.wait(good.id)
+        assert good.state == SUCCESS
+        nursery.cancel_scope.cancel()
+    assert Job.from_record(jobs.journal.job_records()[0]).state in (FAILURE, SUCCESS)

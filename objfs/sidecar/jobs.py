@@ -187,6 +187,13 @@ class Jobs:
                 log.error("job %s failed: %s", job.id, exc)
                 await self._finish(job, FAILURE, str(exc))
                 return
+            except Exception as exc:
+                # A bug, or an answer nobody expected (a non-JSON 200 from Orthanc): the job
+                # fails with the reason, and the daemon goes on serving (it must never stop
+                # over a background task: docs/durability.md, invariant 8).
+                log.exception("job %s failed on an unexpected error", job.id)
+                await self._finish(job, FAILURE, f"unexpected {type(exc).__name__}: {exc}")
+                return
             finally:
                 self._running = None
         if scope.cancelled_caught:
@@ -217,6 +224,12 @@ class Jobs:
                     moved = await move(uuid)
                 except errors.ObjfsError as exc:
                     failures.append(type(exc)(f"attachment {uuid}: {exc}"))
+                    cancel_scope.cancel()
+                    return
+                except Exception as exc:
+                    log.exception("moving attachment %s failed on an unexpected error", uuid)
+                    failures.append(errors.ObjfsError(
+                        f"attachment {uuid}: unexpected {type(exc).__name__}: {exc}"))
                     cancel_scope.cancel()
                     return
                 if moved:

@@ -156,3 +156,58 @@ async def test_statfs_shows_the_cache_budget(
     st = await ops.statfs(CTX)
     assert st.f_blocks * st.f_frsize == 64 * 1024 * 1024
     assert st.f_bavail <= st.f_blocks
+
+
+async def test_a_handler_bug_answers_eio_and_the_next_request_is_served(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12, finding 3: any exception in a handler is EIO for that call only."""
+    rig = rig_factory()
+    await running(rig)
+    ops = ops_for(rig, tmp_path)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(1000)
+    inode = await orthanc_write(ops, uuid, data)
+
+    async def bug(*args: object, **kwargs: object) -> int:
+        raise KeyError("a bug in the store")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rig.store, "open_read", bug)
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await ops.open(inode, os.O_RDONLY, CTX)
+        assert failed.value.errno == errno.EIO
+    assert await orthanc_read(ops, inode) == data
+    assert rig.tally.fuse_ops["open", "EIO"] == 1
+
+
+async def test_a_reader_that_gives_up_does_not_fail_the_others(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """Issue 12, finding 3: the download belongs to the first reader; when that reader is
+    cancelled, a reader waiting on the same download fetches it itself instead of receiving
+    the other task's Cancelled."""
+    rig = rig_factory()
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(40_000)
+    await rig.write(uuid, data)
+    assert await rig.store.drain(timeout=60)
+    rig.tier.evict(1 << 30)
+    rig.backend.set(Mode.GATED, "get")
+    results: list[bytes] = []
+
+    async def impatient() -> None:
+        with trio.move_on_after(1):
+            await rig.read(uuid)
+
+    async def patient() -> None:
+        await trio.sleep(0.5)  # the impatient reader's download has begun (and hangs)
+        assert rig.backend.calls["get"] == 1
+        results.append(await rig.read(uuid))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(impatient)
+        nursery.start_soon(patient)
+        await trio.sleep(5)
+        rig.backend.gate.set()
+    assert results == [data]
+    assert rig.backend.calls["get"] == 2  # the patient reader fetched it itself
