@@ -42,6 +42,7 @@ from objfs.config import HybridMode, Settings, WriteMode
 from objfs.fstier import FileSystemTier
 from objfs.fsutil import fd_path, fsync_path, sha256_file
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row, Stats, read_stats
+from objfs.keylocks import KeyedLocks
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
 from objfs.retry import RetryPolicy
 from objfs.tally import Tally, error_class
@@ -146,8 +147,9 @@ class Store:
             ring = settings.encryption.ring if settings.encryption else None
             self.fs = FileSystemTier(settings.fs_directory, ring, settings.encrypt_fs_tier)
         self.fs_first = settings.hybrid_mode == HybridMode.WRITE_TO_FILE_SYSTEM
-        # Attachments being moved between tiers: a delete waits for the move to finish.
-        self.moving: dict[str, trio.Event] = {}
+        # Per-uuid lock taken by unlink and by the tier moves, so that a delete and a move
+        # of one attachment never interleave (a deleted attachment must not come back).
+        self.locks = KeyedLocks()
 
     async def _j(self, fn: object, *args: object) -> None:
         """Run a journal write (it fsyncs) in a worker thread."""
@@ -690,7 +692,10 @@ class Store:
             # Durable before it is marked cached: after a power loss a cached row never
             # points at a short file (recovery also checks sizes).
             await trio.to_thread.run_sync(fsync_path, source)
-            os.replace(source, self.tier.path(row.uuid))
+            current = self.journal.get(row.uuid)
+            deleted = current is None or current.state == PENDING_DELETE
+            if not deleted:  # no await since the check: atomic on the event loop
+                os.replace(source, self.tier.path(row.uuid))
         except errors.NotFound:
             log.error("attachment %s: object %s is missing from the bucket", row.uuid, key)
             self.tier.release(row.size)
@@ -703,6 +708,11 @@ class Store:
         finally:
             tmp.unlink(missing_ok=True)
             plain.unlink(missing_ok=True)
+        if deleted:
+            # Deleted while it downloaded: the copy must not appear (it would be counted and
+            # never evicted).
+            self.tier.release(row.size)
+            raise errors.NotFound(f"attachment {row.uuid} was deleted while it was fetched")
         await self._j(self.journal.set_cached, row.uuid, True, self.seal_local)
 
     async def _seal(self, plaintext: Path, fetched: Path, scratch: Path) -> Path:
@@ -745,8 +755,10 @@ class Store:
         if handle is not None:
             handle.unlinked = True
             return
-        while (moving := self.moving.get(uuid)) is not None:
-            await moving.wait()
+        async with self.locks.hold(uuid):
+            await self._unlink_locked(uuid)
+
+    async def _unlink_locked(self, uuid: str) -> None:
         in_fs = self.fs is not None and self.fs.stat(uuid) is not None
         row = await self._row(uuid)
         if row is None and not in_fs:
@@ -764,7 +776,6 @@ class Store:
         self._negative[uuid] = True
         if not self.inventory_done:
             self._deleted_during_inventory.add(uuid)
-        local = row.cached or row.state == PENDING_UPLOAD
         self._unlinking.add(uuid)
         try:
             if row.state == PENDING_UPLOAD and uuid in self._fresh:
@@ -777,22 +788,19 @@ class Store:
         finally:
             self._unlinking.discard(uuid)
             self._fresh.discard(uuid)
-        if local:
-            self.tier.path(uuid).unlink(missing_ok=True)
-            self.tier.release(row.size)
+        # Decided now, not from `row` (read before the awaits above): eviction may have
+        # removed the copy meanwhile, and its space must be given back exactly once.
+        self._drop_local(uuid, row.size)
+
+    def _drop_local(self, uuid: str, size: int) -> None:
+        """Remove the local copy of `uuid` if there is one and give back its budget (no
+        await between the check and the release: atomic on the event loop)."""
+        path = self.tier.path(uuid)
+        if path.exists():
+            path.unlink()
+            self.tier.release(size)
 
     # --- moving between tiers (HybridMode) ----------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _moving(self, uuid: str) -> AsyncIterator[None]:
-        while (other := self.moving.get(uuid)) is not None:
-            await other.wait()
-        done = self.moving[uuid] = trio.Event()
-        try:
-            yield
-        finally:
-            del self.moving[uuid]
-            done.set()
 
     def _require_fs(self) -> FileSystemTier:
         if self.fs is None:
@@ -806,7 +814,7 @@ class Store:
         was already in the bucket only. Raises NotFound (neither tier), Corrupt, Unavailable
         (after ReadTimeout); on any failure both copies are left as they were."""
         fs = self._require_fs()
-        async with self._moving(uuid):
+        async with self.locks.hold(uuid):
             while uuid in self.writing:  # Orthanc is closing it: moments away
                 await trio.sleep(0.05)
             if fs.stat(uuid) is None:
@@ -858,7 +866,7 @@ class Store:
         then delete the object. Returns False when it was already in the file-system tier
         only. Raises like `move_to_object_storage`; a failure leaves both copies."""
         fs = self._require_fs()
-        async with self._moving(uuid):
+        async with self.locks.hold(uuid):
             row = await self._row(uuid)
             if row is None:
                 if fs.stat(uuid) is not None:

@@ -279,7 +279,7 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
     hybrid = _hybrid_mode(section, values)
     if hybrid != HybridMode.DISABLED and not own["FileSystemDirectory"]:
         problems.add(f"{OBJFS_SECTION}.FileSystemDirectory: missing (required with "
-                     f"{section}.HybridMode {hybrid!r})")
+                     f"{section}.HybridMode '{hybrid}')")
     encryption = rest_api = None
     orthanc = OrthancSettings()
     with problems.collect():

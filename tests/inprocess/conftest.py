@@ -30,10 +30,26 @@ from objfs.store import Store
 from objfs.tally import Tally
 from tests.inprocess.faults import FaultyBackend
 
+# Worker-thread calls to hold: function name -> an Event the call waits for before it runs.
+# Races are reproduced by holding one step while another task acts.
+HOLDS: dict[str, trio.Event] = {}
+
 
 async def _inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+    hold = HOLDS.get(getattr(fn, "__name__", ""))
+    if hold is not None:
+        await hold.wait()
     await trio.lowlevel.checkpoint()
     return fn(*args)
+
+
+@pytest.fixture
+def holds() -> Iterator[dict[str, trio.Event]]:
+    """Hold worker-thread steps by function name, e.g. ``holds["mark_pending_delete"]``."""
+    yield HOLDS
+    for event in HOLDS.values():
+        event.set()
+    HOLDS.clear()
 
 
 REAL_SECONDS_PER_TEST = 60
