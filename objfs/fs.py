@@ -25,6 +25,7 @@ import pyfuse3
 from objfs import layout
 from objfs.errnos import errno_for
 from objfs.errors import Immutable, InvalidName, ObjfsError
+from objfs.priority import FOREGROUND
 from objfs.store import Store, WriteHandle
 from objfs.tally import Tally
 
@@ -50,6 +51,7 @@ def errno_boundary(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
+        FOREGROUND.set(True)  # this handler's task only: backends give it their own slots
         try:
             result = await fn(self, *args)
         except pyfuse3.FUSEError as exc:

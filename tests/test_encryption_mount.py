@@ -293,7 +293,7 @@ def test_encrypt_local_cache(tmp_path: Path, objfs_factory: Callable[..., Objfs]
     (data_dir / uuid_for(2)).write_bytes(bytes(damaged))
     daemon.start()
     assert att(daemon.mountpoint, uuid_for(2), False).read_bytes() == files[uuid_for(2)]
-    assert "local sealed copy is damaged" in daemon.text()
+    assert "local copy is damaged" in daemon.text()
 
 
 def test_encrypt_local_cache_needs_encryption(tmp_path: Path) -> None:

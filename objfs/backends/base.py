@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import trio
 
 from objfs.errors import ObjfsError
+from objfs.priority import is_foreground
 
 T = TypeVar("T")
 
@@ -86,6 +87,8 @@ class ThreadedBackend(Backend):
 
     def __init__(self, max_threads: int) -> None:
         self._limiter = trio.CapacityLimiter(max_threads)
+        # Orthanc's requests have slots of their own (objfs.priority).
+        self._foreground = trio.CapacityLimiter(max_threads)
 
     @abc.abstractmethod
     def translate(self, exc: Exception, key: str, op: str) -> ObjfsError:
@@ -96,7 +99,8 @@ class ThreadedBackend(Backend):
         """Run `fn` in a worker thread. Cancelling the caller (a deadline) abandons the thread:
         it ends on the SDK's own timeouts, still holding its limiter slot until then."""
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter,
+            limiter = self._foreground if is_foreground() else self._limiter
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter,
                                                  abandon_on_cancel=True)
         except ObjfsError:
             raise
