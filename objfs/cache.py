@@ -21,6 +21,7 @@ import trio
 from objfs import codec
 from objfs.errors import CacheFull
 from objfs.journal import PENDING_UPLOAD, Journal, Row
+from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class LocalTier:
                     os.unlink(self.path(uuid))
                 except FileNotFoundError:
                     pass
+                crash_point("mid-eviction")
                 removed.append(uuid)
                 freed += size
             self.journal.uncache(removed)

@@ -46,6 +46,7 @@ from objfs.keylocks import KeyedLocks
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
 from objfs.retry import RetryPolicy
 from objfs.tally import Tally, error_class
+from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -453,8 +454,10 @@ class Store:
         """Runs in a worker thread. With EncryptLocalCache the complete file is sealed (A1,
         exactly the object to upload) and replaces the plaintext before the row commits."""
         os.fdatasync(fd)
+        crash_point("after-data-fsync")
         if not self.seal_local:
             self.journal.put_pending(uuid, size)
+            crash_point("after-journal-commit")
             return
         assert self.encryption is not None
         key = self._choose_key(uuid, size, fd_path(fd))
@@ -683,6 +686,7 @@ class Store:
                 key = found[0]
                 await self._j(self.journal.set_key, row.uuid, key)
                 await self.read_retry.call(f"download {key}", lambda: self.backend.get(key, tmp))
+            crash_point("mid-download")
             source = await self._decode(key, tmp, plain)
             got = source.stat().st_size
             if got != row.size:
@@ -783,6 +787,7 @@ class Store:
                 await self._j(self.journal.remove, uuid)
             else:
                 await self._j(self.journal.mark_pending_delete, uuid)
+                crash_point("after-delete-journaled")
                 if uuid not in self.inflight and queue:
                     self._queue_delete(uuid)
         finally:
@@ -848,6 +853,7 @@ class Store:
                 if got != expected:
                     raise errors.Corrupt(f"object {key} does not read back as uploaded ({got[0]} "
                                          f"bytes, expected {expected[0]})")
+                crash_point("mid-move-to-bucket")
                 old = self.journal.get(uuid)
                 await self._j(self.journal.put_uploaded, uuid, key, size)
                 if old is not None and old.cached:
@@ -875,6 +881,7 @@ class Store:
             fd = await self.open_read(uuid, objects_only=True)
             try:
                 await trio.to_thread.run_sync(fs.write_copy, fd_path(fd), uuid)
+                crash_point("mid-move-to-fs")
             finally:
                 self.close_read(uuid, fd)
             while uuid in self.inflight:  # an upload of it is running: let it settle first
@@ -984,6 +991,7 @@ class Store:
 
             try:
                 await policy.call(f"upload {key}", put, record)
+                crash_point("after-put")
             finally:
                 sealed.unlink(missing_ok=True)
         finally:
@@ -1038,6 +1046,7 @@ class Store:
             keys.add(row.key)
         for key in sorted(keys):
             await policy.call(f"delete {key}", functools.partial(self.backend.delete, key))
+            crash_point("after-object-delete")
         await self._j(self.journal.remove, uuid)
 
     async def _inventory(self) -> None:
