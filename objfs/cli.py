@@ -1,5 +1,5 @@
-"""The ``objfs`` command: mount, status, config show/check/options, keys generate, rekey,
---version.
+"""The ``objfs`` command: mount, status, config show/check/options, health, keys generate,
+rekey, audit, --version.
 
 User mistakes (bad configuration, busy cache directory, unusable bucket) print one line on
 stderr and exit with status 2 (configuration) or 1 (anything else), without a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import trio
 
 from objfs import __version__, errors, logs, status
+from objfs.audit import DEFAULT_GRACE, audit, describe
 from objfs.backends import check_client
 from objfs.codec import write_key_file
 from objfs.config import DEFAULT_CONFIG_DIR, Settings, check, load_settings, masked, text_help
@@ -82,7 +84,27 @@ def _parser() -> argparse.ArgumentParser:
     rekey.add_argument("--dry-run", action="store_true", help="count, change nothing")
     rekey.add_argument("--include-unencrypted", action="store_true",
                        help="also encrypt objects that are not encrypted")
+    audit = sub.add_parser("audit", help="compare the bucket with Orthanc's attachments: "
+                           "missing data (exit 1) and orphan objects")
+    with_config(audit)
+    with_log_level(audit)
+    audit.add_argument("--json", action="store_true", help="the report as JSON on stdout")
+    audit.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+                       help="unreferenced objects younger than this are in flight, not "
+                            f"orphans (default {DEFAULT_GRACE:.0f})")
+    audit.add_argument("--delete-orphans", action="store_true",
+                       help="delete the orphan objects found")
     return parser
+
+
+def _audit(settings: Settings, as_json: bool, grace: float, delete_orphans: bool) -> int:
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = trio.run(functools.partial(audit, settings, grace=grace,
+                                        delete_orphans=delete_orphans, progress=progress))
+    print(json.dumps(report.to_json(), indent=2) if as_json else describe(report))
+    return 1 if report.missing else 0
 
 
 def _status(settings: Settings, as_json: bool) -> int:
@@ -204,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "health":
             return _health(settings, args.timeout)
         logs.setup(getattr(args, "log_level", "INFO"))
+        if args.command == "audit":
+            return _audit(settings, args.json, args.grace, args.delete_orphans)
         if args.command == "rekey":
             summary = trio.run(rekey, settings, args.dry_run, args.include_unencrypted,
                                _rekey_progress())

@@ -140,7 +140,9 @@ class AzureBackend(ThreadedBackend):
         pages = self.container.list_blobs(name_starts_with=prefix or None,
                                           results_per_page=limit).by_page(
             continuation_token=token)
-        page = [ObjectInfo(b.name, int(b.size)) for b in next(pages)]
+        page = [ObjectInfo(b.name, int(b.size),
+                           b.last_modified.timestamp() if b.last_modified else None)
+                for b in next(pages)]
         # by_page() returns an ItemPaged page iterator, which carries the token; the SDK's
         # annotation says only Iterator.
         following: str | None = getattr(pages, "continuation_token", None)

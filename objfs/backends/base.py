@@ -29,6 +29,7 @@ T = TypeVar("T")
 class ObjectInfo:
     key: str
     size: int
+    modified: float | None = None  # seconds since the epoch, when the listing tells
 
 
 class Backend(abc.ABC):

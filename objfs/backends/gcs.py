@@ -122,7 +122,8 @@ class GcsBackend(ThreadedBackend):
                                        max_results=None, page_size=limit,
                                        timeout=self.timeout, retry=self.retry)
         page = next(blobs.pages)
-        found = [ObjectInfo(b.name, int(b.size or 0)) for b in page]
+        found = [ObjectInfo(b.name, int(b.size or 0),
+                            b.updated.timestamp() if b.updated else None) for b in page]
         return found, blobs.next_page_token or None
 
     def _copy_sync(self, src: str, dst: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from objfs.fsutil import fsync_path
 
 TMP_DIR = ".objfs-tmp"
 COPY_CHUNK = 1024 * 1024
+STALE_TMP = 24 * 3600.0
 
 
 class LocalBackend(ThreadedBackend):
@@ -32,8 +34,13 @@ class LocalBackend(ThreadedBackend):
         self._tmp = root / TMP_DIR
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp.mkdir(exist_ok=True)
+            # Leftovers of a crashed writer; another process (the daemon, while `objfs audit`
+            # or `objfs rekey` runs) may be writing the recent ones.
+            stale = time.time() - STALE_TMP
+            for entry in os.scandir(self._tmp):
+                if entry.stat().st_mtime < stale:
+                    os.unlink(entry.path)
         except OSError as exc:
             raise errors.BucketMissing(f"local bucket {root}: {exc.strerror}") from exc
 
@@ -137,7 +144,8 @@ class LocalBackend(ThreadedBackend):
                 if entry.is_dir(follow_symlinks=False):
                     self._collect(Path(entry.path), key_prefix + entry.name + "/", "", out)
                 elif entry.is_file(follow_symlinks=False):
-                    out.append(ObjectInfo(key_prefix + entry.name, entry.stat().st_size))
+                    st = entry.stat()
+                    out.append(ObjectInfo(key_prefix + entry.name, st.st_size, st.st_mtime))
 
     def _copy_sync(self, src: str, dst: str) -> None:
         self._put_sync(dst, self._path(src))

@@ -149,7 +149,8 @@ class S3Backend(ThreadedBackend):
         if token:
             args["ContinuationToken"] = token
         response = self.client.list_objects_v2(**args)
-        page = [ObjectInfo(o["Key"], o["Size"]) for o in response.get("Contents", [])]
+        page = [ObjectInfo(o["Key"], o["Size"], o["LastModified"].timestamp())
+                for o in response.get("Contents", [])]
         more = response.get("IsTruncated") and response.get("NextContinuationToken")
         return page, (more or None)
 

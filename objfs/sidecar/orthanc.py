@@ -4,9 +4,11 @@ of every attachment under it."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import trio
 
 from objfs.config import OrthancSettings
 from objfs.errors import OrthancUnavailable
@@ -19,6 +21,7 @@ COLLECTIONS = {"Patient": "patients", "Study": "studies", "Series": "series",
 # How the plugins name each level in a job's Content.
 CONTENT_GROUPS = {"Patient": "Patients", "Study": "Studies", "Series": "Series",
                   "Instance": "Instances"}
+PAGE = 1000
 _BELOW = {"Patient": ("Study", "Series", "Instance"), "Study": ("Series", "Instance"),
           "Series": ("Instance",), "Instance": ()}
 
@@ -75,11 +78,48 @@ class OrthancClient:
         return list(dict.fromkeys(uuids))
 
     async def _own_attachments(self, collection: str, resource_id: str) -> list[str]:
+        return list(await self._attachment_infos(collection, resource_id))
+
+    async def _attachment_infos(self, collection: str, resource_id: str) -> dict[str, str]:
+        """uuid -> the path of its ``info`` resource, for every attachment of one resource."""
         base = f"/{collection}/{resource_id}/attachments"
         types = await self._get(base + "?full")
-        uuids = []
+        found: dict[str, str] = {}
         for content_type in (types or {}).values():
             info = await self._get(f"{base}/{content_type}/info")
             if info is not None:
-                uuids.append(str(info["Uuid"]))
-        return uuids
+                found[str(info["Uuid"])] = f"{base}/{content_type}/info"
+        return found
+
+    async def all_attachments(self, progress: Callable[[str], None] = lambda _: None,
+                              concurrency: int = 8) -> dict[str, str]:
+        """Every attachment of every resource Orthanc's index holds: uuid -> the path of its
+        ``info`` resource (for `attachment_still_there`). Pages through each collection;
+        `concurrency` requests at a time."""
+        found: dict[str, str] = {}
+        limiter = trio.CapacityLimiter(concurrency)
+        for collection in COLLECTIONS.values():
+            since, seen = 0, 0
+            while True:
+                ids = await self._get(f"/{collection}?since={since}&limit={PAGE}") or []
+
+                async def one(resource: str, where: str = collection) -> None:
+                    async with limiter:
+                        found.update(await self._attachment_infos(where, resource))
+
+                async with trio.open_nursery() as nursery:
+                    for resource in ids:
+                        nursery.start_soon(one, str(resource))
+                seen += len(ids)
+                if collection == "instances" and ids:
+                    progress(f"audit: {seen} instances read from Orthanc")
+                if len(ids) < PAGE:
+                    break
+                since += PAGE
+        return found
+
+    async def attachment_still_there(self, uuid: str, info_path: str) -> bool:
+        """Whether the attachment found at `info_path` still has uuid `uuid` (False once
+        Orthanc deleted it or its resource)."""
+        info = await self._get(info_path)
+        return info is not None and str(info.get("Uuid")) == uuid
