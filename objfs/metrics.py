@@ -57,6 +57,10 @@ class DaemonCollector(Collector):
                      stats.failing)
         yield _gauge("objfs_oldest_pending_upload_age_seconds",
                      "Age of the oldest attachment not yet uploaded (0 when none)", age)
+        failing_since = self.store.health.failing_since
+        yield _gauge("objfs_bucket_unreachable_seconds",
+                     "How long the bucket has failed to answer (0 when it answers)",
+                     0.0 if failing_since is None else max(0.0, time.time() - failing_since))
         yield _gauge("objfs_deletes_queued", "Object deletions waiting (journaled)",
                      stats.pending_deletes)
         yield _counter("objfs_uploads", "Uploads completed", self.tally.uploads)

@@ -28,9 +28,10 @@ import functools
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import cachetools
 import trio
@@ -44,11 +45,12 @@ from objfs.fsutil import fd_path, fsync_path, sha256_file
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Journal, Row, Stats, read_stats
 from objfs.keylocks import KeyedLocks
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
-from objfs.retry import RetryPolicy
+from objfs.retry import BucketHealth, RetryPolicy
 from objfs.tally import Tally, error_class
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NEGATIVE_TTL = 2.0
 INVENTORY_META = "inventory"
@@ -60,6 +62,7 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # Orthanc pauses for BUSY_WINDOW seconds, or until the cache budget is half full.
 BUSY_WINDOW = 0.5
 BUSY_REQUESTS = 1
+PROBE_INTERVAL = 5.0
 BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, persistent=True)
 
 
@@ -116,6 +119,8 @@ class Store:
             max(1, settings.encryption.max_concurrent_input // codec.CHUNK)
             if settings.encryption else 1)
         self.read_retry = RetryPolicy(deadline=settings.read_timeout)
+        # Every retried call reports here; background pauses end when the bucket is back.
+        self.health = BucketHealth()
         self.writing: dict[str, WriteHandle] = {}
         self.inflight: set[str] = set()
         # Written by this process and not yet handed to an upload: they cannot be in the
@@ -152,6 +157,11 @@ class Store:
         # of one attachment never interleave (a deleted attachment must not come back).
         self.locks = KeyedLocks()
 
+    async def _retry(self, policy: RetryPolicy, what: str, fn: Callable[[], Awaitable[T]],
+                     on_error: Callable[[errors.ObjfsError], None] | None = None) -> T:
+        """`policy.call`, reporting to (and, in the background, woken by) `self.health`."""
+        return await policy.call(what, fn, on_error, self.health)
+
     async def _j(self, fn: object, *args: object) -> None:
         """Run a journal write (it fsyncs) in a worker thread."""
         await trio.to_thread.run_sync(fn, *args, limiter=self._journal_limiter)  # type: ignore[arg-type]
@@ -175,7 +185,20 @@ class Store:
             for row in deletes:
                 self._queue_delete(row.uuid)
             nursery.start_soon(self._inventory)
+            nursery.start_soon(self._watch_bucket)
             task_status.started()
+
+    async def _watch_bucket(self) -> None:
+        """While the bucket fails, ask it every PROBE_INTERVAL seconds (one cheap listing);
+        its first answer ends every background pause at once."""
+        while True:
+            await self.health.failing.wait()
+            await trio.sleep(PROBE_INTERVAL)
+            try:
+                await self.backend.list_page(self.layout.root_prefix(), None, 1)
+            except errors.ObjfsError:
+                continue
+            self.health.succeeded()
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no upload or delete is queued or running, at most `timeout` seconds.
@@ -271,8 +294,9 @@ class Store:
         its delete would skip the unlink and leak the object (docs/durability.md, invariant 9).
         """
         try:
-            page, _ = await self.read_retry.call(
-                f"look up {prefix}", lambda: self.backend.list_page(prefix, None, limit))
+            page, _ = await self._retry(
+                self.read_retry, f"look up {prefix}",
+                lambda: self.backend.list_page(prefix, None, limit))
         except errors.Unavailable as exc:
             if prefix not in self._lookup_failures:
                 self._lookup_failures[prefix] = True
@@ -305,8 +329,8 @@ class Store:
         if encrypted is None and self.encryption is not None:
             probe = self.tier.tmp_path("header", "probe")
             try:
-                await self.read_retry.call(f"read header of {key}",
-                                           lambda: self.backend.get(key, probe, 0, 2))
+                await self._retry(self.read_retry, f"read header of {key}",
+                                  lambda: self.backend.get(key, probe, 0, 2))
                 encrypted = codec.is_encrypted(probe.read_bytes())
             finally:
                 probe.unlink(missing_ok=True)
@@ -676,7 +700,8 @@ class Store:
         plain = self.tier.tmp_path(row.uuid, "plain")
         try:
             try:
-                await self.read_retry.call(f"download {key}", lambda: self.backend.get(key, tmp))
+                await self._retry(self.read_retry, f"download {key}",
+                                  lambda: self.backend.get(key, tmp))
             except errors.NotFound:
                 # Renamed since we learnt its key (re-encrypted by `objfs rekey`, or rewritten
                 # by the plugin): one listing finds the current name.
@@ -685,7 +710,8 @@ class Store:
                     raise
                 key = found[0]
                 await self._j(self.journal.set_key, row.uuid, key)
-                await self.read_retry.call(f"download {key}", lambda: self.backend.get(key, tmp))
+                await self._retry(self.read_retry, f"download {key}",
+                                  lambda: self.backend.get(key, tmp))
             crash_point("mid-download")
             source = await self._decode(key, tmp, plain)
             got = source.stat().st_size
@@ -846,9 +872,10 @@ class Store:
                 size = plaintext.stat().st_size
                 key = self._choose_key(uuid, size, plaintext)
                 expected = await trio.to_thread.run_sync(sha256_file, upload)
-                await self.read_retry.call(f"upload {key}", lambda: self.backend.put(key, upload))
-                await self.read_retry.call(f"read back {key}",
-                                           lambda: self.backend.get(key, check))
+                await self._retry(self.read_retry, f"upload {key}",
+                                  lambda: self.backend.put(key, upload))
+                await self._retry(self.read_retry, f"read back {key}",
+                                  lambda: self.backend.get(key, check))
                 got = await trio.to_thread.run_sync(sha256_file, check)
                 if got != expected:
                     raise errors.Corrupt(f"object {key} does not read back as uploaded ({got[0]} "
@@ -962,7 +989,7 @@ class Store:
         try:
             if not self.tier.path(uuid).exists():
                 lost = row
-                adopted = await policy.call(f"look up {uuid}",
+                adopted = await self._retry(policy, f"look up {uuid}",
                                             lambda: self._adopt_uploaded(lost))
                 if not adopted:
                     log.error("attachment %s: its acknowledged local copy is missing and the "
@@ -990,7 +1017,7 @@ class Store:
                 self.journal.set_error(uuid, str(exc))
 
             try:
-                await policy.call(f"upload {key}", put, record)
+                await self._retry(policy, f"upload {key}", put, record)
                 crash_point("after-put")
             finally:
                 sealed.unlink(missing_ok=True)
@@ -1038,14 +1065,14 @@ class Store:
         # Every object of the uuid, not only the journaled key: `objfs rekey` renames X.dcm to
         # X.dcm.enc, and a plugin may have written a sibling (.dcm.head, .json).
         prefix = self.layout.lookup_prefix(uuid)
-        page, _ = await policy.call(
-            f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
+        page, _ = await self._retry(
+            policy, f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
         keys = {o.key for o in page if (info := self.layout.parse_key(o.key))
                 and info.uuid == uuid}
         if row.key is not None:
             keys.add(row.key)
         for key in sorted(keys):
-            await policy.call(f"delete {key}", functools.partial(self.backend.delete, key))
+            await self._retry(policy, f"delete {key}", functools.partial(self.backend.delete, key))
             crash_point("after-object-delete")
         await self._j(self.journal.remove, uuid)
 
@@ -1064,8 +1091,8 @@ class Store:
         token: str | None = None
         try:
             while True:
-                page, token = await BACKGROUND_RETRY.call(
-                    f"inventory of {prefix or 'the bucket'}",
+                page, token = await self._retry(
+                    BACKGROUND_RETRY, f"inventory of {prefix or 'the bucket'}",
                     functools.partial(self.backend.list_page, prefix, token, 1000))
                 batch = []
                 for info in page:

@@ -170,3 +170,28 @@ async def test_a_delete_removes_every_object_of_the_uuid(
     await rig.store.unlink(uuid)
     assert await rig.store.drain(timeout=60)
     assert rig.bucket_files() == {f"{other}.dcm": b"another attachment"}
+
+
+async def test_queued_uploads_resume_within_a_probe_interval_of_a_recovery(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """After a long outage the background backoff is a minute long; the bucket watcher's
+    first successful probe ends every pause, so the queue drains right after recovery."""
+    from objfs.store import PROBE_INTERVAL
+
+    rig = rig_factory()
+    await running(rig)
+    with trio.fail_after(10):
+        while not rig.store.inventory_done:  # then new names need no bucket
+            await trio.sleep(0.1)
+    rig.backend.set(Mode.UNAVAILABLE)
+    for _ in range(3):
+        await rig.write(new_uuid(), os.urandom(5000))
+    await trio.sleep(900)  # every upload is now in its longest pause
+    assert rig.store.health.failing_since is not None
+    rig.backend.set(Mode.OK)
+    start = trio.current_time()
+    assert await rig.store.drain(timeout=600)
+    assert trio.current_time() - start <= PROBE_INTERVAL + 1
+    assert rig.store.health.failing_since is None
+    assert len(rig.bucket_files()) == 3
