@@ -115,12 +115,19 @@ def _status(settings: Settings, as_json: bool) -> int:
         return 1
     found = _facts(settings, path)
     state = status.daemon_phase(settings.cache_directory)
+    failing_since = state.get("bucket_failing_since") if state else None
     if as_json:
         found["daemon"] = state["phase"] if state else "stopped"
+        found["bucket_failing_seconds"] = (None if failing_since is None
+                                           else round(time.time() - failing_since, 1))
+        found["bucket_error"] = state.get("bucket_error") if state else None
         print(json.dumps(found, indent=2))
         return 0
     print(status.render(settings, found))
     print(f"daemon:           {state['phase'] if state else 'not running'}")
+    if state is not None and failing_since is not None:
+        print(f"bucket:           NOT ANSWERING for {time.time() - failing_since:.0f}s "
+              f"({state.get('bucket_error')}); writes are kept locally")
     while state is not None and state["phase"] == "draining":
         print(status.drain_line(state, found), flush=True)
         time.sleep(DRAIN_REFRESH)

@@ -139,11 +139,19 @@ async def _announce_ready(mountpoint: Path, root_ino: int, notifier: Notifier,
     log.debug("the mount answers; readiness reported")
 
 
-async def _report_status(notifier: Notifier, store: Store) -> None:
+async def _report_status(notifier: Notifier, store: Store, root: Path) -> None:
+    """Every STATUS_INTERVAL: systemd's STATUS= line, and the bucket's health for
+    `objfs status` (in state.json) when it changed."""
+    reported: tuple[float | None, str | None] = (None, None)
     while True:
         await trio.sleep(STATUS_INTERVAL)
         testhooks.fail_point("status-reporter")
         notifier.status(running_status(store, await store.stats()))
+        health = (store.health.failing_since, store.health.last_error)
+        if health != reported:
+            write_state(root, "running", bucket_failing_since=health[0],
+                        bucket_error=health[1])
+            reported = health
 
 
 def running_status(store: Store, stats: Stats) -> str:
@@ -161,7 +169,7 @@ def _mib(n: int) -> str:
     return f"{n / MIB:.1f} MiB"
 
 
-def write_state(root: Path, phase: str, **facts: float) -> None:
+def write_state(root: Path, phase: str, **facts: float | str | None) -> None:
     """Record the daemon's phase for `objfs status` (atomically; not fsynced: it only informs
     a human and is rewritten at every start)."""
     tmp = root / "state.json.tmp"
@@ -226,7 +234,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 status_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, status_scope,
                                    lambda: _supervised("the status reporter",
-                                                       lambda: _report_status(notifier, store)))
+                                                       lambda: _report_status(notifier, store,
+                                                                              root)))
                 log.info("objfs mounted on %s (%s bucket, %s layout, %s, HybridMode %s)",
                          mountpoint, settings.provider, settings.layout.structure,
                          settings.write_mode, settings.hybrid_mode)

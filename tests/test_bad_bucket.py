@@ -21,6 +21,7 @@ from tests.support.emulators import MotoServer
 from tests.support.faultproxy import FaultProxy
 from tests.support.orthanc import HttpError, Orthanc
 from tests.support.procs import wait_until
+from tests.support.rest import rest
 
 READ_TIMEOUT = 5
 
@@ -110,9 +111,16 @@ def test_restart_while_the_bucket_answers_503(
     live_uuids = {**uuids, **{oid: attachment(orthanc, oid) for oid in live if oid in new}}
     wait_until(lambda: daemon.status()["failing_uploads"] > 0, 30, "objfs status to show "
                "the failing uploads")
+    wait_until(lambda: daemon.status()["bucket_failing_seconds"] is not None, 30,
+               "objfs status to say the bucket does not answer")
+    assert "SlowDown" in str(daemon.status()["bucket_error"])
+    health, _ = rest(daemon.api, "GET", "/health", timeout=30)
+    assert health == 503
 
     proxy.set("ok")
     daemon.wait_uploaded(timeout=180)
+    wait_until(lambda: daemon.status()["bucket_failing_seconds"] is None, 30,
+               "objfs status to say the bucket answers again")
     in_bucket = bucket_uuids(moto, bucket)
     assert set(in_bucket) == set(live_uuids.values())
     for oid, dicom in live.items():
