@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid as uuid_mod
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -49,6 +50,9 @@ class LocalTier:
         self.open_counts: dict[str, int] = {}
         self._atimes: dict[str, float] = {}
         self._space_freed = trio.Event()
+        # The one temporary copy allowed beyond CacheSize (a Semaphore: whoever is done with
+        # the copy gives it back, not necessarily the task that took it).
+        self._overflow = trio.Semaphore(1)
 
     def path(self, uuid: str) -> Path:
         return self.data / uuid
@@ -122,6 +126,29 @@ class LocalTier:
                 await event.wait()
         raise CacheFull(f"local cache full: {self.used} of {self.capacity} bytes hold data not "
                         "yet in the bucket or open files")
+
+    def _try_reserve(self, nbytes: int) -> bool:
+        """Take `nbytes` now if clean copies can make room; never waits."""
+        if self.used + nbytes > self.capacity:
+            self.evict(self.used + nbytes - self.capacity)
+        if self.used + nbytes > self.capacity:
+            return False
+        self.used += nbytes
+        return True
+
+    async def take_scratch(self, nbytes: int) -> Callable[[], None]:
+        """Budget for a temporary copy (an encrypted upload body, a download's ciphertext, a
+        decrypted copy that readers share); returns the function that gives it back (call it
+        exactly once, from any task).
+
+        Taken from `CacheSize` when clean copies can make room; otherwise the one
+        over-budget slot is waited for, so the cache directory holds at most `CacheSize` plus
+        one temporary copy. Never raises CacheFull: a temporary copy is what lets uploads
+        empty a full cache (docs/durability.md, invariant 5)."""
+        if self._try_reserve(nbytes):
+            return lambda: self.release(nbytes)
+        await self._overflow.acquire()
+        return self._overflow.release
 
     def release(self, nbytes: int) -> None:
         """Give back budget (a copy was removed or a reservation was not used)."""

@@ -94,6 +94,15 @@ class CacheSpace:
 
 
 @dataclass
+class _SharedPlain:
+    """The decrypted copy of one attachment that its readers share."""
+
+    fd: int  # the O_TMPFILE; each reader has its own fd opened on it
+    readers: int
+    give_back: Callable[[], None]  # its share of the cache budget
+
+
+@dataclass
 class _Fetch:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
@@ -137,6 +146,11 @@ class Store:
         self._dirs: set[str] = set()  # known to exist: made by mkdir or seen holding files
         self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(65536, NEGATIVE_TTL)
         self._fetches: dict[str, _Fetch] = {}
+        # Decrypted copies shared by their readers (owner: the event loop): by uuid, the
+        # readers' fds, and decryptions under way.
+        self._plain: dict[str, _SharedPlain] = {}
+        self._plain_fds: dict[int, str] = {}
+        self._plain_pending: dict[str, trio.Event] = {}
         # Unbounded on purpose: what waits here is bounded by the cache budget (dirty data
         # cannot exceed CacheSize) and an entry is one uuid.
         self._upload_send, self._upload_recv = trio.open_memory_channel[str](math.inf)
@@ -631,43 +645,72 @@ class Store:
                 return os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        assert self.encryption is not None
-        fd = os.open(self.tier.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
         try:
-            async with self._crypto_limiter:
-                await trio.to_thread.run_sync(codec.decrypt_file, path, fd_path(fd),
-                                              self.encryption.ring)
+            return await self._shared_plain(uuid, path, None)
         except FileNotFoundError:
-            os.close(fd)
             return None
         except errors.Corrupt as exc:
-            os.close(fd)
             log.error("attachment %s: cannot read %s: %s", uuid, path, exc)
             raise
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
 
     async def _unseal(self, row: Row) -> int:
-        """An fd on a decrypted, verified copy of a sealed local file: an O_TMPFILE, never
-        linked into a directory, freed at close."""
-        assert self.encryption is not None
-        fd = os.open(self.tier.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
-        try:
-            async with self._crypto_limiter:
-                await trio.to_thread.run_sync(codec.decrypt_file, self.tier.path(row.uuid),
-                                              fd_path(fd), self.encryption.ring)
-            if os.fstat(fd).st_size != row.size:
-                raise errors.Corrupt(f"{os.fstat(fd).st_size} bytes, expected {row.size}")
-        except BaseException:
-            os.close(fd)
-            raise
+        """An fd on the decrypted, verified copy of a sealed local file."""
+        return await self._shared_plain(row.uuid, self.tier.path(row.uuid), row.size)
+
+    async def _shared_plain(self, uuid: str, source: Path, size: int | None) -> int:
+        """A reader's fd on the plaintext of A1 file `source`: one decrypted copy per
+        attachment (an O_TMPFILE, never linked into a directory, counted in the cache budget
+        by `take_scratch`), shared by every reader that has it open and freed when the last
+        one closes. Raises Corrupt (authentication failed, or not `size` bytes),
+        FileNotFoundError."""
+        while (pending := self._plain_pending.get(uuid)) is not None:
+            await pending.wait()
+        shared = self._plain.get(uuid)
+        if shared is None:
+            assert self.encryption is not None
+            done = self._plain_pending[uuid] = trio.Event()
+            try:
+                shared = await self._decrypt_shared(source, size)
+                self._plain[uuid] = shared
+            finally:
+                del self._plain_pending[uuid]
+                done.set()
+        fd = os.open(fd_path(shared.fd), os.O_RDONLY)
+        shared.readers += 1
+        self._plain_fds[fd] = uuid
         return fd
+
+    async def _decrypt_shared(self, source: Path, size: int | None) -> _SharedPlain:
+        assert self.encryption is not None
+        expected = size if size is not None else max(0, source.stat().st_size - codec.OVERHEAD)
+        give_back = await self.tier.take_scratch(expected)
+        fd = -1
+        try:
+            fd = os.open(self.tier.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
+            async with self._crypto_limiter:
+                await trio.to_thread.run_sync(codec.decrypt_file, source, fd_path(fd),
+                                              self.encryption.ring)
+            got = os.fstat(fd).st_size
+            if size is not None and got != size:
+                raise errors.Corrupt(f"{got} bytes, expected {size}")
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            give_back()
+            raise
+        return _SharedPlain(fd, 0, give_back)
 
     def close_read(self, uuid: str, fd: int) -> None:
         os.close(fd)
         self.tier.closed(uuid)
+        shared_uuid = self._plain_fds.pop(fd, None)
+        if shared_uuid is not None:
+            shared = self._plain[shared_uuid]
+            shared.readers -= 1
+            if shared.readers == 0:
+                del self._plain[shared_uuid]
+                os.close(shared.fd)
+                shared.give_back()
 
     async def _fetch(self, row: Row) -> None:
         """Download `row` once however many readers ask at the same time; raises what the
@@ -698,6 +741,14 @@ class Store:
         await self.tier.reserve(row.size)
         tmp = self.tier.tmp_path(row.uuid, "download")
         plain = self.tier.tmp_path(row.uuid, "plain")
+        # With encryption the fetched ciphertext and its plaintext coexist for a moment.
+        give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
+        if self.encryption is not None:
+            try:
+                give_back = await self.tier.take_scratch(row.size + codec.OVERHEAD)
+            except BaseException:
+                self.tier.release(row.size)
+                raise
         try:
             try:
                 await self._retry(self.read_retry, f"download {key}",
@@ -738,6 +789,7 @@ class Store:
         finally:
             tmp.unlink(missing_ok=True)
             plain.unlink(missing_ok=True)
+            give_back()
         if deleted:
             # Deleted while it downloaded: the copy must not appear (it would be counted and
             # never evicted).
@@ -999,10 +1051,17 @@ class Store:
             key = row.key or self._choose_key(uuid, row.size)
             path = self.tier.path(uuid)
             sealed = self.tier.tmp_path(uuid, "enc")
+            give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
             if self.encryption is not None and not row.sealed:
-                async with self._crypto_limiter:
-                    await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
-                                                  self.encryption.ring)
+                give_back = await self.tier.take_scratch(row.size + codec.OVERHEAD)
+                try:
+                    async with self._crypto_limiter:
+                        await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
+                                                      self.encryption.ring)
+                except BaseException:
+                    sealed.unlink(missing_ok=True)
+                    give_back()
+                    raise
                 path = sealed
 
             async def put() -> None:
@@ -1021,6 +1080,7 @@ class Store:
                 crash_point("after-put")
             finally:
                 sealed.unlink(missing_ok=True)
+                give_back()
         finally:
             self.inflight.discard(uuid)
         row = self.journal.get(uuid)

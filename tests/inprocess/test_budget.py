@@ -1,0 +1,76 @@
+"""The cache budget is exact (issue 12, finding 6): temporary copies (encrypted upload bodies,
+downloads' ciphertext, decrypted copies for readers) count, at most one of them beyond
+CacheSize, and the readers of one attachment share one decrypted copy."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from objfs import codec
+from tests.inprocess.conftest import Rig
+from tests.inprocess.faults import Mode
+
+MIB = 1024 * 1024
+Start = Callable[[Rig], Awaitable[None]]
+
+
+def encrypted(tmp_path: Path) -> dict[str, object]:
+    key = tmp_path / "master.key"
+    if not key.exists():
+        codec.write_key_file(key)
+    return {"StorageEncryption": {"MasterKey": [1, str(key)]}}
+
+
+def bytes_under(rig: Rig) -> int:
+    return sum(p.stat().st_size for folder in (rig.tier.data, rig.tier.tmp)
+               for p in folder.iterdir())
+
+
+async def test_encrypted_upload_bodies_stay_within_budget_plus_one_copy(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    rig = rig_factory(CacheSize=16, UploadConcurrency=8, **encrypted(tmp_path))
+    await running(rig)
+    with trio.fail_after(10):
+        while not rig.store.inventory_done:
+            await trio.sleep(0.1)
+    rig.backend.set(Mode.GATED, "put")
+    for _ in range(3):
+        await rig.write(str(uuid_mod.uuid4()), os.urandom(5 * MIB))
+    await trio.sleep(5)  # every upload worker has had its turn: one holds a body, the rest wait
+    assert len(list(rig.tier.tmp.iterdir())) == 1
+    assert bytes_under(rig) <= 16 * MIB + 5 * MIB + codec.OVERHEAD
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=120)
+    assert list(rig.tier.tmp.iterdir()) == []
+    assert rig.tier.used == bytes_under(rig) == 15 * MIB
+    assert len(rig.bucket_files()) == 3
+
+
+async def test_readers_of_a_sealed_copy_share_one_decrypted_copy(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    rig = rig_factory(EncryptLocalCache=True, **encrypted(tmp_path))
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(3 * MIB)
+    await rig.write(uuid, data)
+    assert await rig.store.drain(timeout=60)
+    before = rig.tier.used
+    fds = [await rig.store.open_read(uuid) for _ in range(5)]
+    try:
+        assert len({os.fstat(fd).st_ino for fd in fds}) == 1  # one copy for five readers
+        assert rig.tier.used == before + len(data)  # counted once
+        assert os.pread(fds[3], len(data) + 1, 0) == data
+    finally:
+        for fd in fds:
+            rig.store.close_read(uuid, fd)
+    assert rig.tier.used == before
+    again = await rig.store.open_read(uuid)
+    rig.store.close_read(uuid, again)
+    assert rig.tier.used == before
