@@ -50,9 +50,10 @@ class LocalTier:
         self.open_counts: dict[str, int] = {}
         self._atimes: dict[str, float] = {}
         self._space_freed = trio.Event()
-        # The one temporary copy allowed beyond CacheSize (a Semaphore: whoever is done with
-        # the copy gives it back, not necessarily the task that took it).
+        # The temporary copy of each kind allowed beyond CacheSize (Semaphores: whoever is
+        # done with the copy gives it back, not necessarily the task that took it).
         self._overflow = trio.Semaphore(1)
+        self._overflow_fg = trio.Semaphore(1)
 
     def path(self, uuid: str) -> Path:
         return self.data / uuid
@@ -127,28 +128,34 @@ class LocalTier:
         raise CacheFull(f"local cache full: {self.used} of {self.capacity} bytes hold data not "
                         "yet in the bucket or open files")
 
-    def _try_reserve(self, nbytes: int) -> bool:
-        """Take `nbytes` now if clean copies can make room; never waits."""
-        if self.used + nbytes > self.capacity:
-            self.evict(self.used + nbytes - self.capacity)
-        if self.used + nbytes > self.capacity:
+    def _try_reserve(self, nbytes: int, limit: int) -> bool:
+        """Take `nbytes` now if the budget stays within `limit`, evicting clean copies to
+        make room; never waits."""
+        if self.used + nbytes > limit:
+            self.evict(self.used + nbytes - limit)
+        if self.used + nbytes > limit:
             return False
         self.used += nbytes
         return True
 
-    async def take_scratch(self, nbytes: int) -> Callable[[], None]:
+    async def take_scratch(self, nbytes: int, foreground: bool = False) -> Callable[[], None]:
         """Budget for a temporary copy (an encrypted upload body, a download's ciphertext, a
         decrypted copy that readers share); returns the function that gives it back (call it
         exactly once, from any task).
 
-        Taken from `CacheSize` when clean copies can make room; otherwise the one
-        over-budget slot is waited for, so the cache directory holds at most `CacheSize` plus
-        one temporary copy. Never raises CacheFull: a temporary copy is what lets uploads
-        empty a full cache (docs/durability.md, invariant 5)."""
-        if self._try_reserve(nbytes):
+        Background copies (upload bodies) are taken from `CacheSize` while that leaves the
+        budget at most half full: Orthanc's writers keep the other half. Orthanc's reads
+        (`foreground`) may use all of it, evicting clean copies. Otherwise the copy waits for
+        the one over-budget slot of its kind, so the cache directory holds at most
+        `CacheSize` plus one background and one foreground temporary copy. Never raises
+        CacheFull (a temporary copy is what lets uploads empty a full cache); callers bound
+        foreground waits with their deadline (docs/durability.md, invariants 5 and 6)."""
+        limit = self.capacity if foreground else self.capacity // 2
+        if self._try_reserve(nbytes, limit):
             return lambda: self.release(nbytes)
-        await self._overflow.acquire()
-        return self._overflow.release
+        slot = self._overflow_fg if foreground else self._overflow
+        await slot.acquire()
+        return slot.release
 
     def release(self, nbytes: int) -> None:
         """Give back budget (a copy was removed or a reservation was not used)."""

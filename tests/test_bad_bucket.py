@@ -73,7 +73,7 @@ def evicted(daemon_cache: Path, uuids: dict[str, str]) -> list[str]:
 
 def test_restart_while_the_bucket_answers_503(
         tmp_path: Path, moto: MotoServer, proxy: FaultProxy,
-        objfs_factory: Callable[..., Objfs]) -> None:
+        objfs_factory: Callable[..., Objfs], request: pytest.FixtureRequest) -> None:
     """(a) A normal restart with the bucket throttling: objfs mounts, existing attachments
     are never ENOENT, cold reads fail within ReadTimeout + 1 s, ingest and deletes go on, and
     once the bucket answers it holds exactly the live attachments."""
@@ -81,6 +81,7 @@ def test_restart_while_the_bucket_answers_503(
     cache = tmp_path / "cache"
     daemon = objfs_factory(config(moto, proxy, bucket, cache)).start()
     orthanc = Orthanc(tmp_path, daemon.mountpoint).start()
+    request.addfinalizer(orthanc.stop)
     sent = {orthanc.upload(d): d for d in big_instances(0, 60, "THROTTLED^BUCKET")}
     uuids = {oid: attachment(orthanc, oid) for oid in sent}
     daemon.wait_uploaded()
@@ -131,12 +132,13 @@ def test_restart_while_the_bucket_answers_503(
 
 def test_first_start_on_an_empty_cache_while_the_bucket_answers_503(
         tmp_path: Path, moto: MotoServer, proxy: FaultProxy,
-        objfs_factory: Callable[..., Objfs]) -> None:
+        objfs_factory: Callable[..., Objfs], request: pytest.FixtureRequest) -> None:
     """(a') A lost cache volume: objfs cannot tell a new name from an existing one until the
     bucket answers, so it answers EIO — never ENOENT — and recovers by itself."""
     bucket = moto.new_bucket("first-start")
     first = objfs_factory(config(moto, proxy, bucket, tmp_path / "cache-a")).start()
     orthanc = Orthanc(tmp_path, first.mountpoint).start()
+    request.addfinalizer(orthanc.stop)
     sent = {orthanc.upload(d): d for d in big_instances(0, 12, "FIRST^START")}
     uuids = {oid: attachment(orthanc, oid) for oid in sent}
     first.wait_uploaded()
@@ -174,13 +176,15 @@ def test_first_start_on_an_empty_cache_while_the_bucket_answers_503(
 @pytest.mark.parametrize("mode", ["hang", "trickle", "reset", "500"])
 def test_cold_reads_end_within_the_deadline_then_recover(
         tmp_path: Path, moto: MotoServer, proxy: FaultProxy,
-        objfs_factory: Callable[..., Objfs], mode: str) -> None:
+        objfs_factory: Callable[..., Objfs], mode: str,
+        request: pytest.FixtureRequest) -> None:
     """(b) Whatever the bucket does with a GET, Orthanc's read ends (non-200) within
     ReadTimeout + 1 s, and reads work again once it behaves."""
     bucket = moto.new_bucket(f"cold-{mode}")
     cache = tmp_path / "cache"
     daemon = objfs_factory(config(moto, proxy, bucket, cache)).start()
     orthanc = Orthanc(tmp_path, daemon.mountpoint).start()
+    request.addfinalizer(orthanc.stop)
     sent = {orthanc.upload(d): d for d in big_instances(0, 40, f"COLD^{mode.upper()}")}
     uuids = {oid: attachment(orthanc, oid) for oid in sent}
     daemon.wait_uploaded()
@@ -197,7 +201,7 @@ def test_cold_reads_end_within_the_deadline_then_recover(
 
 def test_uploads_stuck_in_a_hanging_bucket_do_not_delay_a_cold_read(
         tmp_path: Path, moto: MotoServer, proxy: FaultProxy,
-        objfs_factory: Callable[..., Objfs]) -> None:
+        objfs_factory: Callable[..., Objfs], request: pytest.FixtureRequest) -> None:
     """(c) 16 uploads hang on every connection the background may use; Orthanc's cold read
     of another attachment has slots of its own and is served at once."""
     bucket = moto.new_bucket("stuck-uploads")
@@ -206,6 +210,7 @@ def test_uploads_stuck_in_a_hanging_bucket_do_not_delay_a_cold_read(
     daemon = objfs_factory(config(moto, proxy, bucket, cache, request_timeout=60,
                                   UploadConcurrency=16, CacheSize=64)).start()
     orthanc = Orthanc(tmp_path, daemon.mountpoint).start()
+    request.addfinalizer(orthanc.stop)
     old = {orthanc.upload(d): d for d in big_instances(0, 8, "STUCK^OLD")}
     uuids = {oid: attachment(orthanc, oid) for oid in old}
     daemon.wait_uploaded()

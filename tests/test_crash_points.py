@@ -16,7 +16,10 @@ import pytest
 
 from tests.conftest import local_config
 from tests.support.daemon import Objfs
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import Orthanc
 from tests.support.rest import rest
+from tests.test_hybrid import check_reads, fs_files, hybrid_config, ingest, wait_job
 from tests.test_mount import att, bucket_files, orthanc_write
 
 POINTS = ["after-data-fsync", "after-journal-commit", "after-put", "mid-eviction",
@@ -98,3 +101,43 @@ def test_sigkill_at_a_named_point_loses_nothing_acknowledged(
     on_disk = sum(p.stat().st_size for p in (tmp_path / "cache" / "data").iterdir())
     assert cache_bytes(daemon.api) == on_disk
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(("point", "mode", "target"), [
+    ("mid-move-to-bucket", "WriteToFileSystem", "object-storage"),
+    ("mid-move-to-fs", "WriteToObjectStorage", "file-system"),
+])
+def test_sigkill_in_the_middle_of_a_tier_move(
+        tmp_path: Path, moto: MotoServer, bucket: str, objfs_factory: Callable[..., Objfs],
+        point: str, mode: str, target: str) -> None:
+    """A move killed between its copy and its record: after a restart the interrupted job
+    runs again, every attachment ends in exactly one tier and reads identical."""
+    fs_dir = tmp_path / "fs-tier"
+    orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt")
+    config = hybrid_config(moto, bucket, tmp_path, mode, orthanc, fs_dir)
+    daemon = objfs_factory(config, env={"OBJFS_TEST_HOOKS": "1", "OBJFS_CRASH_AT": point})
+    daemon.start()
+    orthanc.start()
+    try:
+        sent = ingest(orthanc, 10, studies=1)
+        daemon.wait_uploaded()
+        status, answer = rest(daemon.api, "POST", "/move-storage", {
+            "Resources": orthanc.json("GET", "/patients"), "TargetStorage": target,
+            "Asynchronous": True})
+        assert status == 200, answer
+        assert daemon.process is not None
+        assert daemon.process.proc.wait(timeout=120) == -signal.SIGKILL
+        assert f"test hook: crashing at {point}" in daemon.text()
+        daemon.env.pop("OBJFS_CRASH_AT")
+        daemon.start()
+        job = wait_job(daemon, answer["Path"])
+        assert job["State"] == "Success", job
+        daemon.wait_uploaded()
+        in_fs = set(fs_files(fs_dir))
+        in_bucket = {key.split(".")[0] for key in moto.keys(bucket)}
+        assert not in_fs & in_bucket
+        assert len(in_fs | in_bucket) == 10
+        assert (in_bucket if target == "object-storage" else in_fs) == in_fs | in_bucket
+        check_reads(orthanc, sent)
+    finally:
+        orthanc.stop()

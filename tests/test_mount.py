@@ -16,6 +16,7 @@ from tests.conftest import local_config
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
+from tests.support.faultproxy import FaultProxy
 from tests.support.procs import wait_until
 
 U1 = "0a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
@@ -185,14 +186,19 @@ def test_cache_budget_evicts_clean_copies(tmp_path: Path,
 
 
 def test_full_cache_of_dirty_data_gives_enospc(tmp_path: Path, moto: MotoServer,
-                                               objfs_factory: Callable[..., Objfs]) -> None:
-    # The bucket does not answer (nothing listens), so nothing written can become clean.
-    port_config = moto.s3_section("unreachable")
-    port_config["Endpoint"] = "http://127.0.0.1:9"
-    config = {"AwsS3Storage": port_config,
+                                               objfs_factory: Callable[..., Objfs],
+                                               request: pytest.FixtureRequest) -> None:
+    # Once objfs knows the bucket (its inventory is complete), the bucket stops answering
+    # (every connection reset), so nothing written can become clean.
+    proxy = FaultProxy(moto.endpoint)
+    request.addfinalizer(proxy.stop)
+    config = {"AwsS3Storage": moto.s3_section(moto.new_bucket("unreachable"),
+                                              Endpoint=proxy.endpoint),
               "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 16,
                         "CacheFullTimeout": 1, "ShutdownDrainTimeout": 1}}
     daemon = objfs_factory(config).start()
+    wait_until(lambda: "inventory complete" in daemon.text(), 30, "the inventory")
+    proxy.set("reset")
     first = os.urandom(10 * 1024 * 1024)
     orthanc_write(att(daemon.mountpoint, U1), first)
     with pytest.raises(OSError) as info:

@@ -1,0 +1,164 @@
+"""The store's shared state, its narrow accessors, and the helpers every part uses."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import cachetools
+import trio
+
+from objfs import codec, errors
+from objfs.backends.base import Backend
+from objfs.cache import LocalTier
+from objfs.config import HybridMode, Settings, WriteMode
+from objfs.fstier import FileSystemTier
+from objfs.journal import Journal, Stats, read_stats
+from objfs.keylocks import KeyedLocks
+from objfs.layout import DETECT_BYTES, Layout, detect_kind
+from objfs.retry import BucketHealth, RetryPolicy
+from objfs.store.state import (
+    FIRST_LOOK,
+    INVENTORY_COMPLETE,
+    INVENTORY_META,
+    NEGATIVE_TTL,
+    PIXEL_DATA_TAG,
+    CacheSpace,
+    FetchRecord,
+    SharedPlain,
+    T,
+    WriteHandle,
+)
+from objfs.tally import Tally
+
+log = logging.getLogger(__name__)
+
+
+class StoreCore:
+    """State shared by the parts of the store; every method runs on the event loop."""
+
+    def __init__(self, settings: Settings, backend: Backend, journal: Journal,
+                 tier: LocalTier, tally: Tally) -> None:
+        self.layout: Layout = settings.layout
+        self.tally = tally
+        self.backend = backend
+        self.journal = journal
+        self.tier = tier
+        self.write_through = settings.write_mode == WriteMode.WRITE_THROUGH
+        self.upload_concurrency = settings.upload_concurrency
+        self.encryption = settings.encryption
+        self.allow_unencrypted_reads = settings.allow_unencrypted_reads
+        self.seal_local = settings.encrypt_local_cache
+        # Each encryption or decryption holds one chunk in memory: bound how many run at once.
+        self._crypto_limiter = trio.CapacityLimiter(
+            max(1, settings.encryption.max_concurrent_input // codec.CHUNK)
+            if settings.encryption else 1)
+        self.read_retry = RetryPolicy(deadline=settings.read_timeout)
+        # Every retried call reports here; background pauses end when the bucket is back.
+        self.health = BucketHealth()
+        self.writing: dict[str, WriteHandle] = {}
+        # Uploads running, each with the Event set when it settles (owner: the upload).
+        self.inflight: dict[str, trio.Event] = {}
+        # Written by this process and not yet handed to an upload: they cannot be in the
+        # bucket, so a delete only has to forget them locally.
+        self._fresh: set[str] = set()
+        # Uuids being unlinked while their journal change is committed in a worker thread:
+        # an upload that starts meanwhile must not send them to the bucket.
+        self._unlinking: set[str] = set()
+        # True once one complete listing of the bucket is in the journal (kept across
+        # restarts): from then on every attachment is known here, so an unknown name is new.
+        self.inventory_done = journal.get_meta(INVENTORY_META) == INVENTORY_COMPLETE
+        self._lookup_failures: cachetools.TTLCache[str, bool] = cachetools.TTLCache(4096, 600)
+        self._deleted_during_inventory: set[str] = set()
+        self._dirs: set[str] = set()  # known to exist: made by mkdir or seen holding files
+        self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(65536, NEGATIVE_TTL)
+        self._fetches: dict[str, FetchRecord] = {}
+        # Decrypted copies shared by their readers (owner: the event loop): by uuid, the
+        # readers' fds, and decryptions under way.
+        self._plain: dict[str, SharedPlain] = {}
+        self._plain_fds: dict[int, str] = {}
+        self._plain_pending: dict[str, trio.Event] = {}
+        # Unbounded on purpose: what waits here is bounded by the cache budget (dirty data
+        # cannot exceed CacheSize) and an entry is one uuid.
+        self._upload_send, self._upload_recv = trio.open_memory_channel[str](math.inf)
+        self._delete_send, self._delete_recv = trio.open_memory_channel[str](math.inf)
+        self._outstanding: set[str] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._journal_limiter = trio.CapacityLimiter(4)
+        self._last_foreground = -math.inf
+        self._background = 0
+        self.hybrid_mode = settings.hybrid_mode
+        self.fs: FileSystemTier | None = None
+        if settings.fs_directory is not None:
+            ring = settings.encryption.ring if settings.encryption else None
+            self.fs = FileSystemTier(settings.fs_directory, ring, settings.encrypt_fs_tier)
+        self.fs_first = settings.hybrid_mode == HybridMode.WRITE_TO_FILE_SYSTEM
+        # Per-uuid lock taken by unlink and by the tier moves, so that a delete and a move
+        # of one attachment never interleave (a deleted attachment must not come back).
+        self.locks = KeyedLocks()
+
+    async def _retry(self, policy: RetryPolicy, what: str, fn: Callable[[], Awaitable[T]],
+                     on_error: Callable[[errors.ObjfsError], None] | None = None) -> T:
+        """`policy.call`, reporting to (and, in the background, woken by) `self.health`."""
+        return await policy.call(what, fn, on_error, self.health)
+
+    async def _j(self, fn: object, *args: object) -> None:
+        """Run a journal write (it fsyncs) in a worker thread."""
+        await trio.to_thread.run_sync(fn, *args, limiter=self._journal_limiter)  # type: ignore[arg-type]
+
+    async def stats(self) -> Stats:
+        """The journal's counters, counted in a worker thread: the event loop keeps serving
+        Orthanc meanwhile."""
+        return await trio.to_thread.run_sync(read_stats, self.journal.path)
+
+    def _queue_upload(self, uuid: str) -> None:
+        self._track(uuid)
+        self._upload_send.send_nowait(uuid)
+
+    def _queue_delete(self, uuid: str) -> None:
+        self._track(uuid)
+        self._delete_send.send_nowait(uuid)
+
+    def _track(self, uuid: str) -> None:
+        self._outstanding.add(uuid)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _untrack(self, uuid: str) -> None:
+        self._outstanding.discard(uuid)
+        if not self._outstanding:
+            self._idle.set()
+
+    def write_handle(self, uuid: str) -> WriteHandle | None:
+        """The open write of `uuid`, if Orthanc is writing it now."""
+        return self.writing.get(uuid)
+
+    @property
+    def uploads_in_progress(self) -> int:
+        return len(self.inflight)
+
+    def cache_space(self) -> CacheSpace:
+        tier = self.tier
+        return CacheSpace(tier.root, tier.capacity, tier.used, tier.evicted_files,
+                          tier.evicted_bytes)
+
+    async def probe_bucket(self) -> None:
+        """One cheap request (a one-key listing of the root prefix); raises what it raises."""
+        await self.backend.list_page(self.layout.root_prefix(), None, 1)
+
+    def _choose_key(self, uuid: str, size: int, source: Path | None = None) -> str:
+        """Name the object from the first bytes of its plaintext (a local page-cache read,
+        done inline).
+
+        The name is journaled only with the upload's success: a row without one that was
+        not written by this process may have reached the bucket, and a delete then lists it.
+        """
+        with open(source or self.tier.path(uuid), "rb") as f:
+            head = f.read(FIRST_LOOK)
+            if len(head) == FIRST_LOOK and PIXEL_DATA_TAG not in head:
+                head += f.read(DETECT_BYTES - FIRST_LOOK)  # a long header, or compressed
+        return self.layout.object_key(uuid, detect_kind(head, size),
+                                      encrypted=self.encryption is not None)

@@ -1,0 +1,307 @@
+"""Reading: local copies, downloads with decryption and verification, shared decrypted copies."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from objfs import codec, errors
+from objfs.fsutil import fd_path, fsync_path
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
+from objfs.store.names import Names
+from objfs.store.state import FetchRecord, SharedPlain
+from objfs.testhooks import crash_point
+
+log = logging.getLogger(__name__)
+
+
+class Fetch(Names):
+    """Opening attachments for Orthanc's reads."""
+
+    async def open_read(self, uuid: str, objects_only: bool = False) -> int:
+        """An fd on a complete local copy, fetching (and verifying) it first if needed; in
+        HybridMode the file-system tier is tried first or last (unless `objects_only`).
+
+        Every failure surfaces here (Orthanc ignores read errors): NotFound, Unavailable
+        after `ReadTimeout`, Corrupt, CacheFull. Callers must `close_read` the uuid.
+        """
+        fs = None if objects_only else self.fs
+        self.tier.opened(uuid)
+        try:
+            while True:
+                handle = self.writing.get(uuid)
+                if handle is not None:  # its own (plaintext) file, even if sealed meanwhile
+                    return os.open(fd_path(handle.fd), os.O_RDONLY)
+                if fs is not None and self.fs_first:
+                    fd = await self._open_fs(uuid)
+                    if fd is not None:
+                        return fd
+                row = await self._row(uuid)
+                if row is None:
+                    if fs is not None and not self.fs_first:
+                        fd = await self._open_fs(uuid)
+                        if fd is not None:
+                            return fd
+                    raise errors.NotFound(f"attachment {uuid}")
+                if row.cached or row.state == PENDING_UPLOAD:
+                    try:
+                        if row.sealed:
+                            return await self._unseal(row)
+                        return self._open_local(row)
+                    except FileNotFoundError:
+                        if row.state == PENDING_UPLOAD:
+                            if await self._adopt_uploaded(row):
+                                continue
+                            raise errors.Corrupt(f"attachment {uuid}: journaled local copy "
+                                                 "is missing") from None
+                        await self._j(self.journal.set_cached, uuid, False)
+                    except errors.Corrupt as exc:
+                        if row.state == PENDING_UPLOAD:
+                            if await self._adopt_uploaded(row):
+                                continue
+                            raise
+                        # The bucket holds a good copy: drop the damaged one and fetch again.
+                        log.error("attachment %s: local copy is damaged (%s); "
+                                  "fetching it again", uuid, exc)
+                        self.tier.path(uuid).unlink(missing_ok=True)
+                        self.tier.release(row.size)
+                        await self._j(self.journal.set_cached, uuid, False)
+                await self._fetch(row)
+        except BaseException:
+            self.tier.closed(uuid)
+            raise
+
+    async def _adopt_uploaded(self, row: Row) -> bool:
+        """A pending upload whose local copy is gone or damaged (a power loss undid the
+        journal's "uploaded" after the copy was evicted, or the disk failed): when the bucket
+        holds its object with the right size, record it as uploaded and uncached, durably, and
+        return True; otherwise (data loss) return False."""
+        found = await self._locate(row.uuid)
+        if found is None:
+            return False
+        key, stored = found
+        if await self._plain_size(key, stored) != row.size:
+            return False
+        log.warning("attachment %s: local copy lost, but object %s in the bucket is complete; "
+                    "reading from there", row.uuid, key)
+        self.tier.path(row.uuid).unlink(missing_ok=True)
+        await self._j(self.journal.put_uploaded, row.uuid, key, row.size)
+        self.tier.release(row.size)
+        return True
+
+    def _open_local(self, row: Row) -> int:
+        """An fd on the local plaintext copy of `row`, whose size must be the row's: Orthanc
+        would serve a short copy padded with zeros. Raises Corrupt (a clean copy is then
+        fetched again), FileNotFoundError."""
+        fd = os.open(self.tier.path(row.uuid), os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        if size != row.size:
+            os.close(fd)
+            raise errors.Corrupt(f"local copy is {size} bytes, expected {row.size}")
+        return fd
+
+    async def _open_fs(self, uuid: str) -> int | None:
+        """An fd on the file-system tier's plaintext of `uuid` (decrypted into an O_TMPFILE
+        when the file is A1), or None when the file is not there. Raises Corrupt."""
+        assert self.fs is not None
+        path = self.fs.path(uuid)
+        try:
+            if not self.fs.encrypted(uuid):
+                return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return await self._shared_plain(uuid, path, None)
+        except FileNotFoundError:
+            return None
+        except errors.Corrupt as exc:
+            log.error("attachment %s: cannot read %s: %s", uuid, path, exc)
+            raise
+
+    async def _unseal(self, row: Row) -> int:
+        """An fd on the decrypted, verified copy of a sealed local file."""
+        return await self._shared_plain(row.uuid, self.tier.path(row.uuid), row.size)
+
+    async def _shared_plain(self, uuid: str, source: Path, size: int | None) -> int:
+        """A reader's fd on the plaintext of A1 file `source`: one decrypted copy per
+        attachment (an O_TMPFILE, never linked into a directory, counted in the cache budget
+        by `take_scratch`), shared by every reader that has it open and freed when the last
+        one closes. Raises Corrupt (authentication failed, or not `size` bytes),
+        FileNotFoundError."""
+        while (pending := self._plain_pending.get(uuid)) is not None:
+            await pending.wait()
+        shared = self._plain.get(uuid)
+        if shared is None:
+            assert self.encryption is not None
+            done = self._plain_pending[uuid] = trio.Event()
+            try:
+                shared = await self._decrypt_shared(source, size)
+                self._plain[uuid] = shared
+            finally:
+                del self._plain_pending[uuid]
+                done.set()
+        fd = os.open(fd_path(shared.fd), os.O_RDONLY)
+        shared.readers += 1
+        self._plain_fds[fd] = uuid
+        return fd
+
+    async def _scratch_for_reader(self, nbytes: int) -> Callable[[], None]:
+        """Budget for a reader's temporary copy, waited for at most `ReadTimeout`."""
+        deadline = self.read_retry.deadline
+        with trio.move_on_after(deadline if deadline is not None else math.inf):
+            return await self.tier.take_scratch(nbytes, foreground=True)
+        raise errors.Unavailable(f"no room for a {nbytes}-byte temporary copy in the cache "
+                                 f"within {deadline}s")
+
+    async def _decrypt_shared(self, source: Path, size: int | None) -> SharedPlain:
+        assert self.encryption is not None
+        expected = size if size is not None else max(0, source.stat().st_size - codec.OVERHEAD)
+        give_back = await self._scratch_for_reader(expected)
+        fd = -1
+        try:
+            fd = os.open(self.tier.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
+            async with self._crypto_limiter:
+                await trio.to_thread.run_sync(codec.decrypt_file, source, fd_path(fd),
+                                              self.encryption.ring)
+            got = os.fstat(fd).st_size
+            if size is not None and got != size:
+                raise errors.Corrupt(f"{got} bytes, expected {size}")
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            give_back()
+            raise
+        return SharedPlain(fd, 0, give_back)
+
+    def close_read(self, uuid: str, fd: int) -> None:
+        os.close(fd)
+        self.tier.closed(uuid)
+        shared_uuid = self._plain_fds.pop(fd, None)
+        if shared_uuid is not None:
+            shared = self._plain[shared_uuid]
+            shared.readers -= 1
+            if shared.readers == 0:
+                del self._plain[shared_uuid]
+                os.close(shared.fd)
+                shared.give_back()
+
+    async def _fetch(self, row: Row) -> None:
+        """Download `row` once however many readers ask at the same time; raises what the
+        download raised. A download cancelled in its own task (its reader gave up) is not an
+        error for the others: the next waiter downloads it itself, so another task's
+        `trio.Cancelled` never escapes into a FUSE handler."""
+        while (running := self._fetches.get(row.uuid)) is not None:
+            await running.done.wait()
+            if running.error is None:
+                return
+            if isinstance(running.error, Exception):
+                raise running.error
+        fetch = self._fetches[row.uuid] = FetchRecord()
+        try:
+            await self._download(row)
+        except BaseException as exc:
+            fetch.error = exc
+            raise
+        finally:
+            fetch.done.set()
+            del self._fetches[row.uuid]
+
+    async def _download(self, row: Row) -> None:
+        """Fetch, decrypt and verify an object into the local tier; the copy appears only
+        when every check passed."""
+        assert row.key is not None
+        key = row.key
+        await self.tier.reserve(row.size)
+        tmp = self.tier.tmp_path(row.uuid, "download")
+        plain = self.tier.tmp_path(row.uuid, "plain")
+        # With encryption the fetched ciphertext and its plaintext coexist for a moment.
+        give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
+        if self.encryption is not None:
+            try:
+                give_back = await self._scratch_for_reader(row.size + codec.OVERHEAD)
+            except BaseException:
+                self.tier.release(row.size)
+                raise
+        try:
+            try:
+                await self._retry(self.read_retry, f"download {key}",
+                                  lambda: self.backend.get(key, tmp))
+            except errors.NotFound:
+                # Renamed since we learnt its key (re-encrypted by `objfs rekey`, or rewritten
+                # by the plugin): one listing finds the current name.
+                found = await self._locate(row.uuid)
+                if found is None or found[0] == key:
+                    raise
+                key = found[0]
+                await self._j(self.journal.set_key, row.uuid, key)
+                await self._retry(self.read_retry, f"download {key}",
+                                  lambda: self.backend.get(key, tmp))
+            crash_point("mid-download")
+            source = await self._decode(key, tmp, plain)
+            got = source.stat().st_size
+            if got != row.size:
+                raise errors.Corrupt(f"{got} bytes, expected {row.size}")
+            if self.seal_local:
+                source = await self._seal(source, tmp, plain)
+            # Durable before it is marked cached: after a power loss a cached row never
+            # points at a short file (recovery also checks sizes).
+            await trio.to_thread.run_sync(fsync_path, source)
+            current = self.journal.get(row.uuid)
+            deleted = current is None or current.state == PENDING_DELETE
+            if not deleted:  # no await since the check: atomic on the event loop
+                os.replace(source, self.tier.path(row.uuid))
+        except errors.NotFound:
+            log.error("attachment %s: object %s is missing from the bucket", row.uuid, key)
+            self.tier.release(row.size)
+            raise
+        except BaseException as exc:
+            if isinstance(exc, errors.ObjfsError):
+                log.error("attachment %s: cannot read object %s: %s", row.uuid, key, exc)
+            self.tier.release(row.size)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+            plain.unlink(missing_ok=True)
+            give_back()
+        if deleted:
+            # Deleted while it downloaded: the copy must not appear (it would be counted and
+            # never evicted).
+            self.tier.release(row.size)
+            raise errors.NotFound(f"attachment {row.uuid} was deleted while it was fetched")
+        await self._j(self.journal.set_cached, row.uuid, True, self.seal_local)
+
+    async def _seal(self, plaintext: Path, fetched: Path, scratch: Path) -> Path:
+        """The sealed form of a verified download: the fetched object when it is already A1
+        under our keys (verification just decrypted it), else a fresh encryption."""
+        assert self.encryption is not None
+        if plaintext != fetched:
+            return fetched
+        async with self._crypto_limiter:
+            await trio.to_thread.run_sync(codec.encrypt_file, plaintext, scratch,
+                                          self.encryption.ring)
+        return scratch
+
+    async def _decode(self, key: str, fetched: Path, plain: Path) -> Path:
+        """The plaintext of a fetched object: `fetched` itself, or `plain` after decryption.
+        Raises Corrupt for an object that cannot or must not be used."""
+        with open(fetched, "rb") as f:
+            head = f.read(2)
+        info = self.layout.parse_key(key)
+        encrypted = info.encrypted if info is not None and info.encrypted is not None \
+            else codec.is_encrypted(head)
+        if not encrypted:
+            if self.encryption is not None and not self.allow_unencrypted_reads:
+                raise errors.Corrupt("not encrypted (no A1 header) while StorageEncryption is "
+                                     "enabled; set Objfs.AllowUnencryptedReads to accept it")
+            return fetched
+        if self.encryption is None:
+            raise errors.Corrupt("the object is encrypted but StorageEncryption is not enabled")
+        ring = self.encryption.ring
+        async with self._crypto_limiter:
+            await trio.to_thread.run_sync(codec.decrypt_file, fetched, plain, ring)
+        return plain

@@ -1,0 +1,140 @@
+"""HybridMode: moves between the file-system tier and the bucket, and where-is."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from objfs import codec, errors
+from objfs.fstier import FileSystemTier
+from objfs.fsutil import fd_path, sha256_file
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD
+from objfs.store.writeback import Writeback
+from objfs.testhooks import crash_point
+
+log = logging.getLogger(__name__)
+
+
+class Hybrid(Writeback):
+    """Tier moves (the sidecar's move-storage jobs)."""
+
+    def _require_fs(self) -> FileSystemTier:
+        if self.fs is None:
+            raise errors.ConfigError("HybridMode is Disabled: there is no file-system tier")
+        return self.fs
+
+    async def move_to_object_storage(self, uuid: str) -> bool:
+        """Move an attachment from the file-system tier to the bucket: upload its bytes (the
+        A1 file as it is when encryption is on, else encrypted now), read the object back and
+        compare checksums, journal it durably, then delete the file. Returns False when it
+        was already in the bucket only. Raises NotFound (neither tier), Corrupt, Unavailable
+        (after ReadTimeout); on any failure both copies are left as they were."""
+        fs = self._require_fs()
+        async with self.locks.hold(uuid):
+            while (handle := self.writing.get(uuid)) is not None:
+                await handle.closed.wait()  # Orthanc is closing it: moments away
+            if fs.stat(uuid) is None:
+                if await self._row(uuid) is not None:
+                    return False
+                raise errors.NotFound(f"attachment {uuid} is in neither tier")
+            names = [self.tier.tmp_path(uuid, f"move-{n}") for n in ("plain", "body", "check")]
+            plain, body, check = names
+            try:
+                source = fs.path(uuid)
+                encrypted = fs.encrypted(uuid)
+                if encrypted:
+                    assert self.encryption is not None
+                    async with self._crypto_limiter:  # also verifies the file's tag
+                        await trio.to_thread.run_sync(codec.decrypt_file, source, plain,
+                                                      self.encryption.ring)
+                upload = source
+                if self.encryption is not None and not encrypted:
+                    async with self._crypto_limiter:
+                        await trio.to_thread.run_sync(codec.encrypt_file, source, body,
+                                                      self.encryption.ring)
+                    upload = body
+                plaintext = plain if encrypted else source
+                size = plaintext.stat().st_size
+                key = self._choose_key(uuid, size, plaintext)
+                expected = await trio.to_thread.run_sync(sha256_file, upload)
+                await self._retry(self.read_retry, f"upload {key}",
+                                  lambda: self.backend.put(key, upload))
+                await self._retry(self.read_retry, f"read back {key}",
+                                  lambda: self.backend.get(key, check))
+                got = await trio.to_thread.run_sync(sha256_file, check)
+                if got != expected:
+                    raise errors.Corrupt(f"object {key} does not read back as uploaded ({got[0]} "
+                                         f"bytes, expected {expected[0]})")
+                crash_point("mid-move-to-bucket")
+                old = self.journal.get(uuid)
+                await self._j(self.journal.put_uploaded, uuid, key, size)
+                if old is not None and old.cached:
+                    self.tier.path(uuid).unlink(missing_ok=True)
+                    self.tier.release(old.size)
+                self._negative.pop(uuid, None)
+                await trio.to_thread.run_sync(fs.remove, uuid, True)
+            finally:
+                for name in names:
+                    name.unlink(missing_ok=True)
+        return True
+
+    async def move_to_file_system(self, uuid: str) -> bool:
+        """Move an attachment from the bucket to the file-system tier: write the plaintext
+        (encrypted when EncryptFileSystemTier) durably, read it back and compare checksums,
+        then delete the object. Returns False when it was already in the file-system tier
+        only. Raises like `move_to_object_storage`; a failure leaves both copies."""
+        fs = self._require_fs()
+        async with self.locks.hold(uuid):
+            row = await self._row(uuid)
+            if row is None:
+                if fs.stat(uuid) is not None:
+                    return False
+                raise errors.NotFound(f"attachment {uuid} is in neither tier")
+            fd = await self.open_read(uuid, objects_only=True)
+            try:
+                await trio.to_thread.run_sync(fs.write_copy, fd_path(fd), uuid)
+                crash_point("mid-move-to-fs")
+            finally:
+                self.close_read(uuid, fd)
+            while (settled := self.inflight.get(uuid)) is not None:
+                await settled.wait()  # an upload of it is running: let it settle first
+            row = self.journal.get(uuid)
+            if row is None or row.state == PENDING_DELETE:
+                return True
+            await self._forget_object(uuid, row, queue=False)
+            try:
+                await self._delete_remote(uuid, self.read_retry)
+            except errors.ObjfsError as exc:
+                log.warning("attachment %s is in the file-system tier; deleting its object "
+                            "failed (%s) and is retried in the background", uuid, exc)
+                self._queue_delete(uuid)
+            except BaseException:
+                self._queue_delete(uuid)
+                raise
+        return True
+
+    def placement(self, uuid: str) -> dict[str, object] | None:
+        """Where an attachment is, for the REST API; None when no tier has it."""
+        facts: dict[str, object] = {"Uuid": uuid}
+        handle = self.writing.get(uuid)
+        if handle is not None and not handle.unlinked:
+            facts["BeingWritten"] = True
+            facts["Size"] = handle.size
+        if self.fs is not None:
+            st = self.fs.stat(uuid)
+            try:
+                if st is not None:
+                    facts["FileSystem"] = {"Path": str(self.fs.path(uuid)),
+                                           "StoredSize": st.st_size,
+                                           "Encrypted": self.fs.encrypted(uuid)}
+                    facts["Size"] = self.fs.size(uuid)
+            except FileNotFoundError:  # moved or deleted this very moment
+                facts.pop("FileSystem", None)
+        row = self.journal.get(uuid)
+        if row is not None and row.state != PENDING_DELETE:
+            facts["ObjectStorage"] = {"Key": row.key, "Uploaded": row.state != PENDING_UPLOAD,
+                                      "PendingUpload": row.state == PENDING_UPLOAD,
+                                      "Cached": row.cached, "LastError": row.last_error}
+            facts["Size"] = row.size
+        return facts if len(facts) > 1 else None

@@ -1,0 +1,215 @@
+"""Names: which attachments and directories exist (journal, bucket, inventory, health)."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+
+import trio
+
+from objfs import codec, errors
+from objfs.backends.base import ObjectInfo
+from objfs.journal import PENDING_DELETE, Row
+from objfs.store.core import StoreCore
+from objfs.store.state import BACKGROUND_RETRY, INVENTORY_COMPLETE, INVENTORY_META, PROBE_INTERVAL
+
+log = logging.getLogger(__name__)
+
+
+class Names(StoreCore):
+    """Lookups, directories and the bucket inventory."""
+
+    async def size_of(self, uuid: str) -> int | None:
+        """The attachment's exact size, or None when it does not exist in any tier."""
+        handle = self.writing.get(uuid)
+        if handle is not None:
+            return None if handle.unlinked else handle.size
+        if self.fs is not None and self.fs_first:
+            size = self.fs.size(uuid)
+            if size is not None:
+                return size
+        row = await self._row(uuid)
+        if row is not None:
+            return row.size
+        return None if self.fs is None or self.fs_first else self.fs.size(uuid)
+
+    async def _row(self, uuid: str) -> Row | None:
+        row = self.journal.get(uuid)
+        if row is not None:
+            return None if row.state == PENDING_DELETE else row
+        if self.inventory_done or uuid in self._negative:
+            return None
+        return await self._find_remote(uuid)
+
+    async def _remote_listing(self, prefix: str, limit: int) -> list[ObjectInfo]:
+        """One listing for a name the journal does not know, retried up to `ReadTimeout`.
+
+        Before the first inventory has completed only the bucket can tell a new name from an
+        existing one, so a bucket that cannot answer makes this raise `Unavailable` (EIO),
+        never answer "absent": Orthanc would serve HTTP 500 for an existing attachment, and
+        its delete would skip the unlink and leak the object (docs/durability.md, invariant 9).
+        """
+        try:
+            page, _ = await self._retry(
+                self.read_retry, f"look up {prefix}",
+                lambda: self.backend.list_page(prefix, None, limit))
+        except errors.Unavailable as exc:
+            if prefix not in self._lookup_failures:
+                self._lookup_failures[prefix] = True
+                log.warning("cannot tell whether %s exists: the bucket did not answer (%s); "
+                            "answering EIO until it does", prefix, exc)
+            raise
+        return page
+
+    async def _find_remote(self, uuid: str) -> Row | None:
+        found = await self._locate(uuid)
+        if found is None:
+            self._negative[uuid] = True
+            return None
+        key, size = found
+        await self._j(self.journal.add_remote, [(uuid, key, await self._plain_size(key, size))])
+        return self.journal.get(uuid)
+
+    async def _locate(self, uuid: str) -> tuple[str, int] | None:
+        """The attachment's object key and stored size, by one prefix listing."""
+        page = await self._remote_listing(self.layout.lookup_prefix(uuid), 16)
+        key = self.layout.choose_key(uuid, [o.key for o in page],
+                                     prefer_encrypted=self.encryption is not None)
+        return None if key is None else (key, next(o.size for o in page if o.key == key))
+
+    async def _plain_size(self, key: str, stored: int) -> int:
+        """The attachment's size from its object's: flat names say whether it is encrypted;
+        legacy names do not, so with encryption on the header is read (2 bytes)."""
+        info = self.layout.parse_key(key)
+        encrypted = info.encrypted if info is not None else None
+        if encrypted is None and self.encryption is not None:
+            probe = self.tier.tmp_path("header", "probe")
+            try:
+                await self._retry(self.read_retry, f"read header of {key}",
+                                  lambda: self.backend.get(key, probe, 0, 2))
+                encrypted = codec.is_encrypted(probe.read_bytes())
+            finally:
+                probe.unlink(missing_ok=True)
+        return codec.plaintext_size(stored) if encrypted else stored
+
+    async def dir_exists(self, name: str) -> bool:
+        """Whether Orthanc directory `name` ("ab" or "abcd") exists: made by mkdir since the
+        daemon started, or holding an attachment. Empty directories are not kept across
+        restarts (a bucket has none); Orthanc makes them again as it needs them."""
+        if name in self._dirs:
+            return True
+        if self._has_files(name):
+            self._dirs.add(name)
+            return True
+        if self.fs is not None and self.fs.has_dir(name):
+            return True
+        if self.inventory_done or name in self._negative:
+            return False
+        if await self._remote_listing(self.layout.dir_prefix(name), 1):
+            self._dirs.add(name)
+            return True
+        self._negative[name] = True
+        return False
+
+    def _has_files(self, prefix: str) -> bool:
+        return self.journal.has_children(prefix) or any(
+            u.startswith(prefix) and not h.unlinked for u, h in self.writing.items()) or (
+            self.fs is not None and self.fs.has_files(prefix))
+
+    def _in_fs_dirs(self, name: str) -> bool:
+        return self.fs is not None and self.fs.has_dir(name)
+
+    def make_dir(self, name: str) -> None:
+        """mkdir: EEXIST when the directory exists (the kernel asked `dir_exists` just before,
+        so no second look in the bucket)."""
+        if name in self._dirs or self._has_files(name) or self._in_fs_dirs(name):
+            raise OSError(errno.EEXIST, f"{name} exists")
+        self._dirs.add(name)
+
+    def remove_dir(self, name: str) -> None:
+        in_fs = self._in_fs_dirs(name)
+        if name not in self._dirs and not in_fs and not self._has_files(name):
+            raise errors.NotFound(name)
+        if self._has_files(name) or (len(name) == 2 and any(
+                name + f"{i:02x}" in self._dirs for i in range(256))):
+            raise OSError(errno.ENOTEMPTY, f"{name} is not empty")
+        if in_fs:
+            assert self.fs is not None
+            self.fs.remove_dir(name)
+        self._dirs.discard(name)
+
+    def list_dir(self, name: str) -> list[str]:
+        """Children of root (""), a first-level or a second-level directory, as known locally."""
+        if len(name) == 4:
+            found = set(self.journal.children(name))
+            found.update(u for u, h in self.writing.items()
+                         if u.startswith(name) and not h.unlinked)
+            if self.fs is not None:
+                found.update(self.fs.children(name))
+            return sorted(found)
+        return [d for d in (f"{i:02x}" for i in range(256))
+                if any(k.startswith(name + d) for k in self._dirs) or self._has_files(name + d)
+                or self._in_fs_dirs(name + d)]
+
+    async def _inventory(self) -> None:
+        """List the bucket once so lookups never need the network afterwards.
+
+        Until it finishes (or if it cannot), names the journal does not know are looked up
+        in the bucket.
+        """
+        if self.inventory_done:
+            log.info("the journal holds a complete inventory of the bucket: unknown names are "
+                     "new")
+            return
+        prefix = self.layout.root_prefix()
+        count, skipped = 0, 0
+        token: str | None = None
+        try:
+            while True:
+                page, token = await self._retry(
+                    BACKGROUND_RETRY, f"inventory of {prefix or 'the bucket'}",
+                    functools.partial(self.backend.list_page, prefix, token, 1000))
+                batch = []
+                for info in page:
+                    parsed = self.layout.parse_key(info.key)
+                    if parsed is None or parsed.uuid in self._deleted_during_inventory \
+                            or self.journal.get(parsed.uuid) is not None:
+                        continue
+                    try:
+                        size = await self._plain_size(info.key, info.size)
+                    except errors.ObjfsError as exc:
+                        log.error("inventory: cannot size %s (%s); it is looked up again "
+                                  "when Orthanc asks for it", info.key, exc)
+                        skipped += 1
+                        continue
+                    batch.append((parsed.uuid, info.key, size))
+                if batch:
+                    await self._j(self.journal.add_remote, batch)
+                    count += len(batch)
+                if token is None:
+                    break
+        except Exception:
+            log.exception("inventory of the bucket failed; unknown names will be looked up in "
+                          "the bucket")
+            return
+        self._deleted_during_inventory.clear()
+        if skipped:
+            log.warning("inventory: %d objects could not be sized", skipped)
+            return
+        await self._j(self.journal.set_meta, INVENTORY_META, INVENTORY_COMPLETE)
+        self.inventory_done = True
+        log.info("inventory complete: %d attachments found in the bucket under %r", count,
+                 prefix)
+
+    async def _watch_bucket(self) -> None:
+        """While the bucket fails, ask it every PROBE_INTERVAL seconds (one cheap listing);
+        its first answer ends every background pause at once."""
+        while True:
+            await self.health.failing.wait()
+            await trio.sleep(PROBE_INTERVAL)
+            try:
+                await self.backend.list_page(self.layout.root_prefix(), None, 1)
+            except errors.ObjfsError:
+                continue
+            self.health.succeeded()

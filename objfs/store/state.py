@@ -1,0 +1,71 @@
+"""The store's constants and the records it keeps per attachment (see `objfs.store` for the
+state machine they take part in)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from objfs.retry import RetryPolicy
+
+T = TypeVar("T")
+
+NEGATIVE_TTL = 2.0
+INVENTORY_META = "inventory"
+INVENTORY_COMPLETE = "complete"
+FIRST_LOOK = 64 * 1024
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+# While Orthanc writes or deletes, background requests yield the CPU to it (on a small host
+# the SDK's request signing and checksums compete with ingest): at most BUSY_REQUESTS run until
+# Orthanc pauses for BUSY_WINDOW seconds, or until the cache budget is half full.
+BUSY_WINDOW = 0.5
+BUSY_REQUESTS = 1
+PROBE_INTERVAL = 5.0
+BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, persistent=True)
+
+
+@dataclass
+class WriteHandle:
+    """A new attachment being written. `size` is the end of the furthest write."""
+
+    uuid: str
+    fd: int
+    size: int = 0
+    reserved: int = 0
+    dirty: bool = False
+    durable: bool = False
+    error: Exception | None = None  # the first failure; sync and close report it again
+    unlinked: bool = False
+    fs: bool = False  # written to the file-system tier (HybridMode WriteToFileSystem)
+    placed: bool = False  # the fs-tier file behind `fd` has its final name
+    closed: trio.Event = field(default_factory=trio.Event)  # set by close_write
+
+
+@dataclass(frozen=True)
+class CacheSpace:
+    """The local tier's budget as the fs layer (statfs), metrics and STATUS= show it."""
+
+    root: Path
+    capacity: int
+    used: int
+    evicted_files: int
+    evicted_bytes: int
+
+
+@dataclass
+class SharedPlain:
+    """The decrypted copy of one attachment that its readers share."""
+
+    fd: int  # the O_TMPFILE; each reader has its own fd opened on it
+    readers: int
+    give_back: Callable[[], None]  # its share of the cache budget
+
+
+@dataclass
+class FetchRecord:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None

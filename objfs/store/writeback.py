@@ -1,0 +1,355 @@
+"""Writing and deleting: the write-back cache, its upload and delete queues, drain."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+
+import trio
+
+from objfs import codec, errors
+from objfs.fsutil import fd_path, fsync_path
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
+from objfs.retry import RetryPolicy
+from objfs.store.fetch import Fetch
+from objfs.store.state import BACKGROUND_RETRY, BUSY_REQUESTS, BUSY_WINDOW, WriteHandle
+from objfs.tally import error_class
+from objfs.testhooks import crash_point
+
+log = logging.getLogger(__name__)
+
+
+class Writeback(Fetch):
+    """New attachments, deletes, and the background work that sends both to the bucket."""
+
+    async def create(self, uuid: str) -> WriteHandle:
+        """Start a new attachment. Raises Immutable when it exists already."""
+        if await self.size_of(uuid) is not None:
+            raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
+        if self.fs is not None and self.fs_first:
+            fd = os.open(self.fs.partial_path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            handle = WriteHandle(uuid, fd, fs=True)
+        else:
+            fd = os.open(self.tier.path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            handle = WriteHandle(uuid, fd)
+            self._fresh.add(uuid)
+        self.writing[uuid] = handle
+        self._negative.pop(uuid, None)
+        self.tier.opened(uuid)
+        return handle
+
+    async def write(self, handle: WriteHandle, offset: int, data: bytes) -> int:
+        """Write into the local copy, taking cache budget first (may wait, then CacheFull);
+        the file-system tier has no budget."""
+        self._last_foreground = trio.current_time()
+        end = offset + len(data)
+        if end > handle.reserved and not handle.fs:
+            try:
+                await self.tier.reserve(end - handle.reserved)
+            except errors.CacheFull as exc:
+                handle.error = exc
+                raise
+            handle.reserved = end
+        try:
+            written = os.pwrite(handle.fd, data, offset)
+        except OSError as exc:
+            handle.error = exc
+            raise
+        handle.size = max(handle.size, offset + written)
+        handle.dirty = True
+        return written
+
+    async def truncate(self, handle: WriteHandle, size: int) -> None:
+        if size > handle.reserved and not handle.fs:
+            await self.tier.reserve(size - handle.reserved)
+            handle.reserved = size
+        os.ftruncate(handle.fd, size)
+        handle.size = size
+        handle.dirty = True
+
+    async def sync(self, handle: WriteHandle) -> None:
+        """Make what was written durable (fsync/flush). Errors here reach Orthanc's close()."""
+        if handle.error is not None:
+            raise handle.error
+        if handle.unlinked or (handle.durable and not handle.dirty):
+            return
+        handle.dirty = False
+        if handle.fs:
+            assert self.fs is not None
+            try:
+                handle.placed = await trio.to_thread.run_sync(
+                    self.fs.commit, handle.fd, handle.uuid, handle.placed,
+                    limiter=self._journal_limiter)
+            except Exception as exc:
+                handle.error = exc
+                raise
+            handle.durable = True
+            return
+        try:
+            await trio.to_thread.run_sync(self._make_durable, handle.fd, handle.uuid, handle.size,
+                                          limiter=self._journal_limiter)
+        except Exception as exc:
+            handle.error = exc
+            raise
+        handle.durable = True
+        if self.write_through:
+            try:
+                await self._upload(handle.uuid, self.read_retry)
+            except Exception as exc:
+                handle.error = exc
+                raise
+
+    def _make_durable(self, fd: int, uuid: str, size: int) -> None:
+        """Runs in a worker thread. With EncryptLocalCache the complete file is sealed (A1,
+        exactly the object to upload) and replaces the plaintext before the row commits."""
+        os.fdatasync(fd)
+        crash_point("after-data-fsync")
+        if not self.seal_local:
+            self.journal.put_pending(uuid, size)
+            crash_point("after-journal-commit")
+            return
+        assert self.encryption is not None
+        key = self._choose_key(uuid, size, fd_path(fd))
+        sealed = self.tier.tmp_path(uuid, "seal")
+        codec.encrypt_file(fd_path(fd), sealed, self.encryption.ring)
+        fsync_path(sealed)
+        os.replace(sealed, self.tier.path(uuid))
+        fsync_path(self.tier.data)  # the rename must be durable before the row says sealed
+        self.journal.put_pending(uuid, size, key, sealed=True)
+
+    async def close_write(self, handle: WriteHandle) -> bool:
+        """Release a write handle: queue the upload, or discard a write that failed.
+
+        Returns False when the file was discarded (the caller drops the kernel's entry).
+        """
+        os.close(handle.fd)
+        self.writing.pop(handle.uuid, None)
+        handle.closed.set()
+        self.tier.closed(handle.uuid)
+        if handle.fs:
+            return await self._close_fs_write(handle)
+        if handle.error is not None or handle.unlinked or not handle.durable:
+            if not handle.unlinked:
+                log.warning("attachment %s: discarding a write that was not acknowledged",
+                            handle.uuid)
+            self._fresh.discard(handle.uuid)
+            await self._discard_local(handle.uuid, handle.reserved)
+            return False
+        self.tier.release(handle.reserved - handle.size)
+        row = self.journal.get(handle.uuid)
+        if row is not None and row.state == PENDING_UPLOAD:
+            self._queue_upload(handle.uuid)
+        return True
+
+    async def _close_fs_write(self, handle: WriteHandle) -> bool:
+        assert self.fs is not None
+        fs = self.fs
+        keep = handle.error is None and not handle.unlinked and handle.durable
+        if not keep and not handle.unlinked:
+            log.warning("attachment %s: discarding a write that was not acknowledged",
+                        handle.uuid)
+
+        def finish() -> None:
+            fs.discard_partial(handle.uuid)
+            if not keep and handle.durable:
+                fs.remove(handle.uuid)
+
+        await trio.to_thread.run_sync(finish)
+        return keep
+
+    async def _discard_local(self, uuid: str, size: int) -> None:
+        self.tier.path(uuid).unlink(missing_ok=True)
+        self.tier.release(size)
+        if self.journal.get(uuid) is not None:
+            await self._j(self.journal.remove, uuid)
+
+    async def unlink(self, uuid: str) -> None:
+        """Delete an attachment everywhere (both tiers in HybridMode). Readers that have it
+        open keep reading. Raises NotFound when no tier has it."""
+        handle = self.writing.get(uuid)
+        if handle is not None:
+            handle.unlinked = True
+            return
+        async with self.locks.hold(uuid):
+            await self._unlink_locked(uuid)
+
+    async def _unlink_locked(self, uuid: str) -> None:
+        in_fs = self.fs is not None and self.fs.stat(uuid) is not None
+        row = await self._row(uuid)
+        if row is None and not in_fs:
+            raise errors.NotFound(f"attachment {uuid}")
+        self._last_foreground = trio.current_time()
+        if in_fs:
+            assert self.fs is not None
+            await trio.to_thread.run_sync(self.fs.remove, uuid, limiter=self._journal_limiter)
+        if row is not None:
+            await self._forget_object(uuid, row)
+
+    async def _forget_object(self, uuid: str, row: Row, queue: bool = True) -> None:
+        """Delete the bucket side of an attachment: durably journaled, the object's delete
+        queued (unless `queue` is False: the caller deletes it), the local copy removed."""
+        self._negative[uuid] = True
+        if not self.inventory_done:
+            self._deleted_during_inventory.add(uuid)
+        self._unlinking.add(uuid)
+        try:
+            if row.state == PENDING_UPLOAD and uuid in self._fresh:
+                # Never sent to the bucket: forgetting it locally is the whole delete.
+                await self._j(self.journal.remove, uuid)
+            else:
+                await self._j(self.journal.mark_pending_delete, uuid)
+                crash_point("after-delete-journaled")
+                if uuid not in self.inflight and queue:
+                    self._queue_delete(uuid)
+        finally:
+            self._unlinking.discard(uuid)
+            self._fresh.discard(uuid)
+        # Decided now, not from `row` (read before the awaits above): eviction may have
+        # removed the copy meanwhile, and its space must be given back exactly once.
+        self._drop_local(uuid, row.size)
+
+    def _drop_local(self, uuid: str, size: int) -> None:
+        """Remove the local copy of `uuid` if there is one and give back its budget (no
+        await between the check and the release: atomic on the event loop)."""
+        path = self.tier.path(uuid)
+        if path.exists():
+            path.unlink()
+            self.tier.release(size)
+
+    async def _upload_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        async with receive:
+            async for uuid in receive:
+                try:
+                    async with self._turn():
+                        await self._upload(uuid, BACKGROUND_RETRY)
+                except Exception:
+                    log.exception("upload of attachment %s failed; it stays journaled and is "
+                                  "retried at the next start", uuid)
+                finally:
+                    self._untrack(uuid)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """A background request's turn; Orthanc's own requests come first (BUSY_WINDOW)."""
+        while self._background >= BUSY_REQUESTS \
+                and trio.current_time() - self._last_foreground < BUSY_WINDOW \
+                and self.tier.used < self.tier.capacity // 2:
+            await trio.sleep(BUSY_WINDOW / 5)
+        self._background += 1
+        try:
+            yield
+        finally:
+            self._background -= 1
+
+    async def _upload(self, uuid: str, policy: RetryPolicy) -> None:
+        row = self.journal.get(uuid)
+        if row is None or row.state != PENDING_UPLOAD or uuid in self._unlinking:
+            return
+        self.inflight[uuid] = settled = trio.Event()
+        self._fresh.discard(uuid)
+        try:
+            if not self.tier.path(uuid).exists():
+                lost = row
+                adopted = await self._retry(policy, f"look up {uuid}",
+                                            lambda: self._adopt_uploaded(lost))
+                if not adopted:
+                    log.error("attachment %s: its acknowledged local copy is missing and the "
+                              "bucket has no complete object: data lost", uuid)
+                    self.journal.set_error(uuid, "local copy missing, not in the bucket")
+                return
+            key = row.key or self._choose_key(uuid, row.size)
+            path = self.tier.path(uuid)
+            sealed = self.tier.tmp_path(uuid, "enc")
+            give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
+            if self.encryption is not None and not row.sealed:
+                give_back = await self.tier.take_scratch(row.size + codec.OVERHEAD)
+                try:
+                    async with self._crypto_limiter:
+                        await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
+                                                      self.encryption.ring)
+                except BaseException:
+                    sealed.unlink(missing_ok=True)
+                    give_back()
+                    raise
+                path = sealed
+
+            async def put() -> None:
+                current = self.journal.get(uuid)
+                if current is None or current.state != PENDING_UPLOAD \
+                        or uuid in self._unlinking:
+                    return  # deleted meanwhile: nothing to upload
+                await self.backend.put(key, path)
+
+            def record(exc: errors.ObjfsError) -> None:
+                self.tally.upload_errors[error_class(exc)] += 1
+                self.journal.set_error(uuid, str(exc))
+
+            try:
+                await self._retry(policy, f"upload {key}", put, record)
+                crash_point("after-put")
+            finally:
+                sealed.unlink(missing_ok=True)
+                give_back()
+        finally:
+            del self.inflight[uuid]
+            settled.set()
+        row = self.journal.get(uuid)
+        if row is not None and row.state == PENDING_DELETE:
+            await self._j(self.journal.set_key, uuid, key)
+            self._queue_delete(uuid)
+        elif row is not None:
+            await self._j(self.journal.mark_uploaded, uuid, key)
+            self.tally.uploads += 1
+            self.tier.space_changed()
+
+    async def _delete_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        async with receive:
+            async for uuid in receive:
+                try:
+                    async with self._turn():
+                        await self._delete_remote(uuid)
+                except Exception:
+                    log.exception("delete of attachment %s failed; it stays journaled and is "
+                                  "retried at the next start", uuid)
+                finally:
+                    self._untrack(uuid)
+
+    async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
+        row = self.journal.get(uuid)
+        if row is None or row.state != PENDING_DELETE or uuid in self.inflight:
+            return
+        # Every object of the uuid, not only the journaled key: `objfs rekey` renames X.dcm to
+        # X.dcm.enc, and a plugin may have written a sibling (.dcm.head, .json).
+        prefix = self.layout.lookup_prefix(uuid)
+        page, _ = await self._retry(
+            policy, f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
+        keys = {o.key for o in page if (info := self.layout.parse_key(o.key))
+                and info.uuid == uuid}
+        if row.key is not None:
+            keys.add(row.key)
+        for key in sorted(keys):
+            await self._retry(policy, f"delete {key}", functools.partial(self.backend.delete, key))
+            crash_point("after-object-delete")
+        await self._j(self.journal.remove, uuid)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no upload or delete is queued or running, at most `timeout` seconds.
+
+        Returns True when everything is done; otherwise logs what stays journaled. Call it
+        after unmounting: acknowledged files whose release the kernel had not yet sent are
+        queued here too.
+        """
+        for row in self.journal.in_state(PENDING_UPLOAD):
+            if row.uuid not in self._outstanding:
+                self._queue_upload(row.uuid)
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+            return True
+        stats = self.journal.stats()
+        log.warning("shutdown deadline (%ss) reached: %d uploads (%d bytes) and %d deletes stay "
+                    "journaled and resume at the next start", timeout, stats.pending_uploads,
+                    stats.pending_upload_bytes, stats.pending_deletes)
+        return False
