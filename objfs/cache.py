@@ -50,10 +50,9 @@ class LocalTier:
         self.open_counts: dict[str, int] = {}
         self._atimes: dict[str, float] = {}
         self._space_freed = trio.Event()
-        # The temporary copy of each kind allowed beyond CacheSize (Semaphores: whoever is
-        # done with the copy gives it back, not necessarily the task that took it).
+        # The one temporary copy allowed beyond CacheSize (a Semaphore: whoever is done with
+        # the copy gives it back, not necessarily the task that took it).
         self._overflow = trio.Semaphore(1)
-        self._overflow_fg = trio.Semaphore(1)
 
     def path(self, uuid: str) -> Path:
         return self.data / uuid
@@ -143,19 +142,18 @@ class LocalTier:
         decrypted copy that readers share); returns the function that gives it back (call it
         exactly once, from any task).
 
-        Background copies (upload bodies) are taken from `CacheSize` while that leaves the
-        budget at most half full: Orthanc's writers keep the other half. Orthanc's reads
-        (`foreground`) may use all of it, evicting clean copies. Otherwise the copy waits for
-        the one over-budget slot of its kind, so the cache directory holds at most
-        `CacheSize` plus one background and one foreground temporary copy. Never raises
-        CacheFull (a temporary copy is what lets uploads empty a full cache); callers bound
-        foreground waits with their deadline (docs/durability.md, invariants 5 and 6)."""
+        Background copies (upload bodies, tier moves) are taken from `CacheSize` while that
+        leaves the budget at most half full: Orthanc's writers keep the other half. Orthanc's
+        reads (`foreground`) may use all of it, evicting clean copies. Otherwise the copy waits
+        for the one over-budget slot, so the cache directory holds at most `CacheSize` plus
+        one temporary copy. Never raises CacheFull (a temporary copy is what lets uploads
+        empty a full cache); callers bound foreground waits with their deadline
+        (docs/durability.md, invariants 5 and 6)."""
         limit = self.capacity if foreground else self.capacity // 2
         if self._try_reserve(nbytes, limit):
             return lambda: self.release(nbytes)
-        slot = self._overflow_fg if foreground else self._overflow
-        await slot.acquire()
-        return slot.release
+        await self._overflow.acquire()
+        return self._overflow.release
 
     def release(self, nbytes: int) -> None:
         """Give back budget (a copy was removed or a reservation was not used)."""

@@ -40,6 +40,10 @@ class Hybrid(Writeback):
                 raise errors.NotFound(f"attachment {uuid} is in neither tier")
             names = [self.tier.tmp_path(uuid, f"move-{n}") for n in ("plain", "body", "check")]
             plain, body, check = names
+            st = fs.stat(uuid)
+            # Two scratch copies at most (plaintext or body, and the read-back check).
+            give_back = await self.tier.take_scratch(
+                2 * ((st.st_size if st is not None else 0) + codec.OVERHEAD))
             try:
                 source = fs.path(uuid)
                 encrypted = fs.encrypted(uuid)
@@ -77,6 +81,7 @@ class Hybrid(Writeback):
             finally:
                 for name in names:
                     name.unlink(missing_ok=True)
+                give_back()
         return True
 
     async def move_to_file_system(self, uuid: str) -> bool:
