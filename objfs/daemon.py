@@ -65,9 +65,12 @@ def mounted_filesystems() -> dict[str, str]:
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
-    """Remove a dead objfs mount left on `mountpoint`; refuse a live one."""
+    """Remove a dead objfs mount left on `mountpoint`; refuse a live FUSE mount there.
+
+    Any other mount at that path (Docker's bind mount of a shared storage directory, a
+    volume) is the mount point itself: objfs mounts on top of it."""
     fstype = mounted_filesystems().get(str(mountpoint))
-    if fstype is None:
+    if fstype is None or not fstype.startswith("fuse"):
         return
     try:
         os.statvfs(mountpoint)  # always reaches the daemon; a stat may be served from cache
@@ -78,6 +81,23 @@ def clear_stale_mount(mountpoint: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=True)
         return
     raise errors.ConfigError(f"{mountpoint} is already mounted ({fstype})")
+
+
+def check_fuse_device(path: str = "/dev/fuse") -> None:
+    """A ConfigError that says how to fix it when this user cannot open the FUSE device
+    (libfuse would only print "failed to open /dev/fuse: Permission denied")."""
+    if not os.path.exists(path):
+        raise errors.ConfigError(
+            f"{path} does not exist: load the fuse module (modprobe fuse) on the host, and "
+            "in a container pass the device: docker run --device /dev/fuse --cap-add "
+            "SYS_ADMIN ...")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise errors.ConfigError(
+            f"{path} cannot be opened for reading and writing by uid {os.getuid()} "
+            f"(mode {os.stat(path).st_mode & 0o777:o}): run objfs as root, or give this user "
+            f"the device: on the host 'chmod 0666 {path}' (udev usually does), or in a "
+            "container 'docker run --device /dev/fuse:/dev/fuse:rwm' with a user that owns "
+            "it or is in its group (--group-add)")
 
 
 def bucket_identity(settings: Settings) -> str:
@@ -183,6 +203,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
     Raises ConfigError/BackendError before mounting when the setup is unusable.
     """
     mountpoint = mountpoint.resolve()
+    check_fuse_device()
     clear_stale_mount(mountpoint)
     st = os.stat(mountpoint)
     root = settings.cache_directory
