@@ -43,6 +43,10 @@ if [ "$want_test" = 1 ]; then
     fi
 fi
 pip_install --no-deps -e .
+if [ "$want_test" = 1 ]; then
+    # Newer Orthanc releases for the end-to-end matrix (built once, then cached).
+    bash scripts/chroots.sh
+fi
 # The systemd units (systemd/) run /usr/local/bin/objfs.
 ln -sfn "$PWD/.venv/bin/objfs" /usr/local/bin/objfs
 .venv/bin/objfs --version

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import bucket_name, cloud_server
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
-from tests.support.orthanc import Orthanc, sop_instance_uid
+from tests.support.orthanc import RELEASES, Orthanc, sop_instance_uid
 from tests.support.procs import wait_until
 from tests.test_codec import VECTORS, independent_decrypt, key
 
@@ -49,6 +49,30 @@ def corpus() -> list[bytes]:
 def test_orthanc_on_cloud(cloud: str, structure: str, encrypted: bool, tmp_path: Path,
                           request: pytest.FixtureRequest,
                           objfs_factory: Callable[..., Objfs]) -> None:
+    end_to_end(cloud, structure, encrypted, "bookworm", tmp_path, request, objfs_factory)
+
+
+@pytest.mark.parametrize(("release", "structure", "encrypted"), [
+    ("trixie", "flat", False), ("trixie", "legacy", True),
+    ("sid", "flat", True), ("sid", "legacy", False)],
+    ids=["1.12-flat-plain", "1.12-legacy-encrypted", "1.13-flat-encrypted",
+         "1.13-legacy-plain"])
+def test_newer_orthanc_on_s3(release: str, structure: str, encrypted: bool, tmp_path: Path,
+                             request: pytest.FixtureRequest,
+                             objfs_factory: Callable[..., Objfs]) -> None:
+    """Debian 13's Orthanc 1.12 and sid's 1.13 (whose storage reads were rewritten), the
+    newest with its parallel storage loader."""
+    options = {"StorageLoaderThreadsCount": 8} if release == "sid" else {}
+    end_to_end("s3", structure, encrypted, release, tmp_path, request, objfs_factory,
+               **options)
+
+
+def end_to_end(cloud: str, structure: str, encrypted: bool, release: str, tmp_path: Path,
+               request: pytest.FixtureRequest, objfs_factory: Callable[..., Objfs],
+               **orthanc_options: object) -> None:
+    """REST (4 clients) and C-STORE ingest, byte-identical reads, tags, a study archive
+    (all studies at once, concurrently), Orthanc restarted, objfs restarted on an empty
+    cache, then every patient deleted and the bucket empty."""
     server = cloud_server(request, cloud)
     bucket = server.new_bucket(bucket_name(request))
     section = server.section(bucket, StorageStructure=structure, RootPath="orthanc")
@@ -57,7 +81,10 @@ def test_orthanc_on_cloud(cloud: str, structure: str, encrypted: bool, tmp_path:
     config = {server.section_name: section,
               "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 512}}
     daemon = objfs_factory(config).start()
-    orthanc = Orthanc(tmp_path, daemon.mountpoint).start()
+    orthanc = Orthanc(tmp_path, daemon.mountpoint, release=release,
+                      **orthanc_options).start()
+    version = orthanc.json("GET", "/system")["Version"]
+    assert version.startswith(RELEASES[release]), version
     try:
         files = corpus()
         by_id: dict[str, bytes] = {}  # what Orthanc must serve back, byte for byte
@@ -82,13 +109,18 @@ def test_orthanc_on_cloud(cloud: str, structure: str, encrypted: bool, tmp_path:
                 assert orthanc.request("GET", f"/instances/{oid}/file") == dicom
             tags = orthanc.json("GET", f"/instances/{next(iter(by_id))}/tags?simplify")
             assert tags["Modality"] == "CT"
-            study = orthanc.json("GET", "/studies")[0]
-            archive = zipfile.ZipFile(io.BytesIO(orthanc.request("GET",
-                                                                 f"/studies/{study}/archive")))
-            members = [n for n in archive.namelist() if not n.endswith("/")]
-            expected = orthanc.json("GET", f"/studies/{study}/instances")
-            assert len(members) == len(expected) > 0
-            assert all(archive.read(n) in by_id.values() for n in members)
+            studies = orthanc.json("GET", "/studies")
+
+            def archive_of(study: str) -> tuple[str, zipfile.ZipFile]:
+                return study, zipfile.ZipFile(io.BytesIO(
+                    orthanc.request("GET", f"/studies/{study}/archive")))
+
+            with ThreadPoolExecutor(len(studies)) as pool:  # concurrent archive reads
+                for study, archive in pool.map(archive_of, studies):
+                    members = [n for n in archive.namelist() if not n.endswith("/")]
+                    expected = orthanc.json("GET", f"/studies/{study}/instances")
+                    assert len(members) == len(expected) > 0
+                    assert all(archive.read(n) in by_id.values() for n in members)
 
         check_all()
         daemon.wait_uploaded()

@@ -37,11 +37,30 @@ class HttpError(Exception):
         self.body = body
 
 
+# Debian releases whose orthanc the tests run besides the host's (bookworm, 1.10.1), from the
+# chroots that scripts/chroots.sh builds and caches.
+CHROOTS = Path(os.environ.get("OBJFS_CHROOTS", "/var/cache/objfs-test/chroots"))
+RELEASES = {"bookworm": "1.10", "trixie": "1.12", "sid": "1.13"}
+
+
+def chroot_of(release: str) -> Path:
+    root = CHROOTS / release
+    if not (root / ".objfs-ready").exists():
+        raise AssertionError(f"no {release} chroot at {root}: scripts/chroots.sh builds it "
+                             "(scripts/test.sh runs it)")
+    return root
+
+
 class Orthanc:
-    """An Orthanc server whose StorageDirectory is `storage` and whose index is local."""
+    """An Orthanc server whose StorageDirectory is `storage` and whose index is local.
+
+    `release` other than the host's bookworm runs that Debian release's Orthanc from its
+    chroot, in a private mount namespace that sees /tmp (the test's files and the objfs
+    mount), /dev and /proc at the same paths."""
 
     def __init__(self, workdir: Path, storage: Path, name: str = "orthanc",
-                 **options: Any) -> None:
+                 release: str = "bookworm", **options: Any) -> None:
+        self.release = release
         self.workdir = workdir
         self.storage = storage
         self.index = workdir / f"{name}-index"
@@ -66,7 +85,17 @@ class Orthanc:
     def start(self) -> Orthanc:
         self.config_path.write_text(json.dumps(self.config, indent=1))
         env = {**os.environ, "LD_PRELOAD": str(bind_shim())}
-        self.process = Process([ORTHANC_BIN, str(self.config_path)], self.log, env)
+        argv = [ORTHANC_BIN, str(self.config_path)]
+        if self.release != "bookworm":
+            root = chroot_of(self.release)
+            for path in (self.workdir, bind_shim()):
+                assert str(path).startswith("/tmp/"), f"{path} is not visible in the chroot"
+            script = (f"mount --rbind /tmp {root}/tmp && mount -t proc proc {root}/proc && "
+                      f"mount --rbind /dev {root}/dev && exec chroot {root} "
+                      f"env LD_PRELOAD={bind_shim()} {ORTHANC_BIN} {self.config_path}")
+            argv = ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script]
+            env = dict(os.environ)
+        self.process = Process(argv, self.log, env)
         wait_until(lambda: http_ready(self.url + "/system"), 60, "Orthanc",
                    self.process.proc, self.log)
         return self
