@@ -46,6 +46,8 @@ pip_install --no-deps -e .
 if [ "$want_test" = 1 ]; then
     # Newer Orthanc releases for the end-to-end matrix (built once, then cached).
     bash scripts/chroots.sh
+    # A Docker engine and the objfs image, built on a local Debian 12 base (cached layers).
+    bash scripts/images.sh
 fi
 # The systemd units (systemd/) run /usr/local/bin/objfs.
 ln -sfn "$PWD/.venv/bin/objfs" /usr/local/bin/objfs

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Makes the container images the tests run, without any image registry: a Debian 12 base made
+# with debootstrap (cached in $OBJFS_IMAGES, default /var/cache/objfs-test/images; it carries
+# this machine's CA bundle for pip, as PIP_CERT, in case HTTPS goes through a proxy with its
+# own CA), then docker/Dockerfile built on it as objfs-test/objfs. Starts Debian's dockerd if
+# no Docker engine answers. Exits 0 without images, saying why, when no engine can run here
+# (the container tests then skip with that reason).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cache=${OBJFS_IMAGES:-/var/cache/objfs-test/images}
+if ! command -v dockerd >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
+fi
+command -v debootstrap >/dev/null || apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+if ! docker info >/dev/null 2>&1; then
+    echo "images: starting dockerd"
+    mkdir -p "$cache"
+    nohup dockerd >"$cache/dockerd.log" 2>&1 &
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+fi
+if ! docker info >/dev/null 2>&1; then
+    echo "images: no Docker engine can run here: $(tail -3 "$cache/dockerd.log" | tr '\n' ' ')"
+    exit 0
+fi
+mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+         | grep -v security | head -1 || true)
+[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+mkdir -p "$cache"
+if [ ! -f "$cache/bookworm-root/.objfs-ready" ]; then
+    echo "images: debootstrap of a Debian 12 base"
+    rm -rf "$cache/bookworm-root"
+    debootstrap --variant=minbase bookworm "$cache/bookworm-root" "$mirror" \
+        >"$cache/debootstrap.log" 2>&1 || { tail -20 "$cache/debootstrap.log"; exit 1; }
+    touch "$cache/bookworm-root/.objfs-ready"
+fi
+cp /etc/ssl/certs/ca-certificates.crt "$cache/bookworm-root/etc/ssl/certs/host-ca-bundle.crt"
+if ! docker image inspect objfs-test/debian:12-slim >/dev/null 2>&1; then
+    tar -C "$cache/bookworm-root" --exclude=./.objfs-ready -c . \
+        | docker import -c 'ENV PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt' - \
+          objfs-test/debian:12-slim >/dev/null
+fi
+docker build -q --build-arg BASE=objfs-test/debian:12-slim -f docker/Dockerfile \
+    -t objfs-test/objfs . >/dev/null
+echo "images: objfs-test/objfs built ($(docker image inspect -f '{{.Size}}' objfs-test/objfs) bytes)"
