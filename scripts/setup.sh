@@ -48,6 +48,8 @@ if [ "$want_test" = 1 ]; then
     bash scripts/chroots.sh
     # A Docker engine and the objfs image, built on a local Debian 12 base (cached layers).
     bash scripts/images.sh
+    # A Debian 12 tree with systemd and Debian's orthanc, booted by the systemd tests.
+    bash scripts/nspawn-root.sh
 fi
 # The systemd units (systemd/) run /usr/local/bin/objfs.
 ln -sfn "$PWD/.venv/bin/objfs" /usr/local/bin/objfs
