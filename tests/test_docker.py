@@ -5,9 +5,11 @@ start objfs (the second one with the real Orthanc then storing through the mount
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,11 +22,18 @@ import pytest
 import yaml
 
 from objfs.codec import write_key_file
-from objfs.config import KNOWN_PATHS, OBJFS_OPTIONS, env_path, load_tree, settings_from_tree
+from objfs.config import (
+    KNOWN_PATHS,
+    OBJFS_OPTIONS,
+    env_name,
+    env_path,
+    load_tree,
+    settings_from_tree,
+)
 from tests.support.daemon import is_live_mount, mounted_paths
 from tests.support.emulators import MotoServer
-from tests.support.orthanc import Orthanc
-from tests.support.procs import ROOT, Process, free_port, wait_until
+from tests.support.orthanc import Orthanc, orthanc_argv
+from tests.support.procs import ROOT, Process, free_port, http_ready, wait_until
 from tests.test_hybrid import at, ingest, uuid_for, write
 
 DOCKER = ROOT / "docker"
@@ -312,3 +321,102 @@ def test_before_orthanc_script_fails_when_objfs_cannot_mount(
     assert "failed to mount" in out.stderr and "Orthanc not started" in out.stderr
     assert "no-such-bucket-here" in out.stderr  # objfs' own reason, on the same output
     assert not is_live_mount(Path(env["OBJFS_MOUNTPOINT"]))
+
+
+# --- the orthancteam variant: its plugins and its entry-point contract ----------------------
+
+# The image loads a plugin whose section is configured unless its variable says "false"
+# (orthanc-builder's configurator, 26.8.1); these sections are objfs' configuration here.
+OBJECT_STORAGE_PLUGINS = {"AwsS3Storage": "AWS_S3_STORAGE_PLUGIN_ENABLED",
+                          "AzureBlobStorage": "AZURE_BLOB_STORAGE_PLUGIN_ENABLED",
+                          "GoogleCloudStorage": "GOOGLE_CLOUD_STORAGE_PLUGIN_ENABLED"}
+# Deprecated enabling variables make images from 26.7.0 on refuse to start.
+DEPRECATED = {"AZSTOR_ENABLED"}
+
+
+def image_env(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in dockerfile(path).get("ENV", []):
+        for item in shlex.split(line.replace("\\\n", " ")):
+            key, _, value = item.partition("=")
+            env[key] = value
+    return env
+
+
+def plugins_loaded(sections: set[str], env: dict[str, str]) -> set[str]:
+    """Which object-storage plugins the image would load, by its documented rule."""
+    return {section for section, var in OBJECT_STORAGE_PLUGINS.items()
+            if (section in sections or (env.get(var, "false") != "false" and var in env))
+            and env.get(var) != "false"}
+
+
+def test_orthancteam_variant_loads_no_object_storage_plugin() -> None:
+    env = image_env(DOCKER / "orthanc" / "Dockerfile")
+    assert plugins_loaded(set(OBJECT_STORAGE_PLUGINS), env) == set()
+    assert plugins_loaded(set(OBJECT_STORAGE_PLUGINS), {}) == set(OBJECT_STORAGE_PLUGINS)
+    assert not DEPRECATED & env.keys()
+    assert env["OBJFS_CONFIG"] == "/tmp/orthanc.json"  # what the entry point generates
+    assert env["BEFORE_ORTHANC_STARTUP_SCRIPT"] == "/usr/local/bin/objfs-before-orthanc"
+    tag = dockerfile(DOCKER / "orthanc" / "Dockerfile")["FROM"][0].split(":")[1]
+    assert int(tag.split(".")[0]) >= 26
+    for path in (DOCKER / "docker-compose.yml", DOCKER / "docker-compose.cloud.yml"):
+        text = path.read_text()
+        for section, var in OBJECT_STORAGE_PLUGINS.items():
+            orthanc_side = [s for s in yaml.safe_load(text).get("services", {}).values()
+                            if str(s.get("image", "")).startswith("orthancteam/orthanc")]
+            for service in orthanc_side:
+                names = " ".join(service.get("environment", {}) or {})
+                if env_name(section) in names:
+                    assert service["environment"].get(var) == "false", (path, section)
+
+
+def test_orthancteam_entrypoint_contract_with_orthanc_1_13(
+        tmp_path: Path, moto: MotoServer, bucket: str, processes: list[Process]) -> None:
+    """The image's entry point, step by step: the configuration generated into one file,
+    BEFORE_ORTHANC_STARTUP_SCRIPT run unquoted under errexit, then Orthanc exec'd on that
+    file — here sid's Orthanc 1.13. objfs reads the same generated file."""
+    env = container_env(tmp_path, moto, bucket, OBJFS_PIDFILE=str(tmp_path / "objfs.pid"))
+    mountpoint = Path(env["OBJFS_MOUNTPOINT"])
+    generated = tmp_path / "orthanc.json"  # /tmp/orthanc.json in the image
+    orthanc = Orthanc(tmp_path, mountpoint, release="sid")
+    generated.write_text(json.dumps({
+        **orthanc.config, "AwsS3Storage": {
+            "BucketName": bucket, "Region": "us-east-1", "Endpoint": moto.endpoint,
+            "VirtualAddressing": False, "AccessKey": "test", "SecretKey": "test"},
+        "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 64}}))
+    env = {k: v for k, v in env.items() if not k.startswith("ORTHANC__")}
+    env.update(OBJFS_CONFIG=str(generated), OBJFS_SECRETS_DIR=str(tmp_path / "no-secrets"),
+               BEFORE_ORTHANC_STARTUP_SCRIPT=str(DOCKER / "orthanc" / "before-orthanc.sh"),
+               **dict.fromkeys(OBJECT_STORAGE_PLUGINS.values(), "false"))
+    entrypoint = tmp_path / "entrypoint.sh"
+    entrypoint.write_text('#!/usr/bin/env bash\nset -o errexit\n'
+                          'if [[ ! -z $BEFORE_ORTHANC_STARTUP_SCRIPT ]]; then\n'
+                          '  $BEFORE_ORTHANC_STARTUP_SCRIPT\nfi\nexec "$@"\n')
+    entrypoint.chmod(0o755)
+    started = Process([str(entrypoint), *orthanc_argv("sid", generated)],
+                      tmp_path / "entrypoint.log", env)
+    processes.append(started)
+    wait_until(lambda: http_ready(orthanc.url + "/system"), 120, "Orthanc 1.13",
+               started.proc, started.log)
+    assert is_live_mount(mountpoint)
+    assert orthanc.json("GET", "/system")["Version"].startswith("1.13")
+    sent = ingest(orthanc, 5, studies=1)
+    wait_until(lambda: len(moto.keys(bucket)) >= 5, 60, "uploads", poll=0.2)
+    for instance, dicom in sent.items():
+        assert orthanc.request("GET", f"/instances/{instance}/file") == dicom
+    pid = int((tmp_path / "objfs.pid").read_text())
+    started.stop()  # SIGTERM to the container's processes: Orthanc and objfs
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or
+               "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], 60, "objfs to exit")
+
+    # The same contract when objfs cannot mount: the script fails, so errexit stops the
+    # entry point and Orthanc never starts on the bare directory.
+    bad = json.loads(generated.read_text())
+    bad["AwsS3Storage"]["BucketName"] = "no-such-bucket"
+    generated.write_text(json.dumps(bad))
+    refused = subprocess.run([str(entrypoint), "sh", "-c", "echo ORTHANC STARTED"], env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert refused.returncode != 0 and "ORTHANC STARTED" not in refused.stdout
+    assert "Orthanc not started" in refused.stderr

@@ -51,6 +51,19 @@ def chroot_of(release: str) -> Path:
     return root
 
 
+def orthanc_argv(release: str, config: Path) -> list[str]:
+    """The command that runs `release`'s Orthanc on `config`, bound to the loopback: the host's
+    binary, or the chroot's in a private mount namespace that sees /tmp, /dev and /proc."""
+    shim = bind_shim()
+    if release == "bookworm":
+        return ["env", f"LD_PRELOAD={shim}", ORTHANC_BIN, str(config)]
+    root = chroot_of(release)
+    script = (f"mount --rbind /tmp {root}/tmp && mount -t proc proc {root}/proc && "
+              f"mount --rbind /dev {root}/dev && exec chroot {root} "
+              f"env LD_PRELOAD={shim} {ORTHANC_BIN} {config}")
+    return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script]
+
+
 class Orthanc:
     """An Orthanc server whose StorageDirectory is `storage` and whose index is local.
 
@@ -84,18 +97,9 @@ class Orthanc:
 
     def start(self) -> Orthanc:
         self.config_path.write_text(json.dumps(self.config, indent=1))
-        env = {**os.environ, "LD_PRELOAD": str(bind_shim())}
-        argv = [ORTHANC_BIN, str(self.config_path)]
-        if self.release != "bookworm":
-            root = chroot_of(self.release)
-            for path in (self.workdir, bind_shim()):
-                assert str(path).startswith("/tmp/"), f"{path} is not visible in the chroot"
-            script = (f"mount --rbind /tmp {root}/tmp && mount -t proc proc {root}/proc && "
-                      f"mount --rbind /dev {root}/dev && exec chroot {root} "
-                      f"env LD_PRELOAD={bind_shim()} {ORTHANC_BIN} {self.config_path}")
-            argv = ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script]
-            env = dict(os.environ)
-        self.process = Process(argv, self.log, env)
+        assert str(self.workdir).startswith("/tmp/") or self.release == "bookworm", \
+            f"{self.workdir} is not visible in the chroot"
+        self.process = Process(orthanc_argv(self.release, self.config_path), self.log)
         wait_until(lambda: http_ready(self.url + "/system"), 60, "Orthanc",
                    self.process.proc, self.log)
         return self
