@@ -43,4 +43,23 @@ if ! docker image inspect objfs-test/debian:12-slim >/dev/null 2>&1; then
 fi
 docker build -q --build-arg BASE=objfs-test/debian:12-slim -f docker/Dockerfile \
     -t objfs-test/objfs . >/dev/null
+docker build -q -f tests/support/compose/moto.Dockerfile -t objfs-test/moto \
+    tests/support/compose >/dev/null
+if ! docker compose version >/dev/null 2>&1; then
+    # Debian 12 has only Compose v1, which rejects today's Compose files: the Go binary of
+    # Debian 13's docker-compose package, taken from the trixie chroot (scripts/chroots.sh).
+    chroots=${OBJFS_CHROOTS:-/var/cache/objfs-test/chroots}
+    if [ -d "$chroots/trixie" ]; then
+        chroot "$chroots/trixie" sh -c 'cd /tmp && rm -f docker-compose_*.deb &&
+            apt-get download -qq docker-compose' >/dev/null 2>&1 || true
+        deb=$(ls "$chroots"/trixie/tmp/docker-compose_*.deb 2>/dev/null | head -1)
+        if [ -n "$deb" ]; then
+            tmp=$(mktemp -d)
+            dpkg-deb -x "$deb" "$tmp"
+            install -D -m 0755 "$tmp/usr/libexec/docker/cli-plugins/docker-compose" \
+                /usr/local/lib/docker/cli-plugins/docker-compose
+            rm -rf "$tmp"
+        fi
+    fi
+fi
 echo "images: objfs-test/objfs built ($(docker image inspect -f '{{.Size}}' objfs-test/objfs) bytes)"

@@ -46,7 +46,8 @@ pip_install --no-deps -e .
 if [ "$want_test" = 1 ]; then
     # Newer Orthanc releases for the end-to-end matrix (built once, then cached).
     bash scripts/chroots.sh
-    # A Docker engine and the objfs image, built on a local Debian 12 base (cached layers).
+    # A Docker engine, the objfs image and a moto stand-in built on a local Debian 12 base
+    # (cached layers), and Compose v2.
     bash scripts/images.sh
     # A Debian 12 tree with systemd and Debian's orthanc, booted by the systemd tests.
     bash scripts/nspawn-root.sh

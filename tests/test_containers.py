@@ -128,3 +128,67 @@ def test_the_image_mounts_serves_orthanc_drains_and_dies_safely(
         assert refused.value.errno == errno.ENOTCONN
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def compose(project: Path, *args: str, env: dict[str, str],
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", "compose", "-f", str(project / "docker-compose.yml"),
+                           "-f", str(project / "trial-with-moto.yml"), "-p", project.name,
+                           *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=project)
+
+
+def test_the_compose_trial_with_a_stand_in_s3(image: str, tmp_path: Path) -> None:
+    """docker/docker-compose.yml as shipped, with moto (built here) in place of MinIO: the
+    secrets script, the objfs service on ./storage (rshared), healthy, Orthanc on the host
+    storing through ./storage, `docker compose stop` draining into the bucket, encrypted."""
+    if docker("compose", "version", check=False).returncode != 0:
+        pytest.fail("docker compose (v2) is missing: scripts/images.sh installs it")
+    project = tmp_path / f"trial{uuid_mod.uuid4().hex[:6]}"
+    project.mkdir()
+    for name in ("docker-compose.yml", "make-trial-secrets.sh"):
+        shutil.copy(ROOT / "docker" / name, project / name)
+    shutil.copy(ROOT / "tests" / "support" / "compose" / "trial-with-moto.yml", project)
+    subprocess.run(["sh", str(project / "make-trial-secrets.sh")], check=True,
+                   capture_output=True)
+    storage = project / "storage"
+    storage.mkdir()
+    subprocess.run(["mount", "--bind", str(storage), str(storage)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(storage)], check=True)
+    port = free_port()
+    fuse_open = stat.S_IMODE(os.stat("/dev/fuse").st_mode) & 0o006 == 0o006
+    env = {**os.environ, "MOTO_PORT": str(port),
+           # Where /dev/fuse is 0600 the image's user cannot open it (README, Containers).
+           "OBJFS_USER": "10001:10001" if fuse_open else "root"}
+    try:
+        up = compose(project, "up", "-d", "objfs", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        container = f"{project.name}-objfs-1"
+        wait_until(lambda: state(container).get("Health", {}).get("Status")  # type: ignore[union-attr]
+                   == "healthy", 120, "the objfs service to be healthy")
+        assert is_fuse_mount(storage)
+        orthanc = Orthanc(tmp_path, storage).start()
+        try:
+            files = [make_dicom(i, patient="COMPOSE^TRIAL") for i in range(8)]
+            sent = {orthanc.upload(dicom): dicom for dicom in files}
+            for oid, dicom in sent.items():
+                assert orthanc.request("GET", f"/instances/{oid}/file") == dicom
+        finally:
+            orthanc.stop()
+        stopped = compose(project, "stop", "objfs", env=env)
+        assert stopped.returncode == 0, stopped.stderr
+        assert state(container)["ExitCode"] == 0
+        assert not is_fuse_mount(storage)
+        bucket = MotoServer.__new__(MotoServer)
+        bucket.endpoint = f"http://127.0.0.1:{port}"
+        objects = bucket.keys("orthanc")
+        assert len(objects) == 8
+        assert all(key.endswith(".dcm.enc") and data[:2] == b"A1"
+                   for key, data in objects.items())
+    finally:
+        logs = compose(project, "logs", "--no-color", env=env)
+        (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
+        compose(project, "down", "-v", "--remove-orphans", env=env)
+        subprocess.run(["fusermount3", "-u", "-z", str(storage)], check=False,
+                       capture_output=True)
+        subprocess.run(["umount", "-l", str(storage)], check=False)
