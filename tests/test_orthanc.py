@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
+import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +18,7 @@ from tests.conftest import bucket_name, cloud_server
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.orthanc import RELEASES, Orthanc, sop_instance_uid
-from tests.support.procs import wait_until
+from tests.support.procs import free_port, wait_until
 from tests.test_codec import VECTORS, independent_decrypt, key
 
 KEY3 = VECTORS / "keys" / "key3.b64"
@@ -62,7 +65,10 @@ def test_newer_orthanc_on_s3(release: str, structure: str, encrypted: bool, tmp_
                              objfs_factory: Callable[..., Objfs]) -> None:
     """Debian 13's Orthanc 1.12 and sid's 1.13 (whose storage reads were rewritten), the
     newest with its parallel storage loader."""
-    options = {"StorageLoaderThreadsCount": 8} if release == "sid" else {}
+    options: dict[str, object] = {}
+    if release == "sid":
+        options = {"StorageLoaderThreadsCount": 8, "DicomAlwaysAllowMove": True,
+                   "DicomModalities": {"sink": ["SINK", "127.0.0.1", free_port()]}}
     end_to_end("s3", structure, encrypted, release, tmp_path, request, objfs_factory,
                **options)
 
@@ -115,12 +121,18 @@ def end_to_end(cloud: str, structure: str, encrypted: bool, release: str, tmp_pa
                 return study, zipfile.ZipFile(io.BytesIO(
                     orthanc.request("GET", f"/studies/{study}/archive")))
 
-            with ThreadPoolExecutor(len(studies)) as pool:  # concurrent archive reads
+            sink = orthanc.config.get("DicomModalities", {}).get("sink")
+            with ThreadPoolExecutor(len(studies) + 1) as pool:  # concurrent archive reads
+                moved = pool.submit(c_move_all, orthanc, sink, studies) if sink else None
                 for study, archive in pool.map(archive_of, studies):
                     members = [n for n in archive.namelist() if not n.endswith("/")]
                     expected = orthanc.json("GET", f"/studies/{study}/instances")
                     assert len(members) == len(expected) > 0
                     assert all(archive.read(n) in by_id.values() for n in members)
+                if moved is not None:  # C-MOVE, meanwhile, of every study to a DICOM sink
+                    received = moved.result()
+                    assert sorted(map(dataset_bytes, received)) == \
+                        sorted(map(dataset_bytes, by_id.values()))
 
         check_all()
         daemon.wait_uploaded()
@@ -151,6 +163,27 @@ def end_to_end(cloud: str, structure: str, encrypted: bool, release: str, tmp_pa
         wait_until(lambda: server.keys(bucket) == {}, 30, "bucket to empty")
     finally:
         orthanc.stop()
+
+
+def c_move_all(orthanc: Orthanc, sink: list[object], studies: list[str]) -> list[bytes]:
+    """C-MOVE every study to a storescp listening as the `sink` modality; the files it got."""
+    out = Path(tempfile.mkdtemp(prefix="objfs-sink-"))
+    receiver = subprocess.Popen(["storescp", "-aet", str(sink[0]), "-od", str(out),
+                                 str(sink[2])], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        for study in studies:
+            uid = orthanc.json("GET", f"/studies/{study}")["MainDicomTags"]["StudyInstanceUID"]
+            subprocess.run(["movescu", "-S", "-aet", "OBJFSTEST", "-aec", "ORTHANC", "-aem",
+                            str(sink[0]), "-k", "QueryRetrieveLevel=STUDY", "-k",
+                            f"StudyInstanceUID={uid}", "127.0.0.1", str(orthanc.dicom_port)],
+                           check=True, capture_output=True, timeout=300)
+        return [p.read_bytes() for p in sorted(out.iterdir())]
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def test_orthanc_on_the_embedded_local_bucket(tmp_path: Path,
