@@ -58,6 +58,18 @@ def bucket_uuids(moto: MotoServer, bucket: str) -> dict[str, bytes]:
     return {key.split(".")[0]: data for key, data in moto.keys(bucket).items()}
 
 
+def seeded(objfs: Objfs, orthanc: Orthanc, count: int,
+           patient: str) -> tuple[dict[str, bytes], dict[str, str]]:
+    """`count` 512 KiB instances ingested and uploaded, then Orthanc and objfs stopped:
+    instance -> bytes, and instance -> attachment uuid."""
+    sent = {orthanc.upload(d): d for d in big_instances(0, count, patient)}
+    uuids = {oid: attachment(orthanc, oid) for oid in sent}
+    objfs.wait_uploaded()
+    orthanc.stop()
+    assert objfs.stop() == 0
+    return sent, uuids
+
+
 def timed_failure(orthanc: Orthanc, instance: str) -> float:
     """Seconds until GET /file fails (it must fail: never 200 with wrong bytes)."""
     start = time.monotonic()
@@ -82,11 +94,7 @@ def test_restart_while_the_bucket_answers_503(
     daemon = objfs_factory(config(moto, proxy, bucket, cache)).start()
     orthanc = Orthanc(tmp_path, daemon.mountpoint).start()
     request.addfinalizer(orthanc.stop)
-    sent = {orthanc.upload(d): d for d in big_instances(0, 60, "THROTTLED^BUCKET")}
-    uuids = {oid: attachment(orthanc, oid) for oid in sent}
-    daemon.wait_uploaded()
-    orthanc.stop()
-    assert daemon.stop() == 0
+    sent, uuids = seeded(daemon, orthanc, 60, "THROTTLED^BUCKET")
 
     proxy.set("503")
     daemon.start()
@@ -139,11 +147,7 @@ def test_first_start_on_an_empty_cache_while_the_bucket_answers_503(
     first = objfs_factory(config(moto, proxy, bucket, tmp_path / "cache-a")).start()
     orthanc = Orthanc(tmp_path, first.mountpoint).start()
     request.addfinalizer(orthanc.stop)
-    sent = {orthanc.upload(d): d for d in big_instances(0, 12, "FIRST^START")}
-    uuids = {oid: attachment(orthanc, oid) for oid in sent}
-    first.wait_uploaded()
-    orthanc.stop()
-    assert first.stop() == 0
+    sent, uuids = seeded(first, orthanc, 12, "FIRST^START")
 
     proxy.set("503")
     second = objfs_factory(config(moto, proxy, bucket, tmp_path / "cache-b"), name="second")

@@ -6,6 +6,7 @@ can run."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -44,17 +45,25 @@ def image() -> str:
     return IMAGE
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Path]:
-    """A directory bind-mounted on itself and made rshared, as the compose trial shares
-    Orthanc's storage directory with the objfs container."""
-    path = tmp_path / "storage"
+@contextlib.contextmanager
+def shared_directory(path: Path) -> Iterator[Path]:
+    """`path` bind-mounted on itself and made rshared, as the compose trial shares Orthanc's
+    storage directory with the objfs container; unmounted (with any FUSE mount on it) after."""
     path.mkdir()
     subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
     subprocess.run(["mount", "--make-rshared", str(path)], check=True)
-    yield path
-    subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
-    subprocess.run(["umount", "-l", str(path)], check=False)
+    try:
+        yield path
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False,
+                       capture_output=True)
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Path]:
+    with shared_directory(tmp_path / "storage") as path:
+        yield path
 
 
 def run_objfs(name: str, config_dir: Path, storage: Path, cache: Path,
@@ -151,15 +160,17 @@ def test_the_compose_trial_with_a_stand_in_s3(image: str, tmp_path: Path) -> Non
     shutil.copy(ROOT / "tests" / "support" / "compose" / "trial-with-moto.yml", project)
     subprocess.run(["sh", str(project / "make-trial-secrets.sh")], check=True,
                    capture_output=True)
-    storage = project / "storage"
-    storage.mkdir()
-    subprocess.run(["mount", "--bind", str(storage), str(storage)], check=True)
-    subprocess.run(["mount", "--make-rshared", str(storage)], check=True)
     port = free_port()
     fuse_open = stat.S_IMODE(os.stat("/dev/fuse").st_mode) & 0o006 == 0o006
     env = {**os.environ, "MOTO_PORT": str(port),
            # Where /dev/fuse is 0600 the image's user cannot open it (README, Containers).
            "OBJFS_USER": "10001:10001" if fuse_open else "root"}
+    with shared_directory(project / "storage") as storage:
+        run_compose_trial(project, storage, env, port, tmp_path)
+
+
+def run_compose_trial(project: Path, storage: Path, env: dict[str, str], port: int,
+                      tmp_path: Path) -> None:
     try:
         up = compose(project, "up", "-d", "objfs", env=env)
         assert up.returncode == 0, up.stdout + up.stderr
@@ -189,6 +200,3 @@ def test_the_compose_trial_with_a_stand_in_s3(image: str, tmp_path: Path) -> Non
         logs = compose(project, "logs", "--no-color", env=env)
         (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
         compose(project, "down", "-v", "--remove-orphans", env=env)
-        subprocess.run(["fusermount3", "-u", "-z", str(storage)], check=False,
-                       capture_output=True)
-        subprocess.run(["umount", "-l", str(storage)], check=False)

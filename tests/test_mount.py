@@ -81,22 +81,24 @@ def test_write_read_unlink_rmdir(local_mount: Objfs, tmp_path: Path) -> None:
 
 def test_directories_behave(local_mount: Objfs) -> None:
     mnt = local_mount.mountpoint
-    os.mkdir(mnt / "ab")
+    # Every Orthanc directory exists (they are virtual): Orthanc never has to create one,
+    # so its concurrent uploads cannot race on creating the same directory.
+    assert os.path.isdir(mnt / "ab") and os.path.isdir(mnt / "ab" / "cd")
     with pytest.raises(FileExistsError):
         os.mkdir(mnt / "ab")
-    os.mkdir(mnt / "ab" / "cd")
-    assert os.path.isdir(mnt / "ab" / "cd")
+    os.makedirs(mnt / U1[:2] / U1[2:4], exist_ok=True)  # what Orthanc's create would do
+    assert os.listdir(mnt) == []  # listings show what is stored
+    orthanc_write(att(mnt, U1), b"x")
+    assert os.listdir(mnt) == [U1[:2]] and os.listdir(mnt / U1[:2]) == [U1[2:4]]
     with pytest.raises(OSError) as info:
-        os.rmdir(mnt / "ab")
+        os.rmdir(mnt / U1[:2])
     assert info.value.errno == errno.ENOTEMPTY
+    os.unlink(att(mnt, U1, False))
+    os.rmdir(mnt / U1[:2] / U1[2:4])  # Orthanc's clean-up after a delete: accepted
+    os.rmdir(mnt / U1[:2])
+    assert os.listdir(mnt) == [] and os.path.isdir(mnt / U1[:2])
     with pytest.raises(FileNotFoundError):
-        os.stat(mnt / "ac")
-    with pytest.raises(FileNotFoundError):
-        os.mkdir(mnt / "ac" / "dd")
-    os.rmdir(mnt / "ab" / "cd")
-    os.rmdir(mnt / "ab")
-    with pytest.raises(FileNotFoundError):
-        os.stat(mnt / "ab")
+        os.stat(mnt / "ab" / "cd" / "not-an-attachment")
 
 
 def test_invalid_names_and_immutability(local_mount: Objfs) -> None:

@@ -94,23 +94,16 @@ class Names(StoreCore):
         return codec.plaintext_size(stored) if encrypted else stored
 
     async def dir_exists(self, name: str) -> bool:
-        """Whether Orthanc directory `name` ("ab" or "abcd") exists: made by mkdir since the
-        daemon started, or holding an attachment. Empty directories are not kept across
-        restarts (a bucket has none); Orthanc makes them again as it needs them."""
-        if name in self._dirs:
-            return True
-        if self._has_files(name):
-            self._dirs.add(name)
-            return True
-        if self.fs is not None and self.fs.has_dir(name):
-            return True
-        if self.inventory_done or name in self._negative:
-            return False
-        if await self._remote_listing(self.layout.dir_prefix(name), 1):
-            self._dirs.add(name)
-            return True
-        self._negative[name] = True
-        return False
+        """Whether Orthanc directory `name` ("ab" or "abcd") exists: always.
+
+        Directories are virtual (a bucket has none), so every one of Orthanc's 256 + 65,536
+        directories exists. Orthanc 1.10 creates a missing one with a check-then-create that
+        fails an upload ("Unable to create a subdirectory or a file in the file storage")
+        when two concurrent uploads need the same new directory; through FUSE that window was
+        wide enough to hit. Existing always, they are never created, and a directory lookup
+        never needs the bucket. `list_dir` still lists only those holding something or made
+        by mkdir, so a listing shows what is stored."""
+        return True
 
     def _has_files(self, prefix: str) -> bool:
         return self.journal.has_children(prefix) or any(
@@ -121,16 +114,16 @@ class Names(StoreCore):
         return self.fs is not None and self.fs.has_dir(name)
 
     def make_dir(self, name: str) -> None:
-        """mkdir: EEXIST when the directory exists (the kernel asked `dir_exists` just before,
-        so no second look in the bucket)."""
+        """mkdir: makes the directory appear in listings; EEXIST when it is listed already.
+        (Orthanc never asks: it finds every directory existing.)"""
         if name in self._dirs or self._has_files(name) or self._in_fs_dirs(name):
             raise OSError(errno.EEXIST, f"{name} exists")
         self._dirs.add(name)
 
     def remove_dir(self, name: str) -> None:
+        """rmdir: ENOTEMPTY while it holds attachments (or directories, for "ab"); otherwise
+        it leaves listings, and still exists (`dir_exists`)."""
         in_fs = self._in_fs_dirs(name)
-        if name not in self._dirs and not in_fs and not self._has_files(name):
-            raise errors.NotFound(name)
         if self._has_files(name) or (len(name) == 2 and any(
                 name + f"{i:02x}" in self._dirs for i in range(256))):
             raise OSError(errno.ENOTEMPTY, f"{name} is not empty")

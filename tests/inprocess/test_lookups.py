@@ -54,8 +54,12 @@ async def test_first_start_with_the_bucket_down_answers_eio_never_enoent(
         with pytest.raises(errors.Unavailable):
             await rig.store.size_of(uuid)
         assert trio.current_time() - start <= rig.settings.read_timeout + 1e-6
+    # Through the FUSE layer: the directories exist (virtual), the attachment is EIO.
+    uuid = next(iter(seeded))
+    ab = await ops.lookup(pyfuse3.ROOT_INODE, uuid[:2].encode(), CTX)
+    cd = await ops.lookup(ab.st_ino, uuid[2:4].encode(), CTX)
     with pytest.raises(pyfuse3.FUSEError) as failed:
-        await ops.lookup(pyfuse3.ROOT_INODE, next(iter(seeded))[:2].encode(), CTX)
+        await ops.lookup(cd.st_ino, uuid.encode(), CTX)
     assert failed.value.errno == errno.EIO
     # The bucket answers again: the same names are found, with no one acting.
     rig.backend.set(Mode.OK, "list")
