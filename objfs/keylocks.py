@@ -30,6 +30,3 @@ class KeyedLocks:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
-
-    def held(self, key: str) -> bool:
-        return key in self._locks

@@ -13,11 +13,7 @@ if ! command -v debootstrap >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
 fi
-mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-         | grep -v security | head -1 || true)
-if [ -z "$mirror" ]; then
-    mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
-fi
+mirror=$(bash "$(dirname "$0")/debian-mirror.sh")
 mkdir -p "$root"
 for release in "${releases[@]}"; do
     target="$root/$release"

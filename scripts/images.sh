@@ -24,9 +24,7 @@ if ! docker info >/dev/null 2>&1; then
     echo "images: no Docker engine can run here: $(tail -3 "$cache/dockerd.log" | tr '\n' ' ')"
     exit 0
 fi
-mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-         | grep -v security | head -1 || true)
-[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+mirror=$(bash "$(dirname "$0")/debian-mirror.sh")
 mkdir -p "$cache"
 if [ ! -f "$cache/bookworm-root/.objfs-ready" ]; then
     echo "images: debootstrap of a Debian 12 base"

@@ -14,9 +14,7 @@ for tool in debootstrap systemd-nspawn; do
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends debootstrap systemd-container >/dev/null
 done
-mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-         | grep -v security | head -1 || true)
-[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+mirror=$(bash "$(dirname "$0")/debian-mirror.sh")
 echo "nspawn-root: building $target"
 rm -rf "$target.tmp"
 mkdir -p "$(dirname "$target")"
