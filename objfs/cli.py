@@ -115,6 +115,10 @@ def _status(settings: Settings, as_json: bool) -> int:
         return 1
     found = _facts(settings, path)
     state = status.daemon_phase(settings.cache_directory)
+    found.update(status.cluster_facts(
+        settings, [w for w in str(state.get("locks_held") or "").split(",") if w]
+        if state else None,
+        state.get("bucket_lookups") if state else None))
     failing_since = state.get("bucket_failing_since") if state else None
     if as_json:
         found["daemon"] = state["phase"] if state else "stopped"

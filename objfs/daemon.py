@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -27,6 +28,7 @@ from objfs import errors, testhooks
 from objfs.backends import open_backend
 from objfs.backends.base import Backend
 from objfs.cache import LocalTier
+from objfs.clusterlock import open_lock
 from objfs.config import Settings
 from objfs.fs import Operations
 from objfs.journal import Journal, Stats
@@ -159,19 +161,22 @@ async def _announce_ready(mountpoint: Path, root_ino: int, notifier: Notifier,
     log.debug("the mount answers; readiness reported")
 
 
-async def _report_status(notifier: Notifier, store: Store, root: Path) -> None:
-    """Every STATUS_INTERVAL: systemd's STATUS= line, and the bucket's health for
-    `objfs status` (in state.json) when it changed."""
-    reported: tuple[float | None, str | None] = (None, None)
+async def _report_status(notifier: Notifier, store: Store, jobs: Jobs, root: Path) -> None:
+    """Every STATUS_INTERVAL: systemd's STATUS= line, and for `objfs status` (in state.json,
+    when it changed) the bucket's health and, with SharedBucket, the node's role."""
+    reported: dict[str, Any] = {}
     while True:
         await trio.sleep(STATUS_INTERVAL)
         testhooks.fail_point("status-reporter")
         notifier.status(running_status(store, await store.stats()))
-        health = (store.health.failing_since, store.health.last_error)
-        if health != reported:
-            write_state(root, "running", bucket_failing_since=health[0],
-                        bucket_error=health[1])
-            reported = health
+        facts: dict[str, Any] = {"bucket_failing_since": store.health.failing_since,
+                                 "bucket_error": store.health.last_error}
+        if store.shared:
+            facts.update(locks_held=",".join(jobs.held_locks),
+                         bucket_lookups=store.tally.bucket_lookups)
+        if facts != reported:
+            write_state(root, "running", **facts)
+            reported = facts
 
 
 def running_status(store: Store, stats: Stats) -> str:
@@ -227,7 +232,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
             _prepare_fs_tier(store.fs.prepare, settings)
         orthanc = OrthancClient(settings.orthanc)
         stack.push_async_callback(orthanc.aclose)
-        jobs = Jobs(journal, store, orthanc)
+        jobs = Jobs(journal, store, orthanc, open_lock(settings, backend, "move-storage"))
+        metrics.show_locks(lambda: jobs.held_locks)
         ops = Operations(store, root / "passthrough", st.st_uid, st.st_gid, st.st_mode,
                          metrics.tally)
         options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}",
@@ -256,10 +262,12 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 nursery.start_soon(_run_in_scope, status_scope,
                                    lambda: _supervised("the status reporter",
                                                        lambda: _report_status(notifier, store,
-                                                                              root)))
-                log.info("objfs mounted on %s (%s bucket, %s layout, %s, HybridMode %s)",
+                                                                              jobs, root)))
+                log.info("objfs mounted on %s (%s bucket, %s layout, %s, HybridMode %s%s)",
                          mountpoint, settings.provider, settings.layout.structure,
-                         settings.write_mode, settings.hybrid_mode)
+                         settings.write_mode, settings.hybrid_mode,
+                         f", SharedBucket as node {settings.node_name}"
+                         if settings.shared_bucket else "")
                 await _fuse_main()
                 status_scope.cancel()
                 jobs_scope.cancel()  # a running job resumes at the next start

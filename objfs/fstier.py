@@ -9,7 +9,9 @@ fsynced (file, then directory entry) before it counts as done.
 Methods are blocking file-system calls: run the slow ones (`commit`, `write_copy`, `remove`,
 `usage`) in a worker thread; `stat`, `encrypted` and the directory queries are single syscalls.
 Files being written live in ``.objfs-tmp/`` inside the directory (same file system, so a
-rename publishes them); whatever is left there after a crash was never acknowledged.
+rename publishes them); whatever is left there after a crash was never acknowledged. A tier
+shared by several nodes (SharedBucket with SharedFileSystemTier) gives each node its own
+``.objfs-tmp/<node>/``: a node's start-up cleans only its own.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ class FileSystemTier:
     """Attachment files under `root`. `ring` decrypts A1 files; new files are encrypted with it
     when `encrypt_new` is set."""
 
-    def __init__(self, root: Path, ring: codec.KeyRing | None, encrypt_new: bool) -> None:
+    def __init__(self, root: Path, ring: codec.KeyRing | None, encrypt_new: bool,
+                 node: str | None = None) -> None:
         self.root = root
         self.ring = ring
         self.seal = ring if encrypt_new else None
-        self.tmp = root / TMP_DIR
+        self.tmp = root / TMP_DIR / node if node else root / TMP_DIR
 
     def prepare(self) -> None:
         """Create the directory if needed and drop files a crash left half written.
@@ -49,7 +52,7 @@ class FileSystemTier:
         self.root.mkdir(parents=True, exist_ok=True)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+        self.tmp.mkdir(parents=True)
         probe = self.tmp / "probe"
         probe.write_bytes(b"")
         probe.unlink()

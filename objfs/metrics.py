@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from objfs.store import Store
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+CLUSTER_LOCKS = ("move-storage",)  # the locks the daemon itself takes
 # Object-store requests take from a millisecond (local bucket) to minutes (a large upload).
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                    120, 300)
@@ -43,6 +44,8 @@ class DaemonCollector(Collector):
         self.tally = tally
         self.journal_path = journal_path
         self.stats = Stats(0, 0, None, 0, 0, 0, 0, 0)  # set by `Metrics.render`
+        # The cluster locks this node holds (SharedBucket), read at scrape time.
+        self.held_locks: Callable[[], list[str]] = list
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
@@ -89,6 +92,16 @@ class DaemonCollector(Collector):
         for (op, code), count in sorted(self.tally.fuse_ops.items()):
             ops.add_metric([op, code], count)
         yield ops
+        yield _counter("objfs_bucket_lookups", "Lookups that asked the bucket: names the "
+                       "journal did not know, and (SharedBucket) confirmations of known copies",
+                       self.tally.bucket_lookups)
+        held = GaugeMetricFamily("objfs_cluster_lock_held", "1 while this node holds the "
+                                 "cluster lock (SharedBucket: move-storage runs here)",
+                                 labels=["lock"])
+        held_now = self.held_locks()
+        for name in CLUSTER_LOCKS:
+            held.add_metric([name], 1.0 if name in held_now else 0.0)
+        yield held
         yield _gauge("objfs_journal_bytes", "Size of the journal database with its WAL",
                      _journal_size(self.journal_path))
 
@@ -133,6 +146,11 @@ class Metrics:
     def attach(self, store: Store, backend: InstrumentedBackend, journal_path: Path) -> None:
         self._collector = DaemonCollector(store, backend, self.tally, journal_path)
         self.registry.register(self._collector)
+
+    def show_locks(self, held_locks: Callable[[], list[str]]) -> None:
+        """Where the scrape reads the cluster locks this node holds."""
+        assert self._collector is not None
+        self._collector.held_locks = held_locks
 
     def render(self, stats: Stats) -> bytes:
         """The text exposition, with the journal's counters `stats` (counted beforehand, off

@@ -24,6 +24,7 @@ import trio
 from objfs import codec, errors
 from objfs.backends import open_backend
 from objfs.backends.base import Backend
+from objfs.clusterlock import LockHeld, keep, open_lock
 from objfs.codec import KeyRing
 from objfs.config import Settings
 from objfs.fsutil import sha256_file
@@ -156,10 +157,34 @@ async def rekey(settings: Settings, dry_run: bool, include_unencrypted: bool,
     settings.cache_directory.mkdir(parents=True, exist_ok=True)
     backend = open_backend(settings)
     workdir = Path(tempfile.mkdtemp(prefix="rekey-", dir=settings.cache_directory))
+    lock = None if dry_run else open_lock(settings, backend, "rekey")
     try:
         worker = Rekeyer(backend, settings.layout, settings.encryption.ring, workdir,
                          include_unencrypted, dry_run)
-        return await worker.run(progress)
+        if lock is None:
+            return await worker.run(progress)
+        holder = await lock.try_acquire()
+        if holder is not None:
+            raise LockHeld("objfs rekey", holder)
+        lost = False
+
+        def on_lost() -> None:
+            nonlocal lost
+            lost = True
+            nursery.cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep, lock, on_lost)
+                summary = await worker.run(progress)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await lock.release()
+        if lost:
+            raise errors.Unavailable("objfs rekey stopped: the cluster lock was lost; run it "
+                                     "again (objects already rekeyed are skipped)")
+        return summary
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         await backend.aclose()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from objfs.clusterlock import lock_kind
 from objfs.config import Settings
 from objfs.fstier import FileSystemTier
 from objfs.journal import Stats
@@ -38,6 +39,17 @@ def facts(stats: Stats, settings: Settings, fs: FileSystemTier | None) -> dict[s
     return out
 
 
+def cluster_facts(settings: Settings, held_locks: list[str] | None,
+                  bucket_lookups: int | None) -> dict[str, Any]:
+    """The node's role with SharedBucket: its name, how the cluster lock works, the locks it
+    holds (None: no daemon running) and how many lookups went to the bucket."""
+    if not settings.shared_bucket:
+        return {"shared_bucket": False}
+    return {"shared_bucket": True, "node": settings.node_name,
+            "cluster_lock": lock_kind(settings), "locks_held": held_locks,
+            "bucket_lookups": bucket_lookups}
+
+
 def render(settings: Settings, f: dict[str, Any]) -> str:
     """The same facts for a human."""
     age = f["oldest_pending_age_seconds"]
@@ -50,6 +62,14 @@ def render(settings: Settings, f: dict[str, Any]) -> str:
         f"cache:            {f['cache_bytes']} of {f['cache_capacity_bytes']} bytes "
         f"in {f['cache_entries']} files",
     ]
+    if f.get("shared_bucket"):
+        held = f.get("locks_held")
+        role = ("daemon not running" if held is None else
+                f"holds {', '.join(held)}" if held else "holds no cluster lock")
+        lookups = f.get("bucket_lookups")
+        lines.append(f"cluster:          node {f['node']}, SharedBucket, {role} "
+                     f"({f['cluster_lock']})"
+                     + ("" if lookups is None else f"; {lookups} lookups asked the bucket"))
     if "file_system_files" in f:
         lines.append(f"file-system tier: {f['file_system_bytes']} bytes in "
                      f"{f['file_system_files']} files at {f['file_system_directory']} "

@@ -17,6 +17,7 @@ class Tally:
     """Counters since the daemon started."""
 
     uploads: int = 0
+    bucket_lookups: int = 0  # lookups of names the journal did not know (LIST or HEAD)
     upload_errors: Counter[str] = field(default_factory=Counter)  # by error class
     fuse_ops: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, errno name)
 

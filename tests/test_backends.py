@@ -94,6 +94,18 @@ class PrefixedBackend(Backend):
     async def copy(self, src: str, dst: str) -> None:
         await self.inner.copy(self.prefix + src, self.prefix + dst)
 
+    async def create_exclusive(self, key: str, data: bytes) -> bool:
+        return await self.inner.create_exclusive(self.prefix + key, data)
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        return await self.inner.read_versioned(self.prefix + key)
+
+    async def delete_if(self, key: str, version: str) -> bool:
+        return await self.inner.delete_if(self.prefix + key, version)
+
+    async def replace_if(self, key: str, version: str, data: bytes) -> bool:
+        return await self.inner.replace_if(self.prefix + key, version, data)
+
     async def aclose(self) -> None:
         async for info in self.inner.list(self.prefix):
             await self.inner.delete(info.key)
@@ -183,6 +195,38 @@ async def test_list_prefix_pagination(backend: Backend, tmp_path: Path) -> None:
     assert [i.key async for i in backend.list("p/0000")] == keys[:10]
     assert [i.key async for i in backend.list("p/", limit=3)] == keys[:3]
     assert {i.key async for i in backend.list("")} >= {"q/other", "p0-not-under-p-slash"}
+
+
+async def test_conditional_create_read_and_delete(backend: Backend) -> None:
+    """The cluster lease's primitives: create-if-absent, versioned read, delete-if-version."""
+    assert await backend.create_exclusive("lease/a", b"first")
+    assert not await backend.create_exclusive("lease/a", b"second")
+    data, version = await backend.read_versioned("lease/a")
+    assert data == b"first"
+    # fake-gcs-server ignores ifGenerationMatch on DELETE (real GCS honours it: the contract
+    # case against a real bucket, OBJFS_TEST_GCS, wraps the backend and checks it).
+    if backend.name != "gcs":
+        assert not await backend.delete_if("lease/a", version + "0")
+        assert (await backend.read_versioned("lease/a"))[0] == b"first"
+    assert await backend.delete_if("lease/a", version)
+    with pytest.raises(errors.NotFound):
+        await backend.read_versioned("lease/a")
+    assert not await backend.delete_if("lease/a", version)
+    assert not await backend.replace_if("lease/a", version, b"gone")
+    assert await backend.create_exclusive("lease/a", b"third")
+    _, third = await backend.read_versioned("lease/a")
+    assert await backend.replace_if("lease/a", third, b"fourth")
+    data, _ = await backend.read_versioned("lease/a")
+    assert data == b"fourth"
+    if backend.name != "gcs":
+        assert not await backend.replace_if("lease/a", third, b"late")
+    await backend.delete("lease/a")
+    assert await backend.create_exclusive("lease/a", b"third")
+    _, newer = await backend.read_versioned("lease/a")
+    assert newer != version or backend.name == "local"  # local: the inode may be reused
+    if backend.name != "gcs":
+        assert not await backend.delete_if("lease/a", version) or newer == version
+    await backend.delete("lease/a")
 
 
 async def test_copy(backend: Backend, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from azure.core import MatchConditions
 from azure.core import exceptions as ax
 from azure.storage.blob import BlobServiceClient, ContainerClient, LinearRetry, StandardBlobTier
 
@@ -134,6 +135,33 @@ class AzureBackend(ThreadedBackend):
             if getattr(exc, "error_code", "") == "ContainerNotFound":
                 raise
             # Already gone: success (the plugins report a false error here).
+
+    def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
+        try:
+            self.container.upload_blob(key, data, overwrite=False)
+        except ax.ResourceExistsError:
+            return False
+        return True
+
+    def _replace_if_sync(self, key: str, version: str, data: bytes) -> bool:
+        try:
+            self.container.upload_blob(key, data, overwrite=True, etag=version,
+                                       match_condition=MatchConditions.IfNotModified)
+        except (ax.ResourceModifiedError, ax.ResourceNotFoundError):
+            return False
+        return True
+
+    def _read_versioned_sync(self, key: str) -> tuple[bytes, str]:
+        stream = self.container.download_blob(key)
+        return stream.readall(), str(stream.properties.etag)
+
+    def _delete_if_sync(self, key: str, version: str) -> bool:
+        try:
+            self.container.delete_blob(key, etag=version,
+                                       match_condition=MatchConditions.IfNotModified)
+        except (ax.ResourceModifiedError, ax.ResourceNotFoundError):
+            return False
+        return True
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:

@@ -57,6 +57,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def copy(self, src: str, dst: str) -> None: ...
 
+    # Conditional requests, for the cluster lease (objfs.clusterlock): small objects only.
+    @abc.abstractmethod
+    async def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create `key` holding `data` only if no object has that name (one conditional
+        request); False when one exists."""
+
+    @abc.abstractmethod
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        """A small object's bytes and version (ETag, generation); raises NotFound."""
+
+    @abc.abstractmethod
+    async def delete_if(self, key: str, version: str) -> bool:
+        """Delete `key` only while its version is `version`; False when it is not (changed
+        or gone)."""
+
+    @abc.abstractmethod
+    async def replace_if(self, key: str, version: str, data: bytes) -> bool:
+        """Overwrite `key` with `data` only while its version is `version`; False when it is
+        not (changed or gone)."""
+
     async def list(self, prefix: str, limit: int | None = None) -> AsyncIterator[ObjectInfo]:
         """Every object under `prefix` (at most `limit`), page by page."""
         token: str | None = None
@@ -126,6 +146,30 @@ class ThreadedBackend(Backend):
 
     @abc.abstractmethod
     def _copy_sync(self, src: str, dst: str) -> None: ...
+
+    @abc.abstractmethod
+    def _create_exclusive_sync(self, key: str, data: bytes) -> bool: ...
+
+    @abc.abstractmethod
+    def _read_versioned_sync(self, key: str) -> tuple[bytes, str]: ...
+
+    @abc.abstractmethod
+    def _delete_if_sync(self, key: str, version: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _replace_if_sync(self, key: str, version: str, data: bytes) -> bool: ...
+
+    async def create_exclusive(self, key: str, data: bytes) -> bool:
+        return await self._run("put", key, self._create_exclusive_sync, key, data)
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        return await self._run("get", key, self._read_versioned_sync, key)
+
+    async def delete_if(self, key: str, version: str) -> bool:
+        return await self._run("delete", key, self._delete_if_sync, key, version)
+
+    async def replace_if(self, key: str, version: str, data: bytes) -> bool:
+        return await self._run("put", key, self._replace_if_sync, key, version, data)
 
     async def put(self, key: str, path: Path) -> None:
         await self._run("put", key, self._put_sync, key, path)

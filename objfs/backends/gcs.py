@@ -116,6 +116,38 @@ class GcsBackend(ThreadedBackend):
         except gx.NotFound:
             pass  # already gone: success
 
+    def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
+        try:
+            self.bucket.blob(key).upload_from_string(data, if_generation_match=0,
+                                                     timeout=self.timeout)
+        except gx.PreconditionFailed:
+            return False
+        return True
+
+    def _replace_if_sync(self, key: str, version: str, data: bytes) -> bool:
+        try:
+            self.bucket.blob(key).upload_from_string(data, if_generation_match=int(version),
+                                                     timeout=self.timeout)
+        except (gx.PreconditionFailed, gx.NotFound):
+            return False
+        return True
+
+    def _read_versioned_sync(self, key: str) -> tuple[bytes, str]:
+        blob = self.bucket.get_blob(key, timeout=self.timeout, retry=self.retry)
+        if blob is None:
+            raise errors.NotFound(f"gs://{self.cfg.bucket}/{key}")
+        data = blob.download_as_bytes(if_generation_match=blob.generation,
+                                      timeout=self.timeout, retry=self.retry)
+        return data, str(blob.generation)
+
+    def _delete_if_sync(self, key: str, version: str) -> bool:
+        try:
+            self.bucket.blob(key).delete(if_generation_match=int(version),
+                                         timeout=self.timeout)
+        except (gx.PreconditionFailed, gx.NotFound):
+            return False
+        return True
+
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:
         blobs = self.client.list_blobs(self.bucket, prefix=prefix or None, page_token=token,

@@ -65,6 +65,18 @@ class InstrumentedBackend(Backend):
                         limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:
         return await self._timed("list", lambda: self.inner.list_page(prefix, token, limit))
 
+    async def create_exclusive(self, key: str, data: bytes) -> bool:
+        return await self._timed("put", lambda: self.inner.create_exclusive(key, data))
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        return await self._timed("get", lambda: self.inner.read_versioned(key))
+
+    async def delete_if(self, key: str, version: str) -> bool:
+        return await self._timed("delete", lambda: self.inner.delete_if(key, version))
+
+    async def replace_if(self, key: str, version: str, data: bytes) -> bool:
+        return await self._timed("put", lambda: self.inner.replace_if(key, version, data))
+
     async def copy(self, src: str, dst: str) -> None:
         await self._timed("copy", lambda: self.inner.copy(src, dst))
 

@@ -7,11 +7,14 @@ leaves at most a temp file (removed at the next start).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from objfs import errors
@@ -83,6 +86,65 @@ class LocalBackend(ThreadedBackend):
             fsync_path(target.parent)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
+        target = self._path(key)
+        tmp = self._tmp / uuid.uuid4().hex
+        try:
+            with open(tmp, "wb") as dst:
+                dst.write(data)
+                dst.flush()
+                os.fsync(dst.fileno())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(tmp, target)  # atomic, and fails when the name exists
+            except FileExistsError:
+                return False
+            fsync_path(target.parent)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _version(st: os.stat_result) -> str:
+        return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+    def _read_versioned_sync(self, key: str) -> tuple[bytes, str]:
+        with open(self._path(key), "rb") as f:
+            return f.read(), self._version(os.fstat(f.fileno()))
+
+    def _delete_if_sync(self, key: str, version: str) -> bool:
+        with self._conditional(key, version) as matches:
+            if matches:
+                os.unlink(self._path(key))
+            return matches
+
+    def _replace_if_sync(self, key: str, version: str, data: bytes) -> bool:
+        with self._conditional(key, version) as matches:
+            if not matches:
+                return False
+            tmp = self._tmp / uuid.uuid4().hex
+            try:
+                with open(tmp, "wb") as dst:
+                    dst.write(data)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                os.replace(tmp, self._path(key))
+            finally:
+                tmp.unlink(missing_ok=True)
+            return True
+
+    @contextlib.contextmanager
+    def _conditional(self, key: str, version: str) -> Iterator[bool]:
+        """Whether `key` is at `version`, held true until the block ends: the check and the
+        change run under one lock that every process using the bucket takes."""
+        with open(self._tmp / ".conditional", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                matches = self._version(os.stat(self._path(key))) == version
+            except FileNotFoundError:
+                matches = False
+            yield matches
 
     def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
         copied = 0

@@ -25,6 +25,8 @@ READ_CHUNK = 1024 * 1024
 PARTS_IN_FLIGHT = 4
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+# A conditional write or delete that lost (412), or raced another one (409).
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
            "InvalidToken", "AllAccessDisabled", "AccountProblem"}
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
@@ -142,6 +144,41 @@ class S3Backend(ThreadedBackend):
 
     def _delete_sync(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*",
+                                   **self.extra)
+        except bx.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _PRECONDITION:
+                return False
+            raise
+        return True
+
+    def _replace_if_sync(self, key: str, version: str, data: bytes) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfMatch=version,
+                                   **self.extra)
+        except bx.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in _PRECONDITION or code in _NOT_FOUND:
+                return False
+            raise
+        return True
+
+    def _read_versioned_sync(self, key: str) -> tuple[bytes, str]:
+        response = self.client.get_object(Bucket=self.bucket, Key=key)
+        return response["Body"].read(), str(response["ETag"])
+
+    def _delete_if_sync(self, key: str, version: str) -> bool:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=version)
+        except bx.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in _PRECONDITION or code in _NOT_FOUND:
+                return False
+            raise
+        return True
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:

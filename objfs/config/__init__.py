@@ -21,6 +21,7 @@ from objfs.config.settings import (
     GcsSettings,
     HybridMode,
     OrthancSettings,
+    PostgresSettings,
     Provider,
     RestApiSettings,
     S3Settings,
@@ -34,7 +35,8 @@ from objfs.layout import StorageStructure
 __all__ = [
     "DEFAULT_CONFIG_DIR", "DEFAULT_ORTHANC_URL", "KNOWN_PATHS", "OBJFS_OPTIONS",
     "SECRET_OPTIONS", "SECTIONS", "AzureAccessTier", "AzureSettings", "ClientSettings",
-    "Encryption", "GcsSettings", "HybridMode", "OrthancSettings", "Provider", "RestApiSettings",
+    "Encryption", "GcsSettings", "HybridMode", "OrthancSettings", "PostgresSettings", "Provider",
+    "RestApiSettings",
     "S3Settings", "ServerSideEncryption", "Settings", "StorageStructure", "WriteMode", "check",
     "env_name", "env_path", "env_word", "json_word", "load_settings", "load_tree", "masked",
     "settings_from_tree", "strip_comments", "text_help",

@@ -10,6 +10,9 @@ import ipaddress
 import json
 import logging
 import os
+import re
+import socket
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +28,8 @@ from objfs.config.schema import (
     OBJFS_OPTIONS,
     OBJFS_SECTION,
     ORTHANC_OPTIONS,
+    POSTGRESQL_OPTIONS,
+    POSTGRESQL_SECTION,
     PROVIDER_SECTIONS,
     REST_API_OPTIONS,
     S3_PLUGIN_ONLY,
@@ -40,6 +45,7 @@ from objfs.config.settings import (
     GcsSettings,
     HybridMode,
     OrthancSettings,
+    PostgresSettings,
     Provider,
     RestApiSettings,
     S3Settings,
@@ -239,6 +245,48 @@ def _gcs(values: Mapping[str, Any]) -> GcsSettings:
                        storage_class=values["StorageClass"], client=_client(values))
 
 
+def _postgresql(tree: Mapping[str, Any], problems: Problems) -> PostgresSettings | None:
+    """Orthanc's PostgreSQL section, when it is there: how to reach the database."""
+    raw = _section(tree, POSTGRESQL_SECTION)
+    if raw is None or raw.get("EnableIndex") is not True:
+        return None  # Orthanc's index is not there (Debian ships the section disabled)
+    # The plugin's other options (EnableIndex, Lock...) are not objfs' business.
+    ours = {k: v for k, v in raw.items() if k in POSTGRESQL_OPTIONS}
+    values = _validate(POSTGRESQL_SECTION, ours, POSTGRESQL_OPTIONS, problems)
+    if values["ConnectionUri"]:
+        uri = values["ConnectionUri"]
+        parsed = urllib.parse.urlsplit(uri)
+        if parsed.scheme not in ("postgres", "postgresql"):
+            problems.add(f"{POSTGRESQL_SECTION}.ConnectionUri: expected postgresql://...")
+            return None
+        return PostgresSettings(uri, f"{parsed.hostname}:{parsed.port or 5432}{parsed.path}")
+    parts = {"host": values["Host"], "port": str(values["Port"]), "dbname": values["Database"],
+             "user": values["Username"], "password": values["Password"],
+             "sslmode": "require" if values["EnableSsl"] else "prefer"}
+    conninfo = " ".join(f"{k}='{_libpq_quote(v)}'" for k, v in parts.items() if v)
+    return PostgresSettings(conninfo,
+                            f"{values['Host']}:{values['Port']}/{values['Database']}")
+
+
+def _libpq_quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _cluster_problems(own: Mapping[str, Any], own_raw: Mapping[str, Any], hybrid: HybridMode,
+                      problems: Problems) -> None:
+    """What SharedBucket cannot work with, each naming its option."""
+    if not own["SharedBucket"]:
+        return
+    if own_raw.get("WriteMode") == WriteMode.WRITE_BACK:
+        problems.add(f"{OBJFS_SECTION}.WriteMode: 'write-back' cannot be used with "
+                     "SharedBucket (another node could not read an attachment before its "
+                     "upload); leave it out, SharedBucket writes through")
+    if hybrid != HybridMode.DISABLED and not own["SharedFileSystemTier"]:
+        problems.add(f"{OBJFS_SECTION}.SharedBucket with HybridMode '{hybrid}': every node must "
+                     "see the same file-system tier; put FileSystemDirectory on a filesystem "
+                     "all nodes mount and set Objfs.SharedFileSystemTier to true")
+
+
 def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
     """Validate a merged JSON tree into `Settings`; raises one ConfigError listing every
     problem, each naming its JSON path."""
@@ -291,11 +339,22 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
         rest_api = _rest_api(own["RestApi"], problems)
     with problems.collect():
         orthanc = _orthanc(own["Orthanc"], problems)
+    postgresql = None
+    with problems.collect():
+        postgresql = _postgresql(tree, problems)
+    _cluster_problems(own, own_raw, hybrid, problems)
+    if own["SharedBucket"] and own["FileSystemDirectory"] and hybrid != HybridMode.DISABLED:
+        inside = Path(own["CacheDirectory"]).resolve()
+        fs_dir = Path(own["FileSystemDirectory"]).resolve()
+        if inside == fs_dir or fs_dir in inside.parents:
+            problems.add(f"{OBJFS_SECTION}.CacheDirectory: must not be inside the shared "
+                         "FileSystemDirectory (it holds this node's own files)")
     problems.raise_any()
     return Settings(
         provider=provider, layout=layout, legacy_unknown_files=values["EnableLegacyUnknownFiles"],
         local_bucket=Path(own["LocalBucket"]), cache_directory=Path(own["CacheDirectory"]),
-        cache_size=own["CacheSize"] * MIB, write_mode=WriteMode(own["WriteMode"]),
+        cache_size=own["CacheSize"] * MIB,
+        write_mode=WriteMode.WRITE_THROUGH if own["SharedBucket"] else WriteMode(own["WriteMode"]),
         upload_concurrency=own["UploadConcurrency"],
         shutdown_drain_timeout=float(own["ShutdownDrainTimeout"]),
         cache_full_timeout=float(own["CacheFullTimeout"]),
@@ -305,8 +364,15 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
         fs_directory=(Path(own["FileSystemDirectory"]) if hybrid != HybridMode.DISABLED
                       else None),
         encrypt_fs_tier=own["EncryptFileSystemTier"], rest_api=rest_api,
-        orthanc=orthanc, **clouds,
+        orthanc=orthanc, shared_bucket=own["SharedBucket"],
+        shared_fs_tier=own["SharedFileSystemTier"],
+        node_name=own["NodeName"] or _host_name(), postgresql=postgresql, **clouds,
     )
+
+
+def _host_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:48].strip(".-_")
+    return name or "objfs"
 
 
 def check(config_paths: Iterable[str | os.PathLike[str]] = (),

@@ -89,6 +89,12 @@ def _string_map(value: Any) -> str | None:
     return "must map strings to strings"
 
 
+def _node_name(value: Any) -> str | None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}", value):
+        return "1 to 48 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    return None
+
+
 def _tcp_port(value: Any) -> str | None:
     return None if 0 <= value <= 65535 else "must be a TCP port"
 
@@ -267,6 +273,18 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "Orthanc": Option((dict,), None, None,
                       "Orthanc's REST API for move-storage, see `Objfs.Orthanc`.",
                       "`Objfs.Orthanc` defaults"),
+    "SharedBucket": Option((bool,), False, None,
+                           "Other objfs nodes use this bucket (several Orthanc nodes on one "
+                           "index): write-through, lookups and deletes ask the bucket, "
+                           "move-storage and rekey take a cluster-wide lock. See \"Several "
+                           "Orthanc nodes\"."),
+    "SharedFileSystemTier": Option((bool,), False, None,
+                                   "With `SharedBucket` and a HybridMode: the operator "
+                                   "declares `FileSystemDirectory` a filesystem every node "
+                                   "mounts (NFS, CephFS...); required then."),
+    "NodeName": Option((str,), None, _node_name,
+                       "This node's name in cluster locks, `objfs status` and 409 answers.",
+                       "the host name"),
 }
 
 ENCRYPTION_OPTIONS: dict[str, Option] = {
@@ -296,11 +314,28 @@ ORTHANC_OPTIONS: dict[str, Option] = {
     "Timeout": Option(NUMBER, DEFAULT_ORTHANC_TIMEOUT, at_least(1), "Seconds per request."),
 }
 
+# Orthanc's PostgreSQL plugin section, read for the cluster-wide lock (SharedBucket) when its
+# EnableIndex is true; objfs reads only how to connect and ignores the plugin's other options.
+POSTGRESQL_SECTION = "PostgreSQL"
+POSTGRESQL_OPTIONS: dict[str, Option] = {
+    "Host": Option((str,), "localhost", None, "The server."),
+    "Port": Option((int,), 5432, _tcp_port, "Its port."),
+    "Database": Option((str,), "", None, "The database (the user's by default)."),
+    "Username": Option((str,), "", None, "The role."),
+    "Password": Option((str,), "", None, "Secret."),
+    "ConnectionUri": Option((str,), None, None,
+                            "`postgresql://user:password@host:port/database`; replaces the "
+                            "five options above.", "none"),
+    "EnableSsl": Option((bool,), False, None, "Require TLS."),
+}
+
 SECTIONS: dict[str, dict[str, Option]] = {S3_SECTION: S3_OPTIONS, AZURE_SECTION: AZURE_OPTIONS,
-                                          GCS_SECTION: GCS_OPTIONS, OBJFS_SECTION: OBJFS_OPTIONS}
+                                          GCS_SECTION: GCS_OPTIONS, OBJFS_SECTION: OBJFS_OPTIONS,
+                                          POSTGRESQL_SECTION: POSTGRESQL_OPTIONS}
 PROVIDER_SECTIONS = (S3_SECTION, AZURE_SECTION, GCS_SECTION)
 # Option values that `objfs config show` masks and settings keep out of their repr.
-SECRET_OPTIONS = frozenset({"AccessKey", "SecretKey", "Password", "ConnectionString"})
+SECRET_OPTIONS = frozenset({"AccessKey", "SecretKey", "Password", "ConnectionString",
+                            "ConnectionUri"})
 
 
 def subsections(section: str) -> dict[str, dict[str, Option]]:
@@ -342,6 +377,8 @@ def tables() -> list[tuple[str, dict[str, Option]]]:
         (f"{ENCRYPTION} (inside the storage section)", ENCRYPTION_OPTIONS),
         (f"{OBJFS_SECTION}.RestApi", REST_API_OPTIONS),
         (f"{OBJFS_SECTION}.Orthanc", ORTHANC_OPTIONS),
+        (f"{POSTGRESQL_SECTION} (Orthanc's PostgreSQL plugin section, read with "
+         "`Objfs.SharedBucket`; its other options are the plugin's)", POSTGRESQL_OPTIONS),
     ]
 
 

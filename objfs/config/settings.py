@@ -144,6 +144,14 @@ class OrthancSettings:
 
 
 @dataclass(frozen=True)
+class PostgresSettings:
+    """Orthanc's ``PostgreSQL`` section: where the cluster-wide lock lives (SharedBucket)."""
+
+    conninfo: str = field(repr=False)  # libpq keyword/value string or URI; holds the password
+    where: str  # host:port/database, for messages
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the daemon needs, validated."""
 
@@ -169,3 +177,7 @@ class Settings:
     encrypt_fs_tier: bool = True
     rest_api: RestApiSettings | None = None  # None: the sidecar is disabled
     orthanc: OrthancSettings = field(default_factory=OrthancSettings)
+    shared_bucket: bool = False  # other objfs nodes use the bucket (docs/scale-out.md)
+    shared_fs_tier: bool = False
+    node_name: str = "objfs"
+    postgresql: PostgresSettings | None = None

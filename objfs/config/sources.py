@@ -18,7 +18,14 @@ from typing import Any
 
 from objfs.config.envnames import ENV_PREFIX, SECRET_SUFFIX, WHOLE_ROOT_ENV, env_path
 from objfs.config.problems import Problems
-from objfs.config.schema import KNOWN_PATHS, OBJFS_SECTION, SECRET_OPTIONS, SECTIONS, subsections
+from objfs.config.schema import (
+    KNOWN_PATHS,
+    OBJFS_SECTION,
+    POSTGRESQL_SECTION,
+    SECRET_OPTIONS,
+    SECTIONS,
+    subsections,
+)
 from objfs.errors import ConfigError
 
 DEFAULT_SECRETS_DIR = "/run/secrets"
@@ -191,4 +198,5 @@ def masked(tree: Mapping[str, Any]) -> dict[str, Any]:
             return node
         return {k: "********" if k in SECRET_OPTIONS and isinstance(v, str) else walk(v)
                 for k, v in node.items()}
-    return {k: walk(v) for k, v in tree.items() if k in SECTIONS}
+    return {k: walk(v) for k, v in tree.items() if k in SECTIONS and (
+        k != POSTGRESQL_SECTION or (isinstance(v, dict) and v.get("EnableIndex") is True))}

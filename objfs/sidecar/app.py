@@ -31,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from objfs import errors, status
+from objfs.clusterlock import LockHeld
 from objfs.config import RestApiSettings, Settings
 from objfs.metrics import CONTENT_TYPE, Metrics
 from objfs.sidecar.jobs import TARGETS, Jobs
@@ -125,8 +126,14 @@ class Sidecar:
                 resources.append((level, resource))
         except errors.OrthancUnavailable as exc:
             return _error(502, str(exc))
-        job = await self.jobs.submit(body["TargetStorage"], resources,
-                                     body.get("Priority", 0))
+        try:
+            job = await self.jobs.submit(body["TargetStorage"], resources,
+                                         body.get("Priority", 0))
+        except LockHeld as exc:
+            return JSONResponse({"HttpStatus": 409, "Message": str(exc),
+                                 "Holder": exc.holder}, 409)
+        except errors.Unavailable as exc:
+            return _error(503, f"cannot take the cluster lock: {exc}")
         if body.get("Asynchronous", False):
             return JSONResponse({"ID": job.id, "Path": f"/jobs/{job.id}"})
         await self.jobs.wait(job.id)
@@ -166,6 +173,8 @@ class Sidecar:
     async def status(self, request: Request) -> Response:
         stats = await self.store.stats()
         found = await trio.to_thread.run_sync(status.facts, stats, self.settings, self.store.fs)
+        found.update(status.cluster_facts(self.settings, self.jobs.held_locks,
+                                          self.store.tally.bucket_lookups))
         return JSONResponse(found)
 
     async def prometheus(self, request: Request) -> Response:

@@ -5,6 +5,11 @@ tier. Running it asks Orthanc for every attachment under the resources, then mov
 at a time (`Store.move_to_*`: copy, verify, record, delete the source). Progress is saved as it
 goes; a daemon stop or crash leaves the job "Running" in the journal and the next start runs
 it again from the beginning, where attachments already on the target are skipped quickly.
+
+With SharedBucket the runner holds the cluster lock "move-storage" (`objfs.clusterlock`)
+while it has jobs to run: `submit` takes it or raises LockHeld naming the node that holds it
+(the sidecar answers 409), a job found interrupted at start waits for it, the lock is given
+back once no job is pending, and a lock lost while a job runs cancels that job (Failure).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 import trio
 
-from objfs import errors
+from objfs import clusterlock, errors
+from objfs.clusterlock import ClusterLock, LockHeld
 from objfs.journal import Journal
 from objfs.sidecar.orthanc import CONTENT_GROUPS, OrthancClient
 from objfs.store import Store
@@ -53,6 +59,7 @@ JOB_TYPE = "MoveStorage"
 # Attachments of one job moved concurrently: each move waits on the network (upload, read-back,
 # delete) and on fsyncs, so a few in flight keep both busy.
 MOVES_AT_ONCE = 4
+LOCK_RETRY = 5.0
 
 
 @dataclass
@@ -115,10 +122,18 @@ def _iso(t: float) -> str:
 class Jobs:
     """The job list and its runner. Methods run on the event loop."""
 
-    def __init__(self, journal: Journal, store: Store, orthanc: OrthancClient) -> None:
+    def __init__(self, journal: Journal, store: Store, orthanc: OrthancClient,
+                 lock: ClusterLock | None = None) -> None:
         self.journal = journal
         self.store = store
         self.orthanc = orthanc
+        # The cluster lock (SharedBucket) and whether this node holds it (owner: this object,
+        # on the event loop; `held_locks` is what status and metrics show).
+        self.lock = lock
+        self.lock_held = False
+        self._keeper: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._cancel_reason: str | None = None
         self.jobs: dict[str, Job] = {}
         self._wakeup = trio.Event()
         self._finished: dict[str, trio.Event] = {}
@@ -136,9 +151,70 @@ class Jobs:
         else:
             self.journal.put_job(job.id, job.record(), durable=False)
 
+    @property
+    def held_locks(self) -> list[str]:
+        return [self.lock.work] if self.lock is not None and self.lock_held else []
+
+    async def _take_lock(self) -> None:
+        """Hold the cluster lock from now on; raises LockHeld when another node holds it,
+        ObjfsError when the lock's store cannot be asked."""
+        if self.lock is None or self.lock_held:
+            return
+        holder = await self.lock.try_acquire()
+        if holder is not None:
+            raise LockHeld(self.lock.work, holder)
+        log.info("cluster lock %s taken by this node (%s)", self.lock.work, self.lock.node)
+        self.lock_held = True
+        if self._nursery is not None:
+            self._nursery.start_soon(self._keep_lock)
+
+    async def _keep_lock(self) -> None:
+        assert self.lock is not None
+        with trio.CancelScope() as self._keeper:
+            await clusterlock.keep(self.lock, self._lock_lost)
+
+    def _lock_lost(self) -> None:
+        self.lock_held = False
+        self._keeper = None
+        if self._running is not None:
+            self._cancel_reason = "the cluster lock was lost (another node may run it)"
+            self._running[1].cancel()
+
+    async def _release_lock(self) -> None:
+        if self.lock is None or not self.lock_held:
+            return
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
+        self.lock_held = False
+        try:
+            await self.lock.release()
+        except errors.ObjfsError as exc:
+            log.warning("cluster lock %s: release failed (%s); it expires by itself",
+                        self.lock.work, exc)
+        log.info("cluster lock %s released", self.lock.work)
+
+    async def _wait_for_lock(self) -> None:
+        """The runner's way to the lock (jobs found interrupted at start): try every
+        LOCK_RETRY seconds until this node holds it."""
+        logged = False
+        while not self.lock_held:
+            try:
+                await self._take_lock()
+                return
+            except LockHeld as exc:
+                if not logged:
+                    log.info("job runner: waiting for the cluster lock (%s)", exc)
+                    logged = True
+            except errors.ObjfsError as exc:
+                log.warning("job runner: cannot take the cluster lock: %s", exc)
+            await trio.sleep(LOCK_RETRY)
+
     async def submit(self, target: str, resources: list[tuple[str, str]],
                      priority: int) -> Job:
-        """Persist a new job (durable when this returns) and wake the runner."""
+        """Persist a new job (durable when this returns) and wake the runner. With a
+        cluster lock, raises LockHeld when another node runs move-storage."""
+        await self._take_lock()
         seq = max((j.seq for j in self.jobs.values()), default=0) + 1
         job = Job(str(uuid_mod.uuid4()), Target(target), resources, priority, seq=seq)
         await self._save(job)
@@ -166,13 +242,27 @@ class Jobs:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run pending jobs forever, highest priority first."""
-        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.lock_held:  # taken by a submit before the runner started
+                    nursery.start_soon(self._keep_lock)
+                task_status.started()
+                await self._run_jobs()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self._release_lock()
+
+    async def _run_jobs(self) -> None:
         while True:
             pending = [j for j in self.jobs.values() if j.state == PENDING]
             if not pending:
+                await self._release_lock()
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 continue
+            await self._wait_for_lock()
             job = max(pending, key=lambda j: (j.priority, -j.seq))
             await self._execute(job)
 
@@ -197,8 +287,9 @@ class Jobs:
             finally:
                 self._running = None
         if scope.cancelled_caught:
-            log.warning("job %s canceled after %d attachments moved", job.id, job.moved)
-            await self._finish(job, FAILURE, f"canceled after {job.moved} attachments were "
+            reason, self._cancel_reason = self._cancel_reason or "canceled", None
+            log.warning("job %s: %s after %d attachments moved", job.id, reason, job.moved)
+            await self._finish(job, FAILURE, f"{reason} after {job.moved} attachments were "
                                "moved")
             return
         job.progress = 100.0

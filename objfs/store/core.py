@@ -25,6 +25,8 @@ from objfs.store.state import (
     INVENTORY_META,
     NEGATIVE_TTL,
     PIXEL_DATA_TAG,
+    SHARED_CONFIRM_TTL,
+    SHARED_NEGATIVE_TTL,
     CacheSpace,
     FetchRecord,
     SharedPlain,
@@ -69,11 +71,20 @@ class StoreCore:
         self._unlinking: set[str] = set()
         # True once one complete listing of the bucket is in the journal (kept across
         # restarts): from then on every attachment is known here, so an unknown name is new.
-        self.inventory_done = journal.get_meta(INVENTORY_META) == INVENTORY_COMPLETE
+        # With SharedBucket other nodes change the bucket: no listing stays true, lookups of
+        # unknown names always ask the bucket, and known copies are confirmed (`_confirmed`).
+        self.shared = settings.shared_bucket
+        self.inventory_done = not self.shared and \
+            journal.get_meta(INVENTORY_META) == INVENTORY_COMPLETE
         self._lookup_failures: cachetools.TTLCache[str, bool] = cachetools.TTLCache(4096, 600)
         self._deleted_during_inventory: set[str] = set()
         self._dirs: set[str] = set()  # known to exist: made by mkdir or seen holding files
-        self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(65536, NEGATIVE_TTL)
+        # Trio's clock (used only on the event loop): tests run these bounds on a mock clock.
+        self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            65536, SHARED_NEGATIVE_TTL if self.shared else NEGATIVE_TTL, timer=trio.current_time)
+        # SharedBucket: uuids whose object the bucket showed within SHARED_CONFIRM_TTL.
+        self._confirmed: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            65536, SHARED_CONFIRM_TTL, timer=trio.current_time)
         self._fetches: dict[str, FetchRecord] = {}
         # Decrypted copies shared by their readers (owner: the event loop): by uuid, the
         # readers' fds, and decryptions under way.
@@ -94,7 +105,8 @@ class StoreCore:
         self.fs: FileSystemTier | None = None
         if settings.fs_directory is not None:
             ring = settings.encryption.ring if settings.encryption else None
-            self.fs = FileSystemTier(settings.fs_directory, ring, settings.encrypt_fs_tier)
+            self.fs = FileSystemTier(settings.fs_directory, ring, settings.encrypt_fs_tier,
+                                     settings.node_name if settings.shared_bucket else None)
         self.fs_first = settings.hybrid_mode == HybridMode.WRITE_TO_FILE_SYSTEM
         # Per-uuid lock taken by unlink and by the tier moves, so that a delete and a move
         # of one attachment never interleave (a deleted attachment must not come back).

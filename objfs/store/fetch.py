@@ -48,6 +48,8 @@ class Fetch(Names):
                         if fd is not None:
                             return fd
                     raise errors.NotFound(f"attachment {uuid}")
+                if self.shared and row.state != PENDING_UPLOAD and not await self._confirm(row):
+                    continue  # deleted by another node: perhaps moved to the shared fs tier
                 if row.cached or row.state == PENDING_UPLOAD:
                     try:
                         if row.sealed:
@@ -71,7 +73,12 @@ class Fetch(Names):
                         self.tier.path(uuid).unlink(missing_ok=True)
                         self.tier.release(row.size)
                         await self._j(self.journal.set_cached, uuid, False)
-                await self._fetch(row)
+                try:
+                    await self._fetch(row)
+                except errors.NotFound:
+                    if not self.shared:
+                        raise
+                    await self._forget_gone(row)
         except BaseException:
             self.tier.closed(uuid)
             raise
@@ -274,6 +281,7 @@ class Fetch(Names):
             self.tier.release(row.size)
             raise errors.NotFound(f"attachment {row.uuid} was deleted while it was fetched")
         await self._j(self.journal.set_cached, row.uuid, True, self.seal_local)
+        self._confirmed[row.uuid] = True
 
     async def _seal(self, plaintext: Path, fetched: Path, scratch: Path) -> Path:
         """The sealed form of a verified download: the fetched object when it is already A1

@@ -10,7 +10,7 @@ import trio
 
 from objfs import codec, errors
 from objfs.backends.base import ObjectInfo
-from objfs.journal import PENDING_DELETE, Row
+from objfs.journal import PENDING_DELETE, UPLOADED, Row
 from objfs.store.core import StoreCore
 from objfs.store.state import BACKGROUND_RETRY, INVENTORY_COMPLETE, INVENTORY_META, PROBE_INTERVAL
 
@@ -42,6 +42,41 @@ class Names(StoreCore):
             return None
         return await self._find_remote(uuid)
 
+    async def _confirm(self, row: Row) -> bool:
+        """SharedBucket: whether the object behind journaled `row` is still in the bucket (one
+        HEAD unless the bucket showed it within SHARED_CONFIRM_TTL). When another node deleted
+        it, the row and any local copy are forgotten and False is returned. Raises
+        Unavailable after `ReadTimeout` (EIO: never serve what may have been deleted)."""
+        uuid = row.uuid
+        if uuid in self._confirmed or row.key is None:
+            return True
+        key = row.key
+        self.tally.bucket_lookups += 1
+        try:
+            await self._retry(self.read_retry, f"confirm {key}", lambda: self.backend.head(key))
+        except errors.NotFound:
+            found = await self._locate(uuid)  # renamed by `objfs rekey`?
+            if found is None:
+                await self._forget_gone(row)
+                return False
+            await self._j(self.journal.set_key, uuid, found[0])
+        self._confirmed[uuid] = True
+        return True
+
+    async def _forget_gone(self, row: Row) -> None:
+        """Another node deleted `row`'s attachment: forget it here (row, local copy)."""
+        current = self.journal.get(row.uuid)
+        if current is None or current.state != UPLOADED:
+            return
+        log.info("attachment %s: deleted by another node; forgetting it here", row.uuid)
+        self._negative[row.uuid] = True
+        self._confirmed.pop(row.uuid, None)
+        path = self.tier.path(row.uuid)
+        if current.cached and path.exists():
+            path.unlink()
+            self.tier.release(current.size)
+        await self._j(self.journal.remove, row.uuid)
+
     async def _remote_listing(self, prefix: str, limit: int) -> list[ObjectInfo]:
         """One listing for a name the journal does not know, retried up to `ReadTimeout`.
 
@@ -69,10 +104,12 @@ class Names(StoreCore):
             return None
         key, size = found
         await self._j(self.journal.add_remote, [(uuid, key, await self._plain_size(key, size))])
+        self._confirmed[uuid] = True
         return self.journal.get(uuid)
 
     async def _locate(self, uuid: str) -> tuple[str, int] | None:
         """The attachment's object key and stored size, by one prefix listing."""
+        self.tally.bucket_lookups += 1
         page = await self._remote_listing(self.layout.lookup_prefix(uuid), 16)
         key = self.layout.choose_key(uuid, [o.key for o in page],
                                      prefer_encrypted=self.encryption is not None)
@@ -151,6 +188,10 @@ class Names(StoreCore):
         Until it finishes (or if it cannot), names the journal does not know are looked up
         in the bucket.
         """
+        if self.shared:
+            log.info("SharedBucket: no inventory; names this node does not know are looked up "
+                     "in the bucket")
+            return
         if self.inventory_done:
             log.info("the journal holds a complete inventory of the bucket: unknown names are "
                      "new")

@@ -15,6 +15,12 @@ from objfs.retry import RetryPolicy
 T = TypeVar("T")
 
 NEGATIVE_TTL = 2.0
+# SharedBucket (docs/scale-out.md): another node may create or delete any attachment, so an
+# absent name is remembered for at most SHARED_NEGATIVE_TTL seconds, and a copy known here is
+# served without asking the bucket for at most SHARED_CONFIRM_TTL seconds after the bucket
+# last confirmed its object (the bound after which a deletion by another node is seen).
+SHARED_NEGATIVE_TTL = 1.0
+SHARED_CONFIRM_TTL = 1.0
 INVENTORY_META = "inventory"
 INVENTORY_COMPLETE = "complete"
 FIRST_LOOK = 64 * 1024

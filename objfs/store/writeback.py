@@ -131,6 +131,16 @@ class Writeback(Fetch):
         self.tier.closed(handle.uuid)
         if handle.fs:
             return await self._close_fs_write(handle)
+        row = self.journal.get(handle.uuid)
+        if self.write_through and handle.durable and handle.error is not None \
+                and row is not None and handle.uuid not in self._fresh:
+            # Its upload was tried and failed (or timed out): the PUT may still have landed,
+            # so the uuid's objects are deleted like any delete (journaled, retried).
+            log.warning("attachment %s: write-through upload failed (%s); not acknowledged, "
+                        "its objects are deleted", handle.uuid, handle.error)
+            self.tier.release(handle.reserved - handle.size)
+            await self._forget_object(handle.uuid, row)
+            return False
         if handle.error is not None or handle.unlinked or not handle.durable:
             if not handle.unlinked:
                 log.warning("attachment %s: discarding a write that was not acknowledged",
@@ -192,7 +202,8 @@ class Writeback(Fetch):
         """Delete the bucket side of an attachment: durably journaled, the object's delete
         queued (unless `queue` is False: the caller deletes it), the local copy removed."""
         self._negative[uuid] = True
-        if not self.inventory_done:
+        self._confirmed.pop(uuid, None)
+        if not self.inventory_done and not self.shared:
             self._deleted_during_inventory.add(uuid)
         self._unlinking.add(uuid)
         try:
@@ -302,6 +313,7 @@ class Writeback(Fetch):
             self._queue_delete(uuid)
         elif row is not None:
             await self._j(self.journal.mark_uploaded, uuid, key)
+            self._confirmed[uuid] = True
             self.tally.uploads += 1
             self.tier.space_changed()
 

@@ -72,3 +72,15 @@ class FaultyBackend(Backend):
 
     async def copy(self, src: str, dst: str) -> None:
         await self._call("copy", lambda: self.inner.copy(src, dst))
+
+    async def create_exclusive(self, key: str, data: bytes) -> bool:
+        return await self._call("put", lambda: self.inner.create_exclusive(key, data))
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str]:
+        return await self._call("get", lambda: self.inner.read_versioned(key))
+
+    async def delete_if(self, key: str, version: str) -> bool:
+        return await self._call("delete", lambda: self.inner.delete_if(key, version))
+
+    async def replace_if(self, key: str, version: str, data: bytes) -> bool:
+        return await self._call("put", lambda: self.inner.replace_if(key, version, data))

@@ -1,0 +1,206 @@
+"""SharedBucket: two stores (two nodes) on one local bucket, each with its own cache and
+journal; the cluster lease; the job runner's cluster lock."""
+
+from __future__ import annotations
+
+import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from objfs import errors
+from objfs.backends.local import LocalBackend
+from objfs.clusterlock import LEASE_SECONDS, BucketLease, LockHeld, keep
+from objfs.fstier import FileSystemTier
+from objfs.sidecar.jobs import Jobs
+from objfs.sidecar.orthanc import OrthancClient
+from objfs.store.state import SHARED_CONFIRM_TTL, SHARED_NEGATIVE_TTL
+from tests.inprocess.conftest import Rig
+from tests.inprocess.faults import Mode
+
+Start = Callable[[Rig], Awaitable[None]]
+
+
+def _uuid() -> str:
+    return str(uuid_mod.uuid4())
+
+
+def _pair(rig_factory: Callable[..., Rig], tmp_path: Path, **objfs: object) -> tuple[Rig, Rig]:
+    bucket = str(tmp_path / "shared-bucket")
+    return (rig_factory("a", SharedBucket=True, NodeName="node-a", LocalBucket=bucket, **objfs),
+            rig_factory("b", SharedBucket=True, NodeName="node-b", LocalBucket=bucket, **objfs))
+
+
+async def test_an_acknowledged_write_reads_at_once_on_the_other_node(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    a, b = _pair(rig_factory, tmp_path)
+    await running(a)
+    await running(b)
+    assert a.store.write_through and b.store.write_through
+    uuid = _uuid()
+    await a.write(uuid, b"dicom" * 1000)
+    # No time passes: the object was in the bucket when close() returned.
+    assert await b.store.size_of(uuid) == 5000
+    assert await b.read(uuid) == b"dicom" * 1000
+
+
+async def test_an_unknown_name_is_asked_again_after_the_negative_bound(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    a, b = _pair(rig_factory, tmp_path)
+    await running(a)
+    await running(b)
+    uuid = _uuid()
+    assert await b.store.size_of(uuid) is None  # Orthanc's stat before a create: ENOENT
+    lists = b.backend.calls["list"]
+    assert await b.store.size_of(uuid) is None  # remembered: no second request
+    assert b.backend.calls["list"] == lists
+    await a.write(uuid, b"x" * 10)
+    await trio.sleep(SHARED_NEGATIVE_TTL + 0.01)
+    assert await b.store.size_of(uuid) == 10
+    assert b.tally.bucket_lookups >= 2
+
+
+async def test_a_delete_on_one_node_is_seen_by_the_other_within_the_bound(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    a, b = _pair(rig_factory, tmp_path)
+    await running(a)
+    await running(b)
+    uuid = _uuid()
+    await a.write(uuid, b"y" * 100)
+    assert await a.read(uuid) == b"y" * 100  # A has it cached
+    # B never saw it; its delete finds the object in the bucket and removes it.
+    await b.store.unlink(uuid)
+    await b.store.drain(30)
+    assert a.bucket_files() == {}
+    await trio.sleep(SHARED_CONFIRM_TTL + 0.01)
+    with pytest.raises(errors.NotFound):
+        await a.read(uuid)
+    assert a.journal.get(uuid) is None
+    assert not a.tier.path(uuid).exists()
+    assert a.tier.used == 0
+
+
+async def test_within_the_bound_a_cached_copy_is_served_without_a_request(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    a, _ = _pair(rig_factory, tmp_path)
+    await running(a)
+    uuid = _uuid()
+    await a.write(uuid, b"z" * 10)
+    heads = a.backend.calls["head"]
+    assert await a.read(uuid) == b"z" * 10
+    assert a.backend.calls["head"] == heads
+    await trio.sleep(SHARED_CONFIRM_TTL + 0.01)
+    assert await a.read(uuid) == b"z" * 10
+    assert a.backend.calls["head"] == heads + 1
+
+
+async def test_a_write_through_that_fails_is_not_acknowledged_and_leaves_no_object(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    a, _ = _pair(rig_factory, tmp_path)
+    await running(a)
+    uuid = _uuid()
+    handle = await a.store.create(uuid)
+    await a.store.write(handle, 0, b"q" * 10)
+    a.backend.set(Mode.UNAVAILABLE, "put")
+    start = trio.current_time()
+    with pytest.raises(errors.Unavailable):
+        await a.store.sync(handle)
+    assert trio.current_time() - start <= a.settings.read_timeout + 1
+    assert not await a.store.close_write(handle)
+    a.backend.set(Mode.OK)
+    await a.store.drain(60)
+    assert a.bucket_files() == {}
+    assert a.journal.get(uuid) is None
+
+
+async def test_no_inventory_with_a_shared_bucket(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    a, b = _pair(rig_factory, tmp_path)
+    await running(a)
+    uuid = _uuid()
+    await a.write(uuid, b"1")
+    await running(b)
+    await trio.sleep(5)
+    assert not b.store.inventory_done
+    assert b.journal.get(uuid) is None  # nothing listed; asked when Orthanc asks
+    assert await b.store.size_of(uuid) == 1
+
+
+def test_each_node_cleans_only_its_own_temporary_files(tmp_path: Path) -> None:
+    shared = tmp_path / "fs-tier"
+    a = FileSystemTier(shared, None, False, node="node-a")
+    b = FileSystemTier(shared, None, False, node="node-b")
+    a.prepare()
+    a.partial_path("x").write_bytes(b"being written on A")
+    b.prepare()
+    assert a.partial_path("x").read_bytes() == b"being written on A"
+    assert a.tmp != b.tmp and a.tmp.parent == b.tmp.parent
+
+
+# --- the cluster lease ----------------------------------------------------------------------
+
+
+async def test_a_lease_has_one_holder_expires_and_is_taken_over(
+        autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "bucket")
+    a = BucketLease("rekey", "node-a", backend, "objfs-locks/rekey", clock=trio.current_time)
+    b = BucketLease("rekey", "node-b", backend, "objfs-locks/rekey", clock=trio.current_time)
+    assert await a.try_acquire() is None
+    assert await b.try_acquire() == "node-a"
+    assert await a.renew()
+    assert await b.try_acquire() == "node-a"
+    # A stops renewing (it died): once the lease expired, B takes it, and A knows it lost it.
+    await trio.sleep(LEASE_SECONDS + 1)
+    assert await b.try_acquire() is None
+    assert not await a.renew()
+    await a.release()  # not A's any more: leaves B's lease alone
+    assert await a.try_acquire() == "node-b"
+    await b.release()
+    assert await a.try_acquire() is None
+
+
+async def test_keep_renews_and_reports_a_lost_lease(
+        autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "bucket")
+    a = BucketLease("move-storage", "node-a", backend, "locks/m", clock=trio.current_time)
+    b = BucketLease("move-storage", "node-b", backend, "locks/m", clock=trio.current_time)
+    assert await a.try_acquire() is None
+    lost = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep, a, lost.set)
+        await trio.sleep(LEASE_SECONDS * 3)  # kept alive by renewals
+        assert await b.try_acquire() == "node-a"
+        # Someone removes the lease behind A's back (an operator); B takes it.
+        _, version = await backend.read_versioned("locks/m")
+        assert await backend.delete_if("locks/m", version)
+        assert await b.try_acquire() is None
+        with trio.fail_after(LEASE_SECONDS):
+            await lost.wait()
+
+
+async def test_a_second_node_asked_to_move_answers_with_the_holder(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    a, b = _pair(rig_factory, tmp_path)
+    locks = [BucketLease("move-storage", r.settings.node_name, r.local, "objfs-locks/move",
+                         clock=trio.current_time) for r in (a, b)]
+    orthanc = OrthancClient(a.settings.orthanc)
+    jobs_a = Jobs(a.journal, a.store, orthanc, locks[0])
+    jobs_b = Jobs(b.journal, b.store, orthanc, locks[1])
+    await jobs_a.submit("file-system", [], 0)
+    assert jobs_a.held_locks == ["move-storage"]
+    with pytest.raises(LockHeld) as refused:
+        await jobs_b.submit("file-system", [], 0)
+    assert refused.value.holder == "node-a"
+    assert "node-a" in str(refused.value)
+    assert jobs_b.held_locks == [] and not jobs_b.jobs
+    await orthanc.aclose()
