@@ -166,6 +166,7 @@ async def rekey(settings: Settings, dry_run: bool, include_unencrypted: bool,
         holder = await lock.try_acquire()
         if holder is not None:
             raise LockHeld("objfs rekey", holder)
+        log.info("cluster lock rekey taken by node %s", lock.node)
         lost = False
 
         def on_lost() -> None:

@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${OBJFS_NSPAWN:-/var/cache/objfs-test/nspawn/root}
-[ -f "$target/.objfs-ready" ] && { echo "nspawn-root: $target ready"; exit 0; }
+# The stamp is the requirements' hash: a changed dependency set builds the tree again.
+stamp=$(sha256sum requirements.txt | cut -c1-16)
+[ "$(cat "$target/.objfs-ready" 2>/dev/null)" = "$stamp" ] \
+    && { echo "nspawn-root: $target ready"; exit 0; }
 export DEBIAN_FRONTEND=noninteractive
 for tool in debootstrap systemd-nspawn; do
     command -v "$tool" >/dev/null && continue
@@ -36,6 +39,7 @@ chroot "$target.tmp" sh -c 'python3 -m venv /opt/objfs && /opt/objfs/bin/pip ins
     || { tail -20 "$log"; exit 1; }
 umount "$target.tmp/proc"
 trap - EXIT
-touch "$target.tmp/.objfs-ready"
+echo "$stamp" >"$target.tmp/.objfs-ready"
+rm -rf "$target"
 mv "$target.tmp" "$target"
 echo "nspawn-root: $target ready"

@@ -8,7 +8,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 apt_packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev curl orthanc)
-[ "$want_test" = 1 ] && apt_packages+=(dcmtk orthanc-python)
+[ "$want_test" = 1 ] && apt_packages+=(dcmtk orthanc-python postgresql orthanc-postgresql)
 [ "$want_test" = 1 ] && ! command -v npm >/dev/null && apt_packages+=(nodejs npm)
 missing=()
 for p in "${apt_packages[@]}"; do
