@@ -184,6 +184,17 @@ class Journal:
             "size=excluded.size, key=excluded.key, cached=0, sealed=0, last_error=NULL",
             (uuid, UPLOADED, size, key, now, now))
 
+    def put_written_through(self, uuid: str, key: str, size: int, durable: bool) -> None:
+        """Record a write whose object is already in the bucket, with its local copy (start-up
+        recovery drops a copy that a power loss left short: it is fetched again). `durable`
+        False is for a shared bucket, where names the journal lost are asked of the bucket."""
+        now = time.time()
+        self._write(
+            "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
+            "VALUES (?, ?, ?, ?, 1, 0, ?, ?) ON CONFLICT(uuid) DO UPDATE SET state=excluded.state, "
+            "size=excluded.size, key=excluded.key, cached=1, sealed=0, last_error=NULL",
+            (uuid, UPLOADED, size, key, now, now), durable=durable)
+
     def set_key(self, uuid: str, key: str) -> None:
         self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid), durable=False)
 

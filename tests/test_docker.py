@@ -39,7 +39,8 @@ from tests.test_hybrid import at, ingest, uuid_for, write
 DOCKER = ROOT / "docker"
 BIN = Path(sys.executable).parent
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "orthanc" / "Dockerfile"]
-COMPOSE_FILES = [DOCKER / "docker-compose.yml", DOCKER / "docker-compose.cloud.yml"]
+COMPOSE_FILES = [DOCKER / "docker-compose.yml", DOCKER / "docker-compose.cloud.yml",
+                 DOCKER / "docker-compose.cluster.yml"]
 
 
 def hadolint(*files: Path) -> subprocess.CompletedProcess[str]:
@@ -172,9 +173,48 @@ def test_compose_configures_objfs_the_orthancteam_way(path: Path, tmp_path: Path
         theirs = [v for v in orthanc["volumes"] if isinstance(v, dict) and v["type"] == "bind"]
         assert theirs[0]["source"] == mount["source"]
         assert theirs[0]["target"] == orthanc["environment"]["ORTHANC__STORAGE_DIRECTORY"]
-        assert orthanc["environment"]["ORTHANC__INDEX_DIRECTORY"] != theirs[0]["target"]
+        assert orthanc["environment"].get("ORTHANC__INDEX_DIRECTORY") != theirs[0]["target"]
         if "profiles" in service:
             assert orthanc["profiles"] == service["profiles"]
+
+
+def test_the_cluster_compose_file_is_two_nodes_on_one_index_and_bucket(tmp_path: Path) -> None:
+    """docker-compose.cluster.yml: each node's objfs with SharedBucket, its own name, mount,
+    cache and Orthanc; every Orthanc on one PostgreSQL index with Lock false and no storage
+    cache; objfs reads the same PostgreSQL section (cluster lock); nginx over both nodes."""
+    path = DOCKER / "docker-compose.cluster.yml"
+    tree = compose(path)
+    services = objfs_services(tree)
+    assert sorted(services) == ["objfs-a", "objfs-b"]
+    settings = {}
+    for name, service in services.items():
+        secrets = tmp_path / name
+        fake_secrets(secrets, service)
+        env = {k: str(v).replace("/run/secrets", str(secrets))
+               for k, v in service["environment"].items()}
+        settings[name] = settings_from_tree(load_tree([], environ=env, secrets_dir=secrets))
+    a, b = settings["objfs-a"], settings["objfs-b"]
+    assert a.shared_bucket and b.shared_bucket
+    assert {a.node_name, b.node_name} == {"node-a", "node-b"}
+    assert a.s3 is not None and b.s3 is not None and a.s3.bucket == b.s3.bucket
+    assert a.postgresql is not None and b.postgresql is not None
+    assert a.postgresql.where == b.postgresql.where == "postgres:5432/orthanc"
+    assert a.orthanc.url != b.orthanc.url
+    mounts = {tuple(v["source"] for v in s["volumes"] if isinstance(v, dict))
+              for s in services.values()}
+    assert len(mounts) == 2  # a mount point per node
+    orthancs = {n: s for n, s in tree["services"].items()
+                if str(s.get("image", "")).startswith("orthancteam/orthanc")}
+    assert sorted(orthancs) == ["orthanc-a", "orthanc-b"]
+    for orthanc in orthancs.values():
+        env = orthanc["environment"]
+        assert env["ORTHANC__POSTGRESQL__LOCK"] == "false"
+        assert env["ORTHANC__POSTGRESQL__ENABLE_INDEX"] == "true"
+        assert env["ORTHANC__MAXIMUM_STORAGE_CACHE_SIZE"] == "0"
+        assert env["ORTHANC__POSTGRESQL__HOST"] == "postgres"
+    nginx = (DOCKER / "cluster-nginx.conf").read_text()
+    assert "server orthanc-a:8042" in nginx and "server orthanc-b:8042" in nginx
+    assert any("cluster-nginx.conf" in v for v in tree["services"]["lb"]["volumes"])
 
 
 def test_trial_secrets_script(tmp_path: Path) -> None:

@@ -248,11 +248,13 @@ def _gcs(values: Mapping[str, Any]) -> GcsSettings:
 def _postgresql(tree: Mapping[str, Any], problems: Problems) -> PostgresSettings | None:
     """Orthanc's PostgreSQL section, when it is there: how to reach the database."""
     raw = _section(tree, POSTGRESQL_SECTION)
-    if raw is None or raw.get("EnableIndex") is not True:
-        return None  # Orthanc's index is not there (Debian ships the section disabled)
-    # The plugin's other options (EnableIndex, Lock...) are not objfs' business.
+    if raw is None:
+        return None
+    # The plugin's other options (Lock, EnableStorage...) are not objfs' business.
     ours = {k: v for k, v in raw.items() if k in POSTGRESQL_OPTIONS}
     values = _validate(POSTGRESQL_SECTION, ours, POSTGRESQL_OPTIONS, problems)
+    if not values["EnableIndex"]:
+        return None  # Orthanc's index is not there (Debian ships the section disabled)
     if values["ConnectionUri"]:
         uri = values["ConnectionUri"]
         parsed = urllib.parse.urlsplit(uri)

@@ -318,6 +318,8 @@ ORTHANC_OPTIONS: dict[str, Option] = {
 # EnableIndex is true; objfs reads only how to connect and ignores the plugin's other options.
 POSTGRESQL_SECTION = "PostgreSQL"
 POSTGRESQL_OPTIONS: dict[str, Option] = {
+    "EnableIndex": Option((bool,), False, None,
+                          "Orthanc's index is in PostgreSQL; objfs uses the section only then."),
     "Host": Option((str,), "localhost", None, "The server."),
     "Port": Option((int,), 5432, _tcp_port, "Its port."),
     "Database": Option((str,), "", None, "The database (the user's by default)."),

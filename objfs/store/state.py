@@ -46,6 +46,7 @@ class WriteHandle:
     durable: bool = False
     error: Exception | None = None  # the first failure; sync and close report it again
     unlinked: bool = False
+    sent: bool = False  # write-through: a PUT was started (the object may be in the bucket)
     fs: bool = False  # written to the file-system tier (HybridMode WriteToFileSystem)
     placed: bool = False  # the fs-tier file behind `fd` has its final name
     closed: trio.Event = field(default_factory=trio.Event)  # set by close_write

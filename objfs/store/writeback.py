@@ -88,6 +88,14 @@ class Writeback(Fetch):
                 raise
             handle.durable = True
             return
+        if self.write_through and not self.seal_local:
+            try:
+                await self._write_through(handle)
+            except Exception as exc:
+                handle.error = exc
+                raise
+            handle.durable = True
+            return
         try:
             await trio.to_thread.run_sync(self._make_durable, handle.fd, handle.uuid, handle.size,
                                           limiter=self._journal_limiter)
@@ -96,11 +104,59 @@ class Writeback(Fetch):
             raise
         handle.durable = True
         if self.write_through:
+            handle.sent = True
             try:
                 await self._upload(handle.uuid, self.read_retry)
             except Exception as exc:
                 handle.error = exc
                 raise
+
+    async def _write_through(self, handle: WriteHandle) -> None:
+        """WriteMode write-through (and SharedBucket): PUT the local copy, then record it as
+        uploaded and cached in one journal commit. No fdatasync: once the PUT succeeded the
+        bucket holds the attachment (close() returns only then), and until it succeeds
+        nothing is acknowledged. With SharedBucket the commit is lazy too (unknown names are
+        asked of the bucket); on one node it is durable, as the journal then says which
+        names exist (invariant 9). Raises what the PUT raised after `ReadTimeout`;
+        `handle.sent` tells close_write that the object may exist."""
+        uuid = handle.uuid
+        key = self._choose_key(uuid, handle.size)
+        path = self.tier.path(uuid)
+        sealed = self.tier.tmp_path(uuid, "enc")
+        give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
+        if self.encryption is not None:
+            give_back = await self._scratch_for_reader(handle.size + codec.OVERHEAD)
+            try:
+                async with self._crypto_limiter:
+                    await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
+                                                  self.encryption.ring)
+            except BaseException:
+                sealed.unlink(missing_ok=True)
+                give_back()
+                raise
+            path = sealed
+        self._fresh.discard(uuid)  # from now on a delete must reach the bucket
+        handle.sent = True
+        self.inflight[uuid] = settled = trio.Event()
+        body = path
+
+        def record(exc: errors.ObjfsError) -> None:
+            self.tally.upload_errors[error_class(exc)] += 1
+
+        try:
+            await self._retry(self.read_retry, f"upload {key}",
+                              lambda: self.backend.put(key, body), record)
+            crash_point("after-put")
+        finally:
+            sealed.unlink(missing_ok=True)
+            give_back()
+            del self.inflight[uuid]
+            settled.set()
+        await self._j(self.journal.put_written_through, uuid, key, handle.size,
+                      not self.shared)
+        self._confirmed[uuid] = True
+        self.tally.uploads += 1
+        self.tier.space_changed()
 
     def _make_durable(self, fd: int, uuid: str, size: int) -> None:
         """Runs in a worker thread. With EncryptLocalCache the complete file is sealed (A1,
@@ -132,12 +188,18 @@ class Writeback(Fetch):
         if handle.fs:
             return await self._close_fs_write(handle)
         row = self.journal.get(handle.uuid)
-        if self.write_through and handle.durable and handle.error is not None \
-                and row is not None and handle.uuid not in self._fresh:
-            # Its upload was tried and failed (or timed out): the PUT may still have landed,
-            # so the uuid's objects are deleted like any delete (journaled, retried).
-            log.warning("attachment %s: write-through upload failed (%s); not acknowledged, "
-                        "its objects are deleted", handle.uuid, handle.error)
+        if handle.sent and (handle.error is not None or handle.unlinked):
+            # A write-through PUT was sent and the write failed or was unlinked: the object
+            # may be in the bucket, so the uuid's objects are deleted like any delete
+            # (journaled, retried).
+            if handle.error is not None:
+                log.warning("attachment %s: write-through upload failed (%s); not "
+                            "acknowledged, its objects are deleted", handle.uuid, handle.error)
+            self._fresh.discard(handle.uuid)
+            if row is None:
+                await self._j(self.journal.put_pending, handle.uuid, handle.size)
+                row = self.journal.get(handle.uuid)
+                assert row is not None
             self.tier.release(handle.reserved - handle.size)
             await self._forget_object(handle.uuid, row)
             return False
