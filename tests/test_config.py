@@ -550,3 +550,70 @@ def test_sdk_refusals_at_client_creation_name_the_section(tmp_path: Path) -> Non
     assert mount.returncode == 2, mount.stderr
     assert "AzureBlobStorage: the azure client" in mount.stderr
     assert "Traceback" not in mount.stderr
+
+
+# --- SharedBucket (several Orthanc nodes) ---------------------------------------------------
+
+
+def shared(tmp_path: Path, **objfs: Any) -> dict[str, Any]:
+    return {"Objfs": {"SharedBucket": True, "CacheDirectory": str(tmp_path / "cache"),
+                      "LocalBucket": str(tmp_path / "bucket"), **objfs}}
+
+
+def test_shared_bucket_writes_through_and_names_the_node(tmp_path: Path) -> None:
+    settings = settings_from_tree(shared(tmp_path, NodeName="node-7"))
+    assert settings.shared_bucket and settings.write_mode == "write-through"
+    assert settings.node_name == "node-7"
+    assert settings_from_tree(shared(tmp_path)).node_name  # the host name by default
+    assert not settings_from_tree({"Objfs": {}}).shared_bucket
+
+
+@pytest.mark.parametrize(("objfs", "problem"), [
+    ({"WriteMode": "write-back"}, "Objfs.WriteMode: 'write-back' cannot be used with "
+                                  "SharedBucket"),
+    ({"HybridMode": "WriteToObjectStorage", "FileSystemDirectory": "/srv/fs"},
+     "Objfs.SharedBucket with HybridMode 'WriteToObjectStorage': every node must see the same "
+     "file-system tier"),
+    ({"NodeName": "a node"}, "Objfs.NodeName: 1 to 48 letters"),
+])
+def test_shared_bucket_refuses_what_cannot_work(tmp_path: Path, objfs: dict[str, Any],
+                                                problem: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        settings_from_tree(shared(tmp_path, **objfs))
+    assert problem in str(refused.value)
+
+
+def test_a_shared_file_system_tier_must_be_declared_and_hold_no_cache(tmp_path: Path) -> None:
+    fs_dir = tmp_path / "nfs"
+    ok = settings_from_tree(shared(tmp_path, HybridMode="WriteToObjectStorage",
+                                   FileSystemDirectory=str(fs_dir), SharedFileSystemTier=True))
+    assert ok.shared_fs_tier and ok.fs_directory == fs_dir
+    with pytest.raises(ConfigError) as refused:
+        settings_from_tree(shared(tmp_path, HybridMode="WriteToObjectStorage",
+                                  FileSystemDirectory=str(fs_dir), SharedFileSystemTier=True,
+                                  CacheDirectory=str(fs_dir / "cache")))
+    assert "Objfs.CacheDirectory: must not be inside the shared FileSystemDirectory" \
+        in str(refused.value)
+
+
+def test_orthancs_postgresql_section_is_read_for_the_cluster_lock(tmp_path: Path) -> None:
+    section = {"EnableIndex": True, "Host": "db.example", "Port": 5433, "Database": "orthanc",
+               "Username": "orthanc", "Password": "it's secret", "Lock": False,
+               "IndexConnectionsCount": 5}
+    settings = settings_from_tree({**shared(tmp_path), "PostgreSQL": section})
+    assert settings.postgresql is not None
+    assert settings.postgresql.where == "db.example:5433/orthanc"
+    assert "password='it\\'s secret'" in settings.postgresql.conninfo
+    assert "secret" not in repr(settings)
+    uri = {"EnableIndex": True, "ConnectionUri": "postgresql://u:p@10.0.0.5:6432/idx"}
+    pg = settings_from_tree({**shared(tmp_path), "PostgreSQL": uri}).postgresql
+    assert pg is not None and pg.where == "10.0.0.5:6432/idx"
+    # Debian's /etc/orthanc/postgresql.json ships the section disabled: it is not Orthanc's
+    # index then, and objfs falls back to the lease object.
+    disabled = settings_from_tree({**shared(tmp_path),
+                                   "PostgreSQL": {**section, "EnableIndex": False}})
+    assert disabled.postgresql is None
+    with pytest.raises(ConfigError) as refused:
+        settings_from_tree({**shared(tmp_path), "PostgreSQL": {"EnableIndex": True,
+                                                                "ConnectionUri": "mysql://x"}})
+    assert "PostgreSQL.ConnectionUri" in str(refused.value)

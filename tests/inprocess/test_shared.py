@@ -204,3 +204,31 @@ async def test_a_second_node_asked_to_move_answers_with_the_holder(
     assert "node-a" in str(refused.value)
     assert jobs_b.held_locks == [] and not jobs_b.jobs
     await orthanc.aclose()
+
+
+async def test_a_bucket_that_cannot_answer_gives_eio_never_absent(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    """Even with a journal full of earlier knowledge (a former single-node inventory), an
+    unknown name is asked of the bucket; while it cannot answer: Unavailable (EIO) after
+    ReadTimeout, and a cached copy older than the bound is not served either."""
+    a, b = _pair(rig_factory, tmp_path)
+    b.journal.set_meta("inventory", "complete")  # left by a single-node past: not trusted
+    b = b.restarted()
+    await running(a)
+    await running(b)
+    known = _uuid()
+    await b.write(known, b"k" * 10)
+    uuid = _uuid()
+    await a.write(uuid, b"n" * 10)
+    b.backend.set(Mode.UNAVAILABLE, "list", "head")
+    start = trio.current_time()
+    with pytest.raises(errors.Unavailable):
+        await b.store.size_of(uuid)
+    assert trio.current_time() - start <= b.settings.read_timeout + 1
+    await trio.sleep(SHARED_CONFIRM_TTL + 0.01)
+    with pytest.raises(errors.Unavailable):
+        await b.read(known)
+    b.backend.set(Mode.OK)
+    assert await b.store.size_of(uuid) == 10
+    assert await b.read(known) == b"k" * 10
