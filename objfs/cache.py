@@ -137,6 +137,11 @@ class LocalTier:
         self.used += nbytes
         return True
 
+    def try_reserve_background(self, nbytes: int) -> bool:
+        """Take `nbytes` for a copy nobody asked for yet (series prefetch) only while the
+        budget stays at most half full, evicting clean copies to get there; never waits."""
+        return self._try_reserve(nbytes, self.capacity // 2)
+
     async def take_scratch(self, nbytes: int, foreground: bool = False) -> Callable[[], None]:
         """Budget for a temporary copy (an encrypted upload body, a download's ciphertext, a
         decrypted copy that readers share); returns the function that gives it back (call it

@@ -38,6 +38,7 @@ from objfs.retry import RetryPolicy
 from objfs.sidecar.app import Sidecar
 from objfs.sidecar.jobs import Jobs
 from objfs.sidecar.orthanc import OrthancClient
+from objfs.sidecar.prefetch import SeriesPrefetcher
 from objfs.sidecar.server import serve as serve_sidecar
 from objfs.store import Store, check_bucket_identity
 
@@ -234,6 +235,10 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         stack.push_async_callback(orthanc.aclose)
         jobs = Jobs(journal, store, orthanc, open_lock(settings, backend, "move-storage"))
         metrics.show_locks(lambda: jobs.held_locks)
+        prefetcher = None
+        if settings.series_prefetch and not settings.encrypt_local_cache:
+            prefetcher = SeriesPrefetcher(store, orthanc, settings.series_prefetch_limit)
+            store.on_fetched = prefetcher.notify
         ops = Operations(store, root / "passthrough", st.st_uid, st.st_gid, st.st_mode,
                          metrics.tally)
         options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}",
@@ -255,6 +260,10 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 jobs_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, jobs_scope,
                                    lambda: _supervised("the job runner", jobs.run))
+                prefetch_scope = trio.CancelScope()
+                if prefetcher is not None:
+                    nursery.start_soon(_run_in_scope, prefetch_scope,
+                                       lambda: _supervised("series prefetch", prefetcher.run))
                 nursery.start_soon(_stop_on_signal, notifier)
                 nursery.start_soon(_announce_ready, mountpoint, pyfuse3.ROOT_INODE, notifier,
                                    store)
@@ -271,6 +280,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 await _fuse_main()
                 status_scope.cancel()
                 jobs_scope.cancel()  # a running job resumes at the next start
+                prefetch_scope.cancel()
                 notifier.stopping("unmounting")
                 pyfuse3.close(unmount=True)
                 mounted = False

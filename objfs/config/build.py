@@ -366,7 +366,8 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
         fs_directory=(Path(own["FileSystemDirectory"]) if hybrid != HybridMode.DISABLED
                       else None),
         encrypt_fs_tier=own["EncryptFileSystemTier"], rest_api=rest_api,
-        orthanc=orthanc, shared_bucket=own["SharedBucket"],
+        orthanc=orthanc, series_prefetch=own["SeriesPrefetch"],
+        series_prefetch_limit=own["SeriesPrefetchLimit"], shared_bucket=own["SharedBucket"],
         shared_fs_tier=own["SharedFileSystemTier"],
         node_name=own["NodeName"] or _host_name(), postgresql=postgresql, **clouds,
     )

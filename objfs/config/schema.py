@@ -273,6 +273,13 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "Orthanc": Option((dict,), None, None,
                       "Orthanc's REST API for move-storage, see `Objfs.Orthanc`.",
                       "`Objfs.Orthanc` defaults"),
+    "SeriesPrefetch": Option((bool,), True, None,
+                             "After a read fetched an instance from the bucket, fetch the "
+                             "other instances of its series in the background (asks "
+                             "`Objfs.Orthanc.Url` which they are), below Orthanc's own reads "
+                             "and within half the cache."),
+    "SeriesPrefetchLimit": Option((int,), 500, at_least(0),
+                                  "Most instances fetched ahead per series."),
     "SharedBucket": Option((bool,), False, None,
                            "Other objfs nodes use this bucket (several Orthanc nodes on one "
                            "index): write-through, lookups and deletes ask the bucket, "

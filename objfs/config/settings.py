@@ -177,6 +177,8 @@ class Settings:
     encrypt_fs_tier: bool = True
     rest_api: RestApiSettings | None = None  # None: the sidecar is disabled
     orthanc: OrthancSettings = field(default_factory=OrthancSettings)
+    series_prefetch: bool = True
+    series_prefetch_limit: int = 500
     shared_bucket: bool = False  # other objfs nodes use the bucket (docs/scale-out.md)
     shared_fs_tier: bool = False
     node_name: str = "objfs"

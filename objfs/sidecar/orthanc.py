@@ -54,6 +54,37 @@ class OrthancClient:
                                      f"{path}: {response.text[:200]}")
         return response.json()
 
+    async def series_id(self, series_instance_uid: str) -> str | None:
+        """Orthanc's id of the series with this SeriesInstanceUID, or None."""
+        try:
+            response = await self._http.post("/tools/lookup", content=series_instance_uid)
+        except httpx.HTTPError as exc:
+            raise OrthancUnavailable(f"Orthanc at {self.url} is unreachable: {exc}") from exc
+        if response.status_code != 200:
+            raise OrthancUnavailable(f"Orthanc answered HTTP {response.status_code} to "
+                                     f"/tools/lookup: {response.text[:200]}")
+        found = [r["ID"] for r in response.json() if r.get("Type") == "Series"]
+        return str(found[0]) if found else None
+
+    async def series_instances(self, series_id: str) -> list[str]:
+        """The instance ids of a series in viewing order (IndexInSeries, then
+        InstanceNumber); empty when the series is gone."""
+        instances = await self._get(f"/series/{series_id}/instances") or []
+
+        def order(instance: dict[str, Any]) -> tuple[int, int]:
+            tags = instance.get("MainDicomTags", {})
+            number = str(tags.get("InstanceNumber", "")).strip()
+            index = instance.get("IndexInSeries")
+            return (index if isinstance(index, int) else 1 << 30,
+                    int(number) if number.lstrip("-").isdigit() else 1 << 30)
+
+        return [str(i["ID"]) for i in sorted(instances, key=order)]
+
+    async def dicom_uuid(self, instance_id: str) -> str | None:
+        """The uuid of an instance's DICOM file attachment, or None."""
+        info = await self._get(f"/instances/{instance_id}/attachments/dicom/info")
+        return None if info is None else str(info["Uuid"])
+
     async def resource_type(self, resource_id: str) -> str | None:
         """"Patient", "Study", "Series" or "Instance", or None for an unknown id. Ids are
         tried from the instance level up, as the plugins do."""

@@ -108,6 +108,9 @@ class StoreCore:
             self.fs = FileSystemTier(settings.fs_directory, ring, settings.encrypt_fs_tier,
                                      settings.node_name if settings.shared_bucket else None)
         self.fs_first = settings.hybrid_mode == HybridMode.WRITE_TO_FILE_SYSTEM
+        # Told (on the event loop, must not block) of every attachment a read had to fetch
+        # from the bucket: series prefetch (objfs.sidecar.prefetch) hooks in here.
+        self.on_fetched: Callable[[str], None] | None = None
         # Per-uuid lock taken by unlink and by the tier moves, so that a delete and a move
         # of one attachment never interleave (a deleted attachment must not come back).
         self.locks = KeyedLocks()

@@ -12,7 +12,7 @@ import trio
 
 from objfs import codec, errors
 from objfs.fsutil import fd_path, fsync_path
-from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
 from objfs.store.state import FetchRecord, SharedPlain
 from objfs.testhooks import crash_point
@@ -79,6 +79,9 @@ class Fetch(Names):
                     if not self.shared:
                         raise
                     await self._forget_gone(row)
+                    continue
+                if self.on_fetched is not None and not objects_only:
+                    self.on_fetched(uuid)
         except BaseException:
             self.tier.closed(uuid)
             raise
@@ -218,19 +221,61 @@ class Fetch(Names):
             fetch.done.set()
             del self._fetches[row.uuid]
 
-    async def _download(self, row: Row) -> None:
+    def local_copy(self, uuid: str) -> Path | None:
+        """The plaintext local copy of `uuid` when there is one (not sealed), else None."""
+        row = self.journal.get(uuid)
+        if row is None or not row.cached or row.sealed:
+            return None
+        return self.tier.path(uuid)
+
+    async def prefetch(self, uuid: str) -> bool:
+        """Fetch `uuid` into the cache ahead of a read (series prefetch), at background
+        priority: only when it is known, uploaded, not cached and not being fetched, and
+        while the budget stays half free (never waits for space). A reader that opens it
+        meanwhile waits for this download instead of starting its own. Returns whether a
+        copy was fetched; failures are logged, never raised (nobody asked for it yet)."""
+        if uuid in self.writing or uuid in self._fetches:
+            return False
+        try:
+            row = await self._row(uuid)
+        except errors.ObjfsError:
+            return False
+        if row is None or row.cached or row.state != UPLOADED or uuid in self._fetches:
+            return False
+        if not self.tier.try_reserve_background(row.size):
+            return False
+        fetch = self._fetches[uuid] = FetchRecord()
+        try:
+            await self._download(row, background=True)
+        except Exception as exc:
+            # Not recorded as the fetch's error: a reader waiting on it fetches for itself.
+            log.info("prefetch of attachment %s failed: %s", uuid, exc)
+            return False
+        except BaseException as exc:
+            fetch.error = exc
+            raise
+        finally:
+            fetch.done.set()
+            del self._fetches[uuid]
+        return True
+
+    async def _download(self, row: Row, background: bool = False) -> None:
         """Fetch, decrypt and verify an object into the local tier; the copy appears only
-        when every check passed."""
+        when every check passed. `background` (prefetch): the caller took the budget for the
+        copy, and temporary copies wait for space rather than evict."""
         assert row.key is not None
         key = row.key
-        await self.tier.reserve(row.size)
+        if not background:
+            await self.tier.reserve(row.size)
         tmp = self.tier.tmp_path(row.uuid, "download")
         plain = self.tier.tmp_path(row.uuid, "plain")
         # With encryption the fetched ciphertext and its plaintext coexist for a moment.
         give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
         if self.encryption is not None:
             try:
-                give_back = await self._scratch_for_reader(row.size + codec.OVERHEAD)
+                give_back = (await self.tier.take_scratch(row.size + codec.OVERHEAD)
+                             if background else
+                             await self._scratch_for_reader(row.size + codec.OVERHEAD))
             except BaseException:
                 self.tier.release(row.size)
                 raise

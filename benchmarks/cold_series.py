@@ -1,0 +1,111 @@
+"""A viewer opening a cold series: every instance read one after the other through Orthanc's
+REST API, from an empty objfs cache (page cache dropped), with SeriesPrefetch on and off,
+against Orthanc on local disk, in interleaved rounds.
+
+    .venv/bin/python benchmarks/cold_series.py [--instances 100] [--kb 512] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.orthanc_ingest import EMULATOR_NICE, drop_page_cache
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import Orthanc
+
+
+def read_series(orthanc: Orthanc, order: list[str]) -> float:
+    start = time.perf_counter()
+    for instance in order:
+        orthanc.request("GET", f"/instances/{instance}/file")
+    return time.perf_counter() - start
+
+
+def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
+            objfs: dict[str, Any] | None) -> float:
+    """Seconds to read the series once everything is cold."""
+    base = work / name
+    base.mkdir()
+    daemon = None
+    if moto is not None and objfs is not None:
+        orthanc = Orthanc(base, base / "objfs-mnt")
+        bucket = moto.new_bucket(name)
+        config = {"AwsS3Storage": moto.s3_section(bucket),
+                  "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": 4096,
+                            "Orthanc": {"Url": orthanc.url}, **objfs}}
+        daemon = Objfs(base, config).start()
+        assert daemon.mountpoint == base / "objfs-mnt"
+    else:
+        (base / "storage").mkdir()
+        orthanc = Orthanc(base, base / "storage")
+    try:
+        orthanc.start()
+        ids = [orthanc.upload(d) for d in corpus]
+        series = orthanc.json("GET", f"/instances/{ids[0]}/series")["ID"]
+        order = [i["ID"] for i in orthanc.json("GET", f"/series/{series}/instances")]
+        orthanc.stop()
+        if daemon is not None:
+            daemon.wait_uploaded(600)
+            daemon.stop()
+            shutil.rmtree(base / "cache")
+        drop_page_cache()
+        if daemon is not None:
+            daemon.start()
+        orthanc.start()
+        return read_series(orthanc, order)
+    finally:
+        orthanc.stop()
+        if daemon is not None:
+            daemon.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=100)
+    parser.add_argument("--kb", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="objfs-series-"))
+    side = int((args.kb * 1024 / 2) ** 0.5)
+    moto = MotoServer(work, nice=EMULATOR_NICE)
+    configs: list[tuple[str, dict[str, Any] | None]] = [
+        ("local disk", None), ("objfs, prefetch off", {"SeriesPrefetch": False}),
+        ("objfs, prefetch on", {"SeriesPrefetch": True})]
+    times: dict[str, list[float]] = {name: [] for name, _ in configs}
+    try:
+        for r in range(args.rounds):
+            for c, (name, objfs) in enumerate(configs):
+                corpus = [make_dicom((r * 10 + c) * 10_000 + i, rows=side, cols=side,
+                                     patient="SERIES", study=r * 10 + c, series=1)
+                          for i in range(args.instances)]
+                times[name].append(one_run(work, f"series-r{r}c{c}", corpus,
+                                           moto if objfs is not None else None, objfs))
+    finally:
+        moto.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(f"cold series: {args.instances} instances of {args.kb} KiB read one after the other "
+          f"(one client), empty objfs cache, page cache dropped; moto at nice {EMULATOR_NICE}; "
+          f"median of {args.rounds} interleaved rounds")
+    local = med["local disk"]
+    for name, _ in configs:
+        print(f"  {name:<22} {med[name]:>6.2f} s  {args.instances / med[name]:>7.1f} inst/s  "
+              f"{local / med[name]:>5.2f}x local disk")
+    print(f"  prefetch on vs off: {med['objfs, prefetch off'] / med['objfs, prefetch on']:.2f}x "
+          "faster")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Series prefetch (issue 15) with Debian's Orthanc: a viewer's first cold read of a series
+makes objfs fetch the rest of the series ahead, so the next reads need no request."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import Objfs
+from tests.support.dicom import make_dicom
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import Orthanc
+from tests.support.procs import wait_until
+from tests.test_metrics import scrape, total
+
+pytestmark = pytest.mark.orthanc
+SERIES = 24
+
+
+def cached_entries(daemon: Objfs) -> int:
+    return daemon.journal_stats().cached_entries
+
+
+def gets(daemon: Objfs) -> float:
+    return total(scrape(daemon), "objfs_backend_request_duration_seconds_count",
+                 operation="get")
+
+
+def run(tmp_path: Path, moto: MotoServer, bucket: str,
+        **objfs: Any) -> tuple[Objfs, Orthanc, list[str], dict[str, bytes]]:
+    """A series of SERIES instances (and another series) ingested, uploaded, then objfs
+    restarted on an empty cache."""
+    orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt")
+    config = {"AwsS3Storage": moto.s3_section(bucket),
+              "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 256,
+                        "Orthanc": {"Url": orthanc.url}, **objfs}}
+    daemon = Objfs(tmp_path, config).start()
+    orthanc.start()
+    sent = {}
+    for i in range(SERIES):
+        data = make_dicom(i, rows=128, cols=128, patient="PREFETCH", series=1)
+        sent[orthanc.upload(data)] = data
+    other = orthanc.upload(make_dicom(99, rows=128, cols=128, patient="PREFETCH", series=2))
+    daemon.wait_uploaded()
+    orthanc.stop()
+    assert daemon.stop() == 0
+    shutil.rmtree(tmp_path / "cache")
+    daemon.start()
+    orthanc.start()
+    series = orthanc.json("GET", f"/instances/{next(iter(sent))}/series")["ID"]
+    order = [i["ID"] for i in orthanc.json("GET", f"/series/{series}/instances")]
+    assert other not in order
+    return daemon, orthanc, order, sent
+
+
+def test_a_cold_read_fetches_the_rest_of_its_series_ahead(
+        tmp_path: Path, moto: MotoServer, bucket: str) -> None:
+    daemon, orthanc, order, sent = run(tmp_path, moto, bucket)
+    try:
+        assert cached_entries(daemon) == 0
+        first = order[0]
+        assert orthanc.request("GET", f"/instances/{first}/file") == sent[first]
+        wait_until(lambda: cached_entries(daemon) == SERIES, 30, "the series prefetched")
+        time.sleep(0.5)
+        assert cached_entries(daemon) == SERIES  # not the other series
+        before = gets(daemon)
+        for instance in order[1:]:
+            assert orthanc.request("GET", f"/instances/{instance}/file") == sent[instance]
+        assert gets(daemon) == before  # every read was served from the prefetched copies
+        assert "fetched ahead" in daemon.text()
+    finally:
+        orthanc.stop()
+        daemon.stop()
+
+
+def test_prefetch_off_and_the_limit(tmp_path: Path, moto: MotoServer, bucket: str) -> None:
+    daemon, orthanc, order, _ = run(tmp_path / "off", moto, bucket, SeriesPrefetch=False)
+    try:
+        orthanc.request("GET", f"/instances/{order[0]}/file")
+        time.sleep(2)
+        assert cached_entries(daemon) == 1
+    finally:
+        orthanc.stop()
+        daemon.stop()
+    daemon, orthanc, order, _ = run(tmp_path / "limit", moto, moto.new_bucket(f"{bucket}-l"),
+                                    SeriesPrefetchLimit=5)
+    try:
+        orthanc.request("GET", f"/instances/{order[0]}/file")
+        wait_until(lambda: cached_entries(daemon) >= 5, 30, "five prefetched")
+        time.sleep(1)
+        assert cached_entries(daemon) == 5  # the first five in viewing order, itself included
+    finally:
+        orthanc.stop()
+        daemon.stop()
