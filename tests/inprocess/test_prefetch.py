@@ -1,0 +1,80 @@
+"""Store.prefetch: a copy nobody asked for yet, within half the budget, shared with a reader
+that asks meanwhile, and never an error for anyone."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
+
+import trio
+import trio.testing
+
+from tests.inprocess.conftest import Rig
+from tests.inprocess.faults import Mode
+
+Start = Callable[[Rig], Awaitable[None]]
+MIB = 1024 * 1024
+
+
+async def _uploaded_and_evicted(rig: Rig, count: int, size: int) -> list[str]:
+    uuids = [str(uuid_mod.uuid4()) for _ in range(count)]
+    for uuid in uuids:
+        await rig.write(uuid, os.urandom(size))
+    assert await rig.store.drain(60)
+    rig.tier.evict(rig.tier.capacity)
+    assert rig.tier.used == 0
+    return uuids
+
+
+async def test_prefetch_stays_within_half_the_budget(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(CacheSize=16)
+    await running(rig)
+    uuids = await _uploaded_and_evicted(rig, 6, 3 * MIB)
+    fetched = [await rig.store.prefetch(u) for u in uuids]
+    assert fetched == [True] * 6
+    # Never more than half of the 16 MiB: older copies (least recently used) made room.
+    assert rig.tier.used == 6 * MIB
+    assert [rig.journal.get(u).cached for u in uuids] == [False] * 4 + [True] * 2  # type: ignore[union-attr]
+    assert not await rig.store.prefetch(uuids[-1])  # already cached
+    big = await _uploaded_and_evicted(rig, 1, 9 * MIB)
+    assert not await rig.store.prefetch(big[0])  # more than half the cache: never
+    assert not await rig.store.prefetch(str(uuid_mod.uuid4()))  # unknown
+
+
+async def test_a_reader_waits_for_the_prefetch_instead_of_fetching_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(CacheSize=64)
+    await running(rig)
+    (uuid,) = await _uploaded_and_evicted(rig, 1, MIB)
+    rig.backend.set(Mode.GATED, "get")
+    gets = rig.backend.calls["get"]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.store.prefetch, uuid)
+        await trio.sleep(1)
+        read: list[bytes] = []
+
+        async def reader() -> None:
+            read.append(await rig.read(uuid))
+
+        nursery.start_soon(reader)
+        await trio.sleep(1)
+        rig.backend.gate.set()
+    assert len(read[0]) == MIB
+    assert rig.backend.calls["get"] == gets + 1
+
+
+async def test_a_failed_prefetch_is_nobodys_error(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(CacheSize=64, ReadTimeout=5)
+    await running(rig)
+    (uuid,) = await _uploaded_and_evicted(rig, 1, MIB)
+    rig.backend.set(Mode.UNAVAILABLE, "get")
+    assert not await rig.store.prefetch(uuid)
+    assert rig.tier.used == 0
+    rig.backend.set(Mode.OK)
+    assert len(await rig.read(uuid)) == MIB
