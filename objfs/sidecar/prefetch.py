@@ -29,7 +29,8 @@ from objfs.store.state import FIRST_LOOK
 
 log = logging.getLogger(__name__)
 
-PARALLEL = 4
+PARALLEL = 8
+LOOKUPS_AT_ONCE = 8
 QUEUE = 64
 SEEN_SECONDS = 600.0
 
@@ -82,11 +83,22 @@ class SeriesPrefetcher:
         fetched_before = self.fetched
 
         async def producer() -> None:
+            # Orthanc names one attachment per request: ask PARALLEL at a time, hand them
+            # on in viewing order.
             async with wanted:
-                for instance in instances:
-                    attachment = await self.orthanc.dicom_uuid(instance)
-                    if attachment is not None and attachment != uuid:
-                        await wanted.send(attachment)
+                for start in range(0, len(instances), LOOKUPS_AT_ONCE):
+                    batch = instances[start:start + LOOKUPS_AT_ONCE]
+                    found: list[str | None] = [None] * len(batch)
+
+                    async def one(i: int, instance: str, into: list[str | None]) -> None:
+                        into[i] = await self.orthanc.dicom_uuid(instance)
+
+                    async with trio.open_nursery() as lookups:
+                        for i, instance in enumerate(batch):
+                            lookups.start_soon(one, i, instance, found)
+                    for attachment in found:
+                        if attachment is not None and attachment != uuid:
+                            await wanted.send(attachment)
 
         async def worker(receive: trio.MemoryReceiveChannel[str]) -> None:
             async with receive:
