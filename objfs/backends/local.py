@@ -87,14 +87,19 @@ class LocalBackend(ThreadedBackend):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _synced_tmp(self, data: bytes) -> Path:
+        """A new temporary file in the bucket holding `data`, fsynced; the caller removes it."""
+        tmp = self._tmp / uuid.uuid4().hex
+        with open(tmp, "wb") as dst:
+            dst.write(data)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return tmp
+
     def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
         target = self._path(key)
-        tmp = self._tmp / uuid.uuid4().hex
+        tmp = self._synced_tmp(data)
         try:
-            with open(tmp, "wb") as dst:
-                dst.write(data)
-                dst.flush()
-                os.fsync(dst.fileno())
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(tmp, target)  # atomic, and fails when the name exists
@@ -123,12 +128,8 @@ class LocalBackend(ThreadedBackend):
         with self._conditional(key, version) as matches:
             if not matches:
                 return False
-            tmp = self._tmp / uuid.uuid4().hex
+            tmp = self._synced_tmp(data)
             try:
-                with open(tmp, "wb") as dst:
-                    dst.write(data)
-                    dst.flush()
-                    os.fsync(dst.fileno())
                 os.replace(tmp, self._path(key))
             finally:
                 tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ the configuration so that no call can block for long; objfs' own retry policy si
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,29 +157,16 @@ class S3Backend(ThreadedBackend):
         return True
 
     def _replace_if_sync(self, key: str, version: str, data: bytes) -> bool:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfMatch=version,
-                                   **self.extra)
-        except bx.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code in _PRECONDITION or code in _NOT_FOUND:
-                return False
-            raise
-        return True
+        return _unless_precondition(lambda: self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=data, IfMatch=version, **self.extra))
 
     def _read_versioned_sync(self, key: str) -> tuple[bytes, str]:
         response = self.client.get_object(Bucket=self.bucket, Key=key)
         return response["Body"].read(), str(response["ETag"])
 
     def _delete_if_sync(self, key: str, version: str) -> bool:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=version)
-        except bx.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code in _PRECONDITION or code in _NOT_FOUND:
-                return False
-            raise
-        return True
+        return _unless_precondition(lambda: self.client.delete_object(
+            Bucket=self.bucket, Key=key, IfMatch=version))
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:
@@ -198,3 +186,16 @@ class S3Backend(ThreadedBackend):
 
     async def aclose(self) -> None:
         self.client.close()
+
+
+def _unless_precondition(request: Callable[[], object]) -> bool:
+    """Run a conditional request: False when its condition did not hold (412, a racing 409)
+    or the object is gone, True when it was carried out."""
+    try:
+        request()
+    except bx.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code in _PRECONDITION or code in _NOT_FOUND:
+            return False
+        raise
+    return True

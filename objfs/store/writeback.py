@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import trio
 
@@ -121,24 +122,11 @@ class Writeback(Fetch):
         `handle.sent` tells close_write that the object may exist."""
         uuid = handle.uuid
         key = self._choose_key(uuid, handle.size)
-        path = self.tier.path(uuid)
         sealed = self.tier.tmp_path(uuid, "enc")
-        give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
-        if self.encryption is not None:
-            give_back = await self._scratch_for_reader(handle.size + codec.OVERHEAD)
-            try:
-                async with self._crypto_limiter:
-                    await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
-                                                  self.encryption.ring)
-            except BaseException:
-                sealed.unlink(missing_ok=True)
-                give_back()
-                raise
-            path = sealed
+        body, give_back = await self._upload_body(uuid, handle.size, sealed, foreground=True)
         self._fresh.discard(uuid)  # from now on a delete must reach the bucket
         handle.sent = True
         self.inflight[uuid] = settled = trio.Event()
-        body = path
 
         def record(exc: errors.ObjfsError) -> None:
             self.tally.upload_errors[error_class(exc)] += 1
@@ -157,6 +145,27 @@ class Writeback(Fetch):
         self._confirmed[uuid] = True
         self.tally.uploads += 1
         self.tier.space_changed()
+
+    async def _upload_body(self, uuid: str, size: int, sealed: Path,
+                           foreground: bool) -> tuple[Path, Callable[[], None]]:
+        """What to PUT for the plaintext local copy of `uuid`: the copy itself, or with
+        encryption its A1 form written to `sealed` (budget taken as a temporary copy, for
+        Orthanc's request when `foreground`). Returns the body and the function that gives
+        the budget back; the caller removes `sealed`."""
+        path = self.tier.path(uuid)
+        if self.encryption is None:
+            return path, lambda: None
+        give_back = (await self._scratch_for_reader(size + codec.OVERHEAD) if foreground
+                     else await self.tier.take_scratch(size + codec.OVERHEAD))
+        try:
+            async with self._crypto_limiter:
+                await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
+                                              self.encryption.ring)
+        except BaseException:
+            sealed.unlink(missing_ok=True)
+            give_back()
+            raise
+        return sealed, give_back
 
     def _make_durable(self, fd: int, uuid: str, size: int) -> None:
         """Runs in a worker thread. With EncryptLocalCache the complete file is sealed (A1,
@@ -334,20 +343,12 @@ class Writeback(Fetch):
                     self.journal.set_error(uuid, "local copy missing, not in the bucket")
                 return
             key = row.key or self._choose_key(uuid, row.size)
-            path = self.tier.path(uuid)
             sealed = self.tier.tmp_path(uuid, "enc")
             give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
-            if self.encryption is not None and not row.sealed:
-                give_back = await self.tier.take_scratch(row.size + codec.OVERHEAD)
-                try:
-                    async with self._crypto_limiter:
-                        await trio.to_thread.run_sync(codec.encrypt_file, path, sealed,
-                                                      self.encryption.ring)
-                except BaseException:
-                    sealed.unlink(missing_ok=True)
-                    give_back()
-                    raise
-                path = sealed
+            path = self.tier.path(uuid)
+            if not row.sealed:
+                path, give_back = await self._upload_body(uuid, row.size, sealed,
+                                                          foreground=False)
 
             async def put() -> None:
                 current = self.journal.get(uuid)

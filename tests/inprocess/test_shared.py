@@ -34,12 +34,18 @@ def _pair(rig_factory: Callable[..., Rig], tmp_path: Path, **objfs: object) -> t
             rig_factory("b", SharedBucket=True, NodeName="node-b", LocalBucket=bucket, **objfs))
 
 
-async def test_an_acknowledged_write_reads_at_once_on_the_other_node(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        tmp_path: Path, running: Start) -> None:
+async def _running_pair(rig_factory: Callable[..., Rig], tmp_path: Path,
+                        running: Start) -> tuple[Rig, Rig]:
     a, b = _pair(rig_factory, tmp_path)
     await running(a)
     await running(b)
+    return a, b
+
+
+async def test_an_acknowledged_write_reads_at_once_on_the_other_node(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    a, b = await _running_pair(rig_factory, tmp_path, running)
     assert a.store.write_through and b.store.write_through
     uuid = _uuid()
     await a.write(uuid, b"dicom" * 1000)
@@ -51,9 +57,7 @@ async def test_an_acknowledged_write_reads_at_once_on_the_other_node(
 async def test_an_unknown_name_is_asked_again_after_the_negative_bound(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         tmp_path: Path, running: Start) -> None:
-    a, b = _pair(rig_factory, tmp_path)
-    await running(a)
-    await running(b)
+    a, b = await _running_pair(rig_factory, tmp_path, running)
     uuid = _uuid()
     assert await b.store.size_of(uuid) is None  # Orthanc's stat before a create: ENOENT
     lists = b.backend.calls["list"]
@@ -68,9 +72,7 @@ async def test_an_unknown_name_is_asked_again_after_the_negative_bound(
 async def test_a_delete_on_one_node_is_seen_by_the_other_within_the_bound(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         tmp_path: Path, running: Start) -> None:
-    a, b = _pair(rig_factory, tmp_path)
-    await running(a)
-    await running(b)
+    a, b = await _running_pair(rig_factory, tmp_path, running)
     uuid = _uuid()
     await a.write(uuid, b"y" * 100)
     assert await a.read(uuid) == b"y" * 100  # A has it cached
