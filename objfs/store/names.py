@@ -191,6 +191,10 @@ class Names(StoreCore):
         if self.shared:
             log.info("SharedBucket: no inventory; names this node does not know are looked up "
                      "in the bucket")
+            # Other nodes change the bucket from now on: should SharedBucket be turned off
+            # later, an inventory recorded before today must not be trusted then.
+            if self.journal.get_meta(INVENTORY_META):
+                await self._j(self.journal.set_meta, INVENTORY_META, "")
             return
         if self.inventory_done:
             log.info("the journal holds a complete inventory of the bucket: unknown names are "
