@@ -147,6 +147,14 @@ class StoreCore:
         if not self._outstanding:
             self._idle.set()
 
+    def _drop_local(self, uuid: str, size: int) -> None:
+        """Remove the local copy of `uuid` if there is one and give back its budget (no
+        await between the check and the release: atomic on the event loop)."""
+        path = self.tier.path(uuid)
+        if path.exists():
+            path.unlink()
+            self.tier.release(size)
+
     def write_handle(self, uuid: str) -> WriteHandle | None:
         """The open write of `uuid`, if Orthanc is writing it now."""
         return self.writing.get(uuid)

@@ -211,11 +211,18 @@ class Fetch(Names):
                 return
             if isinstance(running.error, Exception):
                 raise running.error
+        await self._recorded_download(row)
+
+    async def _recorded_download(self, row: Row, background: bool = False) -> None:
+        """`_download`, announced in `_fetches` so that readers of the uuid wait for it. A
+        prefetch's (`background`) failure is not recorded for them: they fetch for
+        themselves."""
         fetch = self._fetches[row.uuid] = FetchRecord()
         try:
-            await self._download(row)
+            await self._download(row, background)
         except BaseException as exc:
-            fetch.error = exc
+            if not background or not isinstance(exc, Exception):
+                fetch.error = exc
             raise
         finally:
             fetch.done.set()
@@ -244,19 +251,11 @@ class Fetch(Names):
             return False
         if not self.tier.try_reserve_background(row.size):
             return False
-        fetch = self._fetches[uuid] = FetchRecord()
         try:
-            await self._download(row, background=True)
+            await self._recorded_download(row, background=True)
         except Exception as exc:
-            # Not recorded as the fetch's error: a reader waiting on it fetches for itself.
             log.info("prefetch of attachment %s failed: %s", uuid, exc)
             return False
-        except BaseException as exc:
-            fetch.error = exc
-            raise
-        finally:
-            fetch.done.set()
-            del self._fetches[uuid]
         return True
 
     async def _download(self, row: Row, background: bool = False) -> None:

@@ -71,10 +71,7 @@ class Names(StoreCore):
         log.info("attachment %s: deleted by another node; forgetting it here", row.uuid)
         self._negative[row.uuid] = True
         self._confirmed.pop(row.uuid, None)
-        path = self.tier.path(row.uuid)
-        if current.cached and path.exists():
-            path.unlink()
-            self.tier.release(current.size)
+        self._drop_local(row.uuid, current.size)
         await self._j(self.journal.remove, row.uuid)
 
     async def _remote_listing(self, prefix: str, limit: int) -> list[ObjectInfo]:

@@ -220,7 +220,6 @@ class Writeback(Fetch):
             await self._discard_local(handle.uuid, handle.reserved)
             return False
         self.tier.release(handle.reserved - handle.size)
-        row = self.journal.get(handle.uuid)
         if row is not None and row.state == PENDING_UPLOAD:
             self._queue_upload(handle.uuid)
         return True
@@ -292,14 +291,6 @@ class Writeback(Fetch):
         # Decided now, not from `row` (read before the awaits above): eviction may have
         # removed the copy meanwhile, and its space must be given back exactly once.
         self._drop_local(uuid, row.size)
-
-    def _drop_local(self, uuid: str, size: int) -> None:
-        """Remove the local copy of `uuid` if there is one and give back its budget (no
-        await between the check and the release: atomic on the event loop)."""
-        path = self.tier.path(uuid)
-        if path.exists():
-            path.unlink()
-            self.tier.release(size)
 
     async def _upload_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
         async with receive:
