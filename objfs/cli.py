@@ -116,8 +116,7 @@ def _status(settings: Settings, as_json: bool) -> int:
     found = _facts(settings, path)
     state = status.daemon_phase(settings.cache_directory)
     found.update(status.cluster_facts(
-        settings, [w for w in str(state.get("locks_held") or "").split(",") if w]
-        if state else None,
+        settings, list(state.get("locks_held") or []) if state else None,
         state.get("bucket_lookups") if state else None))
     failing_since = state.get("bucket_failing_since") if state else None
     if as_json:

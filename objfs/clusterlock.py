@@ -28,7 +28,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -236,7 +236,7 @@ def lock_kind(settings: Settings) -> str:
     return "lease object in the bucket"
 
 
-async def keep(lock: ClusterLock, on_lost: Callable[[], Awaitable[None] | None]) -> None:
+async def keep(lock: ClusterLock, on_lost: Callable[[], None]) -> None:
     """Renew `lock` every RENEW_SECONDS until cancelled; call `on_lost` once if it is lost
     (or cannot be renewed for LEASE_SECONDS - RENEW_SECONDS), then return."""
     failing_since: float | None = None
@@ -252,7 +252,5 @@ async def keep(lock: ClusterLock, on_lost: Callable[[], Awaitable[None] | None])
             ok = now - failing_since < LEASE_SECONDS - RENEW_SECONDS
         if not ok:
             log.error("cluster lock %s: lost; stopping its work", lock.work)
-            result = on_lost()
-            if result is not None:
-                await result
+            on_lost()
             return

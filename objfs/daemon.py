@@ -173,7 +173,7 @@ async def _report_status(notifier: Notifier, store: Store, jobs: Jobs, root: Pat
         facts: dict[str, Any] = {"bucket_failing_since": store.health.failing_since,
                                  "bucket_error": store.health.last_error}
         if store.shared:
-            facts.update(locks_held=",".join(jobs.held_locks),
+            facts.update(locks_held=jobs.held_locks,
                          bucket_lookups=store.tally.bucket_lookups)
         if facts != reported:
             write_state(root, "running", **facts)
@@ -195,7 +195,7 @@ def _mib(n: int) -> str:
     return f"{n / MIB:.1f} MiB"
 
 
-def write_state(root: Path, phase: str, **facts: float | str | None) -> None:
+def write_state(root: Path, phase: str, **facts: float | str | list[str] | None) -> None:
     """Record the daemon's phase for `objfs status` (atomically; not fsynced: it only informs
     a human and is rewritten at every start)."""
     tmp = root / "state.json.tmp"

@@ -10,7 +10,9 @@ in order on one cluster and end by comparing the bucket with the index.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,8 +289,6 @@ def test_a_second_rekey_while_one_runs_is_refused(cluster: dict[str, Any]) -> No
         tree = {**rekey_config, "Objfs": {**rekey_config["Objfs"], "NodeName": node.name,
                                           "CacheDirectory": str(node.workdir /
                                                                 f"{node.name}-rekey-cache")}}
-        import json
-
         path.write_text(json.dumps(tree))
         return path
 
@@ -319,7 +319,7 @@ def test_a_node_started_while_the_other_ingests_reads_its_new_instances(
         cluster: dict[str, Any]) -> None:
     a, b = cluster["a"], cluster["b"]
     b.stop()
-    shutil_rmtree(b.cache)  # a new node: empty cache, nothing known
+    shutil.rmtree(b.cache)  # a new node: empty cache, nothing known
     written: dict[str, bytes] = {}
     stop = threading.Event()
 
@@ -357,9 +357,3 @@ def test_the_bucket_holds_exactly_the_attachments_of_the_index(cluster: dict[str
     assert len(index) >= len(cluster["sent"])
     assert bucket_uuids(cluster["moto"], cluster["bucket"]) == index
     assert fs_uuids(cluster["fs_tier"]) == set()
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

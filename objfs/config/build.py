@@ -283,10 +283,17 @@ def _cluster_problems(own: Mapping[str, Any], own_raw: Mapping[str, Any], hybrid
         problems.add(f"{OBJFS_SECTION}.WriteMode: 'write-back' cannot be used with "
                      "SharedBucket (another node could not read an attachment before its "
                      "upload); leave it out, SharedBucket writes through")
-    if hybrid != HybridMode.DISABLED and not own["SharedFileSystemTier"]:
+    if hybrid == HybridMode.DISABLED or not own["FileSystemDirectory"]:
+        return
+    if not own["SharedFileSystemTier"]:
         problems.add(f"{OBJFS_SECTION}.SharedBucket with HybridMode '{hybrid}': every node must "
                      "see the same file-system tier; put FileSystemDirectory on a filesystem "
                      "all nodes mount and set Objfs.SharedFileSystemTier to true")
+    cache = Path(own["CacheDirectory"]).resolve()
+    fs_dir = Path(own["FileSystemDirectory"]).resolve()
+    if cache == fs_dir or fs_dir in cache.parents:
+        problems.add(f"{OBJFS_SECTION}.CacheDirectory: must not be inside the shared "
+                     "FileSystemDirectory (it holds this node's own files)")
 
 
 def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
@@ -345,12 +352,6 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
     with problems.collect():
         postgresql = _postgresql(tree, problems)
     _cluster_problems(own, own_raw, hybrid, problems)
-    if own["SharedBucket"] and own["FileSystemDirectory"] and hybrid != HybridMode.DISABLED:
-        inside = Path(own["CacheDirectory"]).resolve()
-        fs_dir = Path(own["FileSystemDirectory"]).resolve()
-        if inside == fs_dir or fs_dir in inside.parents:
-            problems.add(f"{OBJFS_SECTION}.CacheDirectory: must not be inside the shared "
-                         "FileSystemDirectory (it holds this node's own files)")
     problems.raise_any()
     return Settings(
         provider=provider, layout=layout, legacy_unknown_files=values["EnableLegacyUnknownFiles"],

@@ -43,27 +43,25 @@ class OrthancClient:
 
     async def _get(self, path: str) -> Any | None:
         """The JSON answer of GET `path`, or None for 404."""
+        return await self._request("GET", path)
+
+    async def _request(self, method: str, path: str, body: str | None = None) -> Any | None:
+        """The JSON answer of one request, or None for 404."""
         try:
-            response = await self._http.get(path)
+            response = await self._http.request(method, path, content=body)
         except httpx.HTTPError as exc:
             raise OrthancUnavailable(f"Orthanc at {self.url} is unreachable: {exc}") from exc
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise OrthancUnavailable(f"Orthanc answered HTTP {response.status_code} to GET "
-                                     f"{path}: {response.text[:200]}")
+            raise OrthancUnavailable(f"Orthanc answered HTTP {response.status_code} to "
+                                     f"{method} {path}: {response.text[:200]}")
         return response.json()
 
     async def series_id(self, series_instance_uid: str) -> str | None:
         """Orthanc's id of the series with this SeriesInstanceUID, or None."""
-        try:
-            response = await self._http.post("/tools/lookup", content=series_instance_uid)
-        except httpx.HTTPError as exc:
-            raise OrthancUnavailable(f"Orthanc at {self.url} is unreachable: {exc}") from exc
-        if response.status_code != 200:
-            raise OrthancUnavailable(f"Orthanc answered HTTP {response.status_code} to "
-                                     f"/tools/lookup: {response.text[:200]}")
-        found = [r["ID"] for r in response.json() if r.get("Type") == "Series"]
+        answer = await self._request("POST", "/tools/lookup", series_instance_uid) or []
+        found = [r["ID"] for r in answer if r.get("Type") == "Series"]
         return str(found[0]) if found else None
 
     async def series_instances(self, series_id: str) -> list[str]:
