@@ -14,6 +14,7 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -82,17 +83,21 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
         large_start = time.perf_counter()
         with ThreadPoolExecutor(2) as pool:
             large_ids = list(pool.map(orthanc.upload, large))
-        out["ingest_large_s"] = time.perf_counter() - large_start
+        acked = time.perf_counter()
+        out["ingest_large_s"] = acked - large_start
+        out["ingest_s"] = acked - start
         if daemon is not None:
             daemon.wait_uploaded(timeout=900)
-            out["durable_s"] = time.perf_counter() - start
+            done = time.perf_counter()
+            out["durable_s"] = done - start
+            out["durable_lag_s"] = done - acked
 
-        def read_all() -> int:
-            with ThreadPoolExecutor(CLIENTS) as pool:
+        def read(which: list[str], clients: int) -> int:
+            with ThreadPoolExecutor(clients) as pool:
                 return sum(len(b) for b in pool.map(
-                    lambda i: orthanc.request("GET", f"/instances/{i}/file"), ids + large_ids))
+                    lambda i: orthanc.request("GET", f"/instances/{i}/file"), which))
 
-        out["warm_read_s"], out["read_bytes"] = timed(read_all)
+        out["warm_read_s"], out["read_bytes"] = timed(read, ids + large_ids, CLIENTS)
         orthanc.stop()
         if daemon is not None:
             assert daemon.process is not None
@@ -102,7 +107,15 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
             daemon.start()
         out["page_cache_dropped"] = float(drop_page_cache())
         orthanc.start()
-        out["cold_read_s"], _ = timed(read_all)
+        out["cold_small_s"], out["small_bytes"] = timed(read, ids, CLIENTS)
+        out["cold_large_s"], out["large_bytes"] = timed(read, large_ids, 2)
+        if server is not None and bucket is not None and hasattr(server, "raw_get"):
+            # The same objects objfs just fetched for the small instances, fetched by the SDK
+            # alone at the same concurrency against the same server.
+            keys = [k for k, size in server.sizes(bucket).items() if size < 4 << 20]
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                out["raw_get_small_s"], _ = timed(
+                    lambda: list(pool.map(lambda k: server.raw_get(bucket, k), keys)))
 
         def delete_all() -> None:
             for patient in orthanc.json("GET", "/patients"):
@@ -111,7 +124,7 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
         out["delete_s"], _ = timed(delete_all)
         if daemon is not None and server is not None and bucket is not None:
             daemon.wait_uploaded(timeout=600)
-            wait_until(lambda: server.keys(bucket) == {}, 120, "bucket empty")
+            wait_until(lambda: server.sizes(bucket) == {}, 120, "bucket empty")
             assert daemon.process is not None
             rss, cpu = proc_usage(daemon.process.pid)  # the restarted daemon: cold read, delete
             out["rss_mb"], out["cpu_s"] = max(rss, out["rss_mb"]), cpu + out["cpu_s"]
@@ -169,7 +182,7 @@ def raw_ceilings(work: Path, server: Any, files: list[bytes]) -> tuple[float, fl
 
 def objfs_run(work: Path, name: str, server: Any, small: list[bytes], large: list[bytes],
               extra: dict[str, Any]) -> dict[str, float]:
-    bucket = server.new_bucket(f"bench-{name}")
+    bucket = server.new_bucket(f"bench-{work.name}-{name}")
     (work / name).mkdir()
     config = {server.section_name: {**server.section(bucket), **extra},
               "Objfs": {"CacheDirectory": str(work / name / "cache"), "CacheSize": 4096,
@@ -186,8 +199,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=300)
     parser.add_argument("--small-kb", type=int, default=512)
-    parser.add_argument("--backends", default="s3,azure,gcs",
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--backends", default="s3",
                         help="comma-separated: s3 (moto), azure (Azurite), gcs (fake-gcs)")
+    parser.add_argument("--no-encryption", action="store_true",
+                        help="skip the s3 run with A1 encryption")
+    parser.add_argument("--ceilings", action="store_true",
+                        help="also measure the background upload phase against raw PUTs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="objfs-bench-"))
     small, large = corpus(args.small, args.small_kb)
@@ -195,62 +213,82 @@ def main() -> None:
     large_mb = sum(map(len, large)) / 1e6
     print(f"corpus: {len(small)} instances of {len(small[0]) / 1e6:.2f} MB, "
           f"2 multi-frame files of {', '.join(f'{len(x) / 1e6:.0f}' for x in large)} MB; "
-          f"{CLIENTS} concurrent REST clients; emulators at nice {EMULATOR_NICE}")
+          f"{CLIENTS} concurrent REST clients; emulators at nice {EMULATOR_NICE}; "
+          f"median of {args.rounds} interleaved rounds")
     key = work / "bench.key"
     codec.write_key_file(key)
     makers = {"s3": lambda: MotoServer(work, nice=EMULATOR_NICE),
               "azure": lambda: AzuriteServer(work, nice=EMULATOR_NICE),
               "gcs": lambda: FakeGcsServer(work, nice=EMULATOR_NICE)}
-    local_dir = work / "local-storage"
-    local_dir.mkdir()
-    (work / "local").mkdir()
-    local = run_orthanc(work / "local", local_dir, small, large, None, None, None)
-    runs: list[tuple[str, dict[str, float]]] = []
+    servers = {name: makers[name]() for name in args.backends.split(",")}
+    configs: list[tuple[str, str, dict[str, Any]]] = []
+    for name in servers:
+        configs.append((name, name, {}))
+        if name == "s3" and not args.no_encryption:
+            configs.append(("s3+enc", name, {"StorageEncryption": {"MasterKey": [1, str(key)]}}))
+    results: dict[str, list[dict[str, float]]] = {"local": []}
+    results.update({label: [] for label, _, _ in configs})
     ceilings: list[tuple[str, float, float, float]] = []
-    for name in args.backends.split(","):
-        server = makers[name]()
-        try:
-            runs.append((name, objfs_run(work, name, server, small, large, {})))
-            if name == "s3":
-                runs.append(("s3+enc", objfs_run(work, "s3enc", server, small, large, {
-                    "StorageEncryption": {"MasterKey": [1, str(key)]}})))
-            phase = upload_phase(work, server, small)
-            put, get = raw_ceilings(work, server, small)
-            ceilings.append((name, phase, put, get))
-        finally:
+    try:
+        for rnd in range(args.rounds):
+            base = work / f"round{rnd}"
+            (base / "local" / "storage").mkdir(parents=True)
+            results["local"].append(run_orthanc(base / "local", base / "local" / "storage",
+                                                small, large, None, None, None))
+            for label, name, extra in configs:
+                results[label].append(objfs_run(base, label.replace("+", "-"), servers[name],
+                                                small, large, extra))
+        if args.ceilings:
+            for name, server in servers.items():
+                phase = upload_phase(work, server, small)
+                put, get = raw_ceilings(work, server, small)
+                ceilings.append((name, phase, put, get))
+    finally:
+        for server in servers.values():
             server.stop()
 
-    def rates(r: dict[str, float]) -> list[float]:
-        return [len(small) / r["ingest_small_s"], large_mb / r["ingest_large_s"],
-                r["read_bytes"] / 1e6 / r["warm_read_s"], r["read_bytes"] / 1e6 / r["cold_read_s"],
-                (len(small) + 2) / r["delete_s"]]
+    def med(label: str, fn: Any) -> float:
+        return statistics.median(fn(r) for r in results[label])
 
-    names = [("ingest, small instances", "inst/s"), ("ingest, multi-frame files", "MB/s"),
-             ("warm read (all files)", "MB/s"), ("cold read (caches emptied)", "MB/s"),
-             ("delete (all patients)", "inst/s")]
-    print(f"{'':<28} {'unit':<7} {'local':>8}" + "".join(f" {n:>16}" for n, _ in runs))
-    for i, (name, unit) in enumerate(names):
-        loc = rates(local)[i]
-        cells = "".join(f" {rates(r)[i]:>8.1f} {rates(r)[i] / loc:>5.2f}x" for _, r in runs)
-        print(f"{name:<28} {unit:<7} {loc:>8.1f}{cells}")
-    by_name = dict(runs)
-    if "s3" in by_name and "s3+enc" in by_name:
-        enc = [a / b for a, b in zip(rates(by_name["s3+enc"]), rates(by_name["s3"]),
-                                     strict=True)]
+    metrics = [
+        ("ingest, small instances", "inst/s", lambda r: len(small) / r["ingest_small_s"]),
+        ("ingest, multi-frame files", "MB/s", lambda r: large_mb / r["ingest_large_s"]),
+        ("warm read (all files)", "MB/s", lambda r: r["read_bytes"] / 1e6 / r["warm_read_s"]),
+        ("cold read, small instances", "MB/s",
+         lambda r: r["small_bytes"] / 1e6 / r["cold_small_s"]),
+        ("cold read, multi-frame", "MB/s", lambda r: r["large_bytes"] / 1e6 / r["cold_large_s"]),
+        ("delete (all patients)", "inst/s", lambda r: (len(small) + 2) / r["delete_s"]),
+    ]
+    labels = [label for label, _, _ in configs]
+    print(f"{'':<28} {'unit':<7} {'local':>8}" + "".join(f" {n:>16}" for n in labels))
+    for title, unit, fn in metrics:
+        loc = med("local", fn)
+        cells = "".join(f" {med(n, fn):>8.1f} {med(n, fn) / loc:>6.2f}x" for n in labels)
+        print(f"{title:<28} {unit:<7} {loc:>8.1f}{cells}")
+    if "s3" in results and "s3+enc" in results:
+        enc = [med("s3+enc", fn) / med("s3", fn) for _, _, fn in metrics]
         print("encryption on/off (s3): " + ", ".join(
-            f"{n.split(',')[0] if ',' in n else n} {r:.2f}x" for (n, _), r in zip(
-                names, enc, strict=True)))
-    total_mb = small_mb + large_mb
-    local_ingest = local["ingest_small_s"] + local["ingest_large_s"]
-    for label, r in runs:
-        print(f"{label}: all {total_mb:.0f} MB durable in the bucket {r['durable_s']:.1f} s "
-              f"after ingest start (local-disk ingest: {local_ingest:.1f} s); daemon peak RSS "
-              f"{r['rss_mb']:.0f} MB, CPU {r['cpu_s']:.1f} s over the run")
+            f"{title} {r:.2f}x" for (title, _, _), r in zip(metrics, enc, strict=True)))
+    local_ingest = med("local", lambda r: r["ingest_s"])
+    for label in labels:
+        lags = ", ".join(f"{r['durable_lag_s']:.2f}" for r in results[label])
+        print(f"{label}: all {small_mb + large_mb:.0f} MB durable in the bucket "
+              f"{med(label, lambda r: r['durable_s']):.2f} s after ingest start, "
+              f"{med(label, lambda r: r['durable_lag_s']):.2f} s after the last acknowledgement "
+              f"(rounds: {lags}; ingest {med(label, lambda r: r['ingest_s']):.2f} s, "
+              f"local-disk ingest {local_ingest:.2f} s); daemon peak RSS "
+              f"{med(label, lambda r: r['rss_mb']):.0f} MB, CPU "
+              f"{med(label, lambda r: r['cpu_s']):.1f} s over the run")
+        if all("raw_get_small_s" in r for r in results[label]):
+            raw = med(label, lambda r: r["small_bytes"] / 1e6 / r["raw_get_small_s"])
+            cold = med(label, lambda r: r["small_bytes"] / 1e6 / r["cold_small_s"])
+            print(f"{label}: cold read of small instances {cold:.1f} MB/s = {cold / raw:.2f}x "
+                  f"raw SDK GETs of the same objects at concurrency {CLIENTS} ({raw:.1f} MB/s)")
     for name, phase, put, get in ceilings:
         print(f"{name}: background upload phase {phase:.0f} MB/s = {phase / put:.2f}x the raw "
               f"SDK PUT ceiling ({put:.0f} MB/s; raw GET {get:.0f} MB/s) at concurrency "
               f"{UPLOAD_CONCURRENCY}")
-    if not local.get("page_cache_dropped"):
+    if not results["local"][0].get("page_cache_dropped"):
         print("note: could not drop the page cache; local cold read is a warm read")
     shutil.rmtree(work, ignore_errors=True)
 

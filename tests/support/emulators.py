@@ -53,6 +53,11 @@ class MotoServer:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def sizes(self, bucket: str) -> dict[str, int]:
+        """Every key of `bucket` with its size (a listing only)."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
     def keys(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         client = self.client()
         out: dict[str, bytes] = {}
@@ -119,6 +124,10 @@ class AzuriteServer:
         self.service().create_container(name)
         return name
 
+    def sizes(self, bucket: str) -> dict[str, int]:
+        container = self.service().get_container_client(bucket)
+        return {b.name: b.size for b in container.list_blobs()}
+
     def keys(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         container = self.service().get_container_client(bucket)
         return {b.name: container.download_blob(b.name).readall()
@@ -170,6 +179,9 @@ class FakeGcsServer:
     def new_bucket(self, name: str) -> str:
         self.client().create_bucket(name)
         return name
+
+    def sizes(self, bucket: str) -> dict[str, int]:
+        return {b.name: b.size for b in self.client().list_blobs(bucket)}
 
     def keys(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         client = self.client()
