@@ -48,6 +48,11 @@ class Throttled(Unavailable):
     """The backend asked us to slow down (HTTP 429/503 SlowDown)."""
 
 
+class Unsupported(BackendError):
+    """The store does not implement an optional request (a batch delete on some
+    S3-compatible servers); the caller falls back to plain requests."""
+
+
 class TooLarge(BackendError):
     """The object exceeds what the backend accepts in one object."""
 

@@ -225,6 +225,12 @@ class Journal:
     def remove(self, uuid: str) -> None:
         self._write("DELETE FROM attachments WHERE uuid=?", (uuid,))
 
+    def forget_deleted(self, uuids: Iterable[str]) -> None:
+        """Drop the rows of deletes the bucket confirmed (one transaction). Not durable on its
+        own: after a crash those deletes are repeated, which is harmless."""
+        self._many("DELETE FROM attachments WHERE uuid=? AND state=?",
+                   ((u, PENDING_DELETE) for u in uuids), durable=False)
+
     def add_remote(self, entries: Iterable[tuple[str, str, int]]) -> None:
         """Record attachments found in the bucket: (uuid, key, size); known ones are kept."""
         now = time.time()

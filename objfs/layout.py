@@ -106,6 +106,14 @@ class Layout:
             return self.object_key(uuid, Kind.UNKNOWN, False)
         return join_root(self.root_path, uuid)
 
+    def possible_keys(self, uuid: str) -> list[str]:
+        """Every key `parse_key` maps to attachment `uuid`: what a delete must remove without
+        listing (the plugins' names, a rekeyed ``.enc`` sibling, another kind's extension)."""
+        if self.legacy:
+            return [self.object_key(uuid, Kind.UNKNOWN, False)]
+        return [self.object_key(uuid, kind, encrypted)
+                for kind in _KIND_ORDER for encrypted in (False, True)]
+
     def dir_prefix(self, hexdigits: str) -> str:
         """A listing prefix matching every attachment whose uuid starts with `hexdigits`
         (2 or 4 hex digits: Orthanc's first or second directory level)."""

@@ -71,6 +71,10 @@ class PrefixedBackend(Backend):
 
     def __init__(self, inner: Backend, prefix: str) -> None:
         self.inner, self.prefix = inner, prefix
+        self.batch_delete_limit = inner.batch_delete_limit
+
+    async def delete_many(self, keys: list[str]) -> None:
+        await self.inner.delete_many([self.prefix + k for k in keys])
 
     async def put(self, key: str, path: Path) -> None:
         await self.inner.put(self.prefix + key, path)
@@ -170,6 +174,20 @@ async def test_missing_object_and_delete(backend: Backend, tmp_path: Path) -> No
     await backend.delete("x/y")
     with pytest.raises(errors.NotFound):
         await backend.head("x/y")
+
+
+async def test_batch_delete(backend: Backend, tmp_path: Path) -> None:
+    """Stores with a batch delete remove present and absent keys in one call; the others say
+    they have none (the store then deletes one key at a time)."""
+    if backend.batch_delete_limit == 0:
+        with pytest.raises(NotImplementedError):
+            await backend.delete_many(["k"])
+        return
+    src = _file(tmp_path, "src", b"abc")
+    for key in ("b/1.dcm", "b/2.dcm", "b/3.dcm"):
+        await backend.put(key, src)
+    await backend.delete_many(["b/1.dcm", "b/2.dcm", "b/absent.dcm"])
+    assert [i.key async for i in backend.list("b/")] == ["b/3.dcm"]
 
 
 async def test_list_prefix_pagination(backend: Backend, tmp_path: Path) -> None:

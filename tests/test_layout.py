@@ -50,6 +50,19 @@ def test_legacy_keys_ignore_type_and_encryption(root: str, kind: Kind, encrypted
     assert layout.dir_prefix("0a") == f"{prefix}0a/"
 
 
+@pytest.mark.parametrize("structure", ["flat", "legacy"])
+@pytest.mark.parametrize("root", ["", "orthanc/"])
+def test_possible_keys_are_every_name_of_the_uuid(structure: str, root: str) -> None:
+    """A batch delete sends these instead of listing: each is parsed back to the uuid, and
+    every key the layout gives the uuid is among them."""
+    layout = Layout(structure, root)
+    keys = layout.possible_keys(U)
+    assert len(keys) == len(set(keys)) == (8 if structure == "flat" else 1)
+    assert all((info := layout.parse_key(k)) is not None and info.uuid == U for k in keys)
+    assert {layout.object_key(U, kind, enc) for kind in Kind for enc in (False, True)} \
+        == set(keys)
+
+
 def test_parse_rejects_foreign_keys() -> None:
     flat, legacy = Layout("flat", "r"), Layout("legacy", "r")
     for key in [f"other/{U}.dcm", f"r/{U}.txt", f"r/{U}", "r/not-a-uuid.dcm", f"r/{U}.dcm.x",

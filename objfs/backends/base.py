@@ -50,6 +50,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def delete(self, key: str) -> None: ...
 
+    # Most keys one `delete_many` call takes; 0 when the store has no batch delete (then
+    # deletes go one key at a time, after a listing).
+    batch_delete_limit: int = 0
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete up to `batch_delete_limit` keys in one request; absent keys are not an
+        error. Raises when any key could not be deleted (the whole call may be repeated)."""
+        raise NotImplementedError(f"{self.name} has no batch delete")
+
     @abc.abstractmethod
     async def list_page(self, prefix: str, token: str | None = None,
                         limit: int = 1000) -> tuple[list[ObjectInfo], str | None]: ...
@@ -182,6 +191,14 @@ class ThreadedBackend(Backend):
 
     async def delete(self, key: str) -> None:
         await self._run("delete", key, self._delete_sync, key)
+
+    def _delete_many_sync(self, keys: list[str]) -> None:
+        raise NotImplementedError(f"{self.name} has no batch delete")
+
+    async def delete_many(self, keys: list[str]) -> None:
+        if not self.batch_delete_limit:
+            raise NotImplementedError(f"{self.name} has no batch delete")
+        await self._run("delete", keys[0] if keys else "", self._delete_many_sync, keys)
 
     async def list_page(self, prefix: str, token: str | None = None,
                         limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:

@@ -28,6 +28,7 @@ class InstrumentedBackend(Backend):
     def __init__(self, inner: Backend, observe: Observer) -> None:
         self.inner = inner
         self.name = inner.name
+        self.batch_delete_limit = inner.batch_delete_limit
         self.observe = observe
         self.bytes_up = 0
         self.bytes_down = 0
@@ -60,6 +61,9 @@ class InstrumentedBackend(Backend):
 
     async def delete(self, key: str) -> None:
         await self._timed("delete", lambda: self.inner.delete(key))
+
+    async def delete_many(self, keys: list[str]) -> None:
+        await self._timed("delete_batch", lambda: self.inner.delete_many(keys))
 
     async def list_page(self, prefix: str, token: str | None = None,
                         limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:

@@ -167,6 +167,12 @@ class LocalBackend(ThreadedBackend):
             raise errors.NotFound(key)
         return ObjectInfo(key, st.st_size)
 
+    batch_delete_limit = 1000
+
+    def _delete_many_sync(self, keys: list[str]) -> None:
+        for key in keys:
+            self._delete_sync(key)
+
     def _delete_sync(self, key: str) -> None:
         path = self._path(key)
         try:

@@ -26,6 +26,8 @@ READ_CHUNK = 1024 * 1024
 PARTS_IN_FLIGHT = 4
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+# What S3-compatible servers without DeleteObjects answer to it.
+_NO_BATCH = {"NotImplemented", "MethodNotAllowed", "501", "405"}
 # A conditional write or delete that lost (412), or raced another one (409).
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
@@ -145,6 +147,26 @@ class S3Backend(ThreadedBackend):
 
     def _delete_sync(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    batch_delete_limit = 1000  # DeleteObjects' limit
+
+    def _delete_many_sync(self, keys: list[str]) -> None:
+        try:
+            response = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+        except bx.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _NO_BATCH:
+                raise errors.Unsupported(f"s3://{self.bucket}: DeleteObjects: {exc}") from exc
+            raise
+        failed = [e for e in response.get("Errors", []) if e.get("Code") not in _NOT_FOUND]
+        if failed:
+            first = failed[0]
+            what = (f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} "
+                    f"{first.get('Message', '')} ({len(failed)} of {len(keys)} keys of a batch "
+                    "delete failed)")
+            if first.get("Code") in _DENIED:
+                raise errors.Denied(what)
+            raise errors.Unavailable(what)
 
     def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
         try:

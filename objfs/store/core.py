@@ -69,6 +69,10 @@ class StoreCore:
         # Uuids being unlinked while their journal change is committed in a worker thread:
         # an upload that starts meanwhile must not send them to the bucket.
         self._unlinking: set[str] = set()
+        # Set once the bucket refused a batch delete: deletes go one object at a time.
+        self._no_batch_delete = False
+        # Held by the one delete worker gathering a batch (`_gather`).
+        self._delete_gathering = trio.Lock()
         # True once one complete listing of the bucket is in the journal (kept across
         # restarts): from then on every attachment is known here, so an unknown name is new.
         # With SharedBucket other nodes change the bucket: no listing stays true, lookups of

@@ -30,6 +30,10 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # Orthanc pauses for BUSY_WINDOW seconds, or until the cache budget is half full.
 BUSY_WINDOW = 0.5
 BUSY_REQUESTS = 1
+# A batch of deletes is sent once no further delete came for DELETE_GATHER seconds, or
+# DELETE_GATHER_MAX seconds after its first (objfs.store.writeback `_gather`).
+DELETE_GATHER = 0.05
+DELETE_GATHER_MAX = 1.0
 PROBE_INTERVAL = 5.0
 BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, persistent=True)
 

@@ -16,11 +16,22 @@ from objfs.fsutil import fd_path, fsync_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
 from objfs.retry import RetryPolicy
 from objfs.store.fetch import Fetch
-from objfs.store.state import BACKGROUND_RETRY, BUSY_REQUESTS, BUSY_WINDOW, WriteHandle
+from objfs.store.state import (
+    BACKGROUND_RETRY,
+    BUSY_REQUESTS,
+    BUSY_WINDOW,
+    DELETE_GATHER,
+    DELETE_GATHER_MAX,
+    WriteHandle,
+)
 from objfs.tally import error_class
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
+
+
+class _BatchRefused(Exception):
+    """The store refused a batch delete (`errors.Unsupported`), carried past the retries."""
 
 
 class Writeback(Fetch):
@@ -372,16 +383,78 @@ class Writeback(Fetch):
             self.tier.space_changed()
 
     async def _delete_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        """Send journaled deletes to the bucket: in batches (one request for up to
+        `batch_delete_limit` keys) when the backend has a batch delete, else one by one."""
         async with receive:
             async for uuid in receive:
+                batch = [uuid]
+                per_request = self._uuids_per_batch()
+                if per_request > 1:
+                    await self._gather(receive, batch, per_request)
                 try:
                     async with self._turn():
-                        await self._delete_remote(uuid)
+                        if per_request > 1:
+                            await self._delete_batch(batch)
+                        else:
+                            await self._delete_remote(uuid)
                 except Exception:
-                    log.exception("delete of attachment %s failed; it stays journaled and is "
-                                  "retried at the next start", uuid)
+                    log.exception("delete of %d attachments (%s, ...) failed; they stay "
+                                  "journaled and are retried at the next start", len(batch), uuid)
                 finally:
-                    self._untrack(uuid)
+                    for done in batch:
+                        self._untrack(done)
+
+    async def _gather(self, receive: trio.MemoryReceiveChannel[str], batch: list[str],
+                      limit: int) -> None:
+        """Add to `batch` the deletes that follow within DELETE_GATHER of each other, up to
+        `limit` and for at most DELETE_GATHER_MAX: Orthanc deletes a patient's or a study's
+        attachments one after the other, and the burst becomes a few requests. One worker
+        gathers at a time, so the burst is not split between them."""
+        async with self._delete_gathering:
+            end = trio.current_time() + DELETE_GATHER_MAX
+            while len(batch) < limit:
+                with trio.move_on_at(min(end, trio.current_time() + DELETE_GATHER)):
+                    batch.append(await receive.receive())
+                    continue
+                return
+
+    def _uuids_per_batch(self) -> int:
+        if self._no_batch_delete:
+            return 1
+        return self.backend.batch_delete_limit // len(self.layout.possible_keys("0" * 36))
+
+    async def _delete_batch(self, uuids: list[str]) -> None:
+        """Delete the objects of journaled deletes `uuids` in one request per
+        `batch_delete_limit` keys: every name the layout could have given each uuid, so no
+        listing is needed. Falls back to `_delete_remote` for a store that refuses batches."""
+        rows = [row for u in uuids if (row := self.journal.get(u)) is not None
+                and row.state == PENDING_DELETE and u not in self.inflight]
+        if not rows:
+            return
+        keys = sorted({k for row in rows for k in self.layout.possible_keys(row.uuid)}
+                      | {row.key for row in rows if row.key is not None})
+        limit = self.backend.batch_delete_limit
+
+        async def send(chunk: list[str]) -> None:
+            try:
+                await self.backend.delete_many(chunk)
+            except errors.Unsupported as exc:
+                raise _BatchRefused(exc) from exc  # not an ObjfsError: never retried
+
+        try:
+            for start in range(0, len(keys), limit):
+                chunk = keys[start:start + limit]
+                await self._retry(BACKGROUND_RETRY, f"delete {len(chunk)} keys ({chunk[0]}, ...)",
+                                  functools.partial(send, chunk))
+        except _BatchRefused as exc:
+            log.warning("the bucket refuses batch deletes (%s): deleting one object at a time",
+                        exc.__cause__)
+            self._no_batch_delete = True
+            for row in rows:
+                await self._delete_remote(row.uuid)
+            return
+        crash_point("after-object-delete")
+        await self._j(self.journal.forget_deleted, [row.uuid for row in rows])
 
     async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
         row = self.journal.get(uuid)

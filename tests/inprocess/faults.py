@@ -33,6 +33,8 @@ class FaultyBackend(Backend):
         self.gate = trio.Event()
         self.calls: Counter[str] = Counter()
         self.started = trio.Event()  # set whenever a call starts (replaced after each wait)
+        self.batch_delete_limit = inner.batch_delete_limit
+        self.refuse_batches = False  # a store without DeleteObjects: Unsupported
 
     def set(self, mode: Mode, *ops: str) -> None:
         for op in ops or ("put", "get", "head", "delete", "list", "copy"):
@@ -65,6 +67,12 @@ class FaultyBackend(Backend):
 
     async def delete(self, key: str) -> None:
         await self._call("delete", lambda: self.inner.delete(key))
+
+    async def delete_many(self, keys: list[str]) -> None:
+        if self.refuse_batches:
+            self.calls["refused batch"] += 1
+            raise errors.Unsupported("injected: DeleteObjects is not implemented")
+        await self._call("delete", lambda: self.inner.delete_many(keys))
 
     async def list_page(self, prefix: str, token: str | None = None,
                         limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:

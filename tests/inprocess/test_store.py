@@ -172,6 +172,59 @@ async def test_a_delete_removes_every_object_of_the_uuid(
     assert rig.bucket_files() == {f"{other}.dcm": b"another attachment"}
 
 
+@pytest.mark.parametrize("refuse_batches", [False, True])
+async def test_a_burst_of_deletes_goes_out_in_batches(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, refuse_batches: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Orthanc deleting a patient: one batch request per 125 attachments (8 possible names
+    each), every sibling name included; a store that refuses batches gets single deletes."""
+    rig = rig_factory()
+    rig.backend.refuse_batches = refuse_batches
+    await running(rig)
+    uuids = [new_uuid() for _ in range(300)]
+    for uuid in uuids:
+        await rig.write(uuid, uuid.encode())
+    keep = new_uuid()
+    await rig.write(keep, b"kept")
+    assert await rig.store.drain(timeout=60)
+    bucket = rig.settings.local_bucket
+    (bucket / f"{uuids[7]}.dcm.head.enc").write_bytes(b"a sibling")
+    rig.backend.calls.clear()
+    for uuid in uuids:
+        await rig.store.unlink(uuid)
+        await trio.sleep(0.001)  # Orthanc's pace: one unlink after the other
+    assert await rig.store.drain(timeout=60)
+    assert rig.bucket_files() == {f"{keep}.unk": b"kept"}
+    assert all(rig.journal.get(u) is None for u in uuids)
+    if refuse_batches:
+        assert rig.backend.calls["delete"] >= 300 and rig.backend.calls["list"] >= 300
+        assert "refuses batch deletes" in caplog.text
+    else:
+        assert rig.backend.calls["delete"] <= 10 and rig.backend.calls["list"] == 0
+
+
+async def test_a_failed_batch_delete_stays_journaled_and_is_repeated(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory()
+    await running(rig)
+    uuids = [new_uuid() for _ in range(20)]
+    for uuid in uuids:
+        await rig.write(uuid, b"x" * 100)
+    assert await rig.store.drain(timeout=60)
+    rig.backend.set(Mode.UNAVAILABLE, "delete")
+    for uuid in uuids:
+        await rig.store.unlink(uuid)
+        assert await rig.store.size_of(uuid) is None  # gone for Orthanc at once
+    await trio.sleep(30)
+    assert len(rig.bucket_files()) == 20
+    assert all((row := rig.journal.get(u)) is not None and row.state == "pending-delete"
+               for u in uuids)
+    rig.backend.set(Mode.OK, "delete")
+    assert await rig.store.drain(timeout=600)
+    assert rig.bucket_files() == {}
+
+
 async def test_queued_uploads_resume_within_a_probe_interval_of_a_recovery(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
