@@ -21,12 +21,21 @@ import trio
 
 from objfs import codec
 from objfs.errors import CacheFull
+from objfs.fsutil import syncfs
 from objfs.journal import PENDING_UPLOAD, Journal, Row
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
 
 EVICTION_BATCH = 64
+# Downloaded copies are not fsynced one by one (a cold read would wait for it): the tier
+# checkpoints them with one syncfs every CHECKPOINT_SECONDS and at a clean stop, recording when
+# (journal meta DOWNLOADS_SYNCED). After a crash, clean copies written since the last
+# checkpoint (minus MTIME_SLACK for timestamp granularity) are dropped at start and fetched
+# again: their data may not have reached the disk (docs/durability.md, invariant 2).
+CHECKPOINT_SECONDS = 30.0
+DOWNLOADS_SYNCED = "downloads-synced"
+MTIME_SLACK = 2.0
 
 
 def stored_size(row: Row) -> int:
@@ -65,8 +74,9 @@ class LocalTier:
     def recover(self) -> None:
         """Reconcile files with the journal after any stop, clean or not.
 
-        Files without a row were never acknowledged: removed. Rows whose clean copy is gone
-        are marked uncached. A dirty row whose file is gone is data loss (the disk lost an
+        Files without a row were never acknowledged: removed. Rows whose clean copy is gone,
+        has the wrong size, or was modified after the last `checkpoint` are marked uncached
+        (the copy is removed; the bucket has the object). A dirty row whose file is gone is data loss (the disk lost an
         acknowledged file): logged as an error and kept in the journal for the administrator.
         """
         for directory in (self.data, self.tmp):
@@ -74,6 +84,9 @@ class LocalTier:
         for entry in self.tmp.iterdir():
             entry.unlink()
         claimed = {row.uuid: row for row in self.journal.cached_rows()}
+        synced = self.journal.get_meta(DOWNLOADS_SYNCED)
+        # None: a cache from before checkpoints, whose downloads were each fsynced.
+        since = float(synced) - MTIME_SLACK if synced is not None else None
         for found in os.scandir(self.data):
             if found.name not in claimed:
                 log.info("removing %s: written but never acknowledged", found.path)
@@ -85,6 +98,13 @@ class LocalTier:
             except FileNotFoundError:
                 size = None
             if size == stored_size(row):
+                if since is None or row.state == PENDING_UPLOAD or \
+                        os.stat(self.path(uuid)).st_mtime < since:
+                    continue
+                log.info("attachment %s: copy made after the last cache checkpoint, before an "
+                         "unclean stop: dropped (the bucket has the object)", uuid)
+                os.unlink(self.path(uuid))
+                lost.append(uuid)
                 continue
             if row.state == PENDING_UPLOAD:
                 # Invariant 1 fsyncs the file before its row commits: only a failing disk gets
@@ -100,8 +120,27 @@ class LocalTier:
             lost.append(uuid)
         self.journal.uncache(lost)
         self.journal.barrier()
+        if synced is None:
+            self.journal.set_meta(DOWNLOADS_SYNCED, str(time.time()))
         # The budget counts plaintext sizes, as `reserve` does when the copy is made.
         self.used = sum(row.size for uuid, row in claimed.items() if uuid not in lost)
+
+    def checkpoint(self) -> None:
+        """Make every copy written so far durable with one syncfs, then record when, durably.
+        Blocking (run it in a thread, or at stop). Raises OSError."""
+        started = time.time()
+        syncfs(self.data)
+        self.journal.set_meta(DOWNLOADS_SYNCED, str(started))
+
+    async def checkpoints(self) -> None:
+        """`checkpoint` every CHECKPOINT_SECONDS, for the store's lifetime."""
+        while True:
+            await trio.sleep(CHECKPOINT_SECONDS)
+            try:
+                await trio.to_thread.run_sync(self.checkpoint)
+            except OSError as exc:
+                log.error("cannot checkpoint downloaded copies in %s: %s (copies made since "
+                          "the last checkpoint are fetched again after a crash)", self.data, exc)
 
     # --- budget -------------------------------------------------------------------------------
 

@@ -286,6 +286,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 mounted = False
                 await _drain(store, settings, root, notifier)
                 tier.flush_atimes()
+                await trio.to_thread.run_sync(tier.checkpoint)
                 nursery.cancel_scope.cancel()
         except BaseException:
             if mounted:

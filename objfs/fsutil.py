@@ -3,9 +3,12 @@ backend and rekey."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def fsync_path(path: Path) -> None:
@@ -13,6 +16,18 @@ def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: Path) -> None:
+    """Write out everything buffered for the file system holding `path` (syncfs(2)): one
+    call makes every earlier write on it durable. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs {path}: {os.strerror(code)}")
     finally:
         os.close(fd)
 

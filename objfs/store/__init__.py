@@ -82,6 +82,7 @@ class Store(Hybrid):
                 self._queue_upload(row.uuid)
             for row in deletes:
                 self._queue_delete(row.uuid)
+            nursery.start_soon(self.tier.checkpoints)
             nursery.start_soon(self._inventory)
             nursery.start_soon(self._watch_bucket)
             task_status.started()

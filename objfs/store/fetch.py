@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from objfs import codec, errors
-from objfs.fsutil import fd_path, fsync_path
+from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
 from objfs.store.state import FetchRecord, SharedPlain
@@ -299,9 +299,8 @@ class Fetch(Names):
                 raise errors.Corrupt(f"{got} bytes, expected {row.size}")
             if self.seal_local:
                 source = await self._seal(source, tmp, plain)
-            # Durable before it is marked cached: after a power loss a cached row never
-            # points at a short file (recovery also checks sizes).
-            await trio.to_thread.run_sync(fsync_path, source)
+            # No fsync here (a reader waits for this): the tier's next checkpoint makes the
+            # copy durable, and a crash before it drops the copy at start (`LocalTier`).
             current = self.journal.get(row.uuid)
             deleted = current is None or current.state == PENDING_DELETE
             if not deleted:  # no await since the check: atomic on the event loop
