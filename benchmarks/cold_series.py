@@ -13,12 +13,14 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.orthanc_ingest import EMULATOR_NICE, drop_page_cache
+from objfs.sidecar.prefetch import PARALLEL
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
@@ -33,8 +35,9 @@ def read_series(orthanc: Orthanc, order: list[str]) -> float:
 
 
 def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
-            objfs: dict[str, Any] | None) -> float:
-    """Seconds to read the series once everything is cold."""
+            objfs: dict[str, Any] | None) -> tuple[float, float | None]:
+    """Seconds to read the series once everything is cold, and for objfs the seconds the
+    SDK alone takes to GET the same objects, PARALLEL at a time (the floor for prefetch)."""
     base = work / name
     base.mkdir()
     daemon = None
@@ -63,7 +66,14 @@ def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
         if daemon is not None:
             daemon.start()
         orthanc.start()
-        return read_series(orthanc, order)
+        took = read_series(orthanc, order)
+        if moto is None:
+            return took, None
+        keys = list(moto.sizes(bucket))
+        start = time.perf_counter()
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            list(pool.map(lambda k: moto.raw_get(bucket, k), keys))
+        return took, time.perf_counter() - start
     finally:
         orthanc.stop()
         if daemon is not None:
@@ -84,14 +94,18 @@ def main() -> None:
         ("local disk", None), ("objfs, prefetch off", {"SeriesPrefetch": False}),
         ("objfs, prefetch on", {"SeriesPrefetch": True})]
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
+    floor: list[float] = []
     try:
         for r in range(args.rounds):
             for c, (name, objfs) in enumerate(configs):
                 corpus = [make_dicom((r * 10 + c) * 10_000 + i, rows=side, cols=side,
                                      patient="SERIES", study=r * 10 + c, series=1)
                           for i in range(args.instances)]
-                times[name].append(one_run(work, f"series-r{r}c{c}", corpus,
-                                           moto if objfs is not None else None, objfs))
+                took, raw = one_run(work, f"series-r{r}c{c}", corpus,
+                                    moto if objfs is not None else None, objfs)
+                times[name].append(took)
+                if raw is not None:
+                    floor.append(raw)
     finally:
         moto.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -105,6 +119,10 @@ def main() -> None:
               f"{local / med[name]:>5.2f}x local disk")
     print(f"  prefetch on vs off: {med['objfs, prefetch off'] / med['objfs, prefetch on']:.2f}x "
           "faster")
+    raw = statistics.median(floor)
+    print(f"  the SDK alone, GETs of the same {args.instances} objects {PARALLEL} at a time: "
+          f"{raw:.2f} s (the floor for any prefetch against this server; prefetch on is "
+          f"{med['objfs, prefetch on'] / raw:.2f}x that)")
 
 
 if __name__ == "__main__":
