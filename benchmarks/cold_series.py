@@ -35,7 +35,7 @@ def read_series(orthanc: Orthanc, order: list[str]) -> float:
 
 
 def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
-            objfs: dict[str, Any] | None) -> tuple[float, float | None]:
+            objfs: dict[str, Any] | None, evicted: bool) -> tuple[float, float | None]:
     """Seconds to read the series once everything is cold, and for objfs the seconds the
     SDK alone takes to GET the same objects, PARALLEL at a time (the floor for prefetch)."""
     base = work / name
@@ -61,7 +61,9 @@ def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
         if daemon is not None:
             daemon.wait_uploaded(600)
             daemon.stop()
-            shutil.rmtree(base / "cache")
+            # A wiped cache (a new node, a lost disk), or only the copies gone and the
+            # journal kept (what evictions leave: the usual way a series goes cold).
+            shutil.rmtree(base / "cache" / "data" if evicted else base / "cache")
         drop_page_cache()
         if daemon is not None:
             daemon.start()
@@ -90,19 +92,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="objfs-series-"))
     side = int((args.kb * 1024 / 2) ** 0.5)
     moto = MotoServer(work, nice=EMULATOR_NICE)
-    configs: list[tuple[str, dict[str, Any] | None]] = [
-        ("local disk", None), ("objfs, prefetch off", {"SeriesPrefetch": False}),
-        ("objfs, prefetch on", {"SeriesPrefetch": True})]
-    times: dict[str, list[float]] = {name: [] for name, _ in configs}
+    configs: list[tuple[str, dict[str, Any] | None, bool]] = [
+        ("local disk", None, False),
+        ("objfs, prefetch off", {"SeriesPrefetch": False}, False),
+        ("objfs, prefetch on", {"SeriesPrefetch": True}, False),
+        ("evicted, prefetch off", {"SeriesPrefetch": False}, True),
+        ("evicted, prefetch on", {"SeriesPrefetch": True}, True)]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     floor: list[float] = []
     try:
         for r in range(args.rounds):
-            for c, (name, objfs) in enumerate(configs):
+            for c, (name, objfs, evicted) in enumerate(configs):
                 corpus = [make_dicom((r * 10 + c) * 10_000 + i, rows=side, cols=side,
                                      patient="SERIES", study=r * 10 + c, series=1)
                           for i in range(args.instances)]
                 took, raw = one_run(work, f"series-r{r}c{c}", corpus,
-                                    moto if objfs is not None else None, objfs)
+                                    moto if objfs is not None else None, objfs, evicted)
                 times[name].append(took)
                 if raw is not None:
                     floor.append(raw)
@@ -111,14 +116,16 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     med = {name: statistics.median(v) for name, v in times.items()}
     print(f"cold series: {args.instances} instances of {args.kb} KiB read one after the other "
-          f"(one client), empty objfs cache, page cache dropped; moto at nice {EMULATOR_NICE}; "
+          "(one client), page cache dropped; objfs cache wiped, or only its copies gone "
+          f"(evicted: the journal kept); moto at nice {EMULATOR_NICE}; "
           f"median of {args.rounds} interleaved rounds")
     local = med["local disk"]
-    for name, _ in configs:
+    for name, _, _ in configs:
         print(f"  {name:<22} {med[name]:>6.2f} s  {args.instances / med[name]:>7.1f} inst/s  "
               f"{local / med[name]:>5.2f}x local disk")
     print(f"  prefetch on vs off: {med['objfs, prefetch off'] / med['objfs, prefetch on']:.2f}x "
-          "faster")
+          f"faster (cache wiped), "
+          f"{med['evicted, prefetch off'] / med['evicted, prefetch on']:.2f}x (copies evicted)")
     raw = statistics.median(floor)
     print(f"  the SDK alone, GETs of the same {args.instances} objects {PARALLEL} at a time: "
           f"{raw:.2f} s (the floor for any prefetch against this server; prefetch on is "

@@ -76,8 +76,9 @@ class LocalTier:
 
         Files without a row were never acknowledged: removed. Rows whose clean copy is gone,
         has the wrong size, or was modified after the last `checkpoint` are marked uncached
-        (the copy is removed; the bucket has the object). A dirty row whose file is gone is data loss (the disk lost an
-        acknowledged file): logged as an error and kept in the journal for the administrator.
+        (the copy is removed; the bucket has the object). A dirty row whose file is gone is
+        data loss (the disk lost an acknowledged file): logged as an error and kept in the
+        journal for the administrator.
         """
         for directory in (self.data, self.tmp):
             directory.mkdir(parents=True, exist_ok=True)

@@ -239,6 +239,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         if settings.series_prefetch and not settings.encrypt_local_cache:
             prefetcher = SeriesPrefetcher(store, orthanc, settings.series_prefetch_limit)
             store.on_fetched = prefetcher.notify
+            store.on_cold = prefetcher.notify_cold
         ops = Operations(store, root / "passthrough", st.st_uid, st.st_gid, st.st_mode,
                          metrics.tally)
         options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}",

@@ -52,6 +52,10 @@ CREATE INDEX IF NOT EXISTS attachments_state ON attachments(state, created);
 CREATE INDEX IF NOT EXISTS attachments_lru ON attachments(atime)
     WHERE state = 'uploaded' AND cached = 1;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- Which series an attachment belongs to (its SeriesInstanceUID), for series prefetch.
+CREATE TABLE IF NOT EXISTS series_members (uuid TEXT PRIMARY KEY, series TEXT NOT NULL)
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS series_members_series ON series_members(series);
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
 """
 
@@ -223,11 +227,35 @@ class Journal:
                    durable=False)
 
     def remove(self, uuid: str) -> None:
+        self._write("DELETE FROM series_members WHERE uuid=?", (uuid,), durable=False)
         self._write("DELETE FROM attachments WHERE uuid=?", (uuid,))
+
+    def note_series(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Record (uuid, SeriesInstanceUID) pairs. Not durable on its own: a lost entry only
+        means a later prefetch of that series asks Orthanc."""
+        self._many("INSERT OR REPLACE INTO series_members(uuid, series) VALUES (?, ?)",
+                   entries, durable=False)
+
+    def series_of(self, uuid: str) -> str | None:
+        found = self._reader.execute("SELECT series FROM series_members WHERE uuid=?",
+                                     (uuid,)).fetchone()
+        return None if found is None else str(found[0])
+
+    def series_members(self, series: str, limit: int) -> list[str]:
+        """Uploaded attachments of `series` not cached locally, oldest first (the order they
+        were stored, which is usually the order a modality sent them), at most `limit`."""
+        found = self._reader.execute(
+            "SELECT a.uuid FROM series_members m JOIN attachments a ON a.uuid = m.uuid "
+            "WHERE m.series=? AND a.state=? AND a.cached=0 ORDER BY a.created, a.uuid LIMIT ?",
+            (series, UPLOADED, limit))
+        return [str(row[0]) for row in found]
 
     def forget_deleted(self, uuids: Iterable[str]) -> None:
         """Drop the rows of deletes the bucket confirmed (one transaction). Not durable on its
         own: after a crash those deletes are repeated, which is harmless."""
+        uuids = list(uuids)
+        self._many("DELETE FROM series_members WHERE uuid=?", ((u,) for u in uuids),
+                   durable=False)
         self._many("DELETE FROM attachments WHERE uuid=? AND state=?",
                    ((u, PENDING_DELETE) for u in uuids), durable=False)
 

@@ -48,3 +48,26 @@ def test_state_transitions_and_stats(tmp_path: Path) -> None:
     assert readonly.stats().uploaded == 2
     readonly.close()
     journal.close()
+
+
+def test_series_members_are_uploaded_uncached_in_stored_order(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    for name in ("a", "b", "c", "d", "e"):
+        journal.put_pending(name, 1)
+        journal.mark_uploaded(name, f"{name}.dcm")
+    journal.put_pending("pending", 1)  # not in the bucket yet: nothing to fetch
+    journal.note_series([("c", "S"), ("a", "S"), ("b", "S"), ("d", "S"), ("pending", "S"),
+                         ("e", "T")])
+    journal.set_cached("a", False)
+    journal.set_cached("b", False)
+    journal.set_cached("d", False)
+    journal.set_cached("e", False)
+    assert journal.series_of("c") == "S" and journal.series_of("x") is None
+    assert journal.series_members("S", 10) == ["a", "b", "d"]  # c is cached
+    assert journal.series_members("S", 2) == ["a", "b"]
+    journal.remove("b")
+    journal.mark_pending_delete("d")
+    journal.forget_deleted(["d"])
+    assert journal.series_members("S", 10) == ["a"]
+    assert journal.series_of("b") is None and journal.series_of("d") is None
+    journal.close()

@@ -14,7 +14,7 @@ from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
 from tests.support.orthanc import Orthanc
-from tests.support.procs import wait_until
+from tests.support.procs import free_port, wait_until
 from tests.test_metrics import scrape, total
 
 pytestmark = pytest.mark.orthanc
@@ -30,14 +30,16 @@ def gets(daemon: Objfs) -> float:
                  operation="get")
 
 
-def run(tmp_path: Path, moto: MotoServer, bucket: str,
+def run(tmp_path: Path, moto: MotoServer, bucket: str, evicted: bool = False,
+        orthanc_url: str | None = None,
         **objfs: Any) -> tuple[Objfs, Orthanc, list[str], dict[str, bytes]]:
     """A series of SERIES instances (and another series) ingested, uploaded, then objfs
-    restarted on an empty cache."""
+    restarted on an empty cache, or with only its copies gone (`evicted`: the journal stays,
+    as after evictions)."""
     orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt")
     config = {"AwsS3Storage": moto.s3_section(bucket),
               "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 256,
-                        "Orthanc": {"Url": orthanc.url}, **objfs}}
+                        "Orthanc": {"Url": orthanc_url or orthanc.url}, **objfs}}
     daemon = Objfs(tmp_path, config).start()
     orthanc.start()
     sent = {}
@@ -48,7 +50,7 @@ def run(tmp_path: Path, moto: MotoServer, bucket: str,
     daemon.wait_uploaded()
     orthanc.stop()
     assert daemon.stop() == 0
-    shutil.rmtree(tmp_path / "cache")
+    shutil.rmtree(tmp_path / "cache" / "data" if evicted else tmp_path / "cache")
     daemon.start()
     orthanc.start()
     series = orthanc.json("GET", f"/instances/{next(iter(sent))}/series")["ID"]
@@ -93,6 +95,29 @@ def test_prefetch_off_and_the_limit(tmp_path: Path, moto: MotoServer, bucket: st
         wait_until(lambda: cached_entries(daemon) >= 5, 30, "five prefetched")
         time.sleep(1)
         assert cached_entries(daemon) == 5  # the first five in viewing order, itself included
+    finally:
+        orthanc.stop()
+        daemon.stop()
+
+
+def test_an_evicted_series_is_prefetched_from_the_journal_without_orthanc(
+        tmp_path: Path, moto: MotoServer, bucket: str) -> None:
+    """Uploads noted each instance's series: the first cold read starts the prefetch at once
+    from the journal, asking nothing of Orthanc (here objfs cannot even reach it)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    daemon, orthanc, order, sent = run(tmp_path, moto, bucket, evicted=True, orthanc_url=dead)
+    try:
+        assert cached_entries(daemon) == 0
+        assert orthanc.request("GET", f"/instances/{order[0]}/file") == sent[order[0]]
+        wait_until(lambda: cached_entries(daemon) == SERIES, 30, "the series prefetched")
+        time.sleep(0.5)
+        assert cached_entries(daemon) == SERIES  # not the other series
+        before = gets(daemon)
+        for instance in order[1:]:
+            assert orthanc.request("GET", f"/instances/{instance}/file") == sent[instance]
+        assert gets(daemon) == before
+        assert f"{SERIES - 1} of its {SERIES - 1} other known instances fetched ahead" \
+            in daemon.text()
     finally:
         orthanc.stop()
         daemon.stop()

@@ -274,10 +274,11 @@ OBJFS_OPTIONS: dict[str, Option] = {
                       "Orthanc's REST API for move-storage, see `Objfs.Orthanc`.",
                       "`Objfs.Orthanc` defaults"),
     "SeriesPrefetch": Option((bool,), True, None,
-                             "After a read fetched an instance from the bucket, fetch the "
-                             "other instances of its series in the background (asks "
-                             "`Objfs.Orthanc.Url` which they are), below Orthanc's own reads "
-                             "and within half the cache."),
+                             "When a read has to fetch an instance from the bucket, fetch "
+                             "the other instances of its series in the background (the "
+                             "journal knows them for instances uploaded by this node; else "
+                             "it asks `Objfs.Orthanc.Url`), below Orthanc's own reads and "
+                             "within half the cache."),
     "SeriesPrefetchLimit": Option((int,), 500, at_least(0),
                                   "Most instances fetched ahead per series."),
     "SharedBucket": Option((bool,), False, None,

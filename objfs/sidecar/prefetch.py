@@ -1,13 +1,19 @@
-"""Series prefetch: after a read fetched an instance from the bucket, fetch the rest of its
-series ahead of the viewer.
+"""Series prefetch: when a read has to fetch an instance from the bucket, fetch the rest of
+its series ahead of the viewer.
 
 A viewer reads a series one instance after the other; from a cold cache each read waits for
-one GET. When the store fetched an attachment for Orthanc, it tells the prefetcher
-(`Store.on_fetched`). The prefetcher reads the SeriesInstanceUID from the local copy's header
-(`objfs.dicomhead`), asks Orthanc (`Objfs.Orthanc.Url`) for the series' instances in viewing
-order and their DICOM attachments, and has the store fetch up to `SeriesPrefetchLimit` of
-them, PARALLEL at a time, at background priority (the backends' background threads, the
-store's turn rule) and only while the cache budget stays half free (`Store.prefetch`).
+one GET. Two ways to know the series:
+- Uploads note each DICOM attachment's SeriesInstanceUID in the journal (`Journal.note_series`).
+  When a read is about to fetch an attachment whose series the journal knows
+  (`Store.on_cold`), the other uncached members are fetched from then on, alongside that GET,
+  with no Orthanc request.
+- Otherwise, once the read fetched the instance (`Store.on_fetched`), the prefetcher reads the
+  SeriesInstanceUID from the local copy's header (`objfs.dicomhead`), asks Orthanc
+  (`Objfs.Orthanc.Url`) for the series' instances in viewing order and their DICOM
+  attachments, fetches them, and notes them in the journal for next time.
+Either way up to `SeriesPrefetchLimit` are fetched, PARALLEL at a time, at background priority
+(the backends' background threads, the store's turn rule) and only while the cache budget
+stays half free (`Store.prefetch`).
 
 Rules: one series is prefetched at most once per SEEN_SECONDS; notifications beyond QUEUE
 waiting are dropped (prefetch is an optimisation, never a queue that grows); Orthanc or the
@@ -17,6 +23,7 @@ bucket failing ends that series' prefetch with a log line, never an error for an
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import cachetools
 import trio
@@ -36,33 +43,69 @@ SEEN_SECONDS = 600.0
 
 
 class SeriesPrefetcher:
-    """Owned by the daemon's nursery (`run`); `notify` is the store's hook."""
+    """Owned by the daemon's nursery (`run`); `notify_cold` and `notify` are the store's
+    hooks."""
 
     def __init__(self, store: Store, orthanc: OrthancClient, limit: int) -> None:
         self.store = store
         self.orthanc = orthanc
         self.limit = limit
-        self._send, self._receive = trio.open_memory_channel[str](QUEUE)
+        # (attachment, its series when the journal knows it, else None)
+        self._send, self._receive = trio.open_memory_channel[tuple[str, str | None]](QUEUE)
         # Series already prefetched (owner: `run`, on the event loop).
         self._seen: cachetools.TTLCache[str, bool] = cachetools.TTLCache(4096, SEEN_SECONDS,
                                                                            timer=trio.current_time)
         self.fetched = 0  # attachments fetched ahead, for tests and logs
+        self.asked_orthanc = 0  # series whose members had to be asked of Orthanc
 
-    def notify(self, uuid: str) -> None:
-        """A read fetched `uuid` from the bucket (called on the event loop; never blocks)."""
+    def _offer(self, item: tuple[str, str | None]) -> None:
         try:
-            self._send.send_nowait(uuid)
+            self._send.send_nowait(item)
         except trio.WouldBlock:
             pass
 
+    def notify_cold(self, uuid: str) -> None:
+        """A read is about to fetch `uuid` (on the event loop; never blocks): when the journal
+        knows its series, the prefetch starts now, alongside that GET."""
+        series = self.store.journal.series_of(uuid)
+        if series is not None and series not in self._seen:
+            self._offer((uuid, series))
+
+    def notify(self, uuid: str) -> None:
+        """A read fetched `uuid` from the bucket (on the event loop; never blocks)."""
+        self._offer((uuid, None))
+
     async def run(self) -> None:
-        async for uuid in self._receive:
+        async for uuid, series in self._receive:
             try:
-                await self._series_of(uuid)
+                if series is not None:
+                    await self._known_series(uuid, series)
+                else:
+                    await self._series_of(uuid)
             except (errors.ObjfsError, OSError) as exc:
                 log.info("series prefetch after %s stopped: %s", uuid, exc)
 
+    async def _known_series(self, uuid: str, series: str) -> None:
+        """Prefetch a series whose members the journal knows: no Orthanc request."""
+        if series in self._seen:
+            return
+        self._seen[series] = True
+        members = [m for m in self.store.journal.series_members(series, self.limit + 1)
+                   if m != uuid][:self.limit]
+
+        async def produce(wanted: trio.MemorySendChannel[str]) -> None:
+            async with wanted:
+                for attachment in members:
+                    await wanted.send(attachment)
+
+        fetched = await self._fetch_ahead(produce)
+        log.info("series %s: %d of its %d other known instances fetched ahead", series,
+                 fetched, len(members))
+
     async def _series_of(self, uuid: str) -> None:
+        """Prefetch the series of a fetched attachment the journal knew no series for: read
+        its SeriesInstanceUID, ask Orthanc for the series' instances and their attachments,
+        and note them in the journal for next time."""
         path = self.store.local_copy(uuid)
         if path is None:
             return
@@ -78,13 +121,13 @@ class SeriesPrefetcher:
         series = await self.orthanc.series_id(uid)
         if series is None:
             return
+        self.asked_orthanc += 1
         instances = (await self.orthanc.series_instances(series))[:self.limit]
-        wanted, done = trio.open_memory_channel[str](0)
-        fetched_before = self.fetched
+        members = [(uuid, uid)]
 
-        async def producer() -> None:
-            # Orthanc names one attachment per request: ask PARALLEL at a time, hand them
-            # on in viewing order.
+        async def produce(wanted: trio.MemorySendChannel[str]) -> None:
+            # Orthanc names one attachment per request: ask LOOKUPS_AT_ONCE at a time, hand
+            # them on in viewing order.
             async with wanted:
                 for start in range(0, len(instances), LOOKUPS_AT_ONCE):
                     batch = instances[start:start + LOOKUPS_AT_ONCE]
@@ -98,7 +141,19 @@ class SeriesPrefetcher:
                             lookups.start_soon(one, i, instance, found)
                     for attachment in found:
                         if attachment is not None and attachment != uuid:
+                            members.append((attachment, uid))
                             await wanted.send(attachment)
+
+        fetched = await self._fetch_ahead(produce)
+        await trio.to_thread.run_sync(self.store.journal.note_series, members)
+        log.info("series %s: %d of its %d instances fetched ahead", uid, fetched,
+                 len(instances))
+
+    async def _fetch_ahead(self, produce: Callable[[trio.MemorySendChannel[str]],
+                                                   Awaitable[None]]) -> int:
+        """Prefetch what `produce` sends, PARALLEL at a time; returns how many were fetched."""
+        wanted, receive = trio.open_memory_channel[str](0)
+        before = self.fetched
 
         async def worker(receive: trio.MemoryReceiveChannel[str]) -> None:
             async with receive:
@@ -107,9 +162,8 @@ class SeriesPrefetcher:
                         self.fetched += 1
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(producer)
+            nursery.start_soon(produce, wanted)
             for _ in range(PARALLEL):
-                nursery.start_soon(worker, done.clone())
-            done.close()
-        log.info("series %s: %d of its %d instances fetched ahead", uid,
-                 self.fetched - fetched_before, len(instances))
+                nursery.start_soon(worker, receive.clone())
+            receive.close()
+        return self.fetched - before

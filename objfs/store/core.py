@@ -115,6 +115,11 @@ class StoreCore:
         # Told (on the event loop, must not block) of every attachment a read had to fetch
         # from the bucket: series prefetch (objfs.sidecar.prefetch) hooks in here.
         self.on_fetched: Callable[[str], None] | None = None
+        # Told (same rules) of every attachment a read is about to fetch, before the GET.
+        self.on_cold: Callable[[str], None] | None = None
+        # Uploads note each DICOM attachment's series in the journal (`Journal.note_series`),
+        # so that a later prefetch of that series needs no header and no Orthanc request.
+        self.record_series = settings.series_prefetch and not settings.encrypt_local_cache
         # Per-uuid lock taken by unlink and by the tier moves, so that a delete and a move
         # of one attachment never interleave (a deleted attachment must not come back).
         self.locks = KeyedLocks()
@@ -176,16 +181,23 @@ class StoreCore:
         """One cheap request (a one-key listing of the root prefix); raises what it raises."""
         await self.backend.list_page(self.layout.root_prefix(), None, 1)
 
-    def _choose_key(self, uuid: str, size: int, source: Path | None = None) -> str:
-        """Name the object from the first bytes of its plaintext (a local page-cache read,
-        done inline).
-
-        The name is journaled only with the upload's success: a row without one that was
-        not written by this process may have reached the bucket, and a delete then lists it.
-        """
+    def _head(self, uuid: str, source: Path | None = None) -> bytes:
+        """The first bytes of a plaintext local copy: enough to name its object and find its
+        series (a local page-cache read, done inline)."""
         with open(source or self.tier.path(uuid), "rb") as f:
             head = f.read(FIRST_LOOK)
             if len(head) == FIRST_LOOK and PIXEL_DATA_TAG not in head:
                 head += f.read(DETECT_BYTES - FIRST_LOOK)  # a long header, or compressed
+        return head
+
+    def _choose_key(self, uuid: str, size: int, source: Path | None = None,
+                    head: bytes | None = None) -> str:
+        """Name the object from the first bytes of its plaintext (`head`, read if not given).
+
+        The name is journaled only with the upload's success: a row without one that was
+        not written by this process may have reached the bucket, and a delete then lists it.
+        """
+        if head is None:
+            head = self._head(uuid, source)
         return self.layout.object_key(uuid, detect_kind(head, size),
                                       encrypted=self.encryption is not None)

@@ -73,6 +73,8 @@ class Fetch(Names):
                         self.tier.path(uuid).unlink(missing_ok=True)
                         self.tier.release(row.size)
                         await self._j(self.journal.set_cached, uuid, False)
+                if self.on_cold is not None and not objects_only:
+                    self.on_cold(uuid)
                 try:
                     await self._fetch(row)
                 except errors.NotFound:

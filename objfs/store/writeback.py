@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from objfs import codec, errors
+from objfs.dicomhead import series_instance_uid
 from objfs.fsutil import fd_path, fsync_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
 from objfs.retry import RetryPolicy
@@ -344,7 +345,8 @@ class Writeback(Fetch):
                               "bucket has no complete object: data lost", uuid)
                     self.journal.set_error(uuid, "local copy missing, not in the bucket")
                 return
-            key = row.key or self._choose_key(uuid, row.size)
+            head = None if row.sealed else self._head(uuid)
+            key = row.key or self._choose_key(uuid, row.size, head=head)
             sealed = self.tier.tmp_path(uuid, "enc")
             give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
             path = self.tier.path(uuid)
@@ -378,6 +380,9 @@ class Writeback(Fetch):
             self._queue_delete(uuid)
         elif row is not None:
             await self._j(self.journal.mark_uploaded, uuid, key)
+            series = series_instance_uid(head) if head and self.record_series else None
+            if series is not None:
+                await self._j(self.journal.note_series, [(uuid, series)])
             self._confirmed[uuid] = True
             self.tally.uploads += 1
             self.tier.space_changed()
