@@ -206,11 +206,22 @@ class Journal:
         self._write("UPDATE attachments SET last_error=? WHERE uuid=?", (error, uuid),
                     durable=False)
 
-    def mark_uploaded(self, uuid: str, key: str) -> None:
-        """Not durable on its own: after a crash the upload is simply repeated."""
-        self._write("UPDATE attachments SET state=?, key=?, last_error=NULL, atime=? "
-                    "WHERE uuid=? AND state=?",
-                    (UPLOADED, key, time.time(), uuid, PENDING_UPLOAD), durable=False)
+    def mark_uploaded(self, uuid: str, key: str, series: str | None = None) -> None:
+        """Not durable on its own: after a crash the upload is simply repeated. `series`: the
+        attachment's SeriesInstanceUID, noted in the same transaction (`note_series`)."""
+        with self._lock:
+            self._lazy.execute("BEGIN")
+            try:
+                self._lazy.execute("UPDATE attachments SET state=?, key=?, last_error=NULL, "
+                                   "atime=? WHERE uuid=? AND state=?",
+                                   (UPLOADED, key, time.time(), uuid, PENDING_UPLOAD))
+                if series is not None:
+                    self._lazy.execute("INSERT OR REPLACE INTO series_members(uuid, series) "
+                                       "VALUES (?, ?)", (uuid, series))
+            except BaseException:
+                self._lazy.execute("ROLLBACK")
+                raise
+            self._lazy.execute("COMMIT")
 
     def mark_pending_delete(self, uuid: str) -> None:
         self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",

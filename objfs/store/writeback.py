@@ -379,10 +379,8 @@ class Writeback(Fetch):
             await self._j(self.journal.set_key, uuid, key)
             self._queue_delete(uuid)
         elif row is not None:
-            await self._j(self.journal.mark_uploaded, uuid, key)
             series = series_instance_uid(head) if head and self.record_series else None
-            if series is not None:
-                await self._j(self.journal.note_series, [(uuid, series)])
+            await self._j(self.journal.mark_uploaded, uuid, key, series)
             self._confirmed[uuid] = True
             self.tally.uploads += 1
             self.tier.space_changed()
