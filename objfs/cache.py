@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 EVICTION_BATCH = 64
 # Downloaded copies are not fsynced one by one (a cold read would wait for it): the tier
 # checkpoints them with one syncfs every CHECKPOINT_SECONDS and at a clean stop, recording when
-# (journal meta DOWNLOADS_SYNCED). After a crash, clean copies written since the last
-# checkpoint (minus MTIME_SLACK for timestamp granularity) are dropped at start and fetched
-# again: their data may not have reached the disk (docs/durability.md, invariant 2).
+# (journal meta DOWNLOADS_SYNCED). After a crash, clean copies modified since the last
+# checkpoint, less MTIME_SLACK (file times come from the kernel's coarse clock), are dropped at
+# start and fetched again: their data may not have reached the disk (docs/durability.md,
+# invariant 2).
 CHECKPOINT_SECONDS = 30.0
 DOWNLOADS_SYNCED = "downloads-synced"
-MTIME_SLACK = 2.0
+CLEAN = "clean"
+MTIME_SLACK = 0.1
 
 
 def stored_size(row: Row) -> int:
@@ -86,8 +88,9 @@ class LocalTier:
             entry.unlink()
         claimed = {row.uuid: row for row in self.journal.cached_rows()}
         synced = self.journal.get_meta(DOWNLOADS_SYNCED)
-        # None: a cache from before checkpoints, whose downloads were each fsynced.
-        since = float(synced) - MTIME_SLACK if synced is not None else None
+        # None: a cache from before checkpoints, whose downloads were each fsynced; CLEAN: the
+        # last stop synced everything after the mount was gone.
+        since = float(synced) - MTIME_SLACK if synced not in (None, CLEAN) else None
         for found in os.scandir(self.data):
             if found.name not in claimed:
                 log.info("removing %s: written but never acknowledged", found.path)
@@ -120,18 +123,19 @@ class LocalTier:
                 os.unlink(self.path(uuid))
             lost.append(uuid)
         self.journal.uncache(lost)
-        self.journal.barrier()
-        if synced is None:
-            self.journal.set_meta(DOWNLOADS_SYNCED, str(time.time()))
+        # Every copy left is on disk (older than the checkpoint, or synced at a clean stop):
+        # from now on only copies made by this run are in doubt.
+        self.journal.set_meta(DOWNLOADS_SYNCED, str(time.time()))
         # The budget counts plaintext sizes, as `reserve` does when the copy is made.
         self.used = sum(row.size for uuid, row in claimed.items() if uuid not in lost)
 
-    def checkpoint(self) -> None:
-        """Make every copy written so far durable with one syncfs, then record when, durably.
+    def checkpoint(self, final: bool = False) -> None:
+        """Make every copy written so far durable with one syncfs, then record when, durably
+        (`final`: at a stop, once nothing can write any more, so every copy is on disk).
         Blocking (run it in a thread, or at stop). Raises OSError."""
         started = time.time()
         syncfs(self.data)
-        self.journal.set_meta(DOWNLOADS_SYNCED, str(started))
+        self.journal.set_meta(DOWNLOADS_SYNCED, CLEAN if final else str(started))
 
     async def checkpoints(self) -> None:
         """`checkpoint` every CHECKPOINT_SECONDS, for the store's lifetime."""

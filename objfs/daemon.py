@@ -287,7 +287,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 mounted = False
                 await _drain(store, settings, root, notifier)
                 tier.flush_atimes()
-                await trio.to_thread.run_sync(tier.checkpoint)
+                await trio.to_thread.run_sync(tier.checkpoint, True)
                 nursery.cancel_scope.cancel()
         except BaseException:
             if mounted:

@@ -288,9 +288,14 @@ def test_encrypt_local_cache(tmp_path: Path, objfs_factory: Callable[..., Objfs]
     assert not list((tmp_path / "cache" / "tmp").iterdir())  # plaintext only in O_TMPFILEs
     # A damaged local copy is dropped and fetched again; the reader sees good bytes.
     daemon.stop()
-    damaged = bytearray((data_dir / uuid_for(2)).read_bytes())
+    copy = data_dir / uuid_for(2)
+    before = copy.stat()
+    damaged = bytearray(copy.read_bytes())
     damaged[100] ^= 1
-    (data_dir / uuid_for(2)).write_bytes(bytes(damaged))
+    copy.write_bytes(bytes(damaged))
+    # Bit rot keeps the file's times: a copy modified after the last cache checkpoint would
+    # be dropped at start instead (objfs.cache, CHECKPOINT_SECONDS).
+    os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
     daemon.start()
     assert att(daemon.mountpoint, uuid_for(2), False).read_bytes() == files[uuid_for(2)]
     assert "local copy is damaged" in daemon.text()

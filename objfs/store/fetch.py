@@ -31,6 +31,10 @@ class Fetch(Names):
         after `ReadTimeout`, Corrupt, CacheFull. Callers must `close_read` the uuid.
         """
         fs = None if objects_only else self.fs
+        deadline = self.read_retry.deadline
+        # One bound for every wait for a copy, however often the loop below goes round (a
+        # prefetch that failed meanwhile, a copy that turned out damaged).
+        until = trio.current_time() + (deadline if deadline is not None else math.inf)
         self.tier.opened(uuid)
         try:
             while True:
@@ -76,7 +80,7 @@ class Fetch(Names):
                 if self.on_cold is not None and not objects_only:
                     self.on_cold(uuid)
                 try:
-                    await self._fetch(row)
+                    await self._fetch(row, until)
                 except errors.NotFound:
                     if not self.shared:
                         raise
@@ -202,18 +206,28 @@ class Fetch(Names):
                 os.close(shared.fd)
                 shared.give_back()
 
-    async def _fetch(self, row: Row) -> None:
+    async def _fetch(self, row: Row, until: float) -> None:
         """Download `row` once however many readers ask at the same time; raises what the
         download raised. A download cancelled in its own task (its reader gave up) is not an
         error for the others: the next waiter downloads it itself, so another task's
-        `trio.Cancelled` never escapes into a FUSE handler."""
-        while (running := self._fetches.get(row.uuid)) is not None:
-            await running.done.wait()
-            if running.error is None:
-                return
-            if isinstance(running.error, Exception):
-                raise running.error
-        await self._recorded_download(row)
+        `trio.Cancelled` never escapes into a FUSE handler.
+
+        Every wait, for another task's download (a prefetch) and then for its own, ends at
+        `until` (Unavailable): a reader never waits a prefetch's deadline plus its own.
+        """
+        deadline = self.read_retry.deadline
+        with trio.move_on_at(until):
+            while (running := self._fetches.get(row.uuid)) is not None:
+                await running.done.wait()
+                if running.error is None:
+                    return
+                if isinstance(running.error, Exception):
+                    raise running.error
+            await self._recorded_download(row)
+            return
+        last = self.health.last_error
+        raise errors.Unavailable(f"attachment {row.uuid}: not fetched within {deadline}s"
+                                 + (f"; last error: {last}" if last else ""))
 
     async def _recorded_download(self, row: Row, background: bool = False) -> None:
         """`_download`, announced in `_fetches` so that readers of the uuid wait for it. A
@@ -243,8 +257,8 @@ class Fetch(Names):
         while the budget stays half free (never waits for space). A reader that opens it
         meanwhile waits for this download instead of starting its own. Returns whether a
         copy was fetched; failures are logged, never raised (nobody asked for it yet)."""
-        if uuid in self.writing or uuid in self._fetches:
-            return False
+        if uuid in self.writing or uuid in self._fetches or self.health.failing.is_set():
+            return False  # never adds to the load of a bucket that is failing
         try:
             row = await self._row(uuid)
         except errors.ObjfsError:

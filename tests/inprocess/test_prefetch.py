@@ -7,9 +7,11 @@ import os
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 
+from objfs import errors
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -78,3 +80,38 @@ async def test_a_failed_prefetch_is_nobodys_error(
     assert rig.tier.used == 0
     rig.backend.set(Mode.OK)
     assert len(await rig.read(uuid)) == MIB
+
+
+async def test_a_reader_behind_a_hanging_prefetch_ends_by_its_own_deadline(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """The reader waits for the prefetch of its attachment, but never longer than ReadTimeout
+    from its own open: not the prefetch's deadline plus a download of its own."""
+    rig = rig_factory(CacheSize=64, ReadTimeout=5)
+    await running(rig)
+    (uuid,) = await _uploaded_and_evicted(rig, 1, MIB)
+    rig.backend.set(Mode.HANG, "get")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.store.prefetch, uuid)
+        await trio.sleep(3)
+        start = trio.current_time()
+        with pytest.raises(errors.Unavailable):
+            await rig.read(uuid)
+        assert trio.current_time() - start <= 5.0 + 1e-6
+    rig.backend.set(Mode.OK)
+    assert len(await rig.read(uuid)) == MIB
+
+
+async def test_no_prefetch_while_the_bucket_fails(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(CacheSize=64, ReadTimeout=5)
+    await running(rig)
+    (uuid,) = await _uploaded_and_evicted(rig, 1, MIB)
+    rig.backend.set(Mode.UNAVAILABLE, "get")
+    with pytest.raises(errors.Unavailable):
+        await rig.read(uuid)  # the bucket is now known to fail
+    rig.backend.set(Mode.OK)
+    gets = rig.backend.calls["get"]
+    assert not await rig.store.prefetch(uuid)
+    assert rig.backend.calls["get"] == gets
