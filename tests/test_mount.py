@@ -270,3 +270,46 @@ def test_s3_flat_and_legacy_keys(tmp_path: Path, moto: MotoServer, bucket: str,
         daemon.wait_uploaded()
         assert daemon.stop() == 0
     assert moto.keys(bucket) == {f"site/{U1}.dcm": dicom, f"old/0a/1b/{U1}": dicom}
+
+
+@pytest.mark.parametrize("cloud", ["s3", "azure", "gcs"])
+def test_orthanc_deletes_leave_every_bucket(tmp_path: Path, cloud: str,
+                                            request: pytest.FixtureRequest,
+                                            objfs_factory: Callable[..., Objfs]) -> None:
+    """Orthanc's remove sequence on 40 attachments: every object leaves the bucket, in a few
+    batch requests where the store has batch deletes (S3, Azure), one by one elsewhere."""
+    from tests.conftest import bucket_name, cloud_server
+    from tests.test_metrics import scrape, total
+
+    server = cloud_server(request, cloud)
+    bucket = server.new_bucket(bucket_name(request).replace("b", "del", 1))
+    daemon = objfs_factory({server.section_name: server.section(bucket),
+                            "Objfs": {"CacheDirectory": str(tmp_path / "cache")}}).start()
+    uuids = [f"{i:08x}-1234-4abc-8def-{i:012x}" for i in range(1, 41)]
+    for i, uuid in enumerate(uuids):
+        orthanc_write(att(daemon.mountpoint, uuid), make_dicom(i))
+    keep = f"{99:08x}-1234-4abc-8def-{99:012x}"
+    orthanc_write(att(daemon.mountpoint, keep), b"kept")
+    daemon.wait_uploaded()
+    assert len(server.sizes(bucket)) == 41
+    for uuid in uuids:  # lstat, unlink, then both directories (ENOTEMPTY is normal)
+        path = att(daemon.mountpoint, uuid, False)
+        path.lstat()
+        path.unlink()
+        for directory in (path.parent, path.parent.parent):
+            try:
+                directory.rmdir()
+            except OSError as exc:
+                assert exc.errno == errno.ENOTEMPTY
+    daemon.wait_uploaded()
+    (left,) = server.sizes(bucket)
+    assert keep in left
+    samples = scrape(daemon)
+    batches = total(samples, "objfs_backend_request_duration_seconds_count",
+                    operation="delete_batch")
+    singles = total(samples, "objfs_backend_request_duration_seconds_count",
+                    operation="delete")
+    if cloud == "gcs":
+        assert batches == 0 and singles >= 40
+    else:
+        assert 1 <= batches <= 10 and singles == 0

@@ -136,6 +136,34 @@ class AzureBackend(ThreadedBackend):
                 raise
             # Already gone: success (the plugins report a false error here).
 
+    batch_delete_limit = 256  # a blob batch's limit
+
+    def _delete_many_sync(self, keys: list[str]) -> None:
+        try:
+            replies = list(self.container.delete_blobs(*keys, raise_on_any_failure=False))
+        except ax.HttpResponseError as exc:
+            if (exc.status_code or 0) in (400, 405, 501) and \
+                    getattr(exc, "error_code", "") != "ContainerNotFound":
+                raise errors.Unsupported(f"azure://{self.cfg.container}: blob batch: "
+                                         f"{exc.status_code} {exc.reason or ''}") from exc
+            raise
+        failed = []
+        for key, reply in zip(keys, replies, strict=False):
+            code = reply.headers.get("x-ms-error-code", "")
+            if reply.status_code == 404 and code != "ContainerNotFound":
+                continue  # already gone: success, as for a single delete
+            if reply.status_code >= 300:
+                failed.append((key, reply.status_code, code))
+        if failed:
+            key, status, code = failed[0]
+            what = (f"azure://{self.cfg.container}/{key}: {code or status} ({len(failed)} of "
+                    f"{len(keys)} deletes of a batch failed)")
+            if code == "ContainerNotFound":
+                raise errors.BucketMissing(what)
+            if status in (401, 403):
+                raise errors.Denied(what)
+            raise errors.Unavailable(what)
+
     def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
         try:
             self.container.upload_blob(key, data, overwrite=False)
