@@ -142,7 +142,9 @@ class AzureBackend(ThreadedBackend):
         try:
             replies = list(self.container.delete_blobs(*keys, raise_on_any_failure=False))
         except ax.HttpResponseError as exc:
-            if (exc.status_code or 0) in (400, 405, 501) and \
+            # 403 too: a SAS may allow deletes but not a batch; with bad credentials the
+            # single deletes fail the same way, so falling back loses nothing.
+            if (exc.status_code or 0) in (400, 403, 405, 501) and \
                     getattr(exc, "error_code", "") != "ContainerNotFound":
                 raise errors.Unsupported(f"azure://{self.cfg.container}: blob batch: "
                                          f"{exc.status_code} {exc.reason or ''}") from exc
