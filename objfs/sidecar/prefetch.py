@@ -56,7 +56,6 @@ class SeriesPrefetcher:
         self._seen: cachetools.TTLCache[str, bool] = cachetools.TTLCache(4096, SEEN_SECONDS,
                                                                            timer=trio.current_time)
         self.fetched = 0  # attachments fetched ahead, for tests and logs
-        self.asked_orthanc = 0  # series whose members had to be asked of Orthanc
 
     def _offer(self, item: tuple[str, str | None]) -> None:
         try:
@@ -121,7 +120,6 @@ class SeriesPrefetcher:
         series = await self.orthanc.series_id(uid)
         if series is None:
             return
-        self.asked_orthanc += 1
         instances = (await self.orthanc.series_instances(series))[:self.limit]
         members = [(uuid, uid)]
 
