@@ -14,11 +14,12 @@ journal (the event loop), where they never wait for a writer's fsync.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,16 +134,23 @@ class Journal:
         with self._lock:
             (self._db if durable else self._lazy).execute(sql, tuple(args))
 
-    def _many(self, sql: str, rows: Iterable[tuple[object, ...]], durable: bool = True) -> None:
+    @contextlib.contextmanager
+    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction on the durable or the lazy connection: committed when the block
+        ends, rolled back if it raises."""
         db = self._db if durable else self._lazy
         with self._lock:
             db.execute("BEGIN")
             try:
-                db.executemany(sql, rows)
+                yield db
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def _many(self, sql: str, rows: Iterable[tuple[object, ...]], durable: bool = True) -> None:
+        with self._transaction(durable) as db:
+            db.executemany(sql, rows)
 
     # --- meta ---------------------------------------------------------------------------------
 
@@ -209,19 +217,13 @@ class Journal:
     def mark_uploaded(self, uuid: str, key: str, series: str | None = None) -> None:
         """Not durable on its own: after a crash the upload is simply repeated. `series`: the
         attachment's SeriesInstanceUID, noted in the same transaction (`note_series`)."""
-        with self._lock:
-            self._lazy.execute("BEGIN")
-            try:
-                self._lazy.execute("UPDATE attachments SET state=?, key=?, last_error=NULL, "
-                                   "atime=? WHERE uuid=? AND state=?",
-                                   (UPLOADED, key, time.time(), uuid, PENDING_UPLOAD))
-                if series is not None:
-                    self._lazy.execute("INSERT OR REPLACE INTO series_members(uuid, series) "
-                                       "VALUES (?, ?)", (uuid, series))
-            except BaseException:
-                self._lazy.execute("ROLLBACK")
-                raise
-            self._lazy.execute("COMMIT")
+        with self._transaction(durable=False) as db:
+            db.execute("UPDATE attachments SET state=?, key=?, last_error=NULL, atime=? "
+                       "WHERE uuid=? AND state=?",
+                       (UPLOADED, key, time.time(), uuid, PENDING_UPLOAD))
+            if series is not None:
+                db.execute("INSERT OR REPLACE INTO series_members(uuid, series) VALUES (?, ?)",
+                           (uuid, series))
 
     def mark_pending_delete(self, uuid: str) -> None:
         self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
@@ -238,8 +240,9 @@ class Journal:
                    durable=False)
 
     def remove(self, uuid: str) -> None:
-        self._write("DELETE FROM series_members WHERE uuid=?", (uuid,), durable=False)
-        self._write("DELETE FROM attachments WHERE uuid=?", (uuid,))
+        with self._transaction() as db:
+            db.execute("DELETE FROM series_members WHERE uuid=?", (uuid,))
+            db.execute("DELETE FROM attachments WHERE uuid=?", (uuid,))
 
     def note_series(self, entries: Iterable[tuple[str, str]]) -> None:
         """Record (uuid, SeriesInstanceUID) pairs. Not durable on its own: a lost entry only
@@ -265,10 +268,10 @@ class Journal:
         """Drop the rows of deletes the bucket confirmed (one transaction). Not durable on its
         own: after a crash those deletes are repeated, which is harmless."""
         uuids = list(uuids)
-        self._many("DELETE FROM series_members WHERE uuid=?", ((u,) for u in uuids),
-                   durable=False)
-        self._many("DELETE FROM attachments WHERE uuid=? AND state=?",
-                   ((u, PENDING_DELETE) for u in uuids), durable=False)
+        with self._transaction(durable=False) as db:
+            db.executemany("DELETE FROM series_members WHERE uuid=?", ((u,) for u in uuids))
+            db.executemany("DELETE FROM attachments WHERE uuid=? AND state=?",
+                           ((u, PENDING_DELETE) for u in uuids))
 
     def add_remote(self, entries: Iterable[tuple[str, str, int]]) -> None:
         """Record attachments found in the bucket: (uuid, key, size); known ones are kept."""
