@@ -1,7 +1,8 @@
 """objfs' own exceptions.
 
 Backends translate SDK exceptions into these; the cache and store raise them; `objfs.errnos`
-maps them to errno values in one place. `temporary` says whether retrying may help.
+maps them to errno values in one place. `temporary` says whether retrying may help soon;
+`final` that it never will, not even for background work that retries everything else.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ class ObjfsError(Exception):
     """Base class of every error objfs raises on purpose."""
 
     temporary = False
+    final = False
 
 
 class ConfigError(ObjfsError):
@@ -51,6 +53,8 @@ class Throttled(Unavailable):
 class Unsupported(BackendError):
     """The store does not implement an optional request (a batch delete on some
     S3-compatible servers); the caller falls back to plain requests."""
+
+    final = True
 
 
 class TooLarge(BackendError):

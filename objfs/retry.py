@@ -59,9 +59,9 @@ class RetryPolicy:
 
     Foreground policies (`persistent` false) retry only temporary errors
     (``exc.temporary``) and stop at `deadline` seconds, raising the last error. Background
-    policies (`persistent` true, `deadline` None) retry every `ObjfsError` until the call
-    succeeds or the task is cancelled: they serve work whose data stays journaled, where a
-    denied request may succeed once an administrator fixes a permission.
+    policies (`persistent` true, `deadline` None) retry every `ObjfsError` but a `final` one
+    until the call succeeds or the task is cancelled: they serve work whose data stays
+    journaled, where a denied request may succeed once an administrator fixes a permission.
     """
 
     first_delay: float = 0.2
@@ -103,7 +103,7 @@ class RetryPolicy:
             except ObjfsError as exc:
                 if health is not None:
                     health.failed(exc)
-                if not (exc.temporary or self.persistent):
+                if exc.final or not (exc.temporary or self.persistent):
                     raise
                 pause = self.delay(attempt)
                 if give_up is not None and trio.current_time() + pause >= give_up:

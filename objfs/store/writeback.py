@@ -31,10 +31,6 @@ from objfs.testhooks import crash_point
 log = logging.getLogger(__name__)
 
 
-class _BatchRefused(Exception):
-    """The store refused a batch delete (`errors.Unsupported`), carried past the retries."""
-
-
 class Writeback(Fetch):
     """New attachments, deletes, and the background work that sends both to the bucket."""
 
@@ -437,21 +433,14 @@ class Writeback(Fetch):
         keys = sorted({k for row in rows for k in self.layout.possible_keys(row.uuid)}
                       | {row.key for row in rows if row.key is not None})
         limit = self.backend.batch_delete_limit
-
-        async def send(chunk: list[str]) -> None:
-            try:
-                await self.backend.delete_many(chunk)
-            except errors.Unsupported as exc:
-                raise _BatchRefused(exc) from exc  # not an ObjfsError: never retried
-
         try:
             for start in range(0, len(keys), limit):
                 chunk = keys[start:start + limit]
                 await self._retry(BACKGROUND_RETRY, f"delete {len(chunk)} keys ({chunk[0]}, ...)",
-                                  functools.partial(send, chunk))
-        except _BatchRefused as exc:
+                                  functools.partial(self.backend.delete_many, chunk))
+        except errors.Unsupported as exc:  # `final`: the retry policy gives it back at once
             log.warning("the bucket refuses batch deletes (%s): deleting one object at a time",
-                        exc.__cause__)
+                        exc)
             self._no_batch_delete = True
             for row in rows:
                 await self._delete_remote(row.uuid)

@@ -101,3 +101,21 @@ async def test_background_policy_retries_until_success(
     assert await policy.call("upload", later) == 7
     # 40 pauses, most of them capped at 60 s: far longer than any test could wait for real.
     assert trio.current_time() - start > 600
+
+
+async def test_a_final_error_ends_even_a_background_policy_at_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """`Unsupported` (a store without batch deletes): retrying never helps, the caller falls
+    back to another request instead."""
+    calls = 0
+
+    async def refused() -> None:
+        nonlocal calls
+        calls += 1
+        raise errors.Unsupported("DeleteObjects: NotImplemented")
+
+    policy = RetryPolicy(deadline=None, persistent=True)
+    start = trio.current_time()
+    with pytest.raises(errors.Unsupported):
+        await policy.call("delete batch", refused)
+    assert calls == 1 and trio.current_time() == start
