@@ -193,11 +193,12 @@ class ThreadedBackend(Backend):
         await self._run("delete", key, self._delete_sync, key)
 
     def _delete_many_sync(self, keys: list[str]) -> None:
+        """Backends with a `batch_delete_limit` implement this."""
         raise NotImplementedError(f"{self.name} has no batch delete")
 
     async def delete_many(self, keys: list[str]) -> None:
         if not self.batch_delete_limit:
-            raise NotImplementedError(f"{self.name} has no batch delete")
+            await super().delete_many(keys)
         await self._run("delete", keys[0] if keys else "", self._delete_many_sync, keys)
 
     async def list_page(self, prefix: str, token: str | None = None,

@@ -387,7 +387,7 @@ class Writeback(Fetch):
         async with receive:
             async for uuid in receive:
                 batch = [uuid]
-                per_request = self._uuids_per_batch()
+                per_request = self._uuids_per_batch(uuid)
                 if per_request > 1:
                     await self._gather(receive, batch, per_request)
                 try:
@@ -417,10 +417,11 @@ class Writeback(Fetch):
                     continue
                 return
 
-    def _uuids_per_batch(self) -> int:
+    def _uuids_per_batch(self, uuid: str) -> int:
+        """Attachments per batch request (each sends every name it could have); 1: none."""
         if self._no_batch_delete:
             return 1
-        return self.backend.batch_delete_limit // len(self.layout.possible_keys("0" * 36))
+        return self.backend.batch_delete_limit // len(self.layout.possible_keys(uuid))
 
     async def _delete_batch(self, uuids: list[str]) -> None:
         """Delete the objects of journaled deletes `uuids` in one request per
