@@ -29,10 +29,8 @@ import cachetools
 import trio
 
 from objfs import errors
-from objfs.dicomhead import series_instance_uid
 from objfs.sidecar.orthanc import OrthancClient
 from objfs.store import Store
-from objfs.store.state import FIRST_LOOK
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +64,7 @@ class SeriesPrefetcher:
     def notify_cold(self, uuid: str) -> None:
         """A read is about to fetch `uuid` (on the event loop; never blocks): when the journal
         knows its series, the prefetch starts now, alongside that GET."""
-        series = self.store.journal.series_of(uuid)
+        series = self.store.known_series(uuid)
         if series is not None and series not in self._seen:
             self._offer((uuid, series))
 
@@ -89,7 +87,7 @@ class SeriesPrefetcher:
         if series in self._seen:
             return
         self._seen[series] = True
-        members = [m for m in self.store.journal.series_members(series, self.limit + 1)
+        members = [m for m in self.store.uncached_members(series, self.limit + 1)
                    if m != uuid][:self.limit]
 
         async def produce(wanted: trio.MemorySendChannel[str]) -> None:
@@ -105,15 +103,7 @@ class SeriesPrefetcher:
         """Prefetch the series of a fetched attachment the journal knew no series for: read
         its SeriesInstanceUID, ask Orthanc for the series' instances and their attachments,
         and note them in the journal for next time."""
-        path = self.store.local_copy(uuid)
-        if path is None:
-            return
-
-        def head() -> bytes:
-            with open(path, "rb") as f:
-                return f.read(FIRST_LOOK)
-
-        uid = series_instance_uid(await trio.to_thread.run_sync(head))
+        uid = await self.store.series_from_copy(uuid)
         if uid is None or uid in self._seen:
             return
         self._seen[uid] = True
@@ -143,7 +133,7 @@ class SeriesPrefetcher:
                             await wanted.send(attachment)
 
         fetched = await self._fetch_ahead(produce)
-        await trio.to_thread.run_sync(self.store.journal.note_series, members)
+        await self.store.note_series(members)
         log.info("series %s: %d of its %d instances fetched ahead", uid, fetched,
                  len(instances))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from objfs import codec, errors
+from objfs.dicomhead import series_instance_uid
 from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
@@ -244,12 +245,31 @@ class Fetch(Names):
             fetch.done.set()
             del self._fetches[row.uuid]
 
-    def local_copy(self, uuid: str) -> Path | None:
-        """The plaintext local copy of `uuid` when there is one (not sealed), else None."""
+    # --- series, for prefetch (objfs.sidecar.prefetch) ---------------------------------------
+
+    def known_series(self, uuid: str) -> str | None:
+        """The SeriesInstanceUID the journal noted for `uuid` (at its upload), or None."""
+        return self.journal.series_of(uuid)
+
+    def uncached_members(self, series: str, limit: int) -> list[str]:
+        """Uploaded, uncached attachments of `series` in the order they were stored."""
+        return self.journal.series_members(series, limit)
+
+    async def note_series(self, members: list[tuple[str, str]]) -> None:
+        """Record (uuid, SeriesInstanceUID) pairs learnt elsewhere (from Orthanc)."""
+        await self._j(self.journal.note_series, members)
+
+    async def series_from_copy(self, uuid: str) -> str | None:
+        """The SeriesInstanceUID in the header of `uuid`'s plaintext local copy; None when
+        there is no such copy (not cached, or sealed) or the header does not tell."""
         row = self.journal.get(uuid)
         if row is None or not row.cached or row.sealed:
             return None
-        return self.tier.path(uuid)
+        try:
+            head = await trio.to_thread.run_sync(self._head, uuid)
+        except FileNotFoundError:
+            return None  # evicted meanwhile
+        return series_instance_uid(head)
 
     async def prefetch(self, uuid: str) -> bool:
         """Fetch `uuid` into the cache ahead of a read (series prefetch), at background
