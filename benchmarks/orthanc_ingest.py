@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,27 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
     return out
 
 
+Figure = tuple[str, str, Callable[[dict[str, float]], float]]
+
+
+def figures(small: list[bytes], large: list[bytes]) -> tuple[list[Figure], Figure]:
+    """(title, unit, value of one run) for ingest and warm read, and for delete: the figures
+    every Orthanc benchmark here prints from `run_orthanc`'s results."""
+    large_mb = sum(map(len, large)) / 1e6
+    return [
+        ("ingest, small instances", "inst/s", lambda r: len(small) / r["ingest_small_s"]),
+        ("ingest, multi-frame files", "MB/s", lambda r: large_mb / r["ingest_large_s"]),
+        ("warm read (all files)", "MB/s", lambda r: r["read_bytes"] / 1e6 / r["warm_read_s"]),
+    ], ("delete (all patients)", "inst/s", lambda r: (len(small) + len(large)) / r["delete_s"])
+
+
+def local_round(base: Path, small: list[bytes], large: list[bytes]) -> dict[str, float]:
+    """One round of Orthanc on local disk, under `base`/local."""
+    (base / "local" / "storage").mkdir(parents=True)
+    return run_orthanc(base / "local", base / "local" / "storage", small, large, None, None,
+                       None)
+
+
 def upload_phase(work: Path, server: Any, files: list[bytes]) -> float:
     """MB/s of objfs' background uploads of `files`, journaled while the server was frozen
     and resumed all at once (nothing else running)."""
@@ -232,9 +254,7 @@ def main() -> None:
     try:
         for rnd in range(args.rounds):
             base = work / f"round{rnd}"
-            (base / "local" / "storage").mkdir(parents=True)
-            results["local"].append(run_orthanc(base / "local", base / "local" / "storage",
-                                                small, large, None, None, None))
+            results["local"].append(local_round(base, small, large))
             for label, name, extra in configs:
                 results[label].append(objfs_run(base, label.replace("+", "-"), servers[name],
                                                 small, large, extra))
@@ -250,14 +270,13 @@ def main() -> None:
     def med(label: str, fn: Any) -> float:
         return statistics.median(fn(r) for r in results[label])
 
+    ingest_warm, delete = figures(small, large)
     metrics = [
-        ("ingest, small instances", "inst/s", lambda r: len(small) / r["ingest_small_s"]),
-        ("ingest, multi-frame files", "MB/s", lambda r: large_mb / r["ingest_large_s"]),
-        ("warm read (all files)", "MB/s", lambda r: r["read_bytes"] / 1e6 / r["warm_read_s"]),
+        *ingest_warm,
         ("cold read, small instances", "MB/s",
          lambda r: r["small_bytes"] / 1e6 / r["cold_small_s"]),
         ("cold read, multi-frame", "MB/s", lambda r: r["large_bytes"] / 1e6 / r["cold_large_s"]),
-        ("delete (all patients)", "inst/s", lambda r: (len(small) + 2) / r["delete_s"]),
+        delete,
     ]
     labels = [label for label, _, _ in configs]
     print(f"{'':<28} {'unit':<7} {'local':>8}" + "".join(f" {n:>16}" for n in labels))

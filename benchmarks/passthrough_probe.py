@@ -19,11 +19,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.orthanc_ingest import corpus, run_orthanc
+from benchmarks.orthanc_ingest import corpus, figures, local_round, run_orthanc
 from tests.support.daemon import Objfs, mounted_paths
 from tests.support.procs import Process, wait_until
 
@@ -81,28 +80,21 @@ def main() -> None:
     args = parser.parse_args()
     binary = build(args.chroot)
     small, large = corpus(args.small, 512)
-    large_mb = sum(map(len, large)) / 1e6
     work = Path(tempfile.mkdtemp(prefix="objfs-probe-"))
     labels = ["local", "objfs", *(f"mirrorfs {m}" for m in MODES)]
     results: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
     try:
         for rnd in range(args.rounds):
             base = work / f"round{rnd}"
-            (base / "local" / "storage").mkdir(parents=True)
-            results["local"].append(run_orthanc(base / "local", base / "local" / "storage",
-                                                small, large, None, None, None))
+            results["local"].append(local_round(base, small, large))
             results["objfs"].append(objfs_run(base / "objfs", small, large))
             for mode in MODES:
                 results[f"mirrorfs {mode}"].append(
                     mirror_run(base / mode, args.chroot, binary, mode, small, large))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    metrics: list[tuple[str, str, Any]] = [
-        ("ingest, small instances", "inst/s", lambda r: len(small) / r["ingest_small_s"]),
-        ("ingest, multi-frame files", "MB/s", lambda r: large_mb / r["ingest_large_s"]),
-        ("warm read (all files)", "MB/s", lambda r: r["read_bytes"] / 1e6 / r["warm_read_s"]),
-        ("delete (all patients)", "inst/s", lambda r: (len(small) + 2) / r["delete_s"]),
-    ]
+    ingest_warm, delete = figures(small, large)
+    metrics = [*ingest_warm, delete]
     print(f"Orthanc 1.10.1, {len(small)} instances of {len(small[0]) / 1e6:.2f} MB and 2 "
           f"multi-frame files; 4 REST clients; median of {args.rounds} interleaved rounds; "
           "ratios to local disk")

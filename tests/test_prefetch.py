@@ -59,20 +59,26 @@ def run(tmp_path: Path, moto: MotoServer, bucket: str, evicted: bool = False,
     return daemon, orthanc, order, sent
 
 
+def first_read_prefetches_the_series(daemon: Objfs, orthanc: Orthanc, order: list[str],
+                                     sent: dict[str, bytes]) -> None:
+    """From nothing cached, the first read of the series brings all of it (and nothing
+    else) into the cache; the other reads are served from those copies with no GET."""
+    assert cached_entries(daemon) == 0
+    assert orthanc.request("GET", f"/instances/{order[0]}/file") == sent[order[0]]
+    wait_until(lambda: cached_entries(daemon) == SERIES, 30, "the series prefetched")
+    time.sleep(0.5)
+    assert cached_entries(daemon) == SERIES  # not the other series
+    before = gets(daemon)
+    for instance in order[1:]:
+        assert orthanc.request("GET", f"/instances/{instance}/file") == sent[instance]
+    assert gets(daemon) == before  # every read was served from the prefetched copies
+
+
 def test_a_cold_read_fetches_the_rest_of_its_series_ahead(
         tmp_path: Path, moto: MotoServer, bucket: str) -> None:
     daemon, orthanc, order, sent = run(tmp_path, moto, bucket)
     try:
-        assert cached_entries(daemon) == 0
-        first = order[0]
-        assert orthanc.request("GET", f"/instances/{first}/file") == sent[first]
-        wait_until(lambda: cached_entries(daemon) == SERIES, 30, "the series prefetched")
-        time.sleep(0.5)
-        assert cached_entries(daemon) == SERIES  # not the other series
-        before = gets(daemon)
-        for instance in order[1:]:
-            assert orthanc.request("GET", f"/instances/{instance}/file") == sent[instance]
-        assert gets(daemon) == before  # every read was served from the prefetched copies
+        first_read_prefetches_the_series(daemon, orthanc, order, sent)
         assert "fetched ahead" in daemon.text()
     finally:
         orthanc.stop()
@@ -107,15 +113,7 @@ def test_an_evicted_series_is_prefetched_from_the_journal_without_orthanc(
     dead = f"http://127.0.0.1:{free_port()}"
     daemon, orthanc, order, sent = run(tmp_path, moto, bucket, evicted=True, orthanc_url=dead)
     try:
-        assert cached_entries(daemon) == 0
-        assert orthanc.request("GET", f"/instances/{order[0]}/file") == sent[order[0]]
-        wait_until(lambda: cached_entries(daemon) == SERIES, 30, "the series prefetched")
-        time.sleep(0.5)
-        assert cached_entries(daemon) == SERIES  # not the other series
-        before = gets(daemon)
-        for instance in order[1:]:
-            assert orthanc.request("GET", f"/instances/{instance}/file") == sent[instance]
-        assert gets(daemon) == before
+        first_read_prefetches_the_series(daemon, orthanc, order, sent)
         assert f"{SERIES - 1} of its {SERIES - 1} other known instances fetched ahead" \
             in daemon.text()
     finally:

@@ -29,6 +29,14 @@ async def _uploaded_and_evicted(rig: Rig, count: int, size: int) -> list[str]:
     return uuids
 
 
+async def _one_evicted(rig_factory: Callable[..., Rig], start: Start) -> tuple[Rig, str]:
+    """A running rig (ReadTimeout 5 s) with one uploaded 1 MiB attachment, not cached."""
+    rig = rig_factory(CacheSize=64, ReadTimeout=5)
+    await start(rig)
+    (uuid,) = await _uploaded_and_evicted(rig, 1, MIB)
+    return rig, uuid
+
+
 async def test_prefetch_stays_within_half_the_budget(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
@@ -72,9 +80,7 @@ async def test_a_reader_waits_for_the_prefetch_instead_of_fetching_again(
 async def test_a_failed_prefetch_is_nobodys_error(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
-    rig = rig_factory(CacheSize=64, ReadTimeout=5)
-    await running(rig)
-    (uuid,) = await _uploaded_and_evicted(rig, 1, MIB)
+    rig, uuid = await _one_evicted(rig_factory, running)
     rig.backend.set(Mode.UNAVAILABLE, "get")
     assert not await rig.store.prefetch(uuid)
     assert rig.tier.used == 0
@@ -87,9 +93,7 @@ async def test_a_reader_behind_a_hanging_prefetch_ends_by_its_own_deadline(
         running: Start) -> None:
     """The reader waits for the prefetch of its attachment, but never longer than ReadTimeout
     from its own open: not the prefetch's deadline plus a download of its own."""
-    rig = rig_factory(CacheSize=64, ReadTimeout=5)
-    await running(rig)
-    (uuid,) = await _uploaded_and_evicted(rig, 1, MIB)
+    rig, uuid = await _one_evicted(rig_factory, running)
     rig.backend.set(Mode.HANG, "get")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rig.store.prefetch, uuid)
@@ -105,9 +109,7 @@ async def test_a_reader_behind_a_hanging_prefetch_ends_by_its_own_deadline(
 async def test_no_prefetch_while_the_bucket_fails(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
-    rig = rig_factory(CacheSize=64, ReadTimeout=5)
-    await running(rig)
-    (uuid,) = await _uploaded_and_evicted(rig, 1, MIB)
+    rig, uuid = await _one_evicted(rig_factory, running)
     rig.backend.set(Mode.UNAVAILABLE, "get")
     with pytest.raises(errors.Unavailable):
         await rig.read(uuid)  # the bucket is now known to fail
