@@ -98,12 +98,12 @@ class LocalTier:
         lost = []
         for uuid, row in claimed.items():
             try:
-                size = os.stat(self.path(uuid)).st_size
+                st = os.stat(self.path(uuid))
+                size, mtime = st.st_size, st.st_mtime
             except FileNotFoundError:
-                size = None
+                size, mtime = None, 0.0
             if size == stored_size(row):
-                if since is None or row.state == PENDING_UPLOAD or \
-                        os.stat(self.path(uuid)).st_mtime < since:
+                if since is None or row.state == PENDING_UPLOAD or mtime < since:
                     continue
                 log.info("attachment %s: copy made after the last cache checkpoint, before an "
                          "unclean stop: dropped (the bucket has the object)", uuid)
