@@ -33,6 +33,7 @@ from objfs.config import Settings
 from objfs.fs import Operations
 from objfs.journal import Journal, Stats
 from objfs.metrics import Metrics
+from objfs.mountinfo import mounted_filesystems, set_read_ahead
 from objfs.notify import Notifier
 from objfs.retry import RetryPolicy
 from objfs.sidecar.app import Sidecar
@@ -48,23 +49,6 @@ FSNAME = "objfs"
 PROBE = RetryPolicy(deadline=10.0)
 STATUS_INTERVAL = 5.0
 MIB = 1024 * 1024
-
-
-def _unescape_mountinfo(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
-def mounted_filesystems() -> dict[str, str]:
-    """Mount point -> filesystem type, from /proc/self/mountinfo (which, unlike
-    os.path.ismount, also lists a FUSE mount whose daemon died)."""
-    found: dict[str, str] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) >= 5 and right:
-                found[_unescape_mountinfo(fields[4])] = right.split()[0]
-    return found
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
@@ -152,12 +136,16 @@ async def _stop_on_signal(notifier: Notifier) -> None:
 
 
 async def _announce_ready(mountpoint: Path, root_ino: int, notifier: Notifier,
-                          store: Store) -> None:
+                          store: Store, read_ahead_kib: int) -> None:
     """READY=1 once a stat of the mount point is answered by this daemon (pyfuse3's main
-    loop is running); a mount that does not answer is never reported ready."""
+    loop is running); a mount that does not answer is never reported ready. The read-ahead
+    is raised first: only now, because the kernel resets it while the daemon answers its
+    FUSE_INIT request."""
     st = await trio.to_thread.run_sync(os.stat, mountpoint)
     if st.st_ino != root_ino:
         raise errors.BackendError(f"{mountpoint} does not show the objfs mount")
+    if read_ahead_kib:
+        set_read_ahead(mountpoint, read_ahead_kib)
     notifier.ready(running_status(store, await store.stats()))
     log.debug("the mount answers; readiness reported")
 
@@ -267,7 +255,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                                        lambda: _supervised("series prefetch", prefetcher.run))
                 nursery.start_soon(_stop_on_signal, notifier)
                 nursery.start_soon(_announce_ready, mountpoint, pyfuse3.ROOT_INODE, notifier,
-                                   store)
+                                   store, settings.read_ahead_kib)
                 status_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, status_scope,
                                    lambda: _supervised("the status reporter",

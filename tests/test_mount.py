@@ -313,3 +313,31 @@ def test_orthanc_deletes_leave_every_bucket(tmp_path: Path, cloud: str,
         assert batches == 0 and singles >= 40
     else:
         assert 1 <= batches <= 10 and singles == 0
+
+
+@pytest.mark.parametrize("read_ahead", [1024, 0])
+def test_read_ahead_makes_an_uncached_read_one_request(
+        tmp_path: Path, objfs_factory: Callable[..., Objfs], read_ahead: int) -> None:
+    from objfs.mountinfo import mounts
+    from tests.test_metrics import scrape, total
+
+    daemon = objfs_factory(local_config(tmp_path, ReadAhead=read_ahead)).start()
+    window = Path(f"/sys/class/bdi/{mounts()[str(daemon.mountpoint)].device}/read_ahead_kb")
+    if read_ahead:
+        # Raised once the mount answered its first request (the kernel resets it at INIT).
+        wait_until(lambda: int(window.read_text()) == 1024, 10, "read-ahead raised")
+    else:
+        assert int(window.read_text()) < 600
+    data = os.urandom(600_000)
+    path = att(daemon.mountpoint, U1)
+    orthanc_write(path, data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+        before = total(scrape(daemon), "objfs_fuse_operations_total", operation="read")
+        assert os.pread(fd, len(data) + 1, 0) == data
+        reads = total(scrape(daemon), "objfs_fuse_operations_total", operation="read") - before
+    finally:
+        os.close(fd)
+    # One request for the whole file; with the kernel's 128 KiB window it takes five.
+    assert reads == 1 if read_ahead else reads >= 5

@@ -368,7 +368,8 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
                       else None),
         encrypt_fs_tier=own["EncryptFileSystemTier"], rest_api=rest_api,
         orthanc=orthanc, series_prefetch=own["SeriesPrefetch"],
-        series_prefetch_limit=own["SeriesPrefetchLimit"], shared_bucket=own["SharedBucket"],
+        series_prefetch_limit=own["SeriesPrefetchLimit"], read_ahead_kib=own["ReadAhead"],
+        shared_bucket=own["SharedBucket"],
         shared_fs_tier=own["SharedFileSystemTier"],
         node_name=own["NodeName"] or _host_name(), postgresql=postgresql, **clouds,
     )

@@ -281,6 +281,10 @@ OBJFS_OPTIONS: dict[str, Option] = {
                              "within half the cache."),
     "SeriesPrefetchLimit": Option((int,), 500, at_least(0),
                                   "Most instances fetched ahead per series."),
+    "ReadAhead": Option((int,), 1024, at_least(0),
+                        "KiB the kernel reads ahead on the mount (one request per MiB for "
+                        "files not in the page cache instead of one per 128 KiB); needs root "
+                        "and a writable /sys. `0`: the kernel's default."),
     "SharedBucket": Option((bool,), False, None,
                            "Other objfs nodes use this bucket (several Orthanc nodes on one "
                            "index): write-through, lookups and deletes ask the bucket, "

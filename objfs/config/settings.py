@@ -179,6 +179,7 @@ class Settings:
     orthanc: OrthancSettings = field(default_factory=OrthancSettings)
     series_prefetch: bool = True
     series_prefetch_limit: int = 500
+    read_ahead_kib: int = 1024  # 0: the kernel's default (objfs.mountinfo.set_read_ahead)
     shared_bucket: bool = False  # other objfs nodes use the bucket (docs/scale-out.md)
     shared_fs_tier: bool = False
     node_name: str = "objfs"
