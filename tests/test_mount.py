@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import shutil
 import threading
@@ -40,6 +42,22 @@ def orthanc_write(path: Path, data: bytes) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of `path` the page cache holds (mincore(2); reads nothing, unlike a
+    RWF_NOWAIT read, whose miss starts the kernel's read-ahead)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    size = path.stat().st_size
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        pages = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        del address
+        return min(size, sum(page for v in vec if v & 1))
 
 
 def bucket_files(root: Path) -> dict[str, bytes]:
@@ -341,3 +359,30 @@ def test_read_ahead_makes_an_uncached_read_one_request(
         os.close(fd)
     # One request for the whole file; with the kernel's 128 KiB window it takes five.
     assert reads == 1 if read_ahead else reads >= 5
+
+
+def test_opening_a_cached_attachment_starts_reading_its_copy_from_disk(
+        local_mount: Objfs, tmp_path: Path) -> None:
+    """The handlers read copies inline; `open` asks the kernel to bring the whole copy into
+    the page cache meanwhile, so readers of copies not in the page cache do not wait for
+    the disk one after the other."""
+    data = os.urandom(2_000_000)
+    orthanc_write(att(local_mount.mountpoint, U1), data)
+    local_mount.wait_uploaded()  # the upload reads the copy too
+    copy = next(p for p in (tmp_path / "cache").rglob(f"{U1}*") if p.is_file())
+
+    def resident() -> bool:
+        return resident_bytes(copy) == len(data)
+
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not resident()
+        reader = os.open(att(local_mount.mountpoint, U1, False), os.O_RDONLY)
+        try:
+            wait_until(resident, 10, "the copy in the page cache after open()")
+            assert os.pread(reader, len(data), 0) == data
+        finally:
+            os.close(reader)
+    finally:
+        os.close(fd)

@@ -120,6 +120,10 @@ class Fetch(Names):
         if size != row.size:
             os.close(fd)
             raise errors.Corrupt(f"local copy is {size} bytes, expected {row.size}")
+        # Start reading the whole copy from the disk now (this call does not wait): the
+        # handlers read inline on the event loop, so without it the readers of copies that
+        # are not in the page cache would wait for the disk one after the other.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
 
     async def _open_fs(self, uuid: str) -> int | None:
