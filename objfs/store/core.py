@@ -103,8 +103,11 @@ class StoreCore:
         self._idle = trio.Event()
         self._idle.set()
         self._journal_limiter = trio.CapacityLimiter(4)
+        # Background requests running, when Orthanc last wrote or deleted, and the event
+        # that `_turn` waiters wait on (replaced by `_wake_turns`, see there).
         self._last_foreground = -math.inf
         self._background = 0
+        self._turn_changed = trio.Event()
         self.hybrid_mode = settings.hybrid_mode
         self.fs: FileSystemTier | None = None
         if settings.fs_directory is not None:

@@ -62,6 +62,8 @@ class Writeback(Fetch):
                 handle.error = exc
                 raise
             handle.reserved = end
+            if self.tier.used >= self.tier.capacity // 2:
+                self._wake_turns()  # uploads stop yielding to Orthanc: see `_turn`
         try:
             written = os.pwrite(handle.fd, data, offset)
         except OSError as exc:
@@ -314,16 +316,28 @@ class Writeback(Fetch):
 
     @contextlib.asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
-        """A background request's turn; Orthanc's own requests come first (BUSY_WINDOW)."""
-        while self._background >= BUSY_REQUESTS \
-                and trio.current_time() - self._last_foreground < BUSY_WINDOW \
-                and self.tier.used < self.tier.capacity // 2:
-            await trio.sleep(BUSY_WINDOW / 5)
+        """A background request's turn. Orthanc's own requests come first: while it wrote or
+        deleted within BUSY_WINDOW, at most BUSY_REQUESTS background requests run, unless
+        the cache budget is half full (then the uploads that free it must not wait)."""
+        while self._background >= BUSY_REQUESTS and self.tier.used < self.tier.capacity // 2:
+            quiet_from = self._last_foreground + BUSY_WINDOW
+            if trio.current_time() >= quiet_from:
+                break
+            # Until Orthanc has been quiet for the window, or `_wake_turns`: a turn ended, or
+            # the budget passed half full. Then the loop checks again.
+            with trio.move_on_at(quiet_from):
+                await self._turn_changed.wait()
         self._background += 1
         try:
             yield
         finally:
             self._background -= 1
+            self._wake_turns()
+
+    def _wake_turns(self) -> None:
+        """Let every task waiting in `_turn` check its condition again."""
+        self._turn_changed.set()
+        self._turn_changed = trio.Event()
 
     async def _upload(self, uuid: str, policy: RetryPolicy) -> None:
         row = self.journal.get(uuid)

@@ -13,6 +13,7 @@ import trio.testing
 
 from objfs import errors
 from objfs.journal import PENDING_UPLOAD, UPLOADED
+from objfs.store.state import BUSY_REQUESTS, BUSY_WINDOW
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -248,3 +249,42 @@ async def test_queued_uploads_resume_within_a_probe_interval_of_a_recovery(
     assert trio.current_time() - start <= PROBE_INTERVAL + 1
     assert rig.store.health.failing_since is None
     assert len(rig.bucket_files()) == 3
+
+
+async def test_uploads_yield_to_orthanc_until_it_pauses_for_the_busy_window(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(CacheSize=64)
+    rig.backend.set(Mode.GATED, "put")
+    await running(rig)
+    for _ in range(5):
+        await rig.write(new_uuid(), os.urandom(1000))
+    await trio.sleep(BUSY_WINDOW / 2)
+    assert rig.backend.calls["put"] == BUSY_REQUESTS  # Orthanc is busy: one at a time
+    await rig.write(new_uuid(), os.urandom(1000))  # busy again: the window starts over
+    start = trio.current_time()
+    await trio.sleep(BUSY_WINDOW * 0.99)
+    assert rig.backend.calls["put"] == BUSY_REQUESTS
+    await trio.sleep(BUSY_WINDOW * 0.02)
+    # Quiet for the window: every waiting upload started then, not at some later poll.
+    assert rig.backend.calls["put"] == 6
+    assert trio.current_time() - start < BUSY_WINDOW * 1.02
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=5) is True
+    assert len(rig.bucket_files()) == 6
+
+
+async def test_uploads_stop_yielding_once_the_cache_is_half_full_of_dirty_data(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory(CacheSize=16)
+    rig.backend.set(Mode.GATED, "put")
+    await running(rig)
+    await rig.write(new_uuid(), os.urandom(3 * MIB))
+    await rig.write(new_uuid(), os.urandom(3 * MIB))
+    await trio.sleep(BUSY_WINDOW / 10)
+    assert rig.backend.calls["put"] == BUSY_REQUESTS
+    await rig.write(new_uuid(), os.urandom(3 * MIB))  # 9 of 16 MiB dirty
+    await trio.sleep(BUSY_WINDOW / 10)  # well within the window
+    assert rig.backend.calls["put"] == 3
+    rig.backend.gate.set()
