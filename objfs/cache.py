@@ -181,10 +181,20 @@ class LocalTier:
         self.used += nbytes
         return True
 
+    @property
+    def background_share(self) -> int:
+        """The part of the budget background work may fill (half): Orthanc's writers keep
+        the rest. Past it, uploads stop yielding to Orthanc (objfs.store.writeback `_turn`)."""
+        return self.capacity // 2
+
+    @property
+    def past_background_share(self) -> bool:
+        return self.used >= self.background_share
+
     def try_reserve_background(self, nbytes: int) -> bool:
         """Take `nbytes` for a copy nobody asked for yet (series prefetch) only while the
         budget stays at most half full, evicting clean copies to get there; never waits."""
-        return self._try_reserve(nbytes, self.capacity // 2)
+        return self._try_reserve(nbytes, self.background_share)
 
     async def take_scratch(self, nbytes: int, foreground: bool = False) -> Callable[[], None]:
         """Budget for a temporary copy (an encrypted upload body, a download's ciphertext, a
@@ -198,7 +208,7 @@ class LocalTier:
         one temporary copy. Never raises CacheFull (a temporary copy is what lets uploads
         empty a full cache); callers bound foreground waits with their deadline
         (docs/durability.md, invariants 5 and 6)."""
-        limit = self.capacity if foreground else self.capacity // 2
+        limit = self.capacity if foreground else self.background_share
         if self._try_reserve(nbytes, limit):
             return lambda: self.release(nbytes)
         await self._overflow.acquire()

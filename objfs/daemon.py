@@ -33,7 +33,7 @@ from objfs.config import Settings
 from objfs.fs import Operations
 from objfs.journal import Journal, Stats
 from objfs.metrics import Metrics
-from objfs.mountinfo import mounted_filesystems, set_read_ahead
+from objfs.mountinfo import mounts, set_read_ahead
 from objfs.notify import Notifier
 from objfs.retry import RetryPolicy
 from objfs.sidecar.app import Sidecar
@@ -56,8 +56,8 @@ def clear_stale_mount(mountpoint: Path) -> None:
 
     Any other mount at that path (Docker's bind mount of a shared storage directory, a
     volume) is the mount point itself: objfs mounts on top of it."""
-    fstype = mounted_filesystems().get(str(mountpoint))
-    if fstype is None or not fstype.startswith("fuse"):
+    mount = mounts().get(str(mountpoint))
+    if mount is None or not mount.fstype.startswith("fuse"):
         return
     try:
         os.statvfs(mountpoint)  # always reaches the daemon; a stat may be served from cache
@@ -67,7 +67,7 @@ def clear_stale_mount(mountpoint: Path) -> None:
         log.warning("%s: clearing the stale mount of a daemon that died", mountpoint)
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=True)
         return
-    raise errors.ConfigError(f"{mountpoint} is already mounted ({fstype})")
+    raise errors.ConfigError(f"{mountpoint} is already mounted ({mount.fstype})")
 
 
 def check_fuse_device(path: str = "/dev/fuse") -> None:

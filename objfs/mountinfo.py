@@ -40,11 +40,6 @@ def mounts(mountinfo: Path = MOUNTINFO) -> dict[str, Mount]:
     return found
 
 
-def mounted_filesystems() -> dict[str, str]:
-    """Mount point -> filesystem type."""
-    return {path: mount.fstype for path, mount in mounts().items()}
-
-
 def set_read_ahead(mountpoint: Path, kib: int, mountinfo: Path = MOUNTINFO,
                    bdi_root: Path = BDI_ROOT) -> bool:
     """Set the read-ahead of the mount on `mountpoint` to `kib` KiB. The kernel reads a FUSE

@@ -62,7 +62,7 @@ class Writeback(Fetch):
                 handle.error = exc
                 raise
             handle.reserved = end
-            if self.tier.used >= self.tier.capacity // 2:
+            if self.tier.past_background_share:
                 self._wake_turns()  # uploads stop yielding to Orthanc: see `_turn`
         try:
             written = os.pwrite(handle.fd, data, offset)
@@ -319,7 +319,7 @@ class Writeback(Fetch):
         """A background request's turn. Orthanc's own requests come first: while it wrote or
         deleted within BUSY_WINDOW, at most BUSY_REQUESTS background requests run, unless
         the cache budget is half full (then the uploads that free it must not wait)."""
-        while self._background >= BUSY_REQUESTS and self.tier.used < self.tier.capacity // 2:
+        while self._background >= BUSY_REQUESTS and not self.tier.past_background_share:
             quiet_from = self._last_foreground + BUSY_WINDOW
             if trio.current_time() >= quiet_from:
                 break

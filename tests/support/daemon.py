@@ -12,17 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from objfs.journal import Stats, read_stats
+from objfs.mountinfo import mounts
 from tests.support.fuse import require_fuse
 from tests.support.procs import Process, free_port, wait_until
 
 
 def mounted_paths() -> dict[str, str]:
-    out: dict[str, str] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            out[left.split()[4]] = right.split()[0]
-    return out
+    """Mount point -> filesystem type (objfs.mountinfo, which unescapes the paths)."""
+    return {path: mount.fstype for path, mount in mounts().items()}
 
 
 def is_live_mount(path: Path) -> bool:
