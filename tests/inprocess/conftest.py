@@ -28,7 +28,7 @@ from objfs.config import Settings, settings_from_tree
 from objfs.journal import Journal
 from objfs.store import Store
 from objfs.tally import Tally
-from tests.inprocess.faults import FaultyBackend
+from tests.inprocess.faults import FaultyBackend, Mode
 
 # Worker-thread calls to hold: function name -> an Event the call waits for before it runs.
 # Races are reproduced by holding one step while another task acts.
@@ -153,3 +153,18 @@ async def running(nursery: trio.Nursery) -> AsyncIterator[Callable[[Rig], Awaita
 
     yield start
     nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def gated_rig(rig_factory: Callable[..., Rig],
+              running: Callable[[Rig], Awaitable[None]]) -> Callable[..., Awaitable[Rig]]:
+    """A running rig whose uploads wait for `rig.backend.gate` (writes are acknowledged
+    locally; nothing reaches the bucket until the test opens the gate)."""
+
+    async def make(**objfs: Any) -> Rig:
+        rig = rig_factory(**objfs)
+        rig.backend.set(Mode.GATED, "put")
+        await running(rig)
+        return rig
+
+    return make

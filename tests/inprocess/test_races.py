@@ -17,6 +17,7 @@ from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
 Start = Callable[[Rig], Awaitable[None]]
+GatedRig = Callable[..., Awaitable[Rig]]
 Holds = dict[str, trio.Event]
 
 
@@ -124,11 +125,9 @@ def test_temporary_names_never_collide(rig_factory: Callable[..., Rig]) -> None:
 
 @pytest.mark.parametrize("step", ["mark_pending_delete", "remove"])
 async def test_unlink_of_a_fresh_write_during_its_upload_leaves_nothing(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        running: Start, holds: Holds, step: str) -> None:
-    rig = rig_factory()
-    rig.backend.set(Mode.GATED, "put")
-    await running(rig)
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig, holds: Holds,
+        step: str) -> None:
+    rig = await gated_rig()
     uuid = str(uuid_mod.uuid4())
     await rig.write(uuid, os.urandom(10_000))
     await trio.sleep(1)  # the upload has started and waits at the bucket

@@ -19,6 +19,7 @@ from tests.inprocess.faults import Mode
 
 MIB = 1024 * 1024
 Start = Callable[[Rig], Awaitable[None]]
+GatedRig = Callable[..., Awaitable[Rig]]
 
 
 def new_uuid() -> str:
@@ -26,11 +27,8 @@ def new_uuid() -> str:
 
 
 async def test_write_back_acknowledges_locally_then_uploads(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        running: Start) -> None:
-    rig = rig_factory()
-    rig.backend.set(Mode.GATED, "put")
-    await running(rig)
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig()
     uuid, data = new_uuid(), os.urandom(100_000)
     await rig.write(uuid, data)
     # Acknowledged (close returned) while the bucket has not answered: journaled, pending.
@@ -90,11 +88,8 @@ async def test_a_full_cache_of_dirty_data_makes_writers_wait_then_enospc(
 
 
 async def test_a_waiting_writer_proceeds_once_uploads_make_copies_clean(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        running: Start) -> None:
-    rig = rig_factory(CacheSize=16, CacheFullTimeout=30)
-    rig.backend.set(Mode.GATED, "put")
-    await running(rig)
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig(CacheSize=16, CacheFullTimeout=30)
     for _ in range(3):
         await rig.write(new_uuid(), os.urandom(5 * MIB))
     uuid, data = new_uuid(), os.urandom(3 * MIB)
@@ -252,11 +247,8 @@ async def test_queued_uploads_resume_within_a_probe_interval_of_a_recovery(
 
 
 async def test_uploads_yield_to_orthanc_until_it_pauses_for_the_busy_window(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        running: Start) -> None:
-    rig = rig_factory(CacheSize=64)
-    rig.backend.set(Mode.GATED, "put")
-    await running(rig)
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig(CacheSize=64)
     for _ in range(5):
         await rig.write(new_uuid(), os.urandom(1000))
     await trio.sleep(BUSY_WINDOW / 2)
@@ -275,11 +267,8 @@ async def test_uploads_yield_to_orthanc_until_it_pauses_for_the_busy_window(
 
 
 async def test_uploads_stop_yielding_once_the_cache_is_half_full_of_dirty_data(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        running: Start) -> None:
-    rig = rig_factory(CacheSize=16)
-    rig.backend.set(Mode.GATED, "put")
-    await running(rig)
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig(CacheSize=16)
     await rig.write(new_uuid(), os.urandom(3 * MIB))
     await rig.write(new_uuid(), os.urandom(3 * MIB))
     await trio.sleep(BUSY_WINDOW / 10)
