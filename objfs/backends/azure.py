@@ -35,6 +35,7 @@ class AzureBackend(ThreadedBackend):
     def __init__(self, cfg: AzureSettings) -> None:
         super().__init__(cfg.client.max_connections)
         self.cfg = cfg
+        self.single_request_limit = cfg.client.chunk_size
         self._tier = (StandardBlobTier(cfg.access_tier.value) if cfg.access_tier is not None
                       else None)
         options: dict[str, Any] = {

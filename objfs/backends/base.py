@@ -53,6 +53,9 @@ class Backend(abc.ABC):
     # Most keys one `delete_many` call takes; 0 when the store has no batch delete (then
     # deletes go one key at a time, after a listing).
     batch_delete_limit: int = 0
+    # Largest object `put` sends in one request; a larger one goes in parts, several at a
+    # time (None: never several at a time). The store lets those wait for Orthanc to pause.
+    single_request_limit: int | None = None
 
     async def delete_many(self, keys: list[str]) -> None:
         """Delete up to `batch_delete_limit` keys in one request; absent keys are not an

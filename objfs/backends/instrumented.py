@@ -29,6 +29,7 @@ class InstrumentedBackend(Backend):
         self.inner = inner
         self.name = inner.name
         self.batch_delete_limit = inner.batch_delete_limit
+        self.single_request_limit = inner.single_request_limit
         self.observe = observe
         self.bytes_up = 0
         self.bytes_down = 0

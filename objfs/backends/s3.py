@@ -47,6 +47,7 @@ class S3Backend(ThreadedBackend):
         super().__init__(cfg.max_connections)
         self.cfg = cfg
         self.bucket = cfg.bucket
+        self.single_request_limit = cfg.chunk_size
         endpoint = cfg.endpoint
         if endpoint and "://" not in endpoint:
             endpoint = "https://" + endpoint

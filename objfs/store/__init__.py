@@ -70,7 +70,7 @@ class Store(Hybrid):
         """Upload and delete workers plus the bucket inventory; re-queues journaled work."""
         async with trio.open_nursery() as nursery:
             for _ in range(self.upload_concurrency):
-                nursery.start_soon(self._upload_worker, self._upload_recv.clone())
+                nursery.start_soon(self._upload_worker)
             for _ in range(max(2, self.upload_concurrency // 2)):
                 nursery.start_soon(self._delete_worker, self._delete_recv.clone())
             pending = self.journal.in_state(PENDING_UPLOAD)
@@ -79,12 +79,13 @@ class Store(Hybrid):
                 log.info("resuming %d pending uploads and %d pending deletes from the journal",
                          len(pending), len(deletes))
             for row in pending:
-                self._queue_upload(row.uuid)
+                self._queue_upload(row.uuid, row.size)
             for row in deletes:
                 self._queue_delete(row.uuid)
             nursery.start_soon(self.tier.checkpoints)
             nursery.start_soon(self._inventory)
             nursery.start_soon(self._watch_bucket)
+            nursery.start_soon(self._watch_spare_cpu)
             task_status.started()
 
 

@@ -14,6 +14,7 @@ from objfs import codec, errors
 from objfs.backends.base import Backend
 from objfs.cache import LocalTier
 from objfs.config import HybridMode, Settings, WriteMode
+from objfs.cpuload import IdleCpus
 from objfs.fstier import FileSystemTier
 from objfs.journal import Journal, Stats, read_stats
 from objfs.keylocks import KeyedLocks
@@ -33,6 +34,7 @@ from objfs.store.state import (
     T,
     WriteHandle,
 )
+from objfs.store.uploads import LargestFirst
 from objfs.tally import Tally
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ class StoreCore:
     """State shared by the parts of the store; every method runs on the event loop."""
 
     def __init__(self, settings: Settings, backend: Backend, journal: Journal,
-                 tier: LocalTier, tally: Tally) -> None:
+                 tier: LocalTier, tally: Tally,
+                 idle_cpus: Callable[[], float | None] | None = None) -> None:
         self.layout: Layout = settings.layout
         self.tally = tally
         self.backend = backend
@@ -97,7 +100,7 @@ class StoreCore:
         self._plain_pending: dict[str, trio.Event] = {}
         # Unbounded on purpose: what waits here is bounded by the cache budget (dirty data
         # cannot exceed CacheSize) and an entry is one uuid.
-        self._upload_send, self._upload_recv = trio.open_memory_channel[str](math.inf)
+        self._uploads = LargestFirst()
         self._delete_send, self._delete_recv = trio.open_memory_channel[str](math.inf)
         self._outstanding: set[str] = set()
         self._idle = trio.Event()
@@ -108,6 +111,14 @@ class StoreCore:
         self._last_foreground = -math.inf
         self._background = 0
         self._turn_changed = trio.Event()
+        # Idle CPUs since the previous call (`objfs.cpuload`; tests give their own), when a
+        # sample last found CPU to spare while Orthanc paused (owner: `_watch_spare_cpu`),
+        # how many tasks wait in `_turn`, and the event that wakes the watcher when the
+        # first one arrives.
+        self._idle_cpus = idle_cpus if idle_cpus is not None else IdleCpus().sample
+        self._spare_seen = -math.inf
+        self._turn_waiters = 0
+        self._waiter_arrived = trio.Event()
         self.hybrid_mode = settings.hybrid_mode
         self.fs: FileSystemTier | None = None
         if settings.fs_directory is not None:
@@ -141,9 +152,9 @@ class StoreCore:
         Orthanc meanwhile."""
         return await trio.to_thread.run_sync(read_stats, self.journal.path)
 
-    def _queue_upload(self, uuid: str) -> None:
+    def _queue_upload(self, uuid: str, size: int) -> None:
         self._track(uuid)
-        self._upload_send.send_nowait(uuid)
+        self._uploads.put(uuid, size)
 
     def _queue_delete(self, uuid: str) -> None:
         self._track(uuid)

@@ -30,6 +30,13 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # Orthanc pauses for BUSY_WINDOW seconds, or until the cache budget is half full.
 BUSY_WINDOW = 0.5
 BUSY_REQUESTS = 1
+# ... or until Orthanc paused for SPARE_WINDOW seconds while the machine had at least SPARE_CPUS
+# idle CPUs over the last SPARE_SAMPLE seconds (`objfs.cpuload`): then Orthanc has stopped, not
+# gone on to receive the next file's body (which makes no file-system request but keeps the CPUs
+# busy), and the backlog may use what it leaves.
+SPARE_WINDOW = 0.1
+SPARE_CPUS = 0.75
+SPARE_SAMPLE = 0.05
 # A batch of deletes is sent once no further delete came for DELETE_GATHER seconds, or
 # DELETE_GATHER_MAX seconds after its first (objfs.store.writeback `_gather`).
 DELETE_GATHER = 0.05

@@ -23,6 +23,9 @@ from objfs.store.state import (
     BUSY_WINDOW,
     DELETE_GATHER,
     DELETE_GATHER_MAX,
+    SPARE_CPUS,
+    SPARE_SAMPLE,
+    SPARE_WINDOW,
     WriteHandle,
 )
 from objfs.tally import error_class
@@ -231,7 +234,7 @@ class Writeback(Fetch):
             return False
         self.tier.release(handle.reserved - handle.size)
         if row is not None and row.state == PENDING_UPLOAD:
-            self._queue_upload(handle.uuid)
+            self._queue_upload(handle.uuid, handle.size)
         return True
 
     async def _close_fs_write(self, handle: WriteHandle) -> bool:
@@ -302,31 +305,48 @@ class Writeback(Fetch):
         # removed the copy meanwhile, and its space must be given back exactly once.
         self._drop_local(uuid, row.size)
 
-    async def _upload_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
-        async with receive:
-            async for uuid in receive:
-                try:
-                    async with self._turn():
-                        await self._upload(uuid, BACKGROUND_RETRY)
-                except Exception:
-                    log.exception("upload of attachment %s failed; it stays journaled and is "
-                                  "retried at the next start", uuid)
-                finally:
-                    self._untrack(uuid)
+    async def _upload_worker(self) -> None:
+        while True:
+            uuid = await self._uploads.get()
+            try:
+                async with self._turn(self._parallel_parts(uuid)):
+                    await self._upload(uuid, BACKGROUND_RETRY)
+            except Exception:
+                log.exception("upload of attachment %s failed; it stays journaled and is "
+                              "retried at the next start", uuid)
+            finally:
+                self._untrack(uuid)
+
+    def _parallel_parts(self, uuid: str) -> bool:
+        """Whether the upload of `uuid` sends its parts several at a time (the backend's
+        `single_request_limit`)."""
+        limit = self.backend.single_request_limit
+        row = self.journal.get(uuid)
+        return limit is not None and row is not None and row.size > limit
 
     @contextlib.asynccontextmanager
-    async def _turn(self) -> AsyncIterator[None]:
+    async def _turn(self, parallel: bool = False) -> AsyncIterator[None]:
         """A background request's turn. Orthanc's own requests come first: while it wrote or
-        deleted within BUSY_WINDOW, at most BUSY_REQUESTS background requests run, unless
-        the cache budget is half full (then the uploads that free it must not wait)."""
-        while self._background >= BUSY_REQUESTS and not self.tier.past_background_share:
+        deleted within BUSY_WINDOW, at most BUSY_REQUESTS background requests run, and none
+        that is `parallel` (an upload in parts sent several at a time), unless Orthanc has
+        stopped (paused for SPARE_WINDOW, then CPU to spare: `_watch_spare_cpu`) or the
+        cache budget is half full (then the uploads that free it must not wait)."""
+        while (parallel or self._background >= BUSY_REQUESTS) \
+                and not self.tier.past_background_share:
+            now = trio.current_time()
+            spare_from = self._last_foreground + SPARE_WINDOW
             quiet_from = self._last_foreground + BUSY_WINDOW
-            if trio.current_time() >= quiet_from:
+            if now >= quiet_from or self._spare_seen >= spare_from:
                 break
-            # Until Orthanc has been quiet for the window, or `_wake_turns`: a turn ended, or
-            # the budget passed half full. Then the loop checks again.
-            with trio.move_on_at(quiet_from):
-                await self._turn_changed.wait()
+            # Until the pause reaches BUSY_WINDOW, or `_wake_turns`: a turn ended, the budget
+            # passed half full, or the watcher found CPU to spare. Then the loop checks again.
+            self._turn_waiters += 1
+            self._waiter_arrived.set()
+            try:
+                with trio.move_on_at(quiet_from):
+                    await self._turn_changed.wait()
+            finally:
+                self._turn_waiters -= 1
         self._background += 1
         try:
             yield
@@ -338,6 +358,26 @@ class Writeback(Fetch):
         """Let every task waiting in `_turn` check its condition again."""
         self._turn_changed.set()
         self._turn_changed = trio.Event()
+
+    async def _watch_spare_cpu(self) -> None:
+        """While background requests wait for their turn, sample the idle CPUs every
+        SPARE_SAMPLE seconds. A sample that found SPARE_CPUS unused and ended SPARE_WINDOW
+        or more after Orthanc's last write or delete means Orthanc has stopped: it sets
+        `_spare_seen` (which lets every background request run until Orthanc is busy
+        again) and wakes the waiters. Sleeps on an event while nobody waits; counters that
+        cannot be read leave the decision to time alone (BUSY_WINDOW)."""
+        while True:
+            if not self._turn_waiters:
+                self._waiter_arrived = trio.Event()
+                await self._waiter_arrived.wait()
+                self._idle_cpus()  # the interval starts now
+            await trio.sleep(SPARE_SAMPLE)
+            idle = self._idle_cpus()
+            now = trio.current_time()
+            if idle is not None and idle >= SPARE_CPUS \
+                    and now >= self._last_foreground + SPARE_WINDOW:
+                self._spare_seen = now
+                self._wake_turns()
 
     async def _upload(self, uuid: str, policy: RetryPolicy) -> None:
         row = self.journal.get(uuid)
@@ -490,7 +530,7 @@ class Writeback(Fetch):
         """
         for row in self.journal.in_state(PENDING_UPLOAD):
             if row.uuid not in self._outstanding:
-                self._queue_upload(row.uuid)
+                self._queue_upload(row.uuid, row.size)
         with trio.move_on_after(timeout):
             await self._idle.wait()
             return True

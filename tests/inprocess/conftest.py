@@ -98,7 +98,11 @@ class Rig:
         self.local = LocalBackend(self.settings.local_bucket)
         self.backend = FaultyBackend(self.local)
         self.tally = Tally()
-        self.store = Store(self.settings, self.backend, self.journal, self.tier, self.tally)
+        # Idle CPUs the store's watcher sees at each sample (`objfs.cpuload`): none by default,
+        # so that background work yields to Orthanc by time alone unless a test says so.
+        self.idle_cpus: float | None = 0.0
+        self.store = Store(self.settings, self.backend, self.journal, self.tier, self.tally,
+                           idle_cpus=lambda: self.idle_cpus)
 
     def restarted(self) -> Rig:
         """The same directories opened again, as after a stop or crash (the caller's

@@ -34,7 +34,9 @@ class FaultyBackend(Backend):
         self.calls: Counter[str] = Counter()
         self.started = trio.Event()  # set whenever a call starts (replaced after each wait)
         self.batch_delete_limit = inner.batch_delete_limit
+        self.single_request_limit = inner.single_request_limit
         self.refuse_batches = False  # a store without DeleteObjects: Unsupported
+        self.put_sizes: list[int] = []  # size of each PUT's body, in the order they began
 
     def set(self, mode: Mode, *ops: str) -> None:
         for op in ops or ("put", "get", "head", "delete", "list", "copy"):
@@ -57,6 +59,7 @@ class FaultyBackend(Backend):
         return await fn()
 
     async def put(self, key: str, path: Path) -> None:
+        self.put_sizes.append(path.stat().st_size)
         await self._call("put", lambda: self.inner.put(key, path))
 
     async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None) -> int:

@@ -13,7 +13,13 @@ import trio.testing
 
 from objfs import errors
 from objfs.journal import PENDING_UPLOAD, UPLOADED
-from objfs.store.state import BUSY_REQUESTS, BUSY_WINDOW
+from objfs.store.state import (
+    BUSY_REQUESTS,
+    BUSY_WINDOW,
+    SPARE_CPUS,
+    SPARE_SAMPLE,
+    SPARE_WINDOW,
+)
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -246,9 +252,13 @@ async def test_queued_uploads_resume_within_a_probe_interval_of_a_recovery(
     assert len(rig.bucket_files()) == 3
 
 
+@pytest.mark.parametrize("idle_cpus", [0.0, SPARE_CPUS * 0.9, None],
+                         ids=["cpus busy", "less than spare", "counters unreadable"])
 async def test_uploads_yield_to_orthanc_until_it_pauses_for_the_busy_window(
-        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig,
+        idle_cpus: float | None) -> None:
     rig = await gated_rig(CacheSize=64)
+    rig.idle_cpus = idle_cpus
     for _ in range(5):
         await rig.write(new_uuid(), os.urandom(1000))
     await trio.sleep(BUSY_WINDOW / 2)
@@ -264,6 +274,70 @@ async def test_uploads_yield_to_orthanc_until_it_pauses_for_the_busy_window(
     rig.backend.gate.set()
     assert await rig.store.drain(timeout=5) is True
     assert len(rig.bucket_files()) == 6
+
+
+async def test_uploads_stop_yielding_once_orthanc_pauses_with_cpu_to_spare(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig(CacheSize=64)
+    rig.idle_cpus = 2.0
+    for _ in range(5):
+        await rig.write(new_uuid(), os.urandom(1000))
+    start = trio.current_time()
+    await trio.sleep(SPARE_WINDOW * 0.9)
+    # CPU to spare, but too short a pause: Orthanc may be receiving the next file.
+    assert rig.backend.calls["put"] == BUSY_REQUESTS
+    await trio.sleep(SPARE_WINDOW * 0.1 + 2 * SPARE_SAMPLE)
+    assert rig.backend.calls["put"] == 5  # Orthanc has stopped: no need to wait BUSY_WINDOW
+    assert trio.current_time() - start < BUSY_WINDOW / 2
+    # Orthanc writes again: a new upload yields again until the next pause with spare CPU.
+    await rig.write(new_uuid(), os.urandom(1000))
+    start = trio.current_time()
+    await trio.sleep(SPARE_WINDOW * 0.9)
+    assert rig.backend.calls["put"] == 5
+    await trio.sleep(SPARE_WINDOW * 0.1 + 2 * SPARE_SAMPLE)
+    assert rig.backend.calls["put"] == 6
+    assert trio.current_time() - start < BUSY_WINDOW / 2
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=5) is True
+
+
+async def test_the_largest_waiting_upload_goes_first(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig(CacheSize=64, UploadConcurrency=1)
+    for size in (1000, 3000, 2000, 5000, 4000, 5000):
+        await rig.write(new_uuid(), os.urandom(size))
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=5) is True
+    # The first began at once, alone in the queue; then the largest waiting, each time.
+    assert rig.backend.put_sizes == [1000, 5000, 5000, 4000, 3000, 2000]
+
+
+async def test_an_upload_in_parallel_parts_waits_for_orthanc_to_pause(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig(CacheSize=64)
+    rig.backend.single_request_limit = 2 * MIB
+    rig.backend.gate.set()
+    await rig.write(new_uuid(), os.urandom(3 * MIB))
+    await trio.sleep(BUSY_WINDOW * 0.9)
+    # Nothing else runs, but its parts would compete with Orthanc several at a time.
+    assert rig.backend.calls["put"] == 0
+    await rig.write(new_uuid(), os.urandom(2 * MIB))  # one request: it may go now
+    await trio.sleep(BUSY_WINDOW / 100)
+    assert rig.backend.put_sizes == [2 * MIB]
+    await trio.sleep(BUSY_WINDOW)
+    assert rig.backend.put_sizes == [2 * MIB, 3 * MIB]
+    assert await rig.store.drain(timeout=5) is True
+
+
+async def test_an_upload_in_parallel_parts_goes_at_once_when_the_cache_is_half_full(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig(CacheSize=16)
+    rig.backend.single_request_limit = 2 * MIB
+    rig.backend.gate.set()
+    await rig.write(new_uuid(), os.urandom(9 * MIB))
+    await trio.sleep(BUSY_WINDOW / 10)
+    assert rig.backend.put_sizes == [9 * MIB]
+    assert await rig.store.drain(timeout=5) is True
 
 
 async def test_uploads_stop_yielding_once_the_cache_is_half_full_of_dirty_data(
