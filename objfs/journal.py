@@ -10,6 +10,12 @@ WAL with ``synchronous=FULL``: a write method returns after its change is on dis
 through one connection under a lock and may run in worker threads, to keep fsync latency off
 the event loop; reads use a second connection and must come from the thread that opened the
 journal (the event loop), where they never wait for a writer's fsync.
+
+`get` keeps the rows it read (and the absence of a row) in memory until a write changes them:
+Orthanc's requests look up the same attachment several times (lookup, create, getattr, open,
+unlink), and a query costs more than the rest of such a request. Rule: every write names the
+attachment rows it changes (`rows=`, None for any), and they are forgotten after its commit,
+whether or not it succeeded.
 """
 
 from __future__ import annotations
@@ -86,6 +92,9 @@ class Stats:
 
 
 _COLUMNS = "uuid, state, size, key, cached, created, last_error, sealed"
+# Rows `get` keeps at most; the whole cache is dropped when it is full (simple, and a query
+# refills what is in use).
+ROW_CACHE = 16384
 
 
 def _row(values: tuple[Any, ...]) -> Row:
@@ -100,6 +109,13 @@ class Journal:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
+        # Rows read by `get`, by uuid (None: no row). Filled by `get` on the reading thread;
+        # writers (any thread) drop what they changed after their commit and bump
+        # `_generation`, so that a read that raced a write never keeps what it read. Both
+        # under `_cache_lock`, which is held only for dictionary operations.
+        self._rows: dict[str, Row | None] = {}
+        self._generation = 0
+        self._cache_lock = threading.Lock()
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self._reader = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
         if readonly:
@@ -130,27 +146,53 @@ class Journal:
             for db in {self._db, self._lazy, self._reader}:
                 db.close()
 
-    def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True) -> None:
-        with self._lock:
-            (self._db if durable else self._lazy).execute(sql, tuple(args))
+    def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True,
+               rows: Iterable[str] | None = ()) -> None:
+        """One statement (its own transaction); `rows`: the attachments it changes (None:
+        any; empty: none)."""
+        try:
+            with self._lock:
+                (self._db if durable else self._lazy).execute(sql, tuple(args))
+        finally:
+            self._forget_rows(rows)
 
     @contextlib.contextmanager
-    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, durable: bool = True,
+                     rows: Iterable[str] | None = ()) -> Iterator[sqlite3.Connection]:
         """One transaction on the durable or the lazy connection: committed when the block
-        ends, rolled back if it raises."""
+        ends, rolled back if it raises. The kept copies of `rows` (None: every row) are
+        forgotten afterwards either way."""
         db = self._db if durable else self._lazy
-        with self._lock:
-            db.execute("BEGIN")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        try:
+            with self._lock:
+                db.execute("BEGIN")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+        finally:
+            self._forget_rows(rows)
 
-    def _many(self, sql: str, rows: Iterable[tuple[object, ...]], durable: bool = True) -> None:
-        with self._transaction(durable) as db:
-            db.executemany(sql, rows)
+    def _many(self, sql: str, args: Iterable[tuple[object, ...]], durable: bool = True,
+              rows: Iterable[str] | None = ()) -> None:
+        with self._transaction(durable, rows) as db:
+            db.executemany(sql, args)
+
+    def _forget_rows(self, uuids: Iterable[str] | None) -> None:
+        """Drop the kept rows of `uuids` (None: every row), after a commit."""
+        if uuids is not None:
+            uuids = tuple(uuids)
+            if not uuids:
+                return  # no attachment row changed
+        with self._cache_lock:
+            self._generation += 1
+            if uuids is None:
+                self._rows.clear()
+            else:
+                for uuid in uuids:
+                    self._rows.pop(uuid, None)
 
     # --- meta ---------------------------------------------------------------------------------
 
@@ -173,9 +215,19 @@ class Journal:
     # --- attachments --------------------------------------------------------------------------
 
     def get(self, uuid: str) -> Row | None:
+        with self._cache_lock:
+            if uuid in self._rows:
+                return self._rows[uuid]
+            generation = self._generation
         found = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE uuid=?",
                                      (uuid,)).fetchone()
-        return None if found is None else _row(found)
+        row = None if found is None else _row(found)
+        with self._cache_lock:
+            if generation == self._generation:  # no write committed since the query began
+                if len(self._rows) >= ROW_CACHE:
+                    self._rows.clear()
+                self._rows[uuid] = row
+        return row
 
     def put_pending(self, uuid: str, size: int, key: str | None = None,
                     sealed: bool = False) -> None:
@@ -185,7 +237,7 @@ class Journal:
             "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
             "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT(uuid) DO UPDATE SET "
             "size=excluded.size, key=excluded.key, sealed=excluded.sealed",
-            (uuid, PENDING_UPLOAD, size, key, int(sealed), now, now))
+            (uuid, PENDING_UPLOAD, size, key, int(sealed), now, now), rows=(uuid,))
 
     def put_uploaded(self, uuid: str, key: str, size: int) -> None:
         """Record an object put in the bucket by a move, with no local copy (durable)."""
@@ -194,7 +246,7 @@ class Journal:
             "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
             "VALUES (?, ?, ?, ?, 0, 0, ?, ?) ON CONFLICT(uuid) DO UPDATE SET state=excluded.state, "
             "size=excluded.size, key=excluded.key, cached=0, sealed=0, last_error=NULL",
-            (uuid, UPLOADED, size, key, now, now))
+            (uuid, UPLOADED, size, key, now, now), rows=(uuid,))
 
     def put_written_through(self, uuid: str, key: str, size: int, durable: bool) -> None:
         """Record a write whose object is already in the bucket, with its local copy (start-up
@@ -205,19 +257,20 @@ class Journal:
             "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
             "VALUES (?, ?, ?, ?, 1, 0, ?, ?) ON CONFLICT(uuid) DO UPDATE SET state=excluded.state, "
             "size=excluded.size, key=excluded.key, cached=1, sealed=0, last_error=NULL",
-            (uuid, UPLOADED, size, key, now, now), durable=durable)
+            (uuid, UPLOADED, size, key, now, now), durable=durable, rows=(uuid,))
 
     def set_key(self, uuid: str, key: str) -> None:
-        self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid), durable=False)
+        self._write("UPDATE attachments SET key=? WHERE uuid=?", (key, uuid), durable=False,
+                    rows=(uuid,))
 
     def set_error(self, uuid: str, error: str | None) -> None:
         self._write("UPDATE attachments SET last_error=? WHERE uuid=?", (error, uuid),
-                    durable=False)
+                    durable=False, rows=(uuid,))
 
     def mark_uploaded(self, uuid: str, key: str, series: str | None = None) -> None:
         """Not durable on its own: after a crash the upload is simply repeated. `series`: the
         attachment's SeriesInstanceUID, noted in the same transaction (`note_series`)."""
-        with self._transaction(durable=False) as db:
+        with self._transaction(durable=False, rows=(uuid,)) as db:
             db.execute("UPDATE attachments SET state=?, key=?, last_error=NULL, atime=? "
                        "WHERE uuid=? AND state=?",
                        (UPLOADED, key, time.time(), uuid, PENDING_UPLOAD))
@@ -227,20 +280,22 @@ class Journal:
 
     def mark_pending_delete(self, uuid: str) -> None:
         self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
-                    (PENDING_DELETE, uuid))
+                    (PENDING_DELETE, uuid), rows=(uuid,))
 
     def set_cached(self, uuid: str, cached: bool, sealed: bool = False) -> None:
         """Not durable on its own: start-up recovery checks cached rows against the files."""
         self._write("UPDATE attachments SET cached=?, sealed=?, atime=? WHERE uuid=?",
-                    (int(cached), int(sealed), time.time(), uuid), durable=False)
+                    (int(cached), int(sealed), time.time(), uuid), durable=False,
+                    rows=(uuid,))
 
     def uncache(self, uuids: Iterable[str]) -> None:
         """Record that the local copies of `uuids` were removed (one transaction)."""
+        uuids = list(uuids)
         self._many("UPDATE attachments SET cached=0 WHERE uuid=?", ((u,) for u in uuids),
-                   durable=False)
+                   durable=False, rows=uuids)
 
     def remove(self, uuid: str) -> None:
-        with self._transaction() as db:
+        with self._transaction(rows=(uuid,)) as db:
             db.execute("DELETE FROM series_members WHERE uuid=?", (uuid,))
             db.execute("DELETE FROM attachments WHERE uuid=?", (uuid,))
 
@@ -268,7 +323,7 @@ class Journal:
         """Drop the rows of deletes the bucket confirmed (one transaction). Not durable on its
         own: after a crash those deletes are repeated, which is harmless."""
         uuids = list(uuids)
-        with self._transaction(durable=False) as db:
+        with self._transaction(durable=False, rows=uuids) as db:
             db.executemany("DELETE FROM series_members WHERE uuid=?", ((u,) for u in uuids))
             db.executemany("DELETE FROM attachments WHERE uuid=? AND state=?",
                            ((u, PENDING_DELETE) for u in uuids))
@@ -276,11 +331,14 @@ class Journal:
     def add_remote(self, entries: Iterable[tuple[str, str, int]]) -> None:
         """Record attachments found in the bucket: (uuid, key, size); known ones are kept."""
         now = time.time()
+        entries = list(entries)
         self._many("INSERT OR IGNORE INTO attachments(uuid, state, size, key, cached, created) "
                    "VALUES (?, 'uploaded', ?, ?, 0, ?)",
-                   ((uuid, size, key, now) for uuid, key, size in entries), durable=False)
+                   ((uuid, size, key, now) for uuid, key, size in entries), durable=False,
+                   rows=[uuid for uuid, _, _ in entries])
 
     def touch(self, atimes: dict[str, float]) -> None:
+        """Record access times (not part of a `Row`: kept rows stay valid)."""
         self._many("UPDATE attachments SET atime=? WHERE uuid=?",
                    ((t, u) for u, t in atimes.items()), durable=False)
 
@@ -341,7 +399,7 @@ class Journal:
 
     def forget_all_clean(self) -> None:
         """Drop every uploaded row (used when the cache directory changes buckets)."""
-        self._write("DELETE FROM attachments WHERE state=?", (UPLOADED,))
+        self._write("DELETE FROM attachments WHERE state=?", (UPLOADED,), rows=None)
 
 
 def read_stats(path: Path) -> Stats:

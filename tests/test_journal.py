@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Journal
+import pytest
+
+import objfs.journal as journal_module
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Journal, Row
 
 
 def test_journal_of_an_earlier_version_is_migrated(tmp_path: Path) -> None:
@@ -72,4 +77,114 @@ def test_series_members_are_uploaded_uncached_in_stored_order(tmp_path: Path) ->
     journal.forget_deleted(["d"])
     assert journal.series_members("S", 10) == ["a"]
     assert journal.series_of("b") is None and journal.series_of("d") is None
+    journal.close()
+
+
+class Fetched:
+    """A query's result, read before a concurrent write committed."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+
+class CountingReader:
+    """Wraps the journal's read connection, counting queries; `meanwhile` runs after a query
+    has read its result (a writer that commits while a read is under way)."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+        self.queries = 0
+        self.meanwhile: Callable[[], None] | None = None
+
+    def execute(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor | Fetched:
+        self.queries += 1
+        cursor = self.real.execute(sql, args)
+        if self.meanwhile is None:
+            return cursor
+        result = Fetched(cursor.fetchall())
+        self.meanwhile()
+        self.meanwhile = None
+        return result
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def counting(journal: Journal) -> CountingReader:
+    reader = CountingReader(journal._reader)
+    journal._reader = reader  # type: ignore[assignment]
+    return reader
+
+
+def test_rows_are_kept_until_a_write_changes_them(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    reader = counting(journal)
+    assert journal.get("a") is None
+    assert journal.get("a") is None  # an absent row is kept too
+    assert reader.queries == 1
+    # Every write that changes a row makes the next `get` see the change.
+    changes: list[tuple[Callable[[], None], Callable[[Row | None], bool]]] = [
+        (lambda: journal.put_pending("a", 10),
+         lambda r: r is not None and r.state == PENDING_UPLOAD and r.size == 10),
+        (lambda: journal.set_key("a", "a.dcm"), lambda r: r is not None and r.key == "a.dcm"),
+        (lambda: journal.set_error("a", "503"), lambda r: r is not None and r.last_error == "503"),
+        (lambda: journal.mark_uploaded("a", "a2.dcm", "1.2.3"),
+         lambda r: r is not None and (r.state, r.key, r.last_error) == (UPLOADED, "a2.dcm", None)),
+        (lambda: journal.set_cached("a", False), lambda r: r is not None and not r.cached),
+        (lambda: journal.set_cached("a", True, sealed=True),
+         lambda r: r is not None and r.cached and r.sealed),
+        (lambda: journal.uncache(["a"]), lambda r: r is not None and not r.cached),
+        (lambda: journal.mark_pending_delete("a"),
+         lambda r: r is not None and r.state == PENDING_DELETE),
+        (lambda: journal.forget_deleted(["a"]), lambda r: r is None),
+        (lambda: journal.add_remote([("a", "a.dcm", 7)]),
+         lambda r: r is not None and (r.state, r.size) == (UPLOADED, 7)),
+        (lambda: journal.put_uploaded("a", "a3.dcm", 8),
+         lambda r: r is not None and (r.key, r.size) == ("a3.dcm", 8)),
+        (lambda: journal.forget_all_clean(), lambda r: r is None),
+        (lambda: journal.put_written_through("a", "a4.dcm", 9, durable=True),
+         lambda r: r is not None and (r.state, r.cached, r.size) == (UPLOADED, True, 9)),
+        (lambda: journal.remove("a"), lambda r: r is None),
+    ]
+    for change, expected in changes:
+        journal.get("a")  # kept, present or absent
+        change()
+        assert expected(journal.get("a")), change
+    # Writes that change no row leave the kept ones in place.
+    journal.put_pending("b", 1)
+    journal.get("b")
+    before = reader.queries
+    journal.touch({"b": 5.0})
+    journal.note_series([("b", "1.2")])
+    journal.set_meta("x", "y")
+    journal.barrier()
+    assert journal.get("b") is not None and reader.queries == before
+    journal.close()
+
+
+def test_a_read_that_raced_a_write_does_not_keep_what_it_read(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.put_pending("a", 10)
+    reader = counting(journal)
+    reader.meanwhile = lambda: journal.mark_pending_delete("a")
+    row = journal.get("a")  # read before the write committed: the old state
+    assert row is not None and row.state == PENDING_UPLOAD
+    row = journal.get("a")  # not kept: read again
+    assert row is not None and row.state == PENDING_DELETE
+    assert reader.queries == 2
+    journal.close()
+
+
+def test_the_kept_rows_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "ROW_CACHE", 4)
+    journal = Journal(tmp_path / "j.sqlite")
+    for i in range(10):
+        journal.get(f"u{i}")
+        assert len(journal._rows) <= 4
     journal.close()
