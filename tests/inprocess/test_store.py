@@ -304,11 +304,14 @@ async def test_uploads_stop_yielding_once_orthanc_pauses_with_cpu_to_spare(
 async def test_the_largest_waiting_upload_goes_first(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
     rig = await gated_rig(CacheSize=64, UploadConcurrency=1)
-    for size in (1000, 3000, 2000, 5000, 4000, 5000):
+    await rig.write(new_uuid(), os.urandom(1000))
+    await trio.sleep(BUSY_WINDOW / 10)
+    assert rig.backend.put_sizes == [1000]  # the one worker is busy with it (gated)
+    for size in (3000, 2000, 5000, 4000, 5000):
         await rig.write(new_uuid(), os.urandom(size))
     rig.backend.gate.set()
     assert await rig.store.drain(timeout=5) is True
-    # The first began at once, alone in the queue; then the largest waiting, each time.
+    # Then the largest waiting, each time.
     assert rig.backend.put_sizes == [1000, 5000, 5000, 4000, 3000, 2000]
 
 
