@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from typing import NamedTuple
 
 import trio
+
+
+class Queued(NamedTuple):
+    uuid: str
+    size: int
 
 
 class LargestFirst:
@@ -31,9 +37,10 @@ class LargestFirst:
         heapq.heappush(self._heap, (-size, next(self._order), uuid))
         self._lot.unpark()
 
-    async def get(self) -> str:
-        """The largest waiting uuid; waits while none is (cancellable)."""
+    async def get(self) -> Queued:
+        """The largest waiting upload; waits while none is (cancellable)."""
         await trio.lowlevel.checkpoint()
         while not self._heap:
             await self._lot.park()
-        return heapq.heappop(self._heap)[2]
+        size, _, uuid = heapq.heappop(self._heap)
+        return Queued(uuid, -size)

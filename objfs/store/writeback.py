@@ -307,22 +307,18 @@ class Writeback(Fetch):
 
     async def _upload_worker(self) -> None:
         while True:
-            uuid = await self._uploads.get()
+            uuid, size = await self._uploads.get()
+            limit = self.backend.single_request_limit
+            # Sent in parts several at a time: it waits for Orthanc to pause (`_turn`).
+            parallel = limit is not None and size > limit
             try:
-                async with self._turn(self._parallel_parts(uuid)):
+                async with self._turn(parallel):
                     await self._upload(uuid, BACKGROUND_RETRY)
             except Exception:
                 log.exception("upload of attachment %s failed; it stays journaled and is "
                               "retried at the next start", uuid)
             finally:
                 self._untrack(uuid)
-
-    def _parallel_parts(self, uuid: str) -> bool:
-        """Whether the upload of `uuid` sends its parts several at a time (the backend's
-        `single_request_limit`)."""
-        limit = self.backend.single_request_limit
-        row = self.journal.get(uuid)
-        return limit is not None and row is not None and row.size > limit
 
     @contextlib.asynccontextmanager
     async def _turn(self, parallel: bool = False) -> AsyncIterator[None]:

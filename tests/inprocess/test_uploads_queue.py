@@ -13,7 +13,7 @@ async def test_largest_first_and_equal_sizes_in_arrival_order() -> None:
     for uuid, size in (("a", 10), ("b", 30), ("c", 20), ("d", 30), ("e", 5)):
         queue.put(uuid, size)
     assert len(queue) == 5
-    assert [await queue.get() for _ in range(5)] == ["b", "d", "c", "a", "e"]
+    assert [(await queue.get()).uuid for _ in range(5)] == ["b", "d", "c", "a", "e"]
     assert len(queue) == 0
 
 
@@ -23,7 +23,7 @@ async def test_a_waiting_worker_gets_what_is_put_later(
     got: list[str] = []
 
     async def worker() -> None:
-        got.append(await queue.get())
+        got.append((await queue.get()).uuid)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker)
@@ -42,4 +42,4 @@ async def test_get_can_be_cancelled_while_it_waits(
         await queue.get()
     assert scope.cancelled_caught
     queue.put("z", 1)
-    assert await queue.get() == "z"
+    assert await queue.get() == ("z", 1)
