@@ -113,11 +113,10 @@ class StoreCore:
         self._turn_changed = trio.Event()
         # Idle CPUs since the previous call (`objfs.cpuload`; tests give their own), when a
         # sample last found CPU to spare while Orthanc paused (owner: `_watch_spare_cpu`),
-        # how many tasks wait in `_turn`, and the event that wakes the watcher when the
-        # first one arrives.
+        # and the event that wakes the watcher when a task starts waiting in `_turn` (the
+        # tasks waiting are those of `_turn_changed`).
         self._idle_cpus = idle_cpus if idle_cpus is not None else IdleCpus().sample
         self._spare_seen = -math.inf
-        self._turn_waiters = 0
         self._waiter_arrived = trio.Event()
         self.hybrid_mode = settings.hybrid_mode
         self.fs: FileSystemTier | None = None

@@ -336,13 +336,9 @@ class Writeback(Fetch):
                 break
             # Until the pause reaches BUSY_WINDOW, or `_wake_turns`: a turn ended, the budget
             # passed half full, or the watcher found CPU to spare. Then the loop checks again.
-            self._turn_waiters += 1
             self._waiter_arrived.set()
-            try:
-                with trio.move_on_at(quiet_from):
-                    await self._turn_changed.wait()
-            finally:
-                self._turn_waiters -= 1
+            with trio.move_on_at(quiet_from):
+                await self._turn_changed.wait()
         self._background += 1
         try:
             yield
@@ -363,7 +359,7 @@ class Writeback(Fetch):
         again) and wakes the waiters. Sleeps on an event while nobody waits; counters that
         cannot be read leave the decision to time alone (BUSY_WINDOW)."""
         while True:
-            if not self._turn_waiters:
+            if not self._turn_changed.statistics().tasks_waiting:
                 self._waiter_arrived = trio.Event()
                 await self._waiter_arrived.wait()
                 self._idle_cpus()  # the interval starts now
