@@ -315,11 +315,18 @@ async def test_the_largest_waiting_upload_goes_first(
     assert rig.backend.put_sizes == [1000, 5000, 5000, 4000, 3000, 2000]
 
 
-async def test_an_upload_in_parallel_parts_waits_for_orthanc_to_pause(
-        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
-    rig = await gated_rig(CacheSize=64)
+async def parts_rig(gated_rig: GatedRig, cache_mib: int) -> Rig:
+    """A running rig whose backend sends objects over 2 MiB in parallel parts, and whose
+    uploads go through at once when their turn comes."""
+    rig = await gated_rig(CacheSize=cache_mib)
     rig.backend.single_request_limit = 2 * MIB
     rig.backend.gate.set()
+    return rig
+
+
+async def test_an_upload_in_parallel_parts_waits_for_orthanc_to_pause(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await parts_rig(gated_rig, cache_mib=64)
     await rig.write(new_uuid(), os.urandom(3 * MIB))
     await trio.sleep(BUSY_WINDOW * 0.9)
     # Nothing else runs, but its parts would compete with Orthanc several at a time.
@@ -334,9 +341,7 @@ async def test_an_upload_in_parallel_parts_waits_for_orthanc_to_pause(
 
 async def test_an_upload_in_parallel_parts_goes_at_once_when_the_cache_is_half_full(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
-    rig = await gated_rig(CacheSize=16)
-    rig.backend.single_request_limit = 2 * MIB
-    rig.backend.gate.set()
+    rig = await parts_rig(gated_rig, cache_mib=16)
     await rig.write(new_uuid(), os.urandom(9 * MIB))
     await trio.sleep(BUSY_WINDOW / 10)
     assert rig.backend.put_sizes == [9 * MIB]
