@@ -95,6 +95,7 @@ def test_failed_uploads_are_counted_by_error_class(tmp_path: Path, moto: MotoSer
     config = {"AwsS3Storage": moto.s3_section(bucket, ConnectTimeout=1, RequestTimeout=1),
               "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 256}}
     daemon = objfs_factory(config).start()
+    daemon.wait_inventory()
     assert moto.process is not None
     os.kill(moto.process.pid, signal.SIGSTOP)
     try:

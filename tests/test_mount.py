@@ -217,7 +217,7 @@ def test_full_cache_of_dirty_data_gives_enospc(tmp_path: Path, moto: MotoServer,
               "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 16,
                         "CacheFullTimeout": 1, "ShutdownDrainTimeout": 1}}
     daemon = objfs_factory(config).start()
-    wait_until(lambda: "inventory complete" in daemon.text(), 30, "the inventory")
+    daemon.wait_inventory()
     proxy.set("reset")
     first = os.urandom(10 * 1024 * 1024)
     orthanc_write(att(daemon.mountpoint, U1), first)

@@ -190,6 +190,7 @@ def test_ready_status_stopping_and_drain_with_backend_up(
     assert "uploads queued" in ready["STATUS"] and "cache" in ready["STATUS"]
     assert [live for m, live in notify.messages if "READY" in m] == [True]
 
+    daemon.wait_inventory()
     assert moto.process is not None
     os.kill(moto.process.pid, signal.SIGSTOP)  # uploads cannot finish yet
     try:
@@ -229,6 +230,7 @@ def test_drain_deadline_with_backend_down_keeps_uploads_journaled(
     daemon.env["NOTIFY_SOCKET"] = notify.path
     daemon.start()
     notify.wait_for("READY")
+    daemon.wait_inventory()
     assert moto.process is not None and daemon.process is not None
     os.kill(moto.process.pid, signal.SIGSTOP)
     try:

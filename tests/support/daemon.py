@@ -91,6 +91,12 @@ class Objfs:
         cache = json.loads(self.config_path.read_text()).get("Objfs", {}).get("CacheDirectory")
         return read_stats(Path(cache) / "journal.sqlite")
 
+    def wait_inventory(self, timeout: float = 30) -> None:
+        """Until the bucket's inventory is complete: from then on a new name is known to be
+        new without asking the bucket. Tests that freeze the bucket right after a start wait
+        for it, or a create may still be asking the bucket and get EIO (invariant 9)."""
+        wait_until(lambda: "inventory complete" in self.text(), timeout, "the inventory")
+
     def wait_uploaded(self, timeout: float = 120) -> None:
         def idle() -> bool:
             stats = self.journal_stats()
