@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -49,6 +50,10 @@ FSNAME = "objfs"
 PROBE = RetryPolicy(deadline=10.0)
 STATUS_INTERVAL = 5.0
 MIB = 1024 * 1024
+# How long a thread running Python code keeps the GIL while another waits for it (CPython's
+# default is 5 ms). Orthanc waits for every FUSE reply while upload and journal threads run
+# the SDK's Python code: the event loop must get the GIL back quickly.
+GIL_SWITCH_INTERVAL = 0.00005
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
@@ -243,6 +248,8 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                                       lambda: mounted)
                     await nursery.start(serve_sidecar, sidecar.app(settings.rest_api),
                                         settings.rest_api)
+                stack.callback(sys.setswitchinterval, sys.getswitchinterval())
+                sys.setswitchinterval(GIL_SWITCH_INTERVAL)
                 pyfuse3.init(ops, str(mountpoint), options)
                 mounted = True
                 write_state(root, "running")
