@@ -13,9 +13,9 @@ journal (the event loop), where they never wait for a writer's fsync.
 
 `get` keeps the rows it read (and the absence of a row) in memory until a write changes them:
 Orthanc's requests look up the same attachment several times (lookup, create, getattr, open,
-unlink), and a query costs more than the rest of such a request. Rule: every write names the
-attachment rows it changes (`rows=`, None for any), and they are forgotten after its commit,
-whether or not it succeeded.
+unlink), and a query costs more than the rest of such a request. Rule: a write forgets the
+kept rows after its commit, whether or not it succeeded: every one unless it names the
+attachment rows it changes (`rows=`; empty when it changes none).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Journal:
                 db.close()
 
     def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True,
-               rows: Iterable[str] | None = ()) -> None:
+               rows: Iterable[str] | None = None) -> None:
         """One statement (its own transaction); `rows`: the attachments it changes (None:
         any; empty: none)."""
         try:
@@ -158,7 +158,7 @@ class Journal:
 
     @contextlib.contextmanager
     def _transaction(self, durable: bool = True,
-                     rows: Iterable[str] | None = ()) -> Iterator[sqlite3.Connection]:
+                     rows: Iterable[str] | None = None) -> Iterator[sqlite3.Connection]:
         """One transaction on the durable or the lazy connection: committed when the block
         ends, rolled back if it raises. The kept copies of `rows` (None: every row) are
         forgotten afterwards either way."""
@@ -176,7 +176,7 @@ class Journal:
             self._forget_rows(rows)
 
     def _many(self, sql: str, args: Iterable[tuple[object, ...]], durable: bool = True,
-              rows: Iterable[str] | None = ()) -> None:
+              rows: Iterable[str] | None = None) -> None:
         with self._transaction(durable, rows) as db:
             db.executemany(sql, args)
 
@@ -201,13 +201,14 @@ class Journal:
         return None if found is None else str(found[0])
 
     def set_meta(self, name: str, value: str) -> None:
-        self._write("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", (name, value))
+        self._write("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", (name, value),
+                    rows=())
 
     # --- jobs (the sidecar's move-storage jobs, as JSON records) -------------------------------
 
     def put_job(self, job_id: str, record: str, durable: bool = True) -> None:
         self._write("INSERT OR REPLACE INTO jobs(id, record) VALUES (?, ?)", (job_id, record),
-                    durable)
+                    durable, rows=())
 
     def job_records(self) -> list[str]:
         return [str(r[0]) for r in self._reader.execute("SELECT record FROM jobs")]
@@ -303,7 +304,7 @@ class Journal:
         """Record (uuid, SeriesInstanceUID) pairs. Not durable on its own: a lost entry only
         means a later prefetch of that series asks Orthanc."""
         self._many("INSERT OR REPLACE INTO series_members(uuid, series) VALUES (?, ?)",
-                   entries, durable=False)
+                   entries, durable=False, rows=())
 
     def series_of(self, uuid: str) -> str | None:
         found = self._reader.execute("SELECT series FROM series_members WHERE uuid=?",
@@ -340,7 +341,7 @@ class Journal:
     def touch(self, atimes: dict[str, float]) -> None:
         """Record access times (not part of a `Row`: kept rows stay valid)."""
         self._many("UPDATE attachments SET atime=? WHERE uuid=?",
-                   ((t, u) for u, t in atimes.items()), durable=False)
+                   ((t, u) for u, t in atimes.items()), durable=False, rows=())
 
     def in_state(self, state: RowState) -> list[Row]:
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE state=? "
@@ -357,7 +358,7 @@ class Journal:
         call it before acting on a lazily recorded state, e.g. unlinking a copy whose row
         says uploaded (docs/durability.md, invariant 2)."""
         self._write("INSERT OR REPLACE INTO meta(name, value) VALUES ('barrier', ?)",
-                    (str(time.time()),))
+                    (str(time.time()),), rows=())
 
     def eviction_candidates(self, limit: int) -> list[tuple[str, int]]:
         """Least recently used clean local copies: (uuid, size)."""
@@ -399,7 +400,7 @@ class Journal:
 
     def forget_all_clean(self) -> None:
         """Drop every uploaded row (used when the cache directory changes buckets)."""
-        self._write("DELETE FROM attachments WHERE state=?", (UPLOADED,), rows=None)
+        self._write("DELETE FROM attachments WHERE state=?", (UPLOADED,))
 
 
 def read_stats(path: Path) -> Stats:
