@@ -33,7 +33,9 @@ if [ ! -f "$cache/bookworm-root/.objfs-ready" ]; then
         >"$cache/debootstrap.log" 2>&1 || { tail -20 "$cache/debootstrap.log"; exit 1; }
     touch "$cache/bookworm-root/.objfs-ready"
 fi
-cp /etc/ssl/certs/ca-certificates.crt "$cache/bookworm-root/etc/ssl/certs/host-ca-bundle.crt"
+# minbase has no ca-certificates, so no /etc/ssl/certs yet
+install -D -m 0644 /etc/ssl/certs/ca-certificates.crt \
+    "$cache/bookworm-root/etc/ssl/certs/host-ca-bundle.crt"
 if ! docker image inspect objfs-test/debian:12-slim >/dev/null 2>&1; then
     tar -C "$cache/bookworm-root" --exclude=./.objfs-ready -c . \
         | docker import -c 'ENV PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt' - \
