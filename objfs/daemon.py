@@ -43,6 +43,7 @@ from objfs.sidecar.orthanc import OrthancClient
 from objfs.sidecar.prefetch import SeriesPrefetcher
 from objfs.sidecar.server import serve as serve_sidecar
 from objfs.store import Store, check_bucket_identity
+from objfs.threadprio import prioritize_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,9 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                                         settings.rest_api)
                 stack.callback(sys.setswitchinterval, sys.getswitchinterval())
                 sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+                restore_priority = prioritize_this_thread(settings.event_loop_nice)
+                if restore_priority is not None:
+                    stack.callback(restore_priority)
                 pyfuse3.init(ops, str(mountpoint), options)
                 mounted = True
                 write_state(root, "running")

@@ -131,6 +131,13 @@ def test_objfs_and_orthanc_under_systemd(machine: Machine) -> None:
         sent[upload(m, dicom)] = dicom
     for oid, dicom in sent.items():
         assert download(m, oid) == dicom
+    # LimitNICE lets the event loop thread (the main thread) take EventLoopNice without
+    # CAP_SYS_NICE; the worker threads stay at 0.
+    pid = show(m, "objfs.service", "MainPID")
+    nices = {int(line.split()[0]): int(line.rsplit(")", 1)[1].split()[16]) for line in
+             m.run(f"cat /proc/{pid}/task/*/stat").stdout.splitlines()}
+    assert nices.pop(int(pid)) == -10
+    assert nices and set(nices.values()) == {0}
 
     # kill -9 of objfs: Orthanc's writes fail meanwhile (never land underneath), and both
     # serve again within 30 s without anyone acting.

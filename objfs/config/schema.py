@@ -79,6 +79,10 @@ def at_least(minimum: float) -> Check:
     return check
 
 
+def _event_loop_nice(value: Any) -> str | None:
+    return None if -20 <= value <= 0 else "must be between -20 and 0"
+
+
 def _root_path(value: Any) -> str | None:
     return "must not start with '/'" if value.startswith("/") else None
 
@@ -285,6 +289,12 @@ OBJFS_OPTIONS: dict[str, Option] = {
                         "KiB the kernel reads ahead on the mount (one request per MiB for "
                         "files not in the page cache instead of one per 128 KiB); needs root "
                         "and a writable /sys. `0`: the kernel's default."),
+    "EventLoopNice": Option((int,), -10, _event_loop_nice,
+                            "Nice value of the daemon's event loop thread, which answers "
+                            "every FUSE request Orthanc waits for; the worker threads "
+                            "(uploads, journal, downloads) keep theirs. Needs "
+                            "CAP_SYS_NICE (the systemd units grant it); without it the "
+                            "thread stays as it is (logged). `0`: unchanged."),
     "SharedBucket": Option((bool,), False, None,
                            "Other objfs nodes use this bucket (several Orthanc nodes on one "
                            "index): write-through, lookups and deletes ask the bucket, "
