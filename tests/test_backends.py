@@ -423,4 +423,3 @@ async def test_s3_bodies_unsigned_but_checksummed(moto: MotoServer, bucket: str,
     for key, data in (("small", small), ("large", large)):
         await backend.get(key, tmp_path / f"o-{key}")
         assert (tmp_path / f"o-{key}").read_bytes() == data
-
