@@ -225,7 +225,9 @@ class LocalTier:
         self._space_freed = trio.Event()
 
     def evict(self, need: int) -> int:
-        """Remove clean copies, least recently used first, until `need` bytes are freed."""
+        """Remove clean copies, least recently used first, until `need` bytes are freed.
+        Returns the bytes freed: a copy already gone counts nothing (rule: whoever removes a
+        copy gives its space back)."""
         self.flush_atimes()
         freed = 0
         skip: set[str] = set()
@@ -245,7 +247,10 @@ class LocalTier:
                 try:
                     os.unlink(self.path(uuid))
                 except FileNotFoundError:
-                    pass
+                    # Whoever removed it gave its space back: a delete drops the copy of an
+                    # uploaded attachment while its commit (which uncaches the row) runs.
+                    removed.append(uuid)
+                    continue
                 crash_point("mid-eviction")
                 removed.append(uuid)
                 freed += size

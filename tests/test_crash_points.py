@@ -23,7 +23,7 @@ from tests.test_hybrid import check_reads, fs_files, hybrid_config, ingest, wait
 from tests.test_mount import att, bucket_files, orthanc_write
 
 POINTS = ["after-data-fsync", "after-journal-commit", "after-put", "mid-eviction",
-          "mid-download", "after-delete-journaled", "after-object-delete"]
+          "mid-download", "after-copy-dropped", "after-delete-journaled", "after-object-delete"]
 MIB = 1024 * 1024
 
 

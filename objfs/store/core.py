@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import cachetools
+import outcome
 import trio
 
 from objfs import codec, errors
@@ -38,6 +40,31 @@ from objfs.store.uploads import LargestFirst
 from objfs.tally import Tally
 
 log = logging.getLogger(__name__)
+
+
+async def thread_meanwhile(fn: Callable[[], None], meanwhile: Callable[[], None],
+                           limiter: trio.CapacityLimiter) -> None:
+    """Run `fn` in a worker thread (holding a token of `limiter`) and, at the same time,
+    `meanwhile` on the event loop: for a journal commit, which mostly waits for the disk,
+    and loop work that Orthanc's request waits for as well. `fn` runs to its end even if
+    `meanwhile` raises or the caller is cancelled; then `fn`'s exception is raised, else the
+    one `meanwhile` raised."""
+    async with limiter:
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[outcome.Outcome[None]] = []
+
+        def deliver(got: outcome.Outcome[None]) -> None:
+            result.append(got)
+            token.run_sync_soon(done.set)
+
+        trio.lowlevel.start_thread_soon(fn, deliver)
+        try:
+            meanwhile()
+        finally:
+            with trio.CancelScope(shield=True):
+                await done.wait()
+            result[0].unwrap()
 
 
 class StoreCore:
@@ -145,6 +172,12 @@ class StoreCore:
     async def _j(self, fn: object, *args: object) -> None:
         """Run a journal write (it fsyncs) in a worker thread."""
         await trio.to_thread.run_sync(fn, *args, limiter=self._journal_limiter)  # type: ignore[arg-type]
+
+    async def _j_meanwhile(self, meanwhile: Callable[[], None], fn: Callable[..., None],
+                           *args: object) -> None:
+        """`_j(fn, *args)`, with `meanwhile` run on the event loop while the worker thread
+        commits (`thread_meanwhile`)."""
+        await thread_meanwhile(functools.partial(fn, *args), meanwhile, self._journal_limiter)
 
     async def stats(self) -> Stats:
         """The journal's counters, counted in a worker thread: the event loop keeps serving

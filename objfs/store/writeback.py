@@ -294,7 +294,18 @@ class Writeback(Fetch):
                 # Never sent to the bucket: forgetting it locally is the whole delete.
                 await self._j(self.journal.remove, uuid)
             else:
-                await self._j(self.journal.mark_pending_delete, uuid)
+                if row.state == PENDING_UPLOAD:
+                    # The local copy may be the only one: it goes once the delete is durable.
+                    await self._j(self.journal.mark_pending_delete, uuid)
+                else:
+                    # The bucket has the object, so the copy is only a cache: removed on the
+                    # event loop while the commit waits for the disk (a crash in between
+                    # leaves an unacknowledged delete and a row `recover` marks uncached).
+                    def drop_copy() -> None:
+                        self._drop_local(uuid, row.size)
+                        crash_point("after-copy-dropped")
+
+                    await self._j_meanwhile(drop_copy, self.journal.mark_pending_delete, uuid)
                 crash_point("after-delete-journaled")
                 if uuid not in self.inflight and queue:
                     self._queue_delete(uuid)
@@ -302,7 +313,8 @@ class Writeback(Fetch):
             self._unlinking.discard(uuid)
             self._fresh.discard(uuid)
         # Decided now, not from `row` (read before the awaits above): eviction may have
-        # removed the copy meanwhile, and its space must be given back exactly once.
+        # removed the copy meanwhile, and its space must be given back exactly once (a copy
+        # already dropped during the commit is not there any more).
         self._drop_local(uuid, row.size)
 
     async def _upload_worker(self) -> None:

@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+import objfs.store.core
 from objfs.backends.local import LocalBackend
 from objfs.cache import LocalTier
 from objfs.config import Settings, settings_from_tree
@@ -41,6 +42,19 @@ async def _inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
         await hold.wait()
     await trio.lowlevel.checkpoint()
     return fn(*args)
+
+
+async def _inline_meanwhile(fn: Callable[[], None], meanwhile: Callable[[], None],
+                            limiter: trio.CapacityLimiter) -> None:
+    """`thread_meanwhile` inline: `meanwhile` first (it runs while the real thread commits),
+    then `fn`, held like any worker-thread call."""
+    meanwhile()
+    name = getattr(getattr(fn, "func", fn), "__name__", "")
+    hold = HOLDS.get(name)
+    if hold is not None:
+        await hold.wait()
+    await trio.lowlevel.checkpoint()
+    fn()
 
 
 @pytest.fixture
@@ -77,6 +91,7 @@ def watchdog() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trio.to_thread, "run_sync", _inline)
+    monkeypatch.setattr(objfs.store.core, "thread_meanwhile", _inline_meanwhile)
 
 
 class Rig:
