@@ -3,6 +3,11 @@ REST API, from an empty objfs cache (page cache dropped), with SeriesPrefetch on
 against Orthanc on local disk, in interleaved rounds.
 
     .venv/bin/python benchmarks/cold_series.py [--instances 100] [--kb 512] [--rounds 2]
+        [--release bookworm|trixie|sid]
+
+`--release` runs that Debian release's Orthanc (from the test chroots, scripts/chroots.sh) for
+every configuration, local disk included: from 1.12.5 on, one `/tools/find` answer names the
+series' attachments, where 1.10 takes a request per instance.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from objfs.sidecar.prefetch import PARALLEL
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
-from tests.support.orthanc import Orthanc
+from tests.support.orthanc import RELEASES, Orthanc
 
 
 def read_series(orthanc: Orthanc, order: list[str]) -> float:
@@ -35,14 +40,15 @@ def read_series(orthanc: Orthanc, order: list[str]) -> float:
 
 
 def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
-            objfs: dict[str, Any] | None, evicted: bool) -> tuple[float, float | None]:
+            objfs: dict[str, Any] | None, evicted: bool,
+            release: str) -> tuple[float, float | None]:
     """Seconds to read the series once everything is cold, and for objfs the seconds the
     SDK alone takes to GET the same objects, PARALLEL at a time (the floor for prefetch)."""
     base = work / name
     base.mkdir()
     daemon = None
     if moto is not None and objfs is not None:
-        orthanc = Orthanc(base, base / "objfs-mnt")
+        orthanc = Orthanc(base, base / "objfs-mnt", release=release)
         bucket = moto.new_bucket(name)
         config = {"AwsS3Storage": moto.s3_section(bucket),
                   "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": 4096,
@@ -51,7 +57,7 @@ def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
         assert daemon.mountpoint == base / "objfs-mnt"
     else:
         (base / "storage").mkdir()
-        orthanc = Orthanc(base, base / "storage")
+        orthanc = Orthanc(base, base / "storage", release=release)
     try:
         orthanc.start()
         ids = [orthanc.upload(d) for d in corpus]
@@ -88,6 +94,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=100)
     parser.add_argument("--kb", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--release", choices=sorted(RELEASES), default="bookworm")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="objfs-series-"))
     side = int((args.kb * 1024 / 2) ** 0.5)
@@ -107,7 +114,8 @@ def main() -> None:
                                      patient="SERIES", study=r * 10 + c, series=1)
                           for i in range(args.instances)]
                 took, raw = one_run(work, f"series-r{r}c{c}", corpus,
-                                    moto if objfs is not None else None, objfs, evicted)
+                                    moto if objfs is not None else None, objfs, evicted,
+                                    args.release)
                 times[name].append(took)
                 if raw is not None:
                     floor.append(raw)
@@ -116,7 +124,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     med = {name: statistics.median(v) for name, v in times.items()}
     print(f"cold series: {args.instances} instances of {args.kb} KiB read one after the other "
-          "(one client), page cache dropped; objfs cache wiped, or only its copies gone "
+          f"(one client) from Orthanc {RELEASES[args.release]} ({args.release}), page cache "
+          "dropped; objfs cache wiped, or only its copies gone "
           f"(evicted: the journal kept); moto at nice {EMULATOR_NICE}; "
           f"median of {args.rounds} interleaved rounds")
     local = med["local disk"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
+from tests.support.faultproxy import FaultProxy
 from tests.support.orthanc import Orthanc
 from tests.support.procs import free_port, wait_until
 from tests.test_metrics import scrape, total
@@ -31,15 +33,16 @@ def gets(daemon: Objfs) -> float:
 
 
 def run(tmp_path: Path, moto: MotoServer, bucket: str, evicted: bool = False,
-        orthanc_url: str | None = None,
+        route: Callable[[str], str] = lambda url: url, release: str = "bookworm",
         **objfs: Any) -> tuple[Objfs, Orthanc, list[str], dict[str, bytes]]:
-    """A series of SERIES instances (and another series) ingested, uploaded, then objfs
-    restarted on an empty cache, or with only its copies gone (`evicted`: the journal stays,
-    as after evictions)."""
-    orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt")
+    """A series of SERIES instances (and another series) ingested into `release`'s Orthanc,
+    uploaded, then objfs restarted on an empty cache, or with only its copies gone
+    (`evicted`: the journal stays, as after evictions). objfs reaches Orthanc at
+    `route(Orthanc's URL)`."""
+    orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt", release=release)
     config = {"AwsS3Storage": moto.s3_section(bucket),
               "Objfs": {"CacheDirectory": str(tmp_path / "cache"), "CacheSize": 256,
-                        "Orthanc": {"Url": orthanc_url or orthanc.url}, **objfs}}
+                        "Orthanc": {"Url": route(orthanc.url)}, **objfs}}
     daemon = Objfs(tmp_path, config).start()
     orthanc.start()
     sent = {}
@@ -111,7 +114,8 @@ def test_an_evicted_series_is_prefetched_from_the_journal_without_orthanc(
     """Uploads noted each instance's series: the first cold read starts the prefetch at once
     from the journal, asking nothing of Orthanc (here objfs cannot even reach it)."""
     dead = f"http://127.0.0.1:{free_port()}"
-    daemon, orthanc, order, sent = run(tmp_path, moto, bucket, evicted=True, orthanc_url=dead)
+    daemon, orthanc, order, sent = run(tmp_path, moto, bucket, evicted=True,
+                                       route=lambda _: dead)
     try:
         first_read_prefetches_the_series(daemon, orthanc, order, sent)
         assert f"{SERIES - 1} of its {SERIES - 1} other known instances fetched ahead" \
@@ -119,3 +123,45 @@ def test_an_evicted_series_is_prefetched_from_the_journal_without_orthanc(
     finally:
         orthanc.stop()
         daemon.stop()
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie", "sid"])
+def test_what_the_prefetch_asks_of_orthanc(tmp_path: Path, moto: MotoServer, bucket: str,
+                                           release: str) -> None:
+    """Orthanc 1.12.5 and later (Debian 13's 1.12, sid's 1.13) name every attachment of the
+    series in one `/tools/find` answer. Orthanc 1.10 (Debian 12) ignores `ResponseContent`
+    there, so objfs asks for each instance's attachment, and remembers not to try the find
+    again. Counted by a proxy between objfs and Orthanc."""
+    proxies: list[FaultProxy] = []
+
+    def through_proxy(url: str) -> str:
+        proxies.append(FaultProxy(url))
+        return proxies[0].endpoint
+
+    daemon, orthanc, order, sent = run(tmp_path, moto, bucket, route=through_proxy,
+                                       release=release)
+    proxy = proxies[0]
+    try:
+        proxy.requests.clear()
+        first_read_prefetches_the_series(daemon, orthanc, order, sent)
+        asked = list(proxy.requests)
+        per_instance = [path for _, path in asked if path.endswith("/attachments/dicom/info")]
+        assert asked.count(("POST", "/tools/find")) == 1, asked
+        if release == "bookworm":
+            assert len(per_instance) == SERIES, asked
+            assert "does not name attachments in /tools/find answers" in daemon.text()
+        else:
+            assert asked == [("POST", "/tools/find")]
+        # The other series (one instance): an old Orthanc is not asked the find again.
+        other = [i for i in orthanc.json("GET", "/instances") if i not in sent]
+        proxy.requests.clear()
+        orthanc.request("GET", f"/instances/{other[0]}/file")
+        wait_until(lambda: cached_entries(daemon) == SERIES + 1, 30, "the other series read")
+        wait_until(lambda: daemon.text().count("fetched ahead") == 2, 30,
+                   "the second prefetch ended")
+        finds = proxy.requests.count(("POST", "/tools/find"))
+        assert finds == (0 if release == "bookworm" else 1), proxy.requests
+    finally:
+        orthanc.stop()
+        daemon.stop()
+        proxy.stop()

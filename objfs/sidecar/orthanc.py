@@ -3,6 +3,7 @@ of every attachment under it."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,21 @@ _BELOW = {"Patient": ("Study", "Series", "Instance"), "Study": ("Series", "Insta
           "Series": ("Instance",), "Instance": ()}
 
 
+DICOM_CONTENT_TYPE = 1
+
+
+def _viewing_order(instance: dict[str, Any]) -> tuple[int, int]:
+    """Sort key of an instance in a series: IndexInSeries (a field of `/series/{id}/instances`
+    answers, a metadata string in `/tools/find` answers), then InstanceNumber; unknown last."""
+    tags = instance.get("MainDicomTags") or {}
+    number = str(tags.get("InstanceNumber", "")).strip()
+    index = instance.get("IndexInSeries", (instance.get("Metadata") or {}).get("IndexInSeries"))
+    if isinstance(index, str) and index.strip().isdigit():
+        index = int(index)
+    return (index if isinstance(index, int) else 1 << 30,
+            int(number) if number.lstrip("-").isdigit() else 1 << 30)
+
+
 class OrthancClient:
     """An HTTP client of Orthanc. Every method raises OrthancUnavailable when Orthanc cannot
     be reached or answers an unexpected error."""
@@ -37,6 +53,8 @@ class OrthancClient:
         self.url = settings.url
         self._http = httpx.AsyncClient(base_url=settings.url, auth=auth,
                                        timeout=settings.timeout)
+        # Whether `/tools/find` names attachments (Orthanc >= 1.12.5); None until known.
+        self._find_names_attachments: bool | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -68,15 +86,36 @@ class OrthancClient:
         """The instance ids of a series in viewing order (IndexInSeries, then
         InstanceNumber); empty when the series is gone."""
         instances = await self._get(f"/series/{series_id}/instances") or []
+        return [str(i["ID"]) for i in sorted(instances, key=_viewing_order)]
 
-        def order(instance: dict[str, Any]) -> tuple[int, int]:
-            tags = instance.get("MainDicomTags", {})
-            number = str(tags.get("InstanceNumber", "")).strip()
-            index = instance.get("IndexInSeries")
-            return (index if isinstance(index, int) else 1 << 30,
-                    int(number) if number.lstrip("-").isdigit() else 1 << 30)
-
-        return [str(i["ID"]) for i in sorted(instances, key=order)]
+    async def series_dicom_uuids(self, series_instance_uid: str) -> list[str] | None:
+        """The DICOM attachment uuids of every instance of the series with this
+        SeriesInstanceUID, in viewing order, in one request: `/tools/find` with
+        `ResponseContent` (Orthanc >= 1.12.5). Empty when Orthanc has no such series. None
+        when this Orthanc does not name attachments in a find answer (older versions ignore
+        `ResponseContent` and answer bare ids): the caller then asks per instance; that
+        answer is remembered, so an old Orthanc is asked this only once."""
+        if self._find_names_attachments is False:
+            return None
+        query = {"Level": "Instance", "Query": {"SeriesInstanceUID": series_instance_uid},
+                 "ResponseContent": ["Attachments", "Metadata", "MainDicomTags"]}
+        answer = await self._request("POST", "/tools/find", json.dumps(query))
+        if not isinstance(answer, list):
+            return []
+        if not all(isinstance(i, dict) and isinstance(i.get("Attachments"), list)
+                   for i in answer):
+            self._find_names_attachments = False
+            log.info("Orthanc at %s does not name attachments in /tools/find answers (before "
+                     "1.12.5): series prefetch asks for each instance's attachment", self.url)
+            return None
+        if answer:
+            self._find_names_attachments = True
+        uuids: list[str] = []
+        for instance in sorted(answer, key=_viewing_order):
+            for attachment in instance["Attachments"]:
+                if attachment.get("ContentType") == DICOM_CONTENT_TYPE and "Uuid" in attachment:
+                    uuids.append(str(attachment["Uuid"]))
+        return uuids
 
     async def dicom_uuid(self, instance_id: str) -> str | None:
         """The uuid of an instance's DICOM file attachment, or None."""

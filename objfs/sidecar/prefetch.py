@@ -10,7 +10,9 @@ one GET. Two ways to know the series:
 - Otherwise, once the read fetched the instance (`Store.on_fetched`), the prefetcher reads the
   SeriesInstanceUID from the local copy's header (`objfs.dicomhead`), asks Orthanc
   (`Objfs.Orthanc.Url`) for the series' instances in viewing order and their DICOM
-  attachments, fetches them, and notes them in the journal for next time.
+  attachments, fetches them, and notes them in the journal for next time. Orthanc >= 1.12.5
+  names them all in one `/tools/find` answer; older versions take a lookup, the series'
+  instance list and one request per instance.
 Either way up to `SeriesPrefetchLimit` are fetched, PARALLEL at a time, at background priority
 (the backends' background threads, the store's turn rule) and only while the cache budget
 stays half free (`Store.prefetch`).
@@ -89,13 +91,7 @@ class SeriesPrefetcher:
         self._seen[series] = True
         members = [m for m in self.store.uncached_members(series, self.limit + 1)
                    if m != uuid][:self.limit]
-
-        async def produce(wanted: trio.MemorySendChannel[str]) -> None:
-            async with wanted:
-                for attachment in members:
-                    await wanted.send(attachment)
-
-        fetched = await self._fetch_ahead(produce)
+        fetched = await self._fetch_these(members)
         log.info("series %s: %d of its %d other known instances fetched ahead", series,
                  fetched, len(members))
 
@@ -107,11 +103,20 @@ class SeriesPrefetcher:
         if uid is None or uid in self._seen:
             return
         self._seen[uid] = True
+        members = [(uuid, uid)]
+        named = await self.orthanc.series_dicom_uuids(uid)
+        if named is not None:
+            ahead = [m for m in named if m != uuid][:self.limit]
+            members.extend((m, uid) for m in ahead)
+            fetched = await self._fetch_these(ahead)
+            await self.store.note_series(members)
+            log.info("series %s: %d of its %d other instances fetched ahead", uid, fetched,
+                     len(ahead))
+            return
         series = await self.orthanc.series_id(uid)
         if series is None:
             return
         instances = (await self.orthanc.series_instances(series))[:self.limit]
-        members = [(uuid, uid)]
 
         async def produce(wanted: trio.MemorySendChannel[str]) -> None:
             # Orthanc names one attachment per request: ask LOOKUPS_AT_ONCE at a time, hand
@@ -136,6 +141,16 @@ class SeriesPrefetcher:
         await self.store.note_series(members)
         log.info("series %s: %d of its %d instances fetched ahead", uid, fetched,
                  len(instances))
+
+    async def _fetch_these(self, attachments: list[str]) -> int:
+        """Prefetch `attachments` in this order; returns how many were fetched."""
+
+        async def produce(wanted: trio.MemorySendChannel[str]) -> None:
+            async with wanted:
+                for attachment in attachments:
+                    await wanted.send(attachment)
+
+        return await self._fetch_ahead(produce)
 
     async def _fetch_ahead(self, produce: Callable[[trio.MemorySendChannel[str]],
                                                    Awaitable[None]]) -> int:

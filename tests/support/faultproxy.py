@@ -1,4 +1,5 @@
-"""A fault-injecting HTTP proxy between objfs and an S3 server (moto), on 127.0.0.1.
+"""A fault-injecting HTTP proxy between objfs and an S3 server (moto), on 127.0.0.1; it also
+logs each request (method and path), so it can count what objfs asks of Orthanc.
 
 Each S3 request is classified as GET (an object), LIST (a bucket listing), PUT (PUT or POST:
 single and multipart uploads), DELETE or HEAD, and handled by the mode set for that operation,
@@ -54,6 +55,7 @@ class FaultProxy:
         self.upstream = (target.hostname or "127.0.0.1", target.port or 80)
         self.modes: dict[str, str] = dict.fromkeys(OPERATIONS, "ok")
         self.seen: Counter[tuple[str, str]] = Counter()  # (operation, mode)
+        self.requests: list[tuple[str, str]] = []  # (method, path) of each, in order
         self.stopping = threading.Event()
         self._changed = threading.Condition()
         proxy = self
@@ -104,6 +106,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         mode = proxy.modes[op]
         proxy.seen[op, mode] += 1
+        proxy.requests.append((self.command, self.path))
         if mode == "hang":
             # Accepted, never answered; the bound is the proxy's life (a test's teardown).
             while not proxy.wait_for_change(op, "hang", 1.0):
