@@ -59,12 +59,14 @@ class OrthancClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _get(self, path: str) -> Any | None:
+    async def _get(self, path: str, large: bool = False) -> Any | None:
         """The JSON answer of GET `path`, or None for 404."""
-        return await self._request("GET", path)
+        return await self._request("GET", path, large=large)
 
-    async def _request(self, method: str, path: str, body: str | None = None) -> Any | None:
-        """The JSON answer of one request, or None for 404."""
+    async def _request(self, method: str, path: str, body: str | None = None,
+                       large: bool = False) -> Any | None:
+        """The JSON answer of one request, or None for 404. A `large` answer (megabytes for a
+        long series) is parsed in a worker thread: the event loop keeps serving Orthanc."""
         try:
             response = await self._http.request(method, path, content=body)
         except httpx.HTTPError as exc:
@@ -74,7 +76,13 @@ class OrthancClient:
         if response.status_code != 200:
             raise OrthancUnavailable(f"Orthanc answered HTTP {response.status_code} to "
                                      f"{method} {path}: {response.text[:200]}")
-        return response.json()
+        try:
+            if large:
+                return await trio.to_thread.run_sync(json.loads, response.content)
+            return response.json()
+        except ValueError as exc:
+            raise OrthancUnavailable(f"Orthanc at {self.url} answered {method} {path} with "
+                                     f"something that is not JSON: {exc}") from exc
 
     async def series_id(self, series_instance_uid: str) -> str | None:
         """Orthanc's id of the series with this SeriesInstanceUID, or None."""
@@ -85,7 +93,7 @@ class OrthancClient:
     async def series_instances(self, series_id: str) -> list[str]:
         """The instance ids of a series in viewing order (IndexInSeries, then
         InstanceNumber); empty when the series is gone."""
-        instances = await self._get(f"/series/{series_id}/instances") or []
+        instances = await self._get(f"/series/{series_id}/instances", large=True) or []
         return [str(i["ID"]) for i in sorted(instances, key=_viewing_order)]
 
     async def series_dicom_uuids(self, series_instance_uid: str) -> list[str] | None:
@@ -99,7 +107,7 @@ class OrthancClient:
             return None
         query = {"Level": "Instance", "Query": {"SeriesInstanceUID": series_instance_uid},
                  "ResponseContent": ["Attachments", "Metadata", "MainDicomTags"]}
-        answer = await self._request("POST", "/tools/find", json.dumps(query))
+        answer = await self._request("POST", "/tools/find", json.dumps(query), large=True)
         if not isinstance(answer, list):
             return []
         if not all(isinstance(i, dict) and isinstance(i.get("Attachments"), list)
