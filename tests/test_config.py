@@ -225,6 +225,7 @@ def test_every_option_objfs_knows_round_trips() -> None:
     ({"Objfs": {"WriteMode": "sometimes"}}, "Objfs.WriteMode: must be one of"),
     ({"Objfs": {"EventLoopNice": 5}}, "Objfs.EventLoopNice: must be between -20 and 0"),
     ({"Objfs": {"EventLoopNice": -21}}, "Objfs.EventLoopNice: must be between -20 and 0"),
+    ({"Objfs": {"BackgroundHold": -1}}, "Objfs.BackgroundHold: must be >= 0"),
     ({"Objfs": {"RootPath": "/abs"}}, "Objfs.RootPath: must not start with '/'"),
     ({"Objfs": {"StorageStructure": "tree"}}, "Objfs.StorageStructure: must be one of"),
     ({"Objfs": []}, "Objfs: must be a JSON object"),

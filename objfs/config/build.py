@@ -370,6 +370,7 @@ def settings_from_tree(tree: Mapping[str, Any]) -> Settings:
         orthanc=orthanc, series_prefetch=own["SeriesPrefetch"],
         series_prefetch_limit=own["SeriesPrefetchLimit"], read_ahead_kib=own["ReadAhead"],
         event_loop_nice=own["EventLoopNice"],
+        background_hold=float(own["BackgroundHold"]),
         shared_bucket=own["SharedBucket"],
         shared_fs_tier=own["SharedFileSystemTier"],
         node_name=own["NodeName"] or _host_name(), postgresql=postgresql, **clouds,

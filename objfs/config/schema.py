@@ -251,6 +251,13 @@ OBJFS_OPTIONS: dict[str, Option] = {
                         "`write-through`: `close()` returns only once the object is in the "
                         "bucket."),
     "UploadConcurrency": Option((int,), 8, at_least(1), "Parallel background uploads."),
+    "BackgroundHold": Option(NUMBER, 2, at_least(0),
+                             "Seconds at the start of each burst of Orthanc writes or deletes "
+                             "during which no background request (upload, bucket delete, "
+                             "prefetch) runs; then one at a time until Orthanc pauses for "
+                             "0.5 s. Half the cache full of unsent data ends the wait. `0`: "
+                             "one at a time from the start (the bucket closer behind, ingest "
+                             "and delete slower)."),
     "ShutdownDrainTimeout": Option(NUMBER, 60, at_least(0),
                                    "Seconds unmount waits for uploads; the rest stays "
                                    "journaled."),

@@ -181,6 +181,7 @@ class Settings:
     series_prefetch_limit: int = 500
     read_ahead_kib: int = 1024  # 0: the kernel's default (objfs.mountinfo.set_read_ahead)
     event_loop_nice: int = -10  # objfs.threadprio
+    background_hold: float = 2.0  # seconds; objfs.store.writeback `_turn`
     shared_bucket: bool = False  # other objfs nodes use the bucket (docs/scale-out.md)
     shared_fs_tier: bool = False
     node_name: str = "objfs"

@@ -23,6 +23,7 @@ from objfs.keylocks import KeyedLocks
 from objfs.layout import DETECT_BYTES, Layout, detect_kind
 from objfs.retry import BucketHealth, RetryPolicy
 from objfs.store.state import (
+    BUSY_WINDOW,
     FIRST_LOOK,
     INVENTORY_COMPLETE,
     INVENTORY_META,
@@ -80,6 +81,7 @@ class StoreCore:
         self.tier = tier
         self.write_through = settings.write_mode == WriteMode.WRITE_THROUGH
         self.upload_concurrency = settings.upload_concurrency
+        self.background_hold = settings.background_hold
         self.encryption = settings.encryption
         self.allow_unencrypted_reads = settings.allow_unencrypted_reads
         self.seal_local = settings.encrypt_local_cache
@@ -133,9 +135,11 @@ class StoreCore:
         self._idle = trio.Event()
         self._idle.set()
         self._journal_limiter = trio.CapacityLimiter(4)
-        # Background requests running, when Orthanc last wrote or deleted, and the event
-        # that `_turn` waiters wait on (replaced by `_wake_turns`, see there).
+        # Background requests running, when Orthanc last wrote or deleted, when its current
+        # burst of writes and deletes began (`_note_foreground`), and the event that `_turn`
+        # waiters wait on (replaced by `_wake_turns`, see there).
         self._last_foreground = -math.inf
+        self._busy_since = -math.inf
         self._background = 0
         self._turn_changed = trio.Event()
         # Idle CPUs since the previous call (`objfs.cpuload`; tests give their own), when a
@@ -201,6 +205,14 @@ class StoreCore:
         self._outstanding.discard(uuid)
         if not self._outstanding:
             self._idle.set()
+
+    def _note_foreground(self) -> None:
+        """Orthanc writes or deletes now. A pause of BUSY_WINDOW or more before it ends the
+        previous burst: a new one begins (`_turn`'s BackgroundHold counts from there)."""
+        now = trio.current_time()
+        if now - self._last_foreground >= BUSY_WINDOW:
+            self._busy_since = now
+        self._last_foreground = now
 
     def _drop_local(self, uuid: str, size: int) -> None:
         """Remove the local copy of `uuid` if there is one and give back its budget (no

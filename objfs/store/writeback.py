@@ -19,7 +19,6 @@ from objfs.retry import RetryPolicy
 from objfs.store.fetch import Fetch
 from objfs.store.state import (
     BACKGROUND_RETRY,
-    BUSY_REQUESTS,
     BUSY_WINDOW,
     DELETE_GATHER,
     DELETE_GATHER_MAX,
@@ -56,7 +55,7 @@ class Writeback(Fetch):
     async def write(self, handle: WriteHandle, offset: int, data: bytes) -> int:
         """Write into the local copy, taking cache budget first (may wait, then CacheFull);
         the file-system tier has no budget."""
-        self._last_foreground = trio.current_time()
+        self._note_foreground()
         end = offset + len(data)
         if end > handle.reserved and not handle.fs:
             try:
@@ -274,7 +273,7 @@ class Writeback(Fetch):
         row = await self._row(uuid)
         if row is None and not in_fs:
             raise errors.NotFound(f"attachment {uuid}")
-        self._last_foreground = trio.current_time()
+        self._note_foreground()
         if in_fs:
             assert self.fs is not None
             await trio.to_thread.run_sync(self.fs.remove, uuid, limiter=self._journal_limiter)
@@ -335,21 +334,25 @@ class Writeback(Fetch):
     @contextlib.asynccontextmanager
     async def _turn(self, parallel: bool = False) -> AsyncIterator[None]:
         """A background request's turn. Orthanc's own requests come first: while it wrote or
-        deleted within BUSY_WINDOW, at most BUSY_REQUESTS background requests run, and none
-        that is `parallel` (an upload in parts sent several at a time), unless Orthanc has
-        stopped (paused for SPARE_WINDOW, then CPU to spare: `_watch_spare_cpu`) or the
-        cache budget is half full (then the uploads that free it must not wait)."""
-        while (parallel or self._background >= BUSY_REQUESTS) \
-                and not self.tier.past_background_share:
+        deleted within BUSY_WINDOW, none runs in the first `background_hold` seconds of its
+        burst (`Objfs.BackgroundHold`), then one at a time, and never one that is `parallel`
+        (an upload in parts sent several at a time); unless Orthanc has stopped (paused for
+        SPARE_WINDOW, then CPU to spare: `_watch_spare_cpu`) or the cache budget is half full
+        (then the uploads that free it must not wait)."""
+        while not self.tier.past_background_share:
             now = trio.current_time()
+            hold_ends = self._busy_since + self.background_hold
+            if not parallel and self._background < (1 if now >= hold_ends else 0):
+                break
             spare_from = self._last_foreground + SPARE_WINDOW
             quiet_from = self._last_foreground + BUSY_WINDOW
             if now >= quiet_from or self._spare_seen >= spare_from:
                 break
-            # Until the pause reaches BUSY_WINDOW, or `_wake_turns`: a turn ended, the budget
-            # passed half full, or the watcher found CPU to spare. Then the loop checks again.
+            # Until the pause reaches BUSY_WINDOW, the hold ends, or `_wake_turns`: a turn
+            # ended, the budget passed half full, or the watcher found CPU to spare. Then the
+            # loop checks again.
             self._waiter_arrived.set()
-            with trio.move_on_at(quiet_from):
+            with trio.move_on_at(min(quiet_from, hold_ends) if now < hold_ends else quiet_from):
                 await self._turn_changed.wait()
         self._background += 1
         try:

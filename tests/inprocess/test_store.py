@@ -14,7 +14,6 @@ import trio.testing
 from objfs import errors
 from objfs.journal import PENDING_UPLOAD, UPLOADED
 from objfs.store.state import (
-    BUSY_REQUESTS,
     BUSY_WINDOW,
     SPARE_CPUS,
     SPARE_SAMPLE,
@@ -257,16 +256,16 @@ async def test_queued_uploads_resume_within_a_probe_interval_of_a_recovery(
 async def test_uploads_yield_to_orthanc_until_it_pauses_for_the_busy_window(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig,
         idle_cpus: float | None) -> None:
-    rig = await gated_rig(CacheSize=64)
+    rig = await gated_rig(CacheSize=64, BackgroundHold=0)
     rig.idle_cpus = idle_cpus
     for _ in range(5):
         await rig.write(new_uuid(), os.urandom(1000))
     await trio.sleep(BUSY_WINDOW / 2)
-    assert rig.backend.calls["put"] == BUSY_REQUESTS  # Orthanc is busy: one at a time
+    assert rig.backend.calls["put"] == 1  # Orthanc is busy: one at a time (the default)
     await rig.write(new_uuid(), os.urandom(1000))  # busy again: the window starts over
     start = trio.current_time()
     await trio.sleep(BUSY_WINDOW * 0.99)
-    assert rig.backend.calls["put"] == BUSY_REQUESTS
+    assert rig.backend.calls["put"] == 1
     await trio.sleep(BUSY_WINDOW * 0.02)
     # Quiet for the window: every waiting upload started then, not at some later poll.
     assert rig.backend.calls["put"] == 6
@@ -276,16 +275,74 @@ async def test_uploads_yield_to_orthanc_until_it_pauses_for_the_busy_window(
     assert len(rig.bucket_files()) == 6
 
 
+async def test_no_upload_in_the_first_seconds_of_a_burst_then_one_at_a_time(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    """BackgroundHold (2 s by default): a burst of Orthanc writes shorter than that gets the
+    CPU to itself; a longer one lets the uploads trickle, one at a time, after it."""
+    rig = await gated_rig(CacheSize=64)
+    rig.idle_cpus = 0.0
+    start = trio.current_time()
+    while trio.current_time() - start < 1.9:  # Orthanc keeps writing
+        await rig.write(new_uuid(), os.urandom(1000))
+        await trio.sleep(0.1)
+    assert rig.backend.calls["put"] == 0
+    while trio.current_time() - start < 3.0:
+        await rig.write(new_uuid(), os.urandom(1000))
+        await trio.sleep(0.1)
+    assert rig.backend.calls["put"] == 1  # past the hold: one (held at the bucket's gate)
+    await trio.sleep(BUSY_WINDOW * 1.02)  # Orthanc paused: all of them
+    assert rig.backend.calls["put"] == 8  # UploadConcurrency, all held at the gate
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=5) is True
+    assert len(rig.bucket_files()) == 30
+
+
+async def test_a_pause_ends_the_burst_and_the_next_one_is_held_again(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    rig = await gated_rig(CacheSize=64, BackgroundHold=1)
+    rig.idle_cpus = 0.0
+    for _ in range(5):
+        await rig.write(new_uuid(), os.urandom(1000))
+    await trio.sleep(BUSY_WINDOW * 1.02)
+    assert rig.backend.calls["put"] == 5
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=5) is True
+    rig.backend.set(Mode.GATED, "put")
+    start = trio.current_time()
+    while trio.current_time() - start < 0.9:  # a new burst
+        await rig.write(new_uuid(), os.urandom(1000))
+        await trio.sleep(0.1)
+    assert rig.backend.calls["put"] == 5
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=5) is True
+
+
+async def test_the_hold_ends_once_the_cache_is_half_full_of_unsent_data(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
+    """Held uploads never let acknowledged data fill the cache: past half of it, they go
+    while Orthanc is still writing."""
+    rig = await gated_rig(CacheSize=16, BackgroundHold=3600)
+    await rig.write(new_uuid(), os.urandom(3 * MIB))
+    await rig.write(new_uuid(), os.urandom(3 * MIB))
+    await trio.sleep(BUSY_WINDOW / 10)
+    assert rig.backend.calls["put"] == 0
+    await rig.write(new_uuid(), os.urandom(3 * MIB))  # 9 of 16 MiB dirty
+    await trio.sleep(BUSY_WINDOW / 10)  # well within the window
+    assert rig.backend.calls["put"] == 3
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=5) is True
+
+
 async def test_uploads_stop_yielding_once_orthanc_pauses_with_cpu_to_spare(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
-    rig = await gated_rig(CacheSize=64)
+    rig = await gated_rig(CacheSize=64, BackgroundHold=0)
     rig.idle_cpus = 2.0
     for _ in range(5):
         await rig.write(new_uuid(), os.urandom(1000))
     start = trio.current_time()
     await trio.sleep(SPARE_WINDOW * 0.9)
     # CPU to spare, but too short a pause: Orthanc may be receiving the next file.
-    assert rig.backend.calls["put"] == BUSY_REQUESTS
+    assert rig.backend.calls["put"] == 1
     await trio.sleep(SPARE_WINDOW * 0.1 + 2 * SPARE_SAMPLE)
     assert rig.backend.calls["put"] == 5  # Orthanc has stopped: no need to wait BUSY_WINDOW
     assert trio.current_time() - start < BUSY_WINDOW / 2
@@ -303,7 +360,7 @@ async def test_uploads_stop_yielding_once_orthanc_pauses_with_cpu_to_spare(
 
 async def test_the_largest_waiting_upload_goes_first(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
-    rig = await gated_rig(CacheSize=64, UploadConcurrency=1)
+    rig = await gated_rig(CacheSize=64, UploadConcurrency=1, BackgroundHold=0)
     await rig.write(new_uuid(), os.urandom(1000))
     await trio.sleep(BUSY_WINDOW / 10)
     assert rig.backend.put_sizes == [1000]  # the one worker is busy with it (gated)
@@ -318,7 +375,7 @@ async def test_the_largest_waiting_upload_goes_first(
 async def parts_rig(gated_rig: GatedRig, cache_mib: int) -> Rig:
     """A running rig whose backend sends objects over 2 MiB in parallel parts, and whose
     uploads go through at once when their turn comes."""
-    rig = await gated_rig(CacheSize=cache_mib)
+    rig = await gated_rig(CacheSize=cache_mib, BackgroundHold=0)
     rig.backend.single_request_limit = 2 * MIB
     rig.backend.gate.set()
     return rig
@@ -350,11 +407,11 @@ async def test_an_upload_in_parallel_parts_goes_at_once_when_the_cache_is_half_f
 
 async def test_uploads_stop_yielding_once_the_cache_is_half_full_of_dirty_data(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
-    rig = await gated_rig(CacheSize=16)
+    rig = await gated_rig(CacheSize=16, BackgroundHold=0)
     await rig.write(new_uuid(), os.urandom(3 * MIB))
     await rig.write(new_uuid(), os.urandom(3 * MIB))
     await trio.sleep(BUSY_WINDOW / 10)
-    assert rig.backend.calls["put"] == BUSY_REQUESTS
+    assert rig.backend.calls["put"] == 1
     await rig.write(new_uuid(), os.urandom(3 * MIB))  # 9 of 16 MiB dirty
     await trio.sleep(BUSY_WINDOW / 10)  # well within the window
     assert rig.backend.calls["put"] == 3
