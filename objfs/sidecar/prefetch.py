@@ -106,7 +106,8 @@ class SeriesPrefetcher:
         members = [(uuid, uid)]
         named = await self.orthanc.series_dicom_uuids(uid)
         if named is not None:
-            ahead = [m for m in named if m != uuid][:self.limit]
+            # The first SeriesPrefetchLimit in viewing order, the one just read included.
+            ahead = [m for m in named[:self.limit] if m != uuid]
             members.extend((m, uid) for m in ahead)
             fetched = await self._fetch_these(ahead)
             await self.store.note_series(members)

@@ -7,9 +7,9 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import cachetools
-import outcome
 import trio
 
 from objfs import codec, errors
@@ -43,6 +43,12 @@ from objfs.tally import Tally
 log = logging.getLogger(__name__)
 
 
+class _Outcome(Protocol):
+    """What `trio.lowlevel.start_thread_soon` hands back (an `outcome.Outcome`)."""
+
+    def unwrap(self) -> None: ...
+
+
 async def thread_meanwhile(fn: Callable[[], None], meanwhile: Callable[[], None],
                            limiter: trio.CapacityLimiter) -> None:
     """Run `fn` in a worker thread (holding a token of `limiter`) and, at the same time,
@@ -53,9 +59,9 @@ async def thread_meanwhile(fn: Callable[[], None], meanwhile: Callable[[], None]
     async with limiter:
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
-        result: list[outcome.Outcome[None]] = []
+        result: list[_Outcome] = []
 
-        def deliver(got: outcome.Outcome[None]) -> None:
+        def deliver(got: _Outcome) -> None:
             result.append(got)
             token.run_sync_soon(done.set)
 
