@@ -317,22 +317,6 @@ async def test_a_pause_ends_the_burst_and_the_next_one_is_held_again(
     assert await rig.store.drain(timeout=5) is True
 
 
-async def test_the_hold_ends_once_the_cache_is_half_full_of_unsent_data(
-        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
-    """Held uploads never let acknowledged data fill the cache: past half of it, they go
-    while Orthanc is still writing."""
-    rig = await gated_rig(CacheSize=16, BackgroundHold=3600)
-    await rig.write(new_uuid(), os.urandom(3 * MIB))
-    await rig.write(new_uuid(), os.urandom(3 * MIB))
-    await trio.sleep(BUSY_WINDOW / 10)
-    assert rig.backend.calls["put"] == 0
-    await rig.write(new_uuid(), os.urandom(3 * MIB))  # 9 of 16 MiB dirty
-    await trio.sleep(BUSY_WINDOW / 10)  # well within the window
-    assert rig.backend.calls["put"] == 3
-    rig.backend.gate.set()
-    assert await rig.store.drain(timeout=5) is True
-
-
 async def test_uploads_stop_yielding_once_orthanc_pauses_with_cpu_to_spare(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
     rig = await gated_rig(CacheSize=64, BackgroundHold=0)
@@ -405,14 +389,21 @@ async def test_an_upload_in_parallel_parts_goes_at_once_when_the_cache_is_half_f
     assert await rig.store.drain(timeout=5) is True
 
 
+@pytest.mark.parametrize(("hold", "while_busy"), [(0, 1), (3600, 0)],
+                         ids=["one at a time", "held"])
 async def test_uploads_stop_yielding_once_the_cache_is_half_full_of_dirty_data(
-        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
-    rig = await gated_rig(CacheSize=16, BackgroundHold=0)
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig, hold: float,
+        while_busy: int) -> None:
+    """Waiting uploads never let acknowledged data fill the cache: past half of it they go
+    while Orthanc is still writing, whether one was running (BackgroundHold 0) or none was
+    (within a hold)."""
+    rig = await gated_rig(CacheSize=16, BackgroundHold=hold)
     await rig.write(new_uuid(), os.urandom(3 * MIB))
     await rig.write(new_uuid(), os.urandom(3 * MIB))
     await trio.sleep(BUSY_WINDOW / 10)
-    assert rig.backend.calls["put"] == 1
+    assert rig.backend.calls["put"] == while_busy
     await rig.write(new_uuid(), os.urandom(3 * MIB))  # 9 of 16 MiB dirty
     await trio.sleep(BUSY_WINDOW / 10)  # well within the window
     assert rig.backend.calls["put"] == 3
     rig.backend.gate.set()
+    assert await rig.store.drain(timeout=5) is True
