@@ -109,19 +109,25 @@ class SeriesPrefetcher:
             # The first SeriesPrefetchLimit in viewing order, the one just read included.
             ahead = [m for m in named[:self.limit] if m != uuid]
             members.extend((m, uid) for m in ahead)
-            fetched = await self._fetch_these(ahead)
-            await self.store.note_series(members)
-            log.info("series %s: %d of its %d other instances fetched ahead", uid, fetched,
-                     len(ahead))
-            return
-        series = await self.orthanc.series_id(uid)
-        if series is None:
-            return
-        instances = (await self.orthanc.series_instances(series))[:self.limit]
+            fetched, listed = await self._fetch_these(ahead), len(named[:self.limit])
+        else:
+            series = await self.orthanc.series_id(uid)
+            if series is None:
+                return
+            instances = (await self.orthanc.series_instances(series))[:self.limit]
+            fetched, listed = await self._fetch_ahead(self._one_by_one(instances, uuid, uid,
+                                                                       members)), len(instances)
+        await self.store.note_series(members)
+        log.info("series %s: %d of its %d instances fetched ahead", uid, fetched, listed)
+
+    def _one_by_one(self, instances: list[str], uuid: str, uid: str,
+                    members: list[tuple[str, str]]
+                    ) -> Callable[[trio.MemorySendChannel[str]], Awaitable[None]]:
+        """A producer for `_fetch_ahead` over Orthanc before 1.12.5, which names one
+        attachment per request: LOOKUPS_AT_ONCE at a time, handed on in viewing order (all but
+        `uuid`) and added to `members`."""
 
         async def produce(wanted: trio.MemorySendChannel[str]) -> None:
-            # Orthanc names one attachment per request: ask LOOKUPS_AT_ONCE at a time, hand
-            # them on in viewing order.
             async with wanted:
                 for start in range(0, len(instances), LOOKUPS_AT_ONCE):
                     batch = instances[start:start + LOOKUPS_AT_ONCE]
@@ -138,10 +144,7 @@ class SeriesPrefetcher:
                             members.append((attachment, uid))
                             await wanted.send(attachment)
 
-        fetched = await self._fetch_ahead(produce)
-        await self.store.note_series(members)
-        log.info("series %s: %d of its %d instances fetched ahead", uid, fetched,
-                 len(instances))
+        return produce
 
     async def _fetch_these(self, attachments: list[str]) -> int:
         """Prefetch `attachments` in this order; returns how many were fetched."""
