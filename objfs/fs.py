@@ -40,6 +40,12 @@ FIRST_DYNAMIC = 1 << 20
 # "Performance shape").
 STABLE_TIMEOUT = 300.0
 PASS_TIMEOUT = 1.0
+# Orthanc stats a new attachment's path (ENOENT expected) and then opens it with O_CREAT: a
+# negative entry the kernel may keep saves the second LOOKUP of every store. Only where every
+# name is created through this mount (the kernel then replaces the entry), and no longer than
+# the store remembers an absent name itself (NEGATIVE_TTL). With SharedBucket another node may
+# create any name, so absent names are never cached by the kernel (docs/scale-out.md).
+ABSENT_TIMEOUT = 1.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -65,7 +71,9 @@ def errno_boundary(fn: F) -> F:
                 log.warning("%s refused (%s): %s", name, errno.errorcode.get(code), exc)
             self.tally.fuse_ops[name, errno.errorcode.get(code, str(code))] += 1
             raise pyfuse3.FUSEError(code) from None
-        self.tally.fuse_ops[name, "OK"] += 1
+        # A lookup's cached "absent" answer (inode 0) is an ENOENT for whoever counts.
+        absent = name == "lookup" and result.st_ino == 0
+        self.tally.fuse_ops[name, "ENOENT" if absent else "OK"] += 1
         return result
 
     return wrapper  # type: ignore[return-value]
@@ -207,11 +215,22 @@ class Operations(pyfuse3.Operations):
         size = await self.store.size_of(uuid)
         if size is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._sized_file_entry(uuid, size)
+
+    def _sized_file_entry(self, uuid: str, size: int) -> pyfuse3.EntryAttributes:
         inode = self._file_inode(uuid)
         node = self.nodes[inode]
         assert isinstance(node, FileNode)
         node.size = size
         return self._entry(inode, self.file_mode, size, STABLE_TIMEOUT)
+
+    def _absent_entry(self) -> pyfuse3.EntryAttributes:
+        """A lookup's answer that the name does not exist, which the kernel keeps for
+        ABSENT_TIMEOUT seconds (inode 0: nothing to count or forget)."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = 0
+        entry.entry_timeout = ABSENT_TIMEOUT
+        return entry
 
     def _pass_entry(self, rel: str) -> pyfuse3.EntryAttributes:
         st = os.lstat(self._pass_path(rel))
@@ -227,12 +246,13 @@ class Operations(pyfuse3.Operations):
             return self._dir_entry(name)
         node = self.nodes.get(inode)
         if isinstance(node, FileNode):
-            if await self.store.size_of(node.uuid) is None:
+            size = await self.store.size_of(node.uuid)
+            if size is None:
                 # Unlinked while open: the kernel still asks (fstat, writeback of times).
                 entry = self._entry(inode, self.file_mode, node.size, STABLE_TIMEOUT)
                 entry.st_nlink = 0
                 return entry
-            return await self._file_entry(node.uuid)
+            return self._sized_file_entry(node.uuid, size)
         if isinstance(node, PassNode):
             return self._pass_entry(node.rel)
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -269,7 +289,12 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._dir_entry(what)
         if kind == "file":
-            return self._counted(await self._file_entry(what))
+            size = await self.store.size_of(what)
+            if size is not None:
+                return self._counted(self._sized_file_entry(what, size))
+            if self.store.shared:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._absent_entry()
         return self._counted(self._pass_entry(what))
 
     @errno_boundary

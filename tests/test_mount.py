@@ -333,6 +333,33 @@ def test_orthanc_deletes_leave_every_bucket(tmp_path: Path, cloud: str,
         assert 1 <= batches <= 10 and singles == 0
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["one-node", "shared-bucket"])
+def test_a_store_looks_its_new_name_up_once(
+        tmp_path: Path, objfs_factory: Callable[..., Objfs], shared: bool) -> None:
+    from tests.test_metrics import scrape, total
+
+    extra = {"SharedBucket": True, "NodeName": "node-a"} if shared else {}
+    daemon = objfs_factory(local_config(tmp_path, **extra)).start()
+    data = os.urandom(50_000)
+    path = att(daemon.mountpoint, U1)
+    path.parent.stat()  # the directories are known to the kernel from here on
+
+    def lookups(errno_name: str) -> float:
+        return total(scrape(daemon), "objfs_fuse_operations_total", operation="lookup",
+                     errno=errno_name)
+
+    before = lookups("ENOENT"), lookups("OK")
+    assert not path.exists()  # Orthanc's stat before it creates: ENOENT
+    orthanc_write(path, data)  # open(O_CREAT): the kernel looks the name up again unless it kept
+    # the absent answer, which only a single node gives (another node may create any name).
+    assert lookups("ENOENT") - before[0] == (2 if shared else 1)
+    assert lookups("OK") == before[1]
+    # The kernel replaced the absent entry with the created file.
+    assert path.stat().st_size == len(data) and path.read_bytes() == data
+    os.unlink(path)
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("read_ahead", [1024, 0])
 def test_read_ahead_makes_an_uncached_read_one_request(
         tmp_path: Path, objfs_factory: Callable[..., Objfs], read_ahead: int) -> None:

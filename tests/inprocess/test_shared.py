@@ -3,10 +3,12 @@ journal; the cluster lease; the job runner's cluster lock."""
 
 from __future__ import annotations
 
+import errno
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pyfuse3
 import pytest
 import trio
 import trio.testing
@@ -20,6 +22,7 @@ from objfs.sidecar.orthanc import OrthancClient
 from objfs.store.state import SHARED_CONFIRM_TTL, SHARED_NEGATIVE_TTL
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
+from tests.inprocess.test_operations import CTX, mkdirs, ops_for
 
 Start = Callable[[Rig], Awaitable[None]]
 
@@ -67,6 +70,25 @@ async def test_an_unknown_name_is_asked_again_after_the_negative_bound(
     await trio.sleep(SHARED_NEGATIVE_TTL + 0.01)
     assert await b.store.size_of(uuid) == 10
     assert b.tally.bucket_lookups >= 2
+
+
+async def test_the_kernel_is_never_told_to_keep_an_absent_name(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    # A single node answers absent names with an entry the kernel keeps for a second
+    # (`ABSENT_TIMEOUT`); a shared node must not, or the kernel would hide a name another node
+    # created beyond the store's own bound.
+    a, b = await _running_pair(rig_factory, tmp_path, running)
+    uuid = _uuid()
+    ops = ops_for(b, tmp_path)
+    folder = await mkdirs(ops, uuid)
+    with pytest.raises(pyfuse3.FUSEError) as absent:
+        await ops.lookup(folder, uuid.encode(), CTX)
+    assert absent.value.errno == errno.ENOENT
+    assert b.tally.fuse_ops["lookup", "ENOENT"] == 1
+    await a.write(uuid, b"x" * 10)
+    await trio.sleep(SHARED_NEGATIVE_TTL + 0.01)
+    assert (await ops.lookup(folder, uuid.encode(), CTX)).st_size == 10
 
 
 async def test_a_delete_on_one_node_is_seen_by_the_other_within_the_bound(
