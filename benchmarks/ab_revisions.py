@@ -1,0 +1,169 @@
+"""A/B of objfs variants under the same Orthanc workload, in alternating rounds.
+
+Each variant is a git revision of this repository (the daemon runs from a temporary worktree
+of it) or this tree with extra environment variables (for instance an option overridden as
+``ORTHANC__OBJFS__BACKGROUND_HOLD=0``). Every round runs each variant once, the order
+reversed every other round, each on a fresh moto bucket and a fresh daemon: ingest of the
+small instances (4 REST clients) and of the multi-frame files (2 clients), the wait until
+everything is in the bucket, a warm read of everything, and the delete of every patient.
+
+Prints each run, then per variant the medians and, against the first variant, in how many
+rounds it was ahead: with this machine's noise a median alone proves little.
+
+    .venv/bin/python benchmarks/ab_revisions.py --variant before=rev:HEAD~1 \\
+        --variant after=rev:HEAD [--variant hold0=env:ORTHANC__OBJFS__BACKGROUND_HOLD=0] \\
+        [--rounds 6] [--small 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.orthanc_ingest import CLIENTS, EMULATOR_NICE, UPLOAD_CONCURRENCY, corpus
+from tests.support.daemon import Objfs
+from tests.support.emulators import MotoServer
+from tests.support.orthanc import Orthanc
+
+ROOT = Path(__file__).resolve().parent.parent
+# (name, unit, higher is better)
+FIGURES = [("small", "inst/s", True), ("multi", "MB/s", True), ("lag", "s", False),
+           ("warm", "MB/s", True), ("delete", "inst/s", True), ("cpu_small", "ms/inst", False)]
+
+
+@dataclass
+class Variant:
+    name: str
+    tree: Path  # the daemon is started from here (`python -m objfs` imports it from its cwd)
+    env: dict[str, str] = field(default_factory=dict)
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes],
+            large: list[bytes], index: int) -> dict[str, float]:
+    bucket = server.new_bucket(f"ab-run-{index}")
+    base = work / f"run{index}"
+    base.mkdir()
+    config = {server.section_name: server.section(bucket),
+              "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": 4096,
+                        "UploadConcurrency": UPLOAD_CONCURRENCY}}
+    daemon = Objfs(base, config, env=variant.env)
+    here = Path.cwd()
+    os.chdir(variant.tree)  # the child inherits it
+    try:
+        daemon.start()
+    finally:
+        os.chdir(here)
+    orthanc = Orthanc(base, daemon.mountpoint, name="orthanc").start()
+    out: dict[str, float] = {}
+    try:
+        assert daemon.process is not None
+        pid = daemon.process.pid
+        cpu = cpu_seconds(pid)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            ids = list(pool.map(orthanc.upload, small))
+        small_done = time.perf_counter()
+        out["cpu_small"] = (cpu_seconds(pid) - cpu) * 1000 / len(small)
+        with ThreadPoolExecutor(2) as pool:
+            ids += list(pool.map(orthanc.upload, large))
+        acked = time.perf_counter()
+        daemon.wait_uploaded(timeout=900)
+        out["lag"] = time.perf_counter() - acked
+        out["small"] = len(small) / (small_done - start)
+        out["multi"] = sum(map(len, large)) / 1e6 / (acked - small_done)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            read = sum(len(b) for b in pool.map(
+                lambda i: orthanc.request("GET", f"/instances/{i}/file"), ids))
+        out["warm"] = read / 1e6 / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for patient in orthanc.json("GET", "/patients"):
+            orthanc.request("DELETE", f"/patients/{patient}")
+        out["delete"] = len(ids) / (time.perf_counter() - start)
+    finally:
+        orthanc.stop()
+        daemon.cleanup()
+    return out
+
+
+def parse_variant(text: str, work: Path, made: list[Path]) -> Variant:
+    name, _, spec = text.partition("=")
+    kind, _, value = spec.partition(":")
+    if not name or kind not in ("rev", "env"):
+        raise SystemExit(f"--variant {text!r}: expected NAME=rev:REVISION or NAME=env:K=V[,K=V]")
+    if kind == "env":
+        env = dict(pair.split("=", 1) for pair in value.split(",") if pair)
+        return Variant(name, ROOT, env)
+    tree = work / f"tree-{name}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree),
+                    value], check=True)
+    made.append(tree)
+    return Variant(name, tree)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", required=True,
+                        help="NAME=rev:REVISION or NAME=env:K=V[,K=V] (two or more)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--small", type=int, default=300)
+    args = parser.parse_args()
+    if len(args.variant) < 2:
+        parser.error("give at least two --variant")
+    work = Path(tempfile.mkdtemp(prefix="objfs-ab-", dir="/var/tmp"))
+    made: list[Path] = []
+    server = None
+    try:
+        variants = [parse_variant(v, work, made) for v in args.variant]
+        small, large = corpus(args.small, 512)
+        server = MotoServer(work, nice=EMULATOR_NICE)
+        print(f"{len(small)} instances of 0.53 MB and 2 multi-frame files, moto at nice "
+              f"{EMULATOR_NICE}; {args.rounds} rounds, order reversed every other round")
+        index = 0
+        for rnd in range(args.rounds):
+            for variant in variants if rnd % 2 == 0 else variants[::-1]:
+                index += 1
+                run = one_run(work, server, variant, small, large, index)
+                variant.runs.append(run)
+                print(f"round {rnd} {variant.name:>10}: " + "  ".join(
+                    f"{name} {run[name]:.2f}" for name, _, _ in FIGURES), flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+        for tree in made:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                           check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    first = variants[0]
+    for variant in variants:
+        cells = []
+        for name, unit, higher in FIGURES:
+            median = statistics.median(r[name] for r in variant.runs)
+            cell = f"{name} {median:.2f} {unit}"
+            if variant is not first:
+                ahead = sum(mine[name] > theirs[name] if higher else mine[name] < theirs[name]
+                            for mine, theirs in zip(variant.runs, first.runs, strict=True))
+                cell += f" (ahead of {first.name} in {ahead}/{len(variant.runs)})"
+            cells.append(cell)
+        print(f"median {variant.name}: " + "; ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
