@@ -40,12 +40,6 @@ FIRST_DYNAMIC = 1 << 20
 # "Performance shape").
 STABLE_TIMEOUT = 300.0
 PASS_TIMEOUT = 1.0
-# Orthanc stats a new attachment's path (ENOENT expected) and then opens it with O_CREAT: a
-# negative entry the kernel may keep saves the second LOOKUP of every store. Only where every
-# name is created through this mount (the kernel then replaces the entry), and no longer than
-# the store remembers an absent name itself (NEGATIVE_TTL). With SharedBucket another node may
-# create any name, so absent names are never cached by the kernel (docs/scale-out.md).
-ABSENT_TIMEOUT = 1.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -224,12 +218,13 @@ class Operations(pyfuse3.Operations):
         node.size = size
         return self._entry(inode, self.file_mode, size, STABLE_TIMEOUT)
 
-    def _absent_entry(self) -> pyfuse3.EntryAttributes:
-        """A lookup's answer that the name does not exist, which the kernel keeps for
-        ABSENT_TIMEOUT seconds (inode 0: nothing to count or forget)."""
+    @staticmethod
+    def _absent_entry(keep: float) -> pyfuse3.EntryAttributes:
+        """A lookup's answer that the name does not exist, which the kernel keeps for `keep`
+        seconds (inode 0: nothing to count or forget)."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = 0
-        entry.entry_timeout = ABSENT_TIMEOUT
+        entry.entry_timeout = keep
         return entry
 
     def _pass_entry(self, rel: str) -> pyfuse3.EntryAttributes:
@@ -292,9 +287,9 @@ class Operations(pyfuse3.Operations):
             size = await self.store.size_of(what)
             if size is not None:
                 return self._counted(self._sized_file_entry(what, size))
-            if self.store.shared:
+            if not self.store.kernel_absent_ttl:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._absent_entry()
+            return self._absent_entry(self.store.kernel_absent_ttl)
         return self._counted(self._pass_entry(what))
 
     @errno_boundary

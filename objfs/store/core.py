@@ -27,6 +27,7 @@ from objfs.store.state import (
     FIRST_LOOK,
     INVENTORY_COMPLETE,
     INVENTORY_META,
+    KERNEL_ABSENT_TTL,
     NEGATIVE_TTL,
     PIXEL_DATA_TAG,
     SHARED_CONFIRM_TTL,
@@ -116,6 +117,8 @@ class StoreCore:
         # With SharedBucket other nodes change the bucket: no listing stays true, lookups of
         # unknown names always ask the bucket, and known copies are confirmed (`_confirmed`).
         self.shared = settings.shared_bucket
+        # Seconds the kernel may keep an "absent" lookup answer (KERNEL_ABSENT_TTL; 0: never).
+        self.kernel_absent_ttl = 0.0 if self.shared else KERNEL_ABSENT_TTL
         self.inventory_done = not self.shared and \
             journal.get_meta(INVENTORY_META) == INVENTORY_COMPLETE
         self._lookup_failures: cachetools.TTLCache[str, bool] = cachetools.TTLCache(4096, 600)

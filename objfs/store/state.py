@@ -21,6 +21,13 @@ NEGATIVE_TTL = 2.0
 # last confirmed its object (the bound after which a deletion by another node is seen).
 SHARED_NEGATIVE_TTL = 1.0
 SHARED_CONFIRM_TTL = 1.0
+# How long the kernel may keep a single node's "absent" answer for an attachment name
+# (`Store.kernel_absent_ttl`): Orthanc stats a new attachment's path, then opens it with
+# O_CREAT, and a kept answer saves that open's second LOOKUP. Safe where every name is created
+# through this mount (the create replaces the kept answer) and no longer than the store itself
+# believes an absent name (NEGATIVE_TTL). With SharedBucket another node may create any name:
+# the kernel keeps nothing (0).
+KERNEL_ABSENT_TTL = 1.0
 INVENTORY_META = "inventory"
 INVENTORY_COMPLETE = "complete"
 FIRST_LOOK = 64 * 1024

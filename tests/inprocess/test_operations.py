@@ -15,7 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from objfs.fs import ABSENT_TIMEOUT, Operations
+from objfs.fs import Operations
+from objfs.store.state import KERNEL_ABSENT_TTL
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -44,10 +45,10 @@ async def mkdirs(ops: Operations, uuid: str) -> int:
 
 async def assert_absent(ops: Operations, folder: int, uuid: str) -> None:
     """The lookup's answer for a name that does not exist on a single node: inode 0, which the
-    kernel keeps for ABSENT_TIMEOUT seconds, counted as ENOENT."""
+    kernel keeps for KERNEL_ABSENT_TTL seconds, counted as ENOENT."""
     before = ops.tally.fuse_ops["lookup", "ENOENT"]
     entry = await ops.lookup(folder, uuid.encode(), CTX)
-    assert entry.st_ino == 0 and entry.entry_timeout == ABSENT_TIMEOUT
+    assert entry.st_ino == 0 and entry.entry_timeout == KERNEL_ABSENT_TTL
     assert ops.tally.fuse_ops["lookup", "ENOENT"] == before + 1
 
 

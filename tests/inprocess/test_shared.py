@@ -76,7 +76,7 @@ async def test_the_kernel_is_never_told_to_keep_an_absent_name(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         tmp_path: Path, running: Start) -> None:
     # A single node answers absent names with an entry the kernel keeps for a second
-    # (`ABSENT_TIMEOUT`); a shared node must not, or the kernel would hide a name another node
+    # (`KERNEL_ABSENT_TTL`); a shared node must not, or the kernel would hide a name another node
     # created beyond the store's own bound.
     a, b = await _running_pair(rig_factory, tmp_path, running)
     uuid = _uuid()
