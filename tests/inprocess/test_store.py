@@ -31,6 +31,19 @@ def new_uuid() -> str:
     return str(uuid_mod.uuid4())
 
 
+async def write_small(rig: Rig, count: int) -> None:
+    """Orthanc stores `count` 1000-byte attachments at once."""
+    for _ in range(count):
+        await rig.write(new_uuid(), os.urandom(1000))
+
+
+async def keep_writing(rig: Rig, start: float, until: float) -> None:
+    """Orthanc stores a 1000-byte attachment every 0.1 s until `until` seconds after `start`."""
+    while trio.current_time() - start < until:
+        await rig.write(new_uuid(), os.urandom(1000))
+        await trio.sleep(0.1)
+
+
 async def test_write_back_acknowledges_locally_then_uploads(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
     rig = await gated_rig()
@@ -258,8 +271,7 @@ async def test_uploads_yield_to_orthanc_until_it_pauses_for_the_busy_window(
         idle_cpus: float | None) -> None:
     rig = await gated_rig(CacheSize=64, BackgroundHold=0)
     rig.idle_cpus = idle_cpus
-    for _ in range(5):
-        await rig.write(new_uuid(), os.urandom(1000))
+    await write_small(rig, 5)
     await trio.sleep(BUSY_WINDOW / 2)
     assert rig.backend.calls["put"] == 1  # Orthanc is busy: one at a time (the default)
     await rig.write(new_uuid(), os.urandom(1000))  # busy again: the window starts over
@@ -282,13 +294,9 @@ async def test_no_upload_in_the_first_seconds_of_a_burst_then_one_at_a_time(
     rig = await gated_rig(CacheSize=64)
     rig.idle_cpus = 0.0
     start = trio.current_time()
-    while trio.current_time() - start < 1.9:  # Orthanc keeps writing
-        await rig.write(new_uuid(), os.urandom(1000))
-        await trio.sleep(0.1)
+    await keep_writing(rig, start, 1.9)  # Orthanc keeps writing
     assert rig.backend.calls["put"] == 0
-    while trio.current_time() - start < 3.0:
-        await rig.write(new_uuid(), os.urandom(1000))
-        await trio.sleep(0.1)
+    await keep_writing(rig, start, 3.0)
     assert rig.backend.calls["put"] == 1  # past the hold: one (held at the bucket's gate)
     await trio.sleep(BUSY_WINDOW * 1.02)  # Orthanc paused: all of them
     assert rig.backend.calls["put"] == 8  # UploadConcurrency, all held at the gate
@@ -301,17 +309,14 @@ async def test_a_pause_ends_the_burst_and_the_next_one_is_held_again(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
     rig = await gated_rig(CacheSize=64, BackgroundHold=1)
     rig.idle_cpus = 0.0
-    for _ in range(5):
-        await rig.write(new_uuid(), os.urandom(1000))
+    await write_small(rig, 5)
     await trio.sleep(BUSY_WINDOW * 1.02)
     assert rig.backend.calls["put"] == 5
     rig.backend.gate.set()
     assert await rig.store.drain(timeout=5) is True
     rig.backend.set(Mode.GATED, "put")
     start = trio.current_time()
-    while trio.current_time() - start < 0.9:  # a new burst
-        await rig.write(new_uuid(), os.urandom(1000))
-        await trio.sleep(0.1)
+    await keep_writing(rig, start, 0.9)  # a new burst
     assert rig.backend.calls["put"] == 5
     rig.backend.gate.set()
     assert await rig.store.drain(timeout=5) is True
@@ -321,8 +326,7 @@ async def test_uploads_stop_yielding_once_orthanc_pauses_with_cpu_to_spare(
         autojump_clock: trio.testing.MockClock, gated_rig: GatedRig) -> None:
     rig = await gated_rig(CacheSize=64, BackgroundHold=0)
     rig.idle_cpus = 2.0
-    for _ in range(5):
-        await rig.write(new_uuid(), os.urandom(1000))
+    await write_small(rig, 5)
     start = trio.current_time()
     await trio.sleep(SPARE_WINDOW * 0.9)
     # CPU to spare, but too short a pause: Orthanc may be receiving the next file.
