@@ -31,7 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.orthanc_ingest import CLIENTS, EMULATOR_NICE, UPLOAD_CONCURRENCY, corpus
+from benchmarks.orthanc_ingest import (
+    CLIENTS,
+    EMULATOR_NICE,
+    UPLOAD_CONCURRENCY,
+    corpus,
+    proc_usage,
+)
 from tests.support.daemon import Objfs
 from tests.support.emulators import MotoServer
 from tests.support.orthanc import Orthanc
@@ -48,11 +54,6 @@ class Variant:
     tree: Path  # the daemon is started from here (`python -m objfs` imports it from its cwd)
     env: dict[str, str] = field(default_factory=dict)
     runs: list[dict[str, float]] = field(default_factory=list)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes],
@@ -75,12 +76,12 @@ def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes]
     try:
         assert daemon.process is not None
         pid = daemon.process.pid
-        cpu = cpu_seconds(pid)
+        cpu = proc_usage(pid)[1]
         start = time.perf_counter()
         with ThreadPoolExecutor(CLIENTS) as pool:
             ids = list(pool.map(orthanc.upload, small))
         small_done = time.perf_counter()
-        out["cpu_small"] = (cpu_seconds(pid) - cpu) * 1000 / len(small)
+        out["cpu_small"] = (proc_usage(pid)[1] - cpu) * 1000 / len(small)
         with ThreadPoolExecutor(2) as pool:
             ids += list(pool.map(orthanc.upload, large))
         acked = time.perf_counter()
