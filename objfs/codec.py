@@ -28,6 +28,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -168,37 +169,71 @@ def encrypt_file(src: Path, dst: Path, ring: KeyRing, chunk: int = CHUNK) -> int
     return written
 
 
+class StreamDecryptor:
+    """Decrypts one ``A1`` object fed in pieces of any size, as they arrive (a download):
+    `update` returns the plaintext of every byte that is certainly not part of the tag (the
+    last TAG_SIZE bytes received are held back), `finalize` verifies the tag.
+
+    Raises Corrupt (bad header, unknown key id, truncated, authentication failure) from
+    `update` or `finalize`; until `finalize` returned, the plaintext is unverified and must be
+    discarded on any failure. One instance per object and attempt.
+    """
+
+    def __init__(self, ring: KeyRing) -> None:
+        self._ring = ring
+        self._head = b""  # the header's bytes until all HEADER_SIZE arrived
+        self._decryptor: Any = None
+        self._held = b""  # the last TAG_SIZE bytes received (perhaps the tag)
+        self._key_id = 0
+        self.received = 0
+
+    def update(self, data: bytes | memoryview) -> bytes:
+        self.received += len(data)
+        if self._decryptor is None:
+            self._head += data
+            if len(self._head) < HEADER_SIZE:
+                return b""
+            header = parse_header(self._head[:HEADER_SIZE], self._ring)
+            self._key_id = header.key_id
+            data, self._head = self._head[HEADER_SIZE:], b""
+            # The tag comes last: GCM takes it at `finalize_with_tag`.
+            self._decryptor = Cipher(algorithms.AES(header.dek), modes.GCM(header.iv)).decryptor()
+            self._decryptor.authenticate_additional_data(header.raw)
+        if len(data) >= TAG_SIZE:
+            view = memoryview(data)
+            out = self._decryptor.update(self._held) if self._held else b""
+            out += self._decryptor.update(view[:-TAG_SIZE])
+            self._held = bytes(view[-TAG_SIZE:])
+            return bytes(out)
+        joined = self._held + data
+        self._held = joined[-TAG_SIZE:]
+        return bytes(self._decryptor.update(joined[:-TAG_SIZE]))
+
+    def finalize(self) -> bytes:
+        """The last plaintext bytes, once the tag verified."""
+        if self._decryptor is None or len(self._held) < TAG_SIZE:
+            raise Corrupt(f"truncated: {self.received} bytes, an encrypted object has at least "
+                          f"{OVERHEAD}")
+        try:
+            return bytes(self._decryptor.finalize_with_tag(self._held))
+        except InvalidTag:
+            raise Corrupt(f"authentication failed (wrong key {self._key_id}, or the object was "
+                          "altered)") from None
+
+
 def decrypt_file(src: Path, dst: Path, ring: KeyRing, chunk: int = CHUNK) -> int:
     """Decrypt and verify `src` into `dst`; returns the plaintext size.
 
     Raises Corrupt (bad header, unknown key id, truncated, authentication failure); `dst`
     then holds unverified bytes and must be discarded.
     """
-    size = src.stat().st_size
-    with open(src, "rb") as fin:
-        header = parse_header(fin.read(HEADER_SIZE), ring)
-        if size < OVERHEAD:
-            raise Corrupt(f"truncated: {size} bytes, an encrypted object has at least "
-                          f"{OVERHEAD}")
-        fin.seek(size - TAG_SIZE)
-        tag = fin.read(TAG_SIZE)
-        fin.seek(HEADER_SIZE)
-        decryptor = Cipher(algorithms.AES(header.dek), modes.GCM(header.iv, tag)).decryptor()
-        decryptor.authenticate_additional_data(header.raw)
-        remaining = size - OVERHEAD
-        with open(dst, "wb") as fout:
-            while remaining:
-                block = fin.read(min(chunk, remaining))
-                if not block:
-                    raise Corrupt("truncated while reading")
-                remaining -= len(block)
-                fout.write(decryptor.update(block))
-            try:
-                fout.write(decryptor.finalize())
-            except InvalidTag:
-                raise Corrupt(f"authentication failed (wrong key {header.key_id}, or the "
-                              "object was altered)") from None
-    return size - OVERHEAD
+    decryptor = StreamDecryptor(ring)
+    written = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while block := fin.read(chunk):
+            written += fout.write(decryptor.update(block))
+        written += fout.write(decryptor.finalize())
+    return written
 
 
 def plaintext_size(ciphertext_size: int) -> int:

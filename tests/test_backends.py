@@ -18,9 +18,9 @@ import boto3
 import pytest
 import trio
 
-from objfs import errors
+from objfs import codec, errors
 from objfs.backends import open_backend
-from objfs.backends.base import Backend, ObjectInfo
+from objfs.backends.base import Backend, ObjectInfo, Transform
 from objfs.backends.local import LocalBackend
 from objfs.backends.s3 import S3Backend
 from objfs.config import settings_from_tree
@@ -81,9 +81,9 @@ class PrefixedBackend(Backend):
     async def put(self, key: str, path: Path) -> None:
         await self.inner.put(self.prefix + key, path)
 
-    async def get(self, key: str, path: Path, offset: int = 0,
-                  length: int | None = None) -> int:
-        return await self.inner.get(self.prefix + key, path, offset, length)
+    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None,
+                  transform: Transform | None = None) -> int:
+        return await self.inner.get(self.prefix + key, path, offset, length, transform)
 
     async def head(self, key: str) -> ObjectInfo:
         info = await self.inner.head(self.prefix + key)
@@ -154,6 +154,26 @@ async def test_large_object_multipart(backend: Backend, tmp_path: Path) -> None:
         while chunk := f.read(1 << 20):
             check.update(chunk)
     assert check.hexdigest() == digest.hexdigest()
+
+
+async def test_get_decrypts_as_the_bytes_arrive(backend: Backend, tmp_path: Path) -> None:
+    """A download through a Transform (A1 decryption) gets every piece in order, of an
+    object larger than the SDKs' chunks; a tampered object fails with Corrupt, unchanged."""
+    ring = codec.KeyRing(7, {7: os.urandom(32)})
+    plain = _file(tmp_path, "plain", os.urandom(9 * 1024 * 1024 + 5))
+    sealed = tmp_path / "sealed"
+    stored = codec.encrypt_file(plain, sealed, ring)
+    await backend.put("enc", sealed)
+    out = tmp_path / "out"
+    assert await backend.get("enc", out, transform=codec.StreamDecryptor(ring)) == stored
+    assert out.read_bytes() == plain.read_bytes()
+    tampered = bytearray(sealed.read_bytes())
+    tampered[5 * 1024 * 1024] ^= 1
+    await backend.put("bad", _file(tmp_path, "bad", bytes(tampered)))
+    with pytest.raises(errors.Corrupt, match="authentication failed"):
+        await backend.get("bad", out, transform=codec.StreamDecryptor(ring))
+    with pytest.raises(ValueError, match="whole object"):
+        await backend.get("enc", out, 0, 10, transform=codec.StreamDecryptor(ring))
 
 
 async def test_ranged_get_and_clamping(backend: Backend, tmp_path: Path) -> None:

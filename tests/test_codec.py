@@ -164,3 +164,36 @@ def test_encryption_config_errors(section: dict[str, object], message: str) -> N
     with pytest.raises(ConfigError) as info:
         settings_from_tree({"Objfs": {"StorageEncryption": section}})
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("vector", MANIFEST["vectors"][:3], ids=lambda v: v["name"])
+@pytest.mark.parametrize("piece", [1, 7, 16, 17, 70, 71, 86, 4096, 1 << 20])
+def test_stream_decryptor_takes_pieces_of_any_size(vector: dict[str, object],
+                                                    piece: int) -> None:
+    """What a download feeds it: the plugin's ciphertexts in pieces of every awkward size
+    (inside the header, the tag's length, the whole object) decrypt as in one go."""
+    blob = (VECTORS / str(vector["ciphertext_file"])).read_bytes()
+    expected = (VECTORS / str(vector["plaintext_file"])).read_bytes()
+    decryptor = codec.StreamDecryptor(ring())
+    out = b"".join(decryptor.update(blob[i:i + piece]) for i in range(0, len(blob), piece))
+    assert out + decryptor.finalize() == expected
+    assert decryptor.received == len(blob)
+
+
+def test_stream_decryptor_refuses_what_decrypt_file_refuses() -> None:
+    blob = (VECTORS / "enc" / "v09_json.key3.enc").read_bytes()
+    for size in (0, 10, 69, 85):
+        decryptor = codec.StreamDecryptor(ring())
+        decryptor.update(blob[:size])
+        with pytest.raises(Corrupt, match="truncated"):
+            decryptor.finalize()
+    for cut, reason in ((blob[:-1], "authentication failed \\(wrong key 3"),
+                        (blob[:80] + bytes([blob[80] ^ 1]) + blob[81:], "authentication failed")):
+        decryptor = codec.StreamDecryptor(ring())
+        decryptor.update(cut)
+        with pytest.raises(Corrupt, match=reason):
+            decryptor.finalize()
+    with pytest.raises(Corrupt, match="unknown master key id 3"):
+        codec.StreamDecryptor(ring(1, (2,))).update(blob)
+    with pytest.raises(Corrupt, match="bad version header"):
+        codec.StreamDecryptor(ring()).update(b"B1" + blob[2:])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from azure.core import MatchConditions
 from azure.core import exceptions as ax
@@ -108,22 +108,20 @@ class AzureBackend(ThreadedBackend):
                                        validate_content=True, max_concurrency=PARALLEL_BLOCKS,
                                        standard_blob_tier=self._tier)
 
-    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
+    def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:
-            path.write_bytes(b"")
             return 0
         try:
             ranged = offset > 0 or length is not None
-            stream = self.container.download_blob(key, offset=offset if ranged else None,
-                                                  length=length,
-                                                  max_concurrency=PARALLEL_BLOCKS)
+            # Blocks in parallel are written at their offsets: only into a seekable stream.
+            stream = self.container.download_blob(
+                key, offset=offset if ranged else None, length=length,
+                max_concurrency=PARALLEL_BLOCKS if out.seekable() else 1)
         except ax.HttpResponseError as exc:
             if exc.status_code == 416:  # starts past the end
-                path.write_bytes(b"")
                 return 0
             raise
-        with open(path, "wb") as out:
-            return int(stream.readinto(out))
+        return int(stream.readinto(out))
 
     def _head_sync(self, key: str) -> ObjectInfo:
         props = self.container.get_blob_client(key).get_blob_properties()

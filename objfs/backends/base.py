@@ -4,6 +4,8 @@ Contract for every backend:
 - `put` stores a whole local file under a key, atomically (no partial object is visible);
 - `get` writes the object (or a byte range of it) into a local file and returns the byte count;
   a range that runs past the end is clamped; a range that starts past the end yields 0 bytes;
+  with a `Transform` (whole objects only) every received piece goes through it before it is
+  written, in order, and its `finalize` ends the file (decryption as the bytes arrive);
 - `head` returns the size; `delete` of a missing object succeeds;
 - `list_page` returns keys in lexicographic order with a continuation token (None at the end);
 - every failure is raised as an `objfs.errors` exception, never an SDK exception.
@@ -15,7 +17,7 @@ import abc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import trio
 
@@ -32,6 +34,43 @@ class ObjectInfo:
     modified: float | None = None  # seconds since the epoch, when the listing tells
 
 
+class Transform(Protocol):
+    """What `Backend.get` passes the received bytes through (`objfs.codec.StreamDecryptor`).
+    Its exceptions (ObjfsError) end the download and reach the caller unchanged."""
+
+    def update(self, data: bytes | memoryview) -> bytes: ...
+
+    def finalize(self) -> bytes: ...
+
+
+class _TransformedFile:
+    """The writable stream an SDK downloads into when `get` has a Transform: the SDK writes
+    received bytes, the file gets their transform. Not seekable (SDKs then download in order);
+    `tell` counts the bytes received."""
+
+    def __init__(self, out: IO[bytes], transform: Transform) -> None:
+        self._out = out
+        self._transform = transform
+        self._received = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._out.write(self._transform.update(data))
+        self._received += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._received
+
+    def seekable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+
 class Backend(abc.ABC):
     """Async object store. Implementations are safe to call from many trio tasks at once."""
 
@@ -41,8 +80,8 @@ class Backend(abc.ABC):
     async def put(self, key: str, path: Path) -> None: ...
 
     @abc.abstractmethod
-    async def get(self, key: str, path: Path, offset: int = 0,
-                  length: int | None = None) -> int: ...
+    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None,
+                  transform: Transform | None = None) -> int: ...
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo: ...
@@ -144,7 +183,9 @@ class ThreadedBackend(Backend):
     def _put_sync(self, key: str, path: Path) -> None: ...
 
     @abc.abstractmethod
-    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int: ...
+    def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
+        """Write the object (or range) into `out`, an empty stream, in order unless
+        `out.seekable()`; returns the bytes received."""
 
     @abc.abstractmethod
     def _head_sync(self, key: str) -> ObjectInfo: ...
@@ -186,8 +227,21 @@ class ThreadedBackend(Backend):
     async def put(self, key: str, path: Path) -> None:
         await self._run("put", key, self._put_sync, key, path)
 
-    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None) -> int:
-        return await self._run("get", key, self._get_sync, key, path, offset, length)
+    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None,
+                  transform: Transform | None = None) -> int:
+        if transform is not None and (offset or length is not None):
+            raise ValueError("a transformed download takes the whole object")
+        return await self._run("get", key, self._get_into, key, path, offset, length, transform)
+
+    def _get_into(self, key: str, path: Path, offset: int, length: int | None,
+                  transform: Transform | None) -> int:
+        with open(path, "wb") as out:
+            if transform is None:
+                return self._get_sync(key, out, offset, length)
+            received = self._get_sync(key, cast(IO[bytes], _TransformedFile(out, transform)),
+                                      offset, length)
+            out.write(transform.finalize())
+            return received
 
     async def head(self, key: str) -> ObjectInfo:
         return await self._run("head", key, self._head_sync, key)

@@ -9,7 +9,7 @@ SDK's 120 s.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import requests
 from google.api_core import exceptions as gx
@@ -87,22 +87,19 @@ class GcsBackend(ThreadedBackend):
         blob.upload_from_filename(str(path), checksum="crc32c", timeout=self.timeout,
                                   retry=self.retry)
 
-    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
+    def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         blob = self.bucket.blob(key)
         whole = offset == 0 and length is None
         if length == 0:
-            path.write_bytes(b"")
             return 0
         end = None if length is None else offset + length - 1
         try:
-            with open(path, "wb") as out:
-                blob.download_to_file(out, start=None if whole else offset, end=end,
-                                      checksum="crc32c" if whole else None, raw_download=True,
-                                      timeout=self.timeout, retry=self.retry)
+            blob.download_to_file(out, start=None if whole else offset, end=end,
+                                  checksum="crc32c" if whole else None, raw_download=True,
+                                  timeout=self.timeout, retry=self.retry)
         except gx.RequestRangeNotSatisfiable:
-            path.write_bytes(b"")
             return 0
-        return path.stat().st_size
+        return out.tell()
 
     def _head_sync(self, key: str) -> ObjectInfo:
         blob = self.bucket.get_blob(key, timeout=self.timeout, retry=self.retry)

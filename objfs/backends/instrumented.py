@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from objfs.backends.base import Backend, ObjectInfo
+from objfs.backends.base import Backend, ObjectInfo, Transform
 from objfs.errors import ObjfsError
 from objfs.tally import error_class
 
@@ -52,8 +52,10 @@ class InstrumentedBackend(Backend):
         await self._timed("put", lambda: self.inner.put(key, path))
         self.bytes_up += size
 
-    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None) -> int:
-        count = await self._timed("get", lambda: self.inner.get(key, path, offset, length))
+    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None,
+                  transform: Transform | None = None) -> int:
+        count = await self._timed("get", lambda: self.inner.get(key, path, offset, length,
+                                                                transform))
         self.bytes_down += count
         return count
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from objfs import errors
 from objfs.backends.base import ObjectInfo, ThreadedBackend
@@ -164,16 +164,16 @@ class LocalBackend(ThreadedBackend):
                 matches = False
             yield matches
 
-    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
+    def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         copied = 0
-        with open(self._path(key), "rb") as src, open(path, "wb") as dst:
+        with open(self._path(key), "rb") as src:
             src.seek(offset)
             while length is None or copied < length:
                 want = COPY_CHUNK if length is None else min(COPY_CHUNK, length - copied)
                 chunk = src.read(want)
                 if not chunk:
                     break
-                dst.write(chunk)
+                out.write(chunk)
                 copied += len(chunk)
         return copied
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import boto3
 import botocore.exceptions as bx
@@ -121,11 +121,10 @@ class S3Backend(ThreadedBackend):
         with open(path, "rb") as body:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.extra)
 
-    def _get_sync(self, key: str, path: Path, offset: int, length: int | None) -> int:
+    def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if offset or length is not None:
             if length == 0:
-                path.write_bytes(b"")
                 return 0
             end = "" if length is None else str(offset + length - 1)
             args["Range"] = f"bytes={offset}-{end}"
@@ -133,15 +132,13 @@ class S3Backend(ThreadedBackend):
             response = self.client.get_object(**args)
         except bx.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                path.write_bytes(b"")
                 return 0
             raise
         expected = response["ContentLength"]
         copied = 0
-        with open(path, "wb") as dst:
-            for chunk in response["Body"].iter_chunks(READ_CHUNK):
-                dst.write(chunk)
-                copied += len(chunk)
+        for chunk in response["Body"].iter_chunks(READ_CHUNK):
+            out.write(chunk)
+            copied += len(chunk)
         if copied != expected:
             raise errors.Unavailable(f"s3://{self.bucket}/{key}: short read "
                                      f"({copied} of {expected} bytes)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -308,20 +308,14 @@ class Fetch(Names):
             await self.tier.reserve(row.size)
         tmp = self.tier.tmp_path(row.uuid, "download")
         plain = self.tier.tmp_path(row.uuid, "plain")
-        # With encryption the fetched ciphertext and its plaintext coexist for a moment.
+        streamed = self._decrypts_on_arrival(key)
         give_back: Callable[[], None] = lambda: None  # noqa: E731 - a no-op by default
-        if self.encryption is not None:
-            try:
-                give_back = (await self.tier.take_scratch(row.size + codec.OVERHEAD)
-                             if background else
-                             await self._scratch_for_reader(row.size + codec.OVERHEAD))
-            except BaseException:
-                self.tier.release(row.size)
-                raise
         try:
+            if self.encryption is not None and not streamed:
+                give_back = await self._decrypt_scratch(row.size, background)
             try:
                 await self._retry(self.read_retry, f"download {key}",
-                                  lambda: self.backend.get(key, tmp))
+                                  lambda: self._get_object(key, tmp, streamed))
             except errors.NotFound:
                 # Renamed since we learnt its key (re-encrypted by `objfs rekey`, or rewritten
                 # by the plugin): one listing finds the current name.
@@ -330,10 +324,13 @@ class Fetch(Names):
                     raise
                 key = found[0]
                 await self._j(self.journal.set_key, row.uuid, key)
+                if streamed and not self._decrypts_on_arrival(key):
+                    streamed = False
+                    give_back = await self._decrypt_scratch(row.size, background)
                 await self._retry(self.read_retry, f"download {key}",
-                                  lambda: self.backend.get(key, tmp))
+                                  lambda: self._get_object(key, tmp, streamed))
             crash_point("mid-download")
-            source = await self._decode(key, tmp, plain)
+            source = tmp if streamed else await self._decode(key, tmp, plain)
             got = source.stat().st_size
             if got != row.size:
                 raise errors.Corrupt(f"{got} bytes, expected {row.size}")
@@ -365,6 +362,31 @@ class Fetch(Names):
             raise errors.NotFound(f"attachment {row.uuid} was deleted while it was fetched")
         await self._j(self.journal.set_cached, row.uuid, True, self.seal_local)
         self._confirmed[row.uuid] = True
+
+    def _decrypts_on_arrival(self, key: str) -> bool:
+        """Whether a download of `key` is decrypted as its bytes arrive (no ciphertext copy on
+        disk, no second pass): its name says A1 and the cache keeps plaintext. Otherwise
+        `_decode` decrypts the fetched file (legacy names, which only the header tells apart;
+        `EncryptLocalCache`, which keeps the ciphertext itself: `_seal`)."""
+        if self.encryption is None or self.seal_local:
+            return False
+        info = self.layout.parse_key(key)
+        return info is not None and info.encrypted is True
+
+    def _get_object(self, key: str, path: Path, streamed: bool) -> Awaitable[int]:
+        """One attempt at downloading `key` into `path`: its plaintext when `streamed` (a
+        fresh decryptor each attempt; Corrupt when it does not verify), else as stored."""
+        if not streamed:
+            return self.backend.get(key, path)
+        assert self.encryption is not None
+        return self.backend.get(key, path, transform=codec.StreamDecryptor(self.encryption.ring))
+
+    async def _decrypt_scratch(self, size: int, background: bool) -> Callable[[], None]:
+        """Budget for a fetched A1 object whose plaintext is decrypted from it afterwards: for a
+        moment both are on disk. Returns the function that gives it back."""
+        if background:
+            return await self.tier.take_scratch(size + codec.OVERHEAD)
+        return await self._scratch_for_reader(size + codec.OVERHEAD)
 
     async def _seal(self, plaintext: Path, fetched: Path, scratch: Path) -> Path:
         """The sealed form of a verified download: the fetched object when it is already A1

@@ -13,7 +13,7 @@ from typing import TypeVar
 import trio
 
 from objfs import errors
-from objfs.backends.base import Backend, ObjectInfo
+from objfs.backends.base import Backend, ObjectInfo, Transform
 
 T = TypeVar("T")
 
@@ -62,8 +62,10 @@ class FaultyBackend(Backend):
         self.put_sizes.append(path.stat().st_size)
         await self._call("put", lambda: self.inner.put(key, path))
 
-    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None) -> int:
-        return await self._call("get", lambda: self.inner.get(key, path, offset, length))
+    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None,
+                  transform: Transform | None = None) -> int:
+        return await self._call("get", lambda: self.inner.get(key, path, offset, length,
+                                                              transform))
 
     async def head(self, key: str) -> ObjectInfo:
         return await self._call("head", lambda: self.inner.head(key))

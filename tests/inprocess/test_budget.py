@@ -9,10 +9,11 @@ import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
-from objfs import codec
+from objfs import codec, errors
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -74,3 +75,44 @@ async def test_readers_of_a_sealed_copy_share_one_decrypted_copy(
     again = await rig.store.open_read(uuid)
     rig.store.close_read(uuid, again)
     assert rig.tier.used == before
+
+
+async def test_an_encrypted_download_is_decrypted_as_it_arrives(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An A1 object (its name says so) is decrypted while it downloads: no ciphertext copy, no
+    temporary budget, no second pass over the file. One that does not verify leaves nothing
+    behind and is never served."""
+    rig = rig_factory(**encrypted(tmp_path))
+    await running(rig)
+    good, bad = str(uuid_mod.uuid4()), str(uuid_mod.uuid4())
+    data = os.urandom(3 * MIB + 5)
+    for uuid in (good, bad):
+        await rig.write(uuid, data)
+    assert await rig.store.drain(timeout=60)
+    assert all(key.endswith(".enc") for key in rig.bucket_files())
+    assert rig.tier.evict(1 << 30) == 2 * len(data)
+    scratch: list[int] = []
+    take_scratch = rig.tier.take_scratch
+
+    async def counted(nbytes: int, foreground: bool = False) -> Callable[[], None]:
+        scratch.append(nbytes)
+        return await take_scratch(nbytes, foreground=foreground)
+
+    monkeypatch.setattr(rig.tier, "take_scratch", counted)
+
+    def no_second_pass(*_: object) -> None:
+        raise AssertionError("the download was decrypted afterwards, from a file")
+
+    monkeypatch.setattr(codec, "decrypt_file", no_second_pass)
+    assert await rig.read(good) == data
+    assert scratch == [] and rig.tier.used == len(data)
+    [bad_key] = [k for k in rig.bucket_files() if bad in k]
+    sealed = rig.settings.local_bucket / bad_key
+    blob = bytearray(sealed.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    sealed.write_bytes(bytes(blob))
+    with pytest.raises(errors.Corrupt, match="authentication failed"):
+        await rig.read(bad)
+    assert rig.tier.used == len(data) and scratch == []
+    assert list(rig.tier.tmp.iterdir()) == [] and not rig.tier.path(bad).exists()
