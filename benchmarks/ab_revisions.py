@@ -5,14 +5,16 @@ of it) or this tree with extra environment variables (for instance an option ove
 ``ORTHANC__OBJFS__BACKGROUND_HOLD=0``). Every round runs each variant once, the order
 reversed every other round, each on a fresh moto bucket and a fresh daemon: ingest of the
 small instances (4 REST clients) and of the multi-frame files (2 clients), the wait until
-everything is in the bucket, a warm read of everything, and the delete of every patient.
+everything is in the bucket, a warm read of everything, a cold read of the small instances
+(the daemon restarted with its cache wiped, the page cache dropped), and the delete of every
+patient. `--encrypted` runs everything with A1 encryption.
 
 Prints each run, then per variant the medians and, against the first variant, in how many
 rounds it was ahead: with this machine's noise a median alone proves little.
 
     .venv/bin/python benchmarks/ab_revisions.py --variant before=rev:HEAD~1 \\
         --variant after=rev:HEAD [--variant hold0=env:ORTHANC__OBJFS__BACKGROUND_HOLD=0] \\
-        [--rounds 6] [--small 300]
+        [--rounds 6] [--small 300] [--encrypted]
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from benchmarks.orthanc_ingest import (
     EMULATOR_NICE,
     UPLOAD_CONCURRENCY,
     corpus,
+    drop_page_cache,
     proc_usage,
 )
+from objfs import codec
 from tests.support.daemon import Objfs
 from tests.support.emulators import MotoServer
 from tests.support.orthanc import Orthanc
@@ -45,7 +49,8 @@ from tests.support.orthanc import Orthanc
 ROOT = Path(__file__).resolve().parent.parent
 # (name, unit, higher is better)
 FIGURES = [("small", "inst/s", True), ("multi", "MB/s", True), ("lag", "s", False),
-           ("warm", "MB/s", True), ("delete", "inst/s", True), ("cpu_small", "ms/inst", False)]
+           ("warm", "MB/s", True), ("cold", "MB/s", True), ("delete", "inst/s", True),
+           ("cpu_small", "ms/inst", False)]
 
 
 @dataclass
@@ -56,44 +61,65 @@ class Variant:
     runs: list[dict[str, float]] = field(default_factory=list)
 
 
-def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes],
-            large: list[bytes], index: int) -> dict[str, float]:
-    bucket = server.new_bucket(f"ab-run-{index}")
-    base = work / f"run{index}"
-    base.mkdir()
-    config = {server.section_name: server.section(bucket),
-              "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": 4096,
-                        "UploadConcurrency": UPLOAD_CONCURRENCY}}
-    daemon = Objfs(base, config, env=variant.env)
+def start_from(daemon: Objfs, tree: Path) -> None:
+    """Start `daemon` from `tree`: `python -m objfs` imports objfs from its working
+    directory, which the child inherits."""
     here = Path.cwd()
-    os.chdir(variant.tree)  # the child inherits it
+    os.chdir(tree)
     try:
         daemon.start()
     finally:
         os.chdir(here)
+
+
+def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes],
+            large: list[bytes], index: int, key: Path | None) -> dict[str, float]:
+    bucket = server.new_bucket(f"ab-run-{index}")
+    base = work / f"run{index}"
+    base.mkdir()
+    section = server.section(bucket)
+    if key is not None:
+        section["StorageEncryption"] = {"MasterKey": [1, str(key)]}
+    config = {server.section_name: section,
+              "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": 4096,
+                        "UploadConcurrency": UPLOAD_CONCURRENCY}}
+    daemon = Objfs(base, config, env=variant.env)
+    start_from(daemon, variant.tree)
     orthanc = Orthanc(base, daemon.mountpoint, name="orthanc").start()
     out: dict[str, float] = {}
+
+    def read(which: list[str]) -> float:
+        """MB/s of Orthanc serving `which` to CLIENTS clients."""
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            got = sum(len(b) for b in pool.map(
+                lambda i: orthanc.request("GET", f"/instances/{i}/file"), which))
+        return got / 1e6 / (time.perf_counter() - start)
+
     try:
         assert daemon.process is not None
         pid = daemon.process.pid
         cpu = proc_usage(pid)[1]
         start = time.perf_counter()
         with ThreadPoolExecutor(CLIENTS) as pool:
-            ids = list(pool.map(orthanc.upload, small))
+            small_ids = list(pool.map(orthanc.upload, small))
         small_done = time.perf_counter()
         out["cpu_small"] = (proc_usage(pid)[1] - cpu) * 1000 / len(small)
         with ThreadPoolExecutor(2) as pool:
-            ids += list(pool.map(orthanc.upload, large))
+            ids = small_ids + list(pool.map(orthanc.upload, large))
         acked = time.perf_counter()
         daemon.wait_uploaded(timeout=900)
         out["lag"] = time.perf_counter() - acked
         out["small"] = len(small) / (small_done - start)
         out["multi"] = sum(map(len, large)) / 1e6 / (acked - small_done)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            read = sum(len(b) for b in pool.map(
-                lambda i: orthanc.request("GET", f"/instances/{i}/file"), ids))
-        out["warm"] = read / 1e6 / (time.perf_counter() - start)
+        out["warm"] = read(ids)
+        orthanc.stop()
+        daemon.stop()
+        shutil.rmtree(base / "cache")
+        start_from(daemon, variant.tree)
+        drop_page_cache()
+        orthanc.start()
+        out["cold"] = read(small_ids)
         start = time.perf_counter()
         for patient in orthanc.json("GET", "/patients"):
             orthanc.request("DELETE", f"/patients/{patient}")
@@ -125,6 +151,7 @@ def main() -> None:
                         help="NAME=rev:REVISION or NAME=env:K=V[,K=V] (two or more)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--small", type=int, default=300)
+    parser.add_argument("--encrypted", action="store_true", help="A1 encryption in every run")
     args = parser.parse_args()
     if len(args.variant) < 2:
         parser.error("give at least two --variant")
@@ -134,14 +161,19 @@ def main() -> None:
     try:
         variants = [parse_variant(v, work, made) for v in args.variant]
         small, large = corpus(args.small, 512)
+        key = None
+        if args.encrypted:
+            key = work / "master.key"
+            codec.write_key_file(key)
         server = MotoServer(work, nice=EMULATOR_NICE)
         print(f"{len(small)} instances of 0.53 MB and 2 multi-frame files, moto at nice "
-              f"{EMULATOR_NICE}; {args.rounds} rounds, order reversed every other round")
+              f"{EMULATOR_NICE}{', A1 encryption' if key else ''}; {args.rounds} rounds, "
+              "order reversed every other round")
         index = 0
         for rnd in range(args.rounds):
             for variant in variants if rnd % 2 == 0 else variants[::-1]:
                 index += 1
-                run = one_run(work, server, variant, small, large, index)
+                run = one_run(work, server, variant, small, large, index, key)
                 variant.runs.append(run)
                 print(f"round {rnd} {variant.name:>10}: " + "  ".join(
                     f"{name} {run[name]:.2f}" for name, _, _ in FIGURES), flush=True)
