@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (name, unit, higher is better)
 FIGURES = [("small", "inst/s", True), ("multi", "MB/s", True), ("lag", "s", False),
            ("warm", "MB/s", True), ("cold", "MB/s", True), ("delete", "inst/s", True),
-           ("cpu_small", "ms/inst", False)]
+           ("cpu_small", "ms/inst", False), ("cpu_cold", "ms/inst", False)]
 
 
 @dataclass
@@ -119,7 +119,10 @@ def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes]
         start_from(daemon, variant.tree)
         drop_page_cache()
         orthanc.start()
+        assert daemon.process is not None
+        cpu = proc_usage(daemon.process.pid)[1]
         out["cold"] = read(small_ids)
+        out["cpu_cold"] = (proc_usage(daemon.process.pid)[1] - cpu) * 1000 / len(small_ids)
         start = time.perf_counter()
         for patient in orthanc.json("GET", "/patients"):
             orthanc.request("DELETE", f"/patients/{patient}")
