@@ -207,6 +207,26 @@ def raw_ceilings(work: Path, server: Any, files: list[bytes]) -> tuple[float, fl
     return put, get
 
 
+def sdk_put_seconds(work: Path, server: MotoServer, files: list[bytes]) -> float:
+    """Seconds the SDK alone takes to PUT `files` at UPLOAD_CONCURRENCY with nothing else
+    running: no upload schedule can make them all durable sooner after the first byte
+    arrives. The objects are deleted afterwards (moto keeps them in memory)."""
+    bucket = server.new_bucket(f"put-floor-{work.name}")
+    tmp = work / "put-floor"
+    tmp.mkdir()
+    paths = []
+    for i, data in enumerate(files):
+        paths.append(tmp / str(i))
+        paths[-1].write_bytes(data)
+    with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
+        seconds, _ = timed(lambda: list(pool.map(
+            lambda p: server.raw_put(bucket, p.name, p), paths)))
+    server.client().delete_objects(
+        Bucket=bucket, Delete={"Objects": [{"Key": p.name} for p in paths], "Quiet": True})
+    shutil.rmtree(tmp)
+    return seconds
+
+
 def objfs_run(work: Path, name: str, server: Any, small: list[bytes], large: list[bytes],
               extra: dict[str, Any]) -> dict[str, float]:
     bucket = server.new_bucket(f"bench-{work.name}-{name}")
@@ -256,6 +276,7 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {"local": []}
     results.update({label: [] for label, _, _ in configs})
     ceilings: list[tuple[str, float, float, float]] = []
+    put_floor: list[float] = []
     try:
         for rnd in range(args.rounds):
             base = work / f"round{rnd}"
@@ -263,6 +284,8 @@ def main() -> None:
             for label, name, extra in configs:
                 results[label].append(objfs_run(base, label.replace("+", "-"), servers[name],
                                                 small, large, extra))
+            if "s3" in servers:
+                put_floor.append(sdk_put_seconds(base, servers["s3"], small + large))
         if args.ceilings:
             for name, server in servers.items():
                 phase = upload_phase(work, server, small)
@@ -310,6 +333,13 @@ def main() -> None:
             cold = med(label, lambda r: r["small_bytes"] / 1e6 / r["cold_small_s"])
             print(f"{label}: cold read of small instances {cold:.1f} MB/s = {cold / raw:.2f}x "
                   f"raw SDK GETs of the same objects at concurrency {CLIENTS} ({raw:.1f} MB/s)")
+    if put_floor:
+        floor = statistics.median(put_floor)
+        print(f"durable-lag floor (s3): the SDK alone PUTs all {small_mb + large_mb:.0f} MB at "
+              f"concurrency {UPLOAD_CONCURRENCY} in {floor:.2f} s with nothing else running "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in put_floor)}); uploading from the "
+              f"first byte, without slowing ingest, would leave a lag of "
+              f"{max(0.0, floor - med('s3', lambda r: r['ingest_s'])):.2f} s after objfs' ingest")
     for name, phase, put, get in ceilings:
         print(f"{name}: background upload phase {phase:.0f} MB/s = {phase / put:.2f}x the raw "
               f"SDK PUT ceiling ({put:.0f} MB/s; raw GET {get:.0f} MB/s) at concurrency "
