@@ -71,8 +71,10 @@ class SeriesPrefetcher:
             self._offer((uuid, series))
 
     def notify(self, uuid: str) -> None:
-        """A read fetched `uuid` from the bucket (on the event loop; never blocks)."""
-        self._offer((uuid, None))
+        """A read fetched `uuid` from the bucket (on the event loop; never blocks). When the
+        journal knows its series, `notify_cold` took care of it: its header is not read."""
+        if self.store.known_series(uuid) is None:
+            self._offer((uuid, None))
 
     async def run(self) -> None:
         async for uuid, series in self._receive:

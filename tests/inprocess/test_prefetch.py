@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import pytest
 import trio
 import trio.testing
 
 from objfs import errors
+from objfs.sidecar.orthanc import OrthancClient
+from objfs.sidecar.prefetch import SeriesPrefetcher
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -117,3 +120,20 @@ async def test_no_prefetch_while_the_bucket_fails(
     gets = rig.backend.calls["get"]
     assert not await rig.store.prefetch(uuid)
     assert rig.backend.calls["get"] == gets
+
+
+async def test_a_fetched_attachment_of_a_known_series_is_not_read_for_its_series(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """After a fetch the prefetcher reads the copy's header for its series only when the
+    journal does not know it (a known one went through `notify_cold` before the GET)."""
+    rig = rig_factory()
+    await running(rig)
+    known, unknown = str(uuid_mod.uuid4()), str(uuid_mod.uuid4())
+    await rig.store.note_series([(known, "1.2.3")])
+    prefetcher = SeriesPrefetcher(rig.store, cast(OrthancClient, None), 10)
+    prefetcher.notify(known)
+    prefetcher.notify(unknown)
+    assert prefetcher._receive.receive_nowait() == (unknown, None)
+    with pytest.raises(trio.WouldBlock):
+        prefetcher._receive.receive_nowait()
