@@ -402,11 +402,11 @@ class Fetch(Names):
     async def _decode(self, key: str, fetched: Path, plain: Path) -> Path:
         """The plaintext of a fetched object: `fetched` itself, or `plain` after decryption.
         Raises Corrupt for an object that cannot or must not be used."""
-        with open(fetched, "rb") as f:
-            head = f.read(2)
         info = self.layout.parse_key(key)
-        encrypted = info.encrypted if info is not None and info.encrypted is not None \
-            else codec.is_encrypted(head)
+        encrypted = info.encrypted if info is not None else None
+        if encrypted is None:  # a legacy name: only the header tells
+            with open(fetched, "rb") as f:
+                encrypted = codec.is_encrypted(f.read(2))
         if not encrypted:
             if self.encryption is not None and not self.allow_unencrypted_reads:
                 raise errors.Corrupt("not encrypted (no A1 header) while StorageEncryption is "
