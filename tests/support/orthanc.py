@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import urllib.error
@@ -19,10 +21,13 @@ _SHIM_CACHE: Path | None = None
 
 
 def bind_shim() -> Path:
-    """Build (once per process) the LD_PRELOAD shim that keeps Orthanc on the loopback."""
+    """Build (once per process) the LD_PRELOAD shim that keeps Orthanc on the loopback; its
+    directory is removed when the process exits (a running Orthanc keeps its mapping)."""
     global _SHIM_CACHE
     if _SHIM_CACHE is None or not _SHIM_CACHE.exists():
-        out = Path(tempfile.mkdtemp(prefix="objfs-shim-")) / "bind_localhost.so"
+        folder = tempfile.mkdtemp(prefix="objfs-shim-")
+        atexit.register(shutil.rmtree, folder, True)
+        out = Path(folder) / "bind_localhost.so"
         subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out),
                         str(ROOT / "tests" / "support" / "bind_localhost.c"), "-ldl"],
                        check=True)
