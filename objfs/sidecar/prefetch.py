@@ -55,6 +55,10 @@ class SeriesPrefetcher:
         # Series already prefetched (owner: `run`, on the event loop).
         self._seen: cachetools.TTLCache[str, bool] = cachetools.TTLCache(4096, SEEN_SECONDS,
                                                                            timer=trio.current_time)
+        # Attachments whose series `notify_cold` found in the journal, until their `notify`
+        # (owner: the event loop; an entry whose fetch failed ages out).
+        self._cold_known: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            4096, SEEN_SECONDS, timer=trio.current_time)
         self.fetched = 0  # attachments fetched ahead, for tests and logs
 
     def _offer(self, item: tuple[str, str | None]) -> None:
@@ -67,14 +71,19 @@ class SeriesPrefetcher:
         """A read is about to fetch `uuid` (on the event loop; never blocks): when the journal
         knows its series, the prefetch starts now, alongside that GET."""
         series = self.store.known_series(uuid)
-        if series is not None and series not in self._seen:
+        if series is None:
+            return
+        self._cold_known[uuid] = True
+        if series not in self._seen:
             self._offer((uuid, series))
 
     def notify(self, uuid: str) -> None:
-        """A read fetched `uuid` from the bucket (on the event loop; never blocks). When the
-        journal knows its series, `notify_cold` took care of it: its header is not read."""
-        if self.store.known_series(uuid) is None:
-            self._offer((uuid, None))
+        """A read fetched `uuid` from the bucket (on the event loop; never blocks). When
+        `notify_cold` found its series in the journal before the GET, that was enough: its
+        header is not read (and the journal not asked again)."""
+        if self._cold_known.pop(uuid, False):
+            return
+        self._offer((uuid, None))
 
     async def run(self) -> None:
         async for uuid, series in self._receive:

@@ -126,12 +126,16 @@ async def test_a_fetched_attachment_of_a_known_series_is_not_read_for_its_series
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
     """After a fetch the prefetcher reads the copy's header for its series only when the
-    journal does not know it (a known one went through `notify_cold` before the GET)."""
+    journal does not know it (a known one went through `notify_cold` before the GET, as the
+    store calls them)."""
     rig = rig_factory()
     await running(rig)
     known, unknown = str(uuid_mod.uuid4()), str(uuid_mod.uuid4())
     await rig.store.note_series([(known, "1.2.3")])
     prefetcher = SeriesPrefetcher(rig.store, cast(OrthancClient, None), 10)
+    for uuid in (known, unknown):
+        prefetcher.notify_cold(uuid)
+    assert prefetcher._receive.receive_nowait() == (known, "1.2.3")
     prefetcher.notify(known)
     prefetcher.notify(unknown)
     assert prefetcher._receive.receive_nowait() == (unknown, None)
