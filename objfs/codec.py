@@ -28,10 +28,14 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import (
+    AEADDecryptionContext,
+    Cipher,
+    algorithms,
+    modes,
+)
 
 from objfs.errors import ConfigError, Corrupt
 
@@ -182,7 +186,7 @@ class StreamDecryptor:
     def __init__(self, ring: KeyRing) -> None:
         self._ring = ring
         self._head = b""  # the header's bytes until all HEADER_SIZE arrived
-        self._decryptor: Any = None
+        self._decryptor: AEADDecryptionContext | None = None
         self._held = b""  # the last TAG_SIZE bytes received (perhaps the tag)
         self._key_id = 0
         self.received = 0
@@ -199,15 +203,14 @@ class StreamDecryptor:
             # The tag comes last: GCM takes it at `finalize_with_tag`.
             self._decryptor = Cipher(algorithms.AES(header.dek), modes.GCM(header.iv)).decryptor()
             self._decryptor.authenticate_additional_data(header.raw)
-        if len(data) >= TAG_SIZE:
-            view = memoryview(data)
-            out = self._decryptor.update(self._held) if self._held else b""
-            out += self._decryptor.update(view[:-TAG_SIZE])
-            self._held = bytes(view[-TAG_SIZE:])
-            return bytes(out)
-        joined = self._held + data
-        self._held = joined[-TAG_SIZE:]
-        return bytes(self._decryptor.update(joined[:-TAG_SIZE]))
+        if len(data) < TAG_SIZE:
+            joined = self._held + data
+            self._held = joined[-TAG_SIZE:]
+            return self._decryptor.update(joined[:-TAG_SIZE])
+        view = memoryview(data)
+        out = self._decryptor.update(self._held) + self._decryptor.update(view[:-TAG_SIZE])
+        self._held = bytes(view[-TAG_SIZE:])
+        return out
 
     def finalize(self) -> bytes:
         """The last plaintext bytes, once the tag verified."""
@@ -215,7 +218,7 @@ class StreamDecryptor:
             raise Corrupt(f"truncated: {self.received} bytes, an encrypted object has at least "
                           f"{OVERHEAD}")
         try:
-            return bytes(self._decryptor.finalize_with_tag(self._held))
+            return self._decryptor.finalize_with_tag(self._held)
         except InvalidTag:
             raise Corrupt(f"authentication failed (wrong key {self._key_id}, or the object was "
                           "altered)") from None

@@ -64,12 +64,6 @@ class _TransformedFile:
     def seekable(self) -> bool:
         return False
 
-    def writable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        pass
-
 
 class Backend(abc.ABC):
     """Async object store. Implementations are safe to call from many trio tasks at once."""
