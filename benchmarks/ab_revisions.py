@@ -40,6 +40,7 @@ from benchmarks.orthanc_ingest import (
     corpus,
     drop_page_cache,
     proc_usage,
+    read_instances,
 )
 from objfs import codec
 from tests.support.daemon import Objfs
@@ -91,9 +92,7 @@ def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes]
     def read(which: list[str]) -> float:
         """MB/s of Orthanc serving `which` to CLIENTS clients."""
         start = time.perf_counter()
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            got = sum(len(b) for b in pool.map(
-                lambda i: orthanc.request("GET", f"/instances/{i}/file"), which))
+        got = read_instances(orthanc, which, CLIENTS)
         return got / 1e6 / (time.perf_counter() - start)
 
     try:

@@ -73,6 +73,13 @@ def proc_usage(pid: int) -> tuple[float, float]:
     return hwm / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
+def read_instances(orthanc: Orthanc, ids: list[str], clients: int) -> int:
+    """Bytes of every instance's file read through Orthanc's REST API by `clients` clients."""
+    with ThreadPoolExecutor(clients) as pool:
+        return sum(len(b) for b in pool.map(
+            lambda i: orthanc.request("GET", f"/instances/{i}/file"), ids))
+
+
 def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes],
                 daemon: Objfs | None, server: Any, bucket: str | None) -> dict[str, float]:
     orthanc = Orthanc(work, storage, name="orthanc").start()
@@ -95,9 +102,7 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
             out["durable_lag_s"] = done - acked
 
         def read(which: list[str], clients: int) -> int:
-            with ThreadPoolExecutor(clients) as pool:
-                return sum(len(b) for b in pool.map(
-                    lambda i: orthanc.request("GET", f"/instances/{i}/file"), which))
+            return read_instances(orthanc, which, clients)
 
         out["warm_read_s"], out["read_bytes"] = timed(read, ids + large_ids, CLIENTS)
         orthanc.stop()
@@ -187,32 +192,10 @@ def upload_phase(work: Path, server: Any, files: list[bytes]) -> float:
     return rate
 
 
-def raw_ceilings(work: Path, server: Any, files: list[bytes]) -> tuple[float, float]:
-    """MB/s of the SDK's own PUTs and GETs of `files` at the same concurrency."""
-    bucket = server.new_bucket(f"raw-{server.section_name.lower()}")
+def sdk_puts(work: Path, server: Any, bucket: str, files: list[bytes]) -> tuple[float, list[str]]:
+    """Seconds the SDK alone takes to PUT `files` into `bucket` at UPLOAD_CONCURRENCY, and
+    their keys (the local copies are gone again)."""
     tmp = work / f"raw-{bucket}"
-    tmp.mkdir()
-    paths = []
-    for i, data in enumerate(files):
-        paths.append(tmp / str(i))
-        paths[-1].write_bytes(data)
-    total = sum(map(len, files)) / 1e6
-    with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
-        start = time.perf_counter()
-        list(pool.map(lambda p: server.raw_put(bucket, p.name, p), paths))
-        put = total / (time.perf_counter() - start)
-        start = time.perf_counter()
-        list(pool.map(lambda p: server.raw_get(bucket, p.name), paths))
-        get = total / (time.perf_counter() - start)
-    return put, get
-
-
-def sdk_put_seconds(work: Path, server: MotoServer, files: list[bytes]) -> float:
-    """Seconds the SDK alone takes to PUT `files` at UPLOAD_CONCURRENCY with nothing else
-    running: no upload schedule can make them all durable sooner after the first byte
-    arrives. The objects are deleted afterwards (moto keeps them in memory)."""
-    bucket = server.new_bucket(f"put-floor-{work.name}")
-    tmp = work / "put-floor"
     tmp.mkdir()
     paths = []
     for i, data in enumerate(files):
@@ -221,9 +204,28 @@ def sdk_put_seconds(work: Path, server: MotoServer, files: list[bytes]) -> float
     with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
         seconds, _ = timed(lambda: list(pool.map(
             lambda p: server.raw_put(bucket, p.name, p), paths)))
-    server.client().delete_objects(
-        Bucket=bucket, Delete={"Objects": [{"Key": p.name} for p in paths], "Quiet": True})
     shutil.rmtree(tmp)
+    return seconds, [p.name for p in paths]
+
+
+def raw_ceilings(work: Path, server: Any, files: list[bytes]) -> tuple[float, float]:
+    """MB/s of the SDK's own PUTs and GETs of `files` at the same concurrency."""
+    bucket = server.new_bucket(f"raw-{server.section_name.lower()}")
+    total = sum(map(len, files)) / 1e6
+    seconds, keys = sdk_puts(work, server, bucket, files)
+    with ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
+        get, _ = timed(lambda: list(pool.map(lambda k: server.raw_get(bucket, k), keys)))
+    return total / seconds, total / get
+
+
+def sdk_put_seconds(work: Path, server: Any, files: list[bytes]) -> float:
+    """Seconds the SDK alone takes to PUT `files` at UPLOAD_CONCURRENCY with nothing else
+    running: no upload schedule can make them all durable sooner after the first byte
+    arrives. The objects are deleted afterwards (moto keeps them in memory)."""
+    bucket = server.new_bucket(f"put-floor-{work.name}")
+    seconds, keys = sdk_puts(work, server, bucket, files)
+    server.client().delete_objects(
+        Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
     return seconds
 
 
