@@ -15,6 +15,7 @@ import os
 import time
 import uuid as uuid_mod
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import trio
@@ -64,6 +65,16 @@ class LocalTier:
         # The one temporary copy allowed beyond CacheSize (a Semaphore: whoever is done with
         # the copy gives it back, not necessarily the task that took it).
         self._overflow = trio.Semaphore(1)
+        # Copies given up by deletes (`doom`): renamed into tmp/, their bytes still in `used`,
+        # until `remove_doomed` unlinks them and gives the bytes back. Owner: the event loop;
+        # `_doomed_arrived` is set while the list is not empty.
+        self._doomed: list[tuple[Path, int]] = []
+        self._doomed_arrived = trio.Event()
+        # Doomed copies not yet unlinked (listed or being unlinked); `_doomed_settled` is set
+        # while there are none.
+        self._doomed_pending = 0
+        self._doomed_settled = trio.Event()
+        self._doomed_settled.set()
 
     def path(self, uuid: str) -> Path:
         return self.data / uuid
@@ -161,6 +172,8 @@ class LocalTier:
         with trio.move_on_after(self.full_timeout):
             while True:
                 self.evict(self.used + nbytes - self.capacity)
+                if self.used + nbytes > self.capacity:
+                    self._unlink_doomed_now()
                 if self.used + nbytes <= self.capacity:
                     self.used += nbytes
                     return
@@ -263,6 +276,67 @@ class LocalTier:
             self.evicted_bytes += freed
         return freed
 
+    # --- copies given up by deletes -----------------------------------------------------------
+
+    def doom(self, uuid: str, nbytes: int) -> bool:
+        """Take `uuid`'s copy (`nbytes` of budget) out of data/ now, for `remove_doomed` to
+        unlink later; False when there is no copy (then nothing is owed).
+
+        Unlinking a file whose blocks are on disk waits for the file system (0.2-0.4 ms each
+        on ext4 with online discard, and a journal commit running beside it takes twice as
+        long), which Orthanc's delete would wait for; a rename does not free blocks. Open
+        readers keep their descriptors. The copy lands in tmp/, so a crash leaves nothing
+        `recover` does not remove."""
+        doomed = self.tmp_path(uuid, "deleted")
+        try:
+            os.rename(self.path(uuid), doomed)
+        except FileNotFoundError:
+            return False
+        self._doomed.append((doomed, nbytes))
+        self._doomed_arrived.set()
+        self._doomed_pending += 1
+        if self._doomed_pending == 1:
+            self._doomed_settled = trio.Event()
+        return True
+
+    async def doomed_removed(self) -> None:
+        """Return once no doomed copy is left on disk (at once when there is none)."""
+        await self._doomed_settled.wait()
+
+    def _unlink_doomed_now(self) -> None:
+        """Unlink the doomed copies not yet taken by `remove_doomed`, here on the event loop:
+        for a writer short of space, which would otherwise wait for Orthanc to pause."""
+        batch, self._doomed = self._doomed, []
+        self._doomed_arrived = trio.Event()
+        try:
+            _unlink_all([path for path, _ in batch])
+        finally:
+            self._settled(batch)
+
+    async def remove_doomed(self, turn: Callable[[], AbstractAsyncContextManager[object]]
+                            ) -> None:
+        """For the store's lifetime: unlink doomed copies (in a worker thread, a batch at a
+        time, each batch inside a `turn`: background work that waits for Orthanc's burst to
+        end), then give their bytes back. A copy that cannot be unlinked is logged and its
+        bytes given back all the same: `recover` removes it at the next start."""
+        while True:
+            await self._doomed_arrived.wait()
+            async with turn():
+                batch, self._doomed = self._doomed, []
+                self._doomed_arrived = trio.Event()
+                if not batch:
+                    continue  # a writer short of space unlinked them meanwhile
+                try:
+                    await trio.to_thread.run_sync(_unlink_all, [path for path, _ in batch])
+                finally:
+                    self._settled(batch)
+
+    def _settled(self, batch: list[tuple[Path, int]]) -> None:
+        self.release(sum(nbytes for _, nbytes in batch))
+        self._doomed_pending -= len(batch)
+        if not self._doomed_pending:
+            self._doomed_settled.set()
+
     # --- open files and recency ---------------------------------------------------------------
 
     def opened(self, uuid: str) -> None:
@@ -281,3 +355,12 @@ class LocalTier:
         if self._atimes:
             self.journal.touch(self._atimes)
             self._atimes = {}
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot remove the deleted copy %s: %s (it is removed at the next "
+                      "start)", path, exc)

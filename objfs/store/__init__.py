@@ -29,7 +29,8 @@ Who may act on one uuid at a time, and what protects it (all on the event loop):
 - `_fetches[uuid]`: one download per uuid however many readers wait; a download that ends
   after its attachment was deleted discards its copy.
 - `tier.opened(uuid)`: an open copy is never evicted; `tier.reserve`/`take_scratch` give
-  every byte on disk a place in the budget, given back exactly once (`_drop_local`).
+  every byte on disk a place in the budget, given back exactly once (a deleted copy's once
+  `tier.remove_doomed` has unlinked it).
 - `_plain[uuid]`: one decrypted copy per attachment, shared by its readers.
 
 Uploads and deletes retry until they succeed, their data journaled; reads and lookups retry
@@ -83,6 +84,7 @@ class Store(Hybrid):
             for row in deletes:
                 self._queue_delete(row.uuid)
             nursery.start_soon(self.tier.checkpoints)
+            nursery.start_soon(self.tier.remove_doomed, self._turn)
             nursery.start_soon(self._inventory)
             nursery.start_soon(self._watch_bucket)
             nursery.start_soon(self._watch_spare_cpu)

@@ -224,12 +224,10 @@ class StoreCore:
         self._last_foreground = now
 
     def _drop_local(self, uuid: str, size: int) -> None:
-        """Remove the local copy of `uuid` if there is one and give back its budget (no
-        await between the check and the release: atomic on the event loop)."""
-        path = self.tier.path(uuid)
-        if path.exists():
-            path.unlink()
-            self.tier.release(size)
+        """Give up the local copy of `uuid`, if there is one: it leaves data/ at once, and its
+        budget comes back once the tier's background worker has unlinked it
+        (`LocalTier.doom`, `LocalTier.remove_doomed`)."""
+        self.tier.doom(uuid, size)
 
     def write_handle(self, uuid: str) -> WriteHandle | None:
         """The open write of `uuid`, if Orthanc is writing it now."""

@@ -158,13 +158,20 @@ class Names(StoreCore):
         """rmdir: ENOTEMPTY while it holds attachments (or directories, for "ab"); otherwise
         it leaves listings, and still exists (`dir_exists`)."""
         in_fs = self._in_fs_dirs(name)
-        if self._has_files(name) or (len(name) == 2 and any(
-                name + f"{i:02x}" in self._dirs for i in range(256))):
+        if self._has_files(name) or (len(name) == 2 and self._has_made_subdir(name)):
             raise OSError(errno.ENOTEMPTY, f"{name} is not empty")
         if in_fs:
             assert self.fs is not None
             self.fs.remove_dir(name)
         self._dirs.discard(name)
+
+    def _has_made_subdir(self, name: str) -> bool:
+        """Whether mkdir made a directory under first-level `name` that is still listed."""
+        # Orthanc never calls mkdir (every directory exists), so `_dirs` is usually empty:
+        # scanning it beats formatting 256 names on every rmdir of a first-level directory.
+        if len(self._dirs) < 256:
+            return any(len(d) == 4 and d.startswith(name) for d in self._dirs)
+        return any(name + f"{i:02x}" in self._dirs for i in range(256))
 
     def list_dir(self, name: str) -> list[str]:
         """Children of root (""), a first-level or a second-level directory, as known locally."""

@@ -297,9 +297,10 @@ class Writeback(Fetch):
                     # The local copy may be the only one: it goes once the delete is durable.
                     await self._j(self.journal.mark_pending_delete, uuid)
                 else:
-                    # The bucket has the object, so the copy is only a cache: removed on the
-                    # event loop while the commit waits for the disk (a crash in between
-                    # leaves an unacknowledged delete and a row `recover` marks uncached).
+                    # The bucket has the object, so the copy is only a cache: taken out of
+                    # data/ on the event loop (`LocalTier.doom`) while the commit waits for
+                    # the disk (a crash in between leaves an unacknowledged delete and a row
+                    # `recover` marks uncached).
                     def drop_copy() -> None:
                         self._drop_local(uuid, row.size)
                         crash_point("after-copy-dropped")
@@ -529,7 +530,8 @@ class Writeback(Fetch):
         await self._j(self.journal.remove, uuid)
 
     async def drain(self, timeout: float) -> bool:
-        """Wait until no upload or delete is queued or running, at most `timeout` seconds.
+        """Wait until no upload or delete is queued or running and every deleted copy is
+        unlinked, at most `timeout` seconds.
 
         Returns True when everything is done; otherwise logs what stays journaled. Call it
         after unmounting: acknowledged files whose release the kernel had not yet sent are
@@ -540,6 +542,7 @@ class Writeback(Fetch):
                 self._queue_upload(row.uuid, row.size)
         with trio.move_on_after(timeout):
             await self._idle.wait()
+            await self.tier.doomed_removed()
             return True
         stats = self.journal.stats()
         log.warning("shutdown deadline (%ss) reached: %d uploads (%d bytes) and %d deletes stay "

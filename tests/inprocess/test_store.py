@@ -166,6 +166,70 @@ async def test_deleted_attachment_leaves_the_bucket(
     assert await rig.store.size_of(keep) == 1000
 
 
+async def test_a_deleted_copy_leaves_at_once_and_is_unlinked_after_the_burst(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """Orthanc's delete does not wait for the file system to free the copy's blocks: the copy
+    leaves data/ before unlink returns (a reader that has it open keeps reading), and it is
+    unlinked, its budget given back, once Orthanc's burst has paused."""
+    rig = rig_factory()
+    await running(rig)
+    uuids = [new_uuid() for _ in range(3)]
+    for uuid in uuids:
+        await rig.write(uuid, b"d" * 1000)
+    assert await rig.store.drain(timeout=60)
+    fd = await rig.store.open_read(uuids[0])
+    for uuid in uuids:
+        await rig.store.unlink(uuid)
+        assert not rig.tier.path(uuid).exists()
+        assert await rig.store.size_of(uuid) is None
+    assert len(list(rig.tier.tmp.iterdir())) == 3
+    assert rig.tier.used == 3000
+    assert os.pread(fd, 1000, 0) == b"d" * 1000
+    rig.store.close_read(uuids[0], fd)
+    await trio.sleep(BUSY_WINDOW * 0.9)
+    assert len(list(rig.tier.tmp.iterdir())) == 3  # Orthanc may still be deleting
+    await trio.sleep(BUSY_WINDOW * 0.12)
+    assert list(rig.tier.tmp.iterdir()) == [] and rig.tier.used == 0
+    assert rig.bucket_files() == {}
+
+
+async def test_deleted_copies_left_by_a_crash_are_removed_at_start(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    uuid = new_uuid()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        await rig.write(uuid, b"c" * 1000)
+        assert await rig.store.drain(timeout=60)
+        await rig.store.unlink(uuid)
+        nursery.cancel_scope.cancel()  # the daemon dies before the copy is unlinked
+    assert len(list(rig.tier.tmp.iterdir())) == 1
+    rig = rig.restarted()
+    assert list(rig.tier.tmp.iterdir()) == [] and rig.tier.used == 0
+    assert await rig.store.size_of(uuid) is None
+
+
+async def test_a_writer_short_of_space_does_not_wait_for_deleted_copies_to_go(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """Copies waiting to be unlinked still count in the budget; a writer that needs their
+    space unlinks them itself rather than wait for Orthanc's burst to end."""
+    rig = rig_factory(CacheSize=16)
+    await running(rig)
+    uuids = [new_uuid() for _ in range(3)]
+    for uuid in uuids:
+        await rig.write(uuid, os.urandom(2 * MIB))
+    assert await rig.store.drain(timeout=60)
+    for uuid in uuids:
+        await rig.store.unlink(uuid)
+    assert rig.tier.used == 6 * MIB  # below half the budget: their removal waits
+    start = trio.current_time()
+    await rig.write(new_uuid(), os.urandom(12 * MIB))
+    assert trio.current_time() - start < BUSY_WINDOW / 10
+    assert rig.tier.used == 12 * MIB and list(rig.tier.tmp.iterdir()) == []
+
+
 async def test_a_delete_removes_every_object_of_the_uuid(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
