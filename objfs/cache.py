@@ -171,9 +171,10 @@ class LocalTier:
             return
         with trio.move_on_after(self.full_timeout):
             while True:
-                self.evict(self.used + nbytes - self.capacity)
+                # Deleted copies first: they are garbage, the clean ones may be read again.
+                self._unlink_doomed_now()
                 if self.used + nbytes > self.capacity:
-                    self._unlink_doomed_now()
+                    self.evict(self.used + nbytes - self.capacity)
                 if self.used + nbytes <= self.capacity:
                     self.used += nbytes
                     return
@@ -197,12 +198,9 @@ class LocalTier:
     @property
     def background_share(self) -> int:
         """The part of the budget background work may fill (half): Orthanc's writers keep
-        the rest. Past it, uploads stop yielding to Orthanc (objfs.store.writeback `_turn`)."""
+        the rest. Once data not yet uploaded fills it, uploads stop yielding to Orthanc
+        (objfs.store.writeback `_turn`)."""
         return self.capacity // 2
-
-    @property
-    def past_background_share(self) -> bool:
-        return self.used >= self.background_share
 
     def try_reserve_background(self, nbytes: int) -> bool:
         """Take `nbytes` for a copy nobody asked for yet (series prefetch) only while the
@@ -306,6 +304,8 @@ class LocalTier:
     def _unlink_doomed_now(self) -> None:
         """Unlink the doomed copies not yet taken by `remove_doomed`, here on the event loop:
         for a writer short of space, which would otherwise wait for Orthanc to pause."""
+        if not self._doomed:
+            return
         batch, self._doomed = self._doomed, []
         self._doomed_arrived = trio.Event()
         try:

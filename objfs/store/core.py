@@ -139,6 +139,11 @@ class StoreCore:
         # Unbounded on purpose: what waits here is bounded by the cache budget (dirty data
         # cannot exceed CacheSize) and an entry is one uuid.
         self._uploads = LargestFirst()
+        # Bytes of the uploads in `_uploads` or taken by an upload worker and not finished:
+        # with the open writes, what only uploads can free in the cache (clean copies are
+        # evicted instead). Owner: the event loop; `_queue_upload` adds, the worker that took
+        # the upload subtracts when done with it, whatever the outcome.
+        self._unsent_bytes = 0
         self._delete_send, self._delete_recv = trio.open_memory_channel[str](math.inf)
         self._outstanding: set[str] = set()
         self._idle = trio.Event()
@@ -199,7 +204,16 @@ class StoreCore:
 
     def _queue_upload(self, uuid: str, size: int) -> None:
         self._track(uuid)
+        self._unsent_bytes += size
         self._uploads.put(uuid, size)
+
+    @property
+    def _unsent_past_share(self) -> bool:
+        """Whether data only uploads can free (queued or running uploads, open writes)
+        fills the part of the cache that background work may use (half): then uploads stop
+        yielding to Orthanc. Clean copies do not count: eviction frees them."""
+        writing = sum(h.reserved for h in self.writing.values() if not h.fs)
+        return self._unsent_bytes + writing >= self.tier.background_share
 
     def _queue_delete(self, uuid: str) -> None:
         self._track(uuid)

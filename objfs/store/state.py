@@ -35,7 +35,7 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # While Orthanc writes or deletes, background requests yield the CPU to it (on a small host
 # the SDK's request signing and checksums compete with ingest): none in the first
 # `BackgroundHold` seconds of a burst, then one at a time, until Orthanc pauses for
-# BUSY_WINDOW seconds, or until the cache budget is half full.
+# BUSY_WINDOW seconds, or until data not yet uploaded fills half the cache budget.
 BUSY_WINDOW = 0.5
 # ... or until Orthanc paused for SPARE_WINDOW seconds while the machine had at least SPARE_CPUS
 # idle CPUs over the last SPARE_SAMPLE seconds (`objfs.cpuload`): then Orthanc has stopped, not

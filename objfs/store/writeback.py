@@ -64,7 +64,7 @@ class Writeback(Fetch):
                 handle.error = exc
                 raise
             handle.reserved = end
-            if self.tier.past_background_share:
+            if self._unsent_past_share:
                 self._wake_turns()  # uploads stop yielding to Orthanc: see `_turn`
         try:
             written = os.pwrite(handle.fd, data, offset)
@@ -330,6 +330,7 @@ class Writeback(Fetch):
                 log.exception("upload of attachment %s failed; it stays journaled and is "
                               "retried at the next start", uuid)
             finally:
+                self._unsent_bytes -= size
                 self._untrack(uuid)
 
     @contextlib.asynccontextmanager
@@ -338,9 +339,10 @@ class Writeback(Fetch):
         deleted within BUSY_WINDOW, none runs in the first `background_hold` seconds of its
         burst (`Objfs.BackgroundHold`), then one at a time, and never one that is `parallel`
         (an upload in parts sent several at a time); unless Orthanc has stopped (paused for
-        SPARE_WINDOW, then CPU to spare: `_watch_spare_cpu`) or the cache budget is half full
-        (then the uploads that free it must not wait)."""
-        while not self.tier.past_background_share:
+        SPARE_WINDOW, then CPU to spare: `_watch_spare_cpu`) or data not yet uploaded fills
+        half the cache budget (`_unsent_past_share`: then the uploads that free it must not
+        wait; clean copies do not count, eviction frees them)."""
+        while not self._unsent_past_share:
             now = trio.current_time()
             hold_ends = self._busy_since + self.background_hold
             if not parallel and self._background < (1 if now >= hold_ends else 0):
@@ -350,7 +352,7 @@ class Writeback(Fetch):
             if now >= quiet_from or self._spare_seen >= spare_from:
                 break
             # Until the pause reaches BUSY_WINDOW, the hold ends, or `_wake_turns`: a turn
-            # ended, the budget passed half full, or the watcher found CPU to spare. Then the
+            # ended, unsent data passed half the budget, or the watcher found CPU to spare. The
             # loop checks again.
             self._waiter_arrived.set()
             with trio.move_on_at(min(quiet_from, hold_ends) if now < hold_ends else quiet_from):

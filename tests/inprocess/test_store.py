@@ -475,3 +475,25 @@ async def test_uploads_stop_yielding_once_the_cache_is_half_full_of_dirty_data(
     assert rig.backend.calls["put"] == 3
     rig.backend.gate.set()
     assert await rig.store.drain(timeout=5) is True
+
+
+async def test_a_cache_full_of_clean_copies_does_not_end_the_hold(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """A site's cache is full of clean copies (already in the bucket) most of the time.
+    They are evicted, not uploaded: new uploads still yield to Orthanc as in an empty cache,
+    and each write evicts what it needs."""
+    rig = rig_factory(CacheSize=16)
+    rig.idle_cpus = 0.0
+    await running(rig)
+    for _ in range(4):
+        await rig.write(new_uuid(), os.urandom(4 * MIB))
+    assert await rig.store.drain(timeout=60)
+    assert rig.tier.used == 16 * MIB  # clean copies: the budget is full
+    before = rig.backend.calls["put"]
+    start = trio.current_time()
+    await keep_writing(rig, start, 1.9)  # a burst of Orthanc writes within BackgroundHold
+    assert rig.backend.calls["put"] == before
+    assert rig.tier.evicted_files >= 1 and rig.tier.used <= 16 * MIB
+    assert await rig.store.drain(timeout=60)
+    assert rig.backend.calls["put"] == before + 19
