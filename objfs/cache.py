@@ -29,6 +29,8 @@ from objfs.testhooks import crash_point
 log = logging.getLogger(__name__)
 
 EVICTION_BATCH = 64
+# A writer short of space evicts this much more than it needs (at most; 1/128 of CacheSize).
+EVICT_AHEAD_MAX = 8 * 1024 * 1024
 # Downloaded copies are not fsynced one by one (a cold read would wait for it): the tier
 # checkpoints them with one syncfs every CHECKPOINT_SECONDS and at a clean stop, recording when
 # (journal meta DOWNLOADS_SYNCED). After a crash, clean copies modified since the last
@@ -75,6 +77,9 @@ class LocalTier:
         self._doomed_pending = 0
         self._doomed_settled = trio.Event()
         self._doomed_settled.set()
+        # Copies an `evict_in_thread` is removing (owner: the event loop).
+        self._evicting: set[str] = set()
+        self._evict_ahead = min(capacity // 128, EVICT_AHEAD_MAX)
 
     def path(self, uuid: str) -> Path:
         return self.data / uuid
@@ -174,7 +179,10 @@ class LocalTier:
                 # Deleted copies first: they are garbage, the clean ones may be read again.
                 self._unlink_doomed_now()
                 if self.used + nbytes > self.capacity:
-                    self.evict(self.used + nbytes - self.capacity)
+                    # A little more than needed: the journal barrier and the candidates query
+                    # are then paid once for several writes.
+                    await self.evict_in_thread(self.used + nbytes - self.capacity
+                                               + self._evict_ahead)
                 if self.used + nbytes <= self.capacity:
                     self.used += nbytes
                     return
@@ -236,43 +244,69 @@ class LocalTier:
         self._space_freed = trio.Event()
 
     def evict(self, need: int) -> int:
-        """Remove clean copies, least recently used first, until `need` bytes are freed.
-        Returns the bytes freed: a copy already gone counts nothing (rule: whoever removes a
-        copy gives its space back)."""
+        """Remove clean copies, least recently used first, until `need` bytes are freed, here
+        on the event loop (background reservations, tools). Returns the bytes freed: a copy
+        already gone counts nothing (rule: whoever removes a copy gives its space back)."""
         self.flush_atimes()
         freed = 0
         skip: set[str] = set()
         while freed < need:
-            victims = [(u, s) for u, s in self.journal.eviction_candidates(EVICTION_BATCH
-                                                                           + len(skip))
-                       if u not in skip and u not in self.open_counts]
+            victims = self._victims(skip, need - freed)
             if not victims:
                 break
-            # Their "uploaded" state may still be a lazy commit: make it durable before the
-            # only local copy goes (docs/durability.md, invariant 2).
-            self.journal.barrier()
-            removed: list[str] = []
-            for uuid, size in victims:
-                if freed >= need:
-                    break
-                try:
-                    os.unlink(self.path(uuid))
-                except FileNotFoundError:
-                    # Whoever removed it gave its space back: a delete drops the copy of an
-                    # uploaded attachment while its commit (which uncaches the row) runs.
-                    removed.append(uuid)
-                    continue
-                crash_point("mid-eviction")
-                removed.append(uuid)
-                freed += size
-            self.journal.uncache(removed)
-            self.evicted_files += len(removed)
+            removed, got = _remove_copies(self.journal, self.data, victims, need - freed)
+            self._evicted(removed, got)
             skip.update(removed)
+            freed += got
+        return freed
+
+    async def evict_in_thread(self, need: int) -> int:
+        """`evict`, with the disk work (the journal barrier, the unlinks: 0.2-0.4 ms each for
+        a copy on disk here) in a worker thread, so that the event loop serves other requests
+        meanwhile; for a writer that needs the space. Copies chosen by one call are not chosen
+        by another running at the same time (`_evicting`). Not cancellable midway: the
+        accounting always follows the unlinks."""
+        self.flush_atimes()
+        freed = 0
+        skip: set[str] = set()
+        while freed < need:
+            victims = self._victims(skip, need - freed)
+            if not victims:
+                break
+            chosen = {uuid for uuid, _ in victims}
+            self._evicting |= chosen
+            try:
+                with trio.CancelScope(shield=True):
+                    removed, got = await trio.to_thread.run_sync(
+                        _remove_copies, self.journal, self.data, victims, need - freed)
+                    self._evicted(removed, got)
+            finally:
+                self._evicting -= chosen
+            skip.update(removed)
+            freed += got
+        return freed
+
+    def _victims(self, skip: set[str], want: int) -> list[tuple[str, int]]:
+        """Least recently used clean copies nobody has open, enough for `want` bytes (as far
+        as there are); `skip` and those another eviction is removing left out."""
+        chosen: list[tuple[str, int]] = []
+        total = 0
+        for uuid, size in self.journal.eviction_candidates(
+                EVICTION_BATCH + len(skip) + len(self._evicting)):
+            if total >= want:
+                break
+            if uuid not in skip and uuid not in self.open_counts \
+                    and uuid not in self._evicting:
+                chosen.append((uuid, size))
+                total += size
+        return chosen
+
+    def _evicted(self, removed: list[str], freed: int) -> None:
+        self.evicted_files += len(removed)
         if freed:
             log.debug("evicted %d bytes of clean cached copies", freed)
             self.used = max(0, self.used - freed)
             self.evicted_bytes += freed
-        return freed
 
     # --- copies given up by deletes -----------------------------------------------------------
 
@@ -364,3 +398,29 @@ def _unlink_all(paths: list[Path]) -> None:
         except OSError as exc:
             log.error("cannot remove the deleted copy %s: %s (it is removed at the next "
                       "start)", path, exc)
+
+
+def _remove_copies(journal: Journal, data: Path, victims: list[tuple[str, int]],
+                   want: int) -> tuple[list[str], int]:
+    """Unlink `victims`' copies in order until `want` bytes are freed and record them
+    uncached; returns (uuids handled, bytes freed). A copy already gone is handled but frees
+    nothing here: whoever removed it gave its space back (a delete drops the copy of an
+    uploaded attachment while its commit, which uncaches the row, runs). Blocking."""
+    # Their "uploaded" state may still be a lazy commit: make it durable before the only
+    # local copy goes (docs/durability.md, invariant 2).
+    journal.barrier()
+    removed: list[str] = []
+    freed = 0
+    for uuid, size in victims:
+        if freed >= want:
+            break
+        try:
+            os.unlink(data / uuid)
+        except FileNotFoundError:
+            removed.append(uuid)
+            continue
+        crash_point("mid-eviction")
+        removed.append(uuid)
+        freed += size
+    journal.uncache(removed)
+    return removed, freed

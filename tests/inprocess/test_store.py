@@ -497,3 +497,33 @@ async def test_a_cache_full_of_clean_copies_does_not_end_the_hold(
     assert rig.tier.evicted_files >= 1 and rig.tier.used <= 16 * MIB
     assert await rig.store.drain(timeout=60)
     assert rig.backend.calls["put"] == before + 19
+
+
+async def test_writers_short_of_space_at_once_evict_different_copies(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, holds: dict[str, trio.Event]) -> None:
+    """Eviction's disk work runs in a worker thread; two writers that need space while it
+    runs choose different copies, and the budget matches the files on disk afterwards."""
+    rig = rig_factory(CacheSize=16)
+    await running(rig)
+    for _ in range(4):
+        await rig.write(new_uuid(), os.urandom(4 * MIB))
+    assert await rig.store.drain(timeout=60)
+    holds["_remove_copies"] = gate = trio.Event()
+    written: list[str] = []
+
+    async def writer() -> None:
+        uuid = new_uuid()
+        await rig.write(uuid, os.urandom(3 * MIB))
+        written.append(uuid)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        nursery.start_soon(writer)
+        await trio.sleep(1)
+        evicting = set(rig.tier._evicting)
+        gate.set()  # before any assertion: the unlinks cannot be cancelled
+    assert len(evicting) == 2  # both waited for their unlinks at the same time, one copy each
+    assert len(written) == 2 and rig.tier.evicted_files == 2
+    on_disk = sum(p.stat().st_size for p in rig.tier.data.iterdir())
+    assert rig.tier.used == on_disk == 2 * 4 * MIB + 2 * 3 * MIB
