@@ -193,11 +193,12 @@ class LocalTier:
         raise CacheFull(f"local cache full: {self.used} of {self.capacity} bytes hold data not "
                         "yet in the bucket or open files")
 
-    def _try_reserve(self, nbytes: int, limit: int) -> bool:
-        """Take `nbytes` now if the budget stays within `limit`, evicting clean copies to
-        make room; never waits."""
+    async def _try_reserve(self, nbytes: int, limit: int) -> bool:
+        """Take `nbytes` if the budget stays within `limit`, evicting clean copies to make
+        room (in a worker thread: a first background copy in a full cache may evict half of
+        it); never waits for space."""
         if self.used + nbytes > limit:
-            self.evict(self.used + nbytes - limit)
+            await self.evict_in_thread(self.used + nbytes - limit)
         if self.used + nbytes > limit:
             return False
         self.used += nbytes
@@ -210,10 +211,11 @@ class LocalTier:
         (objfs.store.writeback `_turn`)."""
         return self.capacity // 2
 
-    def try_reserve_background(self, nbytes: int) -> bool:
+    async def try_reserve_background(self, nbytes: int) -> bool:
         """Take `nbytes` for a copy nobody asked for yet (series prefetch) only while the
-        budget stays at most half full, evicting clean copies to get there; never waits."""
-        return self._try_reserve(nbytes, self.background_share)
+        budget stays at most half full, evicting clean copies to get there; never waits for
+        space."""
+        return await self._try_reserve(nbytes, self.background_share)
 
     async def take_scratch(self, nbytes: int, foreground: bool = False) -> Callable[[], None]:
         """Budget for a temporary copy (an encrypted upload body, a download's ciphertext, a
@@ -228,7 +230,7 @@ class LocalTier:
         empty a full cache); callers bound foreground waits with their deadline
         (docs/durability.md, invariants 5 and 6)."""
         limit = self.capacity if foreground else self.background_share
-        if self._try_reserve(nbytes, limit):
+        if await self._try_reserve(nbytes, limit):
             return lambda: self.release(nbytes)
         await self._overflow.acquire()
         return self._overflow.release
@@ -245,7 +247,7 @@ class LocalTier:
 
     def evict(self, need: int) -> int:
         """Remove clean copies, least recently used first, until `need` bytes are freed, here
-        on the event loop (background reservations, tools). Returns the bytes freed: a copy
+        on the event loop (tools and tests). Returns the bytes freed: a copy
         already gone counts nothing (rule: whoever removes a copy gives its space back)."""
         self.flush_atimes()
         freed = 0
@@ -263,7 +265,7 @@ class LocalTier:
     async def evict_in_thread(self, need: int) -> int:
         """`evict`, with the disk work (the journal barrier, the unlinks: 0.2-0.4 ms each for
         a copy on disk here) in a worker thread, so that the event loop serves other requests
-        meanwhile; for a writer that needs the space. Copies chosen by one call are not chosen
+        meanwhile; for every reservation. Copies chosen by one call are not chosen
         by another running at the same time (`_evicting`). Not cancellable midway: the
         accounting always follows the unlinks."""
         self.flush_atimes()

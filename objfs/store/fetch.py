@@ -289,7 +289,12 @@ class Fetch(Names):
             return False
         if row is None or row.cached or row.state != UPLOADED or uuid in self._fetches:
             return False
-        if not self.tier.try_reserve_background(row.size):
+        if not await self.tier.try_reserve_background(row.size):
+            return False
+        current = self.journal.get(uuid)
+        if uuid in self._fetches or uuid in self.writing or current is None \
+                or current.cached or current.state != UPLOADED:
+            self.tier.release(row.size)  # a reader fetched it (or it went) while we evicted
             return False
         try:
             await self._recorded_download(row, background=True)

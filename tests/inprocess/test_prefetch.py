@@ -57,6 +57,35 @@ async def test_prefetch_stays_within_half_the_budget(
     assert not await rig.store.prefetch(str(uuid_mod.uuid4()))  # unknown
 
 
+async def test_a_prefetch_that_waited_for_room_leaves_what_a_reader_fetched_meanwhile(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, holds: dict[str, trio.Event]) -> None:
+    """A prefetch that must evict first waits for the eviction's worker thread; a reader that
+    fetched the same attachment meanwhile is not followed by a second download, and the
+    budget still matches the files on disk."""
+    rig = rig_factory(CacheSize=16)
+    await running(rig)
+    (wanted,) = await _uploaded_and_evicted(rig, 1, MIB)
+    for uuid in await _uploaded_and_evicted(rig, 3, 3 * MIB):
+        assert len(await rig.read(uuid)) == 3 * MIB  # 9 MiB of clean copies: past half
+    holds["_remove_copies"] = gate = trio.Event()
+    gets = rig.backend.calls["get"]
+    async with trio.open_nursery() as nursery:
+        outcome: list[bool] = []
+
+        async def prefetch() -> None:
+            outcome.append(await rig.store.prefetch(wanted))
+
+        nursery.start_soon(prefetch)
+        await trio.sleep(1)  # the prefetch waits for its eviction (of one 3 MiB copy)
+        assert len(await rig.read(wanted)) == MIB
+        gate.set()
+    assert outcome == [False]
+    assert rig.backend.calls["get"] == gets + 1
+    on_disk = sum(p.stat().st_size for p in rig.tier.data.iterdir())
+    assert rig.tier.used == on_disk
+
+
 async def test_a_reader_waits_for_the_prefetch_instead_of_fetching_again(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
