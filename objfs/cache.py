@@ -177,7 +177,7 @@ class LocalTier:
         with trio.move_on_after(self.full_timeout):
             while True:
                 # Deleted copies first: they are garbage, the clean ones may be read again.
-                self._unlink_doomed_now()
+                await self._unlink_doomed_now()
                 if self.used + nbytes > self.capacity:
                     # A little more than needed: the journal barrier and the candidates query
                     # are then paid once for several writes.
@@ -337,17 +337,19 @@ class LocalTier:
         """Return once no doomed copy is left on disk (at once when there is none)."""
         await self._doomed_settled.wait()
 
-    def _unlink_doomed_now(self) -> None:
-        """Unlink the doomed copies not yet taken by `remove_doomed`, here on the event loop:
-        for a writer short of space, which would otherwise wait for Orthanc to pause."""
+    async def _unlink_doomed_now(self) -> None:
+        """Unlink the doomed copies not yet taken by `remove_doomed` at once (in a worker
+        thread, not cancellable midway): for a writer short of space, which would otherwise
+        wait for Orthanc to pause."""
         if not self._doomed:
             return
         batch, self._doomed = self._doomed, []
         self._doomed_arrived = trio.Event()
-        try:
-            _unlink_all([path for path, _ in batch])
-        finally:
-            self._settled(batch)
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(_unlink_all, [path for path, _ in batch])
+            finally:
+                self._settled(batch)
 
     async def remove_doomed(self, turn: Callable[[], AbstractAsyncContextManager[object]]
                             ) -> None:
