@@ -79,13 +79,43 @@ async def test_failure_names_the_attachment_and_cancel(tmp_path: Path) -> None:
                 await trio.sleep(0.01)
         await jobs.cancel(never.id)
         await jobs.cancel(slow.id)
-        await jobs.wait(slow.id)
+        with trio.fail_after(5):
+            await jobs.wait(slow.id)
         nursery.cancel_scope.cancel()
     assert failing.state == FAILURE
     assert failing.error == "attachment bad-a: does not read back as written"
     assert slow.state == FAILURE and "canceled" in (slow.error or "")
     assert never.state == FAILURE and never.error == "canceled before it started"
     assert ("fs", "never-a") not in store.moved
+
+
+async def test_a_cancel_as_the_job_starts_is_not_lost(tmp_path: Path) -> None:
+    """A cancel that arrives while the job is being recorded as Running (its journal write
+    in a worker thread) stops it; it used to be dropped, and the job ran on."""
+    jobs, store = make(tmp_path)
+    store.blocking.add("late-a")
+    job = await jobs.submit("file-system", [("Study", "late")], 0)
+    saving, release = trio.Event(), trio.Event()
+    save = jobs._save
+
+    async def slow_save(saved: Job, durable: bool = True) -> None:
+        if saved.state == RUNNING and not release.is_set():
+            saving.set()
+            await release.wait()
+        await save(saved, durable)
+
+    jobs._save = slow_save  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(jobs.run)
+        await saving.wait()
+        assert job.state == RUNNING
+        await jobs.cancel(job.id)
+        release.set()
+        with trio.fail_after(5):
+            await jobs.wait(job.id)
+        nursery.cancel_scope.cancel()
+    assert job.state == FAILURE and "canceled" in (job.error or "")
+    assert store.moved == []
 
 
 async def test_jobs_persist_and_an_interrupted_job_runs_again(tmp_path: Path) -> None:

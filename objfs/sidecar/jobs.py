@@ -263,15 +263,18 @@ class Jobs:
                 await self._wakeup.wait()
                 continue
             await self._wait_for_lock()
-            job = max(pending, key=lambda j: (j.priority, -j.seq))
-            await self._execute(job)
+            # Chosen again: a job may have been cancelled while the lock was awaited.
+            pending = [j for j in self.jobs.values() if j.state == PENDING]
+            if pending:
+                await self._execute(max(pending, key=lambda j: (j.priority, -j.seq)))
 
     async def _execute(self, job: Job) -> None:
-        job.state, job.progress, job.moved, job.skipped = RUNNING, 0.0, 0, 0
-        await self._save(job)
         with trio.CancelScope() as scope:
+            # Cancellable from the moment it is Running (`cancel`), its own save included.
             self._running = (job, scope)
             try:
+                job.state, job.progress, job.moved, job.skipped = RUNNING, 0.0, 0, 0
+                await self._save(job)
                 await self._move_all(job)
             except (errors.ObjfsError, OSError) as exc:
                 log.error("job %s failed: %s", job.id, exc)
