@@ -151,6 +151,13 @@ def parse_variant(text: str, work: Path, made: list[Path]) -> Variant:
     return Variant(name, tree)
 
 
+def remove_trees(made: list[Path]) -> None:
+    """Remove the worktrees `parse_variant` made."""
+    for tree in made:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                       check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", required=True,
@@ -190,9 +197,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-        for tree in made:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
-                           check=False)
+        remove_trees(made)
         shutil.rmtree(work, ignore_errors=True)
     first = variants[0]
     for variant in variants:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.ab_revisions import ROOT, Variant, parse_variant, start_from
+from benchmarks.ab_revisions import ROOT, Variant, parse_variant, remove_trees, start_from
 from benchmarks.orthanc_ingest import CLIENTS, EMULATOR_NICE, UPLOAD_CONCURRENCY, proc_usage
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
@@ -124,9 +123,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-        for tree in made:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
-                           check=False)
+        remove_trees(made)
         shutil.rmtree(work, ignore_errors=True)
     local = statistics.median(r for r, _ in results["local disk"])
     for name, _, _ in configs:

@@ -77,7 +77,7 @@ class LocalTier:
         self._doomed_pending = 0
         self._doomed_settled = trio.Event()
         self._doomed_settled.set()
-        # Copies an `evict_in_thread` is removing (owner: the event loop).
+        # Copies an `evict` is removing (owner: the event loop).
         self._evicting: set[str] = set()
         self._evict_ahead = min(capacity // 128, EVICT_AHEAD_MAX)
 
@@ -181,7 +181,7 @@ class LocalTier:
                 if self.used + nbytes > self.capacity:
                     # A little more than needed: the journal barrier and the candidates query
                     # are then paid once for several writes.
-                    await self.evict_in_thread(self.used + nbytes - self.capacity
+                    await self.evict(self.used + nbytes - self.capacity
                                                + self._evict_ahead)
                 if self.used + nbytes <= self.capacity:
                     self.used += nbytes
@@ -198,7 +198,7 @@ class LocalTier:
         room (in a worker thread: a first background copy in a full cache may evict half of
         it); never waits for space."""
         if self.used + nbytes > limit:
-            await self.evict_in_thread(self.used + nbytes - limit)
+            await self.evict(self.used + nbytes - limit)
         if self.used + nbytes > limit:
             return False
         self.used += nbytes
@@ -245,29 +245,14 @@ class LocalTier:
         self._space_freed.set()
         self._space_freed = trio.Event()
 
-    def evict(self, need: int) -> int:
-        """Remove clean copies, least recently used first, until `need` bytes are freed, here
-        on the event loop (tools and tests). Returns the bytes freed: a copy
-        already gone counts nothing (rule: whoever removes a copy gives its space back)."""
-        self.flush_atimes()
-        freed = 0
-        skip: set[str] = set()
-        while freed < need:
-            victims = self._victims(skip, need - freed)
-            if not victims:
-                break
-            removed, got = _remove_copies(self.journal, self.data, victims, need - freed)
-            self._evicted(removed, got)
-            skip.update(removed)
-            freed += got
-        return freed
-
-    async def evict_in_thread(self, need: int) -> int:
-        """`evict`, with the disk work (the journal barrier, the unlinks: 0.2-0.4 ms each for
-        a copy on disk here) in a worker thread, so that the event loop serves other requests
-        meanwhile; for every reservation. Copies chosen by one call are not chosen
-        by another running at the same time (`_evicting`). Not cancellable midway: the
-        accounting always follows the unlinks."""
+    async def evict(self, need: int) -> int:
+        """Remove clean copies, least recently used first, until `need` bytes are freed.
+        Returns the bytes freed: a copy already gone counts nothing (rule: whoever removes a
+        copy gives its space back). The disk work (the journal barrier, the unlinks: 0.2-0.4
+        ms each for a copy on disk here) runs in a worker thread, so that the event loop
+        serves other requests meanwhile. Copies chosen by one call are not chosen by another
+        running at the same time (`_evicting`). Not cancellable midway: the accounting always
+        follows the unlinks."""
         self.flush_atimes()
         freed = 0
         skip: set[str] = set()

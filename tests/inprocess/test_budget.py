@@ -91,7 +91,7 @@ async def test_an_encrypted_download_is_decrypted_as_it_arrives(
         await rig.write(uuid, data)
     assert await rig.store.drain(timeout=60)
     assert all(key.endswith(".enc") for key in rig.bucket_files())
-    assert rig.tier.evict(1 << 30) == 2 * len(data)
+    assert await rig.tier.evict(1 << 30) == 2 * len(data)
     scratch: list[int] = []
     take_scratch = rig.tier.take_scratch
 

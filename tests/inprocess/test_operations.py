@@ -124,7 +124,7 @@ async def test_a_bucket_that_cannot_answer_gives_eio_at_open_never_short_data(
     uuid, data = str(uuid_mod.uuid4()), os.urandom(30_000)
     inode = await orthanc_write(ops, uuid, data)
     assert await rig.store.drain(timeout=60)
-    rig.tier.evict(1 << 30)
+    await rig.tier.evict(1 << 30)
     rig.backend.set(Mode.HANG, "get")
     start = trio.current_time()
     with pytest.raises(pyfuse3.FUSEError) as failed:
@@ -197,7 +197,7 @@ async def test_a_reader_that_gives_up_does_not_fail_the_others(
     uuid, data = str(uuid_mod.uuid4()), os.urandom(40_000)
     await rig.write(uuid, data)
     assert await rig.store.drain(timeout=60)
-    rig.tier.evict(1 << 30)
+    await rig.tier.evict(1 << 30)
     rig.backend.set(Mode.GATED, "get")
     results: list[bytes] = []
 

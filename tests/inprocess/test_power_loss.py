@@ -96,7 +96,7 @@ async def test_eviction_makes_uploaded_durable_before_unlinking(
         barrier()
 
     monkeypatch.setattr(rig.journal, "barrier", spy)
-    assert rig.tier.evict(1) == 30_000
+    assert await rig.tier.evict(1) == 30_000
     assert present_at_barrier == [True]
     assert not rig.tier.path(uuid).exists()
 
@@ -104,7 +104,7 @@ async def test_eviction_makes_uploaded_durable_before_unlinking(
 async def _fetched_copy(rig: Rig, data: bytes) -> str:
     """An uploaded attachment whose local copy was evicted and then fetched by a read."""
     uuid = await _written_and_uploaded(rig, data)
-    assert rig.tier.evict(len(data)) == len(data)
+    assert await rig.tier.evict(len(data)) == len(data)
     rig.tier.checkpoint()  # the eviction and everything before it are on disk
     rig.backend.calls.clear()
     assert await rig.read(uuid) == data

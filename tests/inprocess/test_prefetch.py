@@ -27,7 +27,7 @@ async def _uploaded_and_evicted(rig: Rig, count: int, size: int) -> list[str]:
     for uuid in uuids:
         await rig.write(uuid, os.urandom(size))
     assert await rig.store.drain(60)
-    rig.tier.evict(rig.tier.capacity)
+    await rig.tier.evict(rig.tier.capacity)
     assert rig.tier.used == 0
     return uuids
 

@@ -44,7 +44,7 @@ async def test_eviction_during_a_delete_gives_the_space_back_once(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rig.store.unlink, gone)
         await trio.sleep(1)  # the delete now waits on its journal write
-        assert rig.tier.evict(1) == 0  # the copy went while the commit waits
+        assert await rig.tier.evict(1) == 0  # the copy went while the commit waits
         holds["mark_pending_delete"].set()
     assert rig.tier.used == on_disk(rig) == 200_000
 
@@ -58,7 +58,7 @@ async def test_a_download_that_ends_after_a_delete_leaves_no_copy(
     uuid = str(uuid_mod.uuid4())
     await rig.write(uuid, os.urandom(100_000))
     assert await rig.store.drain(timeout=60)
-    rig.tier.evict(1 << 30)
+    await rig.tier.evict(1 << 30)
     rig.backend.set(Mode.GATED, "get")
     outcome: list[BaseException] = []
 

@@ -139,7 +139,7 @@ async def test_read_of_an_uncached_attachment_ends_by_read_timeout(
     uuid, data = new_uuid(), os.urandom(50_000)
     await rig.write(uuid, data)
     assert await rig.store.drain(timeout=60)
-    assert rig.tier.evict(10 * MIB) == len(data)  # the clean copy goes: reads must fetch
+    assert await rig.tier.evict(10 * MIB) == len(data)  # the clean copy goes: reads must fetch
     for mode in (Mode.UNAVAILABLE, Mode.HANG):
         rig.backend.set(mode, "get")
         start = trio.current_time()
