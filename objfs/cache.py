@@ -80,6 +80,10 @@ class LocalTier:
         # Copies an `evict` is removing (owner: the event loop).
         self._evicting: set[str] = set()
         self._evict_ahead = min(capacity // 128, EVICT_AHEAD_MAX)
+        # Budget held by background work that no eviction can free yet: temporary copies
+        # (upload bodies, tier moves) until given back, prefetched copies until their download
+        # ends. At most `background_share`. Owner: the event loop.
+        self.background_held = 0
 
     def path(self, uuid: str) -> Path:
         return self.data / uuid
@@ -193,45 +197,78 @@ class LocalTier:
         raise CacheFull(f"local cache full: {self.used} of {self.capacity} bytes hold data not "
                         "yet in the bucket or open files")
 
-    async def _try_reserve(self, nbytes: int, limit: int) -> bool:
-        """Take `nbytes` if the budget stays within `limit`, evicting clean copies to make
-        room (in a worker thread: a first background copy in a full cache may evict half of
-        it); never waits for space."""
-        if self.used + nbytes > limit:
-            await self.evict(self.used + nbytes - limit)
-        if self.used + nbytes > limit:
+    async def _try_reserve(self, nbytes: int) -> bool:
+        """Take `nbytes` for one of Orthanc's reads if the budget allows, evicting least
+        recently used clean copies to make room (in a worker thread); never waits for space."""
+        if self.used + nbytes > self.capacity:
+            await self.evict(self.used + nbytes - self.capacity)
+        if self.used + nbytes > self.capacity:
             return False
         self.used += nbytes
         return True
 
     @property
     def background_share(self) -> int:
-        """The part of the budget background work may fill (half): Orthanc's writers keep
+        """The part of the budget background work may hold (half): Orthanc's writers keep
         the rest. Once data not yet uploaded fills it, uploads stop yielding to Orthanc
-        (objfs.store.writeback `_turn`)."""
+        (objfs.store.writeback `_turn`); background copies in the making never hold more
+        (`background_held`)."""
         return self.capacity // 2
 
-    async def try_reserve_background(self, nbytes: int) -> bool:
-        """Take `nbytes` for a copy nobody asked for yet (series prefetch) only while the
-        budget stays at most half full, evicting clean copies to get there; never waits for
-        space."""
-        return await self._try_reserve(nbytes, self.background_share)
+    async def _try_reserve_background(self, nbytes: int) -> bool:
+        """Take `nbytes` for background work, counted in `background_held`, if that stays
+        within `background_share` and the whole budget within `CacheSize`: least recently used
+        clean copies are evicted for it, only as many as it needs (and a little ahead, as for
+        writers), never to empty half the cache for one copy. Never waits for space."""
+        if self.background_held + nbytes > self.background_share:
+            return False
+        if self.used + nbytes > self.capacity:
+            await self._unlink_doomed_now()
+        if self.used + nbytes > self.capacity:
+            await self.evict(self.used + nbytes - self.capacity + self._evict_ahead)
+        # Checked again: other reservations ran during the awaits.
+        if self.used + nbytes > self.capacity \
+                or self.background_held + nbytes > self.background_share:
+            return False
+        self.used += nbytes
+        self.background_held += nbytes
+        return True
+
+    async def try_reserve_background(self, nbytes: int) -> Callable[[], None] | None:
+        """Take `nbytes` for a copy nobody asked for yet (series prefetch), within the rules
+        of `_try_reserve_background`; never waits for space. None when refused; else the
+        function to call exactly once when the download has ended, whatever its outcome (the
+        copy then keeps the budget as any clean copy, or the caller released it)."""
+        if not await self._try_reserve_background(nbytes):
+            return None
+
+        def settle() -> None:
+            self.background_held -= nbytes
+
+        return settle
 
     async def take_scratch(self, nbytes: int, foreground: bool = False) -> Callable[[], None]:
         """Budget for a temporary copy (an encrypted upload body, a download's ciphertext, a
         decrypted copy that readers share); returns the function that gives it back (call it
         exactly once, from any task).
 
-        Background copies (upload bodies, tier moves) are taken from `CacheSize` while that
-        leaves the budget at most half full: Orthanc's writers keep the other half. Orthanc's
-        reads (`foreground`) may use all of it, evicting clean copies. Otherwise the copy waits
-        for the one over-budget slot, so the cache directory holds at most `CacheSize` plus
-        one temporary copy. Never raises CacheFull (a temporary copy is what lets uploads
-        empty a full cache); callers bound foreground waits with their deadline
+        Background copies (upload bodies, tier moves) are taken from `CacheSize` while
+        background work holds at most half of it (`_try_reserve_background`): Orthanc's
+        writers keep the other half. Orthanc's reads (`foreground`) may use all of it. Both
+        evict least recently used clean copies as needed. Otherwise the copy waits for the
+        one over-budget slot, so the cache directory holds at most `CacheSize` plus one
+        temporary copy. Never raises CacheFull (a temporary copy is what lets uploads empty a
+        full cache); callers bound foreground waits with their deadline
         (docs/durability.md, invariants 5 and 6)."""
-        limit = self.capacity if foreground else self.background_share
-        if await self._try_reserve(nbytes, limit):
-            return lambda: self.release(nbytes)
+        if foreground:
+            if await self._try_reserve(nbytes):
+                return lambda: self.release(nbytes)
+        elif await self._try_reserve_background(nbytes):
+            def give_back() -> None:
+                self.background_held -= nbytes
+                self.release(nbytes)
+
+            return give_back
         await self._overflow.acquire()
         return self._overflow.release
 

@@ -278,7 +278,8 @@ class Fetch(Names):
     async def prefetch(self, uuid: str) -> bool:
         """Fetch `uuid` into the cache ahead of a read (series prefetch), at background
         priority: only when it is known, uploaded, not cached and not being fetched, and
-        while the budget stays half free (never waits for space). A reader that opens it
+        while background work holds at most half the budget (least recently used clean
+        copies make room; never waits for space). A reader that opens it
         meanwhile waits for this download instead of starting its own. Returns whether a
         copy was fetched; failures are logged, never raised (nobody asked for it yet)."""
         if uuid in self.writing or uuid in self._fetches or self.health.failing.is_set():
@@ -289,19 +290,23 @@ class Fetch(Names):
             return False
         if row is None or row.cached or row.state != UPLOADED or uuid in self._fetches:
             return False
-        if not await self.tier.try_reserve_background(row.size):
-            return False
-        current = self.journal.get(uuid)
-        if uuid in self._fetches or uuid in self.writing or current is None \
-                or current.cached or current.state != UPLOADED:
-            self.tier.release(row.size)  # a reader fetched it (or it went) while we evicted
+        settle = await self.tier.try_reserve_background(row.size)
+        if settle is None:
             return False
         try:
-            await self._recorded_download(row, background=True)
-        except Exception as exc:
-            log.info("prefetch of attachment %s failed: %s", uuid, exc)
-            return False
-        return True
+            current = self.journal.get(uuid)
+            if uuid in self._fetches or uuid in self.writing or current is None \
+                    or current.cached or current.state != UPLOADED:
+                self.tier.release(row.size)  # a reader fetched it (or it went) while we evicted
+                return False
+            try:
+                await self._recorded_download(row, background=True)
+            except Exception as exc:
+                log.info("prefetch of attachment %s failed: %s", uuid, exc)
+                return False
+            return True
+        finally:
+            settle()
 
     async def _download(self, row: Row, background: bool = False) -> None:
         """Fetch, decrypt and verify an object into the local tier; the copy appears only

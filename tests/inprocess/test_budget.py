@@ -54,6 +54,30 @@ async def test_encrypted_upload_bodies_stay_within_budget_plus_one_copy(
     assert len(rig.bucket_files()) == 3
 
 
+async def test_an_upload_body_in_a_full_cache_evicts_only_the_room_it_needs(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    """A site's cache is full of clean copies and encrypts: each upload's A1 body takes the
+    room of the least recently used copies it needs, and the others stay (an earlier rule
+    kept background copies within half the budget, so every upload emptied half the
+    cache)."""
+    rig = rig_factory(CacheSize=16, **encrypted(tmp_path))
+    await running(rig)
+    kept = [str(uuid_mod.uuid4()) for _ in range(7)]
+    for uuid in kept:
+        await rig.write(uuid, os.urandom(2 * MIB))
+    assert await rig.store.drain(timeout=60)
+    await rig.tier.evict(rig.tier.capacity)
+    for uuid in kept:
+        assert len(await rig.read(uuid)) == 2 * MIB  # 14 MiB of clean copies
+    await rig.write(str(uuid_mod.uuid4()), os.urandom(MIB))  # 15 MiB, and its body: 16+
+    assert await rig.store.drain(timeout=60)
+    cached = [rig.journal.get(u).cached for u in kept]  # type: ignore[union-attr]
+    assert cached == [False] + [True] * 6
+    assert rig.tier.used == bytes_under(rig) == 13 * MIB
+    assert rig.tier.background_held == 0
+
+
 async def test_readers_of_a_sealed_copy_share_one_decrypted_copy(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Store.prefetch: a copy nobody asked for yet, within half the budget, shared with a reader
+"""Store.prefetch: a copy nobody asked for yet, within the budget, shared with a reader
 that asks meanwhile, and never an error for anyone."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ async def _one_evicted(rig_factory: Callable[..., Rig], start: Start) -> tuple[R
     return rig, uuid
 
 
-async def test_prefetch_stays_within_half_the_budget(
+async def test_prefetch_stays_within_the_budget_evicting_only_what_it_needs(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
     rig = rig_factory(CacheSize=16)
@@ -48,39 +48,68 @@ async def test_prefetch_stays_within_half_the_budget(
     uuids = await _uploaded_and_evicted(rig, 6, 3 * MIB)
     fetched = [await rig.store.prefetch(u) for u in uuids]
     assert fetched == [True] * 6
-    # Never more than half of the 16 MiB: older copies (least recently used) made room.
-    assert rig.tier.used == 6 * MIB
-    assert [rig.journal.get(u).cached for u in uuids] == [False] * 4 + [True] * 2  # type: ignore[union-attr]
+    # 18 MiB do not fit in 16: the least recently used copy (the first prefetched) made room.
+    assert rig.tier.used == 15 * MIB
+    assert [rig.journal.get(u).cached for u in uuids] == [False] + [True] * 5  # type: ignore[union-attr]
+    assert rig.tier.background_held == 0
     assert not await rig.store.prefetch(uuids[-1])  # already cached
     big = await _uploaded_and_evicted(rig, 1, 9 * MIB)
     assert not await rig.store.prefetch(big[0])  # more than half the cache: never
     assert not await rig.store.prefetch(str(uuid_mod.uuid4()))  # unknown
 
 
+async def test_a_prefetch_in_a_full_cache_evicts_one_copy_not_half_the_cache(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """A site's cache is full of clean copies: a prefetch takes the room of the least
+    recently used ones it needs, as a read would, and the rest stay (an earlier rule kept
+    background copies within half the budget, so the first prefetch emptied half the
+    cache)."""
+    rig = rig_factory(CacheSize=16)
+    await running(rig)
+    (wanted,) = await _uploaded_and_evicted(rig, 1, MIB)
+    kept = await _uploaded_and_evicted(rig, 8, 2 * MIB)
+    for uuid in kept:
+        assert len(await rig.read(uuid)) == 2 * MIB
+    assert rig.tier.used == rig.tier.capacity
+    assert await rig.store.prefetch(wanted)
+    cached = [rig.journal.get(u).cached for u in kept]  # type: ignore[union-attr]
+    assert cached == [False] + [True] * 7
+    assert rig.tier.used == 15 * MIB
+    assert rig.tier.background_held == 0
+
+
 async def test_a_prefetch_that_waited_for_room_leaves_what_a_reader_fetched_meanwhile(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start, holds: dict[str, trio.Event]) -> None:
     """A prefetch that must evict first waits for the eviction's worker thread; a reader that
-    fetched the same attachment meanwhile is not followed by a second download, and the
-    budget still matches the files on disk."""
+    starts fetching the same attachment meanwhile is not followed by a second download, and
+    the budget still matches the files on disk."""
     rig = rig_factory(CacheSize=16)
     await running(rig)
     (wanted,) = await _uploaded_and_evicted(rig, 1, MIB)
-    for uuid in await _uploaded_and_evicted(rig, 3, 3 * MIB):
-        assert len(await rig.read(uuid)) == 3 * MIB  # 9 MiB of clean copies: past half
+    for uuid in await _uploaded_and_evicted(rig, 4, 4 * MIB):
+        assert len(await rig.read(uuid)) == 4 * MIB  # a full cache of clean copies
     holds["_remove_copies"] = gate = trio.Event()
     gets = rig.backend.calls["get"]
     async with trio.open_nursery() as nursery:
         outcome: list[bool] = []
 
+        read: list[bytes] = []
+
         async def prefetch() -> None:
             outcome.append(await rig.store.prefetch(wanted))
 
+        async def reader() -> None:
+            read.append(await rig.read(wanted))
+
         nursery.start_soon(prefetch)
-        await trio.sleep(1)  # the prefetch waits for its eviction (of one 3 MiB copy)
-        assert len(await rig.read(wanted)) == MIB
+        await trio.sleep(1)  # the prefetch waits for its eviction (of one 4 MiB copy)
+        nursery.start_soon(reader)
+        await trio.sleep(1)  # the reader's fetch is announced; it waits for its own eviction
+        assert wanted in rig.store._fetches and outcome == []
         gate.set()
-    assert outcome == [False]
+    assert outcome == [False] and len(read[0]) == MIB
     assert rig.backend.calls["get"] == gets + 1
     on_disk = sum(p.stat().st_size for p in rig.tier.data.iterdir())
     assert rig.tier.used == on_disk
