@@ -6,15 +6,19 @@ evicts older ones. Each round, for local disk, objfs with a roomy cache and objf
 one (and each `--variant` revision, full): Orthanc stores a first set of small instances
 (about 2x the full cache's size, so that the cache ends full of clean copies once uploaded),
 then the second set is timed (4 REST clients), with the daemon's CPU per instance. moto as in
-`orthanc_ingest.py`; interleaved rounds, order reversed every other round.
+`orthanc_ingest.py`; interleaved rounds, order reversed every other round. Each objfs run also
+reports how much of `CacheSize` its copies fill once everything is uploaded (a cache that
+evicted more than it needed holds less). `--encrypted`: objfs runs with A1 encryption (each
+upload's body is a temporary copy that takes budget).
 
-    .venv/bin/python benchmarks/full_cache.py [--rounds 4] [--small 300]
+    .venv/bin/python benchmarks/full_cache.py [--rounds 4] [--small 300] [--encrypted]
         [--variant before=rev:REVISION]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ab_revisions import ROOT, Variant, parse_variant, remove_trees, start_from
 from benchmarks.orthanc_ingest import CLIENTS, EMULATOR_NICE, UPLOAD_CONCURRENCY, proc_usage
+from objfs import codec
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
@@ -43,15 +48,27 @@ def instances(first: int, count: int, tag: str) -> list[bytes]:
             for i in range(count)]
 
 
+Run = tuple[float, float | None, float | None]
+
+
+def cached_mb(cache: Path) -> float:
+    """MB of the copies in an objfs cache directory."""
+    return sum(entry.stat().st_size for entry in os.scandir(cache / "data")) / 1e6
+
+
 def one_run(base: Path, server: MotoServer | None, tree: Path | None, cache_mb: int,
-            earlier: list[bytes], timed: list[bytes]) -> tuple[float, float | None]:
-    """(instances/s of the timed set, daemon CPU ms per instance or None for local disk)."""
+            earlier: list[bytes], timed: list[bytes], key: Path | None) -> Run:
+    """(instances/s of the timed set, daemon CPU ms per instance, MB the cache holds once
+    everything is uploaded; the last two None for local disk)."""
     daemon = None
     if server is not None and tree is not None:
         bucket = server.new_bucket(f"full-{base.name}")
-        config = {server.section_name: server.section(bucket),
-                  "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": cache_mb,
-                            "UploadConcurrency": UPLOAD_CONCURRENCY}}
+        config: dict[str, object] = {
+            server.section_name: server.section(bucket),
+            "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": cache_mb,
+                      "UploadConcurrency": UPLOAD_CONCURRENCY}}
+        if key is not None:
+            config["StorageEncryption"] = {"MasterKey": [1, str(key)]}
         daemon = Objfs(base, config)
         start_from(daemon, tree)
         storage = daemon.mountpoint
@@ -73,9 +90,11 @@ def one_run(base: Path, server: MotoServer | None, tree: Path | None, cache_mb: 
             list(pool.map(orthanc.upload, timed))
         rate = len(timed) / (time.perf_counter() - start)
         if daemon is None:
-            return rate, None
+            return rate, None, None
         assert daemon.process is not None
-        return rate, (proc_usage(daemon.process.pid)[1] - cpu) * 1000 / len(timed)
+        cpu_ms = (proc_usage(daemon.process.pid)[1] - cpu) * 1000 / len(timed)
+        daemon.wait_uploaded(timeout=900)
+        return rate, cpu_ms, cached_mb(base / "cache")
     finally:
         orthanc.stop()
         if daemon is not None:
@@ -88,8 +107,13 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=300, help="instances in the timed set")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=rev:REVISION, run with the full cache too")
+    parser.add_argument("--encrypted", action="store_true", help="objfs with A1 encryption")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="objfs-full-", dir="/var/tmp"))
+    key = None
+    if args.encrypted:
+        key = work / "master.key"
+        codec.write_key_file(key)
     made: list[Path] = []
     server = None
     # The full cache holds the earlier set's copies and a bit more (CacheSize is in MB).
@@ -99,15 +123,16 @@ def main() -> None:
     configs: list[tuple[str, Variant | None, int]] = [
         ("local disk", None, 0), ("objfs, roomy cache", Variant("this", ROOT), ROOMY_MB),
         ("objfs, full cache", Variant("this", ROOT), full_mb)]
-    results: dict[str, list[tuple[float, float | None]]] = {}
+    results: dict[str, list[Run]] = {}
     try:
         for text in args.variant:
-            variant = parse_variant(text, work, made)
-            configs.append((f"{variant.name}, full cache", variant, full_mb))
+            revision = parse_variant(text, work, made)
+            configs.append((f"{revision.name}, full cache", revision, full_mb))
         server = MotoServer(work, nice=EMULATOR_NICE)
         print(f"{len(timed)} instances of 0.53 MB timed after {len(earlier)} stored and uploaded "
               f"(full cache: CacheSize {full_mb} MB, roomy: {ROOMY_MB} MB); {CLIENTS} clients; "
-              f"moto at nice {EMULATOR_NICE}; {args.rounds} rounds", flush=True)
+              f"moto at nice {EMULATOR_NICE}; {args.rounds} rounds"
+              f"{'; objfs with A1 encryption' if key else ''}", flush=True)
         run = 0
         for rnd in range(args.rounds):
             for name, variant, cache_mb in configs if rnd % 2 == 0 else configs[::-1]:
@@ -115,22 +140,36 @@ def main() -> None:
                 base = work / f"run{run}"
                 base.mkdir()
                 got = one_run(base, server if variant else None,
-                              variant.tree if variant else None, cache_mb, earlier, timed)
+                              variant.tree if variant else None, cache_mb, earlier, timed,
+                              key)
                 results.setdefault(name, []).append(got)
-                cpu = "" if got[1] is None else f", daemon CPU {got[1]:.2f} ms/instance"
-                print(f"round {rnd} {name}: {got[0]:.1f} instances/s{cpu}", flush=True)
+                print(f"round {rnd} {name}: {got[0]:.1f} instances/s{extra(got, cache_mb)}",
+                      flush=True)
                 shutil.rmtree(base, ignore_errors=True)
     finally:
         if server is not None:
             server.stop()
         remove_trees(made)
         shutil.rmtree(work, ignore_errors=True)
-    local = statistics.median(r for r, _ in results["local disk"])
-    for name, _, _ in configs:
-        rate = statistics.median(r for r, _ in results[name])
-        cpus = [c for _, c in results[name] if c is not None]
-        cpu = f", daemon CPU {statistics.median(cpus):.2f} ms/instance" if cpus else ""
-        print(f"median {name}: {rate:.1f} instances/s = {rate / local:.2f}x local disk{cpu}")
+    local = statistics.median(r for r, _, _ in results["local disk"])
+    for name, _, cache_mb in configs:
+        runs = results[name]
+        rate = statistics.median(r for r, _, _ in runs)
+        medians: Run = (rate, None, None)
+        if runs[0][1] is not None:
+            medians = (rate, statistics.median(c for _, c, _ in runs if c is not None),
+                       statistics.median(m for _, _, m in runs if m is not None))
+        print(f"median {name}: {rate:.1f} instances/s = {rate / local:.2f}x local disk"
+              f"{extra(medians, cache_mb)}")
+
+
+def extra(run: Run, cache_mb: int) -> str:
+    """The daemon's CPU and the cache's fill, for an objfs run."""
+    _, cpu, held = run
+    if cpu is None or held is None:
+        return ""
+    return (f", daemon CPU {cpu:.2f} ms/instance, cache holds {held:.0f} of {cache_mb} MB "
+            f"({held / cache_mb:.0%})")
 
 
 if __name__ == "__main__":
