@@ -52,23 +52,23 @@ Run = tuple[float, float | None, float | None]
 
 
 def cached_mb(cache: Path) -> float:
-    """MB of the copies in an objfs cache directory."""
-    return sum(entry.stat().st_size for entry in os.scandir(cache / "data")) / 1e6
+    """MiB of the copies in an objfs cache directory (the unit of `CacheSize`)."""
+    return sum(entry.stat().st_size for entry in os.scandir(cache / "data")) / 2**20
 
 
 def one_run(base: Path, server: MotoServer | None, tree: Path | None, cache_mb: int,
             earlier: list[bytes], timed: list[bytes], key: Path | None) -> Run:
-    """(instances/s of the timed set, daemon CPU ms per instance, MB the cache holds once
+    """(instances/s of the timed set, daemon CPU ms per instance, MiB the cache holds once
     everything is uploaded; the last two None for local disk)."""
     daemon = None
     if server is not None and tree is not None:
         bucket = server.new_bucket(f"full-{base.name}")
-        config: dict[str, object] = {
-            server.section_name: server.section(bucket),
-            "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": cache_mb,
-                      "UploadConcurrency": UPLOAD_CONCURRENCY}}
+        section = server.section(bucket)
         if key is not None:
-            config["StorageEncryption"] = {"MasterKey": [1, str(key)]}
+            section["StorageEncryption"] = {"MasterKey": [1, str(key)]}
+        config = {server.section_name: section,
+                  "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": cache_mb,
+                            "UploadConcurrency": UPLOAD_CONCURRENCY}}
         daemon = Objfs(base, config)
         start_from(daemon, tree)
         storage = daemon.mountpoint
@@ -116,7 +116,8 @@ def main() -> None:
         codec.write_key_file(key)
     made: list[Path] = []
     server = None
-    # The full cache holds the earlier set's copies and a bit more (CacheSize is in MB).
+    # The full cache holds the earlier set's copies and a bit more (its size computed in MB,
+    # CacheSize counts MiB: about 8 % more).
     earlier = instances(0, 2 * args.small, "EARLIER")
     timed = instances(100_000, args.small, "TIMED")
     full_mb = int(sum(map(len, earlier)) / 1e6 * 1.03) + 1
@@ -130,7 +131,7 @@ def main() -> None:
             configs.append((f"{revision.name}, full cache", revision, full_mb))
         server = MotoServer(work, nice=EMULATOR_NICE)
         print(f"{len(timed)} instances of 0.53 MB timed after {len(earlier)} stored and uploaded "
-              f"(full cache: CacheSize {full_mb} MB, roomy: {ROOMY_MB} MB); {CLIENTS} clients; "
+              f"(full cache: CacheSize {full_mb} MiB, roomy: {ROOMY_MB} MiB); {CLIENTS} clients; "
               f"moto at nice {EMULATOR_NICE}; {args.rounds} rounds"
               f"{'; objfs with A1 encryption' if key else ''}", flush=True)
         run = 0
@@ -168,7 +169,7 @@ def extra(run: Run, cache_mb: int) -> str:
     _, cpu, held = run
     if cpu is None or held is None:
         return ""
-    return (f", daemon CPU {cpu:.2f} ms/instance, cache holds {held:.0f} of {cache_mb} MB "
+    return (f", daemon CPU {cpu:.2f} ms/instance, cache holds {held:.0f} of {cache_mb} MiB "
             f"({held / cache_mb:.0%})")
 
 
