@@ -82,8 +82,12 @@ class LocalTier:
         self._evict_ahead = min(capacity // 128, EVICT_AHEAD_MAX)
         # Budget held by background work that no eviction can free yet: temporary copies
         # (upload bodies, tier moves) until given back, prefetched copies until their download
-        # ends. At most `background_share`. Owner: the event loop.
+        # ends. Owner: the event loop.
         self.background_held = 0
+        # Bytes only uploads can free (data not yet uploaded, open writes): the store sets
+        # this. With `background_held` they stay within `background_share` when background
+        # work takes budget.
+        self.unsent: Callable[[], int] = lambda: 0
 
     def path(self, uuid: str) -> Path:
         return self.data / uuid
@@ -215,20 +219,24 @@ class LocalTier:
         (`background_held`)."""
         return self.capacity // 2
 
+    def _background_fits(self, nbytes: int) -> bool:
+        return self.unsent() + self.background_held + nbytes <= self.background_share
+
     async def _try_reserve_background(self, nbytes: int) -> bool:
-        """Take `nbytes` for background work, counted in `background_held`, if that stays
-        within `background_share` and the whole budget within `CacheSize`: least recently used
-        clean copies are evicted for it, only as many as it needs (and a little ahead, as for
-        writers), never to empty half the cache for one copy. Never waits for space."""
-        if self.background_held + nbytes > self.background_share:
+        """Take `nbytes` for background work, counted in `background_held`, if what no
+        eviction can free (data not yet uploaded, open writes, background copies in the
+        making) then stays within `background_share` and the whole budget within `CacheSize`:
+        Orthanc's writers always find the other half free or evictable. Least recently used
+        clean copies are evicted for it, only as many as it needs (and a little ahead, as
+        for writers), never to empty half the cache for one copy. Never waits for space."""
+        if not self._background_fits(nbytes):
             return False
         if self.used + nbytes > self.capacity:
             await self._unlink_doomed_now()
         if self.used + nbytes > self.capacity:
             await self.evict(self.used + nbytes - self.capacity + self._evict_ahead)
         # Checked again: other reservations ran during the awaits.
-        if self.used + nbytes > self.capacity \
-                or self.background_held + nbytes > self.background_share:
+        if self.used + nbytes > self.capacity or not self._background_fits(nbytes):
             return False
         self.used += nbytes
         self.background_held += nbytes

@@ -14,8 +14,9 @@ one GET. Two ways to know the series:
   names them all in one `/tools/find` answer; older versions take a lookup, the series'
   instance list and one request per instance.
 Either way up to `SeriesPrefetchLimit` are fetched, PARALLEL at a time, at background priority
-(the backends' background threads, the store's turn rule) and only while the cache budget
-stays half free (`Store.prefetch`).
+(the backends' background threads, the store's turn rule) and within the cache budget: least
+recently used copies make room, and what no eviction can free stays within half of it
+(`Store.prefetch`).
 
 Rules: one series is prefetched at most once per SEEN_SECONDS; notifications beyond QUEUE
 waiting are dropped (prefetch is an optimisation, never a queue that grows); Orthanc or the

@@ -86,6 +86,7 @@ class StoreCore:
         self.backend = backend
         self.journal = journal
         self.tier = tier
+        tier.unsent = self._unsent_total
         self.write_through = settings.write_mode == WriteMode.WRITE_THROUGH
         self.upload_concurrency = settings.upload_concurrency
         self.background_hold = settings.background_hold
@@ -207,13 +208,18 @@ class StoreCore:
         self._unsent_bytes += size
         self._uploads.put(uuid, size)
 
+    def _unsent_total(self) -> int:
+        """Bytes of the cache only uploads can free: queued or running uploads, and the open
+        writes' reservations (`LocalTier.unsent` calls it too)."""
+        writing = sum(h.reserved for h in self.writing.values() if not h.fs)
+        return self._unsent_bytes + writing
+
     @property
     def _unsent_past_share(self) -> bool:
-        """Whether data only uploads can free (queued or running uploads, open writes)
-        fills the part of the cache that background work may use (half): then uploads stop
-        yielding to Orthanc. Clean copies do not count: eviction frees them."""
-        writing = sum(h.reserved for h in self.writing.values() if not h.fs)
-        return self._unsent_bytes + writing >= self.tier.background_share
+        """Whether data only uploads can free fills the part of the cache that background
+        work may use (half): then uploads stop yielding to Orthanc. Clean copies do not
+        count: eviction frees them."""
+        return self._unsent_total() >= self.tier.background_share
 
     def _queue_delete(self, uuid: str) -> None:
         self._track(uuid)

@@ -54,6 +54,29 @@ async def test_encrypted_upload_bodies_stay_within_budget_plus_one_copy(
     assert len(rig.bucket_files()) == 3
 
 
+async def test_upload_bodies_never_take_the_room_orthanc_writes_into(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    """Data not yet uploaded plus background copies in the making stay within half the
+    budget: with 10 MiB of 16 not uploaded, an upload's 5 MiB body takes the one slot beyond
+    CacheSize, and Orthanc's next 5 MiB still fit."""
+    rig = rig_factory(CacheSize=16, UploadConcurrency=8, **encrypted(tmp_path))
+    await running(rig)
+    with trio.fail_after(10):
+        while not rig.store.inventory_done:
+            await trio.sleep(0.1)
+    rig.backend.set(Mode.GATED, "put")
+    for _ in range(2):
+        await rig.write(str(uuid_mod.uuid4()), os.urandom(5 * MIB))
+    await trio.sleep(5)  # the upload workers took their turn: one holds a body at its PUT
+    assert len(list(rig.tier.tmp.iterdir())) == 1
+    assert rig.tier.used == 10 * MIB and rig.tier.background_held == 0
+    await rig.write(str(uuid_mod.uuid4()), os.urandom(5 * MIB))  # no CacheFull
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=120)
+    assert rig.tier.used == bytes_under(rig) == 15 * MIB
+
+
 async def test_an_upload_body_in_a_full_cache_evicts_only_the_room_it_needs(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start, tmp_path: Path) -> None:
