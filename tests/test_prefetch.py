@@ -132,6 +132,48 @@ def test_an_evicted_series_is_prefetched_from_the_journal_without_orthanc(
         daemon.stop()
 
 
+def test_a_series_read_in_a_full_cache_keeps_the_other_copies(
+        tmp_path: Path, moto: MotoServer, bucket: str) -> None:
+    """A site's cache is full of other studies' copies: a cold series read and its prefetch
+    take the room of as many of them as the series needs, not more (an earlier rule kept
+    prefetched copies within half the cache, and the series' prefetch emptied it)."""
+    orthanc = Orthanc(tmp_path, tmp_path / "objfs-mnt")
+    cache = tmp_path / "cache"
+    config = {"AwsS3Storage": moto.s3_section(bucket),
+              "Objfs": {"CacheDirectory": str(cache), "CacheSize": 16,
+                        "Orthanc": {"Url": orthanc.url}}}
+    daemon = Objfs(tmp_path, config).start()
+    orthanc.start()
+    try:
+        # 10 + 30 instances of 0.5 MiB: the 30 others fill the 16 MiB, the series is evicted.
+        series = [orthanc.upload(make_dicom(i, rows=512, cols=512, patient="VIEWED", series=1))
+                  for i in range(10)]
+        others = [orthanc.upload(make_dicom(100 + i, rows=512, cols=512, patient="OTHER",
+                                            series=2)) for i in range(30)]
+
+        copy = {i: cache / "data" / orthanc.json(
+            "GET", f"/instances/{i}/attachments/dicom/info")["Uuid"] for i in series + others}
+        daemon.wait_uploaded()
+        orthanc.stop()
+        assert daemon.stop() == 0
+        for instance in series:
+            copy[instance].unlink(missing_ok=True)
+        kept_before = sum(copy[i].exists() for i in others)
+        assert kept_before >= 28
+        daemon.start()
+        orthanc.start()
+        for instance in series:
+            orthanc.request("GET", f"/instances/{instance}/file")
+        wait_until(lambda: cached_entries(daemon) >= kept_before, 30, "the series read")
+        time.sleep(2)  # prefetches still running end
+        assert all(copy[i].exists() for i in series[-3:])
+        kept = sum(copy[i].exists() for i in others)
+        assert kept >= kept_before - 12, f"{kept} of {kept_before} other copies left"
+    finally:
+        orthanc.stop()
+        daemon.stop()
+
+
 @pytest.mark.parametrize("release", ["bookworm", "trixie", "sid"])
 def test_what_the_prefetch_asks_of_orthanc(tmp_path: Path, moto: MotoServer, bucket: str,
                                            release: str) -> None:
