@@ -213,10 +213,10 @@ class LocalTier:
 
     @property
     def background_share(self) -> int:
-        """The part of the budget background work may hold (half): Orthanc's writers keep
-        the rest. Once data not yet uploaded fills it, uploads stop yielding to Orthanc
-        (objfs.store.writeback `_turn`); background copies in the making never hold more
-        (`background_held`)."""
+        """Half the budget: once data not yet uploaded fills it, uploads stop yielding to
+        Orthanc (objfs.store.writeback `_turn`); background copies are taken only while they
+        and that data stay within it (`_try_reserve_background`). Orthanc's writers keep the
+        rest, free or evictable."""
         return self.capacity // 2
 
     def _background_fits(self, nbytes: int) -> bool:
@@ -260,10 +260,10 @@ class LocalTier:
         decrypted copy that readers share); returns the function that gives it back (call it
         exactly once, from any task).
 
-        Background copies (upload bodies, tier moves) are taken from `CacheSize` while
-        background work holds at most half of it (`_try_reserve_background`): Orthanc's
+        Background copies (upload bodies, tier moves) are taken from `CacheSize` while what no
+        eviction can free stays within half of it (`_try_reserve_background`): Orthanc's
         writers keep the other half. Orthanc's reads (`foreground`) may use all of it. Both
-        evict least recently used clean copies as needed. Otherwise the copy waits for the
+        evict the least recently used clean copies they need. Otherwise the copy waits for the
         one over-budget slot, so the cache directory holds at most `CacheSize` plus one
         temporary copy. Never raises CacheFull (a temporary copy is what lets uploads empty a
         full cache); callers bound foreground waits with their deadline

@@ -278,8 +278,8 @@ class Fetch(Names):
     async def prefetch(self, uuid: str) -> bool:
         """Fetch `uuid` into the cache ahead of a read (series prefetch), at background
         priority: only when it is known, uploaded, not cached and not being fetched, and
-        while background work holds at most half the budget (least recently used clean
-        copies make room; never waits for space). A reader that opens it
+        while what no eviction can free stays within half the budget (least recently used
+        clean copies make room; never waits for space). A reader that opens it
         meanwhile waits for this download instead of starting its own. Returns whether a
         copy was fetched; failures are logged, never raised (nobody asked for it yet)."""
         if uuid in self.writing or uuid in self._fetches or self.health.failing.is_set():
