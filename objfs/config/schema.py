@@ -289,7 +289,10 @@ OBJFS_OPTIONS: dict[str, Option] = {
                              "the other instances of its series in the background (the "
                              "journal knows them for instances uploaded by this node; else "
                              "it asks `Objfs.Orthanc.Url`), below Orthanc's own reads and "
-                             "within half the cache."),
+                             "within the cache budget: fetched copies replace the least "
+                             "recently used ones, and a download starts only while it, the "
+                             "other downloads in progress and the data not yet uploaded fit "
+                             "in half the budget."),
     "SeriesPrefetchLimit": Option((int,), 500, at_least(0),
                                   "Most instances fetched ahead per series."),
     "ReadAhead": Option((int,), 1024, at_least(0),
