@@ -29,7 +29,8 @@ from objfs.testhooks import crash_point
 log = logging.getLogger(__name__)
 
 EVICTION_BATCH = 64
-# A writer short of space evicts this much more than it needs (at most; 1/128 of CacheSize).
+# A reservation short of space evicts this much more than it needs (at most; 1/128 of
+# CacheSize).
 EVICT_AHEAD_MAX = 8 * 1024 * 1024
 # Downloaded copies are not fsynced one by one (a cold read would wait for it): the tier
 # checkpoints them with one syncfs every CHECKPOINT_SECONDS and at a clean stop, recording when
@@ -184,13 +185,7 @@ class LocalTier:
             return
         with trio.move_on_after(self.full_timeout):
             while True:
-                # Deleted copies first: they are garbage, the clean ones may be read again.
-                await self._unlink_doomed_now()
-                if self.used + nbytes > self.capacity:
-                    # A little more than needed: the journal barrier and the candidates query
-                    # are then paid once for several writes.
-                    await self.evict(self.used + nbytes - self.capacity
-                                               + self._evict_ahead)
+                await self._make_room(nbytes)
                 if self.used + nbytes <= self.capacity:
                     self.used += nbytes
                     return
@@ -201,11 +196,20 @@ class LocalTier:
         raise CacheFull(f"local cache full: {self.used} of {self.capacity} bytes hold data not "
                         "yet in the bucket or open files")
 
-    async def _try_reserve(self, nbytes: int) -> bool:
-        """Take `nbytes` for one of Orthanc's reads if the budget allows, evicting least
-        recently used clean copies to make room (in a worker thread); never waits for space."""
+    async def _make_room(self, nbytes: int) -> None:
+        """Free what the budget lacks for `nbytes`, if it lacks any: deleted copies first
+        (garbage), then least recently used clean copies, a little more than needed (the
+        journal barrier and the candidates query are then paid once for several
+        reservations). The disk work runs in worker threads; whatever cannot be freed stays."""
         if self.used + nbytes > self.capacity:
-            await self.evict(self.used + nbytes - self.capacity)
+            await self._unlink_doomed_now()
+        if self.used + nbytes > self.capacity:
+            await self.evict(self.used + nbytes - self.capacity + self._evict_ahead)
+
+    async def _try_reserve(self, nbytes: int) -> bool:
+        """Take `nbytes` for one of Orthanc's reads if the budget allows (`_make_room`);
+        never waits for space."""
+        await self._make_room(nbytes)
         if self.used + nbytes > self.capacity:
             return False
         self.used += nbytes
@@ -227,14 +231,11 @@ class LocalTier:
         eviction can free (data not yet uploaded, open writes, background copies in the
         making) then stays within `background_share` and the whole budget within `CacheSize`:
         Orthanc's writers always find the other half free or evictable. Least recently used
-        clean copies are evicted for it, only as many as it needs (and a little ahead, as
-        for writers), never to empty half the cache for one copy. Never waits for space."""
+        clean copies are evicted for it (`_make_room`), only as many as it needs, never to
+        empty half the cache for one copy. Never waits for space."""
         if not self._background_fits(nbytes):
             return False
-        if self.used + nbytes > self.capacity:
-            await self._unlink_doomed_now()
-        if self.used + nbytes > self.capacity:
-            await self.evict(self.used + nbytes - self.capacity + self._evict_ahead)
+        await self._make_room(nbytes)
         # Checked again: other reservations ran during the awaits.
         if self.used + nbytes > self.capacity or not self._background_fits(nbytes):
             return False
