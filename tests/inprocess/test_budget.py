@@ -33,15 +33,23 @@ def bytes_under(rig: Rig) -> int:
                for p in folder.iterdir())
 
 
-async def test_encrypted_upload_bodies_stay_within_budget_plus_one_copy(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        running: Start, tmp_path: Path) -> None:
+async def encrypted_and_gated(rig_factory: Callable[..., Rig], running: Start,
+                              tmp_path: Path) -> Rig:
+    """A running rig (16 MiB, 8 upload workers, A1) past its inventory, whose PUTs wait for
+    `rig.backend.gate`."""
     rig = rig_factory(CacheSize=16, UploadConcurrency=8, **encrypted(tmp_path))
     await running(rig)
     with trio.fail_after(10):
         while not rig.store.inventory_done:
             await trio.sleep(0.1)
     rig.backend.set(Mode.GATED, "put")
+    return rig
+
+
+async def test_encrypted_upload_bodies_stay_within_budget_plus_one_copy(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    rig = await encrypted_and_gated(rig_factory, running, tmp_path)
     for _ in range(3):
         await rig.write(str(uuid_mod.uuid4()), os.urandom(5 * MIB))
     await trio.sleep(5)  # every upload worker has had its turn: one holds a body, the rest wait
@@ -60,12 +68,7 @@ async def test_upload_bodies_never_take_the_room_orthanc_writes_into(
     """Data not yet uploaded plus background copies in the making stay within half the
     budget: with 10 MiB of 16 not uploaded, an upload's 5 MiB body takes the one slot beyond
     CacheSize, and Orthanc's next 5 MiB still fit."""
-    rig = rig_factory(CacheSize=16, UploadConcurrency=8, **encrypted(tmp_path))
-    await running(rig)
-    with trio.fail_after(10):
-        while not rig.store.inventory_done:
-            await trio.sleep(0.1)
-    rig.backend.set(Mode.GATED, "put")
+    rig = await encrypted_and_gated(rig_factory, running, tmp_path)
     for _ in range(2):
         await rig.write(str(uuid_mod.uuid4()), os.urandom(5 * MIB))
     await trio.sleep(5)  # the upload workers took their turn: one holds a body at its PUT
