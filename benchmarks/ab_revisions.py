@@ -158,6 +158,33 @@ def remove_trees(made: list[Path]) -> None:
                        check=False)
 
 
+@dataclass
+class Workspace:
+    """A benchmark's scratch directory in /var/tmp, the worktrees `parse_variant` made for it
+    (`made`) and the moto server it started (`moto`): all removed or stopped when its `with`
+    block ends, however it ends."""
+    work: Path
+    made: list[Path] = field(default_factory=list)
+    server: MotoServer | None = None
+
+    def moto(self) -> MotoServer:
+        self.server = MotoServer(self.work, nice=EMULATOR_NICE)
+        return self.server
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.server is not None:
+            self.server.stop()
+        remove_trees(self.made)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def workspace(prefix: str) -> Workspace:
+    return Workspace(Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", required=True,
@@ -170,17 +197,16 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.variant) < 2:
         parser.error("give at least two --variant")
-    work = Path(tempfile.mkdtemp(prefix="objfs-ab-", dir="/var/tmp"))
-    made: list[Path] = []
-    server = None
-    try:
+    ws = workspace("objfs-ab-")
+    work, made = ws.work, ws.made
+    with ws:
         variants = [parse_variant(v, work, made) for v in args.variant]
         small, large = corpus(args.small, 512)
         key = None
         if args.encrypted:
             key = work / "master.key"
             codec.write_key_file(key)
-        server = MotoServer(work, nice=EMULATOR_NICE)
+        server = ws.moto()
         print(f"{len(small)} instances of 0.53 MB and 2 multi-frame files, moto at nice "
               f"{EMULATOR_NICE}{', A1 encryption' if key else ''}; {args.rounds} rounds, "
               "order reversed every other round")
@@ -194,11 +220,6 @@ def main() -> None:
                 print(f"round {rnd} {variant.name:>10}: " + "  ".join(
                     f"{name} {run[name]:.2f}" for name, _, _ in FIGURES if name in run),
                       flush=True)
-    finally:
-        if server is not None:
-            server.stop()
-        remove_trees(made)
-        shutil.rmtree(work, ignore_errors=True)
     first = variants[0]
     for variant in variants:
         cells = []

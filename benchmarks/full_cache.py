@@ -22,14 +22,13 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.ab_revisions import ROOT, Variant, parse_variant, remove_trees, start_from
+from benchmarks.ab_revisions import ROOT, Variant, parse_variant, start_from, workspace
 from benchmarks.orthanc_ingest import CLIENTS, EMULATOR_NICE, UPLOAD_CONCURRENCY, proc_usage
 from objfs import codec
 from tests.support.daemon import Objfs
@@ -109,13 +108,12 @@ def main() -> None:
                         help="NAME=rev:REVISION, run with the full cache too")
     parser.add_argument("--encrypted", action="store_true", help="objfs with A1 encryption")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="objfs-full-", dir="/var/tmp"))
+    ws = workspace("objfs-full-")
+    work, made = ws.work, ws.made
     key = None
     if args.encrypted:
         key = work / "master.key"
         codec.write_key_file(key)
-    made: list[Path] = []
-    server = None
     # The full cache holds the earlier set's copies and a bit more (its size computed in MB,
     # CacheSize counts MiB: about 8 % more).
     earlier = instances(0, 2 * args.small, "EARLIER")
@@ -125,11 +123,11 @@ def main() -> None:
         ("local disk", None, 0), ("objfs, roomy cache", Variant("this", ROOT), ROOMY_MB),
         ("objfs, full cache", Variant("this", ROOT), full_mb)]
     results: dict[str, list[Run]] = {}
-    try:
+    with ws:
         for text in args.variant:
             revision = parse_variant(text, work, made)
             configs.append((f"{revision.name}, full cache", revision, full_mb))
-        server = MotoServer(work, nice=EMULATOR_NICE)
+        server = ws.moto()
         print(f"{len(timed)} instances of 0.53 MB timed after {len(earlier)} stored and uploaded "
               f"(full cache: CacheSize {full_mb} MiB, roomy: {ROOMY_MB} MiB); {CLIENTS} clients; "
               f"moto at nice {EMULATOR_NICE}; {args.rounds} rounds"
@@ -147,11 +145,6 @@ def main() -> None:
                 print(f"round {rnd} {name}: {got[0]:.1f} instances/s{extra(got, cache_mb)}",
                       flush=True)
                 shutil.rmtree(base, ignore_errors=True)
-    finally:
-        if server is not None:
-            server.stop()
-        remove_trees(made)
-        shutil.rmtree(work, ignore_errors=True)
     local = statistics.median(r for r, _, _ in results["local disk"])
     for name, _, cache_mb in configs:
         runs = results[name]

@@ -21,14 +21,13 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.ab_revisions import ROOT, Variant, parse_variant, remove_trees, start_from
+from benchmarks.ab_revisions import ROOT, Variant, parse_variant, start_from, workspace
 from benchmarks.orthanc_ingest import CLIENTS, EMULATOR_NICE, drop_page_cache
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
@@ -93,14 +92,13 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=rev:REVISION, run beside this tree")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="objfs-series-full-", dir="/var/tmp"))
-    made: list[Path] = []
-    server = None
+    ws = workspace("objfs-series-full-")
+    work, made = ws.work, ws.made
     variants = [Variant("this", ROOT)]
     results: dict[str, list[tuple[float, int, float]]] = {}
-    try:
+    with ws:
         variants += [parse_variant(text, work, made) for text in args.variant]
-        server = MotoServer(work, nice=EMULATOR_NICE)
+        server = ws.moto()
         print(f"a series of {SERIES} instances of 512 KiB read one after the other, cold, in a "
               f"cache full of {OTHERS} other copies; SeriesPrefetch on; moto at nice "
               f"{EMULATOR_NICE}; {args.rounds} rounds", flush=True)
@@ -121,11 +119,6 @@ def main() -> None:
                       f"{got[1]} of {OTHERS} other copies kept; cache holds {got[2]:.0f} MiB",
                       flush=True)
                 shutil.rmtree(base, ignore_errors=True)
-    finally:
-        if server is not None:
-            server.stop()
-        remove_trees(made)
-        shutil.rmtree(work, ignore_errors=True)
     for variant in variants:
         runs = results[variant.name]
         print(f"median {variant.name}: series read in "
