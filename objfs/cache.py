@@ -370,8 +370,8 @@ class LocalTier:
 
     async def _unlink_doomed_now(self) -> None:
         """Unlink the doomed copies not yet taken by `remove_doomed` at once (in a worker
-        thread, not cancellable midway): for a writer short of space, which would otherwise
-        wait for Orthanc to pause."""
+        thread, not cancellable midway): for a reservation short of space (`_make_room`),
+        which would otherwise wait for Orthanc to pause."""
         if not self._doomed:
             return
         batch, self._doomed = self._doomed, []
@@ -394,7 +394,7 @@ class LocalTier:
                 batch, self._doomed = self._doomed, []
                 self._doomed_arrived = trio.Event()
                 if not batch:
-                    continue  # a writer short of space unlinked them meanwhile
+                    continue  # a reservation short of space unlinked them meanwhile
                 try:
                     await trio.to_thread.run_sync(_unlink_all, [path for path, _ in batch])
                 finally:
