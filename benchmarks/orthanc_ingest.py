@@ -3,8 +3,9 @@
 Prints figures and ratios to local disk: ingest (small instances/s, large MB/s), time until
 everything is durable in the bucket, warm read, cold read (caches emptied), cached read (objfs'
 copies, page cache dropped), delete; the
-daemon's peak RSS and CPU seconds; and the background upload throughput against raw boto3
-PUTs of the same files at the same concurrency.
+daemon's peak RSS and CPU seconds; the CPU the daemon and the stand-in server each take on
+this machine (ingest until durable, and per cold read); and the background upload throughput
+against raw boto3 PUTs of the same files at the same concurrency.
 
     .venv/bin/python benchmarks/orthanc_ingest.py [--small 300] [--small-kb 512]
 """
@@ -73,6 +74,11 @@ def proc_usage(pid: int) -> tuple[float, float]:
     return hwm / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU seconds a live process has used so far (0 for None: nothing to count)."""
+    return 0.0 if pid is None else proc_usage(pid)[1]
+
+
 def read_instances(orthanc: Orthanc, ids: list[str], clients: int) -> int:
     """Bytes of every instance's file read through Orthanc's REST API by `clients` clients."""
     with ThreadPoolExecutor(clients) as pool:
@@ -84,7 +90,12 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
                 daemon: Objfs | None, server: Any, bucket: str | None) -> dict[str, float]:
     orthanc = Orthanc(work, storage, name="orthanc").start()
     out: dict[str, float] = {}
+    # The stand-in server runs on the same cores as Orthanc and objfs: its CPU is counted to
+    # show how much of the machine it takes (a real bucket's is not on the machine).
+    server_pid = server.process.pid if server is not None and server.process else None
+    daemon_pid = daemon.process.pid if daemon is not None and daemon.process else None
     try:
+        daemon_cpu, server_cpu = cpu_seconds(daemon_pid), cpu_seconds(server_pid)
         start = time.perf_counter()
         with ThreadPoolExecutor(CLIENTS) as pool:
             ids = list(pool.map(orthanc.upload, small))
@@ -100,6 +111,8 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
             done = time.perf_counter()
             out["durable_s"] = done - start
             out["durable_lag_s"] = done - acked
+            out["daemon_cpu_ingest_s"] = cpu_seconds(daemon_pid) - daemon_cpu
+            out["server_cpu_ingest_s"] = cpu_seconds(server_pid) - server_cpu
 
         def read(which: list[str], clients: int) -> int:
             return read_instances(orthanc, which, clients)
@@ -114,7 +127,12 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
             daemon.start()
         out["page_cache_dropped"] = float(drop_page_cache())
         orthanc.start()
+        daemon_pid = daemon.process.pid if daemon is not None and daemon.process else None
+        daemon_cpu, server_cpu = cpu_seconds(daemon_pid), cpu_seconds(server_pid)
         out["cold_small_s"], out["small_bytes"] = timed(read, ids, CLIENTS)
+        if daemon is not None:
+            out["daemon_ms_cold"] = (cpu_seconds(daemon_pid) - daemon_cpu) * 1e3 / len(ids)
+            out["server_ms_cold"] = (cpu_seconds(server_pid) - server_cpu) * 1e3 / len(ids)
         out["cold_large_s"], out["large_bytes"] = timed(read, large_ids, 2)
         # Everything again with the page cache dropped: objfs serves its local copies (a read
         # of an instance its cache holds and the kernel no longer does); local disk reads cold.
@@ -124,9 +142,11 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
             # The same objects objfs just fetched for the small instances, fetched by the SDK
             # alone at the same concurrency against the same server.
             keys = [k for k, size in server.sizes(bucket).items() if size < 4 << 20]
+            server_cpu = cpu_seconds(server_pid)
             with ThreadPoolExecutor(CLIENTS) as pool:
                 out["raw_get_small_s"], _ = timed(
                     lambda: list(pool.map(lambda k: server.raw_get(bucket, k), keys)))
+            out["server_ms_raw_get"] = (cpu_seconds(server_pid) - server_cpu) * 1e3 / len(keys)
 
         def delete_all() -> None:
             for patient in orthanc.json("GET", "/patients"):
@@ -335,6 +355,13 @@ def main() -> None:
             cold = med(label, lambda r: r["small_bytes"] / 1e6 / r["cold_small_s"])
             print(f"{label}: cold read of small instances {cold:.1f} MB/s = {cold / raw:.2f}x "
                   f"raw SDK GETs of the same objects at concurrency {CLIENTS} ({raw:.1f} MB/s)")
+        if all("server_ms_raw_get" in r for r in results[label]):
+            print(f"{label}: CPU on this machine from ingest start until all is in the bucket: "
+                  f"daemon {med(label, lambda r: r['daemon_cpu_ingest_s']):.2f} s, stand-in "
+                  f"server {med(label, lambda r: r['server_cpu_ingest_s']):.2f} s; per cold read "
+                  f"of a small instance: daemon {med(label, lambda r: r['daemon_ms_cold']):.1f} "
+                  f"ms, server {med(label, lambda r: r['server_ms_cold']):.1f} ms (server per raw "
+                  f"SDK GET {med(label, lambda r: r['server_ms_raw_get']):.1f} ms)")
     if put_floor:
         floor = statistics.median(put_floor)
         print(f"durable-lag floor (s3): the SDK alone PUTs all {small_mb + large_mb:.0f} MB at "
