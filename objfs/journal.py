@@ -16,6 +16,12 @@ Orthanc's requests look up the same attachment several times (lookup, create, ge
 unlink), and a query costs more than the rest of such a request. Rule: a write forgets the
 kept rows after its commit, whether or not it succeeded: every one unless it names the
 attachment rows it changes (`rows=`; empty when it changes none).
+
+Deletes of uploaded attachments are made durable through the delete log
+(`objfs.deletelog`, ``deletes.log`` beside the database) instead of a WAL fsync:
+`delete_logged` commits the row change lazily, then appends the uuid with one synchronous
+write; `checkpoint_deletes` makes those rows durable with one fsync and empties the log;
+opening the journal replays what the log holds (durably) and empties it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from objfs.deletelog import DeleteLog
+
+# The delete log's file name, beside the database.
+DELETE_LOG = "deletes.log"
 
 
 class RowState(enum.StrEnum):
@@ -109,6 +120,7 @@ class Journal:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._deletes: DeleteLog | None = None  # set once replayed; None when read-only
         # Rows read by `get`, by uuid (None: no row). Filled by `get` on the reading thread;
         # writers (any thread) drop what they changed after their commit and bump
         # `_generation`, so that a read that raced a write never keeps what it read. Both
@@ -133,6 +145,22 @@ class Journal:
         self._lazy = sqlite3.connect(uri, uri=True, isolation_level=None,
                                      check_same_thread=False, timeout=30)
         self._lazy.execute("PRAGMA synchronous=NORMAL")
+        deletes = DeleteLog(path.with_name(DELETE_LOG))
+        try:
+            self._replay(deletes)
+        except BaseException:
+            deletes.close()
+            raise
+        self._deletes = deletes
+
+    def _replay(self, deletes: DeleteLog) -> None:
+        """Apply the deletes the log holds (a crash may have lost their lazy row changes),
+        durably, then empty the log."""
+        logged = deletes.pending()
+        if logged:
+            self._many("UPDATE attachments SET state=?, cached=0 WHERE uuid=? AND state!=?",
+                       ((PENDING_DELETE, uuid, PENDING_DELETE) for uuid in logged))
+        deletes.reset_if(len(logged))
 
     def _migrate(self) -> None:
         """Bring a journal made by an earlier objfs to the current schema."""
@@ -145,6 +173,9 @@ class Journal:
         with self._lock:
             for db in {self._db, self._lazy, self._reader}:
                 db.close()
+            if self._deletes is not None:
+                self._deletes.close()
+                self._deletes = None
 
     def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True,
                rows: Iterable[str] | None = None) -> None:
@@ -282,6 +313,45 @@ class Journal:
     def mark_pending_delete(self, uuid: str) -> None:
         self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
                     (PENDING_DELETE, uuid), rows=(uuid,))
+
+    def delete_logged(self, uuid: str) -> bool:
+        """`mark_pending_delete`, made durable by the delete log instead of a WAL fsync: the
+        row change is committed lazily (readers see it at once), then the uuid is logged with
+        one synchronous write, on the calling thread, which never waits for another thread's
+        commit. False, with nothing changed, when the log is full or another thread is
+        committing: then commit durably with `mark_pending_delete` (in a worker thread).
+        Raises OSError when the log cannot be written (the row change may then be lost in a
+        crash, and the delete must not be acknowledged)."""
+        if self._deletes is None or self._deletes.full:
+            return False
+        if not self._lock.acquire(blocking=False):
+            return False  # a commit (perhaps waiting for the disk) holds the connections
+        try:
+            # The row first: a checkpoint that counts this record must find its row
+            # committed, so that its WAL fsync covers it.
+            self._lazy.execute("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
+                               (PENDING_DELETE, uuid))
+        finally:
+            self._lock.release()
+            self._forget_rows((uuid,))
+        return self._deletes.append(uuid)
+
+    @property
+    def logged_deletes(self) -> int:
+        """Deletes in the delete log, not yet covered by a checkpoint."""
+        return 0 if self._deletes is None else self._deletes.count
+
+    def checkpoint_deletes(self) -> bool:
+        """Make the rows of every logged delete durable (one WAL fsync) and empty the log,
+        unless a delete was logged meanwhile (then it stays for the next checkpoint).
+        Returns whether the log is empty. May run in any thread."""
+        if self._deletes is None:
+            return True
+        upto = self._deletes.count
+        if upto == 0:
+            return True
+        self.barrier()
+        return self._deletes.reset_if(upto)
 
     def set_cached(self, uuid: str, cached: bool, sealed: bool = False) -> None:
         """Not durable on its own: start-up recovery checks cached rows against the files."""

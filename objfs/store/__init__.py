@@ -84,6 +84,7 @@ class Store(Hybrid):
             for row in deletes:
                 self._queue_delete(row.uuid)
             nursery.start_soon(self.tier.checkpoints)
+            nursery.start_soon(self._checkpoint_deletes)
             nursery.start_soon(self.tier.remove_doomed, self._turn)
             nursery.start_soon(self._inventory)
             nursery.start_soon(self._watch_bucket)

@@ -109,6 +109,9 @@ class StoreCore:
         # Uuids being unlinked while their journal change is committed in a worker thread:
         # an upload that starts meanwhile must not send them to the bucket.
         self._unlinking: set[str] = set()
+        # Set when a delete was logged in the delete log; `_checkpoint_deletes` (its one
+        # waiter) replaces it with a fresh Event before it empties the log.
+        self._deletes_logged = trio.Event()
         # Set once the bucket refused a batch delete: deletes go one object at a time.
         self._no_batch_delete = False
         # Held by the one delete worker gathering a batch (`_gather`).

@@ -37,6 +37,9 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # `BackgroundHold` seconds of a burst, then one at a time, until Orthanc pauses for
 # BUSY_WINDOW seconds, or until data not yet uploaded fills half the cache budget.
 BUSY_WINDOW = 0.5
+# Seconds between the first delete logged in the delete log and the checkpoint that empties
+# it (`objfs.deletelog`): one WAL fsync for all the deletes of a burst meanwhile.
+DELETE_LOG_CHECKPOINT = 0.5
 # ... or until Orthanc paused for SPARE_WINDOW seconds while the machine had at least SPARE_CPUS
 # idle CPUs over the last SPARE_SAMPLE seconds (`objfs.cpuload`): then Orthanc has stopped, not
 # gone on to receive the next file's body (which makes no file-system request but keeps the CPUs

@@ -22,6 +22,7 @@ from objfs.store.state import (
     BUSY_WINDOW,
     DELETE_GATHER,
     DELETE_GATHER_MAX,
+    DELETE_LOG_CHECKPOINT,
     SPARE_CPUS,
     SPARE_SAMPLE,
     SPARE_WINDOW,
@@ -298,14 +299,20 @@ class Writeback(Fetch):
                     await self._j(self.journal.mark_pending_delete, uuid)
                 else:
                     # The bucket has the object, so the copy is only a cache: taken out of
-                    # data/ on the event loop (`LocalTier.doom`) while the commit waits for
-                    # the disk (a crash in between leaves an unacknowledged delete and a row
-                    # `recover` marks uncached).
+                    # data/ on the event loop (`LocalTier.doom`) once the delete is durable in
+                    # the delete log, or while the durable commit waits for the disk when the
+                    # log is full (a crash in between leaves an unacknowledged delete and a
+                    # row `recover` marks uncached).
                     def drop_copy() -> None:
                         self._drop_local(uuid, row.size)
                         crash_point("after-copy-dropped")
 
-                    await self._j_meanwhile(drop_copy, self.journal.mark_pending_delete, uuid)
+                    if self.journal.delete_logged(uuid):
+                        self._deletes_logged.set()
+                        drop_copy()
+                    else:
+                        await self._j_meanwhile(drop_copy, self.journal.mark_pending_delete,
+                                                uuid)
                 crash_point("after-delete-journaled")
                 if uuid not in self.inflight and queue:
                     self._queue_delete(uuid)
@@ -316,6 +323,19 @@ class Writeback(Fetch):
         # removed the copy meanwhile, and its space must be given back exactly once (a copy
         # already dropped during the commit is not there any more).
         self._drop_local(uuid, row.size)
+
+    async def _checkpoint_deletes(self) -> None:
+        """Empty the delete log a moment after deletes were logged (`journal.
+        checkpoint_deletes`: one WAL fsync for a burst's deletes), so that it never fills
+        while Orthanc deletes; a full log makes each delete commit durably, as a delete of a
+        pending upload does."""
+        while True:
+            await self._deletes_logged.wait()
+            self._deletes_logged = trio.Event()
+            await trio.sleep(DELETE_LOG_CHECKPOINT)
+            while not await trio.to_thread.run_sync(self.journal.checkpoint_deletes,
+                                                    limiter=self._journal_limiter):
+                await trio.sleep(DELETE_LOG_CHECKPOINT)
 
     async def _upload_worker(self) -> None:
         while True:

@@ -1,5 +1,6 @@
 """Power-loss simulations (issue 12, finding 4): a journal that lost its last lazy commits, a
-local copy cut short. The attachment is fetched again or answers EIO, never short data."""
+local copy cut short. The attachment is fetched again or answers EIO, never short data; a
+deleted one is never served again."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import trio.testing
 
 from objfs import errors
 from objfs.cache import MTIME_SLACK
-from objfs.journal import PENDING_UPLOAD, UPLOADED
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED
 from tests.inprocess.conftest import Rig
 
 
@@ -145,3 +146,26 @@ async def test_a_checkpoint_keeps_fetched_copies_across_a_restart(
     rig.backend.calls.clear()
     assert await rig.read(uuid) == data
     assert rig.backend.calls["get"] == 0
+
+
+async def test_an_acknowledged_delete_whose_row_change_was_lost_is_not_served_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    data = os.urandom(5000)
+    uuid = await _written_and_uploaded(rig, data)
+    await rig.store.unlink(uuid)  # acknowledged; no worker runs, so the object stays
+    assert rig.journal.logged_deletes == 1
+    # A power loss before the next durable commit: the lazy row change is gone, the delete
+    # log's record is not.
+    rig.journal._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?", (UPLOADED, uuid))
+    assert rig.bucket_files()  # the object is still there to be served
+    rig = rig.restarted()
+    with pytest.raises(errors.NotFound):
+        await rig.read(uuid)
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == PENDING_DELETE
+    async with trio.open_nursery() as nursery:  # and the object delete is resumed
+        await nursery.start(rig.store.run)
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    assert rig.bucket_files() == {}

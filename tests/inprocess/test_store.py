@@ -11,10 +11,11 @@ import pytest
 import trio
 import trio.testing
 
-from objfs import errors
+from objfs import deletelog, errors
 from objfs.journal import PENDING_UPLOAD, UPLOADED
 from objfs.store.state import (
     BUSY_WINDOW,
+    DELETE_LOG_CHECKPOINT,
     SPARE_CPUS,
     SPARE_SAMPLE,
     SPARE_WINDOW,
@@ -527,3 +528,45 @@ async def test_writers_short_of_space_at_once_evict_different_copies(
     assert len(written) == 2 and rig.tier.evicted_files == 2
     on_disk = sum(p.stat().st_size for p in rig.tier.data.iterdir())
     assert rig.tier.used == on_disk == 2 * 4 * MIB + 2 * 3 * MIB
+
+
+async def test_a_burst_of_deletes_is_checkpointed_out_of_the_delete_log(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    rig = rig_factory()
+    await running(rig)
+    uuids = [new_uuid() for _ in range(5)]
+    for uuid in uuids:
+        await rig.write(uuid, os.urandom(1000))
+    assert await rig.store.drain(timeout=60)
+    for uuid in uuids:
+        await rig.store.unlink(uuid)
+    assert rig.journal.logged_deletes == 5  # each durable by its record, none by a WAL fsync
+    await trio.sleep(DELETE_LOG_CHECKPOINT * 3)
+    assert rig.journal.logged_deletes == 0
+    assert await rig.store.drain(timeout=60)
+    assert rig.bucket_files() == {}
+
+
+async def test_a_full_delete_log_commits_each_delete_durably(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deletelog, "SLOTS", 3)  # room for two records
+    rig = rig_factory()
+    uuids = [new_uuid() for _ in range(4)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        for uuid in uuids:
+            await rig.write(uuid, os.urandom(1000))
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    durable: list[str] = []
+    commit = rig.journal.mark_pending_delete
+    monkeypatch.setattr(rig.journal, "mark_pending_delete",
+                        lambda uuid: (durable.append(uuid), commit(uuid))[1])
+    for uuid in uuids:  # no checkpoint runs: the log fills
+        await rig.store.unlink(uuid)
+    assert rig.journal.logged_deletes == 2 and durable == uuids[2:]
+    for uuid in uuids:
+        with pytest.raises(errors.NotFound):
+            await rig.read(uuid)

@@ -1,0 +1,149 @@
+"""The delete log (objfs.deletelog) on its own, and as the journal uses it: what a reopen
+finds after appends, resets, torn writes and a damaged header."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuid_mod
+from pathlib import Path
+
+import pytest
+
+from objfs import deletelog
+from objfs.deletelog import SLOT, DeleteLog
+from objfs.journal import DELETE_LOG, PENDING_DELETE, UPLOADED, Journal
+
+
+def _uuids(n: int) -> list[str]:
+    return [str(uuid_mod.uuid4()) for _ in range(n)]
+
+
+def test_logged_uuids_are_found_again_in_order(tmp_path: Path) -> None:
+    log = DeleteLog(tmp_path / "d.log")
+    uuids = _uuids(5)
+    for uuid in uuids:
+        assert log.append(uuid)
+    log.close()
+    again = DeleteLog(tmp_path / "d.log")
+    assert again.pending() == uuids
+    assert again.count == 5
+    again.close()
+
+
+def test_a_reset_empties_the_log_only_when_nothing_was_appended_since(tmp_path: Path) -> None:
+    log = DeleteLog(tmp_path / "d.log")
+    first = _uuids(3)
+    for uuid in first:
+        log.append(uuid)
+    later = _uuids(1)[0]
+    log.append(later)
+    assert not log.reset_if(3)  # the fourth was not covered: it must stay
+    assert log.pending() == [*first, later]
+    assert log.reset_if(4)
+    # Records of the old generation are still on disk in slots 2-4: they must not count.
+    newer = _uuids(1)[0]
+    log.append(newer)
+    log.close()
+    again = DeleteLog(tmp_path / "d.log")
+    assert again.pending() == [newer]
+    again.close()
+
+
+def test_a_torn_record_ends_the_log(tmp_path: Path) -> None:
+    log = DeleteLog(tmp_path / "d.log")
+    uuids = _uuids(3)
+    for uuid in uuids:
+        log.append(uuid)
+    log.close()
+    with open(tmp_path / "d.log", "r+b") as f:
+        f.seek(2 * SLOT + 20)  # inside the second record
+        f.write(b"\xff" * 8)
+    again = DeleteLog(tmp_path / "d.log")
+    assert again.pending() == uuids[:1]
+    again.close()
+
+
+def test_a_damaged_header_gives_a_fresh_log(tmp_path: Path) -> None:
+    log = DeleteLog(tmp_path / "d.log")
+    log.append(_uuids(1)[0])
+    log.close()
+    with open(tmp_path / "d.log", "r+b") as f:
+        f.write(b"garbage!")
+    again = DeleteLog(tmp_path / "d.log")
+    assert again.pending() == []
+    assert os.path.getsize(tmp_path / "d.log") == deletelog.SLOTS * SLOT
+    assert again.append(_uuids(1)[0])
+    again.close()
+
+
+def test_a_full_log_refuses_appends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deletelog, "SLOTS", 4)
+    log = DeleteLog(tmp_path / "d.log")
+    uuids = _uuids(4)
+    assert [log.append(u) for u in uuids] == [True, True, True, False]
+    assert log.full and log.pending() == uuids[:3]
+    assert log.reset_if(3) and not log.full
+    log.close()
+
+
+def test_names_that_are_not_uuids_are_refused(tmp_path: Path) -> None:
+    log = DeleteLog(tmp_path / "d.log")
+    with pytest.raises(ValueError):
+        log.append("x" * 41)
+    with pytest.raises(ValueError):
+        log.append("é" * 10)
+    assert log.count == 0
+    log.close()
+
+
+def test_the_journal_replays_deletes_whose_row_change_was_lost(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    kept, gone = _uuids(2)
+    for uuid in (kept, gone):
+        journal.put_pending(uuid, 10)
+        journal.mark_uploaded(uuid, f"{uuid}.dcm")
+        journal.set_cached(uuid, True)
+    assert journal.delete_logged(gone)
+    assert journal.get(gone).state == PENDING_DELETE  # type: ignore[union-attr]
+    assert journal.logged_deletes == 1
+    # What a power loss may leave: the lazy row change lost, the log record durable.
+    journal._write("UPDATE attachments SET state=?, cached=1 WHERE uuid=?", (UPLOADED, gone))
+    journal.close()
+    again = Journal(tmp_path / "journal.sqlite")
+    row = again.get(gone)
+    assert row is not None and row.state == PENDING_DELETE and not row.cached
+    assert again.get(kept).state == UPLOADED  # type: ignore[union-attr]
+    assert again.logged_deletes == 0  # replayed durably, then emptied
+    again.close()
+    assert DeleteLog(tmp_path / DELETE_LOG).pending() == []
+
+
+def test_a_checkpoint_makes_the_rows_durable_and_empties_the_log(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    uuids = _uuids(3)
+    for uuid in uuids:
+        journal.put_pending(uuid, 10)
+        journal.mark_uploaded(uuid, f"{uuid}.dcm")
+        assert journal.delete_logged(uuid)
+    assert journal.logged_deletes == 3
+    assert journal.checkpoint_deletes()
+    assert journal.logged_deletes == 0
+    journal.close()
+    assert DeleteLog(tmp_path / DELETE_LOG).pending() == []
+    again = Journal(tmp_path / "journal.sqlite")
+    assert all(again.get(u).state == PENDING_DELETE for u in uuids)  # type: ignore[union-attr]
+    again.close()
+
+
+def test_a_read_only_journal_leaves_the_log_alone(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    uuid = _uuids(1)[0]
+    journal.put_pending(uuid, 10)
+    journal.mark_uploaded(uuid, f"{uuid}.dcm")
+    assert journal.delete_logged(uuid)
+    reader = Journal(tmp_path / "journal.sqlite", readonly=True)
+    assert not reader.delete_logged(_uuids(1)[0])
+    assert reader.checkpoint_deletes() and reader.logged_deletes == 0
+    reader.close()
+    assert journal.logged_deletes == 1
+    journal.close()
