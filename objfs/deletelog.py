@@ -1,6 +1,6 @@
 """The delete log: a durable record of each acknowledged delete, cheaper than a journal commit.
 
-An Orthanc delete is durable once acknowledged (docs/durability.md, invariant 3). A durable
+An Orthanc delete is durable once acknowledged (docs/durability.md, invariant 1). A durable
 SQLite commit costs a WAL fsync and, to keep that off the event loop, a worker-thread hop;
 one `O_DSYNC` write of 64 bytes into blocks written beforehand costs one data write and a
 cache flush, with no file-system journal commit, and can run on the event loop. So the
