@@ -115,10 +115,12 @@ class DeleteLog:
         ValueError for a name longer than a record holds (Orthanc's uuids take 36 bytes)."""
         if len(uuid) > 40 or not uuid.isascii():
             raise ValueError(f"not an attachment uuid: {uuid!r}")
-        record = _sealed(_RECORD.pack(self.generation, uuid.encode("ascii")))
         with self._lock:
             if self.full:
                 return False
+            # Sealed under the lock: a reset that ran since the caller's row change must not
+            # leave this record in the generation it has just ended.
+            record = _sealed(_RECORD.pack(self.generation, uuid.encode("ascii")))
             os.pwrite(self._sync_fd, record, (self.count + 1) * SLOT)
             self.count += 1
         return True

@@ -4,6 +4,7 @@ finds after appends, resets, torn writes and a damaged header."""
 from __future__ import annotations
 
 import os
+import threading
 import uuid as uuid_mod
 from pathlib import Path
 
@@ -147,3 +148,41 @@ def test_a_read_only_journal_leaves_the_log_alone(tmp_path: Path) -> None:
     reader.close()
     assert journal.logged_deletes == 1
     journal.close()
+
+
+class _ResetFirst:
+    """The log's lock, with a checkpoint's reset that wins the race for it once: it runs just
+    before the next holder (an append) gets the lock."""
+
+    def __init__(self, log: DeleteLog) -> None:
+        self.inner = threading.Lock()
+        self.log = log
+        self.armed = False
+
+    def __enter__(self) -> None:
+        if self.armed:
+            self.armed = False
+            assert self.log.reset_if(self.log.count)
+        self.inner.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.release()
+
+
+def test_an_append_that_loses_the_race_to_a_reset_lands_in_the_new_generation(
+        tmp_path: Path) -> None:
+    log = DeleteLog(tmp_path / "d.log")
+    racing = _ResetFirst(log)
+    log._lock = racing  # type: ignore[assignment]
+    covered = _uuids(2)
+    for uuid in covered:
+        log.append(uuid)
+    # A checkpoint that made the first two durable resets the log while the third delete,
+    # whose row change it may not have covered, is being appended.
+    racing.armed = True
+    late = _uuids(1)[0]
+    assert log.append(late)
+    log.close()
+    again = DeleteLog(tmp_path / "d.log")
+    assert again.pending() == [late]
+    again.close()
