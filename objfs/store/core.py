@@ -112,6 +112,10 @@ class StoreCore:
         # Set when a delete was logged in the delete log; `_checkpoint_deletes` (its one
         # waiter) replaces it with a fresh Event before it empties the log.
         self._deletes_logged = trio.Event()
+        # Whether deletes use the delete log, and how many of its writes in a row were slow
+        # (SLOW_LOG_WRITE); owner: `Writeback._log_delete`, on the event loop.
+        self._log_deletes = True
+        self._slow_log_writes = 0
         # Set once the bucket refused a batch delete: deletes go one object at a time.
         self._no_batch_delete = False
         # Held by the one delete worker gathering a batch (`_gather`).

@@ -40,6 +40,11 @@ BUSY_WINDOW = 0.5
 # Seconds between the first delete logged in the delete log and the checkpoint that empties
 # it (`objfs.deletelog`): one WAL fsync for all the deletes of a burst meanwhile.
 DELETE_LOG_CHECKPOINT = 0.5
+# A delete log write runs on the event loop, which it stalls: after SLOW_LOG_WRITES writes in a
+# row that each took more than SLOW_LOG_WRITE seconds (a rotating disk), deletes go back to
+# durable journal commits in a worker thread for the rest of the process.
+SLOW_LOG_WRITE = 0.002
+SLOW_LOG_WRITES = 3
 # ... or until Orthanc paused for SPARE_WINDOW seconds while the machine had at least SPARE_CPUS
 # idle CPUs over the last SPARE_SAMPLE seconds (`objfs.cpuload`): then Orthanc has stopped, not
 # gone on to receive the next file's body (which makes no file-system request but keeps the CPUs

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from objfs.store.state import (
     DELETE_GATHER,
     DELETE_GATHER_MAX,
     DELETE_LOG_CHECKPOINT,
+    SLOW_LOG_WRITE,
+    SLOW_LOG_WRITES,
     SPARE_CPUS,
     SPARE_SAMPLE,
     SPARE_WINDOW,
@@ -307,8 +310,7 @@ class Writeback(Fetch):
                         self._drop_local(uuid, row.size)
                         crash_point("after-copy-dropped")
 
-                    if self.journal.delete_logged(uuid):
-                        self._deletes_logged.set()
+                    if self._log_delete(uuid):
                         drop_copy()
                     else:
                         await self._j_meanwhile(drop_copy, self.journal.mark_pending_delete,
@@ -323,6 +325,25 @@ class Writeback(Fetch):
         # removed the copy meanwhile, and its space must be given back exactly once (a copy
         # already dropped during the commit is not there any more).
         self._drop_local(uuid, row.size)
+
+    def _log_delete(self, uuid: str) -> bool:
+        """`journal.delete_logged` (durable when True), unless this disk proved too slow for
+        a synchronous write on the event loop: then False, and the caller commits durably in
+        a worker thread."""
+        if not self._log_deletes:
+            return False
+        started = time.perf_counter()
+        logged = self.journal.delete_logged(uuid)
+        took = time.perf_counter() - started
+        if logged:
+            self._deletes_logged.set()
+        self._slow_log_writes = self._slow_log_writes + 1 if took > SLOW_LOG_WRITE else 0
+        if self._slow_log_writes >= SLOW_LOG_WRITES:
+            self._log_deletes = False
+            log.warning("delete log writes take %.1f ms on this disk (more than %.1f ms %d "
+                        "times in a row): deletes commit in a worker thread from now on",
+                        took * 1000, SLOW_LOG_WRITE * 1000, SLOW_LOG_WRITES)
+        return logged
 
     async def _checkpoint_deletes(self) -> None:
         """Empty the delete log a moment after deletes were logged (`journal.

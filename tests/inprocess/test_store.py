@@ -4,6 +4,7 @@ local backend, under a mock clock."""
 from __future__ import annotations
 
 import os
+import time
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 
@@ -16,6 +17,8 @@ from objfs.journal import PENDING_UPLOAD, UPLOADED
 from objfs.store.state import (
     BUSY_WINDOW,
     DELETE_LOG_CHECKPOINT,
+    SLOW_LOG_WRITE,
+    SLOW_LOG_WRITES,
     SPARE_CPUS,
     SPARE_SAMPLE,
     SPARE_WINDOW,
@@ -567,6 +570,38 @@ async def test_a_full_delete_log_commits_each_delete_durably(
     for uuid in uuids:  # no checkpoint runs: the log fills
         await rig.store.unlink(uuid)
     assert rig.journal.logged_deletes == 2 and durable == uuids[2:]
+    for uuid in uuids:
+        with pytest.raises(errors.NotFound):
+            await rig.read(uuid)
+
+
+async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_commits(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    rig = rig_factory()
+    uuids = [new_uuid() for _ in range(SLOW_LOG_WRITES + 2)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        for uuid in uuids:
+            await rig.write(uuid, os.urandom(1000))
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    logged = rig.journal.delete_logged
+
+    def slow_log(uuid: str) -> bool:  # what a rotating disk's synchronous write costs
+        time.sleep(SLOW_LOG_WRITE * 2)
+        return logged(uuid)
+
+    monkeypatch.setattr(rig.journal, "delete_logged", slow_log)
+    durable: list[str] = []
+    commit = rig.journal.mark_pending_delete
+    monkeypatch.setattr(rig.journal, "mark_pending_delete",
+                        lambda uuid: (durable.append(uuid), commit(uuid))[1])
+    for uuid in uuids:
+        await rig.store.unlink(uuid)
+    assert rig.journal.logged_deletes == SLOW_LOG_WRITES
+    assert durable == uuids[SLOW_LOG_WRITES:]
+    assert "delete log writes take" in caplog.text
     for uuid in uuids:
         with pytest.raises(errors.NotFound):
             await rig.read(uuid)
