@@ -19,6 +19,15 @@ def _uuids(n: int) -> list[str]:
     return [str(uuid_mod.uuid4()) for _ in range(n)]
 
 
+def pending_after_reopen(path: Path) -> list[str]:
+    """What a fresh open of the log at `path` finds in it (as a restart would)."""
+    again = DeleteLog(path)
+    try:
+        return again.pending()
+    finally:
+        again.close()
+
+
 def test_logged_uuids_are_found_again_in_order(tmp_path: Path) -> None:
     log = DeleteLog(tmp_path / "d.log")
     uuids = _uuids(5)
@@ -45,9 +54,7 @@ def test_a_reset_empties_the_log_only_when_nothing_was_appended_since(tmp_path: 
     newer = _uuids(1)[0]
     log.append(newer)
     log.close()
-    again = DeleteLog(tmp_path / "d.log")
-    assert again.pending() == [newer]
-    again.close()
+    assert pending_after_reopen(tmp_path / "d.log") == [newer]
 
 
 def test_a_torn_record_ends_the_log(tmp_path: Path) -> None:
@@ -59,9 +66,7 @@ def test_a_torn_record_ends_the_log(tmp_path: Path) -> None:
     with open(tmp_path / "d.log", "r+b") as f:
         f.seek(2 * SLOT + 20)  # inside the second record
         f.write(b"\xff" * 8)
-    again = DeleteLog(tmp_path / "d.log")
-    assert again.pending() == uuids[:1]
-    again.close()
+    assert pending_after_reopen(tmp_path / "d.log") == uuids[:1]
 
 
 def test_a_damaged_header_gives_a_fresh_log(tmp_path: Path) -> None:
@@ -116,7 +121,7 @@ def test_the_journal_replays_deletes_whose_row_change_was_lost(tmp_path: Path) -
     assert again.get(kept).state == UPLOADED  # type: ignore[union-attr]
     assert again.logged_deletes == 0  # replayed durably, then emptied
     again.close()
-    assert DeleteLog(tmp_path / DELETE_LOG).pending() == []
+    assert pending_after_reopen(tmp_path / DELETE_LOG) == []
 
 
 def test_a_checkpoint_makes_the_rows_durable_and_empties_the_log(tmp_path: Path) -> None:
@@ -130,7 +135,7 @@ def test_a_checkpoint_makes_the_rows_durable_and_empties_the_log(tmp_path: Path)
     assert journal.checkpoint_deletes()
     assert journal.logged_deletes == 0
     journal.close()
-    assert DeleteLog(tmp_path / DELETE_LOG).pending() == []
+    assert pending_after_reopen(tmp_path / DELETE_LOG) == []
     again = Journal(tmp_path / "journal.sqlite")
     assert all(again.get(u).state == PENDING_DELETE for u in uuids)  # type: ignore[union-attr]
     again.close()
@@ -183,6 +188,4 @@ def test_an_append_that_loses_the_race_to_a_reset_lands_in_the_new_generation(
     late = _uuids(1)[0]
     assert log.append(late)
     log.close()
-    again = DeleteLog(tmp_path / "d.log")
-    assert again.pending() == [late]
-    again.close()
+    assert pending_after_reopen(tmp_path / "d.log") == [late]

@@ -35,6 +35,19 @@ def new_uuid() -> str:
     return str(uuid_mod.uuid4())
 
 
+async def stored_and_uploaded(rig: Rig, count: int) -> list[str]:
+    """`count` new 1000-byte attachments, acknowledged and uploaded; the rig's workers run
+    only meanwhile, so nothing (no delete-log checkpoint) runs afterwards."""
+    uuids = [new_uuid() for _ in range(count)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        for uuid in uuids:
+            await rig.write(uuid, os.urandom(1000))
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    return uuids
+
+
 async def write_small(rig: Rig, count: int) -> None:
     """Orthanc stores `count` 1000-byte attachments at once."""
     for _ in range(count):
@@ -537,11 +550,8 @@ async def test_a_burst_of_deletes_is_checkpointed_out_of_the_delete_log(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
     rig = rig_factory()
+    uuids = await stored_and_uploaded(rig, 5)
     await running(rig)
-    uuids = [new_uuid() for _ in range(5)]
-    for uuid in uuids:
-        await rig.write(uuid, os.urandom(1000))
-    assert await rig.store.drain(timeout=60)
     for uuid in uuids:
         await rig.store.unlink(uuid)
     assert rig.journal.logged_deletes == 5  # each durable by its record, none by a WAL fsync
@@ -556,13 +566,7 @@ async def test_a_full_delete_log_commits_each_delete_durably(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(deletelog, "SLOTS", 3)  # room for two records
     rig = rig_factory()
-    uuids = [new_uuid() for _ in range(4)]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.store.run)
-        for uuid in uuids:
-            await rig.write(uuid, os.urandom(1000))
-        assert await rig.store.drain(timeout=60)
-        nursery.cancel_scope.cancel()
+    uuids = await stored_and_uploaded(rig, 4)
     durable: list[str] = []
     commit = rig.journal.mark_pending_delete
     monkeypatch.setattr(rig.journal, "mark_pending_delete",
@@ -579,13 +583,7 @@ async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_com
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     rig = rig_factory()
-    uuids = [new_uuid() for _ in range(SLOW_LOG_WRITES + 2)]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.store.run)
-        for uuid in uuids:
-            await rig.write(uuid, os.urandom(1000))
-        assert await rig.store.drain(timeout=60)
-        nursery.cancel_scope.cancel()
+    uuids = await stored_and_uploaded(rig, SLOW_LOG_WRITES + 2)
     logged = rig.journal.delete_logged
 
     def slow_log(uuid: str) -> bool:  # what a rotating disk's synchronous write costs
