@@ -40,6 +40,8 @@ from objfs.deletelog import DeleteLog
 
 # The delete log's file name, beside the database.
 DELETE_LOG = "deletes.log"
+# A delete's row change (state, uuid): by a durable commit, a lazy one, or a replay.
+_MARK_DELETED = "UPDATE attachments SET state=?, cached=0 WHERE uuid=?"
 
 
 class RowState(enum.StrEnum):
@@ -158,8 +160,7 @@ class Journal:
         durably, then empty the log."""
         logged = deletes.pending()
         if logged:
-            self._many("UPDATE attachments SET state=?, cached=0 WHERE uuid=? AND state!=?",
-                       ((PENDING_DELETE, uuid, PENDING_DELETE) for uuid in logged))
+            self._many(_MARK_DELETED, ((PENDING_DELETE, uuid) for uuid in logged))
         deletes.reset_if(len(logged))
 
     def _migrate(self) -> None:
@@ -311,8 +312,7 @@ class Journal:
                            (uuid, series))
 
     def mark_pending_delete(self, uuid: str) -> None:
-        self._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
-                    (PENDING_DELETE, uuid), rows=(uuid,))
+        self._write(_MARK_DELETED, (PENDING_DELETE, uuid), rows=(uuid,))
 
     def delete_logged(self, uuid: str) -> bool:
         """`mark_pending_delete`, made durable by the delete log instead of a WAL fsync: the
@@ -329,8 +329,7 @@ class Journal:
         try:
             # The row first: a checkpoint that counts this record must find its row
             # committed, so that its WAL fsync covers it.
-            self._lazy.execute("UPDATE attachments SET state=?, cached=0 WHERE uuid=?",
-                               (PENDING_DELETE, uuid))
+            self._lazy.execute(_MARK_DELETED, (PENDING_DELETE, uuid))
         finally:
             self._lock.release()
             self._forget_rows((uuid,))
