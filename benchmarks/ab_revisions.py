@@ -5,7 +5,8 @@ of it) or this tree with extra environment variables (for instance an option ove
 ``ORTHANC__OBJFS__BACKGROUND_HOLD=0``). Every round runs each variant once, the order
 reversed every other round, each on a fresh moto bucket and a fresh daemon: ingest of the
 small instances (4 REST clients) and of the multi-frame files (2 clients), the wait until
-everything is in the bucket, a warm read of everything, a cold read of the small instances
+everything is in the bucket, a warm read of everything, the small instances sent again
+(Orthanc writes each duplicate, then unlinks it), a cold read of the small instances
 (the daemon restarted with its cache wiped, the page cache dropped), and the delete of every
 patient. `--encrypted` runs everything with A1 encryption. `--fresh-delete` skips the cold
 read, so that the delete finds the copies Orthanc wrote and fsynced (a site that ingests,
@@ -43,6 +44,7 @@ from benchmarks.orthanc_ingest import (
     drop_page_cache,
     proc_usage,
     read_instances,
+    resend,
 )
 from objfs import codec
 from tests.support.daemon import Objfs
@@ -52,7 +54,8 @@ from tests.support.orthanc import Orthanc
 ROOT = Path(__file__).resolve().parent.parent
 # (name, unit, higher is better)
 FIGURES = [("small", "inst/s", True), ("multi", "MB/s", True), ("lag", "s", False),
-           ("warm", "MB/s", True), ("cold", "MB/s", True), ("delete", "inst/s", True),
+           ("warm", "MB/s", True), ("resend", "inst/s", True), ("cold", "MB/s", True),
+           ("delete", "inst/s", True),
            ("cpu_small", "ms/inst", False), ("cpu_cold", "ms/inst", False)]
 
 
@@ -115,6 +118,9 @@ def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes]
         out["small"] = len(small) / (small_done - start)
         out["multi"] = sum(map(len, large)) / 1e6 / (acked - small_done)
         out["warm"] = read(ids)
+        start = time.perf_counter()
+        resend(orthanc, small)
+        out["resend"] = len(small) / (time.perf_counter() - start)
         if not fresh_delete:
             orthanc.stop()
             daemon.stop()

@@ -1,11 +1,12 @@
 """Orthanc on local disk vs Orthanc on objfs (write-back) on each cloud emulator, one run.
 
 Prints figures and ratios to local disk: ingest (small instances/s, large MB/s), time until
-everything is durable in the bucket, warm read, cold read (caches emptied), cached read (objfs'
-copies, page cache dropped), delete; the
-daemon's peak RSS and CPU seconds; the CPU the daemon and the stand-in server each take on
-this machine (ingest until durable, and per cold read); and the background upload throughput
-against raw boto3 PUTs of the same files at the same concurrency.
+everything is durable in the bucket, warm read, resend of the small instances (duplicates
+Orthanc writes, then unlinks), cold read (caches emptied), cached read (objfs' copies, page
+cache dropped), delete; the daemon's peak RSS and CPU seconds; the CPU the daemon and the
+stand-in server each take on this machine (ingest until durable, and per cold read); and the
+background upload throughput against raw boto3 PUTs of the same files at the same
+concurrency.
 
     .venv/bin/python benchmarks/orthanc_ingest.py [--small 300] [--small-kb 512]
 """
@@ -86,6 +87,13 @@ def read_instances(orthanc: Orthanc, ids: list[str], clients: int) -> int:
             lambda i: orthanc.request("GET", f"/instances/{i}/file"), ids))
 
 
+def resend(orthanc: Orthanc, small: list[bytes]) -> None:
+    """Send instances Orthanc already stores again (a modality or router resending a study):
+    Orthanc writes and fsyncs each file, then finds the instance stored and unlinks it."""
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(orthanc.upload, small))
+
+
 def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes],
                 daemon: Objfs | None, server: Any, bucket: str | None) -> dict[str, float]:
     orthanc = Orthanc(work, storage, name="orthanc").start()
@@ -118,6 +126,7 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
             return read_instances(orthanc, which, clients)
 
         out["warm_read_s"], out["read_bytes"] = timed(read, ids + large_ids, CLIENTS)
+        out["resend_s"], _ = timed(resend, orthanc, small)
         orthanc.stop()
         if daemon is not None:
             assert daemon.process is not None
@@ -175,6 +184,7 @@ def figures(small: list[bytes], large: list[bytes]) -> tuple[list[Figure], Figur
         ("ingest, small instances", "inst/s", lambda r: len(small) / r["ingest_small_s"]),
         ("ingest, multi-frame files", "MB/s", lambda r: large_mb / r["ingest_large_s"]),
         ("warm read (all files)", "MB/s", lambda r: r["read_bytes"] / 1e6 / r["warm_read_s"]),
+        ("resend of stored instances", "inst/s", lambda r: len(small) / r["resend_s"]),
     ], ("delete (all patients)", "inst/s", lambda r: (len(small) + len(large)) / r["delete_s"])
 
 
