@@ -17,7 +17,8 @@ unlink), and a query costs more than the rest of such a request. Rule: a write f
 kept rows after its commit, whether or not it succeeded: every one unless it names the
 attachment rows it changes (`rows=`; empty when it changes none).
 
-Deletes of uploaded attachments are made durable through the delete log
+Deletes of uploaded attachments, and of pending uploads not yet sent, are made durable
+through the delete log
 (`objfs.deletelog`, ``deletes.log`` beside the database) instead of a WAL fsync:
 `delete_logged` commits the row change lazily, then appends the uuid with one synchronous
 write; `checkpoint_deletes` makes those rows durable with one fsync and empties the log;
@@ -42,6 +43,9 @@ from objfs.deletelog import DeleteLog
 DELETE_LOG = "deletes.log"
 # A delete's row change (state, uuid): by a durable commit, a lazy one, or a replay.
 _MARK_DELETED = "UPDATE attachments SET state=?, cached=0 WHERE uuid=?"
+# An attachment's rows dropped (uuid): by `remove`, or lazily by `delete_logged`.
+_FORGET_SERIES = "DELETE FROM series_members WHERE uuid=?"
+_FORGET_ROW = "DELETE FROM attachments WHERE uuid=?"
 
 
 class RowState(enum.StrEnum):
@@ -314,14 +318,18 @@ class Journal:
     def mark_pending_delete(self, uuid: str) -> None:
         self._write(_MARK_DELETED, (PENDING_DELETE, uuid), rows=(uuid,))
 
-    def delete_logged(self, uuid: str) -> bool:
-        """`mark_pending_delete`, made durable by the delete log instead of a WAL fsync: the
-        row change is committed lazily (readers see it at once), then the uuid is logged with
-        one synchronous write, on the calling thread, which never waits for another thread's
-        commit. False, with nothing changed, when the log is full or another thread is
-        committing: then commit durably with `mark_pending_delete` (in a worker thread).
-        Raises OSError when the log cannot be written (the row change may then be lost in a
-        crash, and the delete must not be acknowledged)."""
+    def delete_logged(self, uuid: str, forget: bool = False) -> bool:
+        """`mark_pending_delete` (or, with `forget`, `remove`), made durable by the delete log
+        instead of a WAL fsync: the row change is committed lazily (readers see it at once),
+        then the uuid is logged with one synchronous write, on the calling thread, which never
+        waits for another thread's commit. False, with nothing changed, when the log is full
+        or another thread is committing: then commit durably with `mark_pending_delete` or
+        `remove` (in a worker thread). Raises OSError when the log cannot be written (the row
+        change may then be lost in a crash, and the delete must not be acknowledged).
+
+        `forget` is for an attachment that never reached the bucket: its row goes. A crash
+        that loses that lazy change leaves the row as it was, and the replay marks it
+        pending-delete: one needless delete request to the bucket, never a revived file."""
         if self._deletes is None or self._deletes.full:
             return False
         if not self._lock.acquire(blocking=False):
@@ -329,7 +337,11 @@ class Journal:
         try:
             # The row first: a checkpoint that counts this record must find its row
             # committed, so that its WAL fsync covers it.
-            self._lazy.execute(_MARK_DELETED, (PENDING_DELETE, uuid))
+            if forget:
+                self._lazy.execute(_FORGET_SERIES, (uuid,))
+                self._lazy.execute(_FORGET_ROW, (uuid,))
+            else:
+                self._lazy.execute(_MARK_DELETED, (PENDING_DELETE, uuid))
         finally:
             self._lock.release()
             self._forget_rows((uuid,))
@@ -366,8 +378,8 @@ class Journal:
 
     def remove(self, uuid: str) -> None:
         with self._transaction(rows=(uuid,)) as db:
-            db.execute("DELETE FROM series_members WHERE uuid=?", (uuid,))
-            db.execute("DELETE FROM attachments WHERE uuid=?", (uuid,))
+            db.execute(_FORGET_SERIES, (uuid,))
+            db.execute(_FORGET_ROW, (uuid,))
 
     def note_series(self, entries: Iterable[tuple[str, str]]) -> None:
         """Record (uuid, SeriesInstanceUID) pairs. Not durable on its own: a lost entry only

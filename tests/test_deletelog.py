@@ -12,7 +12,7 @@ import pytest
 
 from objfs import deletelog
 from objfs.deletelog import SLOT, DeleteLog
-from objfs.journal import DELETE_LOG, PENDING_DELETE, UPLOADED, Journal
+from objfs.journal import DELETE_LOG, PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Journal
 
 
 def _uuids(n: int) -> list[str]:
@@ -122,6 +122,38 @@ def test_the_journal_replays_deletes_whose_row_change_was_lost(tmp_path: Path) -
     assert again.logged_deletes == 0  # replayed durably, then emptied
     again.close()
     assert pending_after_reopen(tmp_path / DELETE_LOG) == []
+
+
+def test_a_forgotten_pending_upload_whose_row_came_back_is_replayed_as_a_delete(
+        tmp_path: Path) -> None:
+    """`forget`: a pending upload never sent loses its row at once; a power loss that undoes
+    that lazy change leaves a row the replay turns into a pending delete, not an upload."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    gone, = _uuids(1)
+    journal.put_pending(gone, 10)
+    journal.note_series([(gone, "1.2.3")])
+    assert journal.delete_logged(gone, forget=True)
+    assert journal.get(gone) is None and journal.series_of(gone) is None
+    assert journal.logged_deletes == 1
+    journal.put_pending(gone, 10)  # what a power loss may leave
+    journal.close()
+    again = Journal(tmp_path / "journal.sqlite")
+    row = again.get(gone)
+    assert row is not None and row.state == PENDING_DELETE
+    assert again.in_state(PENDING_UPLOAD) == []
+    again.close()
+
+
+def test_a_checkpoint_makes_a_forgotten_row_stay_gone(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    gone, = _uuids(1)
+    journal.put_pending(gone, 10)
+    assert journal.delete_logged(gone, forget=True)
+    assert journal.checkpoint_deletes()
+    journal.close()
+    again = Journal(tmp_path / "journal.sqlite")
+    assert again.get(gone) is None
+    again.close()
 
 
 def test_a_checkpoint_makes_the_rows_durable_and_empties_the_log(tmp_path: Path) -> None:

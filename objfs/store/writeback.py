@@ -294,8 +294,10 @@ class Writeback(Fetch):
         self._unlinking.add(uuid)
         try:
             if row.state == PENDING_UPLOAD and uuid in self._fresh:
-                # Never sent to the bucket: forgetting it locally is the whole delete.
-                await self._j(self.journal.remove, uuid)
+                # Never sent to the bucket: forgetting it locally is the whole delete (Orthanc
+                # does this to every duplicate it receives: it writes the file first).
+                if not self._log_delete(uuid, forget=True):
+                    await self._j(self.journal.remove, uuid)
             else:
                 if row.state == PENDING_UPLOAD:
                     # The local copy may be the only one: it goes once the delete is durable.
@@ -326,14 +328,14 @@ class Writeback(Fetch):
         # already dropped during the commit is not there any more).
         self._drop_local(uuid, row.size)
 
-    def _log_delete(self, uuid: str) -> bool:
+    def _log_delete(self, uuid: str, forget: bool = False) -> bool:
         """`journal.delete_logged` (durable when True), unless this disk proved too slow for
         a synchronous write on the event loop: then False, and the caller commits durably in
         a worker thread."""
         if not self._log_deletes:
             return False
         started = time.perf_counter()
-        logged = self.journal.delete_logged(uuid)
+        logged = self.journal.delete_logged(uuid, forget)
         took = time.perf_counter() - started
         if logged:
             self._deletes_logged.set()
@@ -348,8 +350,8 @@ class Writeback(Fetch):
     async def _checkpoint_deletes(self) -> None:
         """Empty the delete log a moment after deletes were logged (`journal.
         checkpoint_deletes`: one WAL fsync for a burst's deletes), so that it never fills
-        while Orthanc deletes; a full log makes each delete commit durably, as a delete of a
-        pending upload does."""
+        while Orthanc deletes; a full log makes each delete commit durably, in a worker
+        thread."""
         while True:
             await self._deletes_logged.wait()
             self._deletes_logged = trio.Event()

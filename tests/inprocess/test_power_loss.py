@@ -169,3 +169,29 @@ async def test_an_acknowledged_delete_whose_row_change_was_lost_is_not_served_ag
         assert await rig.store.drain(timeout=60)
         nursery.cancel_scope.cancel()
     assert rig.bucket_files() == {}
+
+
+async def test_an_acknowledged_delete_of_a_write_never_uploaded_is_not_uploaded_after_a_crash(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Orthanc unlinks every duplicate it receives right after writing it. That delete drops
+    the row lazily and is made durable by the delete log: a power loss that brings the row
+    back as a pending upload (its local copy gone) ends in a delete, never in an upload or a
+    "data lost" error."""
+    rig = rig_factory()
+    uuid = str(uuid_mod.uuid4())
+    await rig.write(uuid, os.urandom(5000))  # no worker runs: it is never sent
+    await rig.store.unlink(uuid)
+    assert rig.journal.get(uuid) is None and rig.journal.logged_deletes == 1
+    assert not rig.tier.path(uuid).exists()
+    rig.journal.put_pending(uuid, 5000)  # the lazy change lost, the log record durable
+    rig = rig.restarted()
+    with pytest.raises(errors.NotFound):
+        await rig.read(uuid)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    assert rig.journal.get(uuid) is None and rig.bucket_files() == {}
+    assert rig.backend.calls["put"] == 0
+    assert "data lost" not in caplog.text

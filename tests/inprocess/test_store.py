@@ -586,9 +586,9 @@ async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_com
     uuids = await stored_and_uploaded(rig, SLOW_LOG_WRITES + 2)
     logged = rig.journal.delete_logged
 
-    def slow_log(uuid: str) -> bool:  # what a rotating disk's synchronous write costs
+    def slow_log(uuid: str, forget: bool = False) -> bool:  # a rotating disk's synchronous write
         time.sleep(SLOW_LOG_WRITE * 2)
-        return logged(uuid)
+        return logged(uuid, forget)
 
     monkeypatch.setattr(rig.journal, "delete_logged", slow_log)
     durable: list[str] = []
