@@ -24,6 +24,7 @@ from objfs.store.state import (
     DELETE_GATHER,
     DELETE_GATHER_MAX,
     DELETE_LOG_CHECKPOINT,
+    DELETE_LOG_HALF,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
     SPARE_CPUS,
@@ -348,14 +349,20 @@ class Writeback(Fetch):
         return logged
 
     async def _checkpoint_deletes(self) -> None:
-        """Empty the delete log a moment after deletes were logged (`journal.
-        checkpoint_deletes`: one WAL fsync for a burst's deletes), so that it never fills
-        while Orthanc deletes; a full log makes each delete commit durably, in a worker
-        thread."""
+        """Empty the delete log once Orthanc's deletes pause (none logged for
+        DELETE_LOG_CHECKPOINT seconds) or it is half full (`journal.checkpoint_deletes`: one
+        WAL fsync for the burst's deletes). Not inside a burst: the checkpoint holds the
+        journal during its fsync, and the deletes meanwhile fall back to durable commits in
+        a worker thread, as they do when the log is full."""
         while True:
             await self._deletes_logged.wait()
-            self._deletes_logged = trio.Event()
-            await trio.sleep(DELETE_LOG_CHECKPOINT)
+            while True:
+                self._deletes_logged = trio.Event()
+                with trio.move_on_after(DELETE_LOG_CHECKPOINT):
+                    await self._deletes_logged.wait()
+                if not self._deletes_logged.is_set() \
+                        or self.journal.logged_deletes >= DELETE_LOG_HALF:
+                    break
             while not await trio.to_thread.run_sync(self.journal.checkpoint_deletes,
                                                     limiter=self._journal_limiter):
                 await trio.sleep(DELETE_LOG_CHECKPOINT)

@@ -14,6 +14,7 @@ import trio.testing
 
 from objfs import deletelog, errors
 from objfs.journal import PENDING_UPLOAD, UPLOADED
+from objfs.store import writeback
 from objfs.store.state import (
     BUSY_WINDOW,
     DELETE_LOG_CHECKPOINT,
@@ -559,6 +560,30 @@ async def test_a_burst_of_deletes_is_checkpointed_out_of_the_delete_log(
     assert rig.journal.logged_deletes == 0
     assert await rig.store.drain(timeout=60)
     assert rig.bucket_files() == {}
+
+
+async def test_the_delete_log_is_checkpointed_when_deletes_pause_or_it_is_half_full(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No checkpoint inside a burst (its fsync would hold the journal while Orthanc deletes),
+    unless the log is half full: a long burst never fills it."""
+    monkeypatch.setattr(writeback, "DELETE_LOG_HALF", 4)
+    rig = rig_factory()
+    uuids = await stored_and_uploaded(rig, 6)
+    await running(rig)
+    for uuid in uuids[:3]:
+        await rig.store.unlink(uuid)
+        await trio.sleep(DELETE_LOG_CHECKPOINT * 0.8)  # a slow burst, but a burst
+    assert rig.journal.logged_deletes == 3
+    await rig.store.unlink(uuids[3])  # half full
+    await trio.sleep(0.01)
+    assert rig.journal.logged_deletes == 0
+    for uuid in uuids[4:]:
+        await rig.store.unlink(uuid)
+    await trio.sleep(DELETE_LOG_CHECKPOINT * 0.8)
+    assert rig.journal.logged_deletes == 2
+    await trio.sleep(DELETE_LOG_CHECKPOINT)  # the pause
+    assert rig.journal.logged_deletes == 0
 
 
 async def test_a_full_delete_log_commits_each_delete_durably(
