@@ -6,7 +6,7 @@ of it) or this tree with extra environment variables (for instance an option ove
 reversed every other round, each on a fresh moto bucket and a fresh daemon: ingest of the
 small instances (4 REST clients) and of the multi-frame files (2 clients), the wait until
 everything is in the bucket, a warm read of everything, the small instances sent again
-(Orthanc writes each duplicate, then unlinks it), a cold read of the small instances
+by one client (Orthanc writes each duplicate, then unlinks it), a cold read of the small instances
 (the daemon restarted with its cache wiped, the page cache dropped), and the delete of every
 patient. `--encrypted` runs everything with A1 encryption. `--fresh-delete` skips the cold
 read, so that the delete finds the copies Orthanc wrote and fsynced (a site that ingests,
