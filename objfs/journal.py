@@ -17,9 +17,8 @@ unlink), and a query costs more than the rest of such a request. Rule: a write f
 kept rows after its commit, whether or not it succeeded: every one unless it names the
 attachment rows it changes (`rows=`; empty when it changes none).
 
-Deletes of uploaded attachments, and of pending uploads not yet sent, are made durable
-through the delete log
-(`objfs.deletelog`, ``deletes.log`` beside the database) instead of a WAL fsync:
+Deletes of uploaded attachments, and of pending uploads not yet sent, are made durable through
+the delete log (`objfs.deletelog`, ``deletes.log`` beside the database) instead of a WAL fsync:
 `delete_logged` commits the row change lazily, then appends the uuid with one synchronous
 write; `checkpoint_deletes` makes those rows durable with one fsync and empties the log;
 opening the journal replays what the log holds (durably) and empties it.
