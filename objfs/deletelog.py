@@ -23,6 +23,8 @@ import threading
 import zlib
 from pathlib import Path
 
+from objfs.fsutil import fsync_path
+
 MAGIC = b"OBJFSDL1"
 SLOT = 64
 SLOTS = 8192
@@ -81,11 +83,7 @@ class DeleteLog:
         self.generation, self.count = 1, 0
         os.pwrite(self._fd, _sealed(_HEADER.pack(MAGIC, 1)), 0)
         os.fsync(self._fd)
-        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_path(self.path.parent)
 
     def close(self) -> None:
         os.close(self._sync_fd)
