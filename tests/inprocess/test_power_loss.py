@@ -19,13 +19,18 @@ from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED
 from tests.inprocess.conftest import Rig
 
 
-async def _written_and_uploaded(rig: Rig, data: bytes) -> str:
-    uuid = str(uuid_mod.uuid4())
+async def _drained(rig: Rig) -> None:
+    """Run the rig's workers until every journaled upload and delete is done."""
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.store.run)
-        await rig.write(uuid, data)
         assert await rig.store.drain(timeout=60)
         nursery.cancel_scope.cancel()
+
+
+async def _written_and_uploaded(rig: Rig, data: bytes) -> str:
+    uuid = str(uuid_mod.uuid4())
+    await rig.write(uuid, data)
+    await _drained(rig)
     return uuid
 
 
@@ -164,10 +169,7 @@ async def test_an_acknowledged_delete_whose_row_change_was_lost_is_not_served_ag
         await rig.read(uuid)
     row = rig.journal.get(uuid)
     assert row is not None and row.state == PENDING_DELETE
-    async with trio.open_nursery() as nursery:  # and the object delete is resumed
-        await nursery.start(rig.store.run)
-        assert await rig.store.drain(timeout=60)
-        nursery.cancel_scope.cancel()
+    await _drained(rig)  # and the object delete is resumed
     assert rig.bucket_files() == {}
 
 
@@ -188,10 +190,7 @@ async def test_an_acknowledged_delete_of_a_write_never_uploaded_is_not_uploaded_
     rig = rig.restarted()
     with pytest.raises(errors.NotFound):
         await rig.read(uuid)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.store.run)
-        assert await rig.store.drain(timeout=60)
-        nursery.cancel_scope.cancel()
+    await _drained(rig)
     assert rig.journal.get(uuid) is None and rig.bucket_files() == {}
     assert rig.backend.calls["put"] == 0
     assert "data lost" not in caplog.text

@@ -49,6 +49,22 @@ async def stored_and_uploaded(rig: Rig, count: int) -> list[str]:
     return uuids
 
 
+def durable_deletes(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The uuids whose delete is committed durably (`mark_pending_delete`) from now on,
+    rather than logged in the delete log."""
+    durable: list[str] = []
+    commit = rig.journal.mark_pending_delete
+    monkeypatch.setattr(rig.journal, "mark_pending_delete",
+                        lambda uuid: (durable.append(uuid), commit(uuid))[1])
+    return durable
+
+
+async def assert_not_found(rig: Rig, uuids: list[str]) -> None:
+    for uuid in uuids:
+        with pytest.raises(errors.NotFound):
+            await rig.read(uuid)
+
+
 async def write_small(rig: Rig, count: int) -> None:
     """Orthanc stores `count` 1000-byte attachments at once."""
     for _ in range(count):
@@ -592,16 +608,11 @@ async def test_a_full_delete_log_commits_each_delete_durably(
     monkeypatch.setattr(deletelog, "SLOTS", 3)  # room for two records
     rig = rig_factory()
     uuids = await stored_and_uploaded(rig, 4)
-    durable: list[str] = []
-    commit = rig.journal.mark_pending_delete
-    monkeypatch.setattr(rig.journal, "mark_pending_delete",
-                        lambda uuid: (durable.append(uuid), commit(uuid))[1])
+    durable = durable_deletes(rig, monkeypatch)
     for uuid in uuids:  # no checkpoint runs: the log fills
         await rig.store.unlink(uuid)
     assert rig.journal.logged_deletes == 2 and durable == uuids[2:]
-    for uuid in uuids:
-        with pytest.raises(errors.NotFound):
-            await rig.read(uuid)
+    await assert_not_found(rig, uuids)
 
 
 async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_commits(
@@ -616,15 +627,10 @@ async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_com
         return logged(uuid, forget)
 
     monkeypatch.setattr(rig.journal, "delete_logged", slow_log)
-    durable: list[str] = []
-    commit = rig.journal.mark_pending_delete
-    monkeypatch.setattr(rig.journal, "mark_pending_delete",
-                        lambda uuid: (durable.append(uuid), commit(uuid))[1])
+    durable = durable_deletes(rig, monkeypatch)
     for uuid in uuids:
         await rig.store.unlink(uuid)
     assert rig.journal.logged_deletes == SLOW_LOG_WRITES
     assert durable == uuids[SLOW_LOG_WRITES:]
     assert "delete log writes take" in caplog.text
-    for uuid in uuids:
-        with pytest.raises(errors.NotFound):
-            await rig.read(uuid)
+    await assert_not_found(rig, uuids)
