@@ -21,7 +21,7 @@ PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERR
 REPEAT_WINDOW = 60.0
 MAX_TRACKED = 1024
 # The SDKs log every request at INFO.
-NOISY = ("azure", "botocore", "boto3", "urllib3", "google", "httpx", "httpcore")
+NOISY = ("azure", "botocore", "boto3", "urllib3", "google")
 
 
 def under_journald(stream: TextIO, environ: Mapping[str, str]) -> bool:

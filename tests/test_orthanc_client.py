@@ -5,9 +5,12 @@ tests/test_prefetch.py."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,25 +19,52 @@ import trio
 
 from objfs.config.settings import OrthancSettings
 from objfs.errors import OrthancUnavailable
-from objfs.sidecar.orthanc import OrthancClient
+from objfs.sidecar.orthanc import REQUESTS_AT_ONCE, OrthancClient
 
 
 class FakeOrthanc:
-    """Answers every request with `body` (bytes, sent as is) and logs (method, path)."""
+    """Answers every request with `body` (bytes, sent as is) after `delay` seconds, and logs
+    (method, path) and the Authorization header. Like Orthanc, it keeps a connection (and
+    the thread serving it) open for the client's next request unless the client asks to
+    close it; it counts the connections open and the most requests served at once."""
 
     def __init__(self) -> None:
         self.body = b"[]"
+        self.delay = 0.0
         self.requests: list[tuple[str, str]] = []
+        self.authorization: list[str | None] = []
+        self.open_connections = 0
+        self.busy = self.most_busy = 0
+        lock = threading.Lock()
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive unless "Connection: close"
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with lock:
+                    fake.open_connections += 1
+
+            def finish(self) -> None:
+                super().finish()
+                with lock:
+                    fake.open_connections -= 1
+
             def _any(self) -> None:
+                with lock:
+                    fake.busy += 1
+                    fake.most_busy = max(fake.most_busy, fake.busy)
                 length = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(length)
                 fake.requests.append((self.command, self.path))
+                fake.authorization.append(self.headers.get("Authorization"))
+                time.sleep(fake.delay)
+                with lock:
+                    fake.busy -= 1
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(fake.body)))
@@ -103,3 +133,78 @@ def test_an_answer_that_is_not_json_is_orthanc_unavailable(fake: FakeOrthanc) ->
     fake.body = b"<html>proxy error</html>"
     with pytest.raises(OrthancUnavailable, match="not JSON"):
         ask(fake)
+
+
+def test_no_connection_stays_open_after_its_answer(fake: FakeOrthanc) -> None:
+    """Orthanc gives every open connection one of its HttpThreadsCount threads until its
+    KeepAliveTimeout: a connection kept for objfs' next request would take it from Orthanc's
+    own clients (reads through Orthanc stalled for 2 s while the prefetch's were open)."""
+
+    async def main() -> None:
+        client = OrthancClient(OrthancSettings(url=fake.url, timeout=5))
+        try:
+            for _ in range(3):
+                assert await client.series_dicom_uuids("1.2.3") == []
+                with trio.fail_after(2):
+                    while fake.open_connections:
+                        await trio.sleep(0.01)
+        finally:
+            await client.aclose()
+
+    trio.run(main)
+    assert len(fake.requests) == 3
+
+
+def test_requests_at_once_are_bounded(fake: FakeOrthanc) -> None:
+    """However many tasks ask at the same time, at most REQUESTS_AT_ONCE of Orthanc's HTTP
+    threads serve objfs."""
+    fake.delay = 0.05
+
+    async def main() -> None:
+        client = OrthancClient(OrthancSettings(url=fake.url, timeout=5))
+        try:
+            async with trio.open_nursery() as nursery:
+                for n in range(4 * REQUESTS_AT_ONCE):
+                    nursery.start_soon(client.dicom_uuid, f"instance-{n}")
+        finally:
+            await client.aclose()
+
+    fake.body = json.dumps({"Uuid": "u"}).encode()
+    trio.run(main)
+    assert len(fake.requests) == 4 * REQUESTS_AT_ONCE
+    assert 1 < fake.most_busy <= REQUESTS_AT_ONCE
+
+
+def test_credentials_and_a_path_prefix_reach_orthanc(fake: FakeOrthanc) -> None:
+    """Orthanc behind a reverse proxy's path, with a user: every request carries the prefix
+    and HTTP basic authentication."""
+
+    async def main() -> str | None:
+        client = OrthancClient(OrthancSettings(url=fake.url + "/pacs/", username="objfs",
+                                               password="s3cret:x", timeout=5))
+        try:
+            return await client.dicom_uuid("abc")
+        finally:
+            await client.aclose()
+
+    fake.body = json.dumps({"Uuid": "the-uuid"}).encode()
+    assert trio.run(main) == "the-uuid"
+    assert fake.requests == [("GET", "/pacs/instances/abc/attachments/dicom/info")]
+    assert fake.authorization == ["Basic " + base64.b64encode(b"objfs:s3cret:x").decode()]
+
+
+def test_an_orthanc_that_is_not_listening_is_orthanc_unavailable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+
+    async def main() -> None:
+        client = OrthancClient(OrthancSettings(url=f"http://127.0.0.1:{port}", timeout=5))
+        try:
+            await client.series_id("1.2.3")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(OrthancUnavailable, match=f"Orthanc at http://127.0.0.1:{port} is "
+                                                 "unreachable"):
+        trio.run(main)

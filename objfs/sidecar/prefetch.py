@@ -32,13 +32,13 @@ import cachetools
 import trio
 
 from objfs import errors
-from objfs.sidecar.orthanc import OrthancClient
+from objfs.sidecar.orthanc import REQUESTS_AT_ONCE, OrthancClient
 from objfs.store import Store
 
 log = logging.getLogger(__name__)
 
 PARALLEL = 8
-LOOKUPS_AT_ONCE = 8
+LOOKUPS_AT_ONCE = REQUESTS_AT_ONCE
 QUEUE = 64
 SEEN_SECONDS = 600.0
 
