@@ -87,12 +87,15 @@ def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes]
     section = server.section(bucket)
     if key is not None:
         section["StorageEncryption"] = {"MasterKey": [1, str(key)]}
+    orthanc = Orthanc(base, base / "objfs-mnt", name="orthanc")
     config = {server.section_name: section,
               "Objfs": {"CacheDirectory": str(base / "cache"), "CacheSize": 4096,
-                        "UploadConcurrency": UPLOAD_CONCURRENCY}}
+                        "UploadConcurrency": UPLOAD_CONCURRENCY,
+                        "Orthanc": {"Url": orthanc.url}}}
     daemon = Objfs(base, config, env=variant.env)
+    assert daemon.mountpoint == base / "objfs-mnt"
     start_from(daemon, variant.tree)
-    orthanc = Orthanc(base, daemon.mountpoint, name="orthanc").start()
+    orthanc.start()
     out: dict[str, float] = {}
 
     def read(which: list[str]) -> float:
