@@ -1,5 +1,5 @@
-"""Orthanc's REST API, as far as move-storage needs it: what a resource id is, and the uuids
-of every attachment under it."""
+"""Orthanc's REST API, as far as objfs needs it: what a resource id is and the uuids of every
+attachment under it (move-storage, audit), and the attachments of a series (series prefetch)."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ class OrthancClient:
                               concurrency: int = 8) -> dict[str, str]:
         """Every attachment of every resource Orthanc's index holds: uuid -> the path of its
         ``info`` resource (for `attachment_still_there`). Pages through each collection;
-        `concurrency` requests at a time."""
+        `concurrency` resources at a time (their requests within REQUESTS_AT_ONCE)."""
         found: dict[str, str] = {}
         limiter = trio.CapacityLimiter(concurrency)
         for collection in COLLECTIONS.values():
