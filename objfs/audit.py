@@ -82,7 +82,6 @@ async def audit(settings: Settings, *, grace: float = DEFAULT_GRACE,
     finally:
         if journal is not None:
             journal.close()
-        await orthanc.aclose()
         await backend.aclose()
 
 

@@ -226,7 +226,6 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         if store.fs is not None:
             _prepare_fs_tier(store.fs.prepare, settings)
         orthanc = OrthancClient(settings.orthanc)
-        stack.push_async_callback(orthanc.aclose)
         jobs = Jobs(journal, store, orthanc, open_lock(settings, backend, "move-storage"))
         metrics.show_locks(lambda: jobs.held_locks)
         prefetcher = None

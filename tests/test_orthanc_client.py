@@ -89,10 +89,7 @@ def fake() -> Iterator[FakeOrthanc]:
 def ask(fake: FakeOrthanc, times: int = 1) -> list[list[str] | None]:
     async def main() -> list[list[str] | None]:
         client = OrthancClient(OrthancSettings(url=fake.url, timeout=5))
-        try:
-            return [await client.series_dicom_uuids("1.2.3") for _ in range(times)]
-        finally:
-            await client.aclose()
+        return [await client.series_dicom_uuids("1.2.3") for _ in range(times)]
 
     return trio.run(main)
 
@@ -142,14 +139,11 @@ def test_no_connection_stays_open_after_its_answer(fake: FakeOrthanc) -> None:
 
     async def main() -> None:
         client = OrthancClient(OrthancSettings(url=fake.url, timeout=5))
-        try:
-            for _ in range(3):
-                assert await client.series_dicom_uuids("1.2.3") == []
-                with trio.fail_after(2):
-                    while fake.open_connections:
-                        await trio.sleep(0.01)
-        finally:
-            await client.aclose()
+        for _ in range(3):
+            assert await client.series_dicom_uuids("1.2.3") == []
+            with trio.fail_after(2):
+                while fake.open_connections:
+                    await trio.sleep(0.01)
 
     trio.run(main)
     assert len(fake.requests) == 3
@@ -162,12 +156,9 @@ def test_requests_at_once_are_bounded(fake: FakeOrthanc) -> None:
 
     async def main() -> None:
         client = OrthancClient(OrthancSettings(url=fake.url, timeout=5))
-        try:
-            async with trio.open_nursery() as nursery:
-                for n in range(4 * REQUESTS_AT_ONCE):
-                    nursery.start_soon(client.dicom_uuid, f"instance-{n}")
-        finally:
-            await client.aclose()
+        async with trio.open_nursery() as nursery:
+            for n in range(4 * REQUESTS_AT_ONCE):
+                nursery.start_soon(client.dicom_uuid, f"instance-{n}")
 
     fake.body = json.dumps({"Uuid": "u"}).encode()
     trio.run(main)
@@ -182,10 +173,7 @@ def test_credentials_and_a_path_prefix_reach_orthanc(fake: FakeOrthanc) -> None:
     async def main() -> str | None:
         client = OrthancClient(OrthancSettings(url=fake.url + "/pacs/", username="objfs",
                                                password="s3cret:x", timeout=5))
-        try:
-            return await client.dicom_uuid("abc")
-        finally:
-            await client.aclose()
+        return await client.dicom_uuid("abc")
 
     fake.body = json.dumps({"Uuid": "the-uuid"}).encode()
     assert trio.run(main) == "the-uuid"
@@ -200,10 +188,7 @@ def test_an_orthanc_that_is_not_listening_is_orthanc_unavailable() -> None:
 
     async def main() -> None:
         client = OrthancClient(OrthancSettings(url=f"http://127.0.0.1:{port}", timeout=5))
-        try:
-            await client.series_id("1.2.3")
-        finally:
-            await client.aclose()
+        await client.series_id("1.2.3")
 
     with pytest.raises(OrthancUnavailable, match=f"Orthanc at http://127.0.0.1:{port} is "
                                                  "unreachable"):

@@ -82,10 +82,6 @@ class OrthancClient:
         # Whether `/tools/find` names attachments (Orthanc >= 1.12.5); None until known.
         self._find_names_attachments: bool | None = None
 
-    async def aclose(self) -> None:
-        """Nothing to release (no connection outlives its request); kept for the callers'
-        lifetime rule."""
-
     def _exchange(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
         """One request and its whole answer, in a worker thread."""
         connection = (http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,

@@ -228,7 +228,6 @@ async def test_a_second_node_asked_to_move_answers_with_the_holder(
     assert refused.value.holder == "node-a"
     assert "node-a" in str(refused.value)
     assert jobs_b.held_locks == [] and not jobs_b.jobs
-    await orthanc.aclose()
 
 
 async def test_a_bucket_that_cannot_answer_gives_eio_never_absent(
