@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.utils
 import pytest
 import trio
 
@@ -22,7 +23,7 @@ from objfs import codec, errors
 from objfs.backends import open_backend
 from objfs.backends.base import Backend, ObjectInfo, Transform
 from objfs.backends.local import LocalBackend
-from objfs.backends.s3 import S3Backend
+from objfs.backends.s3 import S3Backend, parse_timestamp
 from objfs.config import settings_from_tree
 from tests.conftest import bucket_name, cloud_server
 from tests.support.emulators import AZ_KEY, AzuriteServer, FakeGcsServer, MotoServer
@@ -95,7 +96,7 @@ class PrefixedBackend(Backend):
     async def list_page(self, prefix: str, token: str | None = None,
                         limit: int = 1000) -> tuple[list[ObjectInfo], str | None]:
         page, token = await self.inner.list_page(self.prefix + prefix, token, limit)
-        return [ObjectInfo(i.key[len(self.prefix):], i.size) for i in page], token
+        return [ObjectInfo(i.key[len(self.prefix):], i.size, i.modified) for i in page], token
 
     async def copy(self, src: str, dst: str) -> None:
         await self.inner.copy(self.prefix + src, self.prefix + dst)
@@ -237,6 +238,17 @@ async def test_list_prefix_pagination(backend: Backend, tmp_path: Path) -> None:
     assert {i.key async for i in backend.list("")} >= {"q/other", "p0-not-under-p-slash"}
 
 
+async def test_a_listing_tells_when_each_object_was_written(backend: Backend,
+                                                            tmp_path: Path) -> None:
+    """`audit`'s grace period trusts `modified`: seconds since the epoch, for every backend."""
+    before = time.time()
+    await backend.put("t/one", _file(tmp_path, "src", b"t"))
+    [info] = [i async for i in backend.list("t/")]
+    assert info.modified is not None
+    # Server clocks round to the second (S3: ISO 8601 with milliseconds, often .000).
+    assert before - 2 <= info.modified <= time.time() + 2
+
+
 async def test_conditional_create_read_and_delete(backend: Backend) -> None:
     """The cluster lease's primitives: create-if-absent, versioned read, delete-if-version."""
     assert await backend.create_exclusive("lease/a", b"first")
@@ -275,6 +287,23 @@ async def test_copy(backend: Backend, tmp_path: Path) -> None:
     out = tmp_path / "o"
     await backend.get("b/c", out)
     assert out.read_bytes() == b"payload"
+
+
+@pytest.mark.parametrize("text", [
+    "2026-12-02T12:08:00.000Z", "2026-12-02T12:08:00Z", "2026-12-02T12:08:00.123456+02:00",
+    "Wed, 02 Dec 2026 12:08:00 GMT", "Wed, 02 Dec 2026 12:08:00 -0000", "2026-12-02T12:08:00",
+    "1764676800"])
+def test_s3_timestamps_parse_as_botocore_parses_them(text: str) -> None:
+    """The fast forms (listings' ISO 8601, headers' RFC 1123) and the rest (naive, epoch
+    seconds), which go to botocore's own parser."""
+    assert parse_timestamp(text) == botocore.utils.parse_timestamp(text)
+    if text != "2026-12-02T12:08:00":
+        assert parse_timestamp(text).utcoffset() is not None
+
+
+def test_s3_an_unreadable_timestamp_is_an_error() -> None:
+    with pytest.raises(ValueError, match="Invalid timestamp"):
+        parse_timestamp("yesterday-ish")
 
 
 async def test_s3_missing_bucket(moto: MotoServer, tmp_path: Path) -> None:
