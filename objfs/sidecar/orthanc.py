@@ -209,21 +209,19 @@ class OrthancClient:
                 found[str(info["Uuid"])] = f"{base}/{content_type}/info"
         return found
 
-    async def all_attachments(self, progress: Callable[[str], None] = lambda _: None,
-                              concurrency: int = 8) -> dict[str, str]:
+    async def all_attachments(self, progress: Callable[[str], None] = lambda _: None
+                              ) -> dict[str, str]:
         """Every attachment of every resource Orthanc's index holds: uuid -> the path of its
-        ``info`` resource (for `attachment_still_there`). Pages through each collection;
-        `concurrency` resources at a time (their requests within REQUESTS_AT_ONCE)."""
+        ``info`` resource (for `attachment_still_there`). Pages through each collection; the
+        resources of a page are asked about together, REQUESTS_AT_ONCE requests at a time."""
         found: dict[str, str] = {}
-        limiter = trio.CapacityLimiter(concurrency)
         for collection in COLLECTIONS.values():
             since, seen = 0, 0
             while True:
                 ids = await self._get(f"/{collection}?since={since}&limit={PAGE}") or []
 
                 async def one(resource: str, where: str = collection) -> None:
-                    async with limiter:
-                        found.update(await self._attachment_infos(where, resource))
+                    found.update(await self._attachment_infos(where, resource))
 
                 async with trio.open_nursery() as nursery:
                     for resource in ids:
