@@ -4,7 +4,7 @@ An Orthanc delete is durable once acknowledged (docs/durability.md, invariant 1)
 SQLite commit costs a WAL fsync and, to keep that off the event loop, a worker-thread hop;
 one `O_DSYNC` write of 64 bytes into blocks written beforehand costs one data write and a
 cache flush, with no file-system journal commit, and can run on the event loop. So the
-journal commits a delete's row change lazily and appends the uuid here; a later durable
+journal keeps a delete's row change for a batch and appends the uuid here; a later durable
 commit covers those rows and empties the log (`Journal.checkpoint_deletes`), and opening
 the journal replays whatever the log still holds.
 
@@ -45,6 +45,34 @@ def _unsealed(slot: bytes, size: int) -> bytes | None:
     if len(crc) != _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(body):
         return None
     return body
+
+
+def _records(data: bytes, generation: int) -> list[str]:
+    """The uuids of `generation` in a log's content, in order (up to the first slot that does
+    not verify or belongs to another generation)."""
+    found = []
+    for slot in range(1, SLOTS):
+        body = _unsealed(data[slot * SLOT:(slot + 1) * SLOT], _RECORD.size)
+        if body is None:
+            break
+        record_generation, uuid = _RECORD.unpack(body)
+        if record_generation != generation:
+            break
+        found.append(uuid.rstrip(b"\0").decode("ascii"))
+    return found
+
+
+def read_logged(path: Path) -> list[str]:
+    """The uuids the log at `path` holds now, read without changing it (another process may
+    be appending): [] when there is no log, or none of its size and format."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    header = _unsealed(data[:SLOT], _HEADER.size) if len(data) == SLOT * SLOTS else None
+    if header is None or _HEADER.unpack(header)[0] != MAGIC:
+        return []
+    return _records(data, _HEADER.unpack(header)[1])
 
 
 class DeleteLog:
@@ -95,17 +123,7 @@ class DeleteLog:
 
     def pending(self) -> list[str]:
         """The uuids logged in the current generation, in order."""
-        data = os.pread(self._fd, SLOT * SLOTS, 0)
-        found = []
-        for slot in range(1, SLOTS):
-            body = _unsealed(data[slot * SLOT:(slot + 1) * SLOT], _RECORD.size)
-            if body is None:
-                break
-            generation, uuid = _RECORD.unpack(body)
-            if generation != self.generation:
-                break
-            found.append(uuid.rstrip(b"\0").decode("ascii"))
-        return found
+        return _records(os.pread(self._fd, SLOT * SLOTS, 0), self.generation)
 
     def append(self, uuid: str) -> bool:
         """Log `uuid`, durably when this returns True; False when the log is full (nothing

@@ -19,14 +19,18 @@ attachment rows it changes (`rows=`; empty when it changes none).
 
 Deletes of uploaded attachments, and of pending uploads not yet sent, are made durable through
 the delete log (`objfs.deletelog`, ``deletes.log`` beside the database) instead of a WAL fsync:
-`delete_logged` commits the row change lazily, then appends the uuid with one synchronous
-write; `checkpoint_deletes` makes those rows durable with one fsync and empties the log;
-opening the journal replays what the log holds (durably) and empties it.
+`delete_logged` appends the uuid with one synchronous write and keeps the row change in memory
+(`_unapplied`, which every read of this journal takes into account); the kept changes reach
+SQLite in one lazy transaction, before any other write, every APPLY_BATCH deletes, and at a
+checkpoint; `checkpoint_deletes` makes those rows durable with one fsync and empties the log;
+opening the journal replays what the log holds (durably) and empties it. `stats`, in any
+process, counts logged deletes as pending whether or not their rows say so yet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import sqlite3
 import threading
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objfs.deletelog import DeleteLog
+from objfs.deletelog import DeleteLog, read_logged
 
 # The delete log's file name, beside the database.
 DELETE_LOG = "deletes.log"
@@ -111,6 +115,10 @@ _COLUMNS = "uuid, state, size, key, cached, created, last_error, sealed"
 # Rows `get` keeps at most; the whole cache is dropped when it is full (simple, and a query
 # refills what is in use).
 ROW_CACHE = 16384
+# Logged deletes whose row changes `delete_logged` applies in one transaction (when no other
+# thread holds the journal): more only cost memory and the readers' filtering; fewer cost a
+# commit's overhead per few deletes.
+APPLY_BATCH = 64
 
 
 def _row(values: tuple[Any, ...]) -> Row:
@@ -133,6 +141,13 @@ class Journal:
         self._rows: dict[str, Row | None] = {}
         self._generation = 0
         self._cache_lock = threading.Lock()
+        # Row changes of logged deletes not yet in SQLite, by uuid: the row as the change
+        # leaves it (None: the row goes). Rule: `delete_logged` (the event loop) adds one
+        # before its record is appended, so every record a checkpoint counts has its change
+        # here or in SQLite; `_apply_locked` (under `_lock`, any thread) removes those it has
+        # committed. Readers (the event loop) see through it: `get` answers from it, queries
+        # leave out or replace its uuids. Under `_cache_lock`, held only for dict operations.
+        self._unapplied: dict[str, Row | None] = {}
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self._reader = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
         if readonly:
@@ -175,6 +190,9 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            if self._deletes is not None:
+                # Lazily, as before: the log keeps them durable until the replay.
+                self._apply_locked()
             for db in {self._db, self._lazy, self._reader}:
                 db.close()
             if self._deletes is not None:
@@ -187,6 +205,7 @@ class Journal:
         any; empty: none)."""
         try:
             with self._lock:
+                self._apply_locked()
                 (self._db if durable else self._lazy).execute(sql, tuple(args))
         finally:
             self._forget_rows(rows)
@@ -200,6 +219,7 @@ class Journal:
         db = self._db if durable else self._lazy
         try:
             with self._lock:
+                self._apply_locked()
                 db.execute("BEGIN")
                 try:
                     yield db
@@ -214,6 +234,41 @@ class Journal:
               rows: Iterable[str] | None = None) -> None:
         with self._transaction(durable, rows) as db:
             db.executemany(sql, args)
+
+    def _apply_locked(self) -> None:
+        """Commit the kept row changes of logged deletes (one lazy transaction), so that the
+        write that follows, or a checkpoint's fsync, comes after them. Caller holds `_lock`."""
+        if not self._unapplied:
+            # One added meanwhile goes with the next write; whatever a checkpoint counted
+            # was added before it counted.
+            return
+        with self._cache_lock:
+            batch = dict(self._unapplied)
+        if not batch:
+            return
+        forgotten = [(uuid,) for uuid, row in batch.items() if row is None]
+        self._lazy.execute("BEGIN")
+        try:
+            self._lazy.executemany(_MARK_DELETED, ((PENDING_DELETE, uuid)
+                                                   for uuid, row in batch.items()
+                                                   if row is not None))
+            self._lazy.executemany(_FORGET_SERIES, forgotten)
+            self._lazy.executemany(_FORGET_ROW, forgotten)
+        except BaseException:
+            self._lazy.execute("ROLLBACK")
+            raise
+        self._lazy.execute("COMMIT")
+        with self._cache_lock:
+            self._generation += 1
+            for uuid, row in batch.items():
+                if self._unapplied.get(uuid, batch) is row:
+                    del self._unapplied[uuid]
+                self._rows.pop(uuid, None)
+
+    def _hidden(self) -> dict[str, Row | None]:
+        """A copy of the kept row changes of logged deletes, for a query to see through."""
+        with self._cache_lock:
+            return dict(self._unapplied) if self._unapplied else {}
 
     def _forget_rows(self, uuids: Iterable[str] | None) -> None:
         """Drop the kept rows of `uuids` (None: every row), after a commit."""
@@ -252,6 +307,8 @@ class Journal:
 
     def get(self, uuid: str) -> Row | None:
         with self._cache_lock:
+            if uuid in self._unapplied:
+                return self._unapplied[uuid]
             if uuid in self._rows:
                 return self._rows[uuid]
             generation = self._generation
@@ -319,32 +376,36 @@ class Journal:
 
     def delete_logged(self, uuid: str, forget: bool = False) -> bool:
         """`mark_pending_delete` (or, with `forget`, `remove`), made durable by the delete log
-        instead of a WAL fsync: the row change is committed lazily (readers see it at once),
-        then the uuid is logged with one synchronous write, on the calling thread, which never
-        waits for another thread's commit. False, with nothing changed, when the log is full
-        or another thread is committing: then commit durably with `mark_pending_delete` or
+        instead of a WAL fsync: the uuid is logged with one synchronous write, on the calling
+        thread (the event loop: the row change is kept for its readers, `_unapplied`), which
+        never waits for another thread's commit; the row change reaches SQLite with a batch
+        of others (`_apply_locked`). False, with nothing changed, when the log is full or the
+        journal has no row for `uuid`: then commit durably with `mark_pending_delete` or
         `remove` (in a worker thread). Raises OSError when the log cannot be written (the row
-        change may then be lost in a crash, and the delete must not be acknowledged).
+        change is then still kept, and applied, but may be lost in a crash: the delete must
+        not be acknowledged).
 
         `forget` is for an attachment that never reached the bucket: its row goes. A crash
-        that loses that lazy change leaves the row as it was, and the replay marks it
+        before that change is committed leaves the row as it was, and the replay marks it
         pending-delete: one needless delete request to the bucket, never a revived file."""
         if self._deletes is None or self._deletes.full:
             return False
-        if not self._lock.acquire(blocking=False):
-            return False  # a commit (perhaps waiting for the disk) holds the connections
-        try:
-            # The row first: a checkpoint that counts this record must find its row
-            # committed, so that its WAL fsync covers it.
-            if forget:
-                self._lazy.execute(_FORGET_SERIES, (uuid,))
-                self._lazy.execute(_FORGET_ROW, (uuid,))
-            else:
-                self._lazy.execute(_MARK_DELETED, (PENDING_DELETE, uuid))
-        finally:
-            self._lock.release()
-            self._forget_rows((uuid,))
-        return self._deletes.append(uuid)
+        row = self.get(uuid)
+        if row is None:
+            return False
+        changed = None if forget else dataclasses.replace(row, state=PENDING_DELETE,
+                                                          cached=False)
+        with self._cache_lock:
+            self._unapplied[uuid] = changed
+            self._generation += 1  # a `get` under way must not keep what it read
+            self._rows.pop(uuid, None)
+        logged = self._deletes.append(uuid)
+        if len(self._unapplied) >= APPLY_BATCH and self._lock.acquire(blocking=False):
+            try:
+                self._apply_locked()
+            finally:
+                self._lock.release()
+        return logged
 
     @property
     def logged_deletes(self) -> int:
@@ -387,6 +448,9 @@ class Journal:
                    entries, durable=False, rows=())
 
     def series_of(self, uuid: str) -> str | None:
+        with self._cache_lock:
+            if uuid in self._unapplied and self._unapplied[uuid] is None:
+                return None  # forgotten, series and all
         found = self._reader.execute("SELECT series FROM series_members WHERE uuid=?",
                                      (uuid,)).fetchone()
         return None if found is None else str(found[0])
@@ -394,11 +458,12 @@ class Journal:
     def series_members(self, series: str, limit: int) -> list[str]:
         """Uploaded attachments of `series` not cached locally, oldest first (the order they
         were stored, which is usually the order a modality sent them), at most `limit`."""
+        hidden = self._hidden()
         found = self._reader.execute(
             "SELECT a.uuid FROM series_members m JOIN attachments a ON a.uuid = m.uuid "
             "WHERE m.series=? AND a.state=? AND a.cached=0 ORDER BY a.created, a.uuid LIMIT ?",
-            (series, UPLOADED, limit))
-        return [str(row[0]) for row in found]
+            (series, UPLOADED, limit + len(hidden)))
+        return [str(row[0]) for row in found if row[0] not in hidden][:limit]
 
     def forget_deleted(self, uuids: Iterable[str]) -> None:
         """Drop the rows of deletes the bucket confirmed (one transaction). Not durable on its
@@ -424,14 +489,20 @@ class Journal:
                    ((t, u) for u, t in atimes.items()), durable=False, rows=())
 
     def in_state(self, state: RowState) -> list[Row]:
+        hidden = self._hidden()
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE state=? "
                                     "ORDER BY created", (state,)).fetchall()
-        return [_row(r) for r in rows]
+        found = [_row(r) for r in rows if r[0] not in hidden]
+        if state == PENDING_DELETE and hidden:
+            found += [row for row in hidden.values() if row is not None]
+            found.sort(key=lambda row: row.created)
+        return found
 
     def cached_rows(self) -> list[Row]:
         """Every row that claims a local copy (dirty or clean)."""
+        hidden = self._hidden()  # their changes say uncached
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE cached=1")
-        return [_row(r) for r in rows.fetchall()]
+        return [_row(r) for r in rows.fetchall() if r[0] not in hidden]
 
     def barrier(self) -> None:
         """Make every change committed so far durable, lazy ones included (one WAL fsync):
@@ -442,25 +513,31 @@ class Journal:
 
     def eviction_candidates(self, limit: int) -> list[tuple[str, int]]:
         """Least recently used clean local copies: (uuid, size)."""
+        hidden = self._hidden()
         rows = self._reader.execute(
             "SELECT uuid, size FROM attachments WHERE state='uploaded' AND cached=1 "
-            "ORDER BY atime LIMIT ?", (limit,)).fetchall()
-        return [(str(u), int(s)) for u, s in rows]
+            "ORDER BY atime LIMIT ?", (limit + len(hidden),)).fetchall()
+        return [(str(u), int(s)) for u, s in rows if u not in hidden][:limit]
 
     def children(self, prefix: str) -> list[str]:
         """Uuids (not pending delete) that start with `prefix`, in order."""
         upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        hidden = self._hidden()
         rows = self._reader.execute(
             "SELECT uuid FROM attachments WHERE uuid >= ? AND uuid < ? AND state != ? "
             "ORDER BY uuid", (prefix, upper, PENDING_DELETE)).fetchall()
-        return [str(r[0]) for r in rows]
+        return [str(r[0]) for r in rows if r[0] not in hidden]
 
     def has_children(self, prefix: str) -> bool:
         upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        hidden = self._hidden()
+        # Enough rows that one is not a delete kept in memory, if there is one (Orthanc
+        # removes a directory right after deleting a file in it: usually one is hidden).
+        skip = sum(1 for uuid in hidden if uuid.startswith(prefix)) if hidden else 0
         found = self._reader.execute(
-            "SELECT 1 FROM attachments WHERE uuid >= ? AND uuid < ? AND state != ? LIMIT 1",
-            (prefix, upper, PENDING_DELETE)).fetchone()
-        return found is not None
+            "SELECT uuid FROM attachments WHERE uuid >= ? AND uuid < ? AND state != ? LIMIT ?",
+            (prefix, upper, PENDING_DELETE, skip + 1)).fetchall()
+        return any(r[0] not in hidden for r in found)
 
     def stats(self) -> Stats:
         db = self._reader
@@ -474,9 +551,34 @@ class Journal:
                               (UPLOADED,)).fetchone()[0]
         cached = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM attachments "
                             "WHERE cached=1").fetchone()
-        return Stats(pending_uploads=pending[0], pending_upload_bytes=pending[1],
-                     oldest_pending=pending[2], pending_deletes=deletes, uploaded=uploaded,
-                     cached_entries=cached[0], cached_bytes=cached[1], failing=pending[3])
+        stats = Stats(pending_uploads=pending[0], pending_upload_bytes=pending[1],
+                      oldest_pending=pending[2], pending_deletes=deletes, uploaded=uploaded,
+                      cached_entries=cached[0], cached_bytes=cached[1], failing=pending[3])
+        return self._with_logged_deletes(stats)
+
+    def _with_logged_deletes(self, stats: Stats) -> Stats:
+        """`stats` counting the deletes in the delete log whose rows do not say so yet (their
+        changes kept in memory by the process that logged them) as what the replay makes
+        them: pending deletes, neither uploaded nor pending upload nor cached. (The oldest
+        pending upload and the failing count are left as they are.)"""
+        logged = sorted(set(read_logged(self.path.with_name(DELETE_LOG))))
+        counts = dataclasses.asdict(stats)
+        for start in range(0, len(logged), 500):
+            chunk = logged[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for state, size, cached in self._reader.execute(
+                    f"SELECT state, size, cached FROM attachments WHERE uuid IN ({marks}) "
+                    "AND state != ?", (*chunk, PENDING_DELETE)):
+                counts["pending_deletes"] += 1
+                if state == UPLOADED:
+                    counts["uploaded"] -= 1
+                elif state == PENDING_UPLOAD:
+                    counts["pending_uploads"] -= 1
+                    counts["pending_upload_bytes"] -= size
+                if cached:
+                    counts["cached_entries"] -= 1
+                    counts["cached_bytes"] -= size
+        return Stats(**counts)
 
     def forget_all_clean(self) -> None:
         """Drop every uploaded row (used when the cache directory changes buckets)."""

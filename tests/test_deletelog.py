@@ -12,7 +12,15 @@ import pytest
 
 from objfs import deletelog
 from objfs.deletelog import SLOT, DeleteLog
-from objfs.journal import DELETE_LOG, PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Journal
+from objfs.journal import (
+    APPLY_BATCH,
+    DELETE_LOG,
+    PENDING_DELETE,
+    PENDING_UPLOAD,
+    UPLOADED,
+    Journal,
+    read_stats,
+)
 
 
 def _uuids(n: int) -> list[str]:
@@ -221,3 +229,97 @@ def test_an_append_that_loses_the_race_to_a_reset_lands_in_the_new_generation(
     assert log.append(late)
     log.close()
     assert pending_after_reopen(tmp_path / "d.log") == [late]
+
+
+def _uploaded(journal: Journal, uuids: list[str], series: str = "1.2.3") -> None:
+    for uuid in uuids:
+        journal.put_pending(uuid, 10)
+        journal.mark_uploaded(uuid, f"{uuid}.dcm", series)
+        journal.set_cached(uuid, True)
+
+
+def _sql_state(path: Path, uuid: str) -> str | None:
+    """The row's state as SQLite has it (a connection of its own: no kept changes)."""
+    reader = Journal(path, readonly=True)
+    try:
+        found = reader._reader.execute("SELECT state FROM attachments WHERE uuid=?",
+                                       (uuid,)).fetchone()
+        return None if found is None else str(found[0])
+    finally:
+        reader.close()
+
+
+def test_every_read_sees_a_logged_delete_before_its_row_changes(tmp_path: Path) -> None:
+    """A logged delete's row change waits in memory for a batch; meanwhile no query of the
+    journal that logged it shows the attachment as stored, listed, cached or evictable."""
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    kept, gone = sorted(_uuids(2))
+    gone = kept[:4] + gone[4:]  # same directory, so that listings must tell them apart
+    _uploaded(journal, [kept, gone])
+    assert journal.delete_logged(gone)
+    assert _sql_state(path, gone) == UPLOADED  # not applied yet: that is the point
+    row = journal.get(gone)
+    assert row is not None and row.state == PENDING_DELETE and not row.cached
+    assert journal.children(kept[:4]) == [kept]
+    assert journal.has_children(kept[:4])
+    assert [r.uuid for r in journal.in_state(UPLOADED)] == [kept]
+    assert [r.uuid for r in journal.in_state(PENDING_DELETE)] == [gone]
+    assert [r.uuid for r in journal.cached_rows()] == [kept]
+    assert journal.eviction_candidates(10) == [(kept, 10)]
+    journal.set_cached(kept, False)
+    assert journal.series_members("1.2.3", 10) == [kept]
+    # Directory empty once its last file is deleted, before any row changes.
+    journal.delete_logged(kept)
+    assert not journal.has_children(kept[:4]) and journal.children(kept[:4]) == []
+    journal.close()
+
+
+def test_logged_row_changes_reach_sqlite_in_batches_and_before_any_other_write(
+        tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    uuids = _uuids(APPLY_BATCH + 1)
+    _uploaded(journal, uuids)
+    for uuid in uuids[:APPLY_BATCH - 1]:
+        assert journal.delete_logged(uuid)
+    assert _sql_state(path, uuids[0]) == UPLOADED
+    assert journal.delete_logged(uuids[APPLY_BATCH - 1])  # the batch is full: one commit
+    assert {_sql_state(path, u) for u in uuids[:APPLY_BATCH]} == {PENDING_DELETE}
+    assert journal.delete_logged(uuids[-1], forget=True)
+    assert _sql_state(path, uuids[-1]) == UPLOADED
+    journal.touch({uuids[0]: 1.0})  # any write commits the kept changes first
+    assert _sql_state(path, uuids[-1]) is None
+    journal.close()
+
+
+def test_stats_in_another_process_count_logged_deletes_as_pending(tmp_path: Path) -> None:
+    """`objfs status` and the tests' wait for an idle daemon read the journal read-only: a
+    delete logged a moment ago counts as pending there too, not as stored."""
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    uploaded, fresh = _uuids(2)
+    _uploaded(journal, [uploaded])
+    journal.put_pending(fresh, 7)
+    journal.set_cached(fresh, True)
+    assert journal.delete_logged(uploaded)
+    assert journal.delete_logged(fresh, forget=True)
+    for stats in (read_stats(path), journal.stats()):
+        assert (stats.pending_deletes, stats.uploaded, stats.pending_uploads,
+                stats.pending_upload_bytes, stats.cached_entries) == (2, 0, 0, 0, 0)
+    assert journal.checkpoint_deletes()
+    stats = read_stats(path)
+    assert (stats.pending_deletes, stats.uploaded, stats.pending_uploads) == (1, 0, 0)
+    journal.close()
+
+
+def test_reading_a_missing_or_foreign_log_finds_nothing(tmp_path: Path) -> None:
+    assert deletelog.read_logged(tmp_path / "none.log") == []
+    (tmp_path / "short.log").write_bytes(b"x" * 100)
+    assert deletelog.read_logged(tmp_path / "short.log") == []
+    log = DeleteLog(tmp_path / "d.log")
+    uuids = _uuids(3)
+    for uuid in uuids:
+        log.append(uuid)
+    assert deletelog.read_logged(tmp_path / "d.log") == uuids
+    log.close()

@@ -293,6 +293,7 @@ class Writeback(Fetch):
         if not self.inventory_done and not self.shared:
             self._deleted_during_inventory.add(uuid)
         self._unlinking.add(uuid)
+        dropped = False  # the copy left data/ with nothing awaited since
         try:
             if row.state == PENDING_UPLOAD and uuid in self._fresh:
                 # Never sent to the bucket: forgetting it locally is the whole delete (Orthanc
@@ -315,6 +316,7 @@ class Writeback(Fetch):
 
                     if self._log_delete(uuid):
                         drop_copy()
+                        dropped = True
                     else:
                         await self._j_meanwhile(drop_copy, self.journal.mark_pending_delete,
                                                 uuid)
@@ -327,7 +329,8 @@ class Writeback(Fetch):
         # Decided now, not from `row` (read before the awaits above): eviction may have
         # removed the copy meanwhile, and its space must be given back exactly once (a copy
         # already dropped during the commit is not there any more).
-        self._drop_local(uuid, row.size)
+        if not dropped:
+            self._drop_local(uuid, row.size)
 
     def _log_delete(self, uuid: str, forget: bool = False) -> bool:
         """`journal.delete_logged` (durable when True), unless this disk proved too slow for
