@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import logging
 import sqlite3
 import threading
 import time
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from objfs.deletelog import DeleteLog, read_logged
+
+log = logging.getLogger(__name__)
 
 # The delete log's file name, beside the database.
 DELETE_LOG = "deletes.log"
@@ -190,14 +193,19 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
-            if self._deletes is not None:
-                # Lazily, as before: the log keeps them durable until the replay.
-                self._apply_locked()
-            for db in {self._db, self._lazy, self._reader}:
-                db.close()
-            if self._deletes is not None:
-                self._deletes.close()
-                self._deletes = None
+            try:
+                if self._deletes is not None:
+                    # Lazily: until the next open replays it, the log holds them durably.
+                    self._apply_locked()
+            except sqlite3.Error as exc:
+                log.warning("the journal closes with %d deletes only in its delete log (%s): "
+                            "the next start replays them", len(self._unapplied), exc)
+            finally:
+                for db in {self._db, self._lazy, self._reader}:
+                    db.close()
+                if self._deletes is not None:
+                    self._deletes.close()
+                    self._deletes = None
 
     def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True,
                rows: Iterable[str] | None = None) -> None:

@@ -4,6 +4,7 @@ finds after appends, resets, torn writes and a damaged header."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import uuid as uuid_mod
 from pathlib import Path
@@ -323,3 +324,24 @@ def test_reading_a_missing_or_foreign_log_finds_nothing(tmp_path: Path) -> None:
         log.append(uuid)
     assert deletelog.read_logged(tmp_path / "d.log") == uuids
     log.close()
+
+
+def test_a_journal_that_cannot_apply_its_kept_deletes_still_closes_and_replays_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    gone, = _uuids(1)
+    _uploaded(journal, [gone])
+    assert journal.delete_logged(gone)
+
+    def disk_full() -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(journal, "_apply_locked", disk_full)
+    journal.close()
+    assert "1 deletes only in its delete log" in caplog.text
+    assert _sql_state(path, gone) == UPLOADED
+    again = Journal(path)
+    assert again.get(gone).state == PENDING_DELETE  # type: ignore[union-attr]
+    again.close()
