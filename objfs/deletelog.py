@@ -47,6 +47,18 @@ def _unsealed(slot: bytes, size: int) -> bytes | None:
     return body
 
 
+def _generation_of(data: bytes) -> int | None:
+    """The generation in a whole log's content (`SLOTS` slots), or None when it is not of
+    that size or its header does not verify."""
+    if len(data) != SLOT * SLOTS:
+        return None
+    header = _unsealed(data[:SLOT], _HEADER.size)
+    if header is None:
+        return None
+    magic, generation = _HEADER.unpack(header)
+    return int(generation) if magic == MAGIC else None
+
+
 def _records(data: bytes, generation: int) -> list[str]:
     """The uuids of `generation` in a log's content, in order (up to the first slot that does
     not verify or belongs to another generation)."""
@@ -69,10 +81,8 @@ def read_logged(path: Path) -> list[str]:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
-    header = _unsealed(data[:SLOT], _HEADER.size) if len(data) == SLOT * SLOTS else None
-    if header is None or _HEADER.unpack(header)[0] != MAGIC:
-        return []
-    return _records(data, _HEADER.unpack(header)[1])
+    generation = _generation_of(data)
+    return [] if generation is None else _records(data, generation)
 
 
 class DeleteLog:
@@ -95,13 +105,11 @@ class DeleteLog:
             raise
         self.generation = 0
         self.count = 0
-        header = None
-        if os.fstat(self._fd).st_size == SLOT * SLOTS:
-            header = _unsealed(os.pread(self._fd, SLOT, 0), _HEADER.size)
-        if header is None or _HEADER.unpack(header)[0] != MAGIC:
+        generation = _generation_of(os.pread(self._fd, SLOT * SLOTS + 1, 0))
+        if generation is None:
             self._make()
             return
-        self.generation = _HEADER.unpack(header)[1]
+        self.generation = generation
         self.count = len(self.pending())
 
     def _make(self) -> None:

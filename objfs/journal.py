@@ -252,8 +252,6 @@ class Journal:
             return
         with self._cache_lock:
             batch = dict(self._unapplied)
-        if not batch:
-            return
         forgotten = [(uuid,) for uuid, row in batch.items() if row is None]
         self._lazy.execute("BEGIN")
         try:
@@ -269,7 +267,7 @@ class Journal:
         with self._cache_lock:
             self._generation += 1
             for uuid, row in batch.items():
-                if self._unapplied.get(uuid, batch) is row:
+                if uuid in self._unapplied and self._unapplied[uuid] is row:  # not replaced
                     del self._unapplied[uuid]
                 self._rows.pop(uuid, None)
 
@@ -401,6 +399,7 @@ class Journal:
         row = self.get(uuid)
         if row is None:
             return False
+        # What `_MARK_DELETED` (or, forgotten, `_FORGET_ROW`) will make of the row.
         changed = None if forget else dataclasses.replace(row, state=PENDING_DELETE,
                                                           cached=False)
         with self._cache_lock:
@@ -541,7 +540,7 @@ class Journal:
         hidden = self._hidden()
         # Enough rows that one is not a delete kept in memory, if there is one (Orthanc
         # removes a directory right after deleting a file in it: usually one is hidden).
-        skip = sum(1 for uuid in hidden if uuid.startswith(prefix)) if hidden else 0
+        skip = sum(1 for uuid in hidden if uuid.startswith(prefix))
         found = self._reader.execute(
             "SELECT uuid FROM attachments WHERE uuid >= ? AND uuid < ? AND state != ? LIMIT ?",
             (prefix, upper, PENDING_DELETE, skip + 1)).fetchall()
