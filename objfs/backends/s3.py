@@ -8,12 +8,16 @@ hashing it cost about 0.8 ms of CPU per MB sent. Timeouts and SDK retries come f
 the configuration so that no call can block for long; objfs' own retry policy sits above.
 Timestamps in answers are parsed by `parse_timestamp`, not by botocore's default (dateutil),
 which took half the CPU of a listing page (inventories, audits, shared-bucket confirmations).
+Downloads go through `objfs.backends.s3get` (signed by objfs, over `http.client`) unless
+`DirectGet` is false or an HTTP proxy is configured; what it does not handle itself (redirects,
+400/403) is sent again through botocore.
 """
 
 from __future__ import annotations
 
 import datetime
 import email.utils
+import logging
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -21,15 +25,19 @@ from typing import IO, Any
 
 import boto3
 import botocore.exceptions as bx
+import botocore.httpsession
 import botocore.session
 import botocore.utils
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from objfs import errors
+from objfs import errors, sigv4
 from objfs.backends.base import ObjectInfo, ThreadedBackend
+from objfs.backends.s3get import DirectGet, Fallback, bucket_url, proxied
 from objfs.config import S3Settings
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 PARTS_IN_FLIGHT = 4
@@ -92,6 +100,31 @@ class S3Backend(ThreadedBackend):
             self.extra["ACL"] = cfg.acl
         if cfg.tags:
             self.extra["Tagging"] = urllib.parse.urlencode(cfg.tags)
+        self.direct = self._direct_get(core, session) if cfg.direct_get else None
+
+    def _direct_get(self, core: botocore.session.Session,
+                    session: boto3.session.Session) -> DirectGet | None:
+        """The direct GET for this bucket, on botocore's URL, credentials and CA bundle; None
+        (every GET through botocore) behind an HTTP proxy or without credentials."""
+        endpoint = str(self.client.meta.endpoint_url)
+        scheme, host, _, _ = bucket_url(endpoint, self.bucket, self.cfg.virtual_addressing)
+        if proxied(scheme, host):
+            log.info("S3: downloads go through botocore (an HTTP proxy is configured)")
+            return None
+        found = session.get_credentials()
+        if found is None:
+            return None  # botocore raises NoCredentialsError on the first request
+
+        def credentials() -> sigv4.Credentials:
+            frozen = found.get_frozen_credentials()  # refreshed as botocore refreshes them
+            return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+        ca_bundle = core.get_config_variable("ca_bundle") or \
+            botocore.httpsession.get_cert_path(True)
+        return DirectGet(endpoint, self.bucket, self.cfg.virtual_addressing,
+                         str(self.client.meta.region_name), credentials,
+                         self.cfg.connect_timeout, self.cfg.request_timeout, ca_bundle,
+                         self.cfg.max_connections)
 
     def translate(self, exc: Exception, key: str, op: str) -> errors.ObjfsError:
         if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
@@ -131,6 +164,14 @@ class S3Backend(ThreadedBackend):
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.extra)
 
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
+        if length == 0:
+            return 0
+        if self.direct is not None:
+            try:
+                return self.direct.get(key, out, offset, length)
+            except Fallback as answer:
+                log.debug("s3://%s/%s: %s to a direct GET; asking through botocore",
+                          self.bucket, key, answer)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if offset or length is not None:
             if length == 0:
@@ -219,6 +260,8 @@ class S3Backend(ThreadedBackend):
                          ExtraArgs=extra, Config=self.transfer)
 
     async def aclose(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
         self.client.close()
 
 

@@ -85,6 +85,7 @@ class S3Settings:
     sse_kms_key_id: str | None
     acl: str | None
     chunk_size: int
+    direct_get: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,208 @@
+"""The S3 backend's direct GET (objfs.backends.s3get): what it does with every kind of
+answer, against moto and against a scripted HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from objfs import errors
+from objfs.backends.s3 import S3Backend
+from objfs.backends.s3get import bucket_url
+from objfs.config import settings_from_tree
+from tests.support.emulators import MotoServer
+
+BODY = bytes(range(256)) * 2048  # 512 KiB
+
+
+def backend_at(endpoint: str, bucket: str = "b", **extra: Any) -> S3Backend:
+    settings = settings_from_tree({"AwsS3Storage": {
+        "BucketName": bucket, "Region": "us-east-1", "Endpoint": endpoint,
+        "AccessKey": "a", "SecretKey": "s", "VirtualAddressing": False, "ConnectTimeout": 1,
+        "RequestTimeout": 2, "MaxRetries": 0, **extra}})
+    assert settings.s3 is not None
+    return S3Backend(settings.s3)
+
+
+def crc32(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+class Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers by the key's name; records (path, connection, user agent) of every request."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, int, str]]
+    connections: Iterator[int]
+
+    def setup(self) -> None:
+        super().setup()
+        self.number = next(self.connections)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(headers.pop("length", len(body))))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
+        name = self.path.rsplit("/", 1)[-1]
+        if name == "good":
+            self._send(200, BODY, x_amz_checksum_crc32=crc32(BODY))
+        elif name == "good-then-close":  # kept alive by the answer, closed right after
+            self._send(200, BODY)
+            self.close_connection = True
+        elif name == "damaged":
+            self._send(200, BODY[:-1] + b"!", x_amz_checksum_crc32=crc32(BODY))
+        elif name == "composite":
+            self._send(200, BODY, x_amz_checksum_crc32="AAAAAA==-3")
+        elif name == "short":
+            self._send(200, BODY[:1000], length=str(len(BODY)))
+            self.close_connection = True
+        elif name == "slow-down":
+            self._send(503, b"<Error><Code>SlowDown</Code><Message>Reduce your request rate"
+                       b"</Message></Error>")
+        elif name == "moved":
+            self._send(301, b"<Error><Code>PermanentRedirect</Code></Error>")
+        else:
+            self._send(404, b"<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>")
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, list[tuple[str, int, str]]]]:
+    seen: list[tuple[str, int, str]] = []
+    counter = iter(range(1, 1_000_000))
+    handler = type("Handler", (Scripted,), {"seen": seen, "connections": counter})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_answers_are_read_checked_and_connections_kept(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    assert backend.direct is not None
+    out = tmp_path / "o"
+    for _ in range(3):
+        assert await backend.get("ab/good", out) == len(BODY)
+        assert out.read_bytes() == BODY
+    assert await backend.get("composite", out) == len(BODY)  # per-part sums: not checked
+    assert [path for path, _, _ in seen] == ["/b/ab/good"] * 3 + ["/b/composite"]
+    assert {connection for _, connection, _ in seen} == {1}  # one kept connection
+    assert all("Botocore" not in agent for _, _, agent in seen)
+    with pytest.raises(errors.Unavailable, match="CRC32"):
+        await backend.get("damaged", out)
+    with pytest.raises(errors.Unavailable):
+        await backend.get("short", out)
+    with pytest.raises(errors.Throttled, match="SlowDown"):
+        await backend.get("slow-down", out)
+    with pytest.raises(errors.NotFound, match="NoSuchKey"):
+        await backend.get("missing", out)
+
+
+async def test_a_kept_connection_the_server_closed_is_retried_once(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    out = tmp_path / "o"
+    await backend.get("good-then-close", out)
+    assert await backend.get("good", out) == len(BODY)
+    assert [(path, connection) for path, connection, _ in seen] == [
+        ("/b/good-then-close", 1), ("/b/good", 2)]
+
+
+async def test_answers_it_does_not_handle_go_to_botocore(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    with pytest.raises(errors.ObjfsError):
+        await backend.get("moved", tmp_path / "o")
+    agents = [agent for path, _, agent in seen if path == "/b/moved"]
+    assert len(agents) == 2 and "Botocore" not in agents[0] and "Botocore" in agents[1]
+
+
+async def test_moto_checks_the_signature(tmp_path: Path) -> None:
+    """With signatures enforced, direct GETs with the right keys read, whole or in part;
+    wrong keys are Denied (botocore's answer, after the direct GET's 403)."""
+    moto = MotoServer(tmp_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    try:
+        good = _user_keys(moto)
+        backend = backend_at(moto.endpoint, "direct-authed", **good)
+        backend.client.create_bucket(Bucket="direct-authed")
+        source = tmp_path / "src"
+        source.write_bytes(BODY)
+        await backend.put("ab/k.dcm", source)
+        out = tmp_path / "o"
+        assert backend.direct is not None
+        with open(out, "wb") as f:  # the direct path itself, no fallback possible
+            assert backend.direct.get("ab/k.dcm", f, 0, None) == len(BODY)
+        assert out.read_bytes() == BODY
+        assert await backend.get("ab/k.dcm", out, 1000, 24) == 24
+        assert out.read_bytes() == BODY[1000:1024]
+        assert await backend.get("ab/k.dcm", out, len(BODY) + 5) == 0
+        with pytest.raises(errors.NotFound):
+            await backend.get("ab/none.dcm", out)
+        wrong = backend_at(moto.endpoint, "direct-authed", **{**good, "SecretKey": "nope"})
+        with pytest.raises(errors.Denied):
+            await wrong.get("ab/k.dcm", out)
+        with pytest.raises(errors.BucketMissing):
+            await backend_at(moto.endpoint, "no-such-direct", **good).get("k", out)
+    finally:
+        moto.stop()
+
+
+def _user_keys(moto: MotoServer) -> dict[str, str]:
+    """Keys of a user moto knows, once its first unauthenticated calls made it."""
+    iam = boto3.client("iam", endpoint_url=moto.endpoint, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")
+    iam.create_user(UserName="objfs")
+    iam.put_user_policy(UserName="objfs", PolicyName="all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    created = iam.create_access_key(UserName="objfs")["AccessKey"]
+    return {"AccessKey": created["AccessKeyId"], "SecretKey": created["SecretAccessKey"]}
+
+
+def test_off_by_option_or_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backend_at("http://127.0.0.1:9", DirectGet=False).direct is None
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:3128")
+    monkeypatch.setenv("no_proxy", "")
+    assert backend_at("http://10.1.2.3:9000").direct is None
+    monkeypatch.setenv("no_proxy", "10.1.2.3")
+    assert backend_at("http://10.1.2.3:9000").direct is not None
+
+
+@pytest.mark.parametrize(("endpoint", "bucket", "virtual", "expected"), [
+    ("https://s3.eu-west-1.amazonaws.com", "my-bucket", True,
+     ("https", "my-bucket.s3.eu-west-1.amazonaws.com", 443, "")),
+    ("https://s3.eu-west-1.amazonaws.com", "my.dotted.bucket", True,
+     ("https", "s3.eu-west-1.amazonaws.com", 443, "/my.dotted.bucket")),
+    ("https://minio.example.org:9000", "b1x", False,
+     ("https", "minio.example.org", 9000, "/b1x")),
+    ("http://127.0.0.1:9000", "bucket", True, ("http", "127.0.0.1", 9000, "/bucket")),
+    ("http://gw.example.org/s3/", "bucket", False, ("http", "gw.example.org", 80, "/s3/bucket")),
+])
+def test_bucket_urls_follow_botocores_addressing(endpoint: str, bucket: str, virtual: bool,
+                                                 expected: tuple[str, str, int, str]) -> None:
+    assert bucket_url(endpoint, bucket, virtual) == expected
