@@ -1,7 +1,7 @@
-"""AWS Signature Version 4 for S3 requests without a body (GET, HEAD), as a pure function.
+"""AWS Signature Version 4 for S3 requests, as a pure function.
 
-Used by the S3 backend's direct GET (`objfs.backends.s3get`), which skips botocore's request
-pipeline on the cold-read path. The algorithm is AWS's published one: a canonical request
+Used by the S3 backend's direct requests (`objfs.backends.s3direct`), which skip botocore's
+request pipeline for GETs and single PUTs. The algorithm is AWS's published one: a canonical request
 (method, URI-encoded path, sorted query, lower-cased signed headers, payload hash), a string to
 sign over its SHA-256, and an HMAC chain keyed by the secret through date, region, service and
 "aws4_request". The signing key depends only on the secret, day, region and service, so it is
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# The payload hash of a body sent unsigned (its integrity: a signed checksum header).
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 
 
 @dataclass(frozen=True)
@@ -69,24 +71,25 @@ class SigningKeys:
 def sign(method: str, host: str, path: str, headers: Mapping[str, str],
          credentials: Credentials, region: str, now: datetime.datetime,
          query: Mapping[str, str] | None = None, service: str = "s3",
-         keys: SigningKeys | None = None) -> dict[str, str]:
-    """The headers to send for a body-less request: `headers` (names lower-cased, all of them
-    signed) plus host, x-amz-date, x-amz-content-sha256, x-amz-security-token (temporary
-    credentials) and authorization. `host` is the Host header as sent (with a non-default
-    port); `path` the encoded path (`uri_path`); `now` an aware UTC time."""
+         keys: SigningKeys | None = None, payload_hash: str = EMPTY_SHA256) -> dict[str, str]:
+    """The headers to send: `headers` (names lower-cased, all of them signed) plus host,
+    x-amz-date, x-amz-content-sha256 (`payload_hash`: the empty body's by default, or
+    UNSIGNED_PAYLOAD), x-amz-security-token (temporary credentials) and authorization.
+    `host` is the Host header as sent (with a non-default port); `path` the encoded path
+    (`uri_path`); `now` an aware UTC time."""
     stamp = now.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     day = stamp[:8]
     signed = {k.lower(): " ".join(str(v).split()) for k, v in headers.items()}
     signed["host"] = host
     signed["x-amz-date"] = stamp
-    signed["x-amz-content-sha256"] = EMPTY_SHA256
+    signed["x-amz-content-sha256"] = payload_hash
     if credentials.token:
         signed["x-amz-security-token"] = credentials.token
     names = sorted(signed)
     signed_names = ";".join(names)
     canonical = "\n".join([method, path, _canonical_query(query or {}),
                            *(f"{n}:{signed[n]}" for n in names), "", signed_names,
-                           EMPTY_SHA256])
+                           payload_hash])
     scope = f"{day}/{region}/{service}/aws4_request"
     to_sign = "\n".join([ALGORITHM, stamp, scope,
                          hashlib.sha256(canonical.encode()).hexdigest()])

@@ -8,8 +8,8 @@ hashing it cost about 0.8 ms of CPU per MB sent. Timeouts and SDK retries come f
 the configuration so that no call can block for long; objfs' own retry policy sits above.
 Timestamps in answers are parsed by `parse_timestamp`, not by botocore's default (dateutil),
 which took half the CPU of a listing page (inventories, audits, shared-bucket confirmations).
-Downloads go through `objfs.backends.s3get` (signed by objfs, over `http.client`) unless
-`DirectGet` is false or an HTTP proxy is configured; what it does not handle itself (redirects,
+Downloads go through `objfs.backends.s3direct` (signed by objfs, over `http.client`) unless
+`DirectS3` is false or an HTTP proxy is configured; what it does not handle itself (redirects,
 400/403) is sent again through botocore.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import logging
+import os
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ from botocore.config import Config
 
 from objfs import errors, sigv4
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.s3get import DirectGet, Fallback, bucket_url, proxied
+from objfs.backends.s3direct import DirectS3, Fallback, bucket_url, proxied
 from objfs.config import S3Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
            "InvalidToken", "AllAccessDisabled", "AccountProblem"}
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
               "TooManyRequests", "503"}
+# put_object's parameters in `extra` and the headers they become.
+_PUT_HEADERS = (("StorageClass", "x-amz-storage-class"),
+                ("ServerSideEncryption", "x-amz-server-side-encryption"),
+                ("SSEKMSKeyId", "x-amz-server-side-encryption-aws-kms-key-id"),
+                ("ACL", "x-amz-acl"), ("Tagging", "x-amz-tagging"))
 _TRANSIENT = {"RequestTimeout", "InternalError", "ServiceUnavailable", "500",
               "RequestTimeTooSkewed"}
 
@@ -100,16 +106,19 @@ class S3Backend(ThreadedBackend):
             self.extra["ACL"] = cfg.acl
         if cfg.tags:
             self.extra["Tagging"] = urllib.parse.urlencode(cfg.tags)
-        self.direct = self._direct_get(core, session) if cfg.direct_get else None
+        # The same as headers, for direct PUTs.
+        self.put_headers = {header: str(self.extra[name]) for name, header in _PUT_HEADERS
+                            if name in self.extra}
+        self.direct = self._direct_requests(core, session) if cfg.direct_requests else None
 
-    def _direct_get(self, core: botocore.session.Session,
-                    session: boto3.session.Session) -> DirectGet | None:
-        """The direct GET for this bucket, on botocore's URL, credentials and CA bundle; None
-        (every GET through botocore) behind an HTTP proxy or without credentials."""
+    def _direct_requests(self, core: botocore.session.Session,
+                    session: boto3.session.Session) -> DirectS3 | None:
+        """Direct requests to this bucket, on botocore's URL, credentials and CA bundle; None
+        (every request through botocore) behind an HTTP proxy or without credentials."""
         endpoint = str(self.client.meta.endpoint_url)
         scheme, host, _, _ = bucket_url(endpoint, self.bucket, self.cfg.virtual_addressing)
         if proxied(scheme, host):
-            log.info("S3: downloads go through botocore (an HTTP proxy is configured)")
+            log.info("S3: every request goes through botocore (an HTTP proxy is configured)")
             return None
         found = session.get_credentials()
         if found is None:
@@ -121,7 +130,7 @@ class S3Backend(ThreadedBackend):
 
         ca_bundle = core.get_config_variable("ca_bundle") or \
             botocore.httpsession.get_cert_path(True)
-        return DirectGet(endpoint, self.bucket, self.cfg.virtual_addressing,
+        return DirectS3(endpoint, self.bucket, self.cfg.virtual_addressing,
                          str(self.client.meta.region_name), credentials,
                          self.cfg.connect_timeout, self.cfg.request_timeout, ca_bundle,
                          self.cfg.max_connections)
@@ -161,6 +170,15 @@ class S3Backend(ThreadedBackend):
             return
         # One PUT: far less overhead than the transfer manager for Orthanc's typical files.
         with open(path, "rb") as body:
+            if self.direct is not None:
+                try:
+                    self.direct.put(key, body, os.fstat(body.fileno()).st_size,
+                                    self.put_headers)
+                    return
+                except Fallback as answer:
+                    log.debug("s3://%s/%s: %s to a direct PUT; sending through botocore",
+                              self.bucket, key, answer)
+                body.seek(0)
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.extra)
 
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:

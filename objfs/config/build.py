@@ -219,7 +219,7 @@ def _s3(raw: Mapping[str, Any], values: Mapping[str, Any]) -> S3Settings:
         server_side_encryption=_enum_or_none(ServerSideEncryption,
                                              values["ServerSideEncryption"]),
         sse_kms_key_id=values["SseKmsKeyId"], acl=values["ObjectAcl"],
-        chunk_size=values["ChunkSize"] * MIB, direct_get=values["DirectGet"],
+        chunk_size=values["ChunkSize"] * MIB, direct_requests=values["DirectRequests"],
     )
 
 

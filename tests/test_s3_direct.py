@@ -1,5 +1,6 @@
-"""The S3 backend's direct GET (objfs.backends.s3get): what it does with every kind of
-answer, against moto and against a scripted HTTP server on 127.0.0.1."""
+"""The S3 backend's direct GETs and PUTs (objfs.backends.s3direct): what they send and what
+they do with every kind of answer, against moto and against a scripted HTTP server on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from objfs import errors
 from objfs.backends.s3 import S3Backend
-from objfs.backends.s3get import bucket_url
+from objfs.backends.s3direct import bucket_url
 from objfs.config import settings_from_tree
 from tests.support.emulators import MotoServer
 
@@ -42,6 +43,7 @@ class Scripted(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     seen: list[tuple[str, int, str]]
+    puts: list[tuple[dict[str, str], bytes]]
     connections: Iterator[int]
 
     def setup(self) -> None:
@@ -58,6 +60,24 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             self.send_header(name.replace("_", "-"), value)
         self.end_headers()
         self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        length = int(self.headers["Content-Length"])
+        name = self.path.rsplit("/", 1)[-1]
+        if name == "reset-early":  # answers (and closes) before reading the body
+            self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
+            self._send(403, b"<Error><Code>AccessDenied</Code></Error>")
+            self.close_connection = True
+            return
+        body = self.rfile.read(length)
+        self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
+        self.puts.append((dict(self.headers.items()), body))
+        if name == "slow-down":
+            self._send(503, b"<Error><Code>SlowDown</Code></Error>")
+        elif name == "too-large":
+            self._send(400, b"<Error><Code>EntityTooLarge</Code></Error>")
+        else:
+            self._send(200, b"")
 
     def do_GET(self) -> None:
         self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
@@ -83,11 +103,15 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             self._send(404, b"<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>")
 
 
+PUTS: list[tuple[dict[str, str], bytes]] = []
+
+
 @pytest.fixture
 def scripted() -> Iterator[tuple[str, list[tuple[str, int, str]]]]:
     seen: list[tuple[str, int, str]] = []
+    PUTS.clear()
     counter = iter(range(1, 1_000_000))
-    handler = type("Handler", (Scripted,), {"seen": seen, "connections": counter})
+    handler = type("Handler", (Scripted,), {"seen": seen, "puts": PUTS, "connections": counter})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -142,9 +166,45 @@ async def test_answers_it_does_not_handle_go_to_botocore(
     assert len(agents) == 2 and "Botocore" not in agents[0] and "Botocore" in agents[1]
 
 
+async def test_puts_send_an_unsigned_body_with_its_crc32_and_the_objects_headers(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint, StorageClass="STANDARD_IA", ServerSideEncryption="aws:kms",
+                         SseKmsKeyId="key-1", ObjectAcl="bucket-owner-full-control",
+                         Tags={"site": "a b", "kind": "dicom"})
+    source = tmp_path / "src"
+    source.write_bytes(BODY)
+    for _ in range(2):
+        await backend.put("ab/k.dcm", source)
+    assert [(path, connection) for path, connection, _ in seen] == [("/b/ab/k.dcm", 1)] * 2
+    headers, body = PUTS[0]
+    assert body == BODY
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert lower["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    assert lower["x-amz-checksum-crc32"] == crc32(BODY)
+    assert lower["x-amz-storage-class"] == "STANDARD_IA"
+    assert lower["x-amz-server-side-encryption"] == "aws:kms"
+    assert lower["x-amz-server-side-encryption-aws-kms-key-id"] == "key-1"
+    assert lower["x-amz-acl"] == "bucket-owner-full-control"
+    assert lower["x-amz-tagging"] == "site=a+b&kind=dicom"
+    signed = lower["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert {"x-amz-checksum-crc32", "x-amz-storage-class", "x-amz-tagging", "host"} <= set(signed)
+    with pytest.raises(errors.Throttled):
+        await backend.put("slow-down", source)
+    # What the direct PUT leaves to botocore: a 400, and an answer before the body was read.
+    for name, error in (("too-large", errors.TooLarge), ("reset-early", errors.Denied)):
+        before = len(seen)
+        with pytest.raises(error):
+            await backend.put(name, source)
+        agents = [agent for path, _, agent in seen[before:] if path == f"/b/{name}"]
+        assert "Botocore" not in agents[0] and all("Botocore" in a for a in agents[1:]), agents
+        assert len(agents) >= 2
+
+
 async def test_moto_checks_the_signature(tmp_path: Path) -> None:
-    """With signatures enforced, direct GETs with the right keys read, whole or in part;
-    wrong keys are Denied (botocore's answer, after the direct GET's 403)."""
+    """With signatures enforced, direct PUTs and GETs with the right keys store and read,
+    whole or in part; wrong keys are Denied (botocore's answer, after the direct GET's
+    403)."""
     moto = MotoServer(tmp_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
         good = _user_keys(moto)
@@ -152,7 +212,9 @@ async def test_moto_checks_the_signature(tmp_path: Path) -> None:
         backend.client.create_bucket(Bucket="direct-authed")
         source = tmp_path / "src"
         source.write_bytes(BODY)
-        await backend.put("ab/k.dcm", source)
+        await backend.put("ab/k.dcm", source)  # direct, signature checked
+        stored = backend.client.get_object(Bucket="direct-authed", Key="ab/k.dcm")
+        assert stored["Body"].read() == BODY
         out = tmp_path / "o"
         assert backend.direct is not None
         with open(out, "wb") as f:  # the direct path itself, no fallback possible
@@ -166,6 +228,8 @@ async def test_moto_checks_the_signature(tmp_path: Path) -> None:
         wrong = backend_at(moto.endpoint, "direct-authed", **{**good, "SecretKey": "nope"})
         with pytest.raises(errors.Denied):
             await wrong.get("ab/k.dcm", out)
+        with pytest.raises(errors.Denied):
+            await wrong.put("ab/k2.dcm", source)
         with pytest.raises(errors.BucketMissing):
             await backend_at(moto.endpoint, "no-such-direct", **good).get("k", out)
     finally:
@@ -185,7 +249,7 @@ def _user_keys(moto: MotoServer) -> dict[str, str]:
 
 
 def test_off_by_option_or_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert backend_at("http://127.0.0.1:9", DirectGet=False).direct is None
+    assert backend_at("http://127.0.0.1:9", DirectRequests=False).direct is None
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:3128")
     monkeypatch.setenv("no_proxy", "")
     assert backend_at("http://10.1.2.3:9000").direct is None
@@ -206,3 +270,21 @@ def test_off_by_option_or_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_bucket_urls_follow_botocores_addressing(endpoint: str, bucket: str, virtual: bool,
                                                  expected: tuple[str, str, int, str]) -> None:
     assert bucket_url(endpoint, bucket, virtual) == expected
+
+
+async def test_a_direct_put_stores_the_objects_settings(moto: MotoServer, bucket: str,
+                                                        tmp_path: Path) -> None:
+    backend = backend_at(moto.endpoint, bucket, StorageClass="STANDARD_IA",
+                         Tags={"site": "a b", "kind": "dicom"}, AccessKey="test",
+                         SecretKey="test")
+    assert backend.direct is not None
+    source = tmp_path / "src"
+    source.write_bytes(BODY)
+    await backend.put("ab/k.dcm", source)
+    client = moto.client()
+    head = client.head_object(Bucket=bucket, Key="ab/k.dcm", ChecksumMode="ENABLED")
+    assert head["StorageClass"] == "STANDARD_IA"
+    assert head["ChecksumCRC32"] == crc32(BODY)
+    tags = client.get_object_tagging(Bucket=bucket, Key="ab/k.dcm")["TagSet"]
+    assert sorted((t["Key"], t["Value"]) for t in tags) == [("kind", "dicom"), ("site", "a b")]
+    assert moto.raw_get(bucket, "ab/k.dcm") == BODY
