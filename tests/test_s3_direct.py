@@ -143,6 +143,11 @@ async def test_answers_are_read_checked_and_connections_kept(
         await backend.get("slow-down", out)
     with pytest.raises(errors.NotFound, match="NoSuchKey"):
         await backend.get("missing", out)
+    await backend.get("ab/good", out)
+    await backend.aclose()  # the kept connection closes; none is kept after
+    await backend.get("ab/good", out)
+    assert seen[-1][1] != seen[-2][1]
+    assert backend.direct._idle == []
 
 
 async def test_a_kept_connection_the_server_closed_is_retried_once(

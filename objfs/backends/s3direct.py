@@ -98,7 +98,9 @@ class DirectS3:
                         if self.scheme == "https" else None)
         self.keys = sigv4.SigningKeys()
         self.pool_size = pool_size
-        self._idle: list[http.client.HTTPConnection] = []  # guarded by _lock
+        # Idle kept connections; after `close`, none is kept (both guarded by _lock).
+        self._idle: list[http.client.HTTPConnection] = []
+        self._closed = False
         self._lock = threading.Lock()
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
@@ -115,13 +117,15 @@ class DirectS3:
 
     def _keep(self, connection: http.client.HTTPConnection) -> None:
         with self._lock:
-            if len(self._idle) < self.pool_size:
+            if not self._closed and len(self._idle) < self.pool_size:
                 self._idle.append(connection)
                 return
         connection.close()
 
     def close(self) -> None:
+        """Close the idle connections; those in use close when their request ends."""
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
