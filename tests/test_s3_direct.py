@@ -5,8 +5,11 @@ they do with every kind of answer, against moto and against a scripted HTTP serv
 from __future__ import annotations
 
 import base64
+import datetime
 import http.server
+import ipaddress
 import json
+import ssl
 import threading
 import zlib
 from collections.abc import Iterator
@@ -15,6 +18,10 @@ from typing import Any
 
 import boto3
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from objfs import errors
 from objfs.backends.s3 import S3Backend
@@ -293,3 +300,61 @@ async def test_a_direct_put_stores_the_objects_settings(moto: MotoServer, bucket
     tags = client.get_object_tagging(Bucket=bucket, Key="ab/k.dcm")["TagSet"]
     assert sorted((t["Key"], t["Value"]) for t in tags) == [("kind", "dicom"), ("site", "a b")]
     assert moto.raw_get(bucket, "ab/k.dcm") == BODY
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "objfs test bucket")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_https_with_the_ca_bundle_botocore_uses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over TLS the direct requests trust what botocore trusts (AWS_CA_BUNDLE here): with the
+    server's CA they read; without it the certificate is refused (Unavailable), never read."""
+    cert, key = self_signed(tmp_path)
+    PUTS.clear()
+    handler = type("Handler", (Scripted,), {"seen": [], "puts": PUTS,
+                                            "connections": iter(range(1, 1000))})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"https://127.0.0.1:{server.server_address[1]}"
+    out = tmp_path / "o"
+    source = tmp_path / "src"
+    source.write_bytes(BODY)
+    try:
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+        trusted = backend_at(endpoint)
+        assert trusted.direct is not None and trusted.direct.context is not None
+        for _ in range(2):
+            assert await trusted.get("ab/good", out) == len(BODY)
+            assert out.read_bytes() == BODY
+        await trusted.put("ab/k.dcm", source)
+        assert PUTS[-1][1] == BODY
+        monkeypatch.delenv("AWS_CA_BUNDLE")
+        out.unlink()
+        with pytest.raises(errors.Unavailable, match=r"(?i)certificate"):
+            await backend_at(endpoint).get("ab/good", out)
+        assert out.read_bytes() == b""
+    finally:
+        server.shutdown()
+        server.server_close()
