@@ -274,32 +274,30 @@ def test_off_by_option_or_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> Non
      ("https", "my-bucket.s3.eu-west-1.amazonaws.com", 443, "")),
     ("https://s3.eu-west-1.amazonaws.com", "my.dotted.bucket", True,
      ("https", "s3.eu-west-1.amazonaws.com", 443, "/my.dotted.bucket")),
+    (None, "my-bucket", True, ("https", "my-bucket.s3.eu-west-1.amazonaws.com", 443, "")),
     ("https://minio.example.org:9000", "b1x", False,
      ("https", "minio.example.org", 9000, "/b1x")),
+    ("http://minio.local:9000", "my.bucket", True,
+     ("http", "my.bucket.minio.local", 9000, "")),
     ("http://127.0.0.1:9000", "bucket", True, ("http", "127.0.0.1", 9000, "/bucket")),
     ("http://gw.example.org/s3/", "bucket", False, ("http", "gw.example.org", 80, "/s3/bucket")),
 ])
-def test_bucket_urls_follow_botocores_addressing(endpoint: str, bucket: str, virtual: bool,
-                                                 expected: tuple[str, str, int, str]) -> None:
-    assert bucket_url(endpoint, bucket, virtual) == expected
+def test_bucket_urls_are_botocores(endpoint: str | None, bucket: str, virtual: bool,
+                                   expected: tuple[str, str, int, str]) -> None:
+    settings = settings_from_tree({"AwsS3Storage": {
+        "BucketName": bucket, "Region": "eu-west-1", "AccessKey": "a", "SecretKey": "s",
+        "VirtualAddressing": virtual, **({"Endpoint": endpoint} if endpoint else {})}})
+    assert settings.s3 is not None
+    direct = S3Backend(settings.s3).direct
+    assert direct is not None
+    assert (direct.scheme, direct.host, direct.port, direct.prefix) == expected
 
 
-async def test_a_direct_put_stores_the_objects_settings(moto: MotoServer, bucket: str,
-                                                        tmp_path: Path) -> None:
-    backend = backend_at(moto.endpoint, bucket, StorageClass="STANDARD_IA",
-                         Tags={"site": "a b", "kind": "dicom"}, AccessKey="test",
-                         SecretKey="test")
-    assert backend.direct is not None
-    source = tmp_path / "src"
-    source.write_bytes(BODY)
-    await backend.put("ab/k.dcm", source)
-    client = moto.client()
-    head = client.head_object(Bucket=bucket, Key="ab/k.dcm", ChecksumMode="ENABLED")
-    assert head["StorageClass"] == "STANDARD_IA"
-    assert head["ChecksumCRC32"] == crc32(BODY)
-    tags = client.get_object_tagging(Bucket=bucket, Key="ab/k.dcm")["TagSet"]
-    assert sorted((t["Key"], t["Value"]) for t in tags) == [("kind", "dicom"), ("site", "a b")]
-    assert moto.raw_get(bucket, "ab/k.dcm") == BODY
+def test_a_bucket_url_is_an_objects_url_less_the_key() -> None:
+    assert bucket_url("https://h.example/p%20q/b/a%20b/%C3%A9", "a b/é") == (
+        "https", "h.example", 443, "/p q/b")
+    with pytest.raises(ValueError, match="not the URL"):
+        bucket_url("https://h.example/b/other", "k")
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

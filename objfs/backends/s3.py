@@ -8,9 +8,9 @@ hashing it cost about 0.8 ms of CPU per MB sent. Timeouts and SDK retries come f
 the configuration so that no call can block for long; objfs' own retry policy sits above.
 Timestamps in answers are parsed by `parse_timestamp`, not by botocore's default (dateutil),
 which took half the CPU of a listing page (inventories, audits, shared-bucket confirmations).
-Downloads go through `objfs.backends.s3direct` (signed by objfs, over `http.client`) unless
-`DirectS3` is false or an HTTP proxy is configured; what it does not handle itself (redirects,
-400/403) is sent again through botocore.
+GETs and single PUTs go through `objfs.backends.s3direct` (signed by objfs, over
+`http.client`) unless `DirectRequests` is false or an HTTP proxy is configured; what it does
+not handle itself (redirects, 400/403) is sent again through botocore.
 """
 
 from __future__ import annotations
@@ -112,17 +112,19 @@ class S3Backend(ThreadedBackend):
         self.direct = self._direct_requests(core, session) if cfg.direct_requests else None
 
     def _direct_requests(self, core: botocore.session.Session,
-                    session: boto3.session.Session) -> DirectS3 | None:
+                         session: boto3.session.Session) -> DirectS3 | None:
         """Direct requests to this bucket, on botocore's URL, credentials and CA bundle; None
         (every request through botocore) behind an HTTP proxy or without credentials."""
-        endpoint = str(self.client.meta.endpoint_url)
-        scheme, host, _, _ = bucket_url(endpoint, self.bucket, self.cfg.virtual_addressing)
-        if proxied(scheme, host):
-            log.info("S3: every request goes through botocore (an HTTP proxy is configured)")
-            return None
         found = session.get_credentials()
         if found is None:
             return None  # botocore raises NoCredentialsError on the first request
+        # botocore's own URL for an object (built offline, not sent): its addressing rules.
+        probe = "objfs-probe"
+        base = bucket_url(self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": probe}), probe)
+        if proxied(base[0], base[1]):
+            log.info("S3: every request goes through botocore (an HTTP proxy is configured)")
+            return None
 
         def credentials() -> sigv4.Credentials:
             frozen = found.get_frozen_credentials()  # refreshed as botocore refreshes them
@@ -130,10 +132,9 @@ class S3Backend(ThreadedBackend):
 
         ca_bundle = core.get_config_variable("ca_bundle") or \
             botocore.httpsession.get_cert_path(True)
-        return DirectS3(endpoint, self.bucket, self.cfg.virtual_addressing,
-                         str(self.client.meta.region_name), credentials,
-                         self.cfg.connect_timeout, self.cfg.request_timeout, ca_bundle,
-                         self.cfg.max_connections)
+        return DirectS3(base, str(self.client.meta.region_name), credentials,
+                        self.cfg.connect_timeout, self.cfg.request_timeout, ca_bundle,
+                        self.cfg.max_connections)
 
     def translate(self, exc: Exception, key: str, op: str) -> errors.ObjfsError:
         if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
@@ -192,8 +193,6 @@ class S3Backend(ThreadedBackend):
                           self.bucket, key, answer)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if offset or length is not None:
-            if length == 0:
-                return 0
             end = "" if length is None else str(offset + length - 1)
             args["Range"] = f"bytes={offset}-{end}"
         try:

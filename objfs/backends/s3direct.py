@@ -6,7 +6,7 @@ event hooks, the signer, urllib3, response parsing) against 0.7 ms for the same 
 `put_object` of the same size 1.4 ms. Every one of those milliseconds is taken under the GIL
 from the event loop that answers Orthanc.
 
-The contract is botocore's: the same URL (virtual-hosted or path style by botocore's rules),
+The contract is botocore's: the same URL (botocore builds it once, virtual-hosted or path style),
 the same credentials (botocore's resolved chain, refreshed as it refreshes them), the same CA
 bundle and timeouts; a GET asks for the object's CRC32 (`x-amz-checksum-mode: ENABLED`) and
 checks it when S3 sends one for the whole object; a PUT sends its body unsigned with a signed
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import http.client
-import ipaddress
 import re
 import socket
 import ssl
@@ -46,7 +45,6 @@ T = TypeVar("T")
 
 BUFFER = 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
-_DNS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 _TAG = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 # Errors kept connections show when the server closed them while idle.
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
@@ -57,23 +55,16 @@ class Fallback(Exception):
     """A request left to botocore (nothing was written into the caller's stream)."""
 
 
-def bucket_url(endpoint: str, bucket: str, virtual: bool) -> tuple[str, str, int, str]:
-    """(scheme, host, port, path prefix) of `bucket` at `endpoint` (botocore's base URL):
-    virtual-hosted when asked and the name allows it (DNS-compatible, no dots, the endpoint not
-    an IP address), else path style."""
-    parts = urllib.parse.urlsplit(endpoint)
+def bucket_url(object_url: str, key: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path prefix) of a bucket from the URL botocore builds for its
+    object `key` (virtual-hosted or path style, by botocore's own rules)."""
+    parts = urllib.parse.urlsplit(object_url)
     scheme = parts.scheme or "https"
-    host = parts.hostname or ""
+    path = urllib.parse.unquote(parts.path)
+    if not path.endswith("/" + key):
+        raise ValueError(f"{object_url}: not the URL of object {key}")
     port = parts.port or (443 if scheme == "https" else 80)
-    try:
-        ipaddress.ip_address(host)
-        is_ip = True
-    except ValueError:
-        is_ip = host == "localhost"
-    base = parts.path.rstrip("/")
-    if virtual and not is_ip and _DNS_BUCKET.match(bucket):
-        return scheme, f"{bucket}.{host}", port, base
-    return scheme, host, port, f"{base}/{bucket}"
+    return scheme, parts.hostname or "", port, path[:-len(key) - 1]
 
 
 def proxied(scheme: str, host: str) -> bool:
@@ -84,10 +75,11 @@ def proxied(scheme: str, host: str) -> bool:
 class DirectS3:
     """GETs and single PUTs of one bucket's objects over `http.client`; thread-safe."""
 
-    def __init__(self, endpoint: str, bucket: str, virtual: bool, region: str,
+    def __init__(self, base: tuple[str, str, int, str], region: str,
                  credentials: Callable[[], sigv4.Credentials], connect_timeout: float,
                  read_timeout: float, ca_bundle: str | None, pool_size: int) -> None:
-        self.scheme, self.host, self.port, self.prefix = bucket_url(endpoint, bucket, virtual)
+        """`base`: the bucket's (scheme, host, port, path prefix), from `bucket_url`."""
+        self.scheme, self.host, self.port, self.prefix = base
         default_port = 443 if self.scheme == "https" else 80
         self.host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
         self.region = region
@@ -246,7 +238,6 @@ class DirectS3:
             raise errors.Unavailable(f"{key}: the answer's CRC32 does not match the "
                                      f"object's ({checksum}): damaged in transit")
         return copied
-
 
 
 def _refused(response: http.client.HTTPResponse, operation: str) -> Exception:
