@@ -1,11 +1,11 @@
 """AWS Signature Version 4 for S3 requests, as a pure function.
 
 Used by the S3 backend's direct requests (`objfs.backends.s3direct`), which skip botocore's
-request pipeline for GETs and single PUTs. The algorithm is AWS's published one: a canonical request
-(method, URI-encoded path, sorted query, lower-cased signed headers, payload hash), a string to
-sign over its SHA-256, and an HMAC chain keyed by the secret through date, region, service and
-"aws4_request". The signing key depends only on the secret, day, region and service, so it is
-kept for the day (`SigningKeys`).
+request pipeline for GETs, HEADs and single PUTs. The algorithm is AWS's published one: a
+canonical request (method, URI-encoded path, sorted query, lower-cased signed headers, payload
+hash), a string to sign over its SHA-256, and an HMAC chain keyed by the secret through date,
+region, service and "aws4_request". The signing key depends only on the secret, day, region
+and service, so it is kept for the day (`SigningKeys`).
 
 No I/O, no SDK: the caller brings the credentials (with a session token when they are
 temporary) and the time. Tested against botocore's own signer.

@@ -86,6 +86,22 @@ class Scripted(http.server.BaseHTTPRequestHandler):
         else:
             self._send(200, b"")
 
+    def do_HEAD(self) -> None:
+        self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
+        name = self.path.rsplit("/", 1)[-1]
+        if name == "good":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+        elif name == "forbidden":
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
     def do_GET(self) -> None:
         self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
         name = self.path.rsplit("/", 1)[-1]
@@ -155,6 +171,22 @@ async def test_answers_are_read_checked_and_connections_kept(
     await backend.get("ab/good", out)
     assert seen[-1][1] != seen[-2][1]
     assert backend.direct._idle == []
+
+
+async def test_heads_tell_the_size_on_a_kept_connection(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    for _ in range(2):
+        assert (await backend.head("ab/good")).size == len(BODY)
+    with pytest.raises(errors.NotFound):
+        await backend.head("ab/missing")
+    assert [(path, connection) for path, connection, _ in seen] == [("/b/ab/good", 1)] * 2 + [
+        ("/b/ab/missing", 1)]
+    with pytest.raises(errors.Denied):  # botocore's answer, after the direct HEAD's 403
+        await backend.head("forbidden")
+    agents = [agent for path, _, agent in seen if path == "/b/forbidden"]
+    assert len(agents) >= 2 and "Botocore" not in agents[0] and "Botocore" in agents[1]
 
 
 async def test_a_kept_connection_the_server_closed_is_retried_once(
@@ -232,6 +264,7 @@ async def test_moto_checks_the_signature(tmp_path: Path) -> None:
         with open(out, "wb") as f:  # the direct path itself, no fallback possible
             assert backend.direct.get("ab/k.dcm", f, 0, None) == len(BODY)
         assert out.read_bytes() == BODY
+        assert (await backend.head("ab/k.dcm")).size == len(BODY)
         assert await backend.get("ab/k.dcm", out, 1000, 24) == 24
         assert out.read_bytes() == BODY[1000:1024]
         assert await backend.get("ab/k.dcm", out, len(BODY) + 5) == 0
@@ -242,6 +275,8 @@ async def test_moto_checks_the_signature(tmp_path: Path) -> None:
             await wrong.get("ab/k.dcm", out)
         with pytest.raises(errors.Denied):
             await wrong.put("ab/k2.dcm", source)
+        with pytest.raises(errors.Denied):
+            await wrong.head("ab/k.dcm")
         with pytest.raises(errors.BucketMissing):
             await backend_at(moto.endpoint, "no-such-direct", **good).get("k", out)
     finally:

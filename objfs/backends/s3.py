@@ -8,7 +8,7 @@ hashing it cost about 0.8 ms of CPU per MB sent. Timeouts and SDK retries come f
 the configuration so that no call can block for long; objfs' own retry policy sits above.
 Timestamps in answers are parsed by `parse_timestamp`, not by botocore's default (dateutil),
 which took half the CPU of a listing page (inventories, audits, shared-bucket confirmations).
-GETs and single PUTs go through `objfs.backends.s3direct` (signed by objfs, over
+GETs, HEADs and single PUTs go through `objfs.backends.s3direct` (signed by objfs, over
 `http.client`) unless `DirectRequests` is false or an HTTP proxy is configured; what it does
 not handle itself (redirects, 400/403) is sent again through botocore.
 """
@@ -212,6 +212,12 @@ class S3Backend(ThreadedBackend):
         return copied
 
     def _head_sync(self, key: str) -> ObjectInfo:
+        if self.direct is not None:
+            try:
+                return ObjectInfo(key, self.direct.head(key))
+            except Fallback as answer:
+                log.debug("s3://%s/%s: %s to a direct HEAD; asking through botocore",
+                          self.bucket, key, answer)
         response = self.client.head_object(Bucket=self.bucket, Key=key)
         return ObjectInfo(key, response["ContentLength"])
 
