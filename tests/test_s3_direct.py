@@ -122,6 +122,11 @@ class Scripted(http.server.BaseHTTPRequestHandler):
                        b"</Message></Error>")
         elif name == "moved":
             self._send(301, b"<Error><Code>PermanentRedirect</Code></Error>")
+        elif name == "botocore-only":  # refuses what is not botocore's
+            if "Botocore" in self.headers.get("User-Agent", ""):
+                self._send(200, BODY)
+            else:
+                self._send(400, b"<Error><Code>InvalidRequest</Code></Error>")
         else:
             self._send(404, b"<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>")
 
@@ -208,6 +213,29 @@ async def test_answers_it_does_not_handle_go_to_botocore(
         await backend.get("moved", tmp_path / "o")
     agents = [agent for path, _, agent in seen if path == "/b/moved"]
     assert len(agents) == 2 and "Botocore" not in agents[0] and "Botocore" in agents[1]
+
+
+async def test_direct_requests_end_when_botocore_keeps_succeeding_where_they_fail(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    out = tmp_path / "o"
+    await backend.get("ab/good", out)
+    for _ in range(2):
+        assert await backend.get("ab/botocore-only", out) == len(BODY)
+    await backend.get("ab/good", out)  # a direct success: the count starts again
+    for _ in range(2):
+        await backend.get("ab/botocore-only", out)
+    assert backend.direct is not None
+    await backend.get("ab/botocore-only", out)
+    assert backend.direct is None
+    assert "every request goes through botocore from now on" in caplog.text
+    before = len(seen)
+    assert await backend.get("ab/botocore-only", out) == len(BODY)
+    assert out.read_bytes() == BODY
+    assert [agent for _, _, agent in seen[before:]] != [] and all(
+        "Botocore" in agent for _, _, agent in seen[before:])
 
 
 async def test_puts_send_an_unsigned_body_with_its_crc32_and_the_objects_headers(

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 PARTS_IN_FLIGHT = 4
+# botocore carrying out this many requests in a row that the direct path was refused ends
+# the direct path.
+DIRECT_GIVE_UP = 3
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 # What S3-compatible servers without DeleteObjects answer to it.
@@ -110,6 +113,7 @@ class S3Backend(ThreadedBackend):
         self.put_headers = {header: str(self.extra[name]) for name, header in _PUT_HEADERS
                             if name in self.extra}
         self.direct = self._direct_requests(core, session) if cfg.direct_requests else None
+        self._discrepancies = 0  # see `_botocore_worked`
 
     def _direct_requests(self, core: botocore.session.Session,
                          session: boto3.session.Session) -> DirectS3 | None:
@@ -171,26 +175,31 @@ class S3Backend(ThreadedBackend):
             return
         # One PUT: far less overhead than the transfer manager for Orthanc's typical files.
         with open(path, "rb") as body:
-            if self.direct is not None:
+            direct = self.direct
+            refused: Fallback | None = None
+            if direct is not None:
                 try:
-                    self.direct.put(key, body, os.fstat(body.fileno()).st_size,
-                                    self.put_headers)
+                    direct.put(key, body, os.fstat(body.fileno()).st_size, self.put_headers)
+                    self._direct_worked()
                     return
                 except Fallback as answer:
-                    log.debug("s3://%s/%s: %s to a direct PUT; sending through botocore",
-                              self.bucket, key, answer)
+                    refused = answer
                 body.seek(0)
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.extra)
+            self._botocore_worked(refused, "PUT", key)
 
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:
             return 0
-        if self.direct is not None:
+        direct = self.direct
+        refused: Fallback | None = None
+        if direct is not None:
             try:
-                return self.direct.get(key, out, offset, length)
+                received = direct.get(key, out, offset, length)
+                self._direct_worked()
+                return received
             except Fallback as answer:
-                log.debug("s3://%s/%s: %s to a direct GET; asking through botocore",
-                          self.bucket, key, answer)
+                refused = answer
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
@@ -201,6 +210,7 @@ class S3Backend(ThreadedBackend):
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                 return 0
             raise
+        self._botocore_worked(refused, "GET", key)
         expected = response["ContentLength"]
         copied = 0
         for chunk in response["Body"].iter_chunks(READ_CHUNK):
@@ -212,14 +222,41 @@ class S3Backend(ThreadedBackend):
         return copied
 
     def _head_sync(self, key: str) -> ObjectInfo:
-        if self.direct is not None:
+        direct = self.direct
+        refused: Fallback | None = None
+        if direct is not None:
             try:
-                return ObjectInfo(key, self.direct.head(key))
+                size = direct.head(key)
+                self._direct_worked()
+                return ObjectInfo(key, size)
             except Fallback as answer:
-                log.debug("s3://%s/%s: %s to a direct HEAD; asking through botocore",
-                          self.bucket, key, answer)
+                refused = answer
         response = self.client.head_object(Bucket=self.bucket, Key=key)
+        self._botocore_worked(refused, "HEAD", key)
         return ObjectInfo(key, response["ContentLength"])
+
+    def _direct_worked(self) -> None:
+        self._discrepancies = 0
+
+    def _botocore_worked(self, refused: Fallback | None, method: str, key: str) -> None:
+        """botocore carried out a request the direct path had left to it (`refused`): after
+        DIRECT_GIVE_UP such in a row (a redirect to another region, an endpoint that wants
+        something else), every request goes through botocore from then on. Worker threads
+        race on the count; a lost increment only delays that."""
+        if refused is None:
+            return
+        self._discrepancies += 1
+        log.info("s3://%s/%s: botocore carried out a %s the direct path was refused (%s)",
+                 self.bucket, key, method, refused)
+        direct = self.direct
+        if self._discrepancies >= DIRECT_GIVE_UP and direct is not None:
+            self.direct = None
+            direct.close()
+            log.warning("S3: botocore carried out %d requests in a row that were refused to "
+                        "objfs' direct requests (last: %s of %s: %s); every request goes "
+                        "through botocore from now on (set AwsS3Storage.DirectRequests to "
+                        "false to skip the attempt at start)", self._discrepancies, method,
+                        key, refused)
 
     def _delete_sync(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
