@@ -24,16 +24,15 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.ab_revisions import workspace
 from benchmarks.orthanc_ingest import (
     CLIENTS,
-    EMULATOR_NICE,
     corpus,
     drop_page_cache,
     read_instances,
@@ -136,17 +135,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     events = tracepoints()
-    work = Path(tempfile.mkdtemp(prefix="objfs-fuse-requests-"))
     small, _ = corpus(args.small, args.small_kb)
-    moto = MotoServer(work, nice=EMULATOR_NICE)
     rounds: list[Round] = []
-    try:
+    with workspace("objfs-fuse-requests-") as ws:
+        moto = ws.moto()
         for number in range(args.rounds):
-            (work / f"r{number}").mkdir()
-            rounds.append(one_round(work / f"r{number}", moto, small, events))
-    finally:
-        moto.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            (ws.work / f"r{number}").mkdir()
+            rounds.append(one_round(ws.work / f"r{number}", moto, small, events))
     print(f"FUSE requests per instance ({args.small} instances of {args.small_kb} KiB, Orthanc "
           f"on objfs over moto, {CLIENTS} clients; delete: one patient after the other), "
           f"mean round trip from the kernel's send to the daemon's answer; median of "
