@@ -417,14 +417,7 @@ async def test_s3_bad_credentials(tmp_path: Path) -> None:
     # moto checks signatures once its first (unauthenticated) calls have made a user.
     moto = MotoServer(tmp_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
-        iam = boto3.client("iam", endpoint_url=moto.endpoint, region_name="us-east-1",
-                           aws_access_key_id="x", aws_secret_access_key="x")
-        iam.create_user(UserName="objfs")
-        iam.put_user_policy(UserName="objfs", PolicyName="all", PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        created = iam.create_access_key(UserName="objfs")["AccessKey"]
-        good = {"AccessKey": created["AccessKeyId"], "SecretKey": created["SecretAccessKey"]}
+        good = moto.user_keys()
         boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
                      aws_access_key_id=good["AccessKey"],
                      aws_secret_access_key=good["SecretKey"]).create_bucket(Bucket="authed")

@@ -8,7 +8,6 @@ import base64
 import datetime
 import http.server
 import ipaddress
-import json
 import ssl
 import threading
 import zlib
@@ -16,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -279,7 +277,7 @@ async def test_moto_checks_the_signature(tmp_path: Path) -> None:
     403)."""
     moto = MotoServer(tmp_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
-        good = _user_keys(moto)
+        good = moto.user_keys()
         backend = backend_at(moto.endpoint, "direct-authed", **good)
         backend.client.create_bucket(Bucket="direct-authed")
         source = tmp_path / "src"
@@ -309,18 +307,6 @@ async def test_moto_checks_the_signature(tmp_path: Path) -> None:
             await backend_at(moto.endpoint, "no-such-direct", **good).get("k", out)
     finally:
         moto.stop()
-
-
-def _user_keys(moto: MotoServer) -> dict[str, str]:
-    """Keys of a user moto knows, once its first unauthenticated calls made it."""
-    iam = boto3.client("iam", endpoint_url=moto.endpoint, region_name="us-east-1",
-                       aws_access_key_id="x", aws_secret_access_key="x")
-    iam.create_user(UserName="objfs")
-    iam.put_user_policy(UserName="objfs", PolicyName="all", PolicyDocument=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    created = iam.create_access_key(UserName="objfs")["AccessKey"]
-    return {"AccessKey": created["AccessKeyId"], "SecretKey": created["SecretAccessKey"]}
 
 
 def test_off_by_option_or_behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -84,6 +85,19 @@ class MotoServer:
 
     def raw_get(self, bucket: str, key: str) -> bytes:
         return bytes(self.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def user_keys(self) -> dict[str, str]:
+        """`AccessKey` and `SecretKey` of a new user allowed everything: for a server started
+        with `INITIAL_NO_AUTH_ACTION_COUNT` (moto checks signatures once the first
+        unauthenticated calls, these four, have made the user)."""
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id="x", aws_secret_access_key="x")
+        iam.create_user(UserName="objfs")
+        iam.put_user_policy(UserName="objfs", PolicyName="all", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        created = iam.create_access_key(UserName="objfs")["AccessKey"]
+        return {"AccessKey": created["AccessKeyId"], "SecretKey": created["SecretAccessKey"]}
 
 
 AZ_ACCOUNT = "devstoreaccount1"
