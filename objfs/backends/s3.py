@@ -22,7 +22,7 @@ import os
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import boto3
 import botocore.exceptions as bx
@@ -39,6 +39,8 @@ from objfs.backends.s3direct import DirectS3, Fallback, bucket_url, proxied
 from objfs.config import S3Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 READ_CHUNK = 1024 * 1024
 PARTS_IN_FLIGHT = 4
@@ -113,7 +115,7 @@ class S3Backend(ThreadedBackend):
         self.put_headers = {header: str(self.extra[name]) for name, header in _PUT_HEADERS
                             if name in self.extra}
         self.direct = self._direct_requests(core, session) if cfg.direct_requests else None
-        self._discrepancies = 0  # see `_botocore_worked`
+        self._discrepancies = 0  # see `_either`
 
     def _direct_requests(self, core: botocore.session.Session,
                          session: boto3.session.Session) -> DirectS3 | None:
@@ -175,31 +177,22 @@ class S3Backend(ThreadedBackend):
             return
         # One PUT: far less overhead than the transfer manager for Orthanc's typical files.
         with open(path, "rb") as body:
-            direct = self.direct
-            refused: Fallback | None = None
-            if direct is not None:
-                try:
-                    direct.put(key, body, os.fstat(body.fileno()).st_size, self.put_headers)
-                    self._direct_worked()
-                    return
-                except Fallback as answer:
-                    refused = answer
-                body.seek(0)
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.extra)
-            self._botocore_worked(refused, "PUT", key)
+            size = os.fstat(body.fileno()).st_size
+
+            def through_botocore() -> None:
+                body.seek(0)  # the direct attempt may have read it
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.extra)
+
+            self._either("PUT", key, lambda d: d.put(key, body, size, self.put_headers),
+                         through_botocore)
 
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:
             return 0
-        direct = self.direct
-        refused: Fallback | None = None
-        if direct is not None:
-            try:
-                received = direct.get(key, out, offset, length)
-                self._direct_worked()
-                return received
-            except Fallback as answer:
-                refused = answer
+        return self._either("GET", key, lambda d: d.get(key, out, offset, length),
+                            lambda: self._botocore_get(key, out, offset, length))
+
+    def _botocore_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
@@ -210,7 +203,6 @@ class S3Backend(ThreadedBackend):
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                 return 0
             raise
-        self._botocore_worked(refused, "GET", key)
         expected = response["ContentLength"]
         copied = 0
         for chunk in response["Body"].iter_chunks(READ_CHUNK):
@@ -222,41 +214,39 @@ class S3Backend(ThreadedBackend):
         return copied
 
     def _head_sync(self, key: str) -> ObjectInfo:
-        direct = self.direct
-        refused: Fallback | None = None
-        if direct is not None:
-            try:
-                size = direct.head(key)
-                self._direct_worked()
-                return ObjectInfo(key, size)
-            except Fallback as answer:
-                refused = answer
-        response = self.client.head_object(Bucket=self.bucket, Key=key)
-        self._botocore_worked(refused, "HEAD", key)
-        return ObjectInfo(key, response["ContentLength"])
+        size = self._either("HEAD", key, lambda d: d.head(key),
+                            lambda: int(self.client.head_object(
+                                Bucket=self.bucket, Key=key)["ContentLength"]))
+        return ObjectInfo(key, size)
 
-    def _direct_worked(self) -> None:
+    def _either(self, method: str, key: str, direct_call: Callable[[DirectS3], T],
+                botocore_call: Callable[[], T]) -> T:
+        """`direct_call` on the direct path, or `botocore_call` without one or when the direct
+        path left the request to botocore (`Fallback`). When botocore then carries out
+        DIRECT_GIVE_UP such requests in a row (a redirect to another region, an endpoint that
+        wants something else), every request goes through botocore from then on. Worker
+        threads race on the count; a lost update only delays that."""
+        direct = self.direct
+        if direct is None:
+            return botocore_call()
+        try:
+            result = direct_call(direct)
+        except Fallback as refused:
+            result = botocore_call()
+            self._discrepancies += 1
+            log.info("s3://%s/%s: botocore carried out a %s the direct path was refused (%s)",
+                     self.bucket, key, method, refused)
+            if self._discrepancies >= DIRECT_GIVE_UP and self.direct is direct:
+                self.direct = None
+                direct.close()
+                log.warning("S3: botocore carried out %d requests in a row that were refused "
+                            "to objfs' direct requests (last: %s of %s: %s); every request "
+                            "goes through botocore from now on (set "
+                            "AwsS3Storage.DirectRequests to false to skip the attempt at "
+                            "start)", self._discrepancies, method, key, refused)
+            return result
         self._discrepancies = 0
-
-    def _botocore_worked(self, refused: Fallback | None, method: str, key: str) -> None:
-        """botocore carried out a request the direct path had left to it (`refused`): after
-        DIRECT_GIVE_UP such in a row (a redirect to another region, an endpoint that wants
-        something else), every request goes through botocore from then on. Worker threads
-        race on the count; a lost increment only delays that."""
-        if refused is None:
-            return
-        self._discrepancies += 1
-        log.info("s3://%s/%s: botocore carried out a %s the direct path was refused (%s)",
-                 self.bucket, key, method, refused)
-        direct = self.direct
-        if self._discrepancies >= DIRECT_GIVE_UP and direct is not None:
-            self.direct = None
-            direct.close()
-            log.warning("S3: botocore carried out %d requests in a row that were refused to "
-                        "objfs' direct requests (last: %s of %s: %s); every request goes "
-                        "through botocore from now on (set AwsS3Storage.DirectRequests to "
-                        "false to skip the attempt at start)", self._discrepancies, method,
-                        key, refused)
+        return result
 
     def _delete_sync(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
