@@ -35,7 +35,7 @@ from botocore.config import Config
 
 from objfs import errors, sigv4
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.s3direct import DirectS3, Fallback, bucket_url, proxied
+from objfs.backends.s3direct import DirectS3, Fallback, bucket_url, byte_range, proxied
 from objfs.config import S3Settings
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,9 @@ class S3Backend(ThreadedBackend):
 
     def _botocore_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if offset or length is not None:
-            end = "" if length is None else str(offset + length - 1)
-            args["Range"] = f"bytes={offset}-{end}"
+        wanted = byte_range(offset, length)
+        if wanted is not None:
+            args["Range"] = wanted
         try:
             response = self.client.get_object(**args)
         except bx.ClientError as exc:

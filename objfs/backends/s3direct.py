@@ -67,6 +67,14 @@ def bucket_url(object_url: str, key: str) -> tuple[str, str, int, str]:
     return scheme, parts.hostname or "", port, path[:-len(key) - 1]
 
 
+def byte_range(offset: int, length: int | None) -> str | None:
+    """The Range header of a part of an object (`length` None: to its end); None for the
+    whole object."""
+    if not offset and length is None:
+        return None
+    return f"bytes={offset}-{'' if length is None else offset + length - 1}"
+
+
 def proxied(scheme: str, host: str) -> bool:
     """Whether the environment sends requests to `host` through a proxy."""
     return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
@@ -126,13 +134,9 @@ class DirectS3:
         """Write the object (or range) into `out`; returns the bytes received, 0 for a range
         past the end. Raises Fallback, botocore's ClientError (404, 429, 5xx), Unavailable
         (a short or damaged answer), ConnectionError or TimeoutError."""
-        extra: dict[str, str] = {}
-        ranged = bool(offset) or length is not None
-        if ranged:
-            end = "" if length is None else str(offset + length - 1)
-            extra["range"] = f"bytes={offset}-{end}"
-        else:
-            extra["x-amz-checksum-mode"] = "ENABLED"
+        wanted = byte_range(offset, length)
+        ranged = wanted is not None
+        extra = {"range": wanted} if wanted is not None else {"x-amz-checksum-mode": "ENABLED"}
 
         def answer(response: http.client.HTTPResponse) -> int:
             if response.status in (200, 206):

@@ -85,7 +85,7 @@ class S3Settings:
     sse_kms_key_id: str | None
     acl: str | None
     chunk_size: int
-    direct_requests: bool = True
+    direct_requests: bool
 
 
 @dataclass(frozen=True)
