@@ -60,6 +60,11 @@ class SeriesPrefetcher:
         # (owner: the event loop; an entry whose fetch failed ages out).
         self._cold_known: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
             4096, SEEN_SECONDS, timer=trio.current_time)
+        # The series of each attachment a prefetch named (uuid -> SeriesInstanceUID; owner:
+        # the event loop): while that series counts as seen, a read that fetched one of them
+        # itself (it got there before the prefetch) needs no header read to learn it.
+        self._members: cachetools.TTLCache[str, str] = cachetools.TTLCache(
+            65536, SEEN_SECONDS, timer=trio.current_time)
         self.fetched = 0  # attachments fetched ahead, for tests and logs
 
     def _offer(self, item: tuple[str, str | None]) -> None:
@@ -80,9 +85,13 @@ class SeriesPrefetcher:
 
     def notify(self, uuid: str) -> None:
         """A read fetched `uuid` from the bucket (on the event loop; never blocks). When
-        `notify_cold` found its series in the journal before the GET, that was enough: its
-        header is not read (and the journal not asked again)."""
+        `notify_cold` found its series in the journal before the GET, or a prefetch of its
+        series named it, that was enough: its header is not read (and the journal not asked
+        again)."""
         if self._cold_known.pop(uuid, False):
+            return
+        series = self._members.get(uuid)
+        if series is not None and series in self._seen:
             return
         self._offer((uuid, None))
 
@@ -121,6 +130,7 @@ class SeriesPrefetcher:
             # The first SeriesPrefetchLimit in viewing order, the one just read included.
             ahead = [m for m in named[:self.limit] if m != uuid]
             members.extend((m, uid) for m in ahead)
+            self._members.update((m, uid) for m in ahead)
             fetched, listed = await self._fetch_these(ahead), len(named[:self.limit])
         else:
             series = await self.orthanc.series_id(uid)
@@ -154,6 +164,7 @@ class SeriesPrefetcher:
                     for attachment in found:
                         if attachment is not None and attachment != uuid:
                             members.append((attachment, uid))
+                            self._members[attachment] = uid
                             await wanted.send(attachment)
 
         return produce

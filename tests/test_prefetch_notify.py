@@ -1,0 +1,141 @@
+"""`objfs.sidecar.prefetch.SeriesPrefetcher` in process, between a stand-in store and a
+stand-in Orthanc client that record what they are asked: which reads make it read a header
+and ask Orthanc. The real daemon, Orthanc and bucket are in tests/test_prefetch.py."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import trio
+import trio.testing
+
+from objfs.sidecar.prefetch import SeriesPrefetcher
+
+SERIES_UID = "1.2.3.4"
+
+
+class Store:
+    """What the prefetcher uses of `objfs.store.Store`: every attachment is in `SERIES_UID`,
+    known to the journal only when listed in `journal`."""
+
+    def __init__(self, journal: dict[str, str] | None = None) -> None:
+        self.journal = journal or {}
+        self.headers_read: list[str] = []
+        self.prefetched: list[str] = []
+        self.noted: list[tuple[str, str]] = []
+
+    def known_series(self, uuid: str) -> str | None:
+        return self.journal.get(uuid)
+
+    def uncached_members(self, series: str, limit: int) -> list[str]:
+        return [u for u, s in self.journal.items() if s == series][:limit]
+
+    async def series_from_copy(self, uuid: str) -> str | None:
+        self.headers_read.append(uuid)
+        return SERIES_UID
+
+    async def prefetch(self, uuid: str) -> bool:
+        self.prefetched.append(uuid)
+        return True
+
+    async def note_series(self, members: list[tuple[str, str]]) -> None:
+        self.noted.extend(members)
+
+
+class Orthanc:
+    """An Orthanc that names the series' attachments in one answer (>= 1.12.5), or, with
+    `per_instance`, one per request (1.10)."""
+
+    def __init__(self, attachments: list[str], per_instance: bool = False) -> None:
+        self.attachments = attachments
+        self.per_instance = per_instance
+        self.asked: list[str] = []
+
+    async def series_dicom_uuids(self, uid: str) -> list[str] | None:
+        self.asked.append("find")
+        return None if self.per_instance else list(self.attachments)
+
+    async def series_id(self, uid: str) -> str | None:
+        self.asked.append("lookup")
+        return "series-id"
+
+    async def series_instances(self, series: str) -> list[str]:
+        self.asked.append("instances")
+        return [f"instance-{a}" for a in self.attachments]
+
+    async def dicom_uuid(self, instance: str) -> str | None:
+        self.asked.append(instance)
+        return instance.removeprefix("instance-")
+
+
+async def settle(prefetcher: SeriesPrefetcher) -> None:
+    """Let `run` take every queued notification and finish with it."""
+    for _ in range(50):
+        await trio.sleep(0)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def read_the_series(per_instance: bool) -> tuple[Store, Orthanc]:
+    """The first read of a 5-instance series notifies the prefetcher; then the reader, ahead
+    of the prefetch, fetches the other four itself."""
+    names = [f"a{i}" for i in range(5)]
+    store, orthanc = Store(), Orthanc(names, per_instance)
+    prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=500)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prefetcher.run)
+        prefetcher.notify_cold("a0")
+        prefetcher.notify("a0")
+        await settle(prefetcher)
+        for name in names[1:]:
+            prefetcher.notify_cold(name)
+            prefetcher.notify(name)
+        await settle(prefetcher)
+        nursery.cancel_scope.cancel()
+    return store, orthanc
+
+
+async def test_a_member_named_by_the_prefetch_needs_no_header_read() -> None:
+    store, orthanc = await read_the_series(per_instance=False)
+    assert store.headers_read == ["a0"]
+    assert orthanc.asked == ["find"]
+    assert store.prefetched == ["a1", "a2", "a3", "a4"]
+    assert sorted(store.noted) == [(f"a{i}", SERIES_UID) for i in range(5)]
+
+
+async def test_the_same_with_an_orthanc_that_names_one_attachment_per_request() -> None:
+    store, orthanc = await read_the_series(per_instance=True)
+    assert store.headers_read == ["a0"]
+    assert orthanc.asked[:3] == ["find", "lookup", "instances"]
+    assert sorted(orthanc.asked[3:]) == [f"instance-a{i}" for i in range(5)]
+    assert store.prefetched == ["a1", "a2", "a3", "a4"]
+
+
+async def test_a_read_of_another_series_still_reads_its_header() -> None:
+    names = ["a0", "a1"]
+    store, orthanc = Store(), Orthanc(names)
+    prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=500)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prefetcher.run)
+        prefetcher.notify("a0")
+        await settle(prefetcher)
+        prefetcher.notify("b0")  # not named by any prefetch: its header tells its series
+        await settle(prefetcher)
+        nursery.cancel_scope.cancel()
+    assert store.headers_read == ["a0", "b0"]
+    assert orthanc.asked == ["find"]  # b0's series is the same one, already prefetched
+
+
+async def test_the_journal_knows_the_series_no_header_no_orthanc() -> None:
+    journal = {f"a{i}": SERIES_UID for i in range(3)}
+    store, orthanc = Store(journal), Orthanc(list(journal))
+    prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=500)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prefetcher.run)
+        for name in journal:
+            prefetcher.notify_cold(name)
+            prefetcher.notify(name)
+            await settle(prefetcher)
+        nursery.cancel_scope.cancel()
+    assert store.headers_read == []
+    assert orthanc.asked == []
+    assert store.prefetched == ["a1", "a2"]
