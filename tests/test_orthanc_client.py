@@ -34,6 +34,9 @@ class FakeOrthanc:
         self.requests: list[tuple[str, str]] = []
         self.authorization: list[str | None] = []
         self.open_connections = 0
+        self.connections = 0  # opened in all
+        self.missing: set[str] = set()  # paths answered 404
+        self.close_always = False  # like an Orthanc with KeepAlive false
         self.busy = self.most_busy = 0
         lock = threading.Lock()
         fake = self
@@ -48,6 +51,7 @@ class FakeOrthanc:
                 super().setup()
                 with lock:
                     fake.open_connections += 1
+                    fake.connections += 1
 
             def finish(self) -> None:
                 super().finish()
@@ -65,11 +69,15 @@ class FakeOrthanc:
                 time.sleep(fake.delay)
                 with lock:
                     fake.busy -= 1
-                self.send_response(200)
+                body = b"{}" if self.path in fake.missing else fake.body
+                self.send_response(404 if self.path in fake.missing else 200)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(fake.body)))
+                self.send_header("Content-Length", str(len(body)))
+                if fake.close_always:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
-                self.wfile.write(fake.body)
+                self.wfile.write(body)
 
             do_GET = do_POST = _any
 
@@ -147,6 +155,39 @@ def test_no_connection_stays_open_after_its_answer(fake: FakeOrthanc) -> None:
 
     trio.run(main)
     assert len(fake.requests) == 3
+
+
+def lookup_run(fake: FakeOrthanc, instances: list[str]) -> list[str | None]:
+    async def main() -> list[str | None]:
+        client = OrthancClient(OrthancSettings(url=fake.url, timeout=5))
+        return await client.dicom_uuids(instances)
+
+    return trio.run(main)
+
+
+@pytest.mark.parametrize("close_always", [False, True])
+def test_a_run_of_lookups_shares_one_connection_closed_with_the_last_answer(
+        fake: FakeOrthanc, close_always: bool) -> None:
+    """An Orthanc before 1.12.5 names one instance's attachment per request: a run of them
+    goes on one connection, which is not left open; an Orthanc that closes every connection
+    (`KeepAlive` false) gets a new one for each."""
+    fake.body = json.dumps({"Uuid": "u"}).encode()
+    fake.close_always = close_always
+    fake.missing.add("/instances/gone/attachments/dicom/info")
+    assert lookup_run(fake, ["a", "gone", "b"]) == ["u", None, "u"]
+    assert [path for _, path in fake.requests] == [
+        f"/instances/{i}/attachments/dicom/info" for i in ("a", "gone", "b")]
+    assert fake.connections == (3 if close_always else 1)
+    deadline = time.monotonic() + 2
+    while fake.open_connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.open_connections == 0
+
+
+def test_a_run_answered_with_something_else_is_orthanc_unavailable(fake: FakeOrthanc) -> None:
+    fake.body = b"<html>proxy error</html>"
+    with pytest.raises(OrthancUnavailable, match="not JSON"):
+        lookup_run(fake, ["a", "b"])
 
 
 def test_requests_at_once_are_bounded(fake: FakeOrthanc) -> None:

@@ -50,6 +50,7 @@ class Orthanc:
         self.attachments = attachments
         self.per_instance = per_instance
         self.asked: list[str] = []
+        self.runs: list[int] = []  # the length of each lookup run
 
     async def series_dicom_uuids(self, uid: str) -> list[str] | None:
         self.asked.append("find")
@@ -63,9 +64,10 @@ class Orthanc:
         self.asked.append("instances")
         return [f"instance-{a}" for a in self.attachments]
 
-    async def dicom_uuid(self, instance: str) -> str | None:
-        self.asked.append(instance)
-        return instance.removeprefix("instance-")
+    async def dicom_uuids(self, instances: list[str]) -> list[str | None]:
+        self.asked.extend(instances)
+        self.runs.append(len(instances))
+        return [i.removeprefix("instance-") for i in instances]
 
 
 async def settle(prefetcher: SeriesPrefetcher) -> None:
@@ -108,6 +110,22 @@ async def test_the_same_with_an_orthanc_that_names_one_attachment_per_request() 
     assert orthanc.asked[:3] == ["find", "lookup", "instances"]
     assert sorted(orthanc.asked[3:]) == [f"instance-a{i}" for i in range(5)]
     assert store.prefetched == ["a1", "a2", "a3", "a4"]
+
+
+async def test_an_old_orthanc_is_asked_in_runs_that_grow() -> None:
+    """1.10 names one attachment per request: runs of consecutive instances on one
+    connection, 1 long at first (the first answers come at once), then 2, 4, up to 8."""
+    names = [f"a{i}" for i in range(40)]
+    store, orthanc = Store(), Orthanc(names, per_instance=True)
+    prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=500)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prefetcher.run)
+        prefetcher.notify("a0")
+        await settle(prefetcher)
+        nursery.cancel_scope.cancel()
+    # (the runs of a round are asked at the same time: in any order)
+    assert sorted(orthanc.runs) == sorted([1] * 4 + [2] * 4 + [4] * 4 + [8, 4])
+    assert store.prefetched == names[1:]  # in viewing order
 
 
 async def test_a_read_of_another_series_still_reads_its_header() -> None:

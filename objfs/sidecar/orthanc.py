@@ -10,7 +10,7 @@ import logging
 import ssl
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -18,6 +18,7 @@ from objfs.config import OrthancSettings
 from objfs.errors import OrthancUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Orthanc resource type -> its REST collection, from the highest level down.
 COLLECTIONS = {"Patient": "patients", "Study": "studies", "Series": "series",
@@ -63,6 +64,8 @@ class OrthancClient:
       async HTTP client on the loop cost about 1.2 ms of its CPU per request; a thread with
       a new connection 0.3 ms, on another thread); the series prefetch of an Orthanc before
       1.12.5 asks once per instance.
+    The exception: `dicom_uuids` asks a run of such questions on one connection that it
+    closes with the last answer (no idle connection is left to Orthanc).
     """
 
     def __init__(self, settings: OrthancSettings) -> None:
@@ -82,17 +85,38 @@ class OrthancClient:
         # Whether `/tools/find` names attachments (Orthanc >= 1.12.5); None until known.
         self._find_names_attachments: bool | None = None
 
+    def _connection(self) -> http.client.HTTPConnection:
+        return (http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
+                                            context=self._ssl) if self._https else
+                http.client.HTTPConnection(self._host, self._port, timeout=self._timeout))
+
     def _exchange(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
         """One request and its whole answer, in a worker thread."""
-        connection = (http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
-                                                  context=self._ssl) if self._https else
-                      http.client.HTTPConnection(self._host, self._port, timeout=self._timeout))
+        connection = self._connection()
         try:
             connection.request(method, self._prefix + path, body=body, headers=self._headers)
             response = connection.getresponse()
             return response.status, response.read()
         finally:
             connection.close()
+
+    def _get_run(self, paths: list[str]) -> list[tuple[int, bytes]]:
+        """GET each of `paths` one after the other on one connection, in one worker thread:
+        kept open between them and closed with the last answer (an Orthanc that closes it
+        earlier gets a new one). Orthanc's thread serves the run and is free right after it,
+        and the run costs one thread hand-over and one connection instead of one each."""
+        connection = self._connection()
+        keep = {**self._headers, "Connection": "keep-alive"}
+        answers = []
+        try:
+            for i, path in enumerate(paths):
+                connection.request("GET", self._prefix + path,
+                                   headers=self._headers if i == len(paths) - 1 else keep)
+                response = connection.getresponse()
+                answers.append((response.status, response.read()))
+        finally:
+            connection.close()
+        return answers
 
     async def _get(self, path: str) -> Any | None:
         """The JSON answer of GET `path`, or None for 404."""
@@ -106,25 +130,36 @@ class OrthancClient:
         def exchange() -> tuple[int, bytes, Any]:
             status, data = self._exchange(method, path,
                                           None if body is None else body.encode())
-            if status != 200:
-                return status, data, None
-            try:
-                return status, data, json.loads(data)
-            except ValueError as exc:
-                raise OrthancUnavailable(f"Orthanc at {self.url} answered {method} {path} with "
-                                         f"something that is not JSON: {exc}") from exc
+            return status, data, self._parsed(method, path, status, data)
 
+        status, data, answer = await self._in_thread(exchange)
+        self._check(status, method, path, data)
+        return None if status == 404 else answer
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        """`work` (requests to Orthanc) in a worker thread, REQUESTS_AT_ONCE at a time."""
         try:
-            status, data, answer = await trio.to_thread.run_sync(
-                exchange, limiter=self._limiter, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(work, limiter=self._limiter,
+                                                 abandon_on_cancel=True)
         except (OSError, http.client.HTTPException) as exc:
             raise OrthancUnavailable(f"Orthanc at {self.url} is unreachable: {exc}") from exc
-        if status == 404:
-            return None
+
+    def _parsed(self, method: str, path: str, status: int, data: bytes) -> Any:
+        """The JSON of a 200 answer (None for any other status)."""
         if status != 200:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise OrthancUnavailable(f"Orthanc at {self.url} answered {method} {path} with "
+                                     f"something that is not JSON: {exc}") from exc
+
+    @staticmethod
+    def _check(status: int, method: str, path: str, data: bytes) -> None:
+        """Raise OrthancUnavailable for an answer that is neither 200 nor 404."""
+        if status not in (200, 404):
             raise OrthancUnavailable(f"Orthanc answered HTTP {status} to {method} {path}: "
                                      f"{data.decode(errors='replace')[:200]}")
-        return answer
 
     async def series_id(self, series_instance_uid: str) -> str | None:
         """Orthanc's id of the series with this SeriesInstanceUID, or None."""
@@ -171,6 +206,24 @@ class OrthancClient:
         """The uuid of an instance's DICOM file attachment, or None."""
         info = await self._get(f"/instances/{instance_id}/attachments/dicom/info")
         return None if info is None else str(info["Uuid"])
+
+    async def dicom_uuids(self, instance_ids: list[str]) -> list[str | None]:
+        """`dicom_uuid` of each instance, asked one after the other on one connection
+        (`_get_run`): one of the REQUESTS_AT_ONCE slots for the whole run. None for an
+        instance that is gone. Cancelling abandons the thread, which ends within `Timeout`
+        per instance."""
+        paths = [f"/instances/{i}/attachments/dicom/info" for i in instance_ids]
+
+        def run() -> list[tuple[int, bytes, Any]]:
+            return [(status, data, self._parsed("GET", path, status, data))
+                    for path, (status, data) in zip(paths, self._get_run(paths), strict=True)]
+
+        answers = await self._in_thread(run)
+        uuids: list[str | None] = []
+        for path, (status, data, info) in zip(paths, answers, strict=True):
+            self._check(status, "GET", path, data)
+            uuids.append(None if status == 404 else str(info["Uuid"]))
+        return uuids
 
     async def resource_type(self, resource_id: str) -> str | None:
         """"Patient", "Study", "Series" or "Instance", or None for an unknown id. Ids are
