@@ -170,6 +170,10 @@ async def test_answers_are_read_checked_and_connections_kept(
     with pytest.raises(errors.NotFound, match="NoSuchKey"):
         await backend.get("missing", out)
     await backend.get("ab/good", out)
+    # Error answers read to their end keep the connection (a throttled bucket is not also
+    # sent new handshakes); the short answer's, which the server closed, is not reused.
+    assert [(path.removeprefix("/b/"), connection) for path, connection, _ in seen[4:]] == [
+        ("damaged", 1), ("short", 1), ("slow-down", 2), ("missing", 2), ("ab/good", 2)]
     await backend.aclose()  # the kept connection closes; none is kept after
     await backend.get("ab/good", out)
     assert seen[-1][1] != seen[-2][1]

@@ -185,7 +185,8 @@ class DirectS3:
                   body: tuple[IO[bytes], int] | None,
                   answer: Callable[[http.client.HTTPResponse], T]) -> T:
         """Send one signed request on a kept or new connection and hand the response to
-        `answer`; the connection is kept only when the answer was read to its end."""
+        `answer`; the connection is kept only when the answer was read to its end, whatever
+        `answer` returned or raised."""
         path = sigv4.uri_path(f"{self.prefix}/{key}")
         headers = sigv4.sign(method, self.host_header, path, extra, self.credentials(),
                              self.region, datetime.datetime.now(datetime.UTC), keys=self.keys,
@@ -218,15 +219,14 @@ class DirectS3:
                 connection.close()
                 raise
             try:
-                result = answer(response)
-            except BaseException:
-                connection.close()
-                raise
-            if response.will_close or not response.isclosed():  # closed, or unread bytes
-                connection.close()
-            else:
-                self._keep(connection)
-            return result
+                return answer(response)
+            finally:
+                # Kept whenever the answer was read to its end, an error answer too (404,
+                # 503 SlowDown): a throttled bucket is not also sent new TLS handshakes.
+                if response.will_close or not response.isclosed():  # closed, or unread bytes
+                    connection.close()
+                else:
+                    self._keep(connection)
         raise AssertionError("unreachable")
 
     def _body(self, response: http.client.HTTPResponse, key: str, out: IO[bytes],
