@@ -199,7 +199,7 @@ def test_requests_at_once_are_bounded(fake: FakeOrthanc) -> None:
         client = OrthancClient(OrthancSettings(url=fake.url, timeout=5))
         async with trio.open_nursery() as nursery:
             for n in range(4 * REQUESTS_AT_ONCE):
-                nursery.start_soon(client.dicom_uuid, f"instance-{n}")
+                nursery.start_soon(client.dicom_uuids, [f"instance-{n}"])
 
     fake.body = json.dumps({"Uuid": "u"}).encode()
     trio.run(main)
@@ -214,7 +214,7 @@ def test_credentials_and_a_path_prefix_reach_orthanc(fake: FakeOrthanc) -> None:
     async def main() -> str | None:
         client = OrthancClient(OrthancSettings(url=fake.url + "/pacs/", username="objfs",
                                                password="s3cret:x", timeout=5))
-        return await client.dicom_uuid("abc")
+        return (await client.dicom_uuids(["abc"]))[0]
 
     fake.body = json.dumps({"Uuid": "the-uuid"}).encode()
     assert trio.run(main) == "the-uuid"

@@ -202,15 +202,10 @@ class OrthancClient:
                     uuids.append(str(attachment["Uuid"]))
         return uuids
 
-    async def dicom_uuid(self, instance_id: str) -> str | None:
-        """The uuid of an instance's DICOM file attachment, or None."""
-        info = await self._get(f"/instances/{instance_id}/attachments/dicom/info")
-        return None if info is None else str(info["Uuid"])
-
     async def dicom_uuids(self, instance_ids: list[str]) -> list[str | None]:
-        """`dicom_uuid` of each instance, asked one after the other on one connection
-        (`_get_run`): one of the REQUESTS_AT_ONCE slots for the whole run. None for an
-        instance that is gone. Cancelling abandons the thread, which ends within `Timeout`
+        """The uuid of each instance's DICOM file attachment, asked one after the other on one
+        connection (`_get_run`): one of the REQUESTS_AT_ONCE slots for the whole run. None
+        for an instance that is gone. Cancelling abandons the thread, which ends within `Timeout`
         per instance."""
         paths = [f"/instances/{i}/attachments/dicom/info" for i in instance_ids]
 
