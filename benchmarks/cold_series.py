@@ -13,6 +13,7 @@ series' attachments, where 1.10 takes a request per instance.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -24,12 +25,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.orthanc_ingest import EMULATOR_NICE, drop_page_cache
+from benchmarks.orthanc_ingest import EMULATOR_NICE, cpu_seconds, drop_page_cache
 from objfs.sidecar.prefetch import PARALLEL
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
 from tests.support.orthanc import RELEASES, Orthanc
+
+# Whose CPU time `one_run` counts during the read, in the order printed.
+PROCESSES = ("server", "daemon", "orthanc", "client")
 
 
 def read_series(orthanc: Orthanc, order: list[str]) -> float:
@@ -41,9 +45,10 @@ def read_series(orthanc: Orthanc, order: list[str]) -> float:
 
 def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
             objfs: dict[str, Any] | None, evicted: bool,
-            release: str) -> tuple[float, float | None]:
-    """Seconds to read the series once everything is cold, and for objfs the seconds the
-    SDK alone takes to GET the same objects, PARALLEL at a time (the floor for prefetch)."""
+            release: str) -> tuple[float, float | None, dict[str, float]]:
+    """Seconds to read the series once everything is cold; for objfs the seconds the SDK
+    alone takes to GET the same objects, PARALLEL at a time (the floor for prefetch); and the
+    CPU seconds each process on the machine used during the read (`PROCESSES`)."""
     base = work / name
     base.mkdir()
     daemon = None
@@ -74,14 +79,22 @@ def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
         if daemon is not None:
             daemon.start()
         orthanc.start()
+        pids = {"server": moto.process.proc.pid if moto is not None and moto.process else None,
+                "daemon": daemon.process.proc.pid if daemon is not None and daemon.process
+                else None,
+                "orthanc": orthanc.process.proc.pid if orthanc.process else None}
+        before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+        client = time.process_time()
         took = read_series(orthanc, order)
+        cpu = {who: cpu_seconds(pid) - before[who] for who, pid in pids.items()}
+        cpu["client"] = time.process_time() - client
         if moto is None:
-            return took, None
+            return took, None, cpu
         keys = list(moto.sizes(bucket))
         start = time.perf_counter()
         with ThreadPoolExecutor(PARALLEL) as pool:
             list(pool.map(lambda k: moto.raw_get(bucket, k), keys))
-        return took, time.perf_counter() - start
+        return took, time.perf_counter() - start, cpu
     finally:
         orthanc.stop()
         if daemon is not None:
@@ -106,6 +119,7 @@ def main() -> None:
         ("evicted, prefetch off", {"SeriesPrefetch": False}, True),
         ("evicted, prefetch on", {"SeriesPrefetch": True}, True)]
     times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    cpus: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in configs}
     floor: list[float] = []
     try:
         for r in range(args.rounds):
@@ -113,10 +127,11 @@ def main() -> None:
                 corpus = [make_dicom((r * 10 + c) * 10_000 + i, rows=side, cols=side,
                                      patient="SERIES", study=r * 10 + c, series=1)
                           for i in range(args.instances)]
-                took, raw = one_run(work, f"series-r{r}c{c}", corpus,
-                                    moto if objfs is not None else None, objfs, evicted,
-                                    args.release)
+                took, raw, cpu = one_run(work, f"series-r{r}c{c}", corpus,
+                                         moto if objfs is not None else None, objfs, evicted,
+                                         args.release)
                 times[name].append(took)
+                cpus[name].append(cpu)
                 if raw is not None:
                     floor.append(raw)
     finally:
@@ -135,6 +150,16 @@ def main() -> None:
     print(f"  prefetch on vs off: {med['objfs, prefetch off'] / med['objfs, prefetch on']:.2f}x "
           f"faster (cache wiped), "
           f"{med['evicted, prefetch off'] / med['evicted, prefetch on']:.2f}x (copies evicted)")
+    print(f"  CPU during the read, ms per instance (median): S3 stand-in, objfs daemon, "
+          f"Orthanc, this client; their sum spread over the machine's {os.cpu_count()} CPUs "
+          "is the least time the read can take")
+    for name, _, _ in configs:
+        per = {who: statistics.median(c[who] for c in cpus[name]) * 1e3 / args.instances
+               for who in PROCESSES}
+        total = sum(per.values())
+        bound = total * args.instances / 1e3 / (os.cpu_count() or 1)
+        print(f"  {name:<22} " + "  ".join(f"{per[who]:4.2f}" for who in PROCESSES)
+              + f"  = {total:4.2f} ms: at least {bound:.2f} s, took {med[name]:.2f} s")
     raw = statistics.median(floor)
     print(f"  the SDK alone, GETs of the same {args.instances} objects {PARALLEL} at a time: "
           f"{raw:.2f} s (the floor for any prefetch against this server; prefetch on is "
