@@ -52,6 +52,7 @@ def errno_boundary(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
         FOREGROUND.set(True)  # this handler's task only: backends give it their own slots
+        self.in_flight += 1
         try:
             result = await fn(self, *args)
         except pyfuse3.FUSEError as exc:
@@ -65,6 +66,8 @@ def errno_boundary(fn: F) -> F:
                 log.warning("%s refused (%s): %s", name, errno.errorcode.get(code), exc)
             self.tally.fuse_ops[name, errno.errorcode.get(code, str(code))] += 1
             raise pyfuse3.FUSEError(code) from None
+        finally:
+            self.in_flight -= 1
         # A lookup's cached "absent" answer (inode 0) is an ENOENT for whoever counts.
         absent = name == "lookup" and result.st_ino == 0
         self.tally.fuse_ops[name, "ENOENT" if absent else "OK"] += 1
@@ -125,6 +128,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.tally = tally
+        self.in_flight = 0  # handlers running (errno_boundary counts them)
         self.passthrough = passthrough
         self.uid, self.gid = uid, gid
         self.dir_mode = stat.S_IFDIR | (dir_mode & 0o7777)
@@ -424,13 +428,13 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         handle = self.handles[fh]
         if isinstance(handle, WriteHandle):
-            await self.store.sync(handle)
+            await self.store.sync(handle, alone=self.in_flight == 1)
 
     @errno_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handles[fh]
         if isinstance(handle, WriteHandle):
-            await self.store.sync(handle)
+            await self.store.sync(handle, alone=self.in_flight == 1)
         elif isinstance(handle, PassHandle):
             (os.fdatasync if datasync else os.fsync)(handle.fd)
 

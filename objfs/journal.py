@@ -208,15 +208,19 @@ class Journal:
                     self._deletes = None
 
     def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True,
-               rows: Iterable[str] | None = None) -> None:
+               rows: Iterable[str] | None = None, wait: bool = True) -> bool:
         """One statement (its own transaction); `rows`: the attachments it changes (None:
-        any; empty: none)."""
+        any; empty: none). With `wait` False nothing is done, and False returned, when
+        another thread is writing (for callers on the event loop, which must not wait)."""
+        if not self._lock.acquire(blocking=wait):
+            return False
         try:
-            with self._lock:
-                self._apply_locked()
-                (self._db if durable else self._lazy).execute(sql, tuple(args))
+            self._apply_locked()
+            (self._db if durable else self._lazy).execute(sql, tuple(args))
         finally:
+            self._lock.release()
             self._forget_rows(rows)
+        return True
 
     @contextlib.contextmanager
     def _transaction(self, durable: bool = True,
@@ -329,14 +333,15 @@ class Journal:
         return row
 
     def put_pending(self, uuid: str, size: int, key: str | None = None,
-                    sealed: bool = False) -> None:
-        """Record an acknowledged write (durable when this returns)."""
+                    sealed: bool = False, wait: bool = True) -> bool:
+        """Record an acknowledged write (durable when this returns True). With `wait` False:
+        False, with nothing recorded, when another thread is writing the journal."""
         now = time.time()
-        self._write(
+        return self._write(
             "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
             "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT(uuid) DO UPDATE SET "
             "size=excluded.size, key=excluded.key, sealed=excluded.sealed",
-            (uuid, PENDING_UPLOAD, size, key, int(sealed), now, now), rows=(uuid,))
+            (uuid, PENDING_UPLOAD, size, key, int(sealed), now, now), rows=(uuid,), wait=wait)
 
     def put_uploaded(self, uuid: str, key: str, size: int) -> None:
         """Record an object put in the bucket by a move, with no local copy (durable)."""

@@ -25,6 +25,9 @@ from objfs.store.state import (
     DELETE_GATHER_MAX,
     DELETE_LOG_CHECKPOINT,
     DELETE_LOG_HALF,
+    INLINE_SYNC_BYTES,
+    SLOW_INLINE_SYNC,
+    SLOW_INLINE_SYNCS,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
     SPARE_CPUS,
@@ -88,8 +91,10 @@ class Writeback(Fetch):
         handle.size = size
         handle.dirty = True
 
-    async def sync(self, handle: WriteHandle) -> None:
-        """Make what was written durable (fsync/flush). Errors here reach Orthanc's close()."""
+    async def sync(self, handle: WriteHandle, alone: bool = False) -> None:
+        """Make what was written durable (fsync/flush). Errors here reach Orthanc's close().
+        `alone`: no other file-system request is in flight, so a small attachment's sync may
+        run on the event loop (`_durable_inline`) rather than in a worker thread."""
         if handle.error is not None:
             raise handle.error
         if handle.unlinked or (handle.durable and not handle.dirty):
@@ -115,8 +120,10 @@ class Writeback(Fetch):
             handle.durable = True
             return
         try:
-            await trio.to_thread.run_sync(self._make_durable, handle.fd, handle.uuid, handle.size,
-                                          limiter=self._journal_limiter)
+            if not (alone and self._inline_syncs and not self.seal_local
+                    and handle.size <= INLINE_SYNC_BYTES and self._durable_inline(handle)):
+                await trio.to_thread.run_sync(self._make_durable, handle.fd, handle.uuid,
+                                              handle.size, limiter=self._journal_limiter)
         except Exception as exc:
             handle.error = exc
             raise
@@ -183,6 +190,27 @@ class Writeback(Fetch):
             give_back()
             raise
         return sealed, give_back
+
+    def _durable_inline(self, handle: WriteHandle) -> bool:
+        """`_make_durable` on the event loop, which it stalls for a small file's fdatasync and
+        one journal commit. False when the journal was busy in a worker thread (the loop
+        never waits for it): the caller then does it all in a worker thread (a second
+        fdatasync of a file already on disk costs little). After SLOW_INLINE_SYNCS slow ones
+        in a row, no sync runs here again. Raises what fdatasync or the journal raised."""
+        started = time.perf_counter()
+        os.fdatasync(handle.fd)
+        crash_point("after-data-fsync")
+        committed = self.journal.put_pending(handle.uuid, handle.size, wait=False)
+        took = time.perf_counter() - started
+        self._slow_inline_syncs = self._slow_inline_syncs + 1 if took > SLOW_INLINE_SYNC else 0
+        if self._slow_inline_syncs >= SLOW_INLINE_SYNCS:
+            self._inline_syncs = False
+            log.warning("syncs of small attachments take %.1f ms on this disk (more than %.1f "
+                        "ms %d times in a row): they run in worker threads from now on",
+                        took * 1000, SLOW_INLINE_SYNC * 1000, SLOW_INLINE_SYNCS)
+        if committed:
+            crash_point("after-journal-commit")
+        return committed
 
     def _make_durable(self, fd: int, uuid: str, size: int) -> None:
         """Runs in a worker thread. With EncryptLocalCache the complete file is sealed (A1,

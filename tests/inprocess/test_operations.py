@@ -9,6 +9,7 @@ import stat
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import pytest
@@ -217,3 +218,30 @@ async def test_a_reader_that_gives_up_does_not_fail_the_others(
         rig.backend.gate.set()
     assert results == [data]
     assert rig.backend.calls["get"] == 2  # the patient reader fetched it itself
+
+
+async def test_fsync_says_whether_it_is_the_only_request_in_flight(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = rig_factory()
+    ops = ops_for(rig, tmp_path)
+    first, second = str(uuid_mod.uuid4()), str(uuid_mod.uuid4())
+    seen: list[tuple[str, bool]] = []
+    go_on = trio.Event()
+    sync = rig.store.sync
+
+    async def recorded(handle: Any, alone: bool = False) -> None:
+        seen.append((handle.uuid, alone))
+        if handle.uuid == first:
+            await go_on.wait()  # still in its FSYNC handler while the second one comes
+        await sync(handle, alone)
+
+    monkeypatch.setattr(rig.store, "sync", recorded)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(orthanc_write, ops, first, os.urandom(5000))
+        await trio.testing.wait_all_tasks_blocked()
+        await orthanc_write(ops, second, os.urandom(5000))
+        go_on.set()
+    # the fsync and then close's flush of each: the second's while the first's is in flight
+    assert seen == [(first, True), (second, False), (second, False), (first, True)]
+    assert ops.in_flight == 0

@@ -4,6 +4,7 @@ local backend, under a mock clock."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,9 @@ from objfs.store import writeback
 from objfs.store.state import (
     BUSY_WINDOW,
     DELETE_LOG_CHECKPOINT,
+    INLINE_SYNC_BYTES,
+    SLOW_INLINE_SYNC,
+    SLOW_INLINE_SYNCS,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
     SPARE_CPUS,
@@ -634,3 +638,94 @@ async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_com
     assert durable == uuids[SLOW_LOG_WRITES:]
     assert "delete log writes take" in caplog.text
     await assert_not_found(rig, uuids)
+
+
+def thread_syncs(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The uuids whose sync goes to a worker thread (`_make_durable`) from now on."""
+    synced: list[str] = []
+    in_thread = rig.store._make_durable
+
+    def counted(fd: int, uuid: str, size: int) -> None:
+        synced.append(uuid)
+        in_thread(fd, uuid, size)
+
+    monkeypatch.setattr(rig.store, "_make_durable", counted)
+    return synced
+
+
+async def synced(rig: Rig, uuid: str, data: bytes, alone: bool) -> None:
+    """Orthanc's create, write and fsync of `uuid`, then close; the row must be durable."""
+    handle = await rig.store.create(uuid)
+    await rig.store.write(handle, 0, data)
+    await rig.store.sync(handle, alone=alone)
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == PENDING_UPLOAD and row.size == len(data)
+    assert await rig.store.close_write(handle)
+    assert await rig.read(uuid) == data
+
+
+async def test_a_lone_fsync_of_a_small_attachment_commits_on_the_event_loop(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = rig_factory()
+    in_thread = thread_syncs(rig, monkeypatch)
+    small, large, busy = new_uuid(), new_uuid(), new_uuid()
+    await synced(rig, small, os.urandom(1000), alone=True)
+    assert in_thread == []
+    # Other requests in flight, or a large file: a worker thread, the loop keeps serving.
+    await synced(rig, busy, os.urandom(1000), alone=False)
+    await synced(rig, large, os.urandom(INLINE_SYNC_BYTES + 1), alone=True)
+    assert in_thread == [busy, large]
+
+
+async def test_a_lone_fsync_never_waits_on_the_loop_for_a_journal_busy_in_a_thread(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = rig_factory()
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:  # another thread's journal write, in progress
+        with rig.journal._lock:
+            held.set()
+            release.wait(10)
+
+    other = threading.Thread(target=writer)
+    other.start()
+    held.wait(10)
+    handed: list[tuple[str, bool]] = []
+    in_thread = rig.store._make_durable
+
+    def worker_sync(fd: int, uuid: str, size: int) -> None:
+        # Reached while the other writer still holds the journal: the loop did not wait.
+        handed.append((uuid, other.is_alive()))
+        release.set()
+        other.join(10)
+        in_thread(fd, uuid, size)
+
+    monkeypatch.setattr(rig.store, "_make_durable", worker_sync)
+    uuid = new_uuid()
+    try:
+        await synced(rig, uuid, os.urandom(1000), alone=True)
+    finally:
+        release.set()
+        other.join(10)
+    assert handed == [(uuid, True)]
+
+
+async def test_a_disk_too_slow_for_syncs_on_the_loop_gets_worker_threads(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    rig = rig_factory()
+    in_thread = thread_syncs(rig, monkeypatch)
+    commit = rig.journal.put_pending
+
+    def slow_commit(*args: object, **kwargs: object) -> bool:  # a rotating disk's fsync
+        time.sleep(SLOW_INLINE_SYNC * 2)
+        return commit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rig.journal, "put_pending", slow_commit)
+    uuids = [new_uuid() for _ in range(SLOW_INLINE_SYNCS + 2)]
+    for uuid in uuids:
+        await synced(rig, uuid, os.urandom(1000), alone=True)
+    assert in_thread == uuids[SLOW_INLINE_SYNCS:]
+    assert "syncs of small attachments take" in caplog.text
