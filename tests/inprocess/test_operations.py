@@ -245,3 +245,36 @@ async def test_fsync_says_whether_it_is_the_only_request_in_flight(
     # the fsync and then close's flush of each: the second's while the first's is in flight
     assert seen == [(first, True), (second, False), (second, False), (first, True)]
     assert ops.in_flight == 0
+
+
+@pytest.mark.parametrize("alone", [True, False])
+async def test_a_failed_fdatasync_is_eio_at_fsync_and_close_and_leaves_nothing(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alone: bool) -> None:
+    """On the event loop (`alone`) or in a worker thread, a disk error while making a new
+    attachment durable reaches Orthanc's fsync and close, and no trace of it is kept."""
+    rig = rig_factory()
+    ops = ops_for(rig, tmp_path)
+    uuid = str(uuid_mod.uuid4())
+    folder = await mkdirs(ops, uuid)
+    info, _ = await ops.create(folder, uuid.encode(), 0o666,
+                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CTX)
+    assert await ops.write(info.fh, 0, os.urandom(5000)) == 5000
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "disk error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    if not alone:
+        ops.in_flight += 1  # as if another request were in flight
+    for call in (lambda: ops.fsync(info.fh, True), lambda: ops.flush(info.fh)):
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await call()
+        assert failed.value.errno == errno.EIO
+    monkeypatch.undo()
+    await ops.release(info.fh)
+    if not alone:
+        ops.in_flight -= 1
+    assert rig.journal.get(uuid) is None
+    assert not rig.store.tier.path(uuid).exists()
+    assert uuid not in rig.store.writing
