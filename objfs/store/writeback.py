@@ -26,13 +26,13 @@ from objfs.store.state import (
     DELETE_LOG_CHECKPOINT,
     DELETE_LOG_HALF,
     INLINE_SYNC_BYTES,
-    SLOW_INLINE_SYNC,
-    SLOW_INLINE_SYNCS,
+    INLINE_SYNC_MAX,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
     SPARE_CPUS,
     SPARE_SAMPLE,
     SPARE_WINDOW,
+    SYNC_AVERAGE_WEIGHT,
     WriteHandle,
 )
 from objfs.tally import error_class
@@ -122,8 +122,9 @@ class Writeback(Fetch):
         try:
             if not (alone and self._inline_syncs and not self.seal_local
                     and handle.size <= INLINE_SYNC_BYTES and self._durable_inline(handle)):
-                await trio.to_thread.run_sync(self._make_durable, handle.fd, handle.uuid,
-                                              handle.size, limiter=self._journal_limiter)
+                self._timed_sync(await trio.to_thread.run_sync(
+                    self._timed_make_durable, handle.fd, handle.uuid, handle.size,
+                    limiter=self._journal_limiter))
         except Exception as exc:
             handle.error = exc
             raise
@@ -195,22 +196,38 @@ class Writeback(Fetch):
         """`_make_durable` on the event loop, which it stalls for a small file's fdatasync and
         one journal commit. False when the journal was busy in a worker thread (the loop
         never waits for it): the caller then does it all in a worker thread (a second
-        fdatasync of a file already on disk costs little). After SLOW_INLINE_SYNCS slow ones
-        in a row, no sync runs here again. Raises what fdatasync or the journal raised."""
+        fdatasync of a file already on disk costs little). Raises what fdatasync or the
+        journal raised."""
         started = time.perf_counter()
         os.fdatasync(handle.fd)
         crash_point("after-data-fsync")
         committed = self.journal.put_pending(handle.uuid, handle.size, wait=False)
-        took = time.perf_counter() - started
-        self._slow_inline_syncs = self._slow_inline_syncs + 1 if took > SLOW_INLINE_SYNC else 0
-        if self._slow_inline_syncs >= SLOW_INLINE_SYNCS:
-            self._inline_syncs = False
-            log.warning("syncs of small attachments take %.1f ms on this disk (more than %.1f "
-                        "ms %d times in a row): they run in worker threads from now on",
-                        took * 1000, SLOW_INLINE_SYNC * 1000, SLOW_INLINE_SYNCS)
         if committed:
             crash_point("after-journal-commit")
+            self._timed_sync(time.perf_counter() - started)
         return committed
+
+    def _timed_make_durable(self, fd: int, uuid: str, size: int) -> float:
+        """`_make_durable` (a worker thread); returns the seconds it took."""
+        started = time.perf_counter()
+        self._make_durable(fd, uuid, size)
+        return time.perf_counter() - started
+
+    def _timed_sync(self, took: float) -> None:
+        """Count one sync's seconds in the moving average that decides whether lone syncs
+        run on the event loop (INLINE_SYNC_MAX); a change is logged."""
+        self._sync_seconds += SYNC_AVERAGE_WEIGHT * (took - self._sync_seconds)
+        inline = self._sync_seconds <= INLINE_SYNC_MAX
+        if inline == self._inline_syncs:
+            return
+        self._inline_syncs = inline
+        if inline:
+            log.info("syncs of new attachments take %.1f ms on average: small ones run on "
+                     "the event loop again", self._sync_seconds * 1000)
+        else:
+            log.info("syncs of new attachments take %.1f ms on average (more than %.1f ms): "
+                     "they run in worker threads until that falls", self._sync_seconds * 1000,
+                     INLINE_SYNC_MAX * 1000)
 
     def _make_durable(self, fd: int, uuid: str, size: int) -> None:
         """Runs in a worker thread. With EncryptLocalCache the complete file is sealed (A1,

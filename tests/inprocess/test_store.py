@@ -3,6 +3,7 @@ local backend, under a mock clock."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -20,8 +21,7 @@ from objfs.store.state import (
     BUSY_WINDOW,
     DELETE_LOG_CHECKPOINT,
     INLINE_SYNC_BYTES,
-    SLOW_INLINE_SYNC,
-    SLOW_INLINE_SYNCS,
+    INLINE_SYNC_MAX,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
     SPARE_CPUS,
@@ -712,20 +712,31 @@ async def test_a_lone_fsync_never_waits_on_the_loop_for_a_journal_busy_in_a_thre
     assert handed == [(uuid, True)]
 
 
-async def test_a_disk_too_slow_for_syncs_on_the_loop_gets_worker_threads(
+async def test_syncs_go_to_worker_threads_while_the_disk_is_slow_and_come_back(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="objfs.store.writeback")
     rig = rig_factory()
     in_thread = thread_syncs(rig, monkeypatch)
     commit = rig.journal.put_pending
 
-    def slow_commit(*args: object, **kwargs: object) -> bool:  # a rotating disk's fsync
-        time.sleep(SLOW_INLINE_SYNC * 2)
+    def slow_commit(*args: object, **kwargs: object) -> bool:  # a slow disk's fsync
+        time.sleep(INLINE_SYNC_MAX * 3)
         return commit(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(rig.journal, "put_pending", slow_commit)
-    uuids = [new_uuid() for _ in range(SLOW_INLINE_SYNCS + 2)]
+    uuids = [new_uuid() for _ in range(5)]
     for uuid in uuids:
         await synced(rig, uuid, os.urandom(1000), alone=True)
-    assert in_thread == uuids[SLOW_INLINE_SYNCS:]
-    assert "syncs of small attachments take" in caplog.text
+    # Two syncs of at least 3x the limit bring the average (a fifth of each) past it.
+    assert uuids[0] not in in_thread and in_thread[-3:] == uuids[2:]
+    assert "they run in worker threads" in caplog.text
+    # Fast syncs (in threads, still counted) bring the average down again.
+    for _ in range(20):
+        rig.store._timed_sync(INLINE_SYNC_MAX / 10)
+    assert rig.store._inline_syncs
+    assert "run on the event loop again" in caplog.text
+    monkeypatch.setattr(rig.journal, "put_pending", commit)
+    again = new_uuid()
+    await synced(rig, again, os.urandom(1000), alone=True)
+    assert again not in in_thread
