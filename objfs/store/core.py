@@ -116,11 +116,10 @@ class StoreCore:
         # (SLOW_LOG_WRITE); owner: `Writeback._log_delete`, on the event loop.
         self._log_deletes = True
         self._slow_log_writes = 0
-        # The moving average of syncs' seconds (fdatasync and journal commit), and whether it
-        # lets a lone small one run on the event loop (INLINE_SYNC_MAX); owner:
+        # The moving average of syncs' seconds (fdatasync and journal commit), which decides
+        # whether a lone small one runs on the event loop (`Writeback._inline_syncs`); owner:
         # `Writeback.sync`, on the event loop.
         self._sync_seconds = 0.0
-        self._inline_syncs = True
         # Set once the bucket refused a batch delete: deletes go one object at a time.
         self._no_batch_delete = False
         # Held by the one delete worker gathering a batch (`_gather`).

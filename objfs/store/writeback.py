@@ -94,7 +94,7 @@ class Writeback(Fetch):
     async def sync(self, handle: WriteHandle, alone: bool = False) -> None:
         """Make what was written durable (fsync/flush). Errors here reach Orthanc's close().
         `alone`: no other file-system request is in flight, so a small attachment's sync may
-        run on the event loop (`_durable_inline`) rather than in a worker thread."""
+        run on the event loop (`_inline_syncs`) rather than in a worker thread."""
         if handle.error is not None:
             raise handle.error
         if handle.unlinked or (handle.durable and not handle.dirty):
@@ -120,11 +120,17 @@ class Writeback(Fetch):
             handle.durable = True
             return
         try:
-            if not (alone and self._inline_syncs and not self.seal_local
-                    and handle.size <= INLINE_SYNC_BYTES and self._durable_inline(handle)):
-                self._timed_sync(await trio.to_thread.run_sync(
+            took = None
+            if alone and self._inline_syncs and handle.size <= INLINE_SYNC_BYTES:
+                # On the event loop, which never waits for the journal's lock: None when
+                # another thread holds it (the data is synced; the thread below commits).
+                took = self._timed_make_durable(handle.fd, handle.uuid, handle.size, False)
+            if took is None:
+                took = await trio.to_thread.run_sync(
                     self._timed_make_durable, handle.fd, handle.uuid, handle.size,
-                    limiter=self._journal_limiter))
+                    limiter=self._journal_limiter)
+            assert took is not None  # a worker thread waits for the lock
+            self._timed_sync(took)
         except Exception as exc:
             handle.error = exc
             raise
@@ -192,35 +198,29 @@ class Writeback(Fetch):
             raise
         return sealed, give_back
 
-    def _durable_inline(self, handle: WriteHandle) -> bool:
-        """`_make_durable` on the event loop, which it stalls for a small file's fdatasync and
-        one journal commit. False when the journal was busy in a worker thread (the loop
-        never waits for it): the caller then does it all in a worker thread (a second
-        fdatasync of a file already on disk costs little). Raises what fdatasync or the
-        journal raised."""
-        started = time.perf_counter()
-        os.fdatasync(handle.fd)
-        crash_point("after-data-fsync")
-        committed = self.journal.put_pending(handle.uuid, handle.size, wait=False)
-        if committed:
-            crash_point("after-journal-commit")
-            self._timed_sync(time.perf_counter() - started)
-        return committed
+    @property
+    def _inline_syncs(self) -> bool:
+        """Whether a lone sync of a small attachment may run on the event loop: the moving
+        average of syncs' seconds is within INLINE_SYNC_MAX, and nothing is sealed (sealing
+        encrypts the whole file)."""
+        return self._sync_seconds <= INLINE_SYNC_MAX and not self.seal_local
 
-    def _timed_make_durable(self, fd: int, uuid: str, size: int) -> float:
-        """`_make_durable` (a worker thread); returns the seconds it took."""
+    def _timed_make_durable(self, fd: int, uuid: str, size: int,
+                            wait: bool = True) -> float | None:
+        """`_make_durable`: the seconds it took, or None when it recorded nothing."""
         started = time.perf_counter()
-        self._make_durable(fd, uuid, size)
+        if not self._make_durable(fd, uuid, size, wait):
+            return None
         return time.perf_counter() - started
 
     def _timed_sync(self, took: float) -> None:
         """Count one sync's seconds in the moving average that decides whether lone syncs
         run on the event loop (INLINE_SYNC_MAX); a change is logged."""
+        before = self._inline_syncs
         self._sync_seconds += SYNC_AVERAGE_WEIGHT * (took - self._sync_seconds)
-        inline = self._sync_seconds <= INLINE_SYNC_MAX
-        if inline == self._inline_syncs:
+        inline = self._inline_syncs
+        if inline == before:
             return
-        self._inline_syncs = inline
         if inline:
             log.info("syncs of new attachments take %.1f ms on average: small ones run on "
                      "the event loop again", self._sync_seconds * 1000)
@@ -229,15 +229,19 @@ class Writeback(Fetch):
                      "they run in worker threads until that falls", self._sync_seconds * 1000,
                      INLINE_SYNC_MAX * 1000)
 
-    def _make_durable(self, fd: int, uuid: str, size: int) -> None:
-        """Runs in a worker thread. With EncryptLocalCache the complete file is sealed (A1,
-        exactly the object to upload) and replaces the plaintext before the row commits."""
+    def _make_durable(self, fd: int, uuid: str, size: int, wait: bool = True) -> bool:
+        """fdatasync, then the journal's durable row; True once recorded. In a worker thread,
+        or on the event loop with `wait` False (`sync`), which never waits for the journal's
+        lock: False, with the data synced and nothing recorded, when another thread holds it.
+        With EncryptLocalCache (worker thread only) the complete file is sealed (A1, exactly
+        the object to upload) and replaces the plaintext before the row commits."""
         os.fdatasync(fd)
         crash_point("after-data-fsync")
         if not self.seal_local:
-            self.journal.put_pending(uuid, size)
+            if not self.journal.put_pending(uuid, size, wait=wait):
+                return False
             crash_point("after-journal-commit")
-            return
+            return True
         assert self.encryption is not None
         key = self._choose_key(uuid, size, fd_path(fd))
         sealed = self.tier.tmp_path(uuid, "seal")
@@ -245,7 +249,7 @@ class Writeback(Fetch):
         fsync_path(sealed)
         os.replace(sealed, self.tier.path(uuid))
         fsync_path(self.tier.data)  # the rename must be durable before the row says sealed
-        self.journal.put_pending(uuid, size, key, sealed=True)
+        return self.journal.put_pending(uuid, size, key, sealed=True)
 
     async def close_write(self, handle: WriteHandle) -> bool:
         """Release a write handle: queue the upload, or discard a write that failed.

@@ -641,13 +641,15 @@ async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_com
 
 
 def thread_syncs(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The uuids whose sync goes to a worker thread (`_make_durable`) from now on."""
+    """The uuids whose sync goes to a worker thread (`_make_durable` free to wait for the
+    journal) from now on."""
     synced: list[str] = []
     in_thread = rig.store._make_durable
 
-    def counted(fd: int, uuid: str, size: int) -> None:
-        synced.append(uuid)
-        in_thread(fd, uuid, size)
+    def counted(fd: int, uuid: str, size: int, wait: bool = True) -> bool:
+        if wait:
+            synced.append(uuid)
+        return in_thread(fd, uuid, size, wait)
 
     monkeypatch.setattr(rig.store, "_make_durable", counted)
     return synced
@@ -695,12 +697,13 @@ async def test_a_lone_fsync_never_waits_on_the_loop_for_a_journal_busy_in_a_thre
     handed: list[tuple[str, bool]] = []
     in_thread = rig.store._make_durable
 
-    def worker_sync(fd: int, uuid: str, size: int) -> None:
-        # Reached while the other writer still holds the journal: the loop did not wait.
-        handed.append((uuid, other.is_alive()))
-        release.set()
-        other.join(10)
-        in_thread(fd, uuid, size)
+    def worker_sync(fd: int, uuid: str, size: int, wait: bool = True) -> bool:
+        if wait:
+            # Reached while the other writer still holds the journal: the loop did not wait.
+            handed.append((uuid, other.is_alive()))
+            release.set()
+            other.join(10)
+        return in_thread(fd, uuid, size, wait)
 
     monkeypatch.setattr(rig.store, "_make_durable", worker_sync)
     uuid = new_uuid()
