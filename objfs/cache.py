@@ -185,13 +185,16 @@ class LocalTier:
             return
         with trio.move_on_after(self.full_timeout):
             while True:
+                # Taken before `_make_room`, which may wait for worker threads: a copy that
+                # becomes clean meanwhile sets this event, and the next round evicts it (taken
+                # after, that wakeup was lost and the write waited out CacheFullTimeout).
+                event = self._space_freed
                 await self._make_room(nbytes)
                 if self.used + nbytes <= self.capacity:
                     self.used += nbytes
                     return
                 log.warning("cache full (%d of %d bytes, none evictable): waiting for uploads",
                             self.used, self.capacity)
-                event = self._space_freed
                 await event.wait()
         raise CacheFull(f"local cache full: {self.used} of {self.capacity} bytes hold data not "
                         "yet in the bucket or open files")

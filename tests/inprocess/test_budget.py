@@ -166,3 +166,32 @@ async def test_an_encrypted_download_is_decrypted_as_it_arrives(
         await rig.read(bad)
     assert rig.tier.used == len(data) and scratch == []
     assert list(rig.tier.tmp.iterdir()) == [] and not rig.tier.path(bad).exists()
+
+
+async def test_a_copy_made_clean_while_a_writer_makes_room_is_not_missed(
+        autojump_clock: trio.testing.MockClock, gated_rig: Callable[..., Awaitable[Rig]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer short of space makes room (eviction and unlinks in worker threads), and the
+    last uploads finish during that: their copies, now clean, are evicted for it at once. It
+    used to take the wakeup event only after making room, miss that one, and wait out
+    CacheFullTimeout: ENOSPC with the cache full of evictable copies (seen once in CI)."""
+    rig = await gated_rig(CacheSize=16)
+    for _ in range(3):
+        await rig.write(str(uuid_mod.uuid4()), os.urandom(5 * MIB))  # 15 MiB, none uploaded
+    make_room = rig.tier._make_room
+    rounds = 0
+
+    async def uploads_finish_meanwhile(nbytes: int) -> None:
+        nonlocal rounds
+        rounds += 1
+        await make_room(nbytes)
+        if rounds == 1:
+            rig.backend.gate.set()
+            assert await rig.store.drain(timeout=60)
+
+    monkeypatch.setattr(rig.tier, "_make_room", uploads_finish_meanwhile)
+    start = trio.current_time()
+    await rig.write(str(uuid_mod.uuid4()), os.urandom(5 * MIB))  # no CacheFull
+    assert trio.current_time() - start < rig.settings.cache_full_timeout
+    assert rounds == 2
+    assert rig.tier.used <= 16 * MIB
