@@ -131,6 +131,11 @@ class Jobs:
         # on the event loop; `held_locks` is what status and metrics show).
         self.lock = lock
         self.lock_held = False
+        # Taking and giving back the lock are bucket (or PostgreSQL) round trips: one at a
+        # time, so that a submit arriving while the runner gives the lock back waits for that
+        # and then takes it afresh, instead of finding its own lease (LockHeld by this very
+        # node) or having its new lease's token wiped by the release.
+        self._lock_turn = trio.Lock()
         self._keeper: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._cancel_reason: str | None = None
@@ -158,15 +163,18 @@ class Jobs:
     async def _take_lock(self) -> None:
         """Hold the cluster lock from now on; raises LockHeld when another node holds it,
         ObjfsError when the lock's store cannot be asked."""
-        if self.lock is None or self.lock_held:
+        if self.lock is None:
             return
-        holder = await self.lock.try_acquire()
-        if holder is not None:
-            raise LockHeld(self.lock.work, holder)
-        log.info("cluster lock %s taken by this node (%s)", self.lock.work, self.lock.node)
-        self.lock_held = True
-        if self._nursery is not None:
-            self._nursery.start_soon(self._keep_lock)
+        async with self._lock_turn:  # (checked inside: another task may have taken it)
+            if self.lock_held:
+                return
+            holder = await self.lock.try_acquire()
+            if holder is not None:
+                raise LockHeld(self.lock.work, holder)
+            log.info("cluster lock %s taken by this node (%s)", self.lock.work, self.lock.node)
+            self.lock_held = True
+            if self._nursery is not None:
+                self._nursery.start_soon(self._keep_lock)
 
     async def _keep_lock(self) -> None:
         assert self.lock is not None
@@ -181,18 +189,21 @@ class Jobs:
             self._running[1].cancel()
 
     async def _release_lock(self) -> None:
-        if self.lock is None or not self.lock_held:
+        if self.lock is None:
             return
-        if self._keeper is not None:
-            self._keeper.cancel()
-            self._keeper = None
-        self.lock_held = False
-        try:
-            await self.lock.release()
-        except errors.ObjfsError as exc:
-            log.warning("cluster lock %s: release failed (%s); it expires by itself",
-                        self.lock.work, exc)
-        log.info("cluster lock %s released", self.lock.work)
+        async with self._lock_turn:
+            if not self.lock_held:
+                return
+            if self._keeper is not None:
+                self._keeper.cancel()
+                self._keeper = None
+            self.lock_held = False
+            try:
+                await self.lock.release()
+            except errors.ObjfsError as exc:
+                log.warning("cluster lock %s: release failed (%s); it expires by itself",
+                            self.lock.work, exc)
+            log.info("cluster lock %s released", self.lock.work)
 
     async def _wait_for_lock(self) -> None:
         """The runner's way to the lock (jobs found interrupted at start): try every
@@ -258,9 +269,10 @@ class Jobs:
         while True:
             pending = [j for j in self.jobs.values() if j.state == PENDING]
             if not pending:
+                # The event first: a job submitted while the lock is given back sets it.
+                self._wakeup = wakeup = trio.Event()
                 await self._release_lock()
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
+                await wakeup.wait()
                 continue
             await self._wait_for_lock()
             # Chosen again: a job may have been cancelled while the lock was awaited.

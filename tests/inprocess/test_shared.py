@@ -258,3 +258,36 @@ async def test_a_bucket_that_cannot_answer_gives_eio_never_absent(
     assert await b.read(known) == b"k" * 10
     # Turned back to one node later, it lists the bucket again rather than trust the past.
     assert not b.journal.get_meta("inventory")
+
+
+async def test_a_job_submitted_while_the_runner_gives_the_lock_back_runs(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner finished its jobs and gives the lease back (a bucket round trip, slow
+    here); a new job arrives meanwhile. It is accepted (not LockHeld by this very node), it
+    runs without waiting for yet another submit, and the lease it runs under is this node's
+    own (its token not wiped by the release that finished after the submit)."""
+    a, _ = _pair(rig_factory, tmp_path)
+    lock = BucketLease("move-storage", "node-a", a.local, "objfs-locks/move",
+                       clock=trio.current_time)
+    release = lock.release
+    releasing = trio.Event()
+
+    async def slow_release() -> None:
+        releasing.set()
+        await trio.sleep(5)
+        await release()
+
+    monkeypatch.setattr(lock, "release", slow_release)
+    jobs = Jobs(a.journal, a.store, OrthancClient(a.settings.orthanc), lock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(jobs.run)
+        first = await jobs.submit("file-system", [], 0)
+        with trio.fail_after(30):
+            await jobs.wait(first.id)
+            await releasing.wait()
+        second = await jobs.submit("file-system", [], 0)
+        with trio.fail_after(30):
+            assert (await jobs.wait(second.id)).state.value == "Success"
+        assert await lock.renew()  # the lease in the bucket is the one this node holds
+        nursery.cancel_scope.cancel()
