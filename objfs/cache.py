@@ -343,6 +343,10 @@ class LocalTier:
             log.debug("evicted %d bytes of clean cached copies", freed)
             self.used = max(0, self.used - freed)
             self.evicted_bytes += freed
+            # An eviction frees a little more than its caller needs (`_evict_ahead`, whole
+            # copies): other writers waiting for space may fit now, and nothing else would
+            # wake them if no upload is left to finish.
+            self.space_changed()
 
     # --- copies given up by deletes -----------------------------------------------------------
 

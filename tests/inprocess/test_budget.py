@@ -195,3 +195,38 @@ async def test_a_copy_made_clean_while_a_writer_makes_room_is_not_missed(
     assert trio.current_time() - start < rig.settings.cache_full_timeout
     assert rounds == 2
     assert rig.tier.used <= 16 * MIB
+
+
+async def test_room_made_beyond_one_writers_need_wakes_the_other_writers(
+        autojump_clock: trio.testing.MockClock, gated_rig: Callable[..., Awaitable[Rig]],
+        holds: dict[str, trio.Event]) -> None:
+    """Two writes wait for space; an upload makes an 8 MiB copy clean; the first writer to
+    make room evicts it (more than its 2 MiB), the other finds nothing left to evict. That
+    one is woken when the eviction frees the space (it used to wait out CacheFullTimeout and
+    fail with ENOSPC beside 6 MiB free: the flaky mount test of a 16 MiB cache)."""
+    rig = await gated_rig(CacheSize=16)
+    await rig.write(str(uuid_mod.uuid4()), os.urandom(8 * MIB))  # not uploaded: gated
+    writing = await rig.store.create(str(uuid_mod.uuid4()))
+    await rig.store.write(writing, 0, os.urandom(7 * MIB))  # open: never evicted
+    assert rig.tier.used == 15 * MIB
+    took: list[str] = []
+
+    async def take(name: str) -> None:
+        await rig.tier.reserve(2 * MIB)
+        took.append(name)
+
+    holds["_remove_copies"] = trio.Event()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "a")
+        nursery.start_soon(take, "b")
+        await trio.sleep(1)
+        assert took == []  # nothing evictable: both wait
+        rig.backend.gate.set()  # the 8 MiB copy becomes clean; one writer evicts it ...
+        await trio.sleep(1)
+        holds["_remove_copies"].set()  # ... while the other found nothing else to evict
+    assert sorted(took) == ["a", "b"]
+    assert trio.current_time() - start < rig.settings.cache_full_timeout
+    assert rig.tier.used == 11 * MIB
+    await rig.store.sync(writing)
+    assert await rig.store.close_write(writing)
