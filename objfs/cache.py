@@ -341,12 +341,11 @@ class LocalTier:
         self.evicted_files += len(removed)
         if freed:
             log.debug("evicted %d bytes of clean cached copies", freed)
-            self.used = max(0, self.used - freed)
             self.evicted_bytes += freed
-            # An eviction frees a little more than its caller needs (`_evict_ahead`, whole
-            # copies): other writers waiting for space may fit now, and nothing else would
-            # wake them if no upload is left to finish.
-            self.space_changed()
+            # `release` also wakes the other writers waiting for space: an eviction frees a
+            # little more than its caller needs (`_evict_ahead`, whole copies), and nothing
+            # else would wake them if no upload is left to finish.
+            self.release(freed)
 
     # --- copies given up by deletes -----------------------------------------------------------
 
