@@ -67,11 +67,10 @@ class Writeback(Fetch):
         end = offset + len(data)
         if end > handle.reserved and not handle.fs:
             try:
-                await self.tier.reserve(end - handle.reserved)
+                await self._reserve_to(handle, end)
             except errors.CacheFull as exc:
                 handle.error = exc
                 raise
-            handle.reserved = end
             if self._unsent_past_share:
                 self._wake_turns()  # uploads stop yielding to Orthanc: see `_turn`
         try:
@@ -83,10 +82,21 @@ class Writeback(Fetch):
         handle.dirty = True
         return written
 
+    async def _reserve_to(self, handle: WriteHandle, end: int) -> None:
+        """Take the budget for `handle`'s copy to reach `end` bytes (may wait, then
+        CacheFull). Several writes of one file may wait at once (the kernel's writeback cache
+        sends them in parallel): what another took for the same range meanwhile is given
+        back, so each byte of the file is counted once."""
+        before = handle.reserved
+        await self.tier.reserve(end - before)
+        overlap = min(end, handle.reserved) - before
+        if overlap > 0:
+            self.tier.release(overlap)
+        handle.reserved = max(handle.reserved, end)
+
     async def truncate(self, handle: WriteHandle, size: int) -> None:
         if size > handle.reserved and not handle.fs:
-            await self.tier.reserve(size - handle.reserved)
-            handle.reserved = size
+            await self._reserve_to(handle, size)
         os.ftruncate(handle.fd, size)
         handle.size = size
         handle.dirty = True

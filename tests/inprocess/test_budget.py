@@ -230,3 +230,32 @@ async def test_room_made_beyond_one_writers_need_wakes_the_other_writers(
     assert rig.tier.used == 11 * MIB
     await rig.store.sync(writing)
     assert await rig.store.close_write(writing)
+
+
+async def test_writes_of_one_file_waiting_for_space_at_once_take_its_bytes_once(
+        autojump_clock: trio.testing.MockClock, gated_rig: Callable[..., Awaitable[Rig]]
+        ) -> None:
+    """With the kernel's writeback cache, several WRITE requests of one file arrive at once;
+    in a full cache they wait for space together. Each used to take the budget from the
+    file's reservation as it was before its wait, so overlapping ranges were counted twice
+    and never given back: the budget shrank with every such file until writes failed with
+    ENOSPC in an empty cache (the flaky 16 MiB mount test, under CPU load)."""
+    rig = await gated_rig(CacheSize=16)
+    await rig.write(str(uuid_mod.uuid4()), os.urandom(15 * MIB))  # not uploaded: gated
+    uuid = str(uuid_mod.uuid4())
+    handle = await rig.store.create(uuid)
+    await rig.store.write(handle, 0, os.urandom(MIB))
+    assert rig.tier.used == 16 * MIB
+    async with trio.open_nursery() as nursery:
+        for part in (2, 1, 3):  # the kernel's order is not the file's
+            nursery.start_soon(rig.store.write, handle, part * MIB, os.urandom(MIB))
+        await trio.sleep(1)
+        assert handle.reserved == MIB  # all three wait
+        rig.backend.gate.set()  # the 15 MiB copy becomes clean and is evicted for them
+    assert handle.reserved == 4 * MIB
+    assert rig.tier.used == 4 * MIB
+    await rig.store.sync(handle)
+    assert await rig.store.close_write(handle)
+    assert await rig.store.drain(timeout=60)
+    await rig.tier.evict(rig.tier.capacity)
+    assert rig.tier.used == bytes_under(rig) == 0
