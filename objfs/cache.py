@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 import uuid as uuid_mod
 from collections.abc import Callable
@@ -39,9 +40,18 @@ EVICT_AHEAD_MAX = 8 * 1024 * 1024
 # start and fetched again: their data may not have reached the disk (docs/durability.md,
 # invariant 2).
 CHECKPOINT_SECONDS = 30.0
+DISK_RESERVE_MIN = 16 * 1024 * 1024
+DISK_RESERVE_MAX = 1024 * 1024 * 1024
 DOWNLOADS_SYNCED = "downloads-synced"
 CLEAN = "clean"
 MTIME_SLACK = 0.1
+
+
+def disk_reserve(fs_size: int) -> int:
+    """Bytes of the cache directory's file system left out of the budget for the journal, its
+    write-ahead log and the delete log: 5 % of the file system, at least DISK_RESERVE_MIN and
+    at most DISK_RESERVE_MAX."""
+    return max(DISK_RESERVE_MIN, min(DISK_RESERVE_MAX, fs_size // 20))
 
 
 def stored_size(row: Row) -> int:
@@ -154,10 +164,30 @@ class LocalTier:
         # The budget counts plaintext sizes, as `reserve` does when the copy is made.
         self.used = sum(row.size for uuid, row in claimed.items() if uuid not in lost)
 
+    def fit_to_disk(self) -> None:
+        """Lower the budget to what the cache directory's file system can hold when CacheSize
+        is larger (logged as a warning): the copies already counted plus the free space, less
+        `disk_reserve` for the journal, its write-ahead log and the delete log. Otherwise the
+        disk would fill before the budget does, and writes would fail with ENOSPC although
+        clean copies could have been evicted. Run after `recover`, before the event loop."""
+        st = os.statvfs(self.root)
+        room = self.used + st.f_bavail * st.f_frsize - disk_reserve(st.f_blocks * st.f_frsize)
+        if room >= self.capacity:
+            return
+        fitted = max(0, room)
+        log.warning("Objfs.CacheSize is %d MiB, but the file system of the cache directory %s "
+                    "has room for %d MiB of copies (%d MiB already held, the rest free, less "
+                    "%d MiB kept for the journal): the cache uses %d MiB", self.capacity >> 20,
+                    self.root, fitted >> 20, self.used >> 20,
+                    disk_reserve(st.f_blocks * st.f_frsize) >> 20, fitted >> 20)
+        self.capacity = fitted
+        self._evict_ahead = min(fitted // 128, EVICT_AHEAD_MAX)
+
     def checkpoint(self, final: bool = False) -> None:
         """Make every copy written so far durable with one syncfs, then record when, durably
         (`final`: at a stop, once nothing can write any more, so every copy is on disk).
-        Blocking (run it in a thread, or at stop). Raises OSError."""
+        Blocking (run it in a thread, or at stop). Raises OSError, or sqlite3.Error when the
+        journal cannot record it (its disk full): the last recorded checkpoint then stands."""
         started = time.time()
         syncfs(self.data)
         self.journal.set_meta(DOWNLOADS_SYNCED, CLEAN if final else str(started))
@@ -168,7 +198,7 @@ class LocalTier:
             await trio.sleep(CHECKPOINT_SECONDS)
             try:
                 await trio.to_thread.run_sync(self.checkpoint)
-            except OSError as exc:
+            except (OSError, sqlite3.Error) as exc:  # a full disk: the journal cannot record
                 log.error("cannot checkpoint downloaded copies in %s: %s (copies made since "
                           "the last checkpoint are fetched again after a crash)", self.data, exc)
 
@@ -426,9 +456,14 @@ class LocalTier:
             self.open_counts.pop(uuid, None)
 
     def flush_atimes(self) -> None:
-        """Write access times gathered since the last call (they only steer eviction)."""
+        """Write access times gathered since the last call. They only steer eviction: a
+        journal that cannot take them (its disk full) loses them, with a warning."""
         if self._atimes:
-            self.journal.touch(self._atimes)
+            try:
+                self.journal.touch(self._atimes)
+            except sqlite3.Error as exc:
+                log.warning("cannot record when %d copies were last read (%s): eviction may "
+                            "take them earlier than their use deserves", len(self._atimes), exc)
             self._atimes = {}
 
 

@@ -12,6 +12,7 @@ import base64
 import functools
 import json
 import logging
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -28,6 +29,7 @@ from objfs.backends import check_client
 from objfs.codec import write_key_file
 from objfs.config import DEFAULT_CONFIG_DIR, Settings, check, load_settings, masked, text_help
 from objfs.config.schema import markdown_tables
+from objfs.errnos import is_disk_full
 from objfs.fstier import FileSystemTier
 from objfs.journal import read_stats
 from objfs.rekey import Summary, rekey
@@ -254,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (errors.ObjfsError, OSError) as exc:
         print(f"objfs: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"objfs: the disk of the cache directory is full ({exc}); free space there and "
+              "start objfs again", file=sys.stderr)
         return 1
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ from objfs.sidecar.orthanc import OrthancClient
 from objfs.sidecar.prefetch import SeriesPrefetcher
 from objfs.sidecar.server import serve as serve_sidecar
 from objfs.store import Store, check_bucket_identity
+from objfs.supervise import supervised
 from objfs.threadprio import prioritize_this_thread
 
 log = logging.getLogger(__name__)
@@ -191,10 +193,16 @@ def _mib(n: int) -> str:
 
 def write_state(root: Path, phase: str, **facts: float | str | list[str] | None) -> None:
     """Record the daemon's phase for `objfs status` (atomically; not fsynced: it only informs
-    a human and is rewritten at every start)."""
+    a human and is rewritten at every start). Best effort: on a full disk it logs a warning
+    and `objfs status` shows the last phase recorded."""
     tmp = root / "state.json.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), "phase": phase, **facts}), encoding="utf-8")
-    os.replace(tmp, root / "state.json")
+    try:
+        tmp.write_text(json.dumps({"pid": os.getpid(), "phase": phase, **facts}),
+                       encoding="utf-8")
+        os.replace(tmp, root / "state.json")
+    except OSError as exc:
+        log.warning("cannot record the daemon's phase (%s) for `objfs status`: %s", phase, exc)
+        tmp.unlink(missing_ok=True)
 
 
 async def serve(settings: Settings, mountpoint: Path) -> None:
@@ -217,6 +225,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
         check_bucket_identity(journal, bucket_identity(settings), root)
         tier = LocalTier(root, settings.cache_size, journal, settings.cache_full_timeout)
         tier.recover()
+        tier.fit_to_disk()
         metrics = Metrics()
         backend = metrics.instrument(open_backend(settings))
         stack.push_async_callback(backend.aclose)
@@ -258,17 +267,17 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 write_state(root, "running")
                 jobs_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, jobs_scope,
-                                   lambda: _supervised("the job runner", jobs.run))
+                                   lambda: supervised("the job runner", jobs.run))
                 prefetch_scope = trio.CancelScope()
                 if prefetcher is not None:
                     nursery.start_soon(_run_in_scope, prefetch_scope,
-                                       lambda: _supervised("series prefetch", prefetcher.run))
+                                       lambda: supervised("series prefetch", prefetcher.run))
                 nursery.start_soon(_stop_on_signal, notifier)
                 nursery.start_soon(_announce_ready, mountpoint, pyfuse3.ROOT_INODE, notifier,
                                    store, settings.read_ahead_kib)
                 status_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, status_scope,
-                                   lambda: _supervised("the status reporter",
+                                   lambda: supervised("the status reporter",
                                                        lambda: _report_status(notifier, store,
                                                                               jobs, root)))
                 log.info("objfs mounted on %s (%s bucket, %s layout, %s, HybridMode %s%s)",
@@ -285,7 +294,12 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 mounted = False
                 await _drain(store, settings, root, notifier)
                 tier.flush_atimes()
-                await trio.to_thread.run_sync(tier.checkpoint, True)
+                try:
+                    await trio.to_thread.run_sync(tier.checkpoint, True)
+                except (OSError, sqlite3.Error) as exc:
+                    # The last periodic checkpoint stands: the next start fetches again the
+                    # copies downloaded since, as after a crash.
+                    log.error("cannot record the final cache checkpoint in %s: %s", root, exc)
                 nursery.cancel_scope.cancel()
         except BaseException:
             if mounted:
@@ -342,24 +356,6 @@ async def _fuse_main() -> None:
         nursery.start_soon(pyfuse3.main)
         await trio.sleep(delay)
         testhooks.fail_point("fuse-loop")
-
-
-SUPERVISOR_FIRST_DELAY = 1.0
-SUPERVISOR_MAX_DELAY = 60.0
-
-
-async def _supervised(what: str, fn: Callable[[], Awaitable[None]]) -> None:
-    """Run background task `fn`; when it fails, log it and start it again after a growing
-    pause. A background task never takes the mount down (docs/durability.md, invariant 8)."""
-    delay = SUPERVISOR_FIRST_DELAY
-    while True:
-        try:
-            await fn()
-            return
-        except Exception:
-            log.exception("%s failed; restarting it in %.0fs", what, delay)
-        await trio.sleep(delay)
-        delay = min(SUPERVISOR_MAX_DELAY, delay * 2)
 
 
 async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:

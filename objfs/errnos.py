@@ -6,8 +6,13 @@ FUSE handlers call `errno_for` at the syscall boundary and nowhere else decides 
 from __future__ import annotations
 
 import errno
+import sqlite3
 
 from objfs import errors
+
+# SQLite's primary result code for "database or disk is full" (extended codes keep it in the
+# low byte).
+SQLITE_FULL = 13
 
 _TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (errors.NotFound, errno.ENOENT),
@@ -29,4 +34,14 @@ def errno_for(exc: BaseException) -> int:
             return code
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
+    if isinstance(exc, sqlite3.Error) and is_disk_full(exc):
+        return errno.ENOSPC  # the journal's disk is full: no room to record a new file
     return errno.EIO
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk is full: ENOSPC, or SQLite's SQLITE_FULL."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == SQLITE_FULL

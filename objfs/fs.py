@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from objfs import layout
-from objfs.errnos import errno_for
+from objfs.errnos import errno_for, is_disk_full
 from objfs.errors import Immutable, InvalidName, ObjfsError
 from objfs.priority import FOREGROUND
 from objfs.store import Store, WriteHandle
@@ -60,7 +60,9 @@ def errno_boundary(fn: F) -> F:
             raise
         except Exception as exc:
             code = errno_for(exc)
-            if code == errno.EIO or not isinstance(exc, ObjfsError | OSError):
+            if is_disk_full(exc):
+                log.error("%s failed: no space left on the local disk (%s)", name, exc)
+            elif code == errno.EIO or not isinstance(exc, ObjfsError | OSError):
                 log.error("%s failed: %s", name, exc, exc_info=not isinstance(exc, ObjfsError))
             elif code not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
                 log.warning("%s refused (%s): %s", name, errno.errorcode.get(code), exc)

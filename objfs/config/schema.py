@@ -251,7 +251,8 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "CacheDirectory": Option((str,), "/var/cache/objfs", None,
                              "Journal, local copies, pass-through files."),
     "CacheSize": Option((int,), 10240, at_least(16),
-                        "MiB; bound on local copies, dirty and clean."),
+                        "MiB; bound on local copies, dirty and clean. Lowered at start, with a "
+                        "warning, to what the cache directory's disk can hold."),
     "WriteMode": Option((str,), WriteMode.WRITE_BACK.value, one_of(WriteMode),
                         "`write-through`: `close()` returns only once the object is in the "
                         "bucket."),

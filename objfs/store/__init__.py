@@ -42,6 +42,7 @@ docs/durability.md.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -57,6 +58,7 @@ from objfs.store.state import (
     CacheSpace,
     WriteHandle,
 )
+from objfs.supervise import supervised
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,16 @@ class Store(Hybrid):
     """Attachment operations for the fs layer. Every method runs on the event loop."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Upload and delete workers plus the bucket inventory; re-queues journaled work."""
+        """Upload and delete workers plus the bucket inventory; re-queues journaled work. Each
+        task runs `supervised`: one that fails is logged and started again, never taking the
+        mount down (docs/durability.md, invariant 8)."""
         async with trio.open_nursery() as nursery:
             for _ in range(self.upload_concurrency):
-                nursery.start_soon(self._upload_worker)
+                nursery.start_soon(supervised, "an upload worker", self._upload_worker)
             for _ in range(max(2, self.upload_concurrency // 2)):
-                nursery.start_soon(self._delete_worker, self._delete_recv.clone())
+                # A fresh clone at each start: a worker that ends closes its own.
+                nursery.start_soon(supervised, "a delete worker",
+                                   lambda: self._delete_worker(self._delete_recv.clone()))
             pending = self.journal.in_state(PENDING_UPLOAD)
             deletes = self.journal.in_state(PENDING_DELETE)
             if pending or deletes:
@@ -83,12 +89,13 @@ class Store(Hybrid):
                 self._queue_upload(row.uuid, row.size)
             for row in deletes:
                 self._queue_delete(row.uuid)
-            nursery.start_soon(self.tier.checkpoints)
-            nursery.start_soon(self._checkpoint_deletes)
-            nursery.start_soon(self.tier.remove_doomed, self._turn)
-            nursery.start_soon(self._inventory)
-            nursery.start_soon(self._watch_bucket)
-            nursery.start_soon(self._watch_spare_cpu)
+            nursery.start_soon(supervised, "the cache checkpoint", self.tier.checkpoints)
+            nursery.start_soon(supervised, "the delete-log checkpoint", self._checkpoint_deletes)
+            nursery.start_soon(supervised, "the removal of deleted copies",
+                               partial(self.tier.remove_doomed, self._turn))
+            nursery.start_soon(supervised, "the bucket inventory", self._inventory)
+            nursery.start_soon(supervised, "the bucket watch", self._watch_bucket)
+            nursery.start_soon(supervised, "the idle-CPU watch", self._watch_spare_cpu)
             task_status.started()
 
 

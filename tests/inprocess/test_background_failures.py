@@ -1,0 +1,80 @@
+"""The store's own background tasks never take the mount down (docs/durability.md, invariant
+8): one that fails (a bug, or a journal on a full disk) is logged and started again, while
+Orthanc's writes and their uploads go on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from objfs.cache import CHECKPOINT_SECONDS, DOWNLOADS_SYNCED
+from objfs.journal import UPLOADED
+from tests.inprocess.conftest import Rig
+from tests.inprocess.test_operations import ops_for, orthanc_read, orthanc_write
+
+Start = Callable[[Rig], Awaitable[None]]
+
+
+async def still_serving(rig: Rig, tmp_path: Path) -> None:
+    """A new attachment is acknowledged, read back and uploaded."""
+    ops = ops_for(rig, tmp_path)
+    uuid = str(uuid_mod.uuid4())
+    data = os.urandom(64 * 1024)
+    inode = await orthanc_write(ops, uuid, data)
+    assert await orthanc_read(ops, inode) == data
+    assert await rig.store.drain(timeout=60)
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == UPLOADED
+
+
+async def test_a_failing_store_task_is_restarted_and_the_store_serves_on(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig = rig_factory()
+    starts = 0
+    watch = rig.store._watch_spare_cpu
+
+    async def failing_once() -> None:
+        nonlocal starts
+        starts += 1
+        if starts == 1:
+            raise RuntimeError("a bug in a background task")
+        await watch()
+
+    rig.store._watch_spare_cpu = failing_once  # type: ignore[method-assign]
+    await running(rig)
+    await trio.sleep(5)
+    assert starts == 2
+    assert "the idle-CPU watch failed; restarting it" in caplog.text
+    await still_serving(rig, tmp_path)
+
+
+async def test_a_journal_that_cannot_record_a_checkpoint_leaves_the_store_running(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, "objfs.cache")
+    rig = rig_factory()
+    set_meta = rig.journal.set_meta
+    refused: list[str] = []
+
+    def full_disk(name: str, value: str) -> None:
+        if name == DOWNLOADS_SYNCED:
+            refused.append(value)
+            raise sqlite3.OperationalError("database or disk is full")
+        set_meta(name, value)
+
+    monkeypatch.setattr(rig.journal, "set_meta", full_disk)
+    await running(rig)
+    await trio.sleep(2 * CHECKPOINT_SECONDS + 1)
+    assert len(refused) == 2  # the checkpoint task went on after the first refusal
+    assert "cannot checkpoint downloaded copies" in caplog.text
+    await still_serving(rig, tmp_path)

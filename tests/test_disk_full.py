@@ -1,0 +1,106 @@
+"""A cache directory on a disk that is too small or fills up (a real tmpfs of 48 MiB under
+the cache; needs root, as the whole suite): objfs keeps its copies within what the disk can
+hold, answers ENOSPC (never EIO) when the disk is full anyway, loses nothing acknowledged, and
+serves on once there is room again."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import uuid as uuid_mod
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import local_config
+from tests.support.daemon import Objfs
+from tests.support.procs import wait_until
+from tests.test_mount import att, bucket_files, orthanc_write
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """`tmp_path/cache` on a tmpfs of 48 MiB, unmounted (lazily: a daemon may still hold it)
+    at teardown."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "objfs-test", str(cache)],
+                   check=True)
+    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(cache)], check=False))
+    return cache
+
+
+def test_a_cache_size_beyond_the_disk_is_fitted_to_it(
+        tmp_path: Path, small_disk: Path, objfs_factory: Callable[..., Objfs]) -> None:
+    daemon = objfs_factory(local_config(tmp_path, CacheSize=1024)).start()
+    assert "Objfs.CacheSize is 1024 MiB, but the file system of the cache directory" \
+        in daemon.text()
+    written = {}
+    for _ in range(90):  # 90 MiB through a 48 MiB disk
+        uuid = str(uuid_mod.uuid4())
+        written[uuid] = os.urandom(MIB)
+        orthanc_write(att(daemon.mountpoint, uuid), written[uuid])
+    for uuid, data in written.items():
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == data
+    daemon.wait_uploaded()
+    assert len(bucket_files(tmp_path / "bucket")) == 90
+    assert daemon.stop() == 0
+    assert " ERROR " not in daemon.text()
+
+
+def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
+        tmp_path: Path, small_disk: Path, objfs_factory: Callable[..., Objfs]) -> None:
+    daemon = objfs_factory(local_config(tmp_path, CacheSize=16)).start()
+    first = str(uuid_mod.uuid4())
+    orthanc_write(att(daemon.mountpoint, first), b"acknowledged before the disk filled")
+    # Something else fills the cache's disk.
+    filler = small_disk / "filler"
+    with open(filler, "wb") as out, pytest.raises(OSError) as filled:
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    assert filled.value.errno == errno.ENOSPC
+    refused = []
+    for size, free in ((1024, 0), (300 * 1024, 0), (1024, 4096)):
+        # With one page free the copy fits, and then the journal's commit finds no room
+        # (SQLite's SQLITE_FULL), unless an upload's commit took that page first.
+        os.truncate(filler, filler.stat().st_size - free)
+        uuid = str(uuid_mod.uuid4())
+        with pytest.raises(OSError) as failed:
+            orthanc_write(att(daemon.mountpoint, uuid), os.urandom(size))
+        assert failed.value.errno == errno.ENOSPC, failed.value
+        refused.append(uuid)
+    for uuid in refused:
+        wait_until(lambda u=uuid: not att(daemon.mountpoint, u, False).exists(), 10,
+                   "the refused attachment gone")
+    assert att(daemon.mountpoint, first, False).read_bytes() \
+        == b"acknowledged before the disk filled"
+    assert "no space left on the local disk" in daemon.text()
+    filler.unlink()
+    again = str(uuid_mod.uuid4())
+    orthanc_write(att(daemon.mountpoint, again), b"room again")
+    assert att(daemon.mountpoint, again, False).read_bytes() == b"room again"
+    daemon.wait_uploaded()
+    assert {name.split(".")[0] for name in bucket_files(tmp_path / "bucket")} == {first, again}
+    assert daemon.process is not None and daemon.process.alive()
+    # A stop on a full disk: the final checkpoint may find no room in the journal; that is
+    # logged, and the stop is as clean as ever.
+    with open(filler, "wb") as out, pytest.raises(OSError):
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.text()
+    # Nor can it start again there: it says so, before mounting anything.
+    start = subprocess.run([sys.executable, "-m", "objfs", "mount", "--config",
+                            str(daemon.config_path), str(daemon.mountpoint)],
+                           capture_output=True, text=True, timeout=60)
+    assert start.returncode == 1, start.stderr
+    assert "the disk of the cache directory is full" in start.stderr
+    assert "Traceback" not in start.stderr
+    assert not os.path.ismount(daemon.mountpoint)
