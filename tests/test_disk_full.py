@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import local_config
 from tests.support.daemon import Objfs
+from tests.support.emulators import MotoServer
+from tests.support.faultproxy import FaultProxy
 from tests.support.procs import wait_until
 from tests.test_mount import att, bucket_files, orthanc_write
 
@@ -33,6 +35,15 @@ def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
                    check=True)
     request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(cache)], check=False))
     return cache
+
+
+def fill(path: Path) -> None:
+    """Write zeros into `path` until its disk is full."""
+    with open(path, "wb") as out, pytest.raises(OSError) as filled:
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    assert filled.value.errno == errno.ENOSPC
 
 
 def test_a_cache_size_beyond_the_disk_is_fitted_to_it(
@@ -60,11 +71,7 @@ def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
     orthanc_write(att(daemon.mountpoint, first), b"acknowledged before the disk filled")
     # Something else fills the cache's disk.
     filler = small_disk / "filler"
-    with open(filler, "wb") as out, pytest.raises(OSError) as filled:
-        while True:
-            out.write(b"\0" * 65536)
-            out.flush()
-    assert filled.value.errno == errno.ENOSPC
+    fill(filler)
     refused = []
     for size, free in ((1024, 0), (300 * 1024, 0), (1024, 4096)):
         # With one page free the copy fits, and then the journal's commit finds no room
@@ -90,10 +97,7 @@ def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
     assert daemon.process is not None and daemon.process.alive()
     # A stop on a full disk: the final checkpoint may find no room in the journal; that is
     # logged, and the stop is as clean as ever.
-    with open(filler, "wb") as out, pytest.raises(OSError):
-        while True:
-            out.write(b"\0" * 65536)
-            out.flush()
+    fill(filler)
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.text()
     # Nor can it start again there: it says so, before mounting anything.
@@ -104,3 +108,33 @@ def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
     assert "the disk of the cache directory is full" in start.stderr
     assert "Traceback" not in start.stderr
     assert not os.path.ismount(daemon.mountpoint)
+
+
+def test_an_upload_the_full_disk_kept_from_being_recorded_goes_through_once_there_is_room(
+        tmp_path: Path, small_disk: Path, moto: MotoServer, objfs_factory: Callable[..., Objfs],
+        request: pytest.FixtureRequest) -> None:
+    # The bucket refuses the upload until the disk is full; then the PUT succeeds, and the
+    # journal has no room to record it.
+    proxy = FaultProxy(moto.endpoint)
+    request.addfinalizer(proxy.stop)
+    bucket = moto.new_bucket("diskfull")
+    config = {"AwsS3Storage": moto.s3_section(bucket, Endpoint=proxy.endpoint),
+              "Objfs": {"CacheDirectory": str(small_disk), "CacheSize": 16}}
+    daemon = objfs_factory(config).start()
+    daemon.wait_inventory()
+    proxy.set("reset")
+    uuid = str(uuid_mod.uuid4())
+    data = os.urandom(256 * 1024)
+    orthanc_write(att(daemon.mountpoint, uuid), data)
+    filler = small_disk / "filler"
+    fill(filler)
+    proxy.set("ok")
+    wait_until(lambda: f"upload of attachment {uuid}: no space left on the local disk"
+               in daemon.text(), 120, "the upload refused by the full disk",
+               daemon.process.proc if daemon.process else None, daemon.log)
+    assert daemon.journal_stats().pending_uploads == 1
+    filler.unlink()
+    daemon.wait_uploaded(60)  # tried again after a pause, without a restart
+    assert list(moto.sizes(bucket).values()) == [len(data)]
+    assert att(daemon.mountpoint, uuid, False).read_bytes() == data
+    assert daemon.stop() == 0

@@ -72,6 +72,9 @@ DELETE_GATHER = 0.05
 DELETE_GATHER_MAX = 1.0
 PROBE_INTERVAL = 5.0
 BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, persistent=True)
+# An upload the journal could not record (the cache directory's disk full) is tried again
+# after this pause.
+DISK_FULL_PAUSE = 10.0
 
 
 @dataclass

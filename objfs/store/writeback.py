@@ -14,6 +14,7 @@ import trio
 
 from objfs import codec, errors
 from objfs.dicomhead import series_instance_uid
+from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path, fsync_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
 from objfs.retry import RetryPolicy
@@ -25,6 +26,7 @@ from objfs.store.state import (
     DELETE_GATHER_MAX,
     DELETE_LOG_CHECKPOINT,
     DELETE_LOG_HALF,
+    DISK_FULL_PAUSE,
     INLINE_SYNC_BYTES,
     INLINE_SYNC_MAX,
     SLOW_LOG_WRITE,
@@ -430,20 +432,35 @@ class Writeback(Fetch):
                 await trio.sleep(DELETE_LOG_CHECKPOINT)
 
     async def _upload_worker(self) -> None:
+        """Take queued uploads one at a time. An upload that failed because the cache
+        directory's disk is full (the journal cannot record it as uploaded) is tried again
+        after DISK_FULL_PAUSE, still counted as unsent and outstanding (a drain waits for it);
+        any other failure (the bucket's are retried inside `_upload`) leaves it journaled for
+        the next start."""
         while True:
             uuid, size = await self._uploads.get()
             limit = self.backend.single_request_limit
             # Sent in parts several at a time: it waits for Orthanc to pause (`_turn`).
             parallel = limit is not None and size > limit
+            again = False
             try:
                 async with self._turn(parallel):
                     await self._upload(uuid, BACKGROUND_RETRY)
-            except Exception:
-                log.exception("upload of attachment %s failed; it stays journaled and is "
-                              "retried at the next start", uuid)
+            except Exception as exc:
+                again = is_disk_full(exc)
+                if again:
+                    log.error("upload of attachment %s: no space left on the local disk (%s); "
+                              "trying again in %.0fs", uuid, exc, DISK_FULL_PAUSE)
+                else:
+                    log.exception("upload of attachment %s failed; it stays journaled and is "
+                                  "retried at the next start", uuid)
             finally:
-                self._unsent_bytes -= size
-                self._untrack(uuid)
+                if not again:
+                    self._unsent_bytes -= size
+                    self._untrack(uuid)
+            if again:
+                await trio.sleep(DISK_FULL_PAUSE)
+                self._uploads.put(uuid, size)
 
     @contextlib.asynccontextmanager
     async def _turn(self, parallel: bool = False) -> AsyncIterator[None]:
