@@ -370,7 +370,14 @@ class Fetch(Names):
             # never evicted).
             self.tier.release(row.size)
             raise errors.NotFound(f"attachment {row.uuid} was deleted while it was fetched")
-        await self._j(self.journal.set_cached, row.uuid, True, self.seal_local)
+        try:
+            await self._j(self.journal.set_cached, row.uuid, True, self.seal_local)
+        except Exception:
+            # Not recorded (the journal's disk full): a copy no row claims would keep its
+            # budget and its disk space until the next start, and each new try take more.
+            self.tier.path(row.uuid).unlink(missing_ok=True)
+            self.tier.release(row.size)
+            raise
         self._confirmed[row.uuid] = True
 
     def _decrypts_on_arrival(self, key: str) -> bool:

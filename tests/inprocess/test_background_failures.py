@@ -78,3 +78,29 @@ async def test_a_journal_that_cannot_record_a_checkpoint_leaves_the_store_runnin
     assert len(refused) == 2  # the checkpoint task went on after the first refusal
     assert "cannot checkpoint downloaded copies" in caplog.text
     await still_serving(rig, tmp_path)
+
+
+async def test_a_fetched_copy_the_journal_cannot_record_gives_back_its_space(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = rig_factory()
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(300_000)
+    await rig.write(uuid, data)
+    assert await rig.store.drain(timeout=60)
+    assert await rig.tier.evict(10 * 1024 * 1024) == len(data)
+    used = rig.tier.used
+    set_cached = rig.journal.set_cached
+
+    def full_disk(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(rig.journal, "set_cached", full_disk)
+    for _ in range(3):  # each try would have kept the copy's bytes
+        with pytest.raises(sqlite3.OperationalError):
+            await rig.read(uuid)
+        assert rig.tier.used == used
+        assert not rig.tier.path(uuid).exists()
+    monkeypatch.setattr(rig.journal, "set_cached", set_cached)
+    assert await rig.read(uuid) == data
+    assert rig.tier.used == used + len(data)
