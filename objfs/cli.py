@@ -117,6 +117,8 @@ def _status(settings: Settings, as_json: bool) -> int:
         return 1
     found = _facts(settings, path)
     state = status.daemon_phase(settings.cache_directory)
+    if state is not None and state.get("cache_capacity") is not None:
+        found["cache_capacity_bytes"] = state["cache_capacity"]  # as fitted to the disk
     found.update(status.cluster_facts(
         settings, list(state.get("locks_held") or []) if state else None,
         state.get("bucket_lookups") if state else None))

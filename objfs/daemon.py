@@ -167,7 +167,8 @@ async def _report_status(notifier: Notifier, store: Store, jobs: Jobs, root: Pat
         testhooks.fail_point("status-reporter")
         notifier.status(running_status(store, await store.stats()))
         facts: dict[str, Any] = {"bucket_failing_since": store.health.failing_since,
-                                 "bucket_error": store.health.last_error}
+                                 "bucket_error": store.health.last_error,
+                                 "cache_capacity": store.cache_space().capacity}
         if store.shared:
             facts.update(locks_held=jobs.held_locks,
                          bucket_lookups=store.tally.bucket_lookups)
@@ -264,7 +265,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                     stack.callback(restore_priority)
                 pyfuse3.init(ops, str(mountpoint), options)
                 mounted = True
-                write_state(root, "running")
+                write_state(root, "running", cache_capacity=tier.capacity)
                 jobs_scope = trio.CancelScope()
                 nursery.start_soon(_run_in_scope, jobs_scope,
                                    lambda: supervised("the job runner", jobs.run))

@@ -16,9 +16,12 @@ from objfs.fstier import FileSystemTier
 from objfs.journal import Stats
 
 
-def facts(stats: Stats, settings: Settings, fs: FileSystemTier | None) -> dict[str, Any]:
-    """The status as JSON-ready facts. Walks the file-system tier (two directory levels and a
-    stat per file), so it takes a while on a tier of millions of files."""
+def facts(stats: Stats, settings: Settings, fs: FileSystemTier | None,
+          capacity: int | None = None) -> dict[str, Any]:
+    """The status as JSON-ready facts; `capacity`: the running daemon's cache budget (CacheSize
+    unless `LocalTier.fit_to_disk` lowered it), CacheSize when None. Walks the file-system
+    tier (two directory levels and a stat per file), so it takes a while on a tier of millions
+    of files."""
     age = None if stats.oldest_pending is None else max(0.0, time.time() - stats.oldest_pending)
     out: dict[str, Any] = {
         "hybrid_mode": settings.hybrid_mode,
@@ -30,7 +33,7 @@ def facts(stats: Stats, settings: Settings, fs: FileSystemTier | None) -> dict[s
         "uploaded_known": stats.uploaded,
         "cache_entries": stats.cached_entries,
         "cache_bytes": stats.cached_bytes,
-        "cache_capacity_bytes": settings.cache_size,
+        "cache_capacity_bytes": settings.cache_size if capacity is None else capacity,
     }
     if fs is not None:
         files, size = fs.usage()

@@ -20,6 +20,7 @@ from tests.support.daemon import Objfs
 from tests.support.emulators import MotoServer
 from tests.support.faultproxy import FaultProxy
 from tests.support.procs import wait_until
+from tests.support.rest import rest
 from tests.test_mount import att, bucket_files, orthanc_write
 
 MIB = 1024 * 1024
@@ -51,6 +52,11 @@ def test_a_cache_size_beyond_the_disk_is_fitted_to_it(
     daemon = objfs_factory(local_config(tmp_path, CacheSize=1024)).start()
     assert "Objfs.CacheSize is 1024 MiB, but the file system of the cache directory" \
         in daemon.text()
+    # `objfs status` and GET /status give the budget in use, not CacheSize.
+    fitted = daemon.status()["cache_capacity_bytes"]
+    assert 16 * MIB < fitted <= 48 * MIB - 16 * MIB
+    code, answer = rest(daemon.api, "GET", "/status")
+    assert code == 200 and answer["cache_capacity_bytes"] == fitted
     written = {}
     for _ in range(90):  # 90 MiB through a 48 MiB disk
         uuid = str(uuid_mod.uuid4())

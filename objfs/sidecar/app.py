@@ -172,7 +172,8 @@ class Sidecar:
 
     async def status(self, request: Request) -> Response:
         stats = await self.store.stats()
-        found = await trio.to_thread.run_sync(status.facts, stats, self.settings, self.store.fs)
+        found = await trio.to_thread.run_sync(status.facts, stats, self.settings, self.store.fs,
+                                              self.store.cache_space().capacity)
         found.update(status.cluster_facts(self.settings, self.jobs.held_locks,
                                           self.store.tally.bucket_lookups))
         return JSONResponse(found)
