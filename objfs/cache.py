@@ -171,15 +171,14 @@ class LocalTier:
         disk would fill before the budget does, and writes would fail with ENOSPC although
         clean copies could have been evicted. Run after `recover`, before the event loop."""
         st = os.statvfs(self.root)
-        room = self.used + st.f_bavail * st.f_frsize - disk_reserve(st.f_blocks * st.f_frsize)
-        if room >= self.capacity:
+        reserve = disk_reserve(st.f_blocks * st.f_frsize)
+        fitted = max(0, self.used + st.f_bavail * st.f_frsize - reserve)
+        if fitted >= self.capacity:
             return
-        fitted = max(0, room)
         log.warning("Objfs.CacheSize is %d MiB, but the file system of the cache directory %s "
                     "has room for %d MiB of copies (%d MiB already held, the rest free, less "
                     "%d MiB kept for the journal): the cache uses %d MiB", self.capacity >> 20,
-                    self.root, fitted >> 20, self.used >> 20,
-                    disk_reserve(st.f_blocks * st.f_frsize) >> 20, fitted >> 20)
+                    self.root, fitted >> 20, self.used >> 20, reserve >> 20, fitted >> 20)
         self.capacity = fitted
         self._evict_ahead = min(fitted // 128, EVICT_AHEAD_MAX)
 

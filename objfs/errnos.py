@@ -34,7 +34,7 @@ def errno_for(exc: BaseException) -> int:
             return code
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
-    if isinstance(exc, sqlite3.Error) and is_disk_full(exc):
+    if is_disk_full(exc):
         return errno.ENOSPC  # the journal's disk is full: no room to record a new file
     return errno.EIO
 
@@ -43,5 +43,5 @@ def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` says the disk is full: ENOSPC, or SQLite's SQLITE_FULL."""
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == SQLITE_FULL
+    code = getattr(exc, "sqlite_errorcode", None) or 0
+    return isinstance(exc, sqlite3.Error) and code & 0xFF == SQLITE_FULL
