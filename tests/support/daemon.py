@@ -14,7 +14,7 @@ from typing import Any
 from objfs.journal import Stats, read_stats
 from objfs.mountinfo import mounts
 from tests.support.fuse import require_fuse
-from tests.support.procs import Process, free_port, wait_until
+from tests.support.procs import Process, free_port, http_ready, wait_until
 
 
 def mounted_paths() -> dict[str, str]:
@@ -55,8 +55,10 @@ class Objfs:
         self.process = Process([sys.executable, "-m", "objfs", "mount", "--log-level", "INFO",
                                 "--config", str(self.config_path), str(self.mountpoint)],
                                self.log, self.env)
-        wait_until(lambda: is_live_mount(self.mountpoint), timeout, "objfs mount",
-                   self.process.proc, self.log)
+        # The REST API too: it listens before the mount, and after a kill -9 the old mount can
+        # still look live for a moment, while the old daemon's port no longer answers.
+        wait_until(lambda: is_live_mount(self.mountpoint) and http_ready(self.api + "/health"),
+                   timeout, "objfs mount", self.process.proc, self.log)
         return self
 
     def stop(self, timeout: float = 120) -> int | None:
