@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 from objfs import codec
+from objfs.errnos import is_disk_full
 from objfs.errors import CacheFull
 from objfs.fsutil import syncfs
 from objfs.journal import PENDING_UPLOAD, Journal, Row
@@ -43,6 +44,12 @@ CHECKPOINT_SECONDS = 30.0
 DISK_RESERVE_MIN = 16 * 1024 * 1024
 DISK_RESERVE_MAX = 1024 * 1024 * 1024
 DOWNLOADS_SYNCED = "downloads-synced"
+# Disk space held for the journal (a preallocated file in the cache directory, part of
+# `disk_reserve`): when something else fills the disk, the journal cannot record an eviction,
+# and only an eviction could give the disk back (`_remove`).
+JOURNAL_ROOM = 1024 * 1024
+JOURNAL_ROOM_FILE = "journal-room"
+DISK_FULL_LOG_EVERY = 60.0
 CLEAN = "clean"
 MTIME_SLACK = 0.1
 
@@ -99,6 +106,11 @@ class LocalTier:
         # this. With `background_held` they stay within `background_share` when background
         # work takes budget.
         self.unsent: Callable[[], int] = lambda: 0
+        self._room = root / JOURNAL_ROOM_FILE
+        # One `make_disk_room` at a time (owner: the event loop): the next caller finds the
+        # room the first made, instead of evicting again.
+        self._disk_room_lock = trio.Lock()
+        self._disk_full_logged = -DISK_FULL_LOG_EVERY
 
     def path(self, uuid: str) -> Path:
         return self.data / uuid
@@ -169,7 +181,12 @@ class LocalTier:
         is larger (logged as a warning): the copies already counted plus the free space, less
         `disk_reserve` for the journal, its write-ahead log and the delete log. Otherwise the
         disk would fill before the budget does, and writes would fail with ENOSPC although
-        clean copies could have been evicted. Run after `recover`, before the event loop."""
+        clean copies could have been evicted. Also sets aside the journal's room
+        (`keep_journal_room`). Run after `recover`, before the event loop."""
+        if not self.keep_journal_room():
+            log.warning("no room for the journal's reserve (%d MiB) in %s: if the disk fills "
+                        "up, clean copies cannot be evicted to make room", JOURNAL_ROOM >> 20,
+                        self.root)
         st = os.statvfs(self.root)
         reserve = disk_reserve(st.f_blocks * st.f_frsize)
         fitted = max(0, self.used + st.f_bavail * st.f_frsize - reserve)
@@ -200,6 +217,79 @@ class LocalTier:
             except (OSError, sqlite3.Error) as exc:  # a full disk: the journal cannot record
                 log.error("cannot checkpoint downloaded copies in %s: %s (copies made since "
                           "the last checkpoint are fetched again after a crash)", self.data, exc)
+
+    # --- the disk under the budget ------------------------------------------------------------
+
+    def keep_journal_room(self) -> bool:
+        """Set aside JOURNAL_ROOM bytes of the disk for the journal (the file `journal-room`,
+        allocated), unless already done; returns whether it is set aside. Blocking. On a
+        full disk nothing is left half allocated (that would hold space for nothing)."""
+        try:
+            if self._room.stat().st_blocks * 512 >= JOURNAL_ROOM:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self._room, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            os.posix_fallocate(fd, 0, JOURNAL_ROOM)
+            return True
+        except OSError:
+            self._room.unlink(missing_ok=True)
+            return False
+        finally:
+            os.close(fd)
+
+    async def _remove(self, victims: list[tuple[str, int]], want: int) -> tuple[list[str], int]:
+        """`_remove_copies` in a worker thread. When the journal finds the disk full, its room
+        is given to it and the eviction tried once more (its unlinks then free the disk), and
+        the room set aside again afterwards; otherwise the error is raised."""
+        try:
+            return await trio.to_thread.run_sync(
+                _remove_copies, self.journal, self.data, victims, want)
+        except (OSError, sqlite3.Error) as exc:
+            if not is_disk_full(exc) or not self._room.exists():
+                raise
+        self._room.unlink(missing_ok=True)
+        log.warning("the disk of the cache directory %s is full: the journal takes its "
+                    "reserve to record an eviction", self.root)
+        try:
+            return await trio.to_thread.run_sync(
+                _remove_copies, self.journal, self.data, victims, want)
+        finally:
+            if not await trio.to_thread.run_sync(self.keep_journal_room):
+                log.warning("no room left to set aside the journal's reserve again in %s: "
+                            "it is tried again at the next eviction", self.root)
+
+    async def make_disk_room(self, nbytes: int) -> bool:
+        """The cache directory's disk is full although objfs' budget may not be (something
+        else uses the disk): evict least recently used clean copies for `nbytes` and the usual
+        margin. Returns whether the disk may now have room for `nbytes` (the caller tries
+        once more); False when nothing could be evicted or the eviction failed (logged). One
+        caller at a time: the next finds the room the first made."""
+        async with self._disk_room_lock:
+            st = await trio.to_thread.run_sync(os.statvfs, self.root)
+            if st.f_bavail * st.f_frsize >= nbytes + JOURNAL_ROOM:
+                return True  # another caller made room meanwhile
+            try:
+                freed = await self.evict(nbytes + self._evict_ahead)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("the disk of the cache directory %s is full and no clean copy could "
+                          "be evicted: %s", self.root, exc)
+                return False
+            if freed:
+                now = trio.current_time()
+                # Once a minute: while the disk stays full, every new copy evicts.
+                warn = now - self._disk_full_logged >= DISK_FULL_LOG_EVERY
+                if warn:
+                    self._disk_full_logged = now
+                log.log(logging.WARNING if warn else logging.DEBUG,
+                        "the disk of the cache directory %s is full with %d of the cache's %d "
+                        "MiB in use (something else uses it): evicted %d KiB of clean copies",
+                        self.root, self.used >> 20, self.capacity >> 20, freed >> 10)
+            return freed > 0
 
     # --- budget -------------------------------------------------------------------------------
 
@@ -342,8 +432,7 @@ class LocalTier:
             self._evicting |= chosen
             try:
                 with trio.CancelScope(shield=True):
-                    removed, got = await trio.to_thread.run_sync(
-                        _remove_copies, self.journal, self.data, victims, need - freed)
+                    removed, got = await self._remove(victims, need - freed)
                     self._evicted(removed, got)
             finally:
                 self._evicting -= chosen
@@ -497,5 +586,10 @@ def _remove_copies(journal: Journal, data: Path, victims: list[tuple[str, int]],
         crash_point("mid-eviction")
         removed.append(uuid)
         freed += size
-    journal.uncache(removed)
+    try:
+        journal.uncache(removed)
+    except (OSError, sqlite3.Error) as exc:
+        if not is_disk_full(exc):
+            raise
+        journal.uncache(removed)  # the unlinks above gave the disk some room
     return removed, freed

@@ -21,6 +21,7 @@ _TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (errors.Unavailable, errno.EIO),  # Throttled included: retried first, never ENOENT
     (errors.Corrupt, errno.EIO),
     (errors.CacheFull, errno.ENOSPC),
+    (errors.LocalDiskFull, errno.ENOSPC),
     (errors.TooLarge, errno.EFBIG),
     (errors.Immutable, errno.EPERM),
     (errors.InvalidName, errno.EPERM),
@@ -40,7 +41,9 @@ def errno_for(exc: BaseException) -> int:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` says the disk is full: ENOSPC, or SQLite's SQLITE_FULL."""
+    """Whether `exc` says the disk is full: ENOSPC, SQLite's SQLITE_FULL, or LocalDiskFull."""
+    if isinstance(exc, errors.LocalDiskFull):
+        return True
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
     code = getattr(exc, "sqlite_errorcode", None) or 0

@@ -69,6 +69,11 @@ class CacheFull(ObjfsError):
     """The local cache budget is full of data that is not yet in the bucket."""
 
 
+class LocalDiskFull(ObjfsError):
+    """A download found no room on the cache directory's disk for the local file it writes:
+    the disk's condition, not the bucket's (never retried as a bucket failure)."""
+
+
 class Immutable(ObjfsError):
     """An attempt to change an attachment after it was written."""
 

@@ -75,7 +75,9 @@ def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
     daemon = objfs_factory(local_config(tmp_path, CacheSize=16)).start()
     first = str(uuid_mod.uuid4())
     orthanc_write(att(daemon.mountpoint, first), b"acknowledged before the disk filled")
-    # Something else fills the cache's disk.
+    # Something else fills the cache's disk. `first` stays open: an open copy is never
+    # evicted, so no clean copy can make room.
+    held = open(att(daemon.mountpoint, first), "rb")
     filler = small_disk / "filler"
     fill(filler)
     refused = []
@@ -88,6 +90,7 @@ def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
             orthanc_write(att(daemon.mountpoint, uuid), os.urandom(size))
         assert failed.value.errno == errno.ENOSPC, failed.value
         refused.append(uuid)
+    held.close()
     for uuid in refused:
         wait_until(lambda u=uuid: not att(daemon.mountpoint, u, False).exists(), 10,
                    "the refused attachment gone")
@@ -144,3 +147,49 @@ def test_an_upload_the_full_disk_kept_from_being_recorded_goes_through_once_ther
     assert list(moto.sizes(bucket).values()) == [len(data)]
     assert att(daemon.mountpoint, uuid, False).read_bytes() == data
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_clean_copies_make_room_when_something_else_fills_the_disk(
+        tmp_path: Path, small_disk: Path, objfs_factory: Callable[..., Objfs],
+        request: pytest.FixtureRequest, backend: str) -> None:
+    if backend == "s3":  # downloads through the S3 client's own GET path
+        moto: MotoServer = request.getfixturevalue("moto")
+        bucket = moto.new_bucket("roomy")
+        config = {"AwsS3Storage": moto.s3_section(bucket),
+                  "Objfs": {"CacheDirectory": str(small_disk), "CacheSize": 16}}
+        in_bucket: Callable[[], int] = lambda: len(moto.sizes(bucket))  # noqa: E731
+    else:
+        config = local_config(tmp_path, CacheSize=16)
+        in_bucket = lambda: len(bucket_files(tmp_path / "bucket"))  # noqa: E731
+    daemon = objfs_factory(config).start()
+    written = {}
+    for _ in range(24):  # 24 MiB through a 16 MiB budget: the first copies are evicted
+        uuid = str(uuid_mod.uuid4())
+        written[uuid] = os.urandom(MIB)
+        orthanc_write(att(daemon.mountpoint, uuid), written[uuid])
+    daemon.wait_uploaded()
+    cold = [uuid for uuid in written if not (small_disk / "data" / uuid).exists()]
+    assert len(cold) >= 8
+    # The disk room set aside for the journal: it records the evictions of a full disk.
+    assert (small_disk / "journal-room").stat().st_blocks * 512 >= MIB
+    # Something else fills the disk while the budget still has room: Orthanc's cold reads
+    # and writes find room by evicting clean copies, as they would with the budget full.
+    filler = small_disk / "filler"
+    fill(filler)
+    for uuid in cold + [uuid for uuid in written if uuid not in cold]:
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == written[uuid]
+    again = {}
+    for _ in range(4):
+        uuid = str(uuid_mod.uuid4())
+        again[uuid] = os.urandom(MIB)
+        orthanc_write(att(daemon.mountpoint, uuid), again[uuid])
+    for uuid, data in again.items():
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == data
+    assert "the disk of the cache directory" in daemon.text()
+    assert "something else uses it" in daemon.text()
+    filler.unlink()
+    daemon.wait_uploaded()
+    assert in_bucket() == 28
+    assert daemon.stop() == 0
+    assert " ERROR " not in daemon.text()

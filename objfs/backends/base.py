@@ -8,12 +8,15 @@ Contract for every backend:
   written, in order, and its `finalize` ends the file (decryption as the bytes arrive);
 - `head` returns the size; `delete` of a missing object succeeds;
 - `list_page` returns keys in lexicographic order with a continuation token (None at the end);
-- every failure is raised as an `objfs.errors` exception, never an SDK exception.
+- every failure is raised as an `objfs.errors` exception, never an SDK exception; `get`
+  raises LocalDiskFull when the local file finds no room (the disk's failure, not the
+  bucket's: never counted against the bucket nor retried as one).
 """
 
 from __future__ import annotations
 
 import abc
+import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import IO, Any, Protocol, TypeVar, cast
 
 import trio
 
-from objfs.errors import ObjfsError
+from objfs.errors import LocalDiskFull, ObjfsError
 from objfs.priority import is_foreground
 
 T = TypeVar("T")
@@ -229,13 +232,19 @@ class ThreadedBackend(Backend):
 
     def _get_into(self, key: str, path: Path, offset: int, length: int | None,
                   transform: Transform | None) -> int:
-        with open(path, "wb") as out:
-            if transform is None:
-                return self._get_sync(key, out, offset, length)
-            received = self._get_sync(key, cast(IO[bytes], _TransformedFile(out, transform)),
-                                      offset, length)
-            out.write(transform.finalize())
-            return received
+        try:
+            with open(path, "wb") as out:
+                if transform is None:
+                    return self._get_sync(key, out, offset, length)
+                received = self._get_sync(key, cast(IO[bytes], _TransformedFile(out, transform)),
+                                          offset, length)
+                out.write(transform.finalize())
+                return received
+        except OSError as exc:
+            # No network call answers ENOSPC: only the local file can have raised it.
+            if exc.errno == errno.ENOSPC:
+                raise LocalDiskFull(f"{path}: {exc.strerror}") from exc
+            raise
 
     async def head(self, key: str) -> ObjectInfo:
         return await self._run("head", key, self._head_sync, key)

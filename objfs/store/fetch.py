@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import trio
 
 from objfs import codec, errors
 from objfs.dicomhead import series_instance_uid
+from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
@@ -219,6 +221,9 @@ class Fetch(Names):
 
         Every wait, for another task's download (a prefetch) and then for its own, ends at
         `until` (Unavailable): a reader never waits a prefetch's deadline plus its own.
+        A download that finds the disk full is tried once more after `make_disk_room`
+        (the disk's error is raised if that frees nothing); its waiters then fetch for
+        themselves (each with the same second chance).
         """
         deadline = self.read_retry.deadline
         with trio.move_on_at(until):
@@ -226,9 +231,16 @@ class Fetch(Names):
                 await running.done.wait()
                 if running.error is None:
                     return
-                if isinstance(running.error, Exception):
+                if isinstance(running.error, Exception) and not is_disk_full(running.error):
                     raise running.error
-            await self._recorded_download(row)
+            try:
+                await self._recorded_download(row)
+            except (OSError, sqlite3.Error, errors.LocalDiskFull) as exc:
+                # The disk is full although the budget let the copy in: something else uses
+                # it. Evicting clean copies may make room, as for a full budget.
+                if not is_disk_full(exc) or not await self.tier.make_disk_room(row.size):
+                    raise
+                await self._recorded_download(row)
             return
         last = self.health.last_error
         raise errors.Unavailable(f"attachment {row.uuid}: not fetched within {deadline}s"
@@ -357,7 +369,7 @@ class Fetch(Names):
             self.tier.release(row.size)
             raise
         except BaseException as exc:
-            if isinstance(exc, errors.ObjfsError):
+            if isinstance(exc, errors.ObjfsError) and not isinstance(exc, errors.LocalDiskFull):
                 log.error("attachment %s: cannot read object %s: %s", row.uuid, key, exc)
             self.tier.release(row.size)
             raise

@@ -75,6 +75,9 @@ BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, p
 # An upload the journal could not record (the cache directory's disk full) is tried again
 # after this pause.
 DISK_FULL_PAUSE = 10.0
+# Disk room asked of `LocalTier.make_disk_room` when a new attachment's journal commit found the
+# disk full: a few pages of the write-ahead log, generously.
+COMMIT_ROOM = 256 * 1024
 
 
 @dataclass

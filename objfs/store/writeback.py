@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from objfs.store.fetch import Fetch
 from objfs.store.state import (
     BACKGROUND_RETRY,
     BUSY_WINDOW,
+    COMMIT_ROOM,
     DELETE_GATHER,
     DELETE_GATHER_MAX,
     DELETE_LOG_CHECKPOINT,
@@ -76,7 +78,14 @@ class Writeback(Fetch):
             if self._unsent_past_share:
                 self._wake_turns()  # uploads stop yielding to Orthanc: see `_turn`
         try:
-            written = os.pwrite(handle.fd, data, offset)
+            try:
+                written = os.pwrite(handle.fd, data, offset)
+            except OSError as exc:
+                # Full although the budget had room: something else fills the disk.
+                if handle.fs or not is_disk_full(exc) \
+                        or not await self.tier.make_disk_room(len(data)):
+                    raise
+                written = os.pwrite(handle.fd, data, offset)
         except OSError as exc:
             handle.error = exc
             raise
@@ -133,11 +142,20 @@ class Writeback(Fetch):
             return
         try:
             took = None
-            if alone and self._inline_syncs and handle.size <= INLINE_SYNC_BYTES:
-                # On the event loop, which never waits for the journal's lock: None when
-                # another thread holds it (the data is synced; the thread below commits).
-                took = self._timed_make_durable(handle.fd, handle.uuid, handle.size, False)
-            if took is None:
+            try:
+                if alone and self._inline_syncs and handle.size <= INLINE_SYNC_BYTES:
+                    # On the event loop, which never waits for the journal's lock: None when
+                    # another thread holds it (the data is synced; the thread below commits).
+                    took = self._timed_make_durable(handle.fd, handle.uuid, handle.size, False)
+                if took is None:
+                    took = await trio.to_thread.run_sync(
+                        self._timed_make_durable, handle.fd, handle.uuid, handle.size,
+                        limiter=self._journal_limiter)
+            except (OSError, sqlite3.Error) as exc:
+                # The journal's commit found the disk full (SQLITE_FULL): evicting clean
+                # copies may give it room. Nothing was recorded; the retry starts afresh.
+                if not is_disk_full(exc) or not await self.tier.make_disk_room(COMMIT_ROOM):
+                    raise
                 took = await trio.to_thread.run_sync(
                     self._timed_make_durable, handle.fd, handle.uuid, handle.size,
                     limiter=self._journal_limiter)
