@@ -25,7 +25,7 @@ from objfs import codec
 from objfs.errnos import is_disk_full
 from objfs.errors import CacheFull
 from objfs.fsutil import syncfs
-from objfs.journal import PENDING_UPLOAD, Journal, Row
+from objfs.journal import LOST_AND_FOUND, PENDING_UPLOAD, Journal, Row
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,22 @@ class LocalTier:
         # None: a cache from before checkpoints, whose downloads were each fsynced; CLEAN: the
         # last stop synced everything after the mount was gone.
         since = float(synced) - MTIME_SLACK if synced not in (None, CLEAN) else None
-        for found in os.scandir(self.data):
-            if found.name not in claimed:
-                log.info("removing %s: written but never acknowledged", found.path)
-                os.unlink(found.path)
+        unplaced = [found for found in os.scandir(self.data) if found.name not in claimed]
+        if unplaced and self.journal.created:
+            # A new journal beside old copies: the former journal was lost or moved aside.
+            # Some of these may be acknowledged data not yet in the bucket: kept for the
+            # administrator, never removed (README, "A damaged journal").
+            lost_and_found = self.root / LOST_AND_FOUND
+            lost_and_found.mkdir(exist_ok=True)
+            for found in unplaced:
+                os.replace(found.path, lost_and_found / found.name)
+            log.warning("a new journal, but %d local copies in %s: moved to %s (those the "
+                        "bucket lacks may be attachments Orthanc was told are stored; copy them "
+                        "back in through the mount)", len(unplaced), self.data, lost_and_found)
+            unplaced = []
+        for found in unplaced:
+            log.info("removing %s: written but never acknowledged", found.path)
+            os.unlink(found.path)
         lost = []
         for uuid, row in claimed.items():
             try:

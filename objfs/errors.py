@@ -74,6 +74,10 @@ class LocalDiskFull(ObjfsError):
     the disk's condition, not the bucket's (never retried as a bucket failure)."""
 
 
+class JournalDamaged(ObjfsError):
+    """The journal's SQLite file is damaged (not a database, or malformed)."""
+
+
 class Immutable(ObjfsError):
     """An attempt to change an attachment after it was written."""
 

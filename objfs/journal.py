@@ -42,11 +42,17 @@ from pathlib import Path
 from typing import Any
 
 from objfs.deletelog import DeleteLog, read_logged
+from objfs.errors import JournalDamaged
 
 log = logging.getLogger(__name__)
 
 # The delete log's file name, beside the database.
 DELETE_LOG = "deletes.log"
+# Where `LocalTier.recover` puts the local copies a new journal cannot place.
+LOST_AND_FOUND = "lost+found"
+# SQLite's primary result codes for a malformed database and a file that is not one.
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
 # A delete's row change (state, uuid): by a durable commit, a lazy one, or a replay.
 _MARK_DELETED = "UPDATE attachments SET state=?, cached=0 WHERE uuid=?"
 # An attachment's rows dropped (uuid): by `remove`, or lazily by `delete_logged`.
@@ -130,10 +136,32 @@ def _row(values: tuple[Any, ...]) -> Row:
                bool(sealed))
 
 
+def _is_damaged(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the file is not a database or is malformed."""
+    code = getattr(exc, "sqlite_errorcode", None) or 0
+    return code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
 class Journal:
     """The attachment journal in ``<CacheDirectory>/journal.sqlite``."""
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
+        """Open (or create) the journal. Raises JournalDamaged when SQLite finds the file
+        damaged; `created` says whether this call created it."""
+        self.created = not readonly and not path.exists()
+        try:
+            self._open(path, readonly)
+        except sqlite3.DatabaseError as exc:
+            if not _is_damaged(exc):
+                raise
+            raise JournalDamaged(
+                f"the journal {path} is damaged ({exc}); objfs does not start on it. Move it "
+                f"aside with its -wal and -shm files, then start objfs "
+                "again: it rebuilds the journal from the bucket and keeps the local copies "
+                f"it can no longer place in {path.parent / LOST_AND_FOUND} (README, "
+                "\"A damaged journal\")") from exc
+
+    def _open(self, path: Path, readonly: bool) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._deletes: DeleteLog | None = None  # set once replayed; None when read-only
@@ -599,9 +627,14 @@ class Journal:
 
 def read_stats(path: Path) -> Stats:
     """`Journal.stats` on a read-only connection of its own, so that any thread may call it
-    (the counts scan the table: about 0.1 s per million attachments)."""
+    (the counts scan the table: about 0.1 s per million attachments). Raises JournalDamaged
+    when SQLite finds the file damaged."""
     journal = Journal(path, readonly=True)
     try:
         return journal.stats()
+    except sqlite3.DatabaseError as exc:
+        if not _is_damaged(exc):
+            raise
+        raise JournalDamaged(f"the journal {path} is damaged ({exc})") from exc
     finally:
         journal.close()
