@@ -13,7 +13,7 @@ from typing import Any
 from objfs.clusterlock import lock_kind
 from objfs.config import Settings
 from objfs.fstier import FileSystemTier
-from objfs.journal import Stats
+from objfs.journal import LOST_AND_FOUND, Stats
 
 
 def facts(stats: Stats, settings: Settings, fs: FileSystemTier | None,
@@ -34,12 +34,21 @@ def facts(stats: Stats, settings: Settings, fs: FileSystemTier | None,
         "cache_entries": stats.cached_entries,
         "cache_bytes": stats.cached_bytes,
         "cache_capacity_bytes": settings.cache_size if capacity is None else capacity,
+        "lost_and_found_files": _count_files(settings.cache_directory / LOST_AND_FOUND),
     }
     if fs is not None:
         files, size = fs.usage()
         out.update(file_system_directory=str(fs.root), file_system_files=files,
                    file_system_bytes=size)
     return out
+
+
+def _count_files(directory: Path) -> int:
+    try:
+        with os.scandir(directory) as entries:
+            return sum(1 for _ in entries)
+    except OSError:  # none, usually
+        return 0
 
 
 def cluster_facts(settings: Settings, held_locks: list[str] | None,
@@ -65,6 +74,10 @@ def render(settings: Settings, f: dict[str, Any]) -> str:
         f"cache:            {f['cache_bytes']} of {f['cache_capacity_bytes']} bytes "
         f"in {f['cache_entries']} files",
     ]
+    if f.get("lost_and_found_files"):
+        lines.append(f"lost+found:       {f['lost_and_found_files']} local copies a new journal "
+                     f"could not place, in {settings.cache_directory / LOST_AND_FOUND} "
+                     "(README: \"A damaged journal\")")
     if f.get("shared_bucket"):
         held = f.get("locks_held")
         role = ("daemon not running" if held is None else

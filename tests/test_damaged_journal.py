@@ -66,6 +66,7 @@ def test_a_damaged_journal_stops_the_start_and_the_recovery_loses_nothing(
     assert "a new journal, but 2 local copies" in daemon.text()
     lost = cache / "lost+found"
     assert sorted(p.name for p in lost.iterdir()) == sorted(data)
+    assert daemon.status()["lost_and_found_files"] == 2
     daemon.wait_inventory()
     assert att(daemon.mountpoint, uploaded, False).read_bytes() == data[uploaded]
     assert not att(daemon.mountpoint, pending, False).exists()
@@ -78,6 +79,9 @@ def test_a_damaged_journal_stops_the_start_and_the_recovery_loses_nothing(
         else:
             shutil.copyfile(lost / uuid, target)
     daemon.wait_uploaded()
+    for uuid in data:
+        (lost / uuid).unlink()
+    assert daemon.status()["lost_and_found_files"] == 0
     assert moto.sizes(bucket)[next(k for k in moto.sizes(bucket) if k.startswith(pending))] \
         == len(data[pending])
     assert daemon.stop() == 0
