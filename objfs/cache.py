@@ -107,6 +107,8 @@ class LocalTier:
         # work takes budget.
         self.unsent: Callable[[], int] = lambda: 0
         self._room = root / JOURNAL_ROOM_FILE
+        # Whether `journal-room` is set aside (owner: the event loop; `fit_to_disk` first).
+        self._room_kept = False
         # One `make_disk_room` at a time (owner: the event loop): the next caller finds the
         # room the first made, instead of evicting again.
         self._disk_room_lock = trio.Lock()
@@ -195,7 +197,8 @@ class LocalTier:
         disk would fill before the budget does, and writes would fail with ENOSPC although
         clean copies could have been evicted. Also sets aside the journal's room
         (`keep_journal_room`). Run after `recover`, before the event loop."""
-        if not self.keep_journal_room():
+        self._room_kept = self.keep_journal_room()
+        if not self._room_kept:
             log.warning("no room for the journal's reserve (%d MiB) in %s: if the disk fills "
                         "up, clean copies cannot be evicted to make room", JOURNAL_ROOM >> 20,
                         self.root)
@@ -256,24 +259,27 @@ class LocalTier:
 
     async def _remove(self, victims: list[tuple[str, int]], want: int) -> tuple[list[str], int]:
         """`_remove_copies` in a worker thread. When the journal finds the disk full, its room
-        is given to it and the eviction tried once more (its unlinks then free the disk), and
-        the room set aside again afterwards; otherwise the error is raised."""
+        is given to it and the eviction tried once more (its unlinks then free the disk);
+        otherwise the error is raised. After an eviction the room is set aside again if it
+        is not."""
         try:
-            return await trio.to_thread.run_sync(
+            done = await trio.to_thread.run_sync(
                 _remove_copies, self.journal, self.data, victims, want)
         except (OSError, sqlite3.Error) as exc:
-            if not is_disk_full(exc) or not self._room.exists():
+            if not is_disk_full(exc) or not self._room_kept:
                 raise
-        self._room.unlink(missing_ok=True)
-        log.warning("the disk of the cache directory %s is full: the journal takes its "
-                    "reserve to record an eviction", self.root)
-        try:
-            return await trio.to_thread.run_sync(
+            self._room.unlink(missing_ok=True)
+            self._room_kept = False
+            log.warning("the disk of the cache directory %s is full: the journal takes its "
+                        "reserve to record an eviction", self.root)
+            done = await trio.to_thread.run_sync(
                 _remove_copies, self.journal, self.data, victims, want)
-        finally:
-            if not await trio.to_thread.run_sync(self.keep_journal_room):
-                log.warning("no room left to set aside the journal's reserve again in %s: "
-                            "it is tried again at the next eviction", self.root)
+        if not self._room_kept:
+            self._room_kept = await trio.to_thread.run_sync(self.keep_journal_room)
+            if not self._room_kept:
+                log.warning("no room to set aside the journal's reserve in %s: tried again "
+                            "at the next eviction", self.root)
+        return done
 
     async def make_disk_room(self, nbytes: int) -> bool:
         """The cache directory's disk is full although objfs' budget may not be (something
