@@ -31,7 +31,7 @@ from objfs.backends import open_backend
 from objfs.backends.base import Backend
 from objfs.cache import LocalTier
 from objfs.clusterlock import open_lock
-from objfs.config import Settings
+from objfs.config import Provider, Settings
 from objfs.fs import Operations
 from objfs.journal import Journal, Stats
 from objfs.metrics import Metrics
@@ -206,12 +206,34 @@ def write_state(root: Path, phase: str, **facts: float | str | list[str] | None)
         tmp.unlink(missing_ok=True)
 
 
+def check_outside_mount(settings: Settings, mountpoint: Path) -> None:
+    """Raise ConfigError when a directory objfs itself writes (the cache, the local bucket, the
+    file-system tier) is the mount point or inside it: each of its writes would be a request
+    to its own file system, which waits for the writer (a hang, then a dead mount)."""
+    own = [("Objfs.CacheDirectory", settings.cache_directory),
+           ("Objfs.FileSystemDirectory", settings.fs_directory)]
+    if settings.provider == Provider.LOCAL:
+        own.append(("Objfs.LocalBucket", settings.local_bucket))
+    mounted = Path(os.path.realpath(mountpoint))
+    problems = []
+    for name, path in own:
+        if path is None:
+            continue
+        real = Path(os.path.realpath(path))  # symlinks into the mount point count too
+        if real == mounted or mounted in real.parents:
+            problems.append(f"{name}: {path} is inside the mount point {mountpoint}: objfs "
+                            "would wait for its own file system; use a directory on local disk")
+    if problems:
+        raise errors.ConfigError(*problems)
+
+
 async def serve(settings: Settings, mountpoint: Path) -> None:
     """Mount objfs on `mountpoint` and serve until unmounted or signalled.
 
     Raises ConfigError/BackendError before mounting when the setup is unusable.
     """
     mountpoint = mountpoint.resolve()
+    check_outside_mount(settings, mountpoint)
     check_fuse_device()
     clear_stale_mount(mountpoint)
     st = os.stat(mountpoint)

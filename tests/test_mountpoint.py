@@ -56,3 +56,28 @@ def test_a_fuse_device_this_user_cannot_open_is_explained(tmp_path: Path) -> Non
     assert "/dev/fuse cannot be opened for reading and writing by uid 0" in done.stderr
     assert "--device /dev/fuse" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "cache").exists()  # refused before anything was set up
+
+
+@pytest.mark.parametrize("inside", ["CacheDirectory", "LocalBucket", "FileSystemDirectory"])
+def test_a_directory_objfs_writes_inside_its_mount_point_is_a_configuration_error(
+        tmp_path: Path, inside: str) -> None:
+    """Each write there would be a request to objfs' own file system, waiting for objfs: the
+    daemon hung, then left a dead mount. Refused before anything is created or mounted."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(mountpoint)  # through a symlink: the real path counts
+    own = {"CacheDirectory": str(tmp_path / "cache"), "LocalBucket": str(tmp_path / "bucket"),
+           inside: str(link / "sub")}
+    if inside == "FileSystemDirectory":
+        own["HybridMode"] = "WriteToObjectStorage"
+    config = tmp_path / "objfs.json"
+    config.write_text(json.dumps({"Objfs": own}))
+    run = subprocess.run([sys.executable, "-m", "objfs", "mount", "--config", str(config),
+                          str(mountpoint)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 2, run.stderr
+    assert f"Objfs.{inside}: {link / 'sub'} is inside the mount point {mountpoint}" \
+        in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not os.path.ismount(mountpoint)
+    assert list(mountpoint.iterdir()) == []

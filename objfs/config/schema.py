@@ -249,7 +249,10 @@ GCS_OPTIONS: dict[str, Option] = {
 OBJFS_OPTIONS: dict[str, Option] = {
     **COMMON_OPTIONS,
     "CacheDirectory": Option((str,), "/var/cache/objfs", None,
-                             "Journal, local copies, pass-through files."),
+                             "Journal, local copies, pass-through files. On local disk, "
+                             "outside the mount point (inside it, objfs would wait for itself: "
+                             "refused at start, exit 2; so are `LocalBucket` and "
+                             "`FileSystemDirectory`)."),
     "CacheSize": Option((int,), 10240, at_least(16),
                         "MiB; bound on local copies, dirty and clean. Lowered at start, with a "
                         "warning, to what the cache directory's disk can hold."),
@@ -273,14 +276,16 @@ OBJFS_OPTIONS: dict[str, Option] = {
                           "Seconds `open()` of an uncached file may retry the bucket before "
                           "EIO."),
     "LocalBucket": Option((str,), "/var/lib/objfs/bucket", None,
-                          "The bucket when no cloud section is present."),
+                          "The bucket when no cloud section is present; outside the mount point."),
     "AllowUnencryptedReads": Option((bool,), False, None,
                                     "With encryption on, also serve objects that are not "
                                     "encrypted (migrating a bucket)."),
     "EncryptLocalCache": Option((bool,), False, None,
                                 "Keep local copies sealed too (needs `StorageEncryption`)."),
     "FileSystemDirectory": Option((str,), None, None,
-                                  "The file-system tier, in Orthanc's layout `ab/cd/<uuid>`.",
+                                  "The file-system tier, in Orthanc's layout `ab/cd/<uuid>`; "
+                                  "outside the mount point (when migrating, mount objfs "
+                                  "elsewhere than the old `StorageDirectory`).",
                                   "required with a HybridMode"),
     "EncryptFileSystemTier": Option((bool,), True, None,
                                     "With `StorageEncryption` on, new file-system-tier files "
