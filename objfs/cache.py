@@ -265,7 +265,7 @@ class LocalTier:
         try:
             done = await trio.to_thread.run_sync(
                 _remove_copies, self.journal, self.data, victims, want)
-        except (OSError, sqlite3.Error) as exc:
+        except Exception as exc:
             if not is_disk_full(exc) or not self._room_kept:
                 raise
             self._room.unlink(missing_ok=True)
@@ -606,7 +606,7 @@ def _remove_copies(journal: Journal, data: Path, victims: list[tuple[str, int]],
         freed += size
     try:
         journal.uncache(removed)
-    except (OSError, sqlite3.Error) as exc:
+    except Exception as exc:
         if not is_disk_full(exc):
             raise
         journal.uncache(removed)  # the unlinks above gave the disk some room

@@ -115,10 +115,8 @@ def _status(settings: Settings, as_json: bool) -> int:
         print(f"objfs: no journal at {path} (never mounted with this CacheDirectory)",
               file=sys.stderr)
         return 1
-    found = _facts(settings, path)
     state = status.daemon_phase(settings.cache_directory)
-    if state is not None and state.get("cache_capacity") is not None:
-        found["cache_capacity_bytes"] = state["cache_capacity"]  # as fitted to the disk
+    found = _facts(settings, path, state)
     found.update(status.cluster_facts(
         settings, list(state.get("locks_held") or []) if state else None,
         state.get("bucket_lookups") if state else None))
@@ -138,19 +136,20 @@ def _status(settings: Settings, as_json: bool) -> int:
     while state is not None and state["phase"] == "draining":
         print(status.drain_line(state, found), flush=True)
         time.sleep(DRAIN_REFRESH)
-        found = _facts(settings, path)
         state = status.daemon_phase(settings.cache_directory)
+        found = _facts(settings, path, state)
     if state is None and found["pending_uploads"]:
         print(f"{found['pending_uploads']} uploads stay journaled; they resume at the next start")
     return 0
 
 
-def _facts(settings: Settings, path: Path) -> dict[str, Any]:
+def _facts(settings: Settings, path: Path, state: dict[str, Any] | None) -> dict[str, Any]:
+    """`status.facts`, with the cache budget the running daemon (`state`) fitted to the disk."""
     stats = read_stats(path)
     fs = None
     if settings.fs_directory is not None:
         fs = FileSystemTier(settings.fs_directory, None, False)
-    return status.facts(stats, settings, fs)
+    return status.facts(stats, settings, fs, state.get("cache_capacity") if state else None)
 
 
 def _config(command: str, paths: list[str]) -> int:

@@ -10,9 +10,11 @@ import sqlite3
 
 from objfs import errors
 
-# SQLite's primary result code for "database or disk is full" (extended codes keep it in the
-# low byte).
+# SQLite's primary result codes (extended codes keep them in the low byte): "database or disk
+# is full", a malformed database, a file that is not one.
 SQLITE_FULL = 13
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
 
 _TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (errors.NotFound, errno.ENOENT),
@@ -46,5 +48,16 @@ def is_disk_full(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
-    code = getattr(exc, "sqlite_errorcode", None) or 0
-    return isinstance(exc, sqlite3.Error) and code & 0xFF == SQLITE_FULL
+    return _sqlite_result(exc) == SQLITE_FULL
+
+
+def is_damaged_database(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite saying the file is not a database or is malformed."""
+    return _sqlite_result(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
+def _sqlite_result(exc: BaseException) -> int | None:
+    """SQLite's primary result code of `exc`, None for anything but an sqlite3.Error."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from objfs.deletelog import DeleteLog, read_logged
+from objfs.errnos import is_damaged_database
 from objfs.errors import JournalDamaged
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,6 @@ log = logging.getLogger(__name__)
 DELETE_LOG = "deletes.log"
 # Where `LocalTier.recover` puts the local copies a new journal cannot place.
 LOST_AND_FOUND = "lost+found"
-# SQLite's primary result codes for a malformed database and a file that is not one.
-SQLITE_CORRUPT = 11
-SQLITE_NOTADB = 26
 # A delete's row change (state, uuid): by a durable commit, a lazy one, or a replay.
 _MARK_DELETED = "UPDATE attachments SET state=?, cached=0 WHERE uuid=?"
 # An attachment's rows dropped (uuid): by `remove`, or lazily by `delete_logged`.
@@ -136,12 +134,6 @@ def _row(values: tuple[Any, ...]) -> Row:
                bool(sealed))
 
 
-def _is_damaged(exc: sqlite3.Error) -> bool:
-    """Whether SQLite says the file is not a database or is malformed."""
-    code = getattr(exc, "sqlite_errorcode", None) or 0
-    return code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
-
-
 class Journal:
     """The attachment journal in ``<CacheDirectory>/journal.sqlite``."""
 
@@ -152,7 +144,7 @@ class Journal:
         try:
             self._open(path, readonly)
         except sqlite3.DatabaseError as exc:
-            if not _is_damaged(exc):
+            if not is_damaged_database(exc):
                 raise
             raise JournalDamaged(
                 f"the journal {path} is damaged ({exc}); objfs does not start on it. Move it "
@@ -633,7 +625,7 @@ def read_stats(path: Path) -> Stats:
     try:
         return journal.stats()
     except sqlite3.DatabaseError as exc:
-        if not _is_damaged(exc):
+        if not is_damaged_database(exc):
             raise
         raise JournalDamaged(f"the journal {path} is damaged ({exc})") from exc
     finally:

@@ -16,7 +16,6 @@ Contract for every backend:
 from __future__ import annotations
 
 import abc
-import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import IO, Any, Protocol, TypeVar, cast
 
 import trio
 
+from objfs.errnos import is_disk_full
 from objfs.errors import LocalDiskFull, ObjfsError
 from objfs.priority import is_foreground
 
@@ -242,7 +242,7 @@ class ThreadedBackend(Backend):
                 return received
         except OSError as exc:
             # No network call answers ENOSPC: only the local file can have raised it.
-            if exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
                 raise LocalDiskFull(f"{path}: {exc.strerror}") from exc
             raise
 

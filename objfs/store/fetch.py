@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -235,7 +234,7 @@ class Fetch(Names):
                     raise running.error
             try:
                 await self._recorded_download(row)
-            except (OSError, sqlite3.Error, errors.LocalDiskFull) as exc:
+            except Exception as exc:
                 # The disk is full although the budget let the copy in: something else uses
                 # it. Evicting clean copies may make room, as for a full budget.
                 if not is_disk_full(exc) or not await self.tier.make_disk_room(row.size):

@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -151,7 +150,7 @@ class Writeback(Fetch):
                     took = await trio.to_thread.run_sync(
                         self._timed_make_durable, handle.fd, handle.uuid, handle.size,
                         limiter=self._journal_limiter)
-            except (OSError, sqlite3.Error) as exc:
+            except Exception as exc:
                 # The journal's commit found the disk full (SQLITE_FULL): evicting clean
                 # copies may give it room. Nothing was recorded; the retry starts afresh.
                 if not is_disk_full(exc) or not await self.tier.make_disk_room(COMMIT_ROOM):
