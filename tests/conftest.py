@@ -6,6 +6,8 @@ and the run ends with a banner saying why; tests that need no mount run and pass
 
 from __future__ import annotations
 
+import errno
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,3 +84,24 @@ def local_config(tmp_path: Path, **objfs: Any) -> dict[str, Any]:
     return {"Objfs": {"CacheDirectory": str(tmp_path / "cache"),
                       "LocalBucket": str(tmp_path / "bucket"), "CacheSize": 256,
                       "ShutdownDrainTimeout": 30, **objfs}}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """`tmp_path/cache` on a tmpfs of 48 MiB (needs root, as the whole suite), unmounted
+    (lazily: a daemon may still hold it) at teardown."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "objfs-test", str(cache)],
+                   check=True)
+    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(cache)], check=False))
+    return cache
+
+
+def fill(path: Path) -> None:
+    """Write zeros into `path` until its disk is full."""
+    with open(path, "wb") as out, pytest.raises(OSError) as filled:
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    assert filled.value.errno == errno.ENOSPC

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import local_config
+from tests.conftest import fill, local_config
 from tests.support.daemon import Objfs
 from tests.support.emulators import MotoServer
 from tests.support.faultproxy import FaultProxy
@@ -24,27 +24,6 @@ from tests.support.rest import rest
 from tests.test_mount import att, bucket_files, orthanc_write
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
-    """`tmp_path/cache` on a tmpfs of 48 MiB, unmounted (lazily: a daemon may still hold it)
-    at teardown."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "objfs-test", str(cache)],
-                   check=True)
-    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(cache)], check=False))
-    return cache
-
-
-def fill(path: Path) -> None:
-    """Write zeros into `path` until its disk is full."""
-    with open(path, "wb") as out, pytest.raises(OSError) as filled:
-        while True:
-            out.write(b"\0" * 65536)
-            out.flush()
-    assert filled.value.errno == errno.ENOSPC
 
 
 def test_a_cache_size_beyond_the_disk_is_fitted_to_it(
@@ -146,6 +125,40 @@ def test_an_upload_the_full_disk_kept_from_being_recorded_goes_through_once_ther
     daemon.wait_uploaded(60)  # tried again after a pause, without a restart
     assert list(moto.sizes(bucket).values()) == [len(data)]
     assert att(daemon.mountpoint, uuid, False).read_bytes() == data
+    assert daemon.stop() == 0
+
+
+def test_an_upload_the_full_disk_kept_from_being_recorded_evicts_clean_copies(
+        tmp_path: Path, small_disk: Path, moto: MotoServer, objfs_factory: Callable[..., Objfs],
+        request: pytest.FixtureRequest) -> None:
+    # As above, with clean copies in the cache: evicting them makes room for the journal's
+    # record, and the upload goes through while the disk stays full.
+    proxy = FaultProxy(moto.endpoint)
+    request.addfinalizer(proxy.stop)
+    bucket = moto.new_bucket("diskfull-evict")
+    config = {"AwsS3Storage": moto.s3_section(bucket, Endpoint=proxy.endpoint),
+              "Objfs": {"CacheDirectory": str(small_disk), "CacheSize": 16}}
+    daemon = objfs_factory(config).start()
+    written = {}
+    for _ in range(4):
+        uuid = str(uuid_mod.uuid4())
+        written[uuid] = os.urandom(MIB)
+        orthanc_write(att(daemon.mountpoint, uuid), written[uuid])
+    daemon.wait_uploaded()
+    proxy.set("reset")
+    uuid = str(uuid_mod.uuid4())
+    written[uuid] = os.urandom(256 * 1024)
+    orthanc_write(att(daemon.mountpoint, uuid), written[uuid])
+    fill(small_disk / "filler")
+    proxy.set("ok")
+    daemon.wait_uploaded(30)  # well before the full-disk pause would have ended twice
+    assert daemon.journal_stats().pending_uploads == 0
+    assert "evicted" in daemon.text()
+    assert f"upload of attachment {uuid}: no space left" not in daemon.text()
+    assert sorted(moto.sizes(bucket).values()) == sorted(map(len, written.values()))
+    (small_disk / "filler").unlink()
+    for uuid, data in written.items():
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == data
     assert daemon.stop() == 0
 
 

@@ -3,6 +3,7 @@ makes objfs fetch the rest of the series ahead, so the next reads need no reques
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from objfs.sidecar.prefetch import PARALLEL
+from tests.conftest import fill
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
@@ -214,3 +217,32 @@ def test_what_the_prefetch_asks_of_orthanc(tmp_path: Path, moto: MotoServer, buc
         orthanc.stop()
         daemon.stop()
         proxy.stop()
+
+
+def test_a_full_cache_disk_pauses_the_prefetch(tmp_path: Path, small_disk: Path,
+                                               moto: MotoServer, bucket: str) -> None:
+    """Something else fills the cache directory's disk (the budget still has room): the
+    series prefetch stops at its first refused copy instead of fetching the rest of the
+    series only to throw it away, and Orthanc's own reads go on."""
+    daemon, orthanc, order, sent = run(tmp_path, moto, bucket, evicted=True)
+    try:
+        filler = small_disk / "filler"
+        fill(filler)
+        # Room for the first read's copy (33 KB) and a few more, not for the series.
+        os.truncate(filler, filler.stat().st_size - 160 * 1024)
+        before = gets(daemon)
+        assert orthanc.request("GET", f"/instances/{order[0]}/file") == sent[order[0]]
+        wait_until(lambda: "series prefetch paused for 10s: the disk of the cache directory"
+                   in daemon.text(), 30, "the prefetch paused")
+        time.sleep(1)  # the prefetch's last downloads end
+        fetched = gets(daemon) - before
+        # The first read, the copies that fitted, and at most PARALLEL refused at once.
+        assert fetched <= 1 + 4 + PARALLEL < SERIES, fetched
+        assert daemon.text().count("series prefetch paused") == 1
+        filler.unlink()
+        for instance in order[1:]:
+            assert orthanc.request("GET", f"/instances/{instance}/file") == sent[instance]
+        assert " ERROR " not in daemon.text()
+    finally:
+        orthanc.stop()
+        daemon.stop()

@@ -143,6 +143,9 @@ class StoreCore:
         self._confirmed: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
             65536, SHARED_CONFIRM_TTL, timer=trio.current_time)
         self._fetches: dict[str, FetchRecord] = {}
+        # Series prefetch stays off until this time (trio clock; owner: the event loop) after
+        # one found the cache directory's disk full: its GETs would be thrown away.
+        self._prefetch_resumes = -math.inf
         # Decrypted copies shared by their readers (owner: the event loop): by uuid, the
         # readers' fds, and decryptions under way.
         self._plain: dict[str, SharedPlain] = {}

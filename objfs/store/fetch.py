@@ -16,7 +16,7 @@ from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
-from objfs.store.state import FetchRecord, SharedPlain
+from objfs.store.state import DISK_FULL_PAUSE, FetchRecord, SharedPlain
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,14 @@ class Fetch(Names):
         while what no eviction can free stays within half the budget (least recently used
         clean copies make room; never waits for space). A reader that opens it
         meanwhile waits for this download instead of starting its own. Returns whether a
-        copy was fetched; failures are logged, never raised (nobody asked for it yet)."""
+        copy was fetched; failures are logged, never raised (nobody asked for it yet). A
+        disk found full (something else uses it: the budget let the copy in) stops every
+        prefetch for DISK_FULL_PAUSE: Orthanc's own reads and writes need the room, and
+        each GET meanwhile would be thrown away."""
         if uuid in self.writing or uuid in self._fetches or self.health.failing.is_set():
             return False  # never adds to the load of a bucket that is failing
+        if trio.current_time() < self._prefetch_resumes:
+            return False
         try:
             row = await self._row(uuid)
         except errors.ObjfsError:
@@ -313,7 +318,13 @@ class Fetch(Names):
             try:
                 await self._recorded_download(row, background=True)
             except Exception as exc:
-                log.info("prefetch of attachment %s failed: %s", uuid, exc)
+                if not is_disk_full(exc):
+                    log.info("prefetch of attachment %s failed: %s", uuid, exc)
+                elif trio.current_time() >= self._prefetch_resumes:
+                    self._prefetch_resumes = trio.current_time() + DISK_FULL_PAUSE
+                    log.warning("series prefetch paused for %.0fs: the disk of the cache "
+                                "directory %s is full (%s)", DISK_FULL_PAUSE, self.tier.root,
+                                exc)
                 return False
             return True
         finally:

@@ -73,8 +73,10 @@ DELETE_GATHER_MAX = 1.0
 PROBE_INTERVAL = 5.0
 BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, persistent=True)
 # An upload the journal could not record (the cache directory's disk full) is tried again
-# after this pause.
+# after this pause; the series prefetch, which found the disk full, stays off for as long.
 DISK_FULL_PAUSE = 10.0
+# ... or after this one, when evicting clean copies made room for its journal commit.
+ROOM_MADE_PAUSE = 0.1
 # Disk room asked of `LocalTier.make_disk_room` when a new attachment's journal commit found the
 # disk full: a few pages of the write-ahead log, generously.
 COMMIT_ROOM = 256 * 1024

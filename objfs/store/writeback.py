@@ -30,6 +30,7 @@ from objfs.store.state import (
     DISK_FULL_PAUSE,
     INLINE_SYNC_BYTES,
     INLINE_SYNC_MAX,
+    ROOM_MADE_PAUSE,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
     SPARE_CPUS,
@@ -450,24 +451,31 @@ class Writeback(Fetch):
 
     async def _upload_worker(self) -> None:
         """Take queued uploads one at a time. An upload that failed because the cache
-        directory's disk is full (the journal cannot record it as uploaded) is tried again
-        after DISK_FULL_PAUSE, still counted as unsent and outstanding (a drain waits for it);
-        any other failure (the bucket's are retried inside `_upload`) leaves it journaled for
-        the next start."""
+        directory's disk is full (the journal cannot record it as uploaded) is tried again after
+        ROOM_MADE_PAUSE when evicting clean copies made room (`make_disk_room`), else after
+        DISK_FULL_PAUSE, still counted as unsent and outstanding (a drain waits for it); any
+        other failure (the bucket's are retried inside `_upload`) leaves it journaled for the
+        next start."""
         while True:
             uuid, size = await self._uploads.get()
             limit = self.backend.single_request_limit
             # Sent in parts several at a time: it waits for Orthanc to pause (`_turn`).
             parallel = limit is not None and size > limit
-            again = False
+            again, pause = False, DISK_FULL_PAUSE
             try:
                 async with self._turn(parallel):
                     await self._upload(uuid, BACKGROUND_RETRY)
             except Exception as exc:
                 again = is_disk_full(exc)
                 if again:
-                    log.error("upload of attachment %s: no space left on the local disk (%s); "
-                              "trying again in %.0fs", uuid, exc, DISK_FULL_PAUSE)
+                    # Clean copies may make room (something else filled the disk): then the
+                    # upload is tried again after a moment (never a busy loop on a disk that
+                    # keeps refusing), not after the full pause.
+                    made_room = await self.tier.make_disk_room(COMMIT_ROOM)
+                    pause = ROOM_MADE_PAUSE if made_room else DISK_FULL_PAUSE
+                    if not made_room:
+                        log.error("upload of attachment %s: no space left on the local disk "
+                                  "(%s); trying again in %.0fs", uuid, exc, pause)
                 else:
                     log.exception("upload of attachment %s failed; it stays journaled and is "
                                   "retried at the next start", uuid)
@@ -476,7 +484,7 @@ class Writeback(Fetch):
                     self._unsent_bytes -= size
                     self._untrack(uuid)
             if again:
-                await trio.sleep(DISK_FULL_PAUSE)
+                await trio.sleep(pause)
                 self._uploads.put(uuid, size)
 
     @contextlib.asynccontextmanager
