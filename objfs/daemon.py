@@ -8,6 +8,7 @@ journaled for the next start.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -315,15 +316,21 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                 notifier.stopping("unmounting")
                 pyfuse3.close(unmount=True)
                 mounted = False
-                await _drain(store, settings, root, notifier)
-                tier.flush_atimes()
+                with contextlib.suppress(errors.JournalDamaged):  # noted: `journal.damage`
+                    if journal.damage is None:
+                        await _drain(store, settings, root, notifier)
+                        tier.flush_atimes()
                 try:
                     await trio.to_thread.run_sync(tier.checkpoint, True)
-                except (OSError, sqlite3.Error) as exc:
+                except (OSError, sqlite3.Error, errors.JournalDamaged) as exc:
                     # The last periodic checkpoint stands: the next start fetches again the
                     # copies downloaded since, as after a crash.
                     log.error("cannot record the final cache checkpoint in %s: %s", root, exc)
                 nursery.cancel_scope.cancel()
+            if journal.damage is not None:
+                # Stopped as asked, without the drain (the journal cannot say what is left);
+                # exit 1 with the way out. The next start checks the whole file.
+                raise errors.JournalDamaged(journal.damage)
         except BaseException:
             if mounted:
                 # Never a clean unmount on a failure: the mount point must answer ENOTCONN

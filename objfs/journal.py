@@ -36,7 +36,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 # The delete log's file name, beside the database.
 DELETE_LOG = "deletes.log"
+# Written beside the database when SQLite found it damaged while objfs ran: the next start
+# checks the whole file (`PRAGMA quick_check`) before it uses it.
+DAMAGE_MARK = "journal-damaged"
 # Where `LocalTier.recover` puts the local copies a new journal cannot place.
 LOST_AND_FOUND = "lost+found"
 # A delete's row change (state, uuid): by a durable commit, a lazy one, or a replay.
@@ -134,24 +137,139 @@ def _row(values: tuple[Any, ...]) -> Row:
                bool(sealed))
 
 
-class Journal:
-    """The attachment journal in ``<CacheDirectory>/journal.sqlite``."""
+def damaged_text(path: Path, problem: object, running: bool = False) -> str:
+    """What a damaged journal at `path` means and the way out (README, "A damaged journal"),
+    at a start or (`running`) found while objfs runs."""
+    what = (f"the journal {path} is damaged ({problem}): requests that need its damaged part "
+            "fail with EIO. Stop objfs, move" if running else
+            f"the journal {path} is damaged ({problem}); objfs does not start on it. Move")
+    return (f"{what} it aside with its -wal and -shm files, then start objfs again: it "
+            "rebuilds the journal from the bucket and keeps the local copies it can no longer "
+            f"place in {path.parent / LOST_AND_FOUND} (README, \"A damaged journal\")")
 
-    def __init__(self, path: Path, readonly: bool = False) -> None:
+
+class _Connection(sqlite3.Connection):
+    """A journal connection on which every statement and every fetch that SQLite answers
+    "damaged" (SQLITE_CORRUPT, SQLITE_NOTADB) raises JournalDamaged through `on_damage`,
+    whatever the thread; other errors pass unchanged."""
+
+    on_damage: Callable[[sqlite3.DatabaseError], JournalDamaged] | None = None
+
+    def damaged(self, exc: sqlite3.DatabaseError) -> BaseException:
+        if self.on_damage is None or not is_damaged_database(exc):
+            return exc
+        return self.on_damage(exc)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return self.cursor(_Cursor).execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            raise self.damaged(exc) from exc
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        try:
+            return self.cursor(_Cursor).executemany(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            raise self.damaged(exc) from exc
+
+
+class _Cursor(sqlite3.Cursor):
+    """The rows of a `_Connection` query: SQLite reads further pages as they are fetched."""
+
+    def _damaged(self, exc: sqlite3.DatabaseError) -> BaseException:
+        connection = self.connection
+        return connection.damaged(exc) if isinstance(connection, _Connection) else exc
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
+
+
+class Journal:
+    """The attachment journal in ``<CacheDirectory>/journal.sqlite``.
+
+    Damage: SQLite's answer that the file is damaged raises JournalDamaged, at open and on any
+    later statement. The first one while running sets `damage` (the sidecar's /health reports
+    it), is logged as critical, and writes DAMAGE_MARK beside the file; a start that finds the
+    mark checks the whole file (`PRAGMA quick_check`, proportional to its size) and refuses it
+    unless SQLite finds it sound (repaired meanwhile), or the journal is new (moved aside)."""
+
+    def __init__(self, path: Path, readonly: bool = False, heed_mark: bool = True) -> None:
         """Open (or create) the journal. Raises JournalDamaged when SQLite finds the file
-        damaged; `created` says whether this call created it."""
+        damaged, or when it was found damaged while objfs ran and still is; `created` says
+        whether this call created it."""
         self.created = not readonly and not path.exists()
+        self.damage: str | None = None
+        self._damage_lock = threading.Lock()
+        mark = path.with_name(DAMAGE_MARK)
+        if readonly and heed_mark and mark.exists():
+            # `objfs status`: the file's check is the next start's (a whole-file scan).
+            raise JournalDamaged(self._mark_text(mark))
         try:
             self._open(path, readonly)
+            if not readonly and mark.exists():
+                self._check_marked(mark)
         except sqlite3.DatabaseError as exc:
             if not is_damaged_database(exc):
                 raise
-            raise JournalDamaged(
-                f"the journal {path} is damaged ({exc}); objfs does not start on it. Move it "
-                f"aside with its -wal and -shm files, then start objfs "
-                "again: it rebuilds the journal from the bucket and keeps the local copies "
-                f"it can no longer place in {path.parent / LOST_AND_FOUND} (README, "
-                "\"A damaged journal\")") from exc
+            raise JournalDamaged(damaged_text(path, exc)) from exc
+        except JournalDamaged:
+            self.close()
+            raise
+        # From here on, damage is news: noted, logged, marked (at open it is only raised, and
+        # a read-only reader, `objfs status`, only reports it).
+        if not readonly:
+            for db in {self._db, self._lazy, self._reader}:
+                db.on_damage = self.note_damage
+
+    @staticmethod
+    def _mark_text(mark: Path) -> str:
+        try:
+            return mark.read_text().strip() or f"{mark} exists"
+        except OSError as exc:
+            return f"{mark}: {exc}"
+
+    def _check_marked(self, mark: Path) -> None:
+        """The journal was found damaged while objfs ran (`mark`): refuse it unless it is new
+        or SQLite's quick_check now finds it sound."""
+        if not self.created:
+            problems = [str(r[0]) for r in self._reader.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise JournalDamaged(damaged_text(self.path, "; ".join(problems)))
+            log.warning("the journal %s was found damaged while objfs ran (%s); SQLite's check "
+                        "finds it sound now: using it", self.path, self._mark_text(mark))
+        mark.unlink(missing_ok=True)
+
+    def note_damage(self, exc: sqlite3.DatabaseError) -> JournalDamaged:
+        """SQLite found the file damaged (`exc`) while objfs ran: note the first such news
+        (`damage`, a critical log line, DAMAGE_MARK) and return the error to raise. Any
+        thread."""
+        text = damaged_text(self.path, exc, running=True)
+        with self._damage_lock:
+            first, self.damage = self.damage is None, self.damage or text
+        if first:
+            log.critical("%s", text)
+            try:
+                self.path.with_name(DAMAGE_MARK).write_text(
+                    damaged_text(self.path, exc) + "\n")
+            except OSError as mark_failed:
+                log.error("cannot record the damage in %s: %s",
+                          self.path.with_name(DAMAGE_MARK), mark_failed)
+        return JournalDamaged(f"the journal {self.path} is damaged ({exc})")
 
     def _open(self, path: Path, readonly: bool) -> None:
         self.path = path
@@ -172,12 +290,11 @@ class Journal:
         # leave out or replace its uuids. Under `_cache_lock`, held only for dict operations.
         self._unapplied: dict[str, Row | None] = {}
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-        self._reader = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+        self._reader = self._connect(uri)
         if readonly:
             self._db = self._lazy = self._reader  # never written through
             return
-        self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
-                                   timeout=30)
+        self._db = self._connect(uri, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -185,8 +302,7 @@ class Journal:
         # Changes whose loss in a crash is harmless (a repeated upload, a stale recency or
         # cache flag that start-up recovery checks) skip the fsync: the next durable commit
         # writes them out along with itself, in order.
-        self._lazy = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                     check_same_thread=False, timeout=30)
+        self._lazy = self._connect(uri, check_same_thread=False)
         self._lazy.execute("PRAGMA synchronous=NORMAL")
         deletes = DeleteLog(path.with_name(DELETE_LOG))
         try:
@@ -195,6 +311,12 @@ class Journal:
             deletes.close()
             raise
         self._deletes = deletes
+
+    def _connect(self, uri: str, check_same_thread: bool = True) -> _Connection:
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30,
+                             check_same_thread=check_same_thread, factory=_Connection)
+        assert isinstance(db, _Connection)
+        return db
 
     def _replay(self, deletes: DeleteLog) -> None:
         """Apply the deletes the log holds (a crash may have lost their lazy row changes),
@@ -217,7 +339,7 @@ class Journal:
                 if self._deletes is not None:
                     # Lazily: until the next open replays it, the log holds them durably.
                     self._apply_locked()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, JournalDamaged) as exc:
                 log.warning("the journal closes with %d deletes only in its delete log (%s): "
                             "the next start replays them", len(self._unapplied), exc)
             finally:
@@ -617,16 +739,19 @@ class Journal:
         self._write("DELETE FROM attachments WHERE state=?", (UPLOADED,))
 
 
-def read_stats(path: Path) -> Stats:
+def read_stats(path: Path, owner: Journal | None = None) -> Stats:
     """`Journal.stats` on a read-only connection of its own, so that any thread may call it
     (the counts scan the table: about 0.1 s per million attachments). Raises JournalDamaged
-    when SQLite finds the file damaged."""
-    journal = Journal(path, readonly=True)
+    when SQLite finds the file damaged (noted by `owner`, the daemon's open journal, when
+    given), or, in another process, when the daemon found it damaged (DAMAGE_MARK)."""
+    journal = Journal(path, readonly=True, heed_mark=owner is None)
     try:
         return journal.stats()
     except sqlite3.DatabaseError as exc:
         if not is_damaged_database(exc):
             raise
+        if owner is not None:
+            raise owner.note_damage(exc) from exc
         raise JournalDamaged(f"the journal {path} is damaged ({exc})") from exc
     finally:
         journal.close()

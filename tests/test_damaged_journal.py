@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import local_config
 from tests.support.daemon import Objfs
 from tests.support.emulators import MotoServer
 from tests.support.faultproxy import FaultProxy
+from tests.support.rest import rest
 from tests.test_mount import att, orthanc_write
 
 
@@ -90,4 +92,82 @@ def test_a_damaged_journal_stops_the_start_and_the_recovery_loses_nothing(
     daemon.start()
     for uuid, content in data.items():
         assert att(daemon.mountpoint, uuid, False).read_bytes() == content
+    assert daemon.stop() == 0
+
+
+def damage_pages(journal: Path) -> None:
+    """Make every b-tree page of `journal` but the first unreadable to SQLite (its page-type
+    byte set to one no page has): what a failing disk or a stray write leaves."""
+    size = journal.stat().st_size
+    with open(journal, "r+b") as damaged:
+        for offset in range(PAGE, size, PAGE):
+            damaged.seek(offset)
+            damaged.write(b"\x77")
+
+
+PAGE = 4096
+
+
+def test_a_journal_damaged_while_running_is_reported_and_checked_at_the_next_start(
+        tmp_path: Path, objfs_factory: Callable[..., Objfs]) -> None:
+    daemon = objfs_factory(local_config(tmp_path, ShutdownDrainTimeout=1)).start()
+    data = {str(uuid_mod.uuid4()): os.urandom(2048) for _ in range(300)}
+    for uuid, content in data.items():
+        orthanc_write(att(daemon.mountpoint, uuid), content)
+    daemon.wait_uploaded()
+    assert daemon.stop() == 0
+    journal = tmp_path / "cache" / "journal.sqlite"
+    assert not journal.with_name("journal.sqlite-wal").exists()
+    sound = journal.read_bytes()
+    assert len(sound) > 4 * PAGE
+
+    daemon.start()
+    damage_pages(journal)
+    # A write commits through another connection, so the reads after it go to the file.
+    failed = []
+    try:
+        orthanc_write(att(daemon.mountpoint, str(uuid_mod.uuid4())), b"after the damage")
+    except OSError as exc:
+        failed.append(exc.errno)
+    for uuid in list(data)[:50]:
+        try:
+            att(daemon.mountpoint, uuid, False).read_bytes()
+        except OSError as exc:
+            failed.append(exc.errno)
+    assert failed and set(failed) == {errno.EIO}, failed
+    code, answer = rest(daemon.api, "GET", "/health")
+    assert code == 503 and any(f"the journal {journal} is damaged" in problem
+                               for problem in answer["Problems"]), answer
+    assert daemon.text().count(" CRITICAL ") == 1
+    mark = journal.with_name("journal-damaged")
+    assert f"the journal {journal} is damaged" in mark.read_text()
+    status = subprocess.run([sys.executable, "-m", "objfs", "status", "--config",
+                             str(daemon.config_path)], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1 and f"the journal {journal} is damaged" in status.stderr
+    assert "requests that need its damaged part fail with EIO. Stop objfs" in daemon.text()
+    # A stop unmounts as ever, without the drain, and exits 1 with the way out.
+    assert daemon.stop() == 1
+    assert not os.path.ismount(daemon.mountpoint)
+    assert "Traceback" not in daemon.text()
+
+    # The next start checks the whole file and refuses it, saying what SQLite found.
+    start = subprocess.run([sys.executable, "-m", "objfs", "mount", "--config",
+                            str(daemon.config_path), str(daemon.mountpoint)],
+                           capture_output=True, text=True, timeout=60)
+    assert start.returncode == 1, start.stderr
+    assert f"the journal {journal} is damaged" in start.stderr
+    assert "Traceback" not in start.stderr
+    assert not os.path.ismount(daemon.mountpoint)
+
+    # Put back in good order (here: the copy from before the damage), it is used again.
+    for name in ("journal.sqlite-wal", "journal.sqlite-shm"):
+        journal.with_name(name).unlink(missing_ok=True)
+    journal.write_bytes(sound)
+    daemon.start()
+    assert "finds it sound now: using it" in daemon.text()
+    assert not mark.exists()
+    for uuid, content in data.items():
+        assert att(daemon.mountpoint, uuid, False).read_bytes() == content
+    code, answer = rest(daemon.api, "GET", "/health")
+    assert code == 200, answer
     assert daemon.stop() == 0

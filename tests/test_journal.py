@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import objfs.journal as journal_module
+from objfs.errors import JournalDamaged
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Journal, Row
 
 
@@ -188,3 +189,41 @@ def test_the_kept_rows_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         journal.get(f"u{i}")
         assert len(journal._rows) <= 4
     journal.close()
+
+
+def test_damage_found_while_running_is_noted_once_and_checked_at_the_next_open(
+        tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    for i in range(400):
+        journal.put_uploaded(f"u{i:04}", f"u{i:04}.dcm", 100)
+    journal.close()
+    sound = path.read_bytes()
+    journal = Journal(path)
+    with open(path, "r+b") as damaged:  # every b-tree page but the first: a bad page type
+        for offset in range(4096, len(sound), 4096):
+            damaged.seek(offset)
+            damaged.write(b"\x77")
+    for attempt in range(2):
+        with pytest.raises(JournalDamaged) as found:
+            journal.get(f"u{attempt:04}")
+        assert "is damaged (database disk image is malformed)" in str(found.value)
+    assert journal.damage is not None and "Stop objfs, move it aside" in journal.damage
+    mark = tmp_path / journal_module.DAMAGE_MARK
+    assert "objfs does not start on it" in mark.read_text()
+    with pytest.raises(JournalDamaged):  # `objfs status`, another process, reads the mark
+        journal_module.read_stats(path)
+    journal.close()
+
+    with pytest.raises(JournalDamaged) as refused:  # the next start checks the whole file
+        Journal(path)
+    assert "objfs does not start on it" in str(refused.value) and mark.exists()
+    path.write_bytes(sound)  # put back in order
+    journal = Journal(path)
+    assert journal.get("u0001") is not None and journal.damage is None
+    assert not mark.exists()
+    journal.close()
+    mark.write_text("found damaged\n")
+    path.unlink()  # moved aside: a new journal is built, and the mark is old news
+    Journal(path).close()
+    assert not mark.exists()

@@ -203,6 +203,8 @@ class Sidecar:
             problems.append(f"the bucket did not answer within {HEALTH_TIMEOUT:.0f}s")
         except errors.ObjfsError as exc:
             problems.append(f"the bucket fails: {exc}")
+        if self.store.journal.damage is not None:
+            problems.append(self.store.journal.damage)
         if problems:
             return JSONResponse({"Healthy": False, "Problems": problems}, 503)
         return JSONResponse({"Healthy": True})

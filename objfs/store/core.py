@@ -215,7 +215,7 @@ class StoreCore:
     async def stats(self) -> Stats:
         """The journal's counters, counted in a worker thread: the event loop keeps serving
         Orthanc meanwhile."""
-        return await trio.to_thread.run_sync(read_stats, self.journal.path)
+        return await trio.to_thread.run_sync(read_stats, self.journal.path, self.journal)
 
     def _queue_upload(self, uuid: str, size: int) -> None:
         self._track(uuid)
