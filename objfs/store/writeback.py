@@ -476,6 +476,9 @@ class Writeback(Fetch):
                     if not made_room:
                         log.error("upload of attachment %s: no space left on the local disk "
                                   "(%s); trying again in %.0fs", uuid, exc, pause)
+                elif isinstance(exc, errors.JournalDamaged):  # said once, critically
+                    log.error("upload of attachment %s failed: %s; it stays on the local "
+                              "disk", uuid, exc)
                 else:
                     log.exception("upload of attachment %s failed; it stays journaled and is "
                                   "retried at the next start", uuid)
