@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 import uuid as uuid_mod
 from collections.abc import Callable
 from pathlib import Path
@@ -89,13 +87,19 @@ def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.text()
     # Nor can it start again there: it says so, before mounting anything.
-    start = subprocess.run([sys.executable, "-m", "objfs", "mount", "--config",
-                            str(daemon.config_path), str(daemon.mountpoint)],
-                           capture_output=True, text=True, timeout=60)
-    assert start.returncode == 1, start.stderr
-    assert "the disk of the cache directory is full" in start.stderr
-    assert "Traceback" not in start.stderr
-    assert not os.path.ismount(daemon.mountpoint)
+    assert "the disk of the cache directory is full" in daemon.refused_start()
+
+
+def behind_proxy(moto: MotoServer, cache: Path, objfs_factory: Callable[..., Objfs],
+                 request: pytest.FixtureRequest, bucket: str) -> tuple[Objfs, FaultProxy, str]:
+    """A started daemon on a new moto bucket reached through a fault proxy, its cache (16 MiB)
+    in `cache`."""
+    proxy = FaultProxy(moto.endpoint)
+    request.addfinalizer(proxy.stop)
+    moto.new_bucket(bucket)
+    config = {"AwsS3Storage": moto.s3_section(bucket, Endpoint=proxy.endpoint),
+              "Objfs": {"CacheDirectory": str(cache), "CacheSize": 16}}
+    return objfs_factory(config).start(), proxy, bucket
 
 
 def test_an_upload_the_full_disk_kept_from_being_recorded_goes_through_once_there_is_room(
@@ -103,12 +107,7 @@ def test_an_upload_the_full_disk_kept_from_being_recorded_goes_through_once_ther
         request: pytest.FixtureRequest) -> None:
     # The bucket refuses the upload until the disk is full; then the PUT succeeds, and the
     # journal has no room to record it.
-    proxy = FaultProxy(moto.endpoint)
-    request.addfinalizer(proxy.stop)
-    bucket = moto.new_bucket("diskfull")
-    config = {"AwsS3Storage": moto.s3_section(bucket, Endpoint=proxy.endpoint),
-              "Objfs": {"CacheDirectory": str(small_disk), "CacheSize": 16}}
-    daemon = objfs_factory(config).start()
+    daemon, proxy, bucket = behind_proxy(moto, small_disk, objfs_factory, request, "diskfull")
     daemon.wait_inventory()
     proxy.set("reset")
     uuid = str(uuid_mod.uuid4())
@@ -133,12 +132,8 @@ def test_an_upload_the_full_disk_kept_from_being_recorded_evicts_clean_copies(
         request: pytest.FixtureRequest) -> None:
     # As above, with clean copies in the cache: evicting them makes room for the journal's
     # record, and the upload goes through while the disk stays full.
-    proxy = FaultProxy(moto.endpoint)
-    request.addfinalizer(proxy.stop)
-    bucket = moto.new_bucket("diskfull-evict")
-    config = {"AwsS3Storage": moto.s3_section(bucket, Endpoint=proxy.endpoint),
-              "Objfs": {"CacheDirectory": str(small_disk), "CacheSize": 16}}
-    daemon = objfs_factory(config).start()
+    daemon, proxy, bucket = behind_proxy(moto, small_disk, objfs_factory, request,
+                                         "diskfull-evict")
     written = {}
     for _ in range(4):
         uuid = str(uuid_mod.uuid4())

@@ -68,6 +68,17 @@ class Objfs:
         self.cleanup()
         return code
 
+    def refused_start(self) -> str:
+        """Run `objfs mount` on this configuration, expecting it to refuse: exit 1 with a
+        reason and no traceback, nothing mounted. Returns its stderr."""
+        start = subprocess.run([sys.executable, "-m", "objfs", "mount", "--config",
+                                str(self.config_path), str(self.mountpoint)],
+                               capture_output=True, text=True, timeout=60)
+        assert start.returncode == 1, start.stderr
+        assert "Traceback" not in start.stderr, start.stderr
+        assert not os.path.ismount(self.mountpoint)
+        return start.stderr
+
     def kill(self) -> None:
         assert self.process is not None
         self.process.kill()
