@@ -12,11 +12,15 @@ Format: a file of `SLOTS` slots of `SLOT` bytes, zero-filled when made (so a wri
 allocates blocks). Slot 0 holds the header (magic, generation, CRC32); slot i >= 1 holds
 record i (generation, uuid, CRC32). Only records of the header's generation count, read in
 order up to the first that does not verify (torn, or never written): emptying the log is
-one header write with the next generation. Pure: no trio, no SQLite; thread-safe.
+one header write with the next generation. A record that does not verify before one that
+does is damage (only the last append can be torn): the log's content is kept beside it
+(`deletes.log.damaged`) with an error, and the records that verify still count. Pure: no
+trio, no SQLite; thread-safe.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -24,6 +28,8 @@ import zlib
 from pathlib import Path
 
 from objfs.fsutil import fsync_path
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"OBJFSDL1"
 SLOT = 64
@@ -74,9 +80,29 @@ def _records(data: bytes, generation: int) -> list[str]:
     return found
 
 
+def _scan(data: bytes, generation: int) -> tuple[list[str], int, int]:
+    """A whole log's records of `generation`: (their uuids in order, the last slot one of
+    them takes, how many slots before that one do not verify). Appends are written one
+    after the other, each durable before the next, so only the last can be torn: a slot
+    that does not verify followed by a record of the generation is damage, not a tear."""
+    found: list[str] = []
+    last = damaged = 0
+    for slot in range(1, SLOTS):
+        body = _unsealed(data[slot * SLOT:(slot + 1) * SLOT], _RECORD.size)
+        if body is None:
+            continue
+        record_generation, uuid = _RECORD.unpack(body)
+        if record_generation == generation:
+            found.append(uuid.rstrip(b"\0").decode("ascii"))
+            damaged += slot - last - 1
+            last = slot
+    return found, last, damaged
+
+
 def read_logged(path: Path) -> list[str]:
     """The uuids the log at `path` holds now, read without changing it (another process may
-    be appending): [] when there is no log, or none of its size and format."""
+    be appending): [] when there is no log, or none of its size and format. Read up to the
+    first record that does not verify (cheap: for counts; the replay reads them all)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -104,13 +130,34 @@ class DeleteLog:
             os.close(self._fd)
             raise
         self.generation = 0
-        self.count = 0
-        generation = _generation_of(os.pread(self._fd, SLOT * SLOTS + 1, 0))
+        self.count = 0  # slots of this generation taken (records, and damaged ones among them)
+        data = os.pread(self._fd, SLOT * SLOTS + 1, 0)
+        generation = _generation_of(data)
         if generation is None:
+            if data.strip(b"\0"):
+                self._set_aside(data, "its header does not verify, or its size is not "
+                                f"{SLOT * SLOTS} bytes")
             self._make()
             return
         self.generation = generation
-        self.count = len(self.pending())
+        found, self.count, damaged = _scan(data, generation)
+        if damaged:
+            self._set_aside(data, f"{damaged} of its records do not verify; the "
+                            f"{len(found)} that do are replayed")
+
+    def _set_aside(self, data: bytes, problem: str) -> None:
+        """A damaged log: its content is copied beside it for a post-mortem, with an error.
+        The deletes only it held, whose records are lost, leave their objects in the bucket:
+        orphans that `objfs audit --delete-orphans` removes (Orthanc no longer references
+        them, so none is served)."""
+        aside = self.path.with_name(self.path.name + ".damaged")
+        try:
+            aside.write_bytes(data)
+        except OSError as exc:
+            log.error("cannot keep the damaged delete log's content in %s: %s", aside, exc)
+        log.error("the delete log %s is damaged (%s; kept as %s): deletes acknowledged to "
+                  "Orthanc that only the lost records held leave their objects in the bucket; "
+                  "`objfs audit --delete-orphans` removes them", self.path, problem, aside)
 
     def _make(self) -> None:
         """A fresh, durable, zero-filled log of generation 1 (its old content is void)."""
@@ -130,8 +177,9 @@ class DeleteLog:
         return self.count >= SLOTS - 1
 
     def pending(self) -> list[str]:
-        """The uuids logged in the current generation, in order."""
-        return _records(os.pread(self._fd, SLOT * SLOTS, 0), self.generation)
+        """The uuids logged in the current generation, in order (records that do not verify
+        left out: `__init__` reported them)."""
+        return _scan(os.pread(self._fd, SLOT * SLOTS, 0), self.generation)[0]
 
     def append(self, uuid: str) -> bool:
         """Log `uuid`, durably when this returns True; False when the log is full (nothing

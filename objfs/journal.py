@@ -324,7 +324,7 @@ class Journal:
         logged = deletes.pending()
         if logged:
             self._many(_MARK_DELETED, ((PENDING_DELETE, uuid) for uuid in logged))
-        deletes.reset_if(len(logged))
+        deletes.reset_if(deletes.count)  # damaged slots included (nothing appends meanwhile)
 
     def _migrate(self) -> None:
         """Bring a journal made by an earlier objfs to the current schema."""

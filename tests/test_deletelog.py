@@ -66,29 +66,56 @@ def test_a_reset_empties_the_log_only_when_nothing_was_appended_since(tmp_path: 
     assert pending_after_reopen(tmp_path / "d.log") == [newer]
 
 
-def test_a_torn_record_ends_the_log(tmp_path: Path) -> None:
+def test_a_torn_record_ends_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     log = DeleteLog(tmp_path / "d.log")
     uuids = _uuids(3)
     for uuid in uuids:
         log.append(uuid)
     log.close()
     with open(tmp_path / "d.log", "r+b") as f:
-        f.seek(2 * SLOT + 20)  # inside the second record
+        f.seek(3 * SLOT + 20)  # inside the last record: an append cut short by a crash
         f.write(b"\xff" * 8)
-    assert pending_after_reopen(tmp_path / "d.log") == uuids[:1]
+    assert pending_after_reopen(tmp_path / "d.log") == uuids[:2]
+    assert not caplog.records and not (tmp_path / "d.log.damaged").exists()
 
 
-def test_a_damaged_header_gives_a_fresh_log(tmp_path: Path) -> None:
+def test_a_damaged_record_is_reported_and_the_others_still_count(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = DeleteLog(tmp_path / "d.log")
+    uuids = _uuids(3)
+    for uuid in uuids:
+        log.append(uuid)
+    log.close()
+    with open(tmp_path / "d.log", "r+b") as f:
+        f.seek(2 * SLOT + 20)  # inside the second record, with a third after it
+        f.write(b"\xff" * 8)
+    before = (tmp_path / "d.log").read_bytes()
+    again = DeleteLog(tmp_path / "d.log")
+    assert again.pending() == [uuids[0], uuids[2]]
+    assert again.count == 3  # the next append goes after the damaged slot's successor
+    assert "1 of its records do not verify; the 2 that do are replayed" in caplog.text
+    assert (tmp_path / "d.log.damaged").read_bytes() == before
+    assert again.append(uuids[1])
+    assert again.pending() == [uuids[0], uuids[2], uuids[1]]
+    assert again.reset_if(4) and again.pending() == []
+    again.close()
+
+
+def test_a_damaged_header_gives_a_fresh_log(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     log = DeleteLog(tmp_path / "d.log")
     log.append(_uuids(1)[0])
     log.close()
     with open(tmp_path / "d.log", "r+b") as f:
         f.write(b"garbage!")
+    before = (tmp_path / "d.log").read_bytes()
     again = DeleteLog(tmp_path / "d.log")
     assert again.pending() == []
     assert os.path.getsize(tmp_path / "d.log") == deletelog.SLOTS * SLOT
     assert again.append(_uuids(1)[0])
     again.close()
+    assert "its header does not verify" in caplog.text and "objfs audit" in caplog.text
+    assert (tmp_path / "d.log.damaged").read_bytes() == before
 
 
 def test_a_full_log_refuses_appends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
