@@ -216,8 +216,9 @@ class Journal:
         self.damage: str | None = None
         self._damage_lock = threading.Lock()
         mark = path.with_name(DAMAGE_MARK)
-        if readonly and heed_mark and mark.exists():
-            # `objfs status`: the file's check is the next start's (a whole-file scan).
+        if readonly and heed_mark and mark.exists() and path.exists():
+            # `objfs status`: the file's check is the next start's (a whole-file scan). (No
+            # journal: moved aside, and the next start removes the mark.)
             raise JournalDamaged(self._mark_text(mark))
         try:
             self._open(path, readonly)
