@@ -132,6 +132,9 @@ def test_a_journal_damaged_while_running_is_reported_and_checked_at_the_next_sta
     code, answer = rest(daemon.api, "GET", "/health")
     assert code == 503 and any(f"the journal {journal} is damaged" in problem
                                for problem in answer["Problems"]), answer
+    for endpoint in ("/status", "/metrics"):  # nothing to count: 503 with the reason
+        code, answer = rest(daemon.api, "GET", endpoint)
+        assert code == 503 and f"the journal {journal} is damaged" in answer["Message"], answer
     assert daemon.text().count(" CRITICAL ") == 1
     mark = journal.with_name("journal-damaged")
     assert f"the journal {journal} is damaged" in mark.read_text()

@@ -171,7 +171,10 @@ class Sidecar:
         return JSONResponse(found)
 
     async def status(self, request: Request) -> Response:
-        stats = await self.store.stats()
+        try:
+            stats = await self.store.stats()
+        except errors.JournalDamaged as exc:  # nothing to count: say why (as /health does)
+            return _error(503, str(exc))
         found = await trio.to_thread.run_sync(status.facts, stats, self.settings, self.store.fs,
                                               self.store.cache_space().capacity)
         found.update(status.cluster_facts(self.settings, self.jobs.held_locks,
@@ -179,7 +182,10 @@ class Sidecar:
         return JSONResponse(found)
 
     async def prometheus(self, request: Request) -> Response:
-        stats = await self.store.stats()
+        try:
+            stats = await self.store.stats()
+        except errors.JournalDamaged as exc:
+            return _error(503, str(exc))
         return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
 
     async def health(self, request: Request) -> Response:
