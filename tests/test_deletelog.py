@@ -66,29 +66,29 @@ def test_a_reset_empties_the_log_only_when_nothing_was_appended_since(tmp_path: 
     assert pending_after_reopen(tmp_path / "d.log") == [newer]
 
 
-def test_a_torn_record_ends_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    log = DeleteLog(tmp_path / "d.log")
+def three_logged_one_spoilt(path: Path, record: int) -> list[str]:
+    """A log at `path` holding three uuids (returned), then bytes inside its `record`th
+    record (1 to 3) overwritten."""
+    log = DeleteLog(path)
     uuids = _uuids(3)
     for uuid in uuids:
         log.append(uuid)
     log.close()
-    with open(tmp_path / "d.log", "r+b") as f:
-        f.seek(3 * SLOT + 20)  # inside the last record: an append cut short by a crash
+    with open(path, "r+b") as f:
+        f.seek(record * SLOT + 20)
         f.write(b"\xff" * 8)
+    return uuids
+
+
+def test_a_torn_record_ends_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uuids = three_logged_one_spoilt(tmp_path / "d.log", 3)  # an append cut short by a crash
     assert pending_after_reopen(tmp_path / "d.log") == uuids[:2]
     assert not caplog.records and not (tmp_path / "d.log.damaged").exists()
 
 
 def test_a_damaged_record_is_reported_and_the_others_still_count(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    log = DeleteLog(tmp_path / "d.log")
-    uuids = _uuids(3)
-    for uuid in uuids:
-        log.append(uuid)
-    log.close()
-    with open(tmp_path / "d.log", "r+b") as f:
-        f.seek(2 * SLOT + 20)  # inside the second record, with a third after it
-        f.write(b"\xff" * 8)
+    uuids = three_logged_one_spoilt(tmp_path / "d.log", 2)  # a sound third after it
     before = (tmp_path / "d.log").read_bytes()
     again = DeleteLog(tmp_path / "d.log")
     assert again.pending() == [uuids[0], uuids[2]]
