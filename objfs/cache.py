@@ -23,7 +23,7 @@ import trio
 
 from objfs import codec
 from objfs.errnos import is_disk_full
-from objfs.errors import CacheFull, JournalDamaged
+from objfs.errors import CacheFull
 from objfs.fsutil import syncfs
 from objfs.journal import LOST_AND_FOUND, PENDING_UPLOAD, Journal, Row
 from objfs.testhooks import crash_point
@@ -227,10 +227,9 @@ class LocalTier:
         """`checkpoint` every CHECKPOINT_SECONDS, for the store's lifetime."""
         while True:
             await trio.sleep(CHECKPOINT_SECONDS)
-            # Failures: a full disk (the journal cannot record), a damaged journal (said once).
             try:
                 await trio.to_thread.run_sync(self.checkpoint)
-            except (OSError, sqlite3.Error, JournalDamaged) as exc:
+            except (OSError, sqlite3.Error) as exc:  # a full disk: the journal cannot record
                 log.error("cannot checkpoint downloaded copies in %s: %s (copies made since "
                           "the last checkpoint are fetched again after a crash)", self.data, exc)
 
@@ -294,7 +293,7 @@ class LocalTier:
                 return True  # another caller made room meanwhile
             try:
                 freed = await self.evict(nbytes + self._evict_ahead)
-            except (OSError, sqlite3.Error, JournalDamaged) as exc:
+            except (OSError, sqlite3.Error) as exc:
                 log.error("the disk of the cache directory %s is full and no clean copy could "
                           "be evicted: %s", self.root, exc)
                 return False
@@ -568,7 +567,7 @@ class LocalTier:
         if self._atimes:
             try:
                 self.journal.touch(self._atimes)
-            except (sqlite3.Error, JournalDamaged) as exc:
+            except sqlite3.Error as exc:
                 log.warning("cannot record when %d copies were last read (%s): eviction may "
                             "take them earlier than their use deserves", len(self._atimes), exc)
             self._atimes = {}

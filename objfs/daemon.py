@@ -322,7 +322,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                         tier.flush_atimes()
                 try:
                     await trio.to_thread.run_sync(tier.checkpoint, True)
-                except (OSError, sqlite3.Error, errors.JournalDamaged) as exc:
+                except (OSError, sqlite3.Error) as exc:
                     # The last periodic checkpoint stands: the next start fetches again the
                     # copies downloaded since, as after a crash.
                     log.error("cannot record the final cache checkpoint in %s: %s", root, exc)

@@ -7,6 +7,8 @@ maps them to errno values in one place. `temporary` says whether retrying may he
 
 from __future__ import annotations
 
+import sqlite3
+
 
 class ObjfsError(Exception):
     """Base class of every error objfs raises on purpose."""
@@ -74,8 +76,10 @@ class LocalDiskFull(ObjfsError):
     the disk's condition, not the bucket's (never retried as a bucket failure)."""
 
 
-class JournalDamaged(ObjfsError):
-    """The journal's SQLite file is damaged (not a database, or malformed)."""
+class JournalDamaged(ObjfsError, sqlite3.DatabaseError):
+    """The journal's SQLite file is damaged (not a database, or malformed). Also an
+    `sqlite3.DatabaseError`, which it replaces: code that copes with a failing journal
+    (a full disk) copes with this one the same way."""
 
 
 class Immutable(ObjfsError):

@@ -224,13 +224,13 @@ class Journal:
             self._open(path, readonly)
             if not readonly and mark.exists():
                 self._check_marked(mark)
+        except JournalDamaged:  # (first: it is a DatabaseError too)
+            self.close()
+            raise
         except sqlite3.DatabaseError as exc:
             if not is_damaged_database(exc):
                 raise
             raise JournalDamaged(damaged_text(path, exc)) from exc
-        except JournalDamaged:
-            self.close()
-            raise
         # From here on, damage is news: noted, logged, marked (at open it is only raised, and
         # a read-only reader, `objfs status`, only reports it).
         if not readonly:
@@ -340,7 +340,7 @@ class Journal:
                 if self._deletes is not None:
                     # Lazily: until the next open replays it, the log holds them durably.
                     self._apply_locked()
-            except (sqlite3.Error, JournalDamaged) as exc:
+            except sqlite3.Error as exc:
                 log.warning("the journal closes with %d deletes only in its delete log (%s): "
                             "the next start replays them", len(self._unapplied), exc)
             finally:
