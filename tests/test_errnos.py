@@ -24,6 +24,7 @@ from objfs.errnos import errno_for
     (errors.Immutable("x"), errno.EPERM),
     (errors.InvalidName("x"), errno.EPERM),
     (errors.BackendError("x"), errno.EIO),
+    (errors.JournalDamaged("x"), errno.EIO),
     (OSError(errno.ENOSPC, "disk full"), errno.ENOSPC),
     (OSError(errno.ENOTEMPTY, "x"), errno.ENOTEMPTY),
     (RuntimeError("bug"), errno.EIO),
