@@ -695,28 +695,39 @@ class Journal:
         return any(r[0] not in hidden for r in found)
 
     def stats(self) -> Stats:
-        db = self._reader
-        pending = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), "
-            "COALESCE(SUM(last_error IS NOT NULL), 0) FROM attachments WHERE state=?",
-            (PENDING_UPLOAD,)).fetchone()
-        deletes = db.execute("SELECT COUNT(*) FROM attachments WHERE state=?",
-                             (PENDING_DELETE,)).fetchone()[0]
-        uploaded = db.execute("SELECT COUNT(*) FROM attachments WHERE state=?",
-                              (UPLOADED,)).fetchone()[0]
-        cached = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM attachments "
-                            "WHERE cached=1").fetchone()
-        stats = Stats(pending_uploads=pending[0], pending_upload_bytes=pending[1],
-                      oldest_pending=pending[2], pending_deletes=deletes, uploaded=uploaded,
-                      cached_entries=cached[0], cached_bytes=cached[1], failing=pending[3])
-        return self._with_logged_deletes(stats)
-
-    def _with_logged_deletes(self, stats: Stats) -> Stats:
-        """`stats` counting the deletes in the delete log whose rows do not say so yet (their
-        changes kept in memory by the process that logged them) as what the replay makes
-        them: pending deletes, neither uploaded nor pending upload nor cached. (The oldest
-        pending upload and the failing count are left as they are.)"""
+        """The counters, consistent with one moment although another process (the daemon)
+        changes the journal meanwhile: the delete log is read first, then every count comes
+        from one read transaction. (Read the other way round, a delete logged but not yet
+        in the rows when the counts were taken, whose rows changed and whose log was reset
+        before the log was read, would be counted nowhere: a daemon with deletes to do
+        would look idle.)"""
         logged = sorted(set(read_logged(self.path.with_name(DELETE_LOG))))
+        db = self._reader
+        db.execute("BEGIN")
+        try:
+            pending = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), "
+                "COALESCE(SUM(last_error IS NOT NULL), 0) FROM attachments WHERE state=?",
+                (PENDING_UPLOAD,)).fetchone()
+            deletes = db.execute("SELECT COUNT(*) FROM attachments WHERE state=?",
+                                 (PENDING_DELETE,)).fetchone()[0]
+            uploaded = db.execute("SELECT COUNT(*) FROM attachments WHERE state=?",
+                                  (UPLOADED,)).fetchone()[0]
+            cached = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM attachments "
+                                "WHERE cached=1").fetchone()
+            stats = Stats(pending_uploads=pending[0], pending_upload_bytes=pending[1],
+                          oldest_pending=pending[2], pending_deletes=deletes,
+                          uploaded=uploaded, cached_entries=cached[0], cached_bytes=cached[1],
+                          failing=pending[3])
+            return self._with_logged_deletes(stats, logged)
+        finally:
+            db.execute("COMMIT")
+
+    def _with_logged_deletes(self, stats: Stats, logged: list[str]) -> Stats:
+        """`stats` counting the deletes in the delete log (`logged`) whose rows do not say so
+        yet (their changes kept in memory by the process that logged them) as what the
+        replay makes them: pending deletes, neither uploaded nor pending upload nor cached.
+        (The oldest pending upload and the failing count are left as they are.)"""
         counts = dataclasses.asdict(stats)
         for start in range(0, len(logged), 500):
             chunk = logged[start:start + 500]

@@ -341,6 +341,32 @@ def test_stats_in_another_process_count_logged_deletes_as_pending(tmp_path: Path
     journal.close()
 
 
+def test_stats_count_a_delete_whose_rows_change_while_they_are_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon may commit a logged delete's row change and reset its log while another
+    process reads the counters: the delete is still counted (once), so that a wait for an
+    idle daemon does not end while the object is still in the bucket."""
+    from objfs import journal as journal_module
+
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    uuids = _uuids(3)
+    _uploaded(journal, uuids)
+    for uuid in uuids[:2]:
+        assert journal.delete_logged(uuid)
+    real = journal_module.read_logged
+
+    def then_checkpoint(log: Path) -> list[str]:
+        found = real(log)
+        assert journal.checkpoint_deletes()  # the daemon, between the reader's two reads
+        return found
+
+    monkeypatch.setattr(journal_module, "read_logged", then_checkpoint)
+    stats = read_stats(path)
+    assert (stats.pending_deletes, stats.uploaded) == (2, 1)
+    journal.close()
+
+
 def test_reading_a_missing_or_foreign_log_finds_nothing(tmp_path: Path) -> None:
     assert deletelog.read_logged(tmp_path / "none.log") == []
     (tmp_path / "short.log").write_bytes(b"x" * 100)
