@@ -367,6 +367,34 @@ def test_stats_count_a_delete_whose_rows_change_while_they_are_read(
     journal.close()
 
 
+def test_stats_count_a_delete_whose_rows_change_between_two_counts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same checkpoint, run between the reader's count of pending deletes and its count
+    of uploaded rows: every count comes from one snapshot, so the deletes are still found."""
+    from objfs import journal as journal_module
+
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    uuids = _uuids(3)
+    _uploaded(journal, uuids)
+    for uuid in uuids[:2]:
+        assert journal.delete_logged(uuid)
+    real = journal_module._Connection.execute
+    checkpoints = []
+
+    def execute(db: journal_module._Connection, sql: str, parameters: object = ()) -> object:
+        cursor = real(db, sql, parameters)
+        if not checkpoints and parameters == (PENDING_DELETE,) and "COUNT" in sql:
+            checkpoints.append(journal.checkpoint_deletes())  # the daemon, in between
+        return cursor
+
+    monkeypatch.setattr(journal_module._Connection, "execute", execute)
+    stats = read_stats(path)
+    assert checkpoints == [True]
+    assert (stats.pending_deletes, stats.uploaded) == (2, 1)
+    journal.close()
+
+
 def test_reading_a_missing_or_foreign_log_finds_nothing(tmp_path: Path) -> None:
     assert deletelog.read_logged(tmp_path / "none.log") == []
     (tmp_path / "short.log").write_bytes(b"x" * 100)
