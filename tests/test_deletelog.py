@@ -341,6 +341,18 @@ def test_stats_in_another_process_count_logged_deletes_as_pending(tmp_path: Path
     journal.close()
 
 
+def _two_of_three_deleted(tmp_path: Path) -> tuple[Path, Journal]:
+    """A journal of three uploaded attachments, two of whose deletes are logged only (their
+    row changes kept in memory): what stats must count as 2 pending deletes and 1 uploaded."""
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    uuids = _uuids(3)
+    _uploaded(journal, uuids)
+    for uuid in uuids[:2]:
+        assert journal.delete_logged(uuid)
+    return path, journal
+
+
 def test_stats_count_a_delete_whose_rows_change_while_they_are_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon may commit a logged delete's row change and reset its log while another
@@ -348,12 +360,7 @@ def test_stats_count_a_delete_whose_rows_change_while_they_are_read(
     idle daemon does not end while the object is still in the bucket."""
     from objfs import journal as journal_module
 
-    path = tmp_path / "journal.sqlite"
-    journal = Journal(path)
-    uuids = _uuids(3)
-    _uploaded(journal, uuids)
-    for uuid in uuids[:2]:
-        assert journal.delete_logged(uuid)
+    path, journal = _two_of_three_deleted(tmp_path)
     real = journal_module.read_logged
 
     def then_checkpoint(log: Path) -> list[str]:
@@ -373,12 +380,7 @@ def test_stats_count_a_delete_whose_rows_change_between_two_counts(
     of uploaded rows: every count comes from one snapshot, so the deletes are still found."""
     from objfs import journal as journal_module
 
-    path = tmp_path / "journal.sqlite"
-    journal = Journal(path)
-    uuids = _uuids(3)
-    _uploaded(journal, uuids)
-    for uuid in uuids[:2]:
-        assert journal.delete_logged(uuid)
+    path, journal = _two_of_three_deleted(tmp_path)
     real = journal_module._Connection.execute
     checkpoints = []
 
