@@ -12,10 +12,10 @@ Format: a file of `SLOTS` slots of `SLOT` bytes, zero-filled when made (so a wri
 allocates blocks). Slot 0 holds the header (magic, generation, CRC32); slot i >= 1 holds
 record i (generation, uuid, CRC32). Only records of the header's generation that verify
 count (the other slots are torn, never written, or stale): emptying the log is one header
-write with the next generation. A record that does not verify before
-one that does is damage (only the last append can be torn): the log's content is kept
-beside it (`deletes.log.damaged`) with an error, and the records that verify still count. Pure: no
-trio, no SQLite; thread-safe.
+write with the next generation. A record that does not verify before one that does is
+damage (only the last append can be torn): the log's content is kept beside it
+(`deletes.log.damaged`) with an error, and the records that verify still count. Pure: no trio,
+no SQLite; thread-safe.
 """
 
 from __future__ import annotations
