@@ -155,7 +155,7 @@ async def _announce_ready(mountpoint: Path, root_ino: int, notifier: Notifier,
         raise errors.BackendError(f"{mountpoint} does not show the objfs mount")
     if read_ahead_kib:
         set_read_ahead(mountpoint, read_ahead_kib)
-    notifier.ready(running_status(store, await store.stats()))
+    notifier.ready(await _status_line(store))
     log.debug("the mount answers; readiness reported")
 
 
@@ -166,7 +166,7 @@ async def _report_status(notifier: Notifier, store: Store, jobs: Jobs, root: Pat
     while True:
         await trio.sleep(STATUS_INTERVAL)
         testhooks.fail_point("status-reporter")
-        notifier.status(running_status(store, await store.stats()))
+        notifier.status(await _status_line(store))
         facts: dict[str, Any] = {"bucket_failing_since": store.health.failing_since,
                                  "bucket_error": store.health.last_error,
                                  "cache_capacity": store.cache_space().capacity}
@@ -176,6 +176,16 @@ async def _report_status(notifier: Notifier, store: Store, jobs: Jobs, root: Pat
         if facts != reported:
             write_state(root, "running", **facts)
             reported = facts
+
+
+async def _status_line(store: Store) -> str:
+    """The STATUS= text while mounted; when the journal's counts meet damage, the damage
+    instead (the daemon goes on serving what it can: readiness and the reporter must not die
+    of it, or the mount is left dead)."""
+    try:
+        return running_status(store, await store.stats())
+    except errors.JournalDamaged as exc:
+        return str(exc)
 
 
 def running_status(store: Store, stats: Stats) -> str:

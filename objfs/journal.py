@@ -719,9 +719,13 @@ class Journal:
                           oldest_pending=pending[2], pending_deletes=deletes,
                           uploaded=uploaded, cached_entries=cached[0], cached_bytes=cached[1],
                           failing=pending[3])
-            return self._with_logged_deletes(stats, logged)
-        finally:
-            db.execute("COMMIT")
+            found = self._with_logged_deletes(stats, logged)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return found
 
     def _with_logged_deletes(self, stats: Stats, logged: list[str]) -> Stats:
         """`stats` counting the deletes in the delete log (`logged`) whose rows do not say so

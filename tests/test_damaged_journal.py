@@ -19,8 +19,10 @@ from tests.conftest import local_config
 from tests.support.daemon import Objfs
 from tests.support.emulators import MotoServer
 from tests.support.faultproxy import FaultProxy
+from tests.support.procs import wait_until
 from tests.support.rest import rest
 from tests.test_mount import att, orthanc_write
+from tests.test_systemd import NotifyListener
 
 
 def test_a_damaged_journal_stops_the_start_and_the_recovery_loses_nothing(
@@ -103,7 +105,8 @@ PAGE = 4096
 
 
 def test_a_journal_damaged_while_running_is_reported_and_checked_at_the_next_start(
-        tmp_path: Path, objfs_factory: Callable[..., Objfs]) -> None:
+        tmp_path: Path, objfs_factory: Callable[..., Objfs],
+        request: pytest.FixtureRequest) -> None:
     daemon = objfs_factory(local_config(tmp_path, ShutdownDrainTimeout=1)).start()
     data = {str(uuid_mod.uuid4()): os.urandom(2048) for _ in range(300)}
     for uuid, content in data.items():
@@ -115,8 +118,16 @@ def test_a_journal_damaged_while_running_is_reported_and_checked_at_the_next_sta
     sound = journal.read_bytes()
     assert len(sound) > 4 * PAGE
 
+    # Damaged at once, perhaps before the daemon reported readiness: it reports it all the
+    # same, and its status lines (at readiness, then every 5 s) say what is wrong.
+    notify = NotifyListener(tmp_path / "notify.sock", daemon.mountpoint)
+    request.addfinalizer(notify.close)
+    daemon.env["NOTIFY_SOCKET"] = notify.path
     daemon.start()
     damage_pages(journal)
+    notify.wait_for("READY")
+    wait_until(lambda: any(f"the journal {journal} is damaged" in line
+                           for line in notify.statuses()), 30, "a STATUS line with the damage")
     # A write commits through another connection, so the reads after it go to the file.
     failed = []
     try:
