@@ -5,6 +5,8 @@ everything is durable in the bucket, warm read, resend of the small instances by
 (duplicates Orthanc writes, then unlinks), cold read (caches emptied), cached read (objfs'
 copies, page cache dropped), delete; the daemon's peak RSS and CPU seconds; the CPU the daemon
 and the stand-in server each take on this machine (ingest until durable, and per cold read);
+for the small ingest, the warm read and the delete, the CPU every process (and the kernel's
+threads) takes per item, against the least time per item that allows on this machine's CPUs;
 and the background upload throughput against raw boto3 PUTs of the same files at the same
 concurrency. objfs is told Orthanc's URL (`Objfs.Orthanc.Url`) as a site configures it, so
 its series prefetch (on by default) takes part in the cold read.
@@ -81,6 +83,34 @@ def cpu_seconds(pid: int | None) -> float:
     return 0.0 if pid is None else proc_usage(pid)[1]
 
 
+def machine_busy() -> float:
+    """CPU seconds this machine's CPUs have been busy since boot (/proc/stat: every state but
+    idle and iowait; guest time is already in user)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+# Who takes the machine's CPU in a phase: the processes by name, "client" (this process: the
+# REST clients), "other" (the kernel's threads, e.g. writeback and ext4's journal, and
+# anything else running) and "busy" (all of it).
+CPU_SHARES = ("orthanc", "client", "daemon", "server", "other", "busy")
+
+
+def cpu_snapshot(pids: dict[str, int | None]) -> dict[str, float]:
+    return {**{who: cpu_seconds(pid) for who, pid in pids.items()},
+            "client": time.process_time(), "busy": machine_busy(), "took": time.perf_counter()}
+
+
+def cpu_shares(before: dict[str, float], pids: dict[str, int | None],
+               per: int) -> dict[str, float]:
+    """Milliseconds of CPU per item (`per` items) each of CPU_SHARES took since `before`, and
+    of wall-clock time ("took")."""
+    after = cpu_snapshot(pids)
+    used = {who: after[who] - before[who] for who in after}
+    used["other"] = used["busy"] - sum(v for who, v in used.items() if who not in ("busy", "took"))
+    return {who: max(0.0, used.get(who, 0.0)) * 1e3 / per for who in (*CPU_SHARES, "took")}
+
+
 def read_instances(orthanc: Orthanc, ids: list[str], clients: int) -> int:
     """Bytes of every instance's file read through Orthanc's REST API by `clients` clients."""
     with ThreadPoolExecutor(clients) as pool:
@@ -107,12 +137,20 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
     # show how much of the machine it takes (a real bucket's is not on the machine).
     server_pid = server.process.pid if server is not None and server.process else None
     daemon_pid = daemon.process.pid if daemon is not None and daemon.process else None
+
+    def pids() -> dict[str, int | None]:
+        assert orthanc.process is not None
+        return {"orthanc": orthanc.process.pid, "daemon": daemon_pid, "server": server_pid}
+
     try:
         daemon_cpu, server_cpu = cpu_seconds(daemon_pid), cpu_seconds(server_pid)
+        cpu = cpu_snapshot(pids())
         start = time.perf_counter()
         with ThreadPoolExecutor(CLIENTS) as pool:
             ids = list(pool.map(orthanc.upload, small))
         out["ingest_small_s"] = time.perf_counter() - start
+        out.update({f"cpu_ingest_{who}": ms
+                    for who, ms in cpu_shares(cpu, pids(), len(small)).items()})
         large_start = time.perf_counter()
         with ThreadPoolExecutor(2) as pool:
             large_ids = list(pool.map(orthanc.upload, large))
@@ -130,7 +168,10 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
         def read(which: list[str], clients: int) -> int:
             return read_instances(orthanc, which, clients)
 
+        cpu = cpu_snapshot(pids())
         out["warm_read_s"], out["read_bytes"] = timed(read, ids + large_ids, CLIENTS)
+        out.update({f"cpu_warm_{who}": ms
+                    for who, ms in cpu_shares(cpu, pids(), len(ids) + len(large_ids)).items()})
         out["resend_s"], _ = timed(resend, orthanc, small)
         orthanc.stop()
         if daemon is not None:
@@ -166,7 +207,10 @@ def run_orthanc(work: Path, storage: Path, small: list[bytes], large: list[bytes
             for patient in orthanc.json("GET", "/patients"):
                 orthanc.request("DELETE", f"/patients/{patient}")
 
+        cpu = cpu_snapshot(pids())
         out["delete_s"], _ = timed(delete_all)
+        out.update({f"cpu_delete_{who}": ms
+                    for who, ms in cpu_shares(cpu, pids(), len(ids) + len(large_ids)).items()})
         if daemon is not None and server is not None and bucket is not None:
             daemon.wait_uploaded(timeout=600)
             wait_until(lambda: server.sizes(bucket) == {}, 120, "bucket empty")
@@ -191,6 +235,26 @@ def figures(small: list[bytes], large: list[bytes]) -> tuple[list[Figure], Figur
         ("warm read (all files)", "MB/s", lambda r: r["read_bytes"] / 1e6 / r["warm_read_s"]),
         ("resend, one client", "inst/s", lambda r: len(small) / r["resend_s"]),
     ], ("delete (all patients)", "inst/s", lambda r: (len(small) + len(large)) / r["delete_s"])
+
+
+def print_cpu_shares(results: dict[str, list[dict[str, float]]],
+                     phases: dict[str, str]) -> None:
+    """For each phase, the CPU each process took per item (medians over the rounds), and the
+    least time per item that the machine's busy CPU allows when spread over all its CPUs,
+    against the time it took: where they meet, only less CPU makes the phase faster."""
+    cpus = os.cpu_count() or 1
+    print(f"CPU on this machine ({cpus} CPUs) per item; other: the kernel's threads and "
+          "anything else; least: busy / CPUs")
+    for phase, title in phases.items():
+        print(f"  {title:<43}" + "".join(f" {who:>7}" for who in CPU_SHARES)
+              + "    least     took")
+        for label, runs in results.items():
+            if not all(f"cpu_{phase}_busy" in r for r in runs):
+                continue
+            share = {who: statistics.median(r[f"cpu_{phase}_{who}"] for r in runs)
+                     for who in (*CPU_SHARES, "took")}
+            print(f"    {label:<41}" + "".join(f" {share[who]:7.2f}" for who in CPU_SHARES)
+                  + f" {share['busy'] / cpus:8.2f} {share['took']:8.2f}")
 
 
 def local_round(base: Path, small: list[bytes], large: list[bytes]) -> dict[str, float]:
@@ -383,6 +447,9 @@ def main() -> None:
                   f"of a small instance: daemon {med(label, lambda r: r['daemon_ms_cold']):.1f} "
                   f"ms, server {med(label, lambda r: r['server_ms_cold']):.1f} ms (server per raw "
                   f"SDK GET {med(label, lambda r: r['server_ms_raw_get']):.1f} ms)")
+    print_cpu_shares(results, {"ingest": "ingest, small instances (ms per instance)",
+                               "warm": "warm read (ms per file)",
+                               "delete": "delete (ms per instance)"})
     if put_floor:
         floor = statistics.median(put_floor)
         print(f"durable-lag floor (s3): the SDK alone PUTs all {small_mb + large_mb:.0f} MB at "
