@@ -1,6 +1,6 @@
-"""The S3 backend's direct GETs and PUTs (objfs.backends.s3direct): what they send and what
-they do with every kind of answer, against moto and against a scripted HTTP server on
-127.0.0.1."""
+"""The S3 backend's direct GETs, HEADs, PUTs and batch deletes (objfs.backends.s3direct): what
+they send and what they do with every kind of answer, against moto and against a scripted HTTP
+server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import base64
 import datetime
 import http.server
 import ipaddress
+import re
 import ssl
 import threading
 import zlib
@@ -83,6 +84,27 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             self._send(400, b"<Error><Code>EntityTooLarge</Code></Error>")
         else:
             self._send(200, b"")
+
+    def do_POST(self) -> None:  # DeleteObjects: answers by the first key named
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
+        self.puts.append((dict(self.headers.items()), body))
+        keys = re.findall(rb"<Key>([^<]*)</Key>", body)
+        if keys[0] == b"slow-down":
+            self._send(503, b"<Error><Code>SlowDown</Code></Error>")
+        elif keys[0] == b"no-batch":  # a store without DeleteObjects
+            self._send(501, b"<Error><Code>NotImplemented</Code></Error>")
+        elif keys[0] == b"botocore-only" and "Botocore" not in self.headers.get("User-Agent", ""):
+            self._send(400, b"<Error><Code>InvalidRequest</Code></Error>")
+        elif keys[0] == b"refused":  # refused; the next one was not there; the rest deleted
+            self._send(200, b"<?xml version='1.0' encoding='UTF-8'?><DeleteResult>"
+                       b"<Error><Key>refused</Key><Code>AccessDenied</Code><Message>Access "
+                       b"&amp; more</Message></Error><Error><Key>gone</Key><Code>NoSuchKey"
+                       b"</Code><Message>gone</Message></Error></DeleteResult>")
+        else:  # not quiet, as moto: every key deleted named
+            self._send(200, b"<DeleteResult>" + b"".join(
+                b"<Deleted><Key>" + key + b"</Key></Deleted>" for key in keys)
+                + b"</DeleteResult>")
 
     def do_HEAD(self) -> None:
         self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
@@ -275,6 +297,38 @@ async def test_puts_send_an_unsigned_body_with_its_crc32_and_the_objects_headers
         assert len(agents) >= 2
 
 
+async def test_batch_deletes_send_one_quiet_request_and_read_only_the_errors(
+        scripted: tuple[str, list[tuple[str, int, str]]]) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    keys = ["ab/k.dcm", "ab/a&b<c>.dcm", "ab/k.dcm.enc"]
+    for _ in range(2):
+        await backend.delete_many(keys)
+    assert [(path, connection) for path, connection, _ in seen] == [("/b/?delete", 1)] * 2
+    assert all("Botocore" not in agent for _, _, agent in seen)
+    headers, body = PUTS[0]
+    assert body == (b'<?xml version="1.0" encoding="UTF-8"?><Delete xmlns="http://s3.amazonaws'
+                    b'.com/doc/2006-03-01/"><Quiet>true</Quiet><Object><Key>ab/k.dcm</Key>'
+                    b'</Object><Object><Key>ab/a&amp;b&lt;c&gt;.dcm</Key></Object><Object><Key>'
+                    b'ab/k.dcm.enc</Key></Object></Delete>')
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert lower["x-amz-checksum-crc32"] == crc32(body)
+    assert lower["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    signed = lower["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert {"x-amz-checksum-crc32", "content-type", "host"} <= set(signed)
+    # A key that was not there is deleted; one the store refused fails the batch.
+    with pytest.raises(errors.Denied, match=r"b/refused: AccessDenied Access & more \(1 of 3"):
+        await backend.delete_many(["refused", "gone", "x"])
+    with pytest.raises(errors.Throttled):
+        await backend.delete_many(["slow-down"])
+    with pytest.raises(errors.Unsupported):
+        await backend.delete_many(["no-batch", "x"])
+    before = len(seen)
+    await backend.delete_many(["botocore-only", "x"])  # a 400: botocore's turn, which succeeds
+    agents = [agent for _, _, agent in seen[before:]]
+    assert len(agents) == 2 and "Botocore" not in agents[0] and "Botocore" in agents[1]
+
+
 async def test_moto_checks_the_signature(tmp_path: Path) -> None:
     """With signatures enforced, direct PUTs and GETs with the right keys store and read,
     whole or in part; wrong keys are Denied (botocore's answer, after the direct GET's
@@ -309,6 +363,11 @@ async def test_moto_checks_the_signature(tmp_path: Path) -> None:
             await wrong.head("ab/k.dcm")
         with pytest.raises(errors.BucketMissing):
             await backend_at(moto.endpoint, "no-such-direct", **good).get("k", out)
+        await backend.put("ab/a&b<c> d.dcm", source)
+        with pytest.raises(errors.Denied):
+            await wrong.delete_many(["ab/k.dcm"])
+        assert backend.direct.delete_many(["ab/k.dcm", "ab/a&b<c> d.dcm", "ab/none.dcm"]) == []
+        assert backend.client.list_objects_v2(Bucket="direct-authed")["KeyCount"] == 0
     finally:
         moto.stop()
 

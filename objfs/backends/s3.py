@@ -8,9 +8,9 @@ hashing it cost about 0.8 ms of CPU per MB sent. Timeouts and SDK retries come f
 the configuration so that no call can block for long; objfs' own retry policy sits above.
 Timestamps in answers are parsed by `parse_timestamp`, not by botocore's default (dateutil),
 which took half the CPU of a listing page (inventories, audits, shared-bucket confirmations).
-GETs, HEADs and single PUTs go through `objfs.backends.s3direct` (signed by objfs, over
-`http.client`) unless `DirectRequests` is false or an HTTP proxy is configured; what it does
-not handle itself (redirects, 400/403) is sent again through botocore.
+GETs, HEADs, single PUTs and batch deletes go through `objfs.backends.s3direct` (signed by
+objfs, over `http.client`) unless `DirectRequests` is false or an HTTP proxy is configured;
+what it does not handle itself (redirects, 400/403) is sent again through botocore.
 """
 
 from __future__ import annotations
@@ -255,21 +255,28 @@ class S3Backend(ThreadedBackend):
 
     def _delete_many_sync(self, keys: list[str]) -> None:
         try:
-            response = self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+            refused = self._either("POST", keys[0], lambda d: d.delete_many(keys),
+                                   lambda: self._botocore_delete_many(keys))
         except bx.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _NO_BATCH:
                 raise errors.Unsupported(f"s3://{self.bucket}: DeleteObjects: {exc}") from exc
             raise
-        failed = [e for e in response.get("Errors", []) if e.get("Code") not in _NOT_FOUND]
+        failed = [(key, code, message) for key, code, message in refused
+                  if code not in _NOT_FOUND]
         if failed:
-            first = failed[0]
-            what = (f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} "
-                    f"{first.get('Message', '')} ({len(failed)} of {len(keys)} keys of a batch "
-                    "delete failed)")
-            if first.get("Code") in _DENIED:
+            key, code, message = failed[0]
+            what = (f"s3://{self.bucket}/{key}: {code} {message} ({len(failed)} of {len(keys)} "
+                    "keys of a batch delete failed)")
+            if code in _DENIED:
                 raise errors.Denied(what)
             raise errors.Unavailable(what)
+
+    def _botocore_delete_many(self, keys: list[str]) -> list[tuple[str, str, str]]:
+        """`DirectS3.delete_many` through botocore."""
+        response = self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+        return [(str(e.get("Key", "")), str(e.get("Code", "")), str(e.get("Message", "")))
+                for e in response.get("Errors", [])]
 
     def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
         try:

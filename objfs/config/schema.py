@@ -195,7 +195,8 @@ S3_OPTIONS: dict[str, Option] = {
                         "Multipart part size in MiB, >= 5; larger objects upload in parallel "
                         "parts."),
     "DirectRequests": Option((bool,), True, None,
-                             "GETs, HEADs and single PUTs signed by objfs and sent over "
+                             "GETs, HEADs, single PUTs and batch deletes signed by objfs "
+                             "and sent over "
                              "`http.client`, without botocore's request pipeline (objfs only; "
                              "not behind an HTTP proxy); `false`: through boto3 like every "
                              "other request."),
