@@ -14,6 +14,8 @@ import trio
 import trio.testing
 
 from objfs import codec, errors
+from objfs.journal import Row
+from objfs.store.state import DISK_FULL_TRIES
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -259,3 +261,63 @@ async def test_writes_of_one_file_waiting_for_space_at_once_take_its_bytes_once(
     assert await rig.store.drain(timeout=60)
     await rig.tier.evict(rig.tier.capacity)
     assert rig.tier.used == bytes_under(rig) == 0
+
+
+async def full_disk_reads(rig: Rig, monkeypatch: pytest.MonkeyPatch,
+                          refusals: int) -> tuple[list[str], list[int]]:
+    """Make the next `refusals` downloads find the cache directory's disk full, and
+    `make_disk_room` report room each time; returns the downloads' uuids and the room
+    asked, as they happen."""
+    downloads: list[str] = []
+    asked: list[int] = []
+    download = rig.store._download
+
+    async def disk_full_first(row: Row, background: bool = False) -> None:
+        downloads.append(row.uuid)
+        if len(downloads) <= refusals:
+            raise errors.LocalDiskFull("No space left on device")
+        await download(row, background)
+
+    async def room_made(nbytes: int) -> bool:
+        asked.append(nbytes)
+        return True
+
+    monkeypatch.setattr(rig.store, "_download", disk_full_first)
+    monkeypatch.setattr(rig.tier, "make_disk_room", room_made)
+    return downloads, asked
+
+
+@pytest.mark.parametrize("refusals", [1, 3])
+async def test_a_read_finding_the_disk_full_tries_again_while_evictions_make_room(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, monkeypatch: pytest.MonkeyPatch, refusals: int) -> None:
+    """Something else fills the cache's disk, and the series prefetch's downloads under way
+    take the room the first eviction made (CI, once: Orthanc's read failed with ENOSPC after
+    one more try): the reader's download is tried again after each eviction, and the
+    prefetch pauses."""
+    rig = rig_factory()
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(100_000)
+    await rig.write(uuid, data)
+    assert await rig.store.drain(timeout=60)
+    await rig.tier.evict(1 << 30)
+    downloads, asked = await full_disk_reads(rig, monkeypatch, refusals)
+    assert await rig.read(uuid) == data
+    assert downloads == [uuid] * (refusals + 1)
+    assert asked == [len(data)] * refusals
+    assert rig.store._prefetch_resumes > trio.current_time()  # paused
+
+
+async def test_a_read_finding_the_disk_full_every_time_fails_with_the_disk_error(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = rig_factory()
+    await running(rig)
+    uuid = str(uuid_mod.uuid4())
+    await rig.write(uuid, os.urandom(100_000))
+    assert await rig.store.drain(timeout=60)
+    await rig.tier.evict(1 << 30)
+    downloads, asked = await full_disk_reads(rig, monkeypatch, 1000)
+    with pytest.raises(errors.LocalDiskFull):
+        await rig.read(uuid)
+    assert len(downloads) == DISK_FULL_TRIES and len(asked) == DISK_FULL_TRIES - 1
