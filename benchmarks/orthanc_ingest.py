@@ -84,9 +84,10 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def machine_busy() -> float:
-    """CPU seconds this machine's CPUs have been busy since boot (/proc/stat: every state but
-    idle and iowait; guest time is already in user)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    """CPU seconds this machine's CPUs have been busy since boot (/proc/stat: user, nice,
+    system, irq and softirq; not idle, iowait, or steal, the hypervisor's; guest time is
+    already in user)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 

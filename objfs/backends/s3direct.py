@@ -4,7 +4,7 @@ pipeline.
 A cold read of a 0.5 MB instance spent 1.6-1.8 ms of CPU in `get_object` (endpoint rules,
 event hooks, the signer, urllib3, response parsing) against 0.7 ms for the same GET over
 `http.client` with `objfs.sigv4` (sequential GETs against moto, client CPU only); a
-`put_object` of the same size 1.4 ms; a `delete_objects` of 1000 keys 22-24 ms, 8 keys for
+`put_object` of the same size 1.4 ms; a `delete_objects` of 1000 keys 22-27 ms, 8 keys for
 each deleted attachment. Every one of those milliseconds is taken under the GIL from the event
 loop that answers Orthanc.
 
