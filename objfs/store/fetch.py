@@ -227,13 +227,14 @@ class Fetch(Names):
         """
         deadline = self.read_retry.deadline
         with trio.move_on_at(until):
-            while (running := self._fetches.get(row.uuid)) is not None:
-                await running.done.wait()
-                if running.error is None:
-                    return
-                if isinstance(running.error, Exception) and not is_disk_full(running.error):
-                    raise running.error
             for tries_left in range(DISK_FULL_TRIES - 1, -1, -1):
+                # Another task's download, begun before this one or while it made room.
+                while (running := self._fetches.get(row.uuid)) is not None:
+                    await running.done.wait()
+                    if running.error is None:
+                        return
+                    if isinstance(running.error, Exception) and not is_disk_full(running.error):
+                        raise running.error
                 try:
                     await self._recorded_download(row)
                     return
