@@ -49,7 +49,7 @@ class Scripted(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     seen: list[tuple[str, int, str]]
-    puts: list[tuple[dict[str, str], bytes]]
+    puts: list[tuple[dict[str, str], bytes]]  # headers and body of each PUT and POST
     connections: Iterator[int]
 
     def setup(self) -> None:
