@@ -263,28 +263,39 @@ async def test_writes_of_one_file_waiting_for_space_at_once_take_its_bytes_once(
     assert rig.tier.used == bytes_under(rig) == 0
 
 
-async def full_disk_reads(rig: Rig, monkeypatch: pytest.MonkeyPatch,
-                          refusals: int) -> tuple[list[str], list[int]]:
-    """Make the next `refusals` downloads find the cache directory's disk full, and
-    `make_disk_room` report room each time; returns the downloads' uuids and the room
-    asked, as they happen."""
-    downloads: list[str] = []
-    asked: list[int] = []
-    download = rig.store._download
+class FullDisk:
+    """An uploaded attachment (`uuid`, `data`) whose copy was evicted, in a running rig where
+    the next `refusals` downloads find the cache directory's disk full and `make_disk_room`
+    reports room each time; `downloads` (uuids) and `asked` (room) record both as they
+    happen."""
 
-    async def disk_full_first(row: Row, background: bool = False) -> None:
-        downloads.append(row.uuid)
-        if len(downloads) <= refusals:
+    def __init__(self, rig: Rig, monkeypatch: pytest.MonkeyPatch, refusals: int) -> None:
+        self.rig = rig
+        self.uuid, self.data = str(uuid_mod.uuid4()), os.urandom(100_000)
+        self.downloads: list[str] = []
+        self.asked: list[int] = []
+        self.refusals = refusals
+        self._download = rig.store._download
+        self._monkeypatch = monkeypatch
+
+    async def start(self, running: Start) -> FullDisk:
+        await running(self.rig)
+        await self.rig.write(self.uuid, self.data)
+        assert await self.rig.store.drain(timeout=60)
+        await self.rig.tier.evict(1 << 30)
+        self._monkeypatch.setattr(self.rig.store, "_download", self._disk_full_first)
+        self._monkeypatch.setattr(self.rig.tier, "make_disk_room", self._room_made)
+        return self
+
+    async def _disk_full_first(self, row: Row, background: bool = False) -> None:
+        self.downloads.append(row.uuid)
+        if len(self.downloads) <= self.refusals:
             raise errors.LocalDiskFull("No space left on device")
-        await download(row, background)
+        await self._download(row, background)
 
-    async def room_made(nbytes: int) -> bool:
-        asked.append(nbytes)
+    async def _room_made(self, nbytes: int) -> bool:
+        self.asked.append(nbytes)
         return True
-
-    monkeypatch.setattr(rig.store, "_download", disk_full_first)
-    monkeypatch.setattr(rig.tier, "make_disk_room", room_made)
-    return downloads, asked
 
 
 @pytest.mark.parametrize("refusals", [1, 3])
@@ -295,29 +306,18 @@ async def test_a_read_finding_the_disk_full_tries_again_while_evictions_make_roo
     take the room the first eviction made (CI, once: Orthanc's read failed with ENOSPC after
     one more try): the reader's download is tried again after each eviction, and the
     prefetch pauses."""
-    rig = rig_factory()
-    await running(rig)
-    uuid, data = str(uuid_mod.uuid4()), os.urandom(100_000)
-    await rig.write(uuid, data)
-    assert await rig.store.drain(timeout=60)
-    await rig.tier.evict(1 << 30)
-    downloads, asked = await full_disk_reads(rig, monkeypatch, refusals)
-    assert await rig.read(uuid) == data
-    assert downloads == [uuid] * (refusals + 1)
-    assert asked == [len(data)] * refusals
-    assert rig.store._prefetch_resumes > trio.current_time()  # paused
+    disk = await FullDisk(rig_factory(), monkeypatch, refusals).start(running)
+    assert await disk.rig.read(disk.uuid) == disk.data
+    assert disk.downloads == [disk.uuid] * (refusals + 1)
+    assert disk.asked == [len(disk.data)] * refusals
+    assert disk.rig.store._prefetch_resumes > trio.current_time()  # paused
 
 
 async def test_a_read_finding_the_disk_full_every_time_fails_with_the_disk_error(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start, monkeypatch: pytest.MonkeyPatch) -> None:
-    rig = rig_factory()
-    await running(rig)
-    uuid = str(uuid_mod.uuid4())
-    await rig.write(uuid, os.urandom(100_000))
-    assert await rig.store.drain(timeout=60)
-    await rig.tier.evict(1 << 30)
-    downloads, asked = await full_disk_reads(rig, monkeypatch, 1000)
+    disk = await FullDisk(rig_factory(), monkeypatch, 1000).start(running)
     with pytest.raises(errors.LocalDiskFull):
-        await rig.read(uuid)
-    assert len(downloads) == DISK_FULL_TRIES and len(asked) == DISK_FULL_TRIES - 1
+        await disk.rig.read(disk.uuid)
+    assert len(disk.downloads) == DISK_FULL_TRIES
+    assert len(disk.asked) == DISK_FULL_TRIES - 1
