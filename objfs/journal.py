@@ -199,6 +199,20 @@ class _Cursor(sqlite3.Cursor):
             raise self._damaged(exc) from exc
 
 
+@contextlib.contextmanager
+def _atomic(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One transaction on `db`: committed when the block ends, rolled back when it raises
+    (the block's error is the one raised, whatever the rollback meets)."""
+    db.execute("BEGIN")
+    try:
+        yield db
+    except BaseException:
+        with contextlib.suppress(Exception):
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class Journal:
     """The attachment journal in ``<CacheDirectory>/journal.sqlite``.
 
@@ -375,13 +389,8 @@ class Journal:
         try:
             with self._lock:
                 self._apply_locked()
-                db.execute("BEGIN")
-                try:
+                with _atomic(db):
                     yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
         finally:
             self._forget_rows(rows)
 
@@ -400,17 +409,11 @@ class Journal:
         with self._cache_lock:
             batch = dict(self._unapplied)
         forgotten = [(uuid,) for uuid, row in batch.items() if row is None]
-        self._lazy.execute("BEGIN")
-        try:
-            self._lazy.executemany(_MARK_DELETED, ((PENDING_DELETE, uuid)
-                                                   for uuid, row in batch.items()
-                                                   if row is not None))
-            self._lazy.executemany(_FORGET_SERIES, forgotten)
-            self._lazy.executemany(_FORGET_ROW, forgotten)
-        except BaseException:
-            self._lazy.execute("ROLLBACK")
-            raise
-        self._lazy.execute("COMMIT")
+        with _atomic(self._lazy) as db:
+            db.executemany(_MARK_DELETED, ((PENDING_DELETE, uuid)
+                                           for uuid, row in batch.items() if row is not None))
+            db.executemany(_FORGET_SERIES, forgotten)
+            db.executemany(_FORGET_ROW, forgotten)
         with self._cache_lock:
             self._generation += 1
             for uuid, row in batch.items():
@@ -702,9 +705,7 @@ class Journal:
         before the log was read, would be counted nowhere: a daemon with deletes to do
         would look idle.)"""
         logged = sorted(set(read_logged(self.path.with_name(DELETE_LOG))))
-        db = self._reader
-        db.execute("BEGIN")
-        try:
+        with _atomic(self._reader) as db:
             pending = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), "
                 "COALESCE(SUM(last_error IS NOT NULL), 0) FROM attachments WHERE state=?",
@@ -719,13 +720,7 @@ class Journal:
                           oldest_pending=pending[2], pending_deletes=deletes,
                           uploaded=uploaded, cached_entries=cached[0], cached_bytes=cached[1],
                           failing=pending[3])
-            found = self._with_logged_deletes(stats, logged)
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
-                db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return found
+            return self._with_logged_deletes(stats, logged)
 
     def _with_logged_deletes(self, stats: Stats, logged: list[str]) -> Stats:
         """`stats` counting the deletes in the delete log (`logged`) whose rows do not say so
