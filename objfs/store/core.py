@@ -24,6 +24,7 @@ from objfs.layout import DETECT_BYTES, Layout, detect_kind
 from objfs.retry import BucketHealth, RetryPolicy
 from objfs.store.state import (
     BUSY_WINDOW,
+    DISK_FULL_PAUSE,
     FIRST_LOOK,
     INVENTORY_COMPLETE,
     INVENTORY_META,
@@ -144,7 +145,8 @@ class StoreCore:
             65536, SHARED_CONFIRM_TTL, timer=trio.current_time)
         self._fetches: dict[str, FetchRecord] = {}
         # Series prefetch stays off until this time (trio clock; owner: the event loop) after
-        # one found the cache directory's disk full: its GETs would be thrown away.
+        # anything found the cache directory's disk full (`_pause_prefetch`): its GETs would
+        # be thrown away, or take the room Orthanc's reads and writes need.
         self._prefetch_resumes = -math.inf
         # Decrypted copies shared by their readers (owner: the event loop): by uuid, the
         # readers' fds, and decryptions under way.
@@ -256,6 +258,21 @@ class StoreCore:
         if now - self._last_foreground >= BUSY_WINDOW:
             self._busy_since = now
         self._last_foreground = now
+
+    def _pause_prefetch(self, exc: BaseException) -> None:
+        """No series prefetch starts for DISK_FULL_PAUSE: something found the cache
+        directory's disk full (`exc`), and prefetched copies would take the room."""
+        if trio.current_time() >= self._prefetch_resumes:
+            self._prefetch_resumes = trio.current_time() + DISK_FULL_PAUSE
+            log.warning("series prefetch paused for %.0fs: the disk of the cache directory %s "
+                        "is full (%s)", DISK_FULL_PAUSE, self.tier.root, exc)
+
+    async def _make_disk_room(self, nbytes: int, exc: BaseException) -> bool:
+        """`LocalTier.make_disk_room` for `nbytes`, for a request that found the cache
+        directory's disk full (`exc`) while the budget had room; the series prefetch pauses
+        first, so that its downloads do not take the room the eviction makes."""
+        self._pause_prefetch(exc)
+        return await self.tier.make_disk_room(nbytes)
 
     def _drop_local(self, uuid: str, size: int) -> None:
         """Give up the local copy of `uuid`, if there is one: it leaves data/ at once, and its

@@ -16,7 +16,7 @@ from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
-from objfs.store.state import DISK_FULL_PAUSE, DISK_FULL_TRIES, FetchRecord, SharedPlain
+from objfs.store.state import DISK_FULL_TRIES, FetchRecord, SharedPlain
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,8 @@ class Fetch(Names):
 
         Every wait, for another task's download (a prefetch) and then for its own, ends at
         `until` (Unavailable): a reader never waits a prefetch's deadline plus its own.
-        A download that finds the disk full pauses the series prefetch and is tried again
-        after `make_disk_room`, up to DISK_FULL_TRIES times in all (the disk's error is
+        A download that finds the disk full is tried again after `_make_disk_room` (which
+        pauses the series prefetch), up to DISK_FULL_TRIES times in all (the disk's error is
         raised once an eviction frees nothing); its waiters then fetch for themselves (each
         with the same chances).
         """
@@ -243,10 +243,8 @@ class Fetch(Names):
                     # uses it. Evicting clean copies may make room, as for a full budget.
                     # Prefetches that were under way may take that room first (CI, once): they
                     # end, paused, as clean copies that the next eviction frees.
-                    if not is_disk_full(exc):
-                        raise
-                    self._pause_prefetch(exc)
-                    if not tries_left or not await self.tier.make_disk_room(row.size):
+                    if not is_disk_full(exc) or not tries_left \
+                            or not await self._make_disk_room(row.size, exc):
                         raise
         last = self.health.last_error
         raise errors.Unavailable(f"attachment {row.uuid}: not fetched within {deadline}s"
@@ -333,13 +331,6 @@ class Fetch(Names):
             return True
         finally:
             settle()
-
-    def _pause_prefetch(self, exc: Exception) -> None:
-        """No prefetch starts for DISK_FULL_PAUSE: a download found the disk full (`exc`)."""
-        if trio.current_time() >= self._prefetch_resumes:
-            self._prefetch_resumes = trio.current_time() + DISK_FULL_PAUSE
-            log.warning("series prefetch paused for %.0fs: the disk of the cache directory %s "
-                        "is full (%s)", DISK_FULL_PAUSE, self.tier.root, exc)
 
     async def _download(self, row: Row, background: bool = False) -> None:
         """Fetch, decrypt and verify an object into the local tier; the copy appears only

@@ -83,7 +83,7 @@ class Writeback(Fetch):
             except OSError as exc:
                 # Full although the budget had room: something else fills the disk.
                 if handle.fs or not is_disk_full(exc) \
-                        or not await self.tier.make_disk_room(len(data)):
+                        or not await self._make_disk_room(len(data), exc):
                     raise
                 written = os.pwrite(handle.fd, data, offset)
         except OSError as exc:
@@ -154,7 +154,7 @@ class Writeback(Fetch):
             except Exception as exc:
                 # The journal's commit found the disk full (SQLITE_FULL): evicting clean
                 # copies may give it room. Nothing was recorded; the retry starts afresh.
-                if not is_disk_full(exc) or not await self.tier.make_disk_room(COMMIT_ROOM):
+                if not is_disk_full(exc) or not await self._make_disk_room(COMMIT_ROOM, exc):
                     raise
                 took = await trio.to_thread.run_sync(
                     self._timed_make_durable, handle.fd, handle.uuid, handle.size,
@@ -471,7 +471,7 @@ class Writeback(Fetch):
                     # Clean copies may make room (something else filled the disk): then the
                     # upload is tried again after a moment (never a busy loop on a disk that
                     # keeps refusing), not after the full pause.
-                    made_room = await self.tier.make_disk_room(COMMIT_ROOM)
+                    made_room = await self._make_disk_room(COMMIT_ROOM, exc)
                     pause = ROOM_MADE_PAUSE if made_room else DISK_FULL_PAUSE
                     if not made_room:
                         log.error("upload of attachment %s: no space left on the local disk "
