@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.orthanc_ingest import EMULATOR_NICE, cpu_seconds, drop_page_cache
+from benchmarks.orthanc_ingest import EMULATOR_NICE, cpu_shares, cpu_snapshot, drop_page_cache
 from objfs.sidecar.prefetch import PARALLEL
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
@@ -83,11 +83,9 @@ def one_run(work: Path, name: str, corpus: list[bytes], moto: MotoServer | None,
                 "daemon": daemon.process.proc.pid if daemon is not None and daemon.process
                 else None,
                 "orthanc": orthanc.process.proc.pid if orthanc.process else None}
-        before = {who: cpu_seconds(pid) for who, pid in pids.items()}
-        client = time.process_time()
+        before = cpu_snapshot(pids)
         took = read_series(orthanc, order)
-        cpu = {who: cpu_seconds(pid) - before[who] for who, pid in pids.items()}
-        cpu["client"] = time.process_time() - client
+        cpu = {who: ms / 1e3 for who, ms in cpu_shares(before, pids, 1).items()}
         if moto is None:
             return took, None, cpu
         keys = list(moto.sizes(bucket))

@@ -232,6 +232,7 @@ class DirectS3:
                              keys=self.keys,
                              payload_hash=sigv4.EMPTY_SHA256 if body is None
                              else sigv4.UNSIGNED_PAYLOAD)
+        # Sent as botocore sends it ("?delete", no "="); signed in canonical form.
         target = path if not query else path + "?" + "&".join(
             urllib.parse.quote(name, safe="-_.~") + (
                 "=" + urllib.parse.quote(value, safe="-_.~") if value else "")
