@@ -130,6 +130,23 @@ def test_an_orthanc_before_1_12_5_is_asked_the_find_once(fake: FakeOrthanc) -> N
     assert fake.requests == [("POST", "/tools/find")]
 
 
+def test_a_series_listing_names_each_dicom_attachment(fake: FakeOrthanc) -> None:
+    """Orthanc 1.10 lists a series' instances with their DICOM attachment as `FileUuid`, in
+    any order: they come back in viewing order; an entry without it names None."""
+    fake.body = json.dumps([
+        {"ID": "i3", "IndexInSeries": 3, "FileUuid": "u3", "MainDicomTags": {}},
+        {"ID": "i1", "IndexInSeries": 1, "FileUuid": "u1", "MainDicomTags": {}},
+        {"ID": "i2", "IndexInSeries": 2, "MainDicomTags": {}},
+    ]).encode()
+
+    async def main() -> list[tuple[str, str | None]]:
+        client = OrthancClient(OrthancSettings(url=fake.url, timeout=5))
+        return await client.series_instances("s-1")
+
+    assert trio.run(main) == [("i1", "u1"), ("i2", None), ("i3", "u3")]
+    assert fake.requests == [("GET", "/series/s-1/instances")]
+
+
 def test_an_unknown_series_is_empty(fake: FakeOrthanc) -> None:
     assert ask(fake) == [[]]
 

@@ -97,8 +97,8 @@ def test_a_cold_read_fetches_the_rest_of_its_series_ahead(
 @pytest.mark.parametrize("release", ["bookworm", "trixie"])
 def test_prefetch_off_and_the_limit(tmp_path: Path, moto: MotoServer, bucket: str,
                                     release: str) -> None:
-    """The limit counts the same whether Orthanc names the series' attachments in one answer
-    (trixie's 1.12) or one by one (bookworm's 1.10)."""
+    """The limit counts the same whether Orthanc names the series' attachments in one find
+    answer (trixie's 1.12) or in its listing of the series (bookworm's 1.10)."""
     daemon, orthanc, order, _ = run(tmp_path / "off", moto, bucket, release=release,
                                     SeriesPrefetch=False)
     try:
@@ -183,8 +183,9 @@ def test_what_the_prefetch_asks_of_orthanc(tmp_path: Path, moto: MotoServer, buc
                                            release: str) -> None:
     """Orthanc 1.12.5 and later (Debian 13's 1.12, sid's 1.13) name every attachment of the
     series in one `/tools/find` answer. Orthanc 1.10 (Debian 12) ignores `ResponseContent`
-    there, so objfs asks for each instance's attachment, and remembers not to try the find
-    again. Counted by a proxy between objfs and Orthanc."""
+    there, so objfs looks the series up and lists it (the listing names each instance's
+    DICOM attachment: no request per instance), and remembers not to try the find again.
+    Counted by a proxy between objfs and Orthanc."""
     proxies: list[FaultProxy] = []
 
     def through_proxy(url: str) -> str:
@@ -198,10 +199,11 @@ def test_what_the_prefetch_asks_of_orthanc(tmp_path: Path, moto: MotoServer, buc
         proxy.requests.clear()
         first_read_prefetches_the_series(daemon, orthanc, order, sent)
         asked = list(proxy.requests)
-        per_instance = [path for _, path in asked if path.endswith("/attachments/dicom/info")]
         assert asked.count(("POST", "/tools/find")) == 1, asked
         if release == "bookworm":
-            assert len(per_instance) == SERIES, asked
+            assert [method for method, _ in asked] == ["POST", "POST", "GET"], asked
+            assert asked[1] == ("POST", "/tools/lookup"), asked
+            assert asked[2][1].startswith("/series/") and asked[2][1].endswith("/instances")
             assert "does not name attachments in /tools/find answers" in daemon.text()
         else:
             assert asked == [("POST", "/tools/find")]

@@ -43,26 +43,29 @@ class Store:
 
 
 class Orthanc:
-    """An Orthanc that names the series' attachments in one answer (>= 1.12.5), or, with
-    `per_instance`, one per request (1.10)."""
+    """An Orthanc that names the series' attachments in one find answer (>= 1.12.5); with
+    `listed`, in its listing of the series (1.10); with `per_instance`, one per request (a
+    listing without them)."""
 
-    def __init__(self, attachments: list[str], per_instance: bool = False) -> None:
+    def __init__(self, attachments: list[str], per_instance: bool = False,
+                 listed: bool = False) -> None:
         self.attachments = attachments
         self.per_instance = per_instance
+        self.listed = listed
         self.asked: list[str] = []
         self.runs: list[int] = []  # the length of each lookup run
 
     async def series_dicom_uuids(self, uid: str) -> list[str] | None:
         self.asked.append("find")
-        return None if self.per_instance else list(self.attachments)
+        return None if self.per_instance or self.listed else list(self.attachments)
 
     async def series_id(self, uid: str) -> str | None:
         self.asked.append("lookup")
         return "series-id"
 
-    async def series_instances(self, series: str) -> list[str]:
+    async def series_instances(self, series: str) -> list[tuple[str, str | None]]:
         self.asked.append("instances")
-        return [f"instance-{a}" for a in self.attachments]
+        return [(f"instance-{a}", a if self.listed else None) for a in self.attachments]
 
     async def dicom_uuids(self, instances: list[str]) -> list[str | None]:
         self.asked.extend(instances)
@@ -112,9 +115,26 @@ async def test_the_same_with_an_orthanc_that_names_one_attachment_per_request() 
     assert store.prefetched == ["a1", "a2", "a3", "a4"]
 
 
-async def test_an_old_orthanc_is_asked_in_runs_that_grow() -> None:
-    """1.10 names one attachment per request: runs of consecutive instances on one
-    connection, 1 long at first (the first answers come at once), then 2, 4, up to 8."""
+async def test_a_listing_that_names_the_attachments_needs_no_request_per_instance() -> None:
+    """Orthanc 1.10's listing of a series names each instance's DICOM attachment: a lookup
+    and the listing, then the prefetch, in viewing order, up to the limit."""
+    names = [f"a{i}" for i in range(10)]
+    store, orthanc = Store(), Orthanc(names, listed=True)
+    prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=6)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prefetcher.run)
+        prefetcher.notify("a0")
+        await settle(prefetcher)
+        nursery.cancel_scope.cancel()
+    assert orthanc.asked == ["find", "lookup", "instances"]
+    assert store.prefetched == names[1:6]
+    assert sorted(store.noted) == [(f"a{i}", SERIES_UID) for i in range(6)]
+
+
+async def test_unnamed_attachments_are_asked_in_runs_that_grow() -> None:
+    """A listing that does not name the attachments: one request per instance, in runs of
+    consecutive instances on one connection, 1 long at first (the first answers come at
+    once), then 2, 4, up to 8."""
     names = [f"a{i}" for i in range(40)]
     store, orthanc = Store(), Orthanc(names, per_instance=True)
     prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=500)

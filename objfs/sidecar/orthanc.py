@@ -167,19 +167,22 @@ class OrthancClient:
         found = [r["ID"] for r in answer if r.get("Type") == "Series"]
         return str(found[0]) if found else None
 
-    async def series_instances(self, series_id: str) -> list[str]:
-        """The instance ids of a series in viewing order (IndexInSeries, then
-        InstanceNumber); empty when the series is gone."""
+    async def series_instances(self, series_id: str) -> list[tuple[str, str | None]]:
+        """The instances of a series in viewing order (IndexInSeries, then InstanceNumber),
+        each with its DICOM attachment's uuid when the answer names it (`FileUuid`: Orthanc
+        1.10 to 1.13 do), else None; empty when the series is gone."""
         instances = await self._get(f"/series/{series_id}/instances") or []
-        return [str(i["ID"]) for i in sorted(instances, key=_viewing_order)]
+        return [(str(i["ID"]), str(i["FileUuid"]) if isinstance(i.get("FileUuid"), str)
+                 else None) for i in sorted(instances, key=_viewing_order)]
 
     async def series_dicom_uuids(self, series_instance_uid: str) -> list[str] | None:
         """The DICOM attachment uuids of every instance of the series with this
         SeriesInstanceUID, in viewing order, in one request: `/tools/find` with
         `ResponseContent` (Orthanc >= 1.12.5). Empty when Orthanc has no such series. None
         when this Orthanc does not name attachments in a find answer (older versions ignore
-        `ResponseContent` and answer bare ids): the caller then asks per instance; that
-        answer is remembered, so an old Orthanc is asked this only once."""
+        `ResponseContent` and answer bare ids): the caller then lists the series
+        (`series_instances`); that answer is remembered, so an old Orthanc is asked this only
+        once."""
         if self._find_names_attachments is False:
             return None
         query = {"Level": "Instance", "Query": {"SeriesInstanceUID": series_instance_uid},
@@ -203,7 +206,8 @@ class OrthancClient:
         return uuids
 
     async def dicom_uuids(self, instance_ids: list[str]) -> list[str | None]:
-        """The uuid of each instance's DICOM file attachment, asked one after the other on one
+        """The uuid of each instance's DICOM file attachment (for a series listing that did
+        not name them), asked one after the other on one
         connection (`_get_run`): one of the REQUESTS_AT_ONCE slots for the whole run. None
         for an instance that is gone. Cancelling abandons the thread, which ends within `Timeout`
         per instance."""

@@ -11,8 +11,9 @@ one GET. Two ways to know the series:
   SeriesInstanceUID from the local copy's header (`objfs.dicomhead`), asks Orthanc
   (`Objfs.Orthanc.Url`) for the series' instances in viewing order and their DICOM
   attachments, fetches them, and notes them in the journal for next time. Orthanc >= 1.12.5
-  names them all in one `/tools/find` answer; older versions take a lookup, the series'
-  instance list and one request per instance.
+  names them all in one `/tools/find` answer; older versions take a lookup and the series'
+  instance list, which names each instance's DICOM attachment (`FileUuid`); a listing that
+  did not would take one more request per instance.
 Either way up to `SeriesPrefetchLimit` are fetched, PARALLEL at a time, at background priority
 (the backends' background threads, the store's turn rule) and within the cache budget: least
 recently used copies make room, and what no eviction can free stays within half of it
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 
 PARALLEL = 8
 LOOKUPS_AT_ONCE = REQUESTS_AT_ONCE
-# The most instances one lookup run names (Orthanc before 1.12.5), one after the other on one
-# connection: about 0.3 ms each, so that Orthanc's thread is free again within a few ms.
+# The most instances one lookup run names (for a series listing without their attachments), one
+# after the other on one connection: about 0.3 ms each, so that Orthanc's thread is free again
+# within a few ms.
 LOOKUP_RUN = 8
 QUEUE = 64
 SEEN_SECONDS = 600.0
@@ -129,29 +131,43 @@ class SeriesPrefetcher:
         self._seen[uid] = True
         members = [(uuid, uid)]
         named = await self.orthanc.series_dicom_uuids(uid)
-        if named is not None:
+        unnamed: list[str] = []
+        if named is None:
+            named, unnamed = await self._listed(uid)
+        if unnamed:
+            fetched = await self._fetch_ahead(self._one_by_one(unnamed, uuid, uid, members))
+            listed = len(unnamed)
+        else:
             # The first SeriesPrefetchLimit in viewing order, the one just read included.
             ahead = [m for m in named[:self.limit] if m != uuid]
             members.extend((m, uid) for m in ahead)
             self._members.update((m, uid) for m in ahead)
             fetched, listed = await self._fetch_these(ahead), len(named[:self.limit])
-        else:
-            series = await self.orthanc.series_id(uid)
-            if series is None:
-                return
-            instances = (await self.orthanc.series_instances(series))[:self.limit]
-            fetched, listed = await self._fetch_ahead(self._one_by_one(instances, uuid, uid,
-                                                                       members)), len(instances)
         await self.store.note_series(members)
         log.info("series %s: %d of its %d instances fetched ahead", uid, fetched, listed)
+
+    async def _listed(self, uid: str) -> tuple[list[str], list[str]]:
+        """The series' first SeriesPrefetchLimit instances in viewing order from Orthanc's
+        listing of it (an Orthanc before 1.12.5): (their DICOM attachments, []) when the
+        listing names every one, else ([], the instance ids, to be asked one by one); both
+        empty for a series Orthanc does not have."""
+        series = await self.orthanc.series_id(uid)
+        if series is None:
+            return [], []
+        instances = (await self.orthanc.series_instances(series))[:self.limit]
+        named = [attachment for _, attachment in instances if attachment is not None]
+        if len(named) == len(instances):
+            return named, []
+        return [], [instance for instance, _ in instances]
 
     def _one_by_one(self, instances: list[str], uuid: str, uid: str,
                     members: list[tuple[str, str]]
                     ) -> Callable[[trio.MemorySendChannel[str]], Awaitable[None]]:
-        """A producer for `_fetch_ahead` over Orthanc before 1.12.5, which names one
-        attachment per request: LOOKUPS_AT_ONCE runs at a time (`OrthancClient.dicom_uuids`:
-        consecutive instances on one connection), 1 instance long at first so that the first
-        answers come at once, then twice as long each round up to LOOKUP_RUN; handed on in
+        """A producer for `_fetch_ahead` over a series listing that did not name the
+        attachments, asked one per request: LOOKUPS_AT_ONCE runs at a time
+        (`OrthancClient.dicom_uuids`: consecutive instances on one connection), 1 instance long
+        at first so that the first answers come at once, then twice as long each round up to
+        LOOKUP_RUN; handed on in
         viewing order (all but `uuid`) and added to `members`."""
 
         async def produce(wanted: trio.MemorySendChannel[str]) -> None:
