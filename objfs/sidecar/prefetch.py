@@ -167,8 +167,7 @@ class SeriesPrefetcher:
         attachments, asked one per request: LOOKUPS_AT_ONCE runs at a time
         (`OrthancClient.dicom_uuids`: consecutive instances on one connection), 1 instance long
         at first so that the first answers come at once, then twice as long each round up to
-        LOOKUP_RUN; handed on in
-        viewing order (all but `uuid`) and added to `members`."""
+        LOOKUP_RUN; handed on in viewing order (all but `uuid`) and added to `members`."""
 
         async def produce(wanted: trio.MemorySendChannel[str]) -> None:
             async with wanted:
