@@ -194,7 +194,7 @@ class OrthancClient:
                    for i in answer):
             self._find_names_attachments = False
             log.info("Orthanc at %s does not name attachments in /tools/find answers (before "
-                     "1.12.5): series prefetch asks for each instance's attachment", self.url)
+                     "1.12.5): series prefetch reads them from its listing of the series", self.url)
             return None
         if answer:
             self._find_names_attachments = True
