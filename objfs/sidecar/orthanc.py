@@ -207,10 +207,9 @@ class OrthancClient:
 
     async def dicom_uuids(self, instance_ids: list[str]) -> list[str | None]:
         """The uuid of each instance's DICOM file attachment (for a series listing that did
-        not name them), asked one after the other on one
-        connection (`_get_run`): one of the REQUESTS_AT_ONCE slots for the whole run. None
-        for an instance that is gone. Cancelling abandons the thread, which ends within `Timeout`
-        per instance."""
+        not name them), asked one after the other on one connection (`_get_run`): one of the
+        REQUESTS_AT_ONCE slots for the whole run. None for an instance that is gone.
+        Cancelling abandons the thread, which ends within `Timeout` per instance."""
         paths = [f"/instances/{i}/attachments/dicom/info" for i in instance_ids]
 
         def run() -> list[tuple[int, bytes, Any]]:
