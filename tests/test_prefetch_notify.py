@@ -99,6 +99,18 @@ async def read_the_series(per_instance: bool) -> tuple[Store, Orthanc]:
     return store, orthanc
 
 
+async def first_read(orthanc: Orthanc, limit: int = 500) -> Store:
+    """One cold read of the series' first instance ("a0"), and what the prefetch then did."""
+    store = Store()
+    prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=limit)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prefetcher.run)
+        prefetcher.notify("a0")
+        await settle(prefetcher)
+        nursery.cancel_scope.cancel()
+    return store
+
+
 async def test_a_member_named_by_the_prefetch_needs_no_header_read() -> None:
     store, orthanc = await read_the_series(per_instance=False)
     assert store.headers_read == ["a0"]
@@ -119,13 +131,8 @@ async def test_a_listing_that_names_the_attachments_needs_no_request_per_instanc
     """Orthanc 1.10's listing of a series names each instance's DICOM attachment: a lookup
     and the listing, then the prefetch, in viewing order, up to the limit."""
     names = [f"a{i}" for i in range(10)]
-    store, orthanc = Store(), Orthanc(names, listed=True)
-    prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=6)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(prefetcher.run)
-        prefetcher.notify("a0")
-        await settle(prefetcher)
-        nursery.cancel_scope.cancel()
+    orthanc = Orthanc(names, listed=True)
+    store = await first_read(orthanc, limit=6)
     assert orthanc.asked == ["find", "lookup", "instances"]
     assert store.prefetched == names[1:6]
     assert sorted(store.noted) == [(f"a{i}", SERIES_UID) for i in range(6)]
@@ -136,13 +143,8 @@ async def test_unnamed_attachments_are_asked_in_runs_that_grow() -> None:
     consecutive instances on one connection, 1 long at first (the first answers come at
     once), then 2, 4, up to 8."""
     names = [f"a{i}" for i in range(40)]
-    store, orthanc = Store(), Orthanc(names, per_instance=True)
-    prefetcher = SeriesPrefetcher(cast(Any, store), cast(Any, orthanc), limit=500)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(prefetcher.run)
-        prefetcher.notify("a0")
-        await settle(prefetcher)
-        nursery.cancel_scope.cancel()
+    orthanc = Orthanc(names, per_instance=True)
+    store = await first_read(orthanc)
     # (the runs of a round are asked at the same time: in any order)
     assert sorted(orthanc.runs) == sorted([1] * 4 + [2] * 4 + [4] * 4 + [8, 4])
     assert store.prefetched == names[1:]  # in viewing order
