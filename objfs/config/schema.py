@@ -196,10 +196,9 @@ S3_OPTIONS: dict[str, Option] = {
                         "parts."),
     "DirectRequests": Option((bool,), True, None,
                              "GETs, HEADs, single PUTs and batch deletes signed by objfs "
-                             "and sent over "
-                             "`http.client`, without botocore's request pipeline (objfs only; "
-                             "not behind an HTTP proxy); `false`: through boto3 like every "
-                             "other request."),
+                             "and sent over `http.client`, without botocore's request "
+                             "pipeline (objfs only; not behind an HTTP proxy); `false`: "
+                             "through boto3 like every other request."),
 }
 
 # Options of the official S3 plugin that have no meaning for objfs: accepted, with a notice.
