@@ -21,8 +21,9 @@ server errors raise botocore's `ClientError` with the code S3 sent, so `S3Backen
 maps both paths alike. It is not used behind an HTTP proxy (botocore honours the proxy
 variables, `http.client` does not).
 
-Connections are kept alive in a small pool shared by the backend's worker threads; a request
-on a kept connection that the server closed meanwhile is sent once more on a fresh one.
+Connections are kept alive in a small pool shared by the backend's worker threads
+(`objfs.backends.kept`); a request on a kept connection that the server closed meanwhile is
+sent once more on a fresh one.
 """
 
 from __future__ import annotations
@@ -31,35 +32,33 @@ import datetime
 import http.client
 import io
 import re
-import socket
-import ssl
-import threading
 import urllib.parse
-import urllib.request
 import zlib
 from base64 import b64decode, b64encode
 from collections.abc import Callable
-from typing import IO, TypeVar, cast
+from typing import IO, TypeVar
 from xml.sax.saxutils import escape, unescape
 
 import botocore.exceptions as bx
 
 from objfs import errors, sigv4
+from objfs.backends.kept import (
+    BUFFER,
+    ERROR_BODY_LIMIT,
+    Fallback,
+    KeptConnections,
+    byte_range,
+    proxied,
+    read_body,
+)
+
+__all__ = ["DirectS3", "Fallback", "bucket_url", "byte_range", "proxied"]
 
 T = TypeVar("T")
 
-BUFFER = 1024 * 1024
-ERROR_BODY_LIMIT = 64 * 1024
 _TAG = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 _ERROR = re.compile(rb"<Error>(.*?)</Error>", re.DOTALL)
 _ERROR_TAG = re.compile(rb"<(Key|Code|Message)>([^<]*)</\1>")
-# Errors kept connections show when the server closed them while idle.
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-          ConnectionAbortedError)
-
-
-class Fallback(Exception):
-    """A request left to botocore (nothing was written into the caller's stream)."""
 
 
 def bucket_url(object_url: str, key: str) -> tuple[str, str, int, str]:
@@ -74,20 +73,7 @@ def bucket_url(object_url: str, key: str) -> tuple[str, str, int, str]:
     return scheme, parts.hostname or "", port, path[:-len(key) - 1]
 
 
-def byte_range(offset: int, length: int | None) -> str | None:
-    """The Range header of a part of an object (`length` None: to its end); None for the
-    whole object."""
-    if not offset and length is None:
-        return None
-    return f"bytes={offset}-{'' if length is None else offset + length - 1}"
-
-
-def proxied(scheme: str, host: str) -> bool:
-    """Whether the environment sends requests to `host` through a proxy."""
-    return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
-
-
-class DirectS3:
+class DirectS3(KeptConnections):
     """GETs, HEADs, single PUTs and batch deletes of one bucket's objects over `http.client`;
     thread-safe."""
 
@@ -95,48 +81,12 @@ class DirectS3:
                  credentials: Callable[[], sigv4.Credentials], connect_timeout: float,
                  read_timeout: float, ca_bundle: str | None, pool_size: int) -> None:
         """`base`: the bucket's (scheme, host, port, path prefix), from `bucket_url`."""
-        self.scheme, self.host, self.port, self.prefix = base
-        default_port = 443 if self.scheme == "https" else 80
-        self.host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        scheme, host, port, self.prefix = base
+        super().__init__(scheme, host, port, connect_timeout, read_timeout, ca_bundle,
+                         pool_size)
         self.region = region
         self.credentials = credentials
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.context = (ssl.create_default_context(cafile=ca_bundle)
-                        if self.scheme == "https" else None)
         self.keys = sigv4.SigningKeys()
-        self.pool_size = pool_size
-        # Idle kept connections; after `close`, none is kept (both guarded by _lock).
-        self._idle: list[http.client.HTTPConnection] = []
-        self._closed = False
-        self._lock = threading.Lock()
-
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """An idle kept connection (True) or a new one (False)."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        if self.context is not None:
-            return http.client.HTTPSConnection(self.host, self.port, context=self.context,
-                                               timeout=self.connect_timeout,
-                                               blocksize=BUFFER), False
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout,
-                                          blocksize=BUFFER), False
-
-    def _keep(self, connection: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < self.pool_size:
-                self._idle.append(connection)
-                return
-        connection.close()
-
-    def close(self) -> None:
-        """Close the idle connections; those in use close when their request ends."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
 
     def get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         """Write the object (or range) into `out`; returns the bytes received, 0 for a range
@@ -237,67 +187,20 @@ class DirectS3:
             urllib.parse.quote(name, safe="-_.~") + (
                 "=" + urllib.parse.quote(value, safe="-_.~") if value else "")
             for name, value in sorted(query.items()))
-        if body is not None:
-            headers["content-length"] = str(body[1])
-        for attempt in (0, 1):
-            connection, kept = self._connection()
-            try:
-                if connection.sock is None:
-                    connection.connect()  # within the connect timeout; then the read timeout
-                    cast(socket.socket, connection.sock).settimeout(self.read_timeout)
-                if body is not None:
-                    body[0].seek(0)
-                connection.request(method, target, body=None if body is None else body[0],
-                                   headers=headers)
-                response = connection.getresponse()
-            except _STALE as exc:
-                connection.close()
-                if kept and attempt == 0:
-                    continue  # closed by the server while idle: once more on a new one
-                if body is not None and isinstance(exc, BrokenPipeError | ConnectionResetError):
-                    raise Fallback(f"connection reset while sending: {exc}") from exc
-                raise _network(exc, self.host) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                connection.close()
-                raise _network(exc, self.host) from exc
-            except BaseException:
-                connection.close()
-                raise
-            try:
-                return answer(response)
-            finally:
-                # Kept whenever the answer was read to its end, an error answer too (404,
-                # 503 SlowDown): a throttled bucket is not also sent new TLS handshakes.
-                if response.will_close or not response.isclosed():  # closed, or unread bytes
-                    connection.close()
-                else:
-                    self._keep(connection)
-        raise AssertionError("unreachable")
+        return self.exchange(method, target, headers, body, answer)
 
     def _body(self, response: http.client.HTTPResponse, key: str, out: IO[bytes],
               ranged: bool) -> int:
-        expected = response.length
         checksum = None if ranged else response.getheader("x-amz-checksum-crc32")
         if checksum is not None and "-" in checksum:
             checksum = None  # a composite (per-part) checksum: not of the whole object
         crc = 0
-        copied = 0
-        buffer = bytearray(min(BUFFER, expected) if expected else BUFFER)
-        view = memoryview(buffer)
-        while True:
-            try:
-                got = response.readinto(view)
-            except (OSError, http.client.HTTPException) as exc:
-                raise _network(exc, self.host) from exc
-            if not got:
-                break
-            chunk = view[:got]
-            if checksum is not None:
-                crc = zlib.crc32(chunk, crc)
-            out.write(chunk)
-            copied += got
-        if expected is not None and copied != expected:
-            raise errors.Unavailable(f"{key}: short read ({copied} bytes of {expected})")
+
+        def update(chunk: memoryview) -> None:
+            nonlocal crc
+            crc = zlib.crc32(chunk, crc)
+
+        copied = read_body(response, out, key, self.host, update if checksum else None)
         if checksum is not None and crc.to_bytes(4, "big") != b64decode(checksum):
             raise errors.Unavailable(f"{key}: the answer's CRC32 does not match the "
                                      f"object's ({checksum}): damaged in transit")
@@ -318,12 +221,3 @@ def _refused(response: http.client.HTTPResponse, operation: str) -> Exception:
              "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
         return error
     return Fallback(f"HTTP {status}")
-
-
-def _network(exc: BaseException, host: str) -> BaseException:
-    """A network failure as the backend's `translate` reads it: timeouts and connection
-    errors as they are, anything else (DNS, TLS, a malformed answer) as a ConnectionError.
-    Errors writing the local copy never pass through here."""
-    if isinstance(exc, TimeoutError | ConnectionError):
-        return exc
-    return ConnectionError(f"{host}: {type(exc).__name__}: {exc}")

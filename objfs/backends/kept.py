@@ -1,0 +1,174 @@
+"""Requests over `http.client` on kept connections, for the backends' direct paths
+(`objfs.backends.s3direct`, `objfs.backends.gcsdirect`), which skip their SDK's request
+pipeline for the few requests a cold read or an upload makes.
+
+`KeptConnections.exchange` sends one prepared request on an idle kept connection or a new one
+and hands the response to the caller's `answer`; the connection is kept only when the answer
+was read to its end. A request on a kept connection that the server closed meanwhile is sent
+once more on a fresh one. What a direct path does not handle itself it raises as `Fallback`,
+before anything was written into the caller's stream: the backend then sends the request
+through its SDK, which has the last word.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import threading
+import urllib.request
+from collections.abc import Callable
+from typing import IO, TypeVar, cast
+
+from objfs import errors
+
+T = TypeVar("T")
+
+BUFFER = 1024 * 1024
+ERROR_BODY_LIMIT = 64 * 1024
+# Errors kept connections show when the server closed them while idle.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+          ConnectionAbortedError)
+
+
+class Fallback(Exception):
+    """A request left to the SDK (nothing was written into the caller's stream)."""
+
+
+def byte_range(offset: int, length: int | None) -> str | None:
+    """The Range header of a part of an object (`length` None: to its end); None for the
+    whole object."""
+    if not offset and length is None:
+        return None
+    return f"bytes={offset}-{'' if length is None else offset + length - 1}"
+
+
+def proxied(scheme: str, host: str) -> bool:
+    """Whether the environment sends requests to `host` through a proxy."""
+    return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
+
+
+def network_error(exc: BaseException, host: str) -> BaseException:
+    """A network failure as the backends' `translate` reads it: timeouts and connection
+    errors as they are, anything else (DNS, TLS, a malformed answer) as a ConnectionError.
+    Errors writing the local copy never pass through here."""
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return exc
+    return ConnectionError(f"{host}: {type(exc).__name__}: {exc}")
+
+
+def read_body(response: http.client.HTTPResponse, out: IO[bytes], key: str, host: str,
+              update: Callable[[memoryview], None] | None = None) -> int:
+    """Copy a success answer's body into `out` (each chunk also to `update`, for a checksum);
+    returns the bytes copied. Raises Unavailable when fewer came than the answer announced,
+    and the network's errors as `network_error` gives them."""
+    expected = response.length
+    copied = 0
+    buffer = bytearray(min(BUFFER, expected) if expected else BUFFER)
+    view = memoryview(buffer)
+    while True:
+        try:
+            got = response.readinto(view)
+        except (OSError, http.client.HTTPException) as exc:
+            raise network_error(exc, host) from exc
+        if not got:
+            break
+        chunk = view[:got]
+        if update is not None:
+            update(chunk)
+        out.write(chunk)
+        copied += got
+    if expected is not None and copied != expected:
+        raise errors.Unavailable(f"{key}: short read ({copied} bytes of {expected})")
+    return copied
+
+
+class KeptConnections:
+    """Kept-alive connections to one server, shared by a backend's worker threads;
+    thread-safe."""
+
+    def __init__(self, scheme: str, host: str, port: int, connect_timeout: float,
+                 read_timeout: float, ca_bundle: str | None, pool_size: int) -> None:
+        self.scheme, self.host, self.port = scheme, host, port
+        default_port = 443 if scheme == "https" else 80
+        self.host_header = host if port == default_port else f"{host}:{port}"
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.context = (ssl.create_default_context(cafile=ca_bundle)
+                        if scheme == "https" else None)
+        self.pool_size = pool_size
+        # Idle kept connections; after `close`, none is kept (both guarded by _lock).
+        self._idle: list[http.client.HTTPConnection] = []
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle kept connection (True) or a new one (False)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        if self.context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, context=self.context,
+                                               timeout=self.connect_timeout,
+                                               blocksize=BUFFER), False
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout,
+                                          blocksize=BUFFER), False
+
+    def _keep(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.pool_size:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def close(self) -> None:
+        """Close the idle connections; those in use close when their request ends."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def exchange(self, method: str, target: str, headers: dict[str, str],
+                 body: tuple[IO[bytes], int] | None,
+                 answer: Callable[[http.client.HTTPResponse], T]) -> T:
+        """Send one request (`body`: a file at offset 0 and its size) and hand the response
+        to `answer`. A fresh connection reset while a body went out raises Fallback (the
+        server answered early; the SDK reads that answer); other network failures raise as
+        `network_error` gives them."""
+        if body is not None:
+            headers = {**headers, "content-length": str(body[1])}
+        for attempt in (0, 1):
+            connection, kept = self._connection()
+            try:
+                if connection.sock is None:
+                    connection.connect()  # within the connect timeout; then the read timeout
+                    cast(socket.socket, connection.sock).settimeout(self.read_timeout)
+                if body is not None:
+                    body[0].seek(0)
+                connection.request(method, target, body=None if body is None else body[0],
+                                   headers=headers)
+                response = connection.getresponse()
+            except _STALE as exc:
+                connection.close()
+                if kept and attempt == 0:
+                    continue  # closed by the server while idle: once more on a new one
+                if body is not None and isinstance(exc, BrokenPipeError | ConnectionResetError):
+                    raise Fallback(f"connection reset while sending: {exc}") from exc
+                raise network_error(exc, self.host) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                raise network_error(exc, self.host) from exc
+            except BaseException:
+                connection.close()
+                raise
+            try:
+                return answer(response)
+            finally:
+                # Kept whenever the answer was read to its end, an error answer too (404,
+                # 503 SlowDown): a throttled bucket is not also sent new TLS handshakes.
+                if response.will_close or not response.isclosed():  # closed, or unread bytes
+                    connection.close()
+                else:
+                    self._keep(connection)
+        raise AssertionError("unreachable")
