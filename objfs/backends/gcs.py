@@ -8,9 +8,11 @@ SDK's 120 s.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import IO, Any
 
+import google.auth.transport.requests
 import requests
 from google.api_core import exceptions as gx
 from google.api_core.retry import Retry
@@ -20,7 +22,11 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from objfs import errors
 from objfs.backends.base import ObjectInfo, ThreadedBackend
+from objfs.backends.gcsdirect import SAMPLE_NAME, DirectGcs, media_url
+from objfs.backends.kept import Fallback, proxied
 from objfs.config import GcsSettings
+
+log = logging.getLogger(__name__)
 
 
 class GcsBackend(ThreadedBackend):
@@ -53,6 +59,26 @@ class GcsBackend(ThreadedBackend):
             * (client_cfg.max_retries + 1)
         self.retry: Retry | None = DEFAULT_RETRY.with_deadline(budget) \
             if client_cfg.max_retries else None
+        self.direct = self._direct_requests() if cfg.direct_requests else None
+
+    def _direct_requests(self) -> DirectGcs | None:
+        """Direct downloads from this bucket, on the SDK's media URL and credentials; None
+        behind an HTTP proxy, or when the SDK's URL is not of the expected shape (logged)."""
+        try:
+            # The SDK's own (private) builder, so the URL is exactly the one it would use.
+            sample = self.bucket.blob(SAMPLE_NAME)._get_download_url(self.client)
+            url = media_url(sample)
+        except (AttributeError, TypeError, ValueError) as exc:
+            log.warning("GCS downloads go through google-cloud-storage: cannot build its "
+                        "media URL (%s)", exc)
+            return None
+        credentials = getattr(self.client, "_credentials", None)  # the client's, scoped
+        if credentials is None or proxied(url[0], url[1]):
+            return None
+        client_cfg = self.cfg.client
+        return DirectGcs(url, credentials,
+                         google.auth.transport.requests.Request(), client_cfg.connect_timeout,
+                         client_cfg.request_timeout, client_cfg.max_connections)
 
     def translate(self, exc: Exception, key: str, op: str) -> errors.ObjfsError:
         where = f"gs://{self.cfg.bucket}/{key}"
@@ -88,10 +114,17 @@ class GcsBackend(ThreadedBackend):
                                   retry=self.retry)
 
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
-        blob = self.bucket.blob(key)
-        whole = offset == 0 and length is None
         if length == 0:
             return 0
+        direct = self.direct
+        if direct is not None:
+            try:
+                return direct.get(key, out, offset, length)
+            except Fallback as exc:
+                log.info("gs://%s/%s: the direct download was refused (%s); through the SDK",
+                         self.cfg.bucket, key, exc)
+        blob = self.bucket.blob(key)
+        whole = offset == 0 and length is None
         end = None if length is None else offset + length - 1
         try:
             blob.download_to_file(out, start=None if whole else offset, end=end,
@@ -164,4 +197,6 @@ class GcsBackend(ThreadedBackend):
                                          timeout=self.timeout, retry=self.retry)
 
     async def aclose(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
         self.client.close()

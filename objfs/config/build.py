@@ -242,7 +242,8 @@ def _gcs(values: Mapping[str, Any]) -> GcsSettings:
     return GcsSettings(bucket=values["BucketName"],
                        service_account_file=values["ServiceAccountFile"],
                        project=values["Project"], endpoint=values["Endpoint"] or None,
-                       storage_class=values["StorageClass"], client=_client(values))
+                       storage_class=values["StorageClass"],
+                       direct_requests=values["DirectRequests"], client=_client(values))
 
 
 def _postgresql(tree: Mapping[str, Any], problems: Problems) -> PostgresSettings | None:

@@ -121,6 +121,7 @@ class GcsSettings:
     project: str | None
     endpoint: str | None
     storage_class: str | None
+    direct_requests: bool
     client: ClientSettings
 
 

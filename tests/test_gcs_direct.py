@@ -1,0 +1,163 @@
+"""The GCS backend's direct downloads (objfs.backends.gcsdirect): the URL is the SDK's, they
+serve what the SDK would against fake-gcs-server, and every other kind of answer is checked,
+mapped or left to the SDK, against a scripted HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import pytest
+import trio
+
+from objfs import errors
+from objfs.backends.gcs import GcsBackend
+from objfs.config import settings_from_tree
+from tests.support.emulators import FakeGcsServer
+
+BODY = bytes(range(256)) * 2048  # 512 KiB
+ODD_NAMES = ["ab/cd/plain", "a b+c&d=e?f#g", "tilde~and%percent", "ünïcødé/名前", "x" * 300]
+
+
+def backend_at(endpoint: str, bucket: str = "b", **extra: Any) -> GcsBackend:
+    settings = settings_from_tree({"GoogleCloudStorage": {
+        "BucketName": bucket, "Endpoint": endpoint, "Project": "test", "ConnectTimeout": 1,
+        "RequestTimeout": 2, "MaxRetries": 0, **extra}})
+    assert settings.gcs is not None
+    return GcsBackend(settings.gcs)
+
+
+def crc32c(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+
+
+def get(backend: GcsBackend, key: str, path: Path, offset: int = 0,
+        length: int | None = None) -> bytes:
+    trio.run(backend.get, key, path, offset, length)
+    return path.read_bytes()
+
+
+def test_the_media_url_is_the_sdks() -> None:
+    backend = backend_at("http://127.0.0.1:9")
+    assert backend.direct is not None
+    for name in ODD_NAMES:
+        sdk_url = backend.bucket.blob(name)._get_download_url(backend.client)
+        assert sdk_url == f"http://127.0.0.1:9{backend.direct.target(name)}", name
+
+
+def test_no_direct_downloads_when_asked_or_behind_a_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backend_at("http://127.0.0.1:9", DirectRequests=False).direct is None
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert backend_at("http://127.0.0.1:9").direct is None
+
+
+def test_direct_downloads_serve_what_the_server_holds(fake_gcs: FakeGcsServer,
+                                                      tmp_path: Path) -> None:
+    bucket = fake_gcs.new_bucket("direct-downloads")
+    source = tmp_path / "source"
+    source.write_bytes(BODY)
+    for name in ODD_NAMES[:4]:
+        fake_gcs.raw_put(bucket, name, source)
+    backend = backend_at(fake_gcs.endpoint, bucket)
+    assert backend.direct is not None
+    sent: list[str] = []
+    exchange = backend.direct.exchange
+
+    def counted(method: str, target: str, *args: Any) -> Any:
+        sent.append(target)
+        return exchange(method, target, *args)
+
+    backend.direct.exchange = counted  # type: ignore[method-assign]
+    out = tmp_path / "out"
+    for name in ODD_NAMES[:4]:
+        assert get(backend, name, out) == BODY
+    assert get(backend, ODD_NAMES[0], out, 1000, 5000) == BODY[1000:6000]
+    assert get(backend, ODD_NAMES[0], out, len(BODY) - 10) == BODY[-10:]
+    assert get(backend, ODD_NAMES[0], out, len(BODY) + 10) == b""  # past the end
+    with pytest.raises(errors.NotFound):
+        get(backend, "no/such/object", out)
+    assert len(sent) == 8  # every one of them direct, none through the SDK
+    # Connections are kept: eight requests, one connection.
+    assert len(backend.direct._idle) == 1
+
+
+class Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers a media GET by the object's name; records (name, from the SDK) of each."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, bool]]
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
+        sdk = "x-goog-api-client" in self.headers
+        self.seen.append((name, sdk))
+        if name == "good":
+            self._send(200, BODY, x_goog_hash=f"crc32c={crc32c(BODY)},md5=AAAA")
+        elif name == "damaged":
+            self._send(200, BODY[:-1] + b"!", x_goog_hash=f"crc32c={crc32c(BODY)}")
+        elif name == "forbidden-direct":  # refused to objfs' request, served to the SDK's
+            if sdk:
+                self._send(200, BODY, x_goog_hash=f"crc32c={crc32c(BODY)}")
+            else:
+                self._send(403, b'{"error": {"code": 403, "message": "no"}}')
+        elif name == "missing":
+            self._send(404, b"No such object: b/missing")
+        elif name == "throttled":
+            self._send(429, b"slow down")
+        else:
+            self._send(503, b"backend error")
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, list[tuple[str, bool]]]]:
+    seen: list[tuple[str, bool]] = []
+    handler = type("Handler", (Scripted,), {"seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
+                             tmp_path: Path) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    out = tmp_path / "out"
+    assert get(backend, "good", out) == BODY
+    with pytest.raises(errors.Unavailable, match="CRC32C"):
+        get(backend, "damaged", out)
+    with pytest.raises(errors.NotFound):
+        get(backend, "missing", out)
+    with pytest.raises(errors.Throttled):
+        get(backend, "throttled", out)
+    with pytest.raises(errors.Unavailable):
+        get(backend, "failing", out)
+    assert [sdk for _, sdk in seen] == [False] * 5  # all direct, none sent again
+    seen.clear()
+    # A refusal the direct path does not handle goes to the SDK, which has the last word.
+    assert get(backend, "forbidden-direct", out) == BODY
+    assert seen[0] == ("forbidden-direct", False)
+    assert ("forbidden-direct", True) in seen[1:]
