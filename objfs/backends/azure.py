@@ -17,7 +17,9 @@ from azure.core import exceptions as ax
 from azure.storage.blob import BlobServiceClient, ContainerClient, LinearRetry, StandardBlobTier
 
 from objfs import errors
+from objfs.backends.azuredirect import DirectAzure, container_url
 from objfs.backends.base import ObjectInfo, ThreadedBackend
+from objfs.backends.kept import Fallback, proxied
 from objfs.config import AzureSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,23 @@ class AzureBackend(ThreadedBackend):
                                         credential=DefaultAzureCredential(), **options)
         self.service = service
         self.container: ContainerClient = service.get_container_client(cfg.container)
+        self.direct = self._direct_requests() if cfg.direct_requests else None
+
+    def _direct_requests(self) -> DirectAzure | None:
+        """Direct downloads from this container, on the SDK's URL and service version; None
+        without an account key (SAS, Entra ID) or behind an HTTP proxy."""
+        credential = self.service.credential
+        account = getattr(credential, "account_name", None)
+        key = getattr(credential, "account_key", None)
+        if not isinstance(account, str) or not isinstance(key, str):
+            return None
+        url = container_url(self.container.url)
+        if proxied(url[0], url[1]):
+            return None
+        client_cfg = self.cfg.client
+        return DirectAzure(url, account, key, self.service.api_version,
+                           client_cfg.connect_timeout, client_cfg.request_timeout,
+                           client_cfg.max_connections)
 
     def translate(self, exc: Exception, key: str, op: str) -> errors.ObjfsError:
         where = f"azure://{self.cfg.container}/{key}"
@@ -111,6 +130,13 @@ class AzureBackend(ThreadedBackend):
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:
             return 0
+        direct = self.direct
+        if direct is not None:
+            try:
+                return direct.get(key, out, offset, length)
+            except Fallback as exc:
+                log.info("azure://%s/%s: the direct download was refused (%s); through the "
+                         "SDK", self.cfg.container, key, exc)
         try:
             ranged = offset > 0 or length is not None
             # Blocks in parallel are written at their offsets: only into a seekable stream.
@@ -218,4 +244,6 @@ class AzureBackend(ThreadedBackend):
                                      f"{copy.status_description}")
 
     async def aclose(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
         self.service.close()

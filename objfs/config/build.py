@@ -233,7 +233,7 @@ def _azure(values: Mapping[str, Any]) -> AzureSettings:
         container=values["ContainerName"],
         create_container=values["CreateContainerIfNotExists"],
         access_tier=_enum_or_none(AzureAccessTier, values["AccessTier"]),
-        api_version=values["ApiVersion"],
+        api_version=values["ApiVersion"], direct_requests=values["DirectRequests"],
         client=_client(values))
 
 

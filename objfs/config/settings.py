@@ -109,6 +109,7 @@ class AzureSettings:
     create_container: bool
     access_tier: AzureAccessTier | None
     api_version: str | None
+    direct_requests: bool
     client: ClientSettings
 
 

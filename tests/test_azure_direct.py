@@ -1,0 +1,187 @@
+"""The Azure backend's direct downloads (objfs.backends.azuredirect): the URL is the SDK's,
+Azurite accepts their signature and serves what the SDK would, and every other kind of answer
+is mapped or left to the SDK, against a scripted HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from objfs import errors
+from objfs.backends.azure import AzureBackend
+from objfs.config import settings_from_tree
+from tests.support.emulators import AZ_ACCOUNT, AZ_KEY, AzuriteServer
+
+BODY = bytes(range(256)) * 2048  # 512 KiB
+ODD_NAMES = ["ab/cd/plain", "a b+c&d=e?f#g", "tilde~and%percent", "ünïcødé/名前", "x" * 300]
+
+
+def backend(connection_string: str, container: str = "c", **extra: Any) -> AzureBackend:
+    settings = settings_from_tree({"AzureBlobStorage": {
+        "ConnectionString": connection_string, "ContainerName": container,
+        "CreateContainerIfNotExists": False, "ConnectTimeout": 1, "RequestTimeout": 2,
+        "MaxRetries": 0, **extra}})
+    assert settings.azure is not None
+    return AzureBackend(settings.azure)
+
+
+def connection_string(endpoint: str, key: str = AZ_KEY) -> str:
+    return (f"DefaultEndpointsProtocol=http;AccountName={AZ_ACCOUNT};AccountKey={key};"
+            f"BlobEndpoint={endpoint};")
+
+
+def get(azure: AzureBackend, key: str, path: Path, offset: int = 0,
+        length: int | None = None) -> bytes:
+    trio.run(azure.get, key, path, offset, length)
+    return path.read_bytes()
+
+
+def test_the_blob_url_is_the_sdks() -> None:
+    azure = backend(connection_string(f"http://127.0.0.1:9/{AZ_ACCOUNT}"))
+    assert azure.direct is not None
+    for name in ODD_NAMES:
+        sdk_url = azure.container.get_blob_client(name).url
+        assert sdk_url == f"http://127.0.0.1:9{azure.direct.path(name)}", name
+
+
+def test_no_direct_downloads_without_an_account_key_when_asked_or_behind_a_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = f"http://127.0.0.1:9/{AZ_ACCOUNT}"
+    sas = f"BlobEndpoint={endpoint};SharedAccessSignature=sv=2021-08-06&sig=abc"
+    assert backend(sas).direct is None
+    assert backend(connection_string(endpoint), DirectRequests=False).direct is None
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert backend(connection_string(endpoint)).direct is None
+
+
+def test_direct_downloads_serve_what_azurite_holds(azurite: AzuriteServer,
+                                                   tmp_path: Path) -> None:
+    container = azurite.new_bucket("direct-downloads")
+    source = tmp_path / "source"
+    source.write_bytes(BODY)
+    for name in ODD_NAMES[:4]:
+        azurite.raw_put(container, name, source)
+    azure = backend(azurite.connection_string(), container)
+    assert azure.direct is not None
+    sent: list[str] = []
+    exchange = azure.direct.exchange
+
+    def counted(method: str, target: str, *args: Any) -> Any:
+        sent.append(target)
+        return exchange(method, target, *args)
+
+    azure.direct.exchange = counted  # type: ignore[method-assign]
+    out = tmp_path / "out"
+    for name in ODD_NAMES[:4]:
+        assert get(azure, name, out) == BODY
+    assert get(azure, ODD_NAMES[0], out, 1000, 5000) == BODY[1000:6000]
+    assert get(azure, ODD_NAMES[0], out, len(BODY) - 10) == BODY[-10:]
+    assert get(azure, ODD_NAMES[0], out, len(BODY) + 10) == b""  # past the end
+    with pytest.raises(errors.NotFound):
+        get(azure, "no/such/blob", out)
+    assert len(sent) == 8  # every one of them direct (signed as Azurite wants), none via the SDK
+    assert len(azure.direct._idle) == 1  # eight requests, one kept connection
+
+
+def test_a_wrong_key_is_refused_both_ways(azurite: AzuriteServer, tmp_path: Path) -> None:
+    """Azurite checks the signature: a direct request signed with another key is refused,
+    left to the SDK, refused again, and reported as a refusal."""
+    container = azurite.new_bucket("wrong-key")
+    source = tmp_path / "source"
+    source.write_bytes(b"x")
+    azurite.raw_put(container, "blob", source)
+    other_key = base64.b64encode(b"k" * 64).decode()
+    azure = backend(azurite.connection_string(other_key), container)
+    assert azure.direct is not None
+    with pytest.raises(errors.Denied):
+        get(azure, "blob", tmp_path / "out")
+
+
+class Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers a blob GET by its name; records (name, from the SDK) of each request."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, bool]]
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, length: int | None = None,
+              **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
+        sdk = "x-ms-client-request-id" in self.headers
+        self.seen.append((name, sdk))
+        if name == "good":
+            self._send(200, BODY)
+        elif name == "short":
+            self._send(200, BODY[:1000], length=len(BODY))
+            self.close_connection = True
+        elif name == "forbidden-direct":  # refused to objfs' request, served to the SDK's
+            if sdk:  # its first request asks for a range
+                self._send(206, BODY, x_ms_blob_type="BlockBlob",
+                           content_range=f"bytes 0-{len(BODY) - 1}/{len(BODY)}")
+            else:
+                self._send(403, b"", x_ms_error_code="AuthorizationFailure")
+        elif name == "missing":
+            self._send(404, b"", x_ms_error_code="BlobNotFound")
+        elif name == "no-container":
+            self._send(404, b"", x_ms_error_code="ContainerNotFound")
+        elif name == "busy":
+            self._send(503, b"", x_ms_error_code="ServerBusy")
+        else:
+            self._send(500, b"", x_ms_error_code="InternalError")
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, list[tuple[str, bool]]]]:
+    seen: list[tuple[str, bool]] = []
+    handler = type("Handler", (Scripted,), {"seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/{AZ_ACCOUNT}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
+                             tmp_path: Path) -> None:
+    endpoint, seen = scripted
+    azure = backend(connection_string(endpoint))
+    out = tmp_path / "out"
+    assert get(azure, "good", out) == BODY
+    with pytest.raises(errors.Unavailable, match="short read"):
+        get(azure, "short", out)
+    with pytest.raises(errors.NotFound):
+        get(azure, "missing", out)
+    with pytest.raises(errors.BucketMissing):
+        get(azure, "no-container", out)
+    with pytest.raises(errors.Throttled):
+        get(azure, "busy", out)
+    with pytest.raises(errors.Unavailable):
+        get(azure, "failing", out)
+    assert [sdk for _, sdk in seen] == [False] * 6  # all direct, none sent again
+    seen.clear()
+    # A refusal the direct path does not handle goes to the SDK, which has the last word.
+    assert get(azure, "forbidden-direct", out) == BODY
+    assert seen[0] == ("forbidden-direct", False)
+    assert ("forbidden-direct", True) in seen[1:]
