@@ -76,7 +76,7 @@ class AzureBackend(ThreadedBackend):
         if proxied(url[0], url[1]):
             return None
         client_cfg = self.cfg.client
-        return DirectAzure(url, account, key, self.service.api_version,
+        return DirectAzure(url, account, key, self.service.api_version, DOWNLOAD_CHUNK,
                            client_cfg.connect_timeout, client_cfg.request_timeout,
                            client_cfg.max_connections)
 
@@ -133,7 +133,9 @@ class AzureBackend(ThreadedBackend):
         direct = self.direct
         if direct is not None:
             try:
-                return direct.get(key, out, offset, length)
+                got = direct.get(key, out, offset, length)
+                if got is not None:
+                    return got
             except Fallback as exc:
                 log.info("azure://%s/%s: the direct download was refused (%s); through the "
                          "SDK", self.cfg.container, key, exc)
