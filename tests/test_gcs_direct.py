@@ -161,3 +161,16 @@ def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
     assert get(backend, "forbidden-direct", out) == BODY
     assert seen[0] == ("forbidden-direct", False)
     assert ("forbidden-direct", True) in seen[1:]
+
+
+def test_servers_are_verified_with_the_ca_bundle_requests_would_use(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from objfs.backends.kept import requests_ca_bundle
+
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    assert Path(requests_ca_bundle()).is_file()
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(tmp_path / "curl.pem"))
+    assert requests_ca_bundle() == str(tmp_path / "curl.pem")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "requests.pem"))
+    assert requests_ca_bundle() == str(tmp_path / "requests.pem")

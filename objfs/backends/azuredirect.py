@@ -32,7 +32,13 @@ from typing import IO
 from azure.core import exceptions as ax
 
 from objfs import azsign
-from objfs.backends.kept import ERROR_BODY_LIMIT, Fallback, KeptConnections, read_body
+from objfs.backends.kept import (
+    ERROR_BODY_LIMIT,
+    Fallback,
+    KeptConnections,
+    read_body,
+    requests_ca_bundle,
+)
 
 
 def container_url(url: str) -> tuple[str, str, int, str]:
@@ -52,7 +58,8 @@ class DirectAzure(KeptConnections):
         """`url`: from `container_url`; `account_key`: base64, from the connection string;
         `whole_limit`: the most bytes one direct download takes."""
         scheme, host, port, self.prefix = url
-        super().__init__(scheme, host, port, connect_timeout, read_timeout, None, pool_size)
+        super().__init__(scheme, host, port, connect_timeout, read_timeout,
+                         requests_ca_bundle(), pool_size)
         self.account = account
         self.account_key = account_key
         self.api_version = api_version

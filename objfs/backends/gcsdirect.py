@@ -32,6 +32,7 @@ from objfs.backends.kept import (
     KeptConnections,
     byte_range,
     read_body,
+    requests_ca_bundle,
 )
 
 SAMPLE_NAME = "objfs-sample-name"
@@ -66,7 +67,8 @@ class DirectGcs(KeptConnections):
         """`url`: from `media_url`; `credentials`: the SDK client's (google.auth), refreshed
         through `auth_request` (a google.auth transport request)."""
         scheme, host, port, self.prefix, self.query = url
-        super().__init__(scheme, host, port, connect_timeout, read_timeout, None, pool_size)
+        super().__init__(scheme, host, port, connect_timeout, read_timeout,
+                         requests_ca_bundle(), pool_size)
         self.credentials = credentials
         self.auth_request = auth_request
         # google.auth credentials are not documented as thread-safe: one refresh at a time.

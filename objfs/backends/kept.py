@@ -13,6 +13,7 @@ through its SDK, which has the last word.
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import ssl
 import threading
@@ -46,6 +47,15 @@ def byte_range(offset: int, length: int | None) -> str | None:
 def proxied(scheme: str, host: str) -> bool:
     """Whether the environment sends requests to `host` through a proxy."""
     return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
+
+
+def requests_ca_bundle() -> str:
+    """The CA bundle `requests` verifies servers with (the Azure and GCS SDKs' transport):
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` when set, else certifi's."""
+    from requests.utils import DEFAULT_CA_BUNDLE_PATH
+
+    return (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            or DEFAULT_CA_BUNDLE_PATH)
 
 
 def network_error(exc: BaseException, host: str) -> BaseException:
