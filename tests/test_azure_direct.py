@@ -5,8 +5,6 @@ is mapped or left to the SDK, against a scripted HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from objfs import errors
 from objfs.backends.azure import AzureBackend
 from objfs.config import settings_from_tree
 from tests.support.emulators import AZ_ACCOUNT, AZ_KEY, AzuriteServer
+from tests.support.scripted import Answering, counting, serving
 
 BODY = bytes(range(256)) * 2048  # 512 KiB
 ODD_NAMES = ["ab/cd/plain", "a b+c&d=e?f#g", "tilde~and%percent", "ünïcødé/名前", "x" * 300]
@@ -72,14 +71,7 @@ def test_direct_downloads_serve_what_azurite_holds(azurite: AzuriteServer,
         azurite.raw_put(container, name, source)
     azure = backend(azurite.connection_string(), container)
     assert azure.direct is not None
-    sent: list[str] = []
-    exchange = azure.direct.exchange
-
-    def counted(method: str, target: str, *args: Any) -> Any:
-        sent.append(target)
-        return exchange(method, target, *args)
-
-    azure.direct.exchange = counted  # type: ignore[method-assign]
+    sent = counting(azure.direct)
     out = tmp_path / "out"
     for name in ODD_NAMES[:4]:
         assert get(azure, name, out) == BODY
@@ -114,61 +106,37 @@ def test_a_wrong_key_is_refused_both_ways(azurite: AzuriteServer, tmp_path: Path
         get(azure, "blob", tmp_path / "out")
 
 
-class Scripted(http.server.BaseHTTPRequestHandler):
-    """Answers a blob GET by its name; records (name, from the SDK) of each request."""
-
-    protocol_version = "HTTP/1.1"
-    seen: list[tuple[str, bool]]
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, length: int | None = None,
-              **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.end_headers()
-        self.wfile.write(body)
+class Scripted(Answering):
+    """Answers a blob GET by its name."""
 
     def do_GET(self) -> None:
-        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
         sdk = "x-ms-client-request-id" in self.headers
-        self.seen.append((name, sdk))
+        name = self.note(sdk)
         if name == "good":
-            self._send(200, BODY)
+            self.send(200, BODY)
         elif name == "short":
-            self._send(200, BODY[:1000], length=len(BODY))
+            self.send(200, BODY[:1000], length=len(BODY))
             self.close_connection = True
         elif name == "forbidden-direct":  # refused to objfs' request, served to the SDK's
             if sdk:  # its first request asks for a range
-                self._send(206, BODY, x_ms_blob_type="BlockBlob",
-                           content_range=f"bytes 0-{len(BODY) - 1}/{len(BODY)}")
+                self.send(206, BODY, x_ms_blob_type="BlockBlob",
+                          content_range=f"bytes 0-{len(BODY) - 1}/{len(BODY)}")
             else:
-                self._send(403, b"", x_ms_error_code="AuthorizationFailure")
+                self.send(403, b"", x_ms_error_code="AuthorizationFailure")
         elif name == "missing":
-            self._send(404, b"", x_ms_error_code="BlobNotFound")
+            self.send(404, b"", x_ms_error_code="BlobNotFound")
         elif name == "no-container":
-            self._send(404, b"", x_ms_error_code="ContainerNotFound")
+            self.send(404, b"", x_ms_error_code="ContainerNotFound")
         elif name == "busy":
-            self._send(503, b"", x_ms_error_code="ServerBusy")
+            self.send(503, b"", x_ms_error_code="ServerBusy")
         else:
-            self._send(500, b"", x_ms_error_code="InternalError")
+            self.send(500, b"", x_ms_error_code="InternalError")
 
 
 @pytest.fixture
 def scripted() -> Iterator[tuple[str, list[tuple[str, bool]]]]:
-    seen: list[tuple[str, bool]] = []
-    handler = type("Handler", (Scripted,), {"seen": seen})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/{AZ_ACCOUNT}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Scripted) as (url, seen):
+        yield f"{url}/{AZ_ACCOUNT}", seen
 
 
 def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
@@ -193,3 +161,7 @@ def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
     assert get(azure, "forbidden-direct", out) == BODY
     assert seen[0] == ("forbidden-direct", False)
     assert ("forbidden-direct", True) in seen[1:]
+    assert azure.direct is not None
+    for _ in range(2):
+        assert get(azure, "forbidden-direct", out) == BODY
+    assert azure.direct is None  # three refusals in a row: the SDK's from now on

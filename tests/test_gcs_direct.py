@@ -5,8 +5,6 @@ mapped or left to the SDK, against a scripted HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from objfs import errors
 from objfs.backends.gcs import GcsBackend
 from objfs.config import settings_from_tree
 from tests.support.emulators import FakeGcsServer
+from tests.support.scripted import Answering, counting, serving
 
 BODY = bytes(range(256)) * 2048  # 512 KiB
 ODD_NAMES = ["ab/cd/plain", "a b+c&d=e?f#g", "tilde~and%percent", "ünïcødé/名前", "x" * 300]
@@ -68,14 +67,7 @@ def test_direct_downloads_serve_what_the_server_holds(fake_gcs: FakeGcsServer,
         fake_gcs.raw_put(bucket, name, source)
     backend = backend_at(fake_gcs.endpoint, bucket)
     assert backend.direct is not None
-    sent: list[str] = []
-    exchange = backend.direct.exchange
-
-    def counted(method: str, target: str, *args: Any) -> Any:
-        sent.append(target)
-        return exchange(method, target, *args)
-
-    backend.direct.exchange = counted  # type: ignore[method-assign]
+    sent = counting(backend.direct)
     out = tmp_path / "out"
     for name in ODD_NAMES[:4]:
         assert get(backend, name, out) == BODY
@@ -89,56 +81,33 @@ def test_direct_downloads_serve_what_the_server_holds(fake_gcs: FakeGcsServer,
     assert len(backend.direct._idle) == 1
 
 
-class Scripted(http.server.BaseHTTPRequestHandler):
-    """Answers a media GET by the object's name; records (name, from the SDK) of each."""
-
-    protocol_version = "HTTP/1.1"
-    seen: list[tuple[str, bool]]
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.end_headers()
-        self.wfile.write(body)
+class Scripted(Answering):
+    """Answers a media GET by the object's name."""
 
     def do_GET(self) -> None:
-        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
         sdk = "x-goog-api-client" in self.headers
-        self.seen.append((name, sdk))
+        name = self.note(sdk)
         if name == "good":
-            self._send(200, BODY, x_goog_hash=f"crc32c={crc32c(BODY)},md5=AAAA")
+            self.send(200, BODY, x_goog_hash=f"crc32c={crc32c(BODY)},md5=AAAA")
         elif name == "damaged":
-            self._send(200, BODY[:-1] + b"!", x_goog_hash=f"crc32c={crc32c(BODY)}")
+            self.send(200, BODY[:-1] + b"!", x_goog_hash=f"crc32c={crc32c(BODY)}")
         elif name == "forbidden-direct":  # refused to objfs' request, served to the SDK's
             if sdk:
-                self._send(200, BODY, x_goog_hash=f"crc32c={crc32c(BODY)}")
+                self.send(200, BODY, x_goog_hash=f"crc32c={crc32c(BODY)}")
             else:
-                self._send(403, b'{"error": {"code": 403, "message": "no"}}')
+                self.send(403, b'{"error": {"code": 403, "message": "no"}}')
         elif name == "missing":
-            self._send(404, b"No such object: b/missing")
+            self.send(404, b"No such object: b/missing")
         elif name == "throttled":
-            self._send(429, b"slow down")
+            self.send(429, b"slow down")
         else:
-            self._send(503, b"backend error")
+            self.send(503, b"backend error")
 
 
 @pytest.fixture
 def scripted() -> Iterator[tuple[str, list[tuple[str, bool]]]]:
-    seen: list[tuple[str, bool]] = []
-    handler = type("Handler", (Scripted,), {"seen": seen})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Scripted) as server:
+        yield server
 
 
 def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
@@ -161,6 +130,10 @@ def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
     assert get(backend, "forbidden-direct", out) == BODY
     assert seen[0] == ("forbidden-direct", False)
     assert ("forbidden-direct", True) in seen[1:]
+    assert backend.direct is not None
+    for _ in range(2):
+        assert get(backend, "forbidden-direct", out) == BODY
+    assert backend.direct is None  # three refusals in a row: the SDK's from now on
 
 
 def test_servers_are_verified_with_the_ca_bundle_requests_would_use(

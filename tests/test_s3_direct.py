@@ -27,6 +27,7 @@ from objfs.backends.s3 import S3Backend
 from objfs.backends.s3direct import bucket_url
 from objfs.config import settings_from_tree
 from tests.support.emulators import MotoServer
+from tests.support.scripted import serving
 
 BODY = bytes(range(256)) * 2048  # 512 KiB
 
@@ -156,18 +157,9 @@ PUTS: list[tuple[dict[str, str], bytes]] = []
 
 @pytest.fixture
 def scripted() -> Iterator[tuple[str, list[tuple[str, int, str]]]]:
-    seen: list[tuple[str, int, str]] = []
     PUTS.clear()
-    counter = iter(range(1, 1_000_000))
-    handler = type("Handler", (Scripted,), {"seen": seen, "puts": PUTS, "connections": counter})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Scripted, puts=PUTS, connections=iter(range(1, 1_000_000))) as server:
+        yield server
 
 
 async def test_answers_are_read_checked_and_connections_kept(

@@ -19,7 +19,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, LinearRetry, 
 from objfs import errors
 from objfs.backends.azuredirect import DirectAzure, container_url
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.kept import Fallback, proxied
+from objfs.backends.kept import DirectFirst, proxied
 from objfs.config import AzureSettings
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,12 @@ DOWNLOAD_CHUNK = 4 * 1024 * 1024
 COPY_POLL = 0.2
 
 
-class AzureBackend(ThreadedBackend):
+class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
     """Backend for one Azure Blob container."""
 
     name = "azure"
+    sdk_name = "azure-storage-blob"
+    direct_option = "AzureBlobStorage.DirectRequests"
 
     def __init__(self, cfg: AzureSettings) -> None:
         super().__init__(cfg.client.max_connections)
@@ -62,6 +64,7 @@ class AzureBackend(ThreadedBackend):
                                         credential=DefaultAzureCredential(), **options)
         self.service = service
         self.container: ContainerClient = service.get_container_client(cfg.container)
+        self.where = f"azure://{cfg.container}/"
         self.direct = self._direct_requests() if cfg.direct_requests else None
 
     def _direct_requests(self) -> DirectAzure | None:
@@ -130,15 +133,15 @@ class AzureBackend(ThreadedBackend):
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:
             return 0
-        direct = self.direct
-        if direct is not None:
-            try:
-                got = direct.get(key, out, offset, length)
-                if got is not None:
-                    return got
-            except Fallback as exc:
-                log.info("azure://%s/%s: the direct download was refused (%s); through the "
-                         "SDK", self.cfg.container, key, exc)
+
+        def direct_get(direct: DirectAzure) -> int:
+            got = direct.get(key, out, offset, length)
+            return self._sdk_get(key, out, offset, length) if got is None else got
+
+        return self._either("GET", key, direct_get,
+                            lambda: self._sdk_get(key, out, offset, length))
+
+    def _sdk_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         try:
             ranged = offset > 0 or length is not None
             # Blocks in parallel are written at their offsets: only into a seekable stream.

@@ -23,16 +23,18 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from objfs import errors
 from objfs.backends.base import ObjectInfo, ThreadedBackend
 from objfs.backends.gcsdirect import SAMPLE_NAME, DirectGcs, media_url
-from objfs.backends.kept import Fallback, proxied
+from objfs.backends.kept import DirectFirst, proxied
 from objfs.config import GcsSettings
 
 log = logging.getLogger(__name__)
 
 
-class GcsBackend(ThreadedBackend):
+class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
     """Backend for one Google Cloud Storage bucket."""
 
     name = "gcs"
+    sdk_name = "google-cloud-storage"
+    direct_option = "GoogleCloudStorage.DirectRequests"
 
     def __init__(self, cfg: GcsSettings) -> None:
         super().__init__(cfg.client.max_connections)
@@ -59,6 +61,7 @@ class GcsBackend(ThreadedBackend):
             * (client_cfg.max_retries + 1)
         self.retry: Retry | None = DEFAULT_RETRY.with_deadline(budget) \
             if client_cfg.max_retries else None
+        self.where = f"gs://{cfg.bucket}/"
         self.direct = self._direct_requests() if cfg.direct_requests else None
 
     def _direct_requests(self) -> DirectGcs | None:
@@ -116,13 +119,10 @@ class GcsBackend(ThreadedBackend):
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:
             return 0
-        direct = self.direct
-        if direct is not None:
-            try:
-                return direct.get(key, out, offset, length)
-            except Fallback as exc:
-                log.info("gs://%s/%s: the direct download was refused (%s); through the SDK",
-                         self.cfg.bucket, key, exc)
+        return self._either("GET", key, lambda d: d.get(key, out, offset, length),
+                            lambda: self._sdk_get(key, out, offset, length))
+
+    def _sdk_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         blob = self.bucket.blob(key)
         whole = offset == 0 and length is None
         end = None if length is None else offset + length - 1

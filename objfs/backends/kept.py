@@ -13,15 +13,18 @@ through its SDK, which has the last word.
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import socket
 import ssl
 import threading
 import urllib.request
 from collections.abc import Callable
-from typing import IO, TypeVar, cast
+from typing import IO, Generic, TypeVar, cast
 
 from objfs import errors
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -182,3 +185,51 @@ class KeptConnections:
                 else:
                     self._keep(connection)
         raise AssertionError("unreachable")
+
+
+# The SDK carrying out this many requests in a row that the direct path was refused ends the
+# direct path.
+DIRECT_GIVE_UP = 3
+D = TypeVar("D", bound=KeptConnections)
+
+
+class DirectFirst(Generic[D]):
+    """For a backend with a direct path: `direct` (None: every request through the SDK) and
+    `_either`, which tries it first. Subclasses set `direct`, and for the log name their SDK
+    and option (`sdk_name`, `direct_option`) and where their objects are (`where`, e.g.
+    ``s3://bucket/``)."""
+
+    direct: D | None = None
+    sdk_name = "the SDK"
+    direct_option = "DirectRequests"
+    where = ""
+    _discrepancies = 0
+
+    def _either(self, method: str, key: str, direct_call: Callable[[D], T],
+                sdk_call: Callable[[], T]) -> T:
+        """`direct_call` on the direct path, or `sdk_call` without one or when the direct
+        path left the request to the SDK (`Fallback`). When the SDK then carries out
+        DIRECT_GIVE_UP such requests in a row (a redirect to another region, an endpoint that
+        wants something else), every request goes through the SDK from then on. Worker
+        threads race on the count; a lost update only delays that."""
+        direct = self.direct
+        if direct is None:
+            return sdk_call()
+        try:
+            result = direct_call(direct)
+        except Fallback as refused:
+            result = sdk_call()
+            self._discrepancies += 1
+            log.info("%s: %s carried out a %s the direct path was refused (%s)",
+                     self.where + key, self.sdk_name, method, refused)
+            if self._discrepancies >= DIRECT_GIVE_UP and self.direct is direct:
+                self.direct = None
+                direct.close()
+                log.warning("%s carried out %d requests in a row that were refused to objfs' "
+                            "direct requests (last: %s of %s: %s); every request goes "
+                            "through %s from now on (set %s to false to skip the attempt at "
+                            "start)", self.sdk_name, self._discrepancies, method,
+                            self.where + key, refused, self.sdk_name, self.direct_option)
+            return result
+        self._discrepancies = 0
+        return result

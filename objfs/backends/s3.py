@@ -35,7 +35,8 @@ from botocore.config import Config
 
 from objfs import errors, sigv4
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.s3direct import DirectS3, Fallback, bucket_url, byte_range, proxied
+from objfs.backends.kept import DirectFirst
+from objfs.backends.s3direct import DirectS3, bucket_url, byte_range, proxied
 from objfs.config import S3Settings
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,6 @@ T = TypeVar("T")
 
 READ_CHUNK = 1024 * 1024
 PARTS_IN_FLIGHT = 4
-# botocore carrying out this many requests in a row that the direct path was refused ends
-# the direct path.
-DIRECT_GIVE_UP = 3
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 # What S3-compatible servers without DeleteObjects answer to it.
@@ -66,10 +64,12 @@ _TRANSIENT = {"RequestTimeout", "InternalError", "ServiceUnavailable", "500",
               "RequestTimeTooSkewed"}
 
 
-class S3Backend(ThreadedBackend):
+class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
     """Backend for one S3 bucket."""
 
     name = "s3"
+    sdk_name = "botocore"
+    direct_option = "AwsS3Storage.DirectRequests"
 
     def __init__(self, cfg: S3Settings) -> None:
         super().__init__(cfg.max_connections)
@@ -114,8 +114,8 @@ class S3Backend(ThreadedBackend):
         # The same as headers, for direct PUTs.
         self.put_headers = {header: str(self.extra[name]) for name, header in _PUT_HEADERS
                             if name in self.extra}
+        self.where = f"s3://{self.bucket}/"
         self.direct = self._direct_requests(core, session) if cfg.direct_requests else None
-        self._discrepancies = 0  # see `_either`
 
     def _direct_requests(self, core: botocore.session.Session,
                          session: boto3.session.Session) -> DirectS3 | None:
@@ -218,35 +218,6 @@ class S3Backend(ThreadedBackend):
                             lambda: int(self.client.head_object(
                                 Bucket=self.bucket, Key=key)["ContentLength"]))
         return ObjectInfo(key, size)
-
-    def _either(self, method: str, key: str, direct_call: Callable[[DirectS3], T],
-                botocore_call: Callable[[], T]) -> T:
-        """`direct_call` on the direct path, or `botocore_call` without one or when the direct
-        path left the request to botocore (`Fallback`). When botocore then carries out
-        DIRECT_GIVE_UP such requests in a row (a redirect to another region, an endpoint that
-        wants something else), every request goes through botocore from then on. Worker
-        threads race on the count; a lost update only delays that."""
-        direct = self.direct
-        if direct is None:
-            return botocore_call()
-        try:
-            result = direct_call(direct)
-        except Fallback as refused:
-            result = botocore_call()
-            self._discrepancies += 1
-            log.info("s3://%s/%s: botocore carried out a %s the direct path was refused (%s)",
-                     self.bucket, key, method, refused)
-            if self._discrepancies >= DIRECT_GIVE_UP and self.direct is direct:
-                self.direct = None
-                direct.close()
-                log.warning("S3: botocore carried out %d requests in a row that were refused "
-                            "to objfs' direct requests (last: %s of %s: %s); every request "
-                            "goes through botocore from now on (set "
-                            "AwsS3Storage.DirectRequests to false to skip the attempt at "
-                            "start)", self._discrepancies, method, key, refused)
-            return result
-        self._discrepancies = 0
-        return result
 
     def _delete_sync(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)

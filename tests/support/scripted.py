@@ -1,0 +1,68 @@
+"""A scripted HTTP server on 127.0.0.1 for the backends' direct-path tests: a handler class
+answers by the object's name, and records (name, whether the request came from the SDK)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class Answering(http.server.BaseHTTPRequestHandler):
+    """Base of a scripted handler: HTTP/1.1 (kept connections), quiet, `seen` filled by
+    `note`."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, bool]]
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def note(self, from_sdk: bool) -> str:
+        """Record this request; returns the object's name (the path's last segment)."""
+        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
+        self.seen.append((name, from_sdk))
+        return name
+
+    def send(self, status: int, body: bytes, length: int | None = None, **headers: str) -> None:
+        """Answer with `body` (announced as `length` bytes when given); header names with
+        ``_`` for ``-``."""
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler],
+            **attributes: Any) -> Iterator[tuple[str, list[Any]]]:
+    """Serve `handler` on a free port, given `attributes` and a new `seen` list as class
+    attributes: (``http://127.0.0.1:PORT``, `seen`, which the handler fills)."""
+    seen: list[Any] = []
+    bound = type("Handler", (handler,), {**attributes, "seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), bound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def counting(direct: Any) -> list[str]:
+    """Count the requests a backend's direct path sends: its `exchange` wrapped to note each
+    request's target in the list returned."""
+    sent: list[str] = []
+    exchange = direct.exchange
+
+    def counted(method: str, target: str, *args: Any) -> Any:
+        sent.append(target)
+        return exchange(method, target, *args)
+
+    direct.exchange = counted
+    return sent
