@@ -36,6 +36,8 @@ from objfs.backends.kept import (
     ERROR_BODY_LIMIT,
     Fallback,
     KeptConnections,
+    byte_range,
+    origin,
     read_body,
     requests_ca_bundle,
 )
@@ -43,10 +45,8 @@ from objfs.backends.kept import (
 
 def container_url(url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, path) of a container from the URL the SDK gives it."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme or "https"
-    port = parts.port or (443 if scheme == "https" else 80)
-    return scheme, parts.hostname or "", port, parts.path.rstrip("/")
+    scheme, host, port, path, _ = origin(url)
+    return scheme, host, port, path.rstrip("/")
 
 
 class DirectAzure(KeptConnections):
@@ -77,14 +77,15 @@ class DirectAzure(KeptConnections):
         TimeoutError."""
         whole = not offset and length is None
         if whole:
-            first, last = 0, self.whole_limit - 1
+            wanted = byte_range(0, self.whole_limit)
         elif length is not None and length <= self.whole_limit:
-            first, last = offset, offset + length - 1
+            wanted = byte_range(offset, length)
         else:
             return None
+        assert wanted is not None  # a length was given either way
         path = self.path(key)
         headers = {"x-ms-date": azsign.http_date(datetime.datetime.now(datetime.UTC)),
-                   "x-ms-version": self.api_version, "x-ms-range": f"bytes={first}-{last}"}
+                   "x-ms-version": self.api_version, "x-ms-range": wanted}
         headers["authorization"] = azsign.authorization("GET", path, headers, self.account,
                                                         self.account_key)
 

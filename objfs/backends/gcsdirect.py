@@ -31,6 +31,7 @@ from objfs.backends.kept import (
     Fallback,
     KeptConnections,
     byte_range,
+    origin,
     read_body,
     requests_ca_bundle,
 )
@@ -41,12 +42,10 @@ SAMPLE_NAME = "objfs-sample-name"
 def media_url(sample_url: str, sample_name: str = SAMPLE_NAME) -> tuple[str, str, int, str, str]:
     """(scheme, host, port, path before the object's name, query) from the media URL the SDK
     builds for the object `sample_name`. Raises ValueError for a URL that does not end in it."""
-    parts = urllib.parse.urlsplit(sample_url)
-    scheme = parts.scheme or "https"
-    if not parts.path.endswith("/" + urllib.parse.quote(sample_name, safe="")):
+    scheme, host, port, path, query = origin(sample_url)
+    if not path.endswith("/" + urllib.parse.quote(sample_name, safe="")):
         raise ValueError(f"{sample_url}: not the media URL of object {sample_name}")
-    port = parts.port or (443 if scheme == "https" else 80)
-    return (scheme, parts.hostname or "", port, parts.path[:-len(sample_name)], parts.query)
+    return scheme, host, port, path[:-len(sample_name)], query
 
 
 def checksum_of(header: str | None) -> bytes | None:

@@ -1,6 +1,6 @@
 """Requests over `http.client` on kept connections, for the backends' direct paths
-(`objfs.backends.s3direct`, `objfs.backends.gcsdirect`), which skip their SDK's request
-pipeline for the few requests a cold read or an upload makes.
+(`objfs.backends.s3direct`, `objfs.backends.azuredirect`, `objfs.backends.gcsdirect`), which
+skip their SDK's request pipeline for the few requests a cold read or an upload makes.
 
 `KeptConnections.exchange` sends one prepared request on an idle kept connection or a new one
 and hands the response to the caller's `answer`; the connection is kept only when the answer
@@ -18,6 +18,7 @@ import os
 import socket
 import ssl
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import IO, Generic, TypeVar, cast
@@ -37,6 +38,15 @@ _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
 
 class Fallback(Exception):
     """A request left to the SDK (nothing was written into the caller's stream)."""
+
+
+def origin(url: str) -> tuple[str, str, int, str, str]:
+    """(scheme, host, port, path, query) of a URL an SDK built; the port is the scheme's
+    default when the URL names none, the scheme https when it names none."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme or "https"
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, parts.hostname or "", port, parts.path, parts.query
 
 
 def byte_range(offset: int, length: int | None) -> str | None:

@@ -48,6 +48,7 @@ from objfs.backends.kept import (
     Fallback,
     KeptConnections,
     byte_range,
+    origin,
     proxied,
     read_body,
 )
@@ -64,13 +65,11 @@ _ERROR_TAG = re.compile(rb"<(Key|Code|Message)>([^<]*)</\1>")
 def bucket_url(object_url: str, key: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, path prefix) of a bucket from the URL botocore builds for its
     object `key` (virtual-hosted or path style, by botocore's own rules)."""
-    parts = urllib.parse.urlsplit(object_url)
-    scheme = parts.scheme or "https"
-    path = urllib.parse.unquote(parts.path)
+    scheme, host, port, quoted, _ = origin(object_url)
+    path = urllib.parse.unquote(quoted)
     if not path.endswith("/" + key):
         raise ValueError(f"{object_url}: not the URL of object {key}")
-    port = parts.port or (443 if scheme == "https" else 80)
-    return scheme, parts.hostname or "", port, path[:-len(key) - 1]
+    return scheme, host, port, path[:-len(key) - 1]
 
 
 class DirectS3(KeptConnections):
