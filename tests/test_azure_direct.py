@@ -16,10 +16,15 @@ from objfs import errors
 from objfs.backends.azure import AzureBackend
 from objfs.config import settings_from_tree
 from tests.support.emulators import AZ_ACCOUNT, AZ_KEY, AzuriteServer
-from tests.support.scripted import Answering, counting, serving
-
-BODY = bytes(range(256)) * 2048  # 512 KiB
-ODD_NAMES = ["ab/cd/plain", "a b+c&d=e?f#g", "tilde~and%percent", "ünïcødé/名前", "x" * 300]
+from tests.support.scripted import (
+    BODY,
+    ODD_NAMES,
+    Answering,
+    counting,
+    expect_answers,
+    expect_left_to_the_sdk,
+    serving,
+)
 
 
 def backend(connection_string: str, container: str = "c", **extra: Any) -> AzureBackend:
@@ -144,24 +149,13 @@ def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
     endpoint, seen = scripted
     azure = backend(connection_string(endpoint))
     out = tmp_path / "out"
-    assert get(azure, "good", out) == BODY
-    with pytest.raises(errors.Unavailable, match="short read"):
-        get(azure, "short", out)
-    with pytest.raises(errors.NotFound):
-        get(azure, "missing", out)
-    with pytest.raises(errors.BucketMissing):
-        get(azure, "no-container", out)
-    with pytest.raises(errors.Throttled):
-        get(azure, "busy", out)
-    with pytest.raises(errors.Unavailable):
-        get(azure, "failing", out)
-    assert [sdk for _, sdk in seen] == [False] * 6  # all direct, none sent again
-    seen.clear()
-    # A refusal the direct path does not handle goes to the SDK, which has the last word.
-    assert get(azure, "forbidden-direct", out) == BODY
-    assert seen[0] == ("forbidden-direct", False)
-    assert ("forbidden-direct", True) in seen[1:]
-    assert azure.direct is not None
-    for _ in range(2):
-        assert get(azure, "forbidden-direct", out) == BODY
-    assert azure.direct is None  # three refusals in a row: the SDK's from now on
+
+    def fetch(name: str) -> bytes:
+        return get(azure, name, out)
+
+    expect_answers(fetch, {"good": BODY, "short": (errors.Unavailable, "short read"),
+                           "missing": (errors.NotFound, None),
+                           "no-container": (errors.BucketMissing, None),
+                           "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},
+                   seen)
+    expect_left_to_the_sdk(fetch, azure, BODY, seen)

@@ -17,10 +17,15 @@ from objfs import errors
 from objfs.backends.gcs import GcsBackend
 from objfs.config import settings_from_tree
 from tests.support.emulators import FakeGcsServer
-from tests.support.scripted import Answering, counting, serving
-
-BODY = bytes(range(256)) * 2048  # 512 KiB
-ODD_NAMES = ["ab/cd/plain", "a b+c&d=e?f#g", "tilde~and%percent", "ünïcødé/名前", "x" * 300]
+from tests.support.scripted import (
+    BODY,
+    ODD_NAMES,
+    Answering,
+    counting,
+    expect_answers,
+    expect_left_to_the_sdk,
+    serving,
+)
 
 
 def backend_at(endpoint: str, bucket: str = "b", **extra: Any) -> GcsBackend:
@@ -115,25 +120,16 @@ def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
     endpoint, seen = scripted
     backend = backend_at(endpoint)
     out = tmp_path / "out"
-    assert get(backend, "good", out) == BODY
-    with pytest.raises(errors.Unavailable, match="CRC32C"):
-        get(backend, "damaged", out)
-    with pytest.raises(errors.NotFound):
-        get(backend, "missing", out)
-    with pytest.raises(errors.Throttled):
-        get(backend, "throttled", out)
-    with pytest.raises(errors.Unavailable):
-        get(backend, "failing", out)
-    assert [sdk for _, sdk in seen] == [False] * 5  # all direct, none sent again
-    seen.clear()
-    # A refusal the direct path does not handle goes to the SDK, which has the last word.
-    assert get(backend, "forbidden-direct", out) == BODY
-    assert seen[0] == ("forbidden-direct", False)
-    assert ("forbidden-direct", True) in seen[1:]
-    assert backend.direct is not None
-    for _ in range(2):
-        assert get(backend, "forbidden-direct", out) == BODY
-    assert backend.direct is None  # three refusals in a row: the SDK's from now on
+
+    def fetch(name: str) -> bytes:
+        return get(backend, name, out)
+
+    expect_answers(fetch, {"good": BODY, "damaged": (errors.Unavailable, "CRC32C"),
+                           "missing": (errors.NotFound, None),
+                           "throttled": (errors.Throttled, None),
+                           "failing": (errors.Unavailable, None)},
+                   seen)
+    expect_left_to_the_sdk(fetch, backend, BODY, seen)
 
 
 def test_servers_are_verified_with_the_ca_bundle_requests_would_use(

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import pytest
+
+# What the direct-path tests store and fetch: 512 KiB, and names that need quoting.
+BODY = bytes(range(256)) * 2048
+ODD_NAMES = ["ab/cd/plain", "a b+c&d=e?f#g", "tilde~and%percent", "ünïcødé/名前", "x" * 300]
 
 
 class Answering(http.server.BaseHTTPRequestHandler):
@@ -66,3 +72,35 @@ def counting(direct: Any) -> list[str]:
 
     direct.exchange = counted
     return sent
+
+
+# A name's bytes, or the error it raises and a pattern of its message (None: any).
+Expected = bytes | tuple[type[Exception], str | None]
+
+
+def expect_answers(fetch: Callable[[str], bytes], expected: dict[str, Expected],
+                   seen: list[tuple[str, bool]]) -> None:
+    """Fetch each name in turn: its bytes, or the (error, message pattern) it must raise;
+    every one of them sent direct and none again through the SDK. Empties `seen`."""
+    for name, want in expected.items():
+        if isinstance(want, bytes):
+            assert fetch(name) == want, name
+        else:
+            error, match = want
+            with pytest.raises(error, match=match):
+                fetch(name)
+    assert [sdk for _, sdk in seen] == [False] * len(expected)  # all direct, none sent again
+    seen.clear()
+
+
+def expect_left_to_the_sdk(fetch: Callable[[str], bytes], backend: Any, body: bytes,
+                           seen: list[tuple[str, bool]], name: str = "forbidden-direct") -> None:
+    """`name`, refused to the direct path and served to the SDK: the SDK has the last word,
+    and three such refusals in a row end the backend's direct path."""
+    assert fetch(name) == body
+    assert seen[0] == (name, False)
+    assert (name, True) in seen[1:]
+    assert backend.direct is not None
+    for _ in range(2):
+        assert fetch(name) == body
+    assert backend.direct is None  # three refusals in a row: the SDK's from now on
