@@ -6,10 +6,10 @@ its policies, `requests` and urllib3 and its response deserializer, all under th
 the event loop that answers Orthanc.
 
 Only what fits in the SDK's first request is downloaded directly (`whole_limit`, its 4 MiB
-first chunk): a larger blob, or a larger range, goes to the SDK, whose parallel ranged GETs
-suit it better, as before. A whole-blob download asks for that first chunk's range, as the SDK
-does; when the answer shows a larger blob it is dropped unread (the connection closed) and the
-SDK downloads the blob.
+first chunk): a larger blob, a larger range or a range open at its end goes to the SDK, whose
+parallel ranged GETs suit it better, as before. A whole-blob download asks for that first
+chunk's range, as the SDK does; when the answer shows a larger blob it is dropped unread (the
+connection closed) and the SDK downloads the blob.
 
 The contract is the SDK's: the same blob URL (the SDK's container URL, the name quoted as the
 SDK quotes it), the same service version, signed with the account key of the connection
