@@ -86,15 +86,21 @@ def test_direct_downloads_serve_what_azurite_holds(azurite: AzuriteServer,
         get(azure, "no/such/blob", out)
     assert len(sent) == 7  # every one of them direct (signed as Azurite wants)
     assert len(azure.direct._idle) == 1  # seven requests, one kept connection
-    # Ranges open at the end, and blobs larger than one direct download takes, are the SDK's
-    # (its parallel ranged GETs); a whole download that finds the blob larger drops the answer.
+    # Ranges open at the end, and blobs larger than the SDK's 4 MiB chunk (which it would
+    # fetch in parallel ranges), are one direct GET as well.
     assert get(azure, ODD_NAMES[0], out, len(BODY) - 10) == BODY[-10:]
-    assert len(sent) == 7
-    azure.direct.whole_limit = 64 * 1024
-    assert get(azure, ODD_NAMES[1], out) == BODY
-    assert get(azure, ODD_NAMES[1], out, 0, 64 * 1024 + 1) == BODY[:64 * 1024 + 1]
-    assert len(sent) == 8  # the whole download's first range, then the SDK
-    assert len(azure.direct._idle) == 0  # that answer was not read: its connection closed
+    assert get(azure, ODD_NAMES[0], out, len(BODY)) == b""
+    large = (BODY * (5 * 1024 * 1024 // len(BODY) + 1))[:5 * 1024 * 1024 + 7]
+    source.write_bytes(large)
+    azurite.raw_put(container, "large", source)
+    assert get(azure, "large", out) == large
+    assert get(azure, "large", out, 4 * 1024 * 1024 - 3, 1024 * 1024 + 5) == \
+        large[4 * 1024 * 1024 - 3:5 * 1024 * 1024 + 2]
+    source.write_bytes(b"")
+    azurite.raw_put(container, "empty", source)
+    assert get(azure, "empty", out) == b""
+    assert len(sent) == 12
+    assert len(azure.direct._idle) == 1
 
 
 def test_a_wrong_key_is_refused_both_ways(azurite: AzuriteServer, tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
         if proxied(url[0], url[1]):
             return None
         client_cfg = self.cfg.client
-        return DirectAzure(url, account, key, self.service.api_version, DOWNLOAD_CHUNK,
+        return DirectAzure(url, account, key, self.service.api_version,
                            client_cfg.connect_timeout, client_cfg.request_timeout,
                            client_cfg.max_connections)
 
@@ -134,11 +134,7 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
         if length == 0:
             return 0
 
-        def direct_get(direct: DirectAzure) -> int:
-            got = direct.get(key, out, offset, length)
-            return self._sdk_get(key, out, offset, length) if got is None else got
-
-        return self._either("GET", key, direct_get,
+        return self._either("GET", key, lambda d: d.get(key, out, offset, length),
                             lambda: self._sdk_get(key, out, offset, length))
 
     def _sdk_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:

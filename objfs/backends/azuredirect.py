@@ -3,13 +3,10 @@
 A 0.5 MB GET through `ContainerClient.download_blob` took 3.5 ms of client CPU against
 Azurite (300 in a row), against 1.5 ms for the S3 backend's direct GET: the SDK's downloader,
 its policies, `requests` and urllib3 and its response deserializer, all under the GIL beside
-the event loop that answers Orthanc.
-
-Only what fits in the SDK's first request is downloaded directly (`whole_limit`, its 4 MiB
-first chunk): a larger blob, a larger range or a range open at its end goes to the SDK, whose
-parallel ranged GETs suit it better, as before. A whole-blob download asks for that first
-chunk's range, as the SDK does; when the answer shows a larger blob it is dropped unread (the
-connection closed) and the SDK downloads the blob.
+the event loop that answers Orthanc. Larger blobs too: the SDK asks for the first 4 MiB, then
+the rest in 4 MiB ranges four at a time; one direct GET of a 31 or 79 MB blob took 3 to 7x less
+wall time and 3 to 8x less client CPU against Azurite. So every download is one GET, ranged
+only when a range is asked for, as the S3 and GCS backends' downloads are.
 
 The contract is the SDK's: the same blob URL (the SDK's container URL, the name quoted as the
 SDK quotes it), the same service version, signed with the account key of the connection
@@ -53,46 +50,36 @@ class DirectAzure(KeptConnections):
     """Downloads of one container's blobs over `http.client`; thread-safe."""
 
     def __init__(self, url: tuple[str, str, int, str], account: str, account_key: str,
-                 api_version: str, whole_limit: int, connect_timeout: float,
-                 read_timeout: float, pool_size: int) -> None:
-        """`url`: from `container_url`; `account_key`: base64, from the connection string;
-        `whole_limit`: the most bytes one direct download takes."""
+                 api_version: str, connect_timeout: float, read_timeout: float,
+                 pool_size: int) -> None:
+        """`url`: from `container_url`; `account_key`: base64, from the connection string."""
         scheme, host, port, self.prefix = url
         super().__init__(scheme, host, port, connect_timeout, read_timeout,
                          requests_ca_bundle(), pool_size)
         self.account = account
         self.account_key = account_key
         self.api_version = api_version
-        self.whole_limit = whole_limit
 
     def path(self, key: str) -> str:
         """The request path of blob `key`, quoted as the SDK quotes blob names."""
         return f"{self.prefix}/{urllib.parse.quote(key, safe='~/')}"
 
-    def get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int | None:
-        """Write the blob (or range) into `out`; returns the bytes received, 0 for a range
-        past the end (an empty blob too), None when it is larger than `whole_limit` (nothing
-        written: the SDK downloads it). Raises Fallback, azure.core's ResourceNotFoundError or
-        HttpResponseError (429, 5xx), Unavailable (a short answer), ConnectionError or
-        TimeoutError."""
-        whole = not offset and length is None
-        if whole:
-            wanted = byte_range(0, self.whole_limit)
-        elif length is not None and length <= self.whole_limit:
-            wanted = byte_range(offset, length)
-        else:
-            return None
-        assert wanted is not None  # a length was given either way
+    def get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
+        """Write the blob (or range: `length` None runs to its end) into `out`; returns the
+        bytes received, 0 for a range that starts past the end. Raises Fallback (nothing
+        written), azure.core's ResourceNotFoundError or HttpResponseError (429, 5xx),
+        Unavailable (a short answer), ConnectionError or TimeoutError."""
         path = self.path(key)
         headers = {"x-ms-date": azsign.http_date(datetime.datetime.now(datetime.UTC)),
-                   "x-ms-version": self.api_version, "x-ms-range": wanted}
+                   "x-ms-version": self.api_version}
+        wanted = byte_range(offset, length)
+        if wanted is not None:
+            headers["x-ms-range"] = wanted
         headers["authorization"] = azsign.authorization("GET", path, headers, self.account,
                                                         self.account_key)
 
-        def answer(response: http.client.HTTPResponse) -> int | None:
+        def answer(response: http.client.HTTPResponse) -> int:
             if response.status in (200, 206):
-                if whole and _total(response) > self.whole_limit:
-                    return None  # unread: the connection is closed, not kept
                 return read_body(response, out, key, self.host)
             if response.status == 416:
                 response.read(ERROR_BODY_LIMIT)
@@ -100,18 +87,6 @@ class DirectAzure(KeptConnections):
             raise _refused(response)
 
         return self.exchange("GET", path, headers, None, answer)
-
-
-def _total(response: http.client.HTTPResponse) -> int:
-    """The blob's size from a ranged answer's Content-Range (``bytes 0-9/1234``), or from its
-    length when the whole blob came. Raises Fallback for an answer without either."""
-    content_range = response.getheader("content-range") or ""
-    total = content_range.rpartition("/")[2]
-    if total.isdigit():
-        return int(total)
-    if response.status == 200 and response.length is not None:
-        return response.length
-    raise Fallback(f"a ranged answer without a usable Content-Range ({content_range!r})")
 
 
 def _refused(response: http.client.HTTPResponse) -> Exception:
