@@ -5,6 +5,7 @@ is mapped or left to the SDK, against a scripted HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,38 @@ def test_direct_downloads_serve_what_azurite_holds(azurite: AzuriteServer,
     assert len(azure.direct._idle) == 1
 
 
+def test_direct_uploads_store_what_the_sdk_would(azurite: AzuriteServer,
+                                                tmp_path: Path) -> None:
+    """Blobs up to ChunkSize go in one direct Put Blob (Azurite checks the signature and the
+    MD5) and come out as the SDK's do: same bytes, content type, MD5 and access tier; larger
+    ones are staged by the SDK."""
+    container = azurite.new_bucket("direct-uploads")
+    source = tmp_path / "source"
+    azure = backend(azurite.connection_string(), container, AccessTier="Cool", ChunkSize=5)
+    assert azure.direct is not None
+    sent = counting(azure.direct)
+    bodies = {name: BODY[:1000 * n] for n, name in enumerate(ODD_NAMES[:4])}  # one empty
+    for name, body in bodies.items():
+        source.write_bytes(body)
+        trio.run(azure.put, name, source)
+    assert len(sent) == 4
+    large = BODY * 10 + b"!"  # more than ChunkSize (5 MiB): the SDK's blocks
+    source.write_bytes(large)
+    trio.run(azure.put, "large", source)
+    assert len(sent) == 4
+    client = azurite.service().get_container_client(container)
+    for name, body in bodies.items():
+        assert bytes(client.download_blob(name).readall()) == body, name
+        props = client.get_blob_client(name).get_blob_properties()
+        assert props.content_settings.content_type == "application/octet-stream"
+        assert bytes(props.content_settings.content_md5) == hashlib.md5(body).digest()
+        assert props.blob_tier == "Cool"
+    assert bytes(client.download_blob("large").readall()) == large
+    source.write_bytes(b"replaced")
+    trio.run(azure.put, ODD_NAMES[0], source)  # an existing name is replaced
+    assert get(azure, ODD_NAMES[0], tmp_path / "out") == b"replaced"
+
+
 def test_a_wrong_key_is_refused_both_ways(azurite: AzuriteServer, tmp_path: Path) -> None:
     """Azurite checks the signature: a direct request signed with another key is refused,
     left to the SDK, refused again, and reported as a refusal."""
@@ -115,10 +148,28 @@ def test_a_wrong_key_is_refused_both_ways(azurite: AzuriteServer, tmp_path: Path
     assert azure.direct is not None
     with pytest.raises(errors.Denied):
         get(azure, "blob", tmp_path / "out")
+    with pytest.raises(errors.Denied):
+        trio.run(azure.put, "other", source)
 
 
 class Scripted(Answering):
-    """Answers a blob GET by its name."""
+    """Answers a blob GET or PUT by its name; keeps the headers and body of each direct PUT
+    it stores."""
+
+    stored: list[tuple[dict[str, str], bytes]]
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        sdk = "x-ms-client-request-id" in self.headers
+        name = self.note(sdk)
+        if name == "good" or (name == "forbidden-direct" and sdk):
+            if not sdk:
+                self.stored.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send(201, b"", content_md5=self.headers["content-md5"])
+        elif name == "forbidden-direct":
+            self.send(403, b"", x_ms_error_code="AuthorizationFailure")
+        else:
+            self.fail(name)
 
     def do_GET(self) -> None:
         sdk = "x-ms-client-request-id" in self.headers
@@ -134,7 +185,11 @@ class Scripted(Answering):
                           content_range=f"bytes 0-{len(BODY) - 1}/{len(BODY)}")
             else:
                 self.send(403, b"", x_ms_error_code="AuthorizationFailure")
-        elif name == "missing":
+        else:
+            self.fail(name)
+
+    def fail(self, name: str) -> None:
+        if name == "missing":
             self.send(404, b"", x_ms_error_code="BlobNotFound")
         elif name == "no-container":
             self.send(404, b"", x_ms_error_code="ContainerNotFound")
@@ -144,15 +199,19 @@ class Scripted(Answering):
             self.send(500, b"", x_ms_error_code="InternalError")
 
 
+# (endpoint, the requests seen, the direct PUTs stored)
+Script = tuple[str, list[tuple[str, bool]], list[tuple[dict[str, str], bytes]]]
+
+
 @pytest.fixture
-def scripted() -> Iterator[tuple[str, list[tuple[str, bool]]]]:
-    with serving(Scripted) as (url, seen):
-        yield f"{url}/{AZ_ACCOUNT}", seen
+def scripted() -> Iterator[Script]:
+    stored: list[tuple[dict[str, str], bytes]] = []
+    with serving(Scripted, stored=stored) as (url, seen):
+        yield f"{url}/{AZ_ACCOUNT}", seen, stored
 
 
-def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
-                             tmp_path: Path) -> None:
-    endpoint, seen = scripted
+def test_each_kind_of_answer(scripted: Script, tmp_path: Path) -> None:
+    endpoint, seen, _ = scripted
     azure = backend(connection_string(endpoint))
     out = tmp_path / "out"
 
@@ -165,3 +224,26 @@ def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
                            "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},
                    seen)
     expect_left_to_the_sdk(fetch, azure, BODY, seen)
+
+
+def test_each_kind_of_answer_to_an_upload(scripted: Script, tmp_path: Path) -> None:
+    endpoint, seen, stored = scripted
+    azure = backend(connection_string(endpoint), AccessTier="Hot")
+    assert azure.direct is not None
+    source = tmp_path / "source"
+    source.write_bytes(BODY)
+
+    def store(name: str) -> bytes:
+        trio.run(azure.put, name, source)
+        return BODY
+
+    expect_answers(store, {"good": BODY, "missing": (errors.NotFound, None),
+                           "no-container": (errors.BucketMissing, None),
+                           "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},
+                   seen)
+    headers, body = stored[0]
+    assert body == BODY
+    assert headers["content-md5"] == base64.b64encode(hashlib.md5(BODY).digest()).decode()
+    assert (headers["content-type"], headers["x-ms-blob-type"], headers["x-ms-access-tier"]) \
+        == ("application/octet-stream", "BlockBlob", "Hot")
+    expect_left_to_the_sdk(store, azure, BODY, seen)

@@ -8,6 +8,7 @@ replace the SDK's defaults, which can block for minutes on a refused connection.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -126,9 +127,20 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
 
     def _put_sync(self, key: str, path: Path) -> None:
         with open(path, "rb") as body:
-            self.container.upload_blob(key, body, length=path.stat().st_size, overwrite=True,
-                                       validate_content=True, max_concurrency=PARALLEL_BLOCKS,
-                                       standard_blob_tier=self._tier)
+            size = os.fstat(body.fileno()).st_size
+
+            def through_the_sdk() -> None:
+                body.seek(0)  # the direct attempt may have read it
+                self.container.upload_blob(key, body, length=size, overwrite=True,
+                                           validate_content=True,
+                                           max_concurrency=PARALLEL_BLOCKS,
+                                           standard_blob_tier=self._tier)
+
+            if size > self.cfg.client.chunk_size:
+                through_the_sdk()  # blocks staged in parallel
+                return
+            tier = None if self._tier is None else self._tier.value
+            self._either("PUT", key, lambda d: d.put(key, body, size, tier), through_the_sdk)
 
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:

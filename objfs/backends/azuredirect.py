@@ -1,4 +1,5 @@
-"""The Azure backend's downloads without azure-storage-blob's request pipeline.
+"""The Azure backend's downloads and single-request uploads without azure-storage-blob's
+request pipeline.
 
 A 0.5 MB GET through `ContainerClient.download_blob` took 3.5 ms of client CPU against
 Azurite (300 in a row), against 1.5 ms for the S3 backend's direct GET: the SDK's downloader,
@@ -8,6 +9,12 @@ the rest in 4 MiB ranges four at a time; one direct GET of a 31 or 79 MB blob to
 wall time and 3 to 8x less client CPU against Azurite. So every download is one GET, ranged
 only when a range is asked for, as the S3 and GCS backends' downloads are.
 
+A blob up to `ChunkSize` is stored by one Put Blob: 4.5 to 4.7 ms of client CPU per 0.5 MB
+through `upload_blob`, 1.8 to 2.2 direct (its MD5 0.8 of that), 200 in a row against Azurite.
+The request carries what the SDK's does: the block blob type, `application/octet-stream`, the
+body's MD5 (`validate_content`, which the service checks) and the access tier when one is set.
+Larger blobs stay with the SDK (blocks staged in parallel).
+
 The contract is the SDK's: the same blob URL (the SDK's container URL, the name quoted as the
 SDK quotes it), the same service version, signed with the account key of the connection
 string (`objfs.azsign`, checked against the SDK's policy); only for a Shared Key credential
@@ -15,21 +22,25 @@ string (`objfs.azsign`, checked against the SDK's policy); only for a Shared Key
 checked against a stored MD5; its length is. 404, 429 and server errors raise the
 `azure.core` exceptions the SDK raises, with the service's error code, so
 `AzureBackend.translate` maps both paths alike; any other answer (403, redirects, 400) is left
-to the SDK (`Fallback`, before anything was written), which has the last word. It is not used
-behind an HTTP proxy.
+to the SDK (`Fallback`, before anything was written), which has the last word, as is an
+upload whose fresh connection was reset while its body went out. It is not used behind an
+HTTP proxy.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import http.client
 import urllib.parse
+from base64 import b64encode
 from typing import IO
 
 from azure.core import exceptions as ax
 
 from objfs import azsign
 from objfs.backends.kept import (
+    BUFFER,
     ERROR_BODY_LIMIT,
     Fallback,
     KeptConnections,
@@ -47,7 +58,8 @@ def container_url(url: str) -> tuple[str, str, int, str]:
 
 
 class DirectAzure(KeptConnections):
-    """Downloads of one container's blobs over `http.client`; thread-safe."""
+    """Downloads and single-request uploads of one container's blobs over `http.client`;
+    thread-safe."""
 
     def __init__(self, url: tuple[str, str, int, str], account: str, account_key: str,
                  api_version: str, connect_timeout: float, read_timeout: float,
@@ -69,14 +81,9 @@ class DirectAzure(KeptConnections):
         bytes received, 0 for a range that starts past the end. Raises Fallback (nothing
         written), azure.core's ResourceNotFoundError or HttpResponseError (429, 5xx),
         Unavailable (a short answer), ConnectionError or TimeoutError."""
-        path = self.path(key)
-        headers = {"x-ms-date": azsign.http_date(datetime.datetime.now(datetime.UTC)),
-                   "x-ms-version": self.api_version}
         wanted = byte_range(offset, length)
-        if wanted is not None:
-            headers["x-ms-range"] = wanted
-        headers["authorization"] = azsign.authorization("GET", path, headers, self.account,
-                                                        self.account_key)
+        path, headers = self._signed("GET", key, {} if wanted is None else
+                                     {"x-ms-range": wanted})
 
         def answer(response: http.client.HTTPResponse) -> int:
             if response.status in (200, 206):
@@ -87,6 +94,37 @@ class DirectAzure(KeptConnections):
             raise _refused(response)
 
         return self.exchange("GET", path, headers, None, answer)
+
+    def put(self, key: str, body: IO[bytes], size: int, tier: str | None) -> None:
+        """Store `size` bytes of `body` (a file at offset 0) as block blob `key` in one Put
+        Blob, replacing any blob of that name, in access `tier` when given. Raises Fallback
+        (`body` may have been read), azure.core's ResourceNotFoundError or HttpResponseError
+        (429, 5xx), ConnectionError or TimeoutError."""
+        md5 = hashlib.md5()
+        while chunk := body.read(BUFFER):
+            md5.update(chunk)
+        extra = {"content-length": str(size), "content-md5": b64encode(md5.digest()).decode(),
+                 "content-type": "application/octet-stream", "x-ms-blob-type": "BlockBlob"}
+        if tier is not None:
+            extra["x-ms-access-tier"] = tier
+        path, headers = self._signed("PUT", key, extra)
+
+        def answer(response: http.client.HTTPResponse) -> None:
+            if response.status != 201:
+                raise _refused(response)
+            response.read()
+
+        self.exchange("PUT", path, headers, (body, size), answer)
+
+    def _signed(self, method: str, key: str, extra: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """The request path of blob `key` and its headers (`extra`, lower-case names, with
+        the date, the service version and the Shared Key authorization)."""
+        path = self.path(key)
+        headers = {**extra, "x-ms-date": azsign.http_date(datetime.datetime.now(datetime.UTC)),
+                   "x-ms-version": self.api_version}
+        headers["authorization"] = azsign.authorization(method, path, headers, self.account,
+                                                        self.account_key)
+        return path, headers
 
 
 def _refused(response: http.client.HTTPResponse) -> Exception:

@@ -233,8 +233,9 @@ AZURE_OPTIONS: dict[str, Option] = {
                          "Pin the service API version: emulators, Azure Stack (objfs only).",
                          "the SDK's"),
     "DirectRequests": Option((bool,), True, None,
-                             "Downloads signed with the connection string's account key and "
-                             "sent over `http.client`, without the SDK's request pipeline "
+                             "Downloads and single Put Blob uploads signed with the "
+                             "connection string's account key and sent over `http.client`, "
+                             "without the SDK's request pipeline "
                              "(objfs only; not with SAS or Entra ID, not behind an HTTP "
                              "proxy); `false`: through azure-storage-blob like every other "
                              "request."),
