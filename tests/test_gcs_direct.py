@@ -1,10 +1,13 @@
-"""The GCS backend's direct downloads (objfs.backends.gcsdirect): the URL is the SDK's, they
-serve what the SDK would against fake-gcs-server, and every other kind of answer is checked,
-mapped or left to the SDK, against a scripted HTTP server on 127.0.0.1."""
+"""The GCS backend's direct downloads and uploads (objfs.backends.gcsdirect): the URLs are the
+SDK's, they serve and store what the SDK would against fake-gcs-server, and every other kind
+of answer is checked, mapped or left to the SDK, against a scripted HTTP server on
+127.0.0.1."""
 
 from __future__ import annotations
 
 import base64
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,8 +89,57 @@ def test_direct_downloads_serve_what_the_server_holds(fake_gcs: FakeGcsServer,
     assert len(backend.direct._idle) == 1
 
 
+def test_direct_uploads_store_what_the_sdk_would(fake_gcs: FakeGcsServer,
+                                                tmp_path: Path) -> None:
+    """Objects up to ChunkSize go in one direct multipart upload and come out as the SDK's
+    do: same bytes, CRC32C and storage class; larger ones are the SDK's resumable uploads."""
+    bucket = fake_gcs.new_bucket("direct-uploads")
+    backend = backend_at(fake_gcs.endpoint, bucket, StorageClass="NEARLINE", ChunkSize=5)
+    assert backend.direct is not None
+    sent = counting(backend.direct)
+    source = tmp_path / "source"
+    bodies = {name: BODY[:1000 * n] for n, name in enumerate(ODD_NAMES[:4])}  # one empty
+    for name, body in bodies.items():
+        source.write_bytes(body)
+        trio.run(backend.put, name, source)
+    assert len(sent) == 4
+    large = BODY * 10 + b"!"  # more than ChunkSize (5 MiB): the SDK's resumable upload
+    source.write_bytes(large)
+    trio.run(backend.put, "large", source)
+    assert len(sent) == 4
+    for name, body in {**bodies, "large": large}.items():
+        stored = backend.bucket.get_blob(name)
+        assert (stored.crc32c, stored.storage_class) == (crc32c(body), "NEARLINE"), name
+        assert stored.download_as_bytes() == body, name
+    source.write_bytes(b"replaced")
+    trio.run(backend.put, ODD_NAMES[0], source)  # an existing name is replaced
+    assert get(backend, ODD_NAMES[0], tmp_path / "out") == b"replaced"
+
+
 class Scripted(Answering):
-    """Answers a media GET by the object's name."""
+    """Answers a media GET or a multipart upload by the object's name; keeps the target,
+    headers and body of each upload."""
+
+    uploads: list[tuple[str, dict[str, str], bytes]]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        sdk = "x-goog-api-client" in self.headers
+        found = re.search(rb"\r\n\r\n(\{.*?\})\r\n", body)
+        name = json.loads(found.group(1))["name"] if found else ""
+        self.seen.append((name, sdk))
+        self.uploads.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        answer = json.dumps({"name": name, "bucket": "b", "size": "0"}).encode()
+        if name == "good" or (name == "forbidden-direct" and sdk):
+            self.send(200, answer, content_type="application/json")
+        elif name == "forbidden-direct":
+            self.send(403, b'{"error": {"code": 403, "message": "no"}}')
+        elif name == "missing":
+            self.send(404, b"Not Found: bucket b")
+        elif name == "throttled":
+            self.send(429, b"slow down")
+        else:
+            self.send(503, b"backend error")
 
     def do_GET(self) -> None:
         sdk = "x-goog-api-client" in self.headers
@@ -109,15 +161,19 @@ class Scripted(Answering):
             self.send(503, b"backend error")
 
 
+# (endpoint, the requests seen, the uploads received)
+Script = tuple[str, list[tuple[str, bool]], list[tuple[str, dict[str, str], bytes]]]
+
+
 @pytest.fixture
-def scripted() -> Iterator[tuple[str, list[tuple[str, bool]]]]:
-    with serving(Scripted) as server:
-        yield server
+def scripted() -> Iterator[Script]:
+    uploads: list[tuple[str, dict[str, str], bytes]] = []
+    with serving(Scripted, uploads=uploads) as (url, seen):
+        yield url, seen, uploads
 
 
-def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
-                             tmp_path: Path) -> None:
-    endpoint, seen = scripted
+def test_each_kind_of_answer(scripted: Script, tmp_path: Path) -> None:
+    endpoint, seen, _ = scripted
     backend = backend_at(endpoint)
     out = tmp_path / "out"
 
@@ -130,6 +186,32 @@ def test_each_kind_of_answer(scripted: tuple[str, list[tuple[str, bool]]],
                            "failing": (errors.Unavailable, None)},
                    seen)
     expect_left_to_the_sdk(fetch, backend, BODY, seen)
+
+
+def test_each_kind_of_answer_to_an_upload(scripted: Script, tmp_path: Path) -> None:
+    endpoint, seen, uploads = scripted
+    backend = backend_at(endpoint, StorageClass="COLDLINE")
+    source = tmp_path / "source"
+    source.write_bytes(BODY)
+
+    def store(name: str) -> bytes:
+        trio.run(backend.put, name, source)
+        return BODY
+
+    expect_answers(store, {"good": BODY, "missing": (errors.BucketMissing, None),
+                           "throttled": (errors.Throttled, None),
+                           "failing": (errors.Unavailable, None)},
+                   seen)
+    target, headers, body = uploads[0]
+    boundary = re.fullmatch(r'multipart/related; boundary="(.+)"', headers["content-type"])
+    assert boundary is not None
+    head, _, rest = body.partition(b"\r\n\r\n" + BODY)
+    assert rest == f"\r\n--{boundary.group(1)}--".encode()
+    assert json.loads(head.split(b"\r\n\r\n")[1].split(b"\r\n")[0]) == {
+        "name": "good", "storageClass": "COLDLINE", "crc32c": crc32c(BODY)}
+    expect_left_to_the_sdk(store, backend, BODY, seen)
+    sdk_target = next(t for t, h, _ in uploads if "x-goog-api-client" in h)
+    assert target == sdk_target  # the SDK's own upload URL
 
 
 def test_servers_are_verified_with_the_ca_bundle_requests_would_use(

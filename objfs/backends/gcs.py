@@ -9,6 +9,7 @@ SDK's 120 s.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,11 +19,12 @@ from google.api_core import exceptions as gx
 from google.api_core.retry import Retry
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
+from google.cloud.storage import blob as gcs_blob
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from objfs import errors
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.gcsdirect import SAMPLE_NAME, DirectGcs, media_url
+from objfs.backends.gcsdirect import SAMPLE_NAME, DirectGcs, media_url, upload_target
 from objfs.backends.kept import DirectFirst, proxied
 from objfs.config import GcsSettings
 
@@ -78,8 +80,18 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
         credentials = getattr(self.client, "_credentials", None)  # the client's, scoped
         if credentials is None or proxied(url[0], url[1]):
             return None
+        try:
+            # The SDK's own URL for a multipart upload, built as `Blob` builds it.
+            upload: str | None = upload_target(gcs_blob._MULTIPART_URL_TEMPLATE.format(
+                hostname=gcs_blob._get_host_name(self.client._connection),
+                bucket_path=self.bucket.path, api_version=gcs_blob._API_VERSION),
+                url[0], url[1], url[2])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("GCS uploads go through google-cloud-storage: cannot build its upload "
+                        "URL (%s)", exc)
+            upload = None
         client_cfg = self.cfg.client
-        return DirectGcs(url, credentials,
+        return DirectGcs(url, upload, credentials,
                          google.auth.transport.requests.Request(), client_cfg.connect_timeout,
                          client_cfg.request_timeout, client_cfg.max_connections)
 
@@ -108,13 +120,24 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
         return errors.BackendError(f"{where}: {exc!r}")
 
     def _put_sync(self, key: str, path: Path) -> None:
-        size = path.stat().st_size
-        chunk = self.cfg.client.chunk_size if size > self.cfg.client.chunk_size else None
-        blob = self.bucket.blob(key, chunk_size=chunk)
-        if self.cfg.storage_class:
-            blob.storage_class = self.cfg.storage_class
-        blob.upload_from_filename(str(path), checksum="crc32c", timeout=self.timeout,
-                                  retry=self.retry)
+        with open(path, "rb") as body:
+            size = os.fstat(body.fileno()).st_size
+            chunk = self.cfg.client.chunk_size if size > self.cfg.client.chunk_size else None
+
+            def through_the_sdk() -> None:
+                body.seek(0)  # the direct attempt may have read it
+                blob = self.bucket.blob(key, chunk_size=chunk)
+                if self.cfg.storage_class:
+                    blob.storage_class = self.cfg.storage_class
+                blob.upload_from_file(body, size=size, checksum="crc32c", timeout=self.timeout,
+                                      retry=self.retry)
+
+            if chunk is not None:
+                through_the_sdk()  # a resumable upload in ChunkSize pieces
+                return
+            self._either("PUT", key,
+                         lambda d: d.put(key, body, size, self.cfg.storage_class),
+                         through_the_sdk)
 
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:

@@ -1,32 +1,46 @@
-"""The GCS backend's downloads without google-cloud-storage's request pipeline.
+"""The GCS backend's downloads and single-request uploads without google-cloud-storage's
+request pipeline.
 
 A 0.5 MB GET through `Blob.download_to_file` took 3.0 ms of client CPU against
 fake-gcs-server (300 in a row), against 1.5 ms for the S3 backend's direct GET: the SDK's
 download object, `requests` and urllib3, its retry and checksum wrappers, all under the GIL
-beside the event loop that answers Orthanc.
+beside the event loop that answers Orthanc. A 0.5 MB upload through `upload_from_filename`
+took 2.7 to 3.3 ms (200 in a row), 0.6 to 0.8 ms direct.
+
+Objects up to `ChunkSize` are uploaded as the SDK uploads them: one multipart upload on the
+SDK's upload URL (its own template and host), the object's metadata (name, CRC32C, storage
+class) in JSON, then the bytes, which the service checks against that CRC32C; the body is
+streamed from the file (the SDK reads it into memory). Larger objects stay with the SDK
+(resumable uploads).
 
 The contract is the SDK's: the same media URL (the SDK builds it, once, for a sample name), the
 same credentials (their `before_request` adds the token and refreshes it as the SDK would), the
-same `accept-encoding: gzip` (bytes as stored, never transcoded), the same timeouts; a whole
-object's CRC32C from `x-goog-hash` is checked, as the SDK checks it. 404, 429 and server errors
-raise the `google.api_core` exceptions the SDK raises, so `GcsBackend.translate` maps both
-paths alike; any other answer (401, 403, redirects, 400) is left to the SDK (`Fallback`, before
-anything was written), which has the last word. It is not used behind an HTTP proxy.
+same `accept-encoding: gzip` on downloads (bytes as stored, never transcoded), the same
+timeouts; a whole object's CRC32C from `x-goog-hash` is checked, as the SDK checks it. 404,
+429 and server errors raise the `google.api_core` exceptions the SDK raises, so
+`GcsBackend.translate` maps both paths alike; any other answer (401, 403, redirects, 400) is
+left to the SDK (`Fallback`, before anything was written), which has the last word, as is an
+upload whose fresh connection was reset while its body went out. It is not used behind an
+HTTP proxy.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
+import json
 import threading
 import urllib.parse
-from base64 import b64decode
-from typing import IO, Any
+import uuid
+from base64 import b64decode, b64encode
+from typing import IO, Any, cast
 
 import google_crc32c
 from google.api_core import exceptions as gx
 
 from objfs import errors
 from objfs.backends.kept import (
+    BUFFER,
     ERROR_BODY_LIMIT,
     Fallback,
     KeptConnections,
@@ -57,15 +71,59 @@ def checksum_of(header: str | None) -> bytes | None:
     return None
 
 
-class DirectGcs(KeptConnections):
-    """Media downloads of one bucket's objects over `http.client`; thread-safe."""
+def upload_target(upload_url: str, scheme: str, host: str, port: int) -> str:
+    """The request target (path and query) of the SDK's multipart upload URL, which must
+    be on the server (`scheme`, `host`, `port`) of its media URL. Raises ValueError."""
+    found = origin(upload_url)
+    if found[:3] != (scheme, host, port):
+        raise ValueError(f"{upload_url}: not on the server of the media URL")
+    return f"{found[3]}?{found[4]}" if found[4] else found[3]
 
-    def __init__(self, url: tuple[str, str, int, str, str], credentials: Any,
-                 auth_request: Any, connect_timeout: float, read_timeout: float,
-                 pool_size: int) -> None:
-        """`url`: from `media_url`; `credentials`: the SDK client's (google.auth), refreshed
-        through `auth_request` (a google.auth transport request)."""
+
+class Concatenated(io.RawIOBase):
+    """`head`, then the file `body` from its start, then `tail`, as one stream that can be
+    read again from offset 0 (`seek(0)`, as a request body is when it is sent again)."""
+
+    def __init__(self, head: bytes, body: IO[bytes], tail: bytes) -> None:
+        super().__init__()
+        self._parts: list[IO[bytes]] = [io.BytesIO(head), body, io.BytesIO(tail)]
+        self._current = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if (offset, whence) != (0, io.SEEK_SET):
+            raise io.UnsupportedOperation("only a seek to the start")
+        for part in self._parts:
+            part.seek(0)
+        self._current = 0
+        return 0
+
+    def readinto(self, buffer: Any) -> int:
+        while self._current < len(self._parts):
+            got = self._parts[self._current].readinto(buffer)  # type: ignore[attr-defined]
+            if got:
+                return int(got)
+            self._current += 1
+        return 0
+
+
+class DirectGcs(KeptConnections):
+    """Media downloads and multipart uploads of one bucket's objects over `http.client`;
+    thread-safe."""
+
+    def __init__(self, url: tuple[str, str, int, str, str], upload: str | None,
+                 credentials: Any, auth_request: Any, connect_timeout: float,
+                 read_timeout: float, pool_size: int) -> None:
+        """`url`: from `media_url`; `upload`: from `upload_target` (None: uploads are the
+        SDK's); `credentials`: the SDK client's (google.auth), refreshed through
+        `auth_request` (a google.auth transport request)."""
         scheme, host, port, self.prefix, self.query = url
+        self.upload = upload
         super().__init__(scheme, host, port, connect_timeout, read_timeout,
                          requests_ca_bundle(), pool_size)
         self.credentials = credentials
@@ -87,10 +145,7 @@ class DirectGcs(KeptConnections):
         headers = {"accept-encoding": "gzip"}
         if wanted is not None:
             headers["range"] = wanted
-        with self._auth_lock:
-            self.credentials.before_request(self.auth_request, "GET",
-                                            f"{self.scheme}://{self.host_header}{target}",
-                                            headers)
+        self._authorize("GET", target, headers)
 
         def answer(response: http.client.HTTPResponse) -> int:
             if response.status in (200, 206):
@@ -98,9 +153,49 @@ class DirectGcs(KeptConnections):
             if response.status == 416:
                 response.read(ERROR_BODY_LIMIT)
                 return 0
-            raise _refused(response)
+            raise _refused(response, "GET media")
 
         return self.exchange("GET", target, headers, None, answer)
+
+    def put(self, key: str, body: IO[bytes], size: int, storage_class: str | None) -> None:
+        """Store `size` bytes of `body` (a file at offset 0) as `key` in one multipart
+        upload, replacing any object of that name, in `storage_class` when given. Raises
+        Fallback (`body` may have been read), google.api_core's NotFound (no bucket),
+        TooManyRequests or server errors, ConnectionError or TimeoutError; and what
+        refreshing the credentials raises."""
+        if self.upload is None:
+            raise Fallback("no direct upload URL")
+        crc = 0
+        while chunk := body.read(BUFFER):
+            crc = google_crc32c.extend(crc, chunk)
+        metadata: dict[str, str] = {"name": key}
+        if storage_class:
+            metadata["storageClass"] = storage_class
+        metadata["crc32c"] = b64encode(crc.to_bytes(4, "big")).decode()
+        boundary = f"objfs-{uuid.uuid4().hex}"
+        head = (f"--{boundary}\r\ncontent-type: application/json; charset=UTF-8\r\n\r\n"
+                f"{json.dumps(metadata)}\r\n"
+                f"--{boundary}\r\ncontent-type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--".encode()
+        headers = {"content-type": f'multipart/related; boundary="{boundary}"',
+                   "x-upload-content-type": "application/octet-stream"}
+        self._authorize("POST", self.upload, headers)
+
+        def answer(response: http.client.HTTPResponse) -> None:
+            if response.status != 200:
+                raise _refused(response, "upload")
+            response.read()  # the object's resource
+
+        stream = cast(IO[bytes], Concatenated(head, body, tail))
+        self.exchange("POST", self.upload, headers, (stream, len(head) + size + len(tail)),
+                      answer)
+
+    def _authorize(self, method: str, target: str, headers: dict[str, str]) -> None:
+        """Add the credentials' headers (refreshing them first when they have expired)."""
+        with self._auth_lock:
+            self.credentials.before_request(self.auth_request, method,
+                                            f"{self.scheme}://{self.host_header}{target}",
+                                            headers)
 
     def _body(self, response: http.client.HTTPResponse, key: str, out: IO[bytes],
               ranged: bool) -> int:
@@ -121,7 +216,7 @@ class DirectGcs(KeptConnections):
         return copied
 
 
-def _refused(response: http.client.HTTPResponse) -> Exception:
+def _refused(response: http.client.HTTPResponse, operation: str) -> Exception:
     """What a non-success answer raises: google.api_core's exception for 404, 429 and server
     errors, else Fallback."""
     status = response.status
@@ -129,6 +224,6 @@ def _refused(response: http.client.HTTPResponse) -> Exception:
     if status in (404, 429) or status >= 500:
         message = body.decode("utf-8", "replace").strip() or response.reason
         error: Exception = gx.from_http_status(  # type: ignore[no-untyped-call]
-            status, f"GET media: {message[:200]}")
+            status, f"{operation}: {message[:200]}")
         return error
     return Fallback(f"HTTP {status}")
