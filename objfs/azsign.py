@@ -1,7 +1,7 @@
 """Azure Storage Shared Key authorization: the ``Authorization: SharedKey account:signature``
 header of a Blob service request, signed with the storage account's key.
 
-Used by the Azure backend's direct downloads (`objfs.backends.azuredirect`); the signature is
+Used by the Azure backend's direct requests (`objfs.backends.azuredirect`); the signature is
 the one azure-storage-blob's own policy computes for the same request (a test compares them).
 Pure: no I/O, no clock (the caller passes the date).
 
