@@ -116,6 +116,22 @@ def test_direct_uploads_store_what_the_sdk_would(fake_gcs: FakeGcsServer,
     assert get(backend, ODD_NAMES[0], tmp_path / "out") == b"replaced"
 
 
+def test_without_an_upload_url_uploads_are_the_sdks_and_downloads_stay_direct(
+        fake_gcs: FakeGcsServer, tmp_path: Path) -> None:
+    bucket = fake_gcs.new_bucket("no-upload-url")
+    backend = backend_at(fake_gcs.endpoint, bucket)
+    assert backend.direct is not None
+    backend.direct.upload = None  # as when the SDK's upload URL could not be built
+    sent = counting(backend.direct)
+    source = tmp_path / "source"
+    source.write_bytes(BODY)
+    for n in range(4):
+        trio.run(backend.put, f"k{n}", source)
+    assert sent == [] and backend.direct is not None
+    assert get(backend, "k3", tmp_path / "out") == BODY
+    assert len(sent) == 1
+
+
 class Scripted(Answering):
     """Answers a media GET or a multipart upload by the object's name; keeps the target,
     headers and body of each upload."""

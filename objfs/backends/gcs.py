@@ -132,8 +132,9 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
                 blob.upload_from_file(body, size=size, checksum="crc32c", timeout=self.timeout,
                                       retry=self.retry)
 
-            if chunk is not None:
-                through_the_sdk()  # a resumable upload in ChunkSize pieces
+            direct = self.direct
+            if chunk is not None or direct is None or direct.upload is None:
+                through_the_sdk()  # a resumable upload in ChunkSize pieces, or no direct URL
                 return
             self._either("PUT", key,
                          lambda d: d.put(key, body, size, self.cfg.storage_class),

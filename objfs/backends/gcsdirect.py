@@ -162,9 +162,10 @@ class DirectGcs(KeptConnections):
         upload, replacing any object of that name, in `storage_class` when given. Raises
         Fallback (`body` may have been read), google.api_core's NotFound (no bucket),
         TooManyRequests or server errors, ConnectionError or TimeoutError; and what
-        refreshing the credentials raises."""
+        refreshing the credentials raises. Only when `upload` is set (the caller checks:
+        a missing URL is not the server's refusal)."""
         if self.upload is None:
-            raise Fallback("no direct upload URL")
+            raise ValueError("no direct upload URL")
         crc = 0
         while chunk := body.read(BUFFER):
             crc = google_crc32c.extend(crc, chunk)
