@@ -101,6 +101,12 @@ def test_direct_downloads_serve_what_azurite_holds(azurite: AzuriteServer,
     azurite.raw_put(container, "empty", source)
     assert get(azure, "empty", out) == b""
     assert len(sent) == 12
+    # HEADs: the size, or NotFound (a missing blob, not a missing container).
+    assert trio.run(azure.head, "large").size == len(large)
+    assert trio.run(azure.head, "empty").size == 0
+    with pytest.raises(errors.NotFound):
+        trio.run(azure.head, "no/such/blob")
+    assert len(sent) == 15
     assert len(azure.direct._idle) == 1
 
 
@@ -188,6 +194,19 @@ class Scripted(Answering):
         else:
             self.fail(name)
 
+    def do_HEAD(self) -> None:
+        sdk = "x-ms-client-request-id" in self.headers
+        name = self.note(sdk)
+        if name == "good" or (name == "forbidden-direct" and sdk):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.send_header("x-ms-blob-type", "BlockBlob")
+            self.end_headers()
+        elif name == "forbidden-direct":
+            self.send(403, b"", x_ms_error_code="AuthorizationFailure")
+        else:
+            self.fail(name)
+
     def fail(self, name: str) -> None:
         if name == "missing":
             self.send(404, b"", x_ms_error_code="BlobNotFound")
@@ -247,3 +266,17 @@ def test_each_kind_of_answer_to_an_upload(scripted: Script, tmp_path: Path) -> N
     assert (headers["content-type"], headers["x-ms-blob-type"], headers["x-ms-access-tier"]) \
         == ("application/octet-stream", "BlockBlob", "Hot")
     expect_left_to_the_sdk(store, azure, BODY, seen)
+
+
+def test_each_kind_of_answer_to_a_head(scripted: Script) -> None:
+    endpoint, seen, _ = scripted
+    azure = backend(connection_string(endpoint))
+
+    def size(name: str) -> bytes:
+        return b"%d" % trio.run(azure.head, name).size
+
+    expect_answers(size, {"good": b"%d" % len(BODY), "missing": (errors.NotFound, None),
+                          "no-container": (errors.BucketMissing, None),
+                          "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},
+                   seen)
+    expect_left_to_the_sdk(size, azure, b"%d" % len(BODY), seen)

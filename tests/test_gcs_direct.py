@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,11 @@ def test_direct_downloads_serve_what_the_server_holds(fake_gcs: FakeGcsServer,
     assert get(backend, ODD_NAMES[0], out, len(BODY) + 10) == b""  # past the end
     with pytest.raises(errors.NotFound):
         get(backend, "no/such/object", out)
-    assert len(sent) == 8  # every one of them direct, none through the SDK
-    # Connections are kept: eight requests, one connection.
+    assert trio.run(backend.head, ODD_NAMES[1]).size == len(BODY)
+    with pytest.raises(errors.NotFound):
+        trio.run(backend.head, "no/such/object")
+    assert len(sent) == 10  # every one of them direct, none through the SDK
+    # Connections are kept: ten requests, one connection.
     assert len(backend.direct._idle) == 1
 
 
@@ -137,6 +141,27 @@ class Scripted(Answering):
     headers and body of each upload."""
 
     uploads: list[tuple[str, dict[str, str], bytes]]
+    targets: list[str]  # of each metadata GET
+
+    def metadata(self) -> None:
+        """An object's metadata, as the JSON API answers it; the SDK's own request must ask
+        what objfs' asks (the same target)."""
+        sdk = "x-goog-api-client" in self.headers
+        name = urllib.parse.unquote(self.path.split("?", 1)[0].rsplit("/o/", 1)[-1])
+        self.seen.append((name, sdk))
+        self.targets.append(self.path)
+        resource = json.dumps({"kind": "storage#object", "name": name, "bucket": "b",
+                               "size": str(len(BODY)), "generation": "1"}).encode()
+        if name == "good" or (name == "forbidden-direct" and sdk):
+            self.send(200, resource, content_type="application/json")
+        elif name == "forbidden-direct":
+            self.send(403, b'{"error": {"code": 403, "message": "no"}}')
+        elif name == "missing":
+            self.send(404, b"No such object: b/missing")
+        elif name == "throttled":
+            self.send(429, b"slow down")
+        else:
+            self.send(503, b"backend error")
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
@@ -158,6 +183,9 @@ class Scripted(Answering):
             self.send(503, b"backend error")
 
     def do_GET(self) -> None:
+        if not self.path.startswith("/download/"):
+            self.metadata()
+            return
         sdk = "x-goog-api-client" in self.headers
         name = self.note(sdk)
         if name == "good":
@@ -177,19 +205,37 @@ class Scripted(Answering):
             self.send(503, b"backend error")
 
 
-# (endpoint, the requests seen, the uploads received)
-Script = tuple[str, list[tuple[str, bool]], list[tuple[str, dict[str, str], bytes]]]
+# (endpoint, the requests seen, the uploads received, the targets of the metadata GETs)
+Script = tuple[str, list[tuple[str, bool]], list[tuple[str, dict[str, str], bytes]], list[str]]
+
+
+def test_each_kind_of_answer_to_a_head(scripted: Script) -> None:
+    endpoint, seen, _, targets = scripted
+    backend = backend_at(endpoint)
+
+    def size(name: str) -> bytes:
+        return b"%d" % trio.run(backend.head, name).size
+
+    expect_answers(size, {"good": b"%d" % len(BODY), "missing": (errors.NotFound, None),
+                          "throttled": (errors.Throttled, None),
+                          "failing": (errors.Unavailable, None)},
+                   seen)
+    expect_left_to_the_sdk(size, backend, b"%d" % len(BODY), seen)
+    # objfs' requests and the SDK's asked for the same target.
+    asked = {target for target in targets if "/o/forbidden-direct?" in target}
+    assert len(asked) == 1 and "projection=noAcl" in asked.pop()
 
 
 @pytest.fixture
 def scripted() -> Iterator[Script]:
     uploads: list[tuple[str, dict[str, str], bytes]] = []
-    with serving(Scripted, uploads=uploads) as (url, seen):
-        yield url, seen, uploads
+    targets: list[str] = []
+    with serving(Scripted, uploads=uploads, targets=targets) as (url, seen):
+        yield url, seen, uploads, targets
 
 
 def test_each_kind_of_answer(scripted: Script, tmp_path: Path) -> None:
-    endpoint, seen, _ = scripted
+    endpoint, seen, _, _ = scripted
     backend = backend_at(endpoint)
     out = tmp_path / "out"
 
@@ -205,7 +251,7 @@ def test_each_kind_of_answer(scripted: Script, tmp_path: Path) -> None:
 
 
 def test_each_kind_of_answer_to_an_upload(scripted: Script, tmp_path: Path) -> None:
-    endpoint, seen, uploads = scripted
+    endpoint, seen, uploads, _ = scripted
     backend = backend_at(endpoint, StorageClass="COLDLINE")
     source = tmp_path / "source"
     source.write_bytes(BODY)

@@ -163,8 +163,9 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
         return int(stream.readinto(out))
 
     def _head_sync(self, key: str) -> ObjectInfo:
-        props = self.container.get_blob_client(key).get_blob_properties()
-        return ObjectInfo(key, int(props.size))
+        size = self._either("HEAD", key, lambda d: d.head(key), lambda: int(
+            self.container.get_blob_client(key).get_blob_properties().size))
+        return ObjectInfo(key, size)
 
     def _delete_sync(self, key: str) -> None:
         try:

@@ -1,5 +1,5 @@
-"""The Azure backend's downloads and single-request uploads without azure-storage-blob's
-request pipeline.
+"""The Azure backend's downloads, single-request uploads and property reads (HEAD) without
+azure-storage-blob's request pipeline.
 
 A 0.5 MB GET through `ContainerClient.download_blob` took 3.5 ms of client CPU against
 Azurite (300 in a row), against 1.5 ms for the S3 backend's direct GET: the SDK's downloader,
@@ -58,8 +58,8 @@ def container_url(url: str) -> tuple[str, str, int, str]:
 
 
 class DirectAzure(KeptConnections):
-    """Downloads and single-request uploads of one container's blobs over `http.client`;
-    thread-safe."""
+    """Downloads, single-request uploads and HEADs of one container's blobs over
+    `http.client`; thread-safe."""
 
     def __init__(self, url: tuple[str, str, int, str], account: str, account_key: str,
                  api_version: str, connect_timeout: float, read_timeout: float,
@@ -94,6 +94,23 @@ class DirectAzure(KeptConnections):
             raise _refused(response)
 
         return self.exchange("GET", path, headers, None, answer)
+
+    def head(self, key: str) -> int:
+        """The blob's size (Get Blob Properties). Raises Fallback, azure.core's
+        ResourceNotFoundError or HttpResponseError (429, 5xx), ConnectionError or
+        TimeoutError."""
+        path, headers = self._signed("HEAD", key, {})
+
+        def answer(response: http.client.HTTPResponse) -> int:
+            if response.status != 200:
+                raise _refused(response)
+            response.read()  # nothing: an answer to HEAD has no body
+            length = response.getheader("content-length")
+            if length is None or not length.isdigit():
+                raise Fallback(f"HEAD answer without a usable Content-Length ({length!r})")
+            return int(length)
+
+        return self.exchange("HEAD", path, headers, None, answer)
 
     def put(self, key: str, body: IO[bytes], size: int, tier: str | None) -> None:
         """Store `size` bytes of `body` (a file at offset 0) as block blob `key` in one Put

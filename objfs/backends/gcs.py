@@ -90,8 +90,19 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
             log.warning("GCS uploads go through google-cloud-storage: cannot build its upload "
                         "URL (%s)", exc)
             upload = None
+        try:
+            # The SDK's URL for an object's metadata, as `Bucket.get_blob` asks for it.
+            found = media_url(self.client._connection.build_api_url(
+                self.bucket.blob(SAMPLE_NAME).path, query_params={"projection": "noAcl"}))
+            if found[:3] != url[:3]:
+                raise ValueError(f"{found[:3]}: not the server of the media URL")
+            metadata: tuple[str, str] | None = (found[3], found[4])
+        except (AttributeError, TypeError, ValueError) as exc:
+            log.warning("GCS metadata reads go through google-cloud-storage: cannot build "
+                        "their URL (%s)", exc)
+            metadata = None
         client_cfg = self.cfg.client
-        return DirectGcs(url, upload, credentials,
+        return DirectGcs(url, upload, metadata, credentials,
                          google.auth.transport.requests.Request(), client_cfg.connect_timeout,
                          client_cfg.request_timeout, client_cfg.max_connections)
 
@@ -159,10 +170,16 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
         return out.tell()
 
     def _head_sync(self, key: str) -> ObjectInfo:
-        blob = self.bucket.get_blob(key, timeout=self.timeout, retry=self.retry)
-        if blob is None:
-            raise errors.NotFound(f"gs://{self.cfg.bucket}/{key}")
-        return ObjectInfo(key, int(blob.size or 0))
+        def through_the_sdk() -> int:
+            blob = self.bucket.get_blob(key, timeout=self.timeout, retry=self.retry)
+            if blob is None:
+                raise errors.NotFound(f"gs://{self.cfg.bucket}/{key}")
+            return int(blob.size or 0)
+
+        direct = self.direct
+        if direct is None or direct.metadata is None:
+            return ObjectInfo(key, through_the_sdk())
+        return ObjectInfo(key, self._either("HEAD", key, lambda d: d.head(key), through_the_sdk))
 
     def _delete_sync(self, key: str) -> None:
         try:

@@ -233,7 +233,7 @@ AZURE_OPTIONS: dict[str, Option] = {
                          "Pin the service API version: emulators, Azure Stack (objfs only).",
                          "the SDK's"),
     "DirectRequests": Option((bool,), True, None,
-                             "Downloads and single Put Blob uploads signed with the "
+                             "Downloads, HEADs and single Put Blob uploads signed with the "
                              "connection string's account key and sent over `http.client`, "
                              "without the SDK's request pipeline "
                              "(objfs only; not with SAS or Entra ID, not behind an HTTP "
@@ -252,11 +252,10 @@ GCS_OPTIONS: dict[str, Option] = {
     "StorageClass": Option((str,), None, None, "E.g. `NEARLINE` (objfs only).",
                            "bucket default"),
     "DirectRequests": Option((bool,), True, None,
-                             "Downloads and single-request uploads sent over `http.client` "
-                             "with the SDK's credentials, "
-                             "without its request pipeline (objfs only; not behind an HTTP "
-                             "proxy); `false`: through google-cloud-storage like every other "
-                             "request."),
+                             "Downloads, HEADs and single-request uploads sent over "
+                             "`http.client` with the SDK's credentials, without its request "
+                             "pipeline (objfs only; not behind an HTTP proxy); `false`: "
+                             "through google-cloud-storage like every other request."),
 }
 
 OBJFS_OPTIONS: dict[str, Option] = {
