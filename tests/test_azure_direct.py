@@ -25,6 +25,8 @@ from tests.support.scripted import (
     expect_answers,
     expect_left_to_the_sdk,
     serving,
+    sizing,
+    storing,
 )
 
 
@@ -249,13 +251,7 @@ def test_each_kind_of_answer_to_an_upload(scripted: Script, tmp_path: Path) -> N
     endpoint, seen, stored = scripted
     azure = backend(connection_string(endpoint), AccessTier="Hot")
     assert azure.direct is not None
-    source = tmp_path / "source"
-    source.write_bytes(BODY)
-
-    def store(name: str) -> bytes:
-        trio.run(azure.put, name, source)
-        return BODY
-
+    store = storing(azure, tmp_path / "source")
     expect_answers(store, {"good": BODY, "missing": (errors.NotFound, None),
                            "no-container": (errors.BucketMissing, None),
                            "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},
@@ -271,10 +267,7 @@ def test_each_kind_of_answer_to_an_upload(scripted: Script, tmp_path: Path) -> N
 def test_each_kind_of_answer_to_a_head(scripted: Script) -> None:
     endpoint, seen, _ = scripted
     azure = backend(connection_string(endpoint))
-
-    def size(name: str) -> bytes:
-        return b"%d" % trio.run(azure.head, name).size
-
+    size = sizing(azure)
     expect_answers(size, {"good": b"%d" % len(BODY), "missing": (errors.NotFound, None),
                           "no-container": (errors.BucketMissing, None),
                           "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},

@@ -29,6 +29,8 @@ from tests.support.scripted import (
     expect_answers,
     expect_left_to_the_sdk,
     serving,
+    sizing,
+    storing,
 )
 
 
@@ -137,8 +139,8 @@ def test_without_an_upload_url_uploads_are_the_sdks_and_downloads_stay_direct(
 
 
 class Scripted(Answering):
-    """Answers a media GET or a multipart upload by the object's name; keeps the target,
-    headers and body of each upload."""
+    """Answers a media GET, a metadata GET or a multipart upload by the object's name; keeps
+    the target, headers and body of each upload and the target of each metadata GET."""
 
     uploads: list[tuple[str, dict[str, str], bytes]]
     targets: list[str]  # of each metadata GET
@@ -152,12 +154,17 @@ class Scripted(Answering):
         self.targets.append(self.path)
         resource = json.dumps({"kind": "storage#object", "name": name, "bucket": "b",
                                "size": str(len(BODY)), "generation": "1"}).encode()
+        self.answer(name, sdk, resource, content_type="application/json")
+
+    def answer(self, name: str, sdk: bool, body: bytes, **headers: str) -> None:
+        """`body` with `headers` for "good" (and for the SDK's "forbidden-direct"), else
+        the answer the name asks for."""
         if name == "good" or (name == "forbidden-direct" and sdk):
-            self.send(200, resource, content_type="application/json")
+            self.send(200, body, **headers)
         elif name == "forbidden-direct":
             self.send(403, b'{"error": {"code": 403, "message": "no"}}')
         elif name == "missing":
-            self.send(404, b"No such object: b/missing")
+            self.send(404, b"Not Found")
         elif name == "throttled":
             self.send(429, b"slow down")
         else:
@@ -170,17 +177,8 @@ class Scripted(Answering):
         name = json.loads(found.group(1))["name"] if found else ""
         self.seen.append((name, sdk))
         self.uploads.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        answer = json.dumps({"name": name, "bucket": "b", "size": "0"}).encode()
-        if name == "good" or (name == "forbidden-direct" and sdk):
-            self.send(200, answer, content_type="application/json")
-        elif name == "forbidden-direct":
-            self.send(403, b'{"error": {"code": 403, "message": "no"}}')
-        elif name == "missing":
-            self.send(404, b"Not Found: bucket b")
-        elif name == "throttled":
-            self.send(429, b"slow down")
-        else:
-            self.send(503, b"backend error")
+        self.answer(name, sdk, json.dumps({"name": name, "bucket": "b", "size": "0"}).encode(),
+                    content_type="application/json")
 
     def do_GET(self) -> None:
         if not self.path.startswith("/download/"):
@@ -188,21 +186,10 @@ class Scripted(Answering):
             return
         sdk = "x-goog-api-client" in self.headers
         name = self.note(sdk)
-        if name == "good":
-            self.send(200, BODY, x_goog_hash=f"crc32c={crc32c(BODY)},md5=AAAA")
-        elif name == "damaged":
+        if name == "damaged":
             self.send(200, BODY[:-1] + b"!", x_goog_hash=f"crc32c={crc32c(BODY)}")
-        elif name == "forbidden-direct":  # refused to objfs' request, served to the SDK's
-            if sdk:
-                self.send(200, BODY, x_goog_hash=f"crc32c={crc32c(BODY)}")
-            else:
-                self.send(403, b'{"error": {"code": 403, "message": "no"}}')
-        elif name == "missing":
-            self.send(404, b"No such object: b/missing")
-        elif name == "throttled":
-            self.send(429, b"slow down")
         else:
-            self.send(503, b"backend error")
+            self.answer(name, sdk, BODY, x_goog_hash=f"crc32c={crc32c(BODY)},md5=AAAA")
 
 
 # (endpoint, the requests seen, the uploads received, the targets of the metadata GETs)
@@ -212,10 +199,7 @@ Script = tuple[str, list[tuple[str, bool]], list[tuple[str, dict[str, str], byte
 def test_each_kind_of_answer_to_a_head(scripted: Script) -> None:
     endpoint, seen, _, targets = scripted
     backend = backend_at(endpoint)
-
-    def size(name: str) -> bytes:
-        return b"%d" % trio.run(backend.head, name).size
-
+    size = sizing(backend)
     expect_answers(size, {"good": b"%d" % len(BODY), "missing": (errors.NotFound, None),
                           "throttled": (errors.Throttled, None),
                           "failing": (errors.Unavailable, None)},
@@ -253,13 +237,7 @@ def test_each_kind_of_answer(scripted: Script, tmp_path: Path) -> None:
 def test_each_kind_of_answer_to_an_upload(scripted: Script, tmp_path: Path) -> None:
     endpoint, seen, uploads, _ = scripted
     backend = backend_at(endpoint, StorageClass="COLDLINE")
-    source = tmp_path / "source"
-    source.write_bytes(BODY)
-
-    def store(name: str) -> bytes:
-        trio.run(backend.put, name, source)
-        return BODY
-
+    store = storing(backend, tmp_path / "source")
     expect_answers(store, {"good": BODY, "missing": (errors.BucketMissing, None),
                            "throttled": (errors.Throttled, None),
                            "failing": (errors.Unavailable, None)},

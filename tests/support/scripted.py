@@ -7,9 +7,11 @@ import http.server
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 # What the direct-path tests store and fetch: 512 KiB, and names that need quoting.
 BODY = bytes(range(256)) * 2048
@@ -104,3 +106,21 @@ def expect_left_to_the_sdk(fetch: Callable[[str], bytes], backend: Any, body: by
     for _ in range(2):
         assert fetch(name) == body
     assert backend.direct is None  # three refusals in a row: the SDK's from now on
+
+
+def storing(backend: Any, source: Path) -> Callable[[str], bytes]:
+    """A `fetch` for `expect_answers` that uploads BODY (written into `source`) under each
+    name through `backend`; returns BODY when it was stored."""
+    source.write_bytes(BODY)
+
+    def store(name: str) -> bytes:
+        trio.run(backend.put, name, source)
+        return BODY
+
+    return store
+
+
+def sizing(backend: Any) -> Callable[[str], bytes]:
+    """A `fetch` for `expect_answers` that asks `backend` for each name's size (HEAD);
+    returns it as ASCII digits."""
+    return lambda name: b"%d" % trio.run(backend.head, name).size
