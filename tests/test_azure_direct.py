@@ -174,8 +174,6 @@ class Scripted(Answering):
             if not sdk:
                 self.stored.append(({k.lower(): v for k, v in self.headers.items()}, body))
             self.send(201, b"", content_md5=self.headers["content-md5"])
-        elif name == "forbidden-direct":
-            self.send(403, b"", x_ms_error_code="AuthorizationFailure")
         else:
             self.fail(name)
 
@@ -187,12 +185,9 @@ class Scripted(Answering):
         elif name == "short":
             self.send(200, BODY[:1000], length=len(BODY))
             self.close_connection = True
-        elif name == "forbidden-direct":  # refused to objfs' request, served to the SDK's
-            if sdk:  # its first request asks for a range
-                self.send(206, BODY, x_ms_blob_type="BlockBlob",
-                          content_range=f"bytes 0-{len(BODY) - 1}/{len(BODY)}")
-            else:
-                self.send(403, b"", x_ms_error_code="AuthorizationFailure")
+        elif name == "forbidden-direct" and sdk:  # its first request asks for a range
+            self.send(206, BODY, x_ms_blob_type="BlockBlob",
+                      content_range=f"bytes 0-{len(BODY) - 1}/{len(BODY)}")
         else:
             self.fail(name)
 
@@ -204,13 +199,15 @@ class Scripted(Answering):
             self.send_header("Content-Length", str(len(BODY)))
             self.send_header("x-ms-blob-type", "BlockBlob")
             self.end_headers()
-        elif name == "forbidden-direct":
-            self.send(403, b"", x_ms_error_code="AuthorizationFailure")
         else:
             self.fail(name)
 
     def fail(self, name: str) -> None:
-        if name == "missing":
+        """The answer a name asks for when it is not served: objfs' requests for
+        "forbidden-direct" are refused (the SDK's are served)."""
+        if name == "forbidden-direct":
+            self.send(403, b"", x_ms_error_code="AuthorizationFailure")
+        elif name == "missing":
             self.send(404, b"", x_ms_error_code="BlobNotFound")
         elif name == "no-container":
             self.send(404, b"", x_ms_error_code="ContainerNotFound")

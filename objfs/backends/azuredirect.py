@@ -45,6 +45,8 @@ from objfs.backends.kept import (
     Fallback,
     KeptConnections,
     byte_range,
+    download_answer,
+    head_answer,
     origin,
     read_body,
     requests_ca_bundle,
@@ -85,32 +87,15 @@ class DirectAzure(KeptConnections):
         path, headers = self._signed("GET", key, {} if wanted is None else
                                      {"x-ms-range": wanted})
 
-        def answer(response: http.client.HTTPResponse) -> int:
-            if response.status in (200, 206):
-                return read_body(response, out, key, self.host)
-            if response.status == 416:
-                response.read(ERROR_BODY_LIMIT)
-                return 0
-            raise _refused(response)
-
-        return self.exchange("GET", path, headers, None, answer)
+        return self.exchange("GET", path, headers, None, download_answer(
+            lambda response: read_body(response, out, key, self.host), _refused))
 
     def head(self, key: str) -> int:
         """The blob's size (Get Blob Properties). Raises Fallback, azure.core's
         ResourceNotFoundError or HttpResponseError (429, 5xx), ConnectionError or
         TimeoutError."""
         path, headers = self._signed("HEAD", key, {})
-
-        def answer(response: http.client.HTTPResponse) -> int:
-            if response.status != 200:
-                raise _refused(response)
-            response.read()  # nothing: an answer to HEAD has no body
-            length = response.getheader("content-length")
-            if length is None or not length.isdigit():
-                raise Fallback(f"HEAD answer without a usable Content-Length ({length!r})")
-            return int(length)
-
-        return self.exchange("HEAD", path, headers, None, answer)
+        return self.exchange("HEAD", path, headers, None, head_answer(_refused))
 
     def put(self, key: str, body: IO[bytes], size: int, tier: str | None) -> None:
         """Store `size` bytes of `body` (a file at offset 0) as block blob `key` in one Put

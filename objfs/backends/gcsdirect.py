@@ -45,6 +45,7 @@ from objfs.backends.kept import (
     Fallback,
     KeptConnections,
     byte_range,
+    download_answer,
     origin,
     read_body,
     requests_ca_bundle,
@@ -151,15 +152,9 @@ class DirectGcs(KeptConnections):
             headers["range"] = wanted
         self._authorize("GET", target, headers)
 
-        def answer(response: http.client.HTTPResponse) -> int:
-            if response.status in (200, 206):
-                return self._body(response, key, out, wanted is not None)
-            if response.status == 416:
-                response.read(ERROR_BODY_LIMIT)
-                return 0
-            raise _refused(response, "GET media")
-
-        return self.exchange("GET", target, headers, None, answer)
+        return self.exchange("GET", target, headers, None, download_answer(
+            lambda response: self._body(response, key, out, wanted is not None),
+            lambda response: _refused(response, "GET media")))
 
     def head(self, key: str) -> int:
         """The object's size, from its metadata (the JSON API's object resource). Raises

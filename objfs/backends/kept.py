@@ -4,7 +4,8 @@ skip their SDK's request pipeline for the few requests a cold read or an upload 
 
 `KeptConnections.exchange` sends one prepared request on an idle kept connection or a new one
 and hands the response to the caller's `answer`; the connection is kept only when the answer
-was read to its end. A request on a kept connection that the server closed meanwhile is sent
+was read to its end; `download_answer` and `head_answer` are the GET and HEAD answers every
+direct path shares. A request on a kept connection that the server closed meanwhile is sent
 once more on a fresh one. What a direct path does not handle itself it raises as `Fallback`,
 before anything was written into the caller's stream: the backend then sends the request
 through its SDK, which has the last word.
@@ -104,6 +105,41 @@ def read_body(response: http.client.HTTPResponse, out: IO[bytes], key: str, host
     if expected is not None and copied != expected:
         raise errors.Unavailable(f"{key}: short read ({copied} bytes of {expected})")
     return copied
+
+
+def download_answer(body: Callable[[http.client.HTTPResponse], int],
+                    refused: Callable[[http.client.HTTPResponse], Exception],
+                    ) -> Callable[[http.client.HTTPResponse], int]:
+    """The `answer` of a GET, the same on every direct path: a success (200 or 206) is read by
+    `body`, which returns the bytes copied; a range that starts past the end (416) is 0
+    bytes; anything else raises what `refused` makes of it."""
+
+    def answer(response: http.client.HTTPResponse) -> int:
+        if response.status in (200, 206):
+            return body(response)
+        if response.status == 416:
+            response.read(ERROR_BODY_LIMIT)
+            return 0
+        raise refused(response)
+
+    return answer
+
+
+def head_answer(refused: Callable[[http.client.HTTPResponse], Exception],
+                ) -> Callable[[http.client.HTTPResponse], int]:
+    """The `answer` of a HEAD: the object's size from the Content-Length of a 200; Fallback
+    for a 200 without a usable one; anything else raises what `refused` makes of it."""
+
+    def answer(response: http.client.HTTPResponse) -> int:
+        if response.status != 200:
+            raise refused(response)
+        response.read()  # nothing: an answer to HEAD has no body
+        length = response.getheader("content-length")
+        if length is None or not length.isdigit():
+            raise Fallback(f"HEAD answer without a usable Content-Length ({length!r})")
+        return int(length)
+
+    return answer
 
 
 class KeptConnections:

@@ -48,6 +48,8 @@ from objfs.backends.kept import (
     Fallback,
     KeptConnections,
     byte_range,
+    download_answer,
+    head_answer,
     origin,
     proxied,
     read_body,
@@ -95,30 +97,15 @@ class DirectS3(KeptConnections):
         ranged = wanted is not None
         extra = {"range": wanted} if wanted is not None else {"x-amz-checksum-mode": "ENABLED"}
 
-        def answer(response: http.client.HTTPResponse) -> int:
-            if response.status in (200, 206):
-                return self._body(response, key, out, ranged)
-            if response.status == 416:
-                response.read(ERROR_BODY_LIMIT)
-                return 0
-            raise _refused(response, "GetObject")
-
-        return self._exchange("GET", key, extra, None, answer)
+        return self._exchange("GET", key, extra, None, download_answer(
+            lambda response: self._body(response, key, out, ranged),
+            lambda response: _refused(response, "GetObject")))
 
     def head(self, key: str) -> int:
         """The object's size. Raises Fallback, botocore's ClientError ("404", 429, 5xx),
         ConnectionError or TimeoutError."""
-
-        def answer(response: http.client.HTTPResponse) -> int:
-            if response.status != 200:
-                raise _refused(response, "HeadObject")
-            response.read()  # nothing: an answer to HEAD has no body
-            length = response.getheader("content-length")
-            if length is None or not length.isdigit():
-                raise Fallback(f"HEAD answer without a usable Content-Length ({length!r})")
-            return int(length)
-
-        return self._exchange("HEAD", key, {}, None, answer)
+        return self._exchange("HEAD", key, {}, None,
+                              head_answer(lambda response: _refused(response, "HeadObject")))
 
     def put(self, key: str, body: IO[bytes], size: int, headers: dict[str, str]) -> None:
         """Store `size` bytes of `body` (a file at offset 0) as `key` in one request, with
