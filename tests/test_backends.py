@@ -394,23 +394,51 @@ async def test_gcs_missing_bucket(fake_gcs: FakeGcsServer, tmp_path: Path) -> No
         await backend.put("k", _file(tmp_path, "src", b"x"))
 
 
-@pytest.mark.parametrize("section_name", ["AzureBlobStorage", "GoogleCloudStorage"])
-async def test_server_down_fails_within_timeout(section_name: str, tmp_path: Path) -> None:
-    port = free_port()  # nothing listens there
-    section: dict[str, Any] = {"ConnectTimeout": 1, "RequestTimeout": 2, "MaxRetries": 1}
+def cloud_at_port(section_name: str, port: int, request_timeout: float,
+                  max_retries: int) -> Backend:
+    """An Azure or GCS backend for a local port with a 1 s connect timeout (with their
+    direct requests, the default)."""
+    section: dict[str, Any] = {"ConnectTimeout": 1, "RequestTimeout": request_timeout,
+                               "MaxRetries": max_retries}
     if section_name == "AzureBlobStorage":
         section |= {"ContainerName": "c", "ConnectionString": (
             f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZ_KEY};"
             f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")}
     else:
         section |= {"BucketName": "b", "Endpoint": f"http://127.0.0.1:{port}"}
-    backend = cloud_backend(section_name, section)
+    return cloud_backend(section_name, section)
+
+
+@pytest.mark.parametrize("section_name", ["AzureBlobStorage", "GoogleCloudStorage"])
+async def test_server_down_fails_within_timeout(section_name: str, tmp_path: Path) -> None:
+    backend = cloud_at_port(section_name, free_port(), 2, 1)  # nothing listens there
     start = time.monotonic()
     with pytest.raises(errors.Unavailable):
         await backend.get("k", tmp_path / "o")
     with pytest.raises(errors.Unavailable):
         await backend.put("k", _file(tmp_path, "src", b"x"))
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("section_name", ["AzureBlobStorage", "GoogleCloudStorage"])
+async def test_server_that_hangs_times_out(section_name: str, tmp_path: Path) -> None:
+    """A server that accepts connections and never answers: each request the direct path
+    sends (GET, HEAD, a single upload) ends as Unavailable on the request timeout, none
+    waits for the SDK's own minutes-long defaults."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # accepts connections, never reads nor answers
+    try:
+        backend = cloud_at_port(section_name, listener.getsockname()[1], 1, 0)
+        for name, call in (("get", lambda: backend.get("k", tmp_path / "o")),
+                           ("head", lambda: backend.head("k")),
+                           ("put", lambda: backend.put("k", _file(tmp_path, "s", b"x" * 999)))):
+            start = time.monotonic()
+            with pytest.raises(errors.Unavailable):
+                await call()
+            assert time.monotonic() - start < 10, name
+    finally:
+        listener.close()
 
 
 async def test_s3_bad_credentials(tmp_path: Path) -> None:
