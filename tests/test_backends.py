@@ -437,6 +437,9 @@ async def test_server_that_hangs_times_out(section_name: str, tmp_path: Path) ->
             with pytest.raises(errors.Unavailable):
                 await call()
             assert time.monotonic() - start < 10, name
+        # A timeout is the network's failure, not a refusal of the direct request: the
+        # backend stays on its direct path (no SDK retry behind it).
+        assert getattr(backend, "direct", None) is not None
     finally:
         listener.close()
 
