@@ -422,9 +422,9 @@ async def test_server_down_fails_within_timeout(section_name: str, tmp_path: Pat
 
 @pytest.mark.parametrize("section_name", ["AzureBlobStorage", "GoogleCloudStorage"])
 async def test_server_that_hangs_times_out(section_name: str, tmp_path: Path) -> None:
-    """A server that accepts connections and never answers: each request the direct path
-    sends (GET, HEAD, a single upload) ends as Unavailable on the request timeout, none
-    waits for the SDK's own minutes-long defaults."""
+    """A server that accepts connections and never answers: each request (GET, HEAD, a
+    single upload, a delete, a listing: most of them on the direct paths) ends as Unavailable
+    on the request timeout, none waits for the SDK's own minutes-long defaults."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)  # accepts connections, never reads nor answers
@@ -432,7 +432,9 @@ async def test_server_that_hangs_times_out(section_name: str, tmp_path: Path) ->
         backend = cloud_at_port(section_name, listener.getsockname()[1], 1, 0)
         for name, call in (("get", lambda: backend.get("k", tmp_path / "o")),
                            ("head", lambda: backend.head("k")),
-                           ("put", lambda: backend.put("k", _file(tmp_path, "s", b"x" * 999)))):
+                           ("put", lambda: backend.put("k", _file(tmp_path, "s", b"x" * 999))),
+                           ("delete", lambda: backend.delete("k")),
+                           ("list", lambda: backend.list_page("k", None, 10))):
             start = time.monotonic()
             with pytest.raises(errors.Unavailable):
                 await call()

@@ -1,7 +1,7 @@
-"""The GCS backend's direct downloads and uploads (objfs.backends.gcsdirect): the URLs are the
-SDK's, they serve and store what the SDK would against fake-gcs-server, and every other kind
-of answer is checked, mapped or left to the SDK, against a scripted HTTP server on
-127.0.0.1."""
+"""The GCS backend's direct requests (objfs.backends.gcsdirect): downloads, uploads, HEADs,
+deletes and listings. The URLs are the SDK's, they serve, store, delete and list what the SDK
+would against fake-gcs-server, and every other kind of answer is checked, mapped or left to
+the SDK, against a scripted HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -122,6 +122,47 @@ def test_direct_uploads_store_what_the_sdk_would(fake_gcs: FakeGcsServer,
     assert get(backend, ODD_NAMES[0], tmp_path / "out") == b"replaced"
 
 
+def all_pages(backend: GcsBackend, prefix: str, limit: int) -> list[tuple[str, int, float]]:
+    """Every object `prefix` names, page after page of `limit` (name, size, modified)."""
+    found: list[tuple[str, int, float]] = []
+    token = None
+    while True:
+        page, token = trio.run(backend.list_page, prefix, token, limit)
+        found.extend((info.key, info.size, info.modified or 0.0) for info in page)
+        if token is None:
+            return found
+
+
+def test_direct_deletes_and_listings_match_the_sdks(fake_gcs: FakeGcsServer,
+                                                    tmp_path: Path) -> None:
+    """Listings (prefixes of odd names, pages of every size) give exactly what the SDK's
+    give, and deletes remove what the SDK's would, an absent object included; all of them
+    direct."""
+    bucket = fake_gcs.new_bucket("direct-deletes")
+    source = tmp_path / "source"
+    names = [*ODD_NAMES, *(f"ab/cd/k{n}" for n in range(5))]
+    for n, name in enumerate(names):
+        source.write_bytes(BODY[:100 * n])
+        fake_gcs.raw_put(bucket, name, source)
+    backend = backend_at(fake_gcs.endpoint, bucket)
+    sdk = backend_at(fake_gcs.endpoint, bucket, DirectRequests=False)
+    assert backend.direct is not None and sdk.direct is None
+    sent = counting(backend.direct)
+    for prefix, limit in (("", 1000), ("", 3), ("ab/cd/", 2), ("ab/cd/k", 1), ("a b+c", 5),
+                          ("ünïcødé/", 5), ("x" * 300, 5), ("no/such/prefix", 5)):
+        listed = all_pages(backend, prefix, limit)
+        assert listed == all_pages(sdk, prefix, limit), (prefix, limit)
+        assert [name for name, _, _ in listed] == sorted(
+            name for name in names if name.startswith(prefix)), prefix
+    assert all(modified > 0 for _, _, modified in all_pages(backend, "", 100))
+    requests = len(sent)
+    for name in [*ODD_NAMES, "ab/cd/k0", "no/such/object"]:
+        trio.run(backend.delete, name)
+    assert len(sent) == requests + len(ODD_NAMES) + 2  # every one direct
+    assert [name for name, _, _ in all_pages(sdk, "", 100)] == [f"ab/cd/k{n}" for n in (1, 2, 3, 4)]
+    assert backend.direct is not None  # nothing was refused
+
+
 def test_without_an_upload_url_uploads_are_the_sdks_and_downloads_stay_direct(
         fake_gcs: FakeGcsServer, tmp_path: Path) -> None:
     bucket = fake_gcs.new_bucket("no-upload-url")
@@ -139,11 +180,12 @@ def test_without_an_upload_url_uploads_are_the_sdks_and_downloads_stay_direct(
 
 
 class Scripted(Answering):
-    """Answers a media GET, a metadata GET or a multipart upload by the object's name; keeps
-    the target, headers and body of each upload and the target of each metadata GET."""
+    """Answers a media GET, a metadata GET, a multipart upload, a DELETE or a listing by the
+    object's name (a listing: by its prefix); keeps the target, headers and body of each
+    upload and the target of each other JSON API request."""
 
     uploads: list[tuple[str, dict[str, str], bytes]]
-    targets: list[str]  # of each metadata GET
+    targets: list[str]  # of each metadata GET, DELETE and listing
 
     def metadata(self) -> None:
         """An object's metadata, as the JSON API answers it; the SDK's own request must ask
@@ -180,7 +222,38 @@ class Scripted(Answering):
         self.answer(name, sdk, json.dumps({"name": name, "bucket": "b", "size": "0"}).encode(),
                     content_type="application/json")
 
+    def do_DELETE(self) -> None:
+        sdk = "x-goog-api-client" in self.headers
+        name = urllib.parse.unquote(self.path.split("?", 1)[0].rsplit("/o/", 1)[-1])
+        self.seen.append((name, sdk))
+        self.targets.append(self.path)
+        if name == "good":
+            self.send(204, b"")
+        else:
+            self.answer(name, sdk, b"")
+
+    def listing(self) -> None:
+        """A listing, answered by its prefix: "good" names one object, "unreadable" gives
+        objfs an object without a size (the SDK the good answer)."""
+        sdk = "x-goog-api-client" in self.headers
+        query = urllib.parse.parse_qs(self.path.split("?", 1)[1])
+        prefix = query.get("prefix", [""])[0]
+        self.seen.append((prefix, sdk))
+        self.targets.append(self.path)
+        item = {"name": f"{prefix}/1", "bucket": "b", "size": "3",
+                "updated": "2026-12-04T01:02:03.456Z"}
+        if prefix == "unreadable":
+            if not sdk:
+                del item["size"]
+            prefix = "good"
+        page = json.dumps({"kind": "storage#objects", "items": [item],
+                           "nextPageToken": "next"}).encode()
+        self.answer(prefix, sdk, page, content_type="application/json")
+
     def do_GET(self) -> None:
+        if self.path.startswith("/storage/v1/b/b/o?"):
+            self.listing()
+            return
         if not self.path.startswith("/download/"):
             self.metadata()
             return
@@ -208,6 +281,52 @@ def test_each_kind_of_answer_to_a_head(scripted: Script) -> None:
     # objfs' requests and the SDK's asked for the same target.
     asked = {target for target in targets if "/o/forbidden-direct?" in target}
     assert len(asked) == 1 and "projection=noAcl" in asked.pop()
+
+
+def test_each_kind_of_answer_to_a_delete(scripted: Script) -> None:
+    endpoint, seen, _, targets = scripted
+    backend = backend_at(endpoint)
+
+    def delete(name: str) -> bytes:
+        trio.run(backend.delete, name)
+        return b"deleted"
+
+    expect_answers(delete, {"good": b"deleted", "missing": b"deleted",  # gone already
+                            "throttled": (errors.Throttled, None),
+                            "failing": (errors.Unavailable, None)},
+                   seen)
+    expect_left_to_the_sdk(delete, backend, b"deleted", seen)
+    asked = {target for target in targets if "/o/forbidden-direct" in target}
+    assert len(asked) == 1  # objfs' DELETE and the SDK's: the same target
+
+
+def test_each_kind_of_answer_to_a_listing(scripted: Script) -> None:
+    endpoint, seen, _, targets = scripted
+    backend = backend_at(endpoint)
+
+    def listing(prefix: str) -> bytes:
+        page, token = trio.run(backend.list_page, prefix, None, 7)
+        assert token == "next"
+        assert [info.modified for info in page] == [1796346123.456]
+        return b"|".join(f"{info.key}={info.size}".encode() for info in page)
+
+    expect_answers(listing, {"good": b"good/1=3", "missing": (errors.BucketMissing, None),
+                             "throttled": (errors.Throttled, None),
+                             "failing": (errors.Unavailable, None)},
+                   seen)
+    expect_left_to_the_sdk(listing, backend, b"forbidden-direct/1=3", seen)
+    # objfs' listing asked what the SDK's asked (the same parameters, in another order).
+    asked = [urllib.parse.parse_qs(target.split("?", 1)[1]) for target in targets
+             if "prefix=forbidden-direct" in target]
+    assert len(asked) >= 2 and all(query == asked[0] for query in asked)
+    assert asked[0]["maxResults"] == ["7"] and asked[0]["projection"] == ["noAcl"]
+    # An answer objfs cannot read is the SDK's to read.
+    seen.clear()
+    unreadable = backend_at(endpoint)
+    page, _ = trio.run(unreadable.list_page, "unreadable", None, 7)
+    assert [(info.key, info.size) for info in page] == [("unreadable/1", 3)]
+    assert [request for request in seen if request[0] == "unreadable"] == [
+        ("unreadable", False), ("unreadable", True)]
 
 
 @pytest.fixture

@@ -24,7 +24,14 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from objfs import errors
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.gcsdirect import SAMPLE_NAME, DirectGcs, media_url, upload_target
+from objfs.backends.gcsdirect import (
+    SAMPLE_NAME,
+    ApiTargets,
+    DirectGcs,
+    api_targets,
+    media_url,
+    upload_target,
+)
 from objfs.backends.kept import DirectFirst, proxied
 from objfs.config import GcsSettings
 
@@ -91,18 +98,19 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
                         "URL (%s)", exc)
             upload = None
         try:
-            # The SDK's URL for an object's metadata, as `Bucket.get_blob` asks for it.
-            found = media_url(self.client._connection.build_api_url(
-                self.bucket.blob(SAMPLE_NAME).path, query_params={"projection": "noAcl"}))
-            if found[:3] != url[:3]:
-                raise ValueError(f"{found[:3]}: not the server of the media URL")
-            metadata: tuple[str, str] | None = (found[3], found[4])
+            # The SDK's URLs for an object's metadata (as `Bucket.get_blob` asks for it), for
+            # its delete (`Blob.delete`) and for a listing (`Client.list_blobs`).
+            build = self.client._connection.build_api_url
+            sample = self.bucket.blob(SAMPLE_NAME).path
+            api: ApiTargets | None = api_targets(
+                build(sample, query_params={"projection": "noAcl"}), build(sample),
+                build(f"{self.bucket.path}/o", query_params={"projection": "noAcl"}), url[:3])
         except (AttributeError, TypeError, ValueError) as exc:
-            log.warning("GCS metadata reads go through google-cloud-storage: cannot build "
-                        "their URL (%s)", exc)
-            metadata = None
+            log.warning("GCS metadata reads, deletes and listings go through "
+                        "google-cloud-storage: cannot build their URLs (%s)", exc)
+            api = None
         client_cfg = self.cfg.client
-        return DirectGcs(url, upload, metadata, credentials,
+        return DirectGcs(url, upload, api, credentials,
                          google.auth.transport.requests.Request(), client_cfg.connect_timeout,
                          client_cfg.request_timeout, client_cfg.max_connections)
 
@@ -177,15 +185,22 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
             return int(blob.size or 0)
 
         direct = self.direct
-        if direct is None or direct.metadata is None:
+        if direct is None or direct.api is None:
             return ObjectInfo(key, through_the_sdk())
         return ObjectInfo(key, self._either("HEAD", key, lambda d: d.head(key), through_the_sdk))
 
     def _delete_sync(self, key: str) -> None:
-        try:
-            self.bucket.blob(key).delete(timeout=self.timeout, retry=self.retry)
-        except gx.NotFound:
-            pass  # already gone: success
+        def through_the_sdk() -> None:
+            try:
+                self.bucket.blob(key).delete(timeout=self.timeout, retry=self.retry)
+            except gx.NotFound:
+                pass  # already gone: success
+
+        direct = self.direct
+        if direct is None or direct.api is None:
+            through_the_sdk()
+            return
+        self._either("DELETE", key, lambda d: d.delete(key), through_the_sdk)
 
     def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
         try:
@@ -221,13 +236,23 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:
-        blobs = self.client.list_blobs(self.bucket, prefix=prefix or None, page_token=token,
-                                       max_results=None, page_size=limit,
-                                       timeout=self.timeout, retry=self.retry)
-        page = next(blobs.pages)
-        found = [ObjectInfo(b.name, int(b.size or 0),
-                            b.updated.timestamp() if b.updated else None) for b in page]
-        return found, blobs.next_page_token or None
+        def through_the_sdk() -> tuple[list[tuple[str, int, float | None]], str | None]:
+            blobs = self.client.list_blobs(self.bucket, prefix=prefix or None,
+                                           page_token=token, max_results=None,
+                                           page_size=limit, timeout=self.timeout,
+                                           retry=self.retry)
+            page = next(blobs.pages)
+            found = [(b.name, int(b.size or 0), b.updated.timestamp() if b.updated else None)
+                     for b in page]
+            return found, blobs.next_page_token or None
+
+        direct = self.direct
+        if direct is None or direct.api is None:
+            listed, following = through_the_sdk()
+        else:
+            listed, following = self._either(
+                "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_the_sdk)
+        return [ObjectInfo(name, size, modified) for name, size, modified in listed], following
 
     def _copy_sync(self, src: str, dst: str) -> None:
         target = self.bucket.blob(dst)

@@ -252,10 +252,11 @@ GCS_OPTIONS: dict[str, Option] = {
     "StorageClass": Option((str,), None, None, "E.g. `NEARLINE` (objfs only).",
                            "bucket default"),
     "DirectRequests": Option((bool,), True, None,
-                             "Downloads, HEADs and single-request uploads sent over "
-                             "`http.client` with the SDK's credentials, without its request "
-                             "pipeline (objfs only; not behind an HTTP proxy); `false`: "
-                             "through google-cloud-storage like every other request."),
+                             "Downloads, HEADs, deletes, listings and single-request "
+                             "uploads sent over `http.client` with the SDK's credentials, "
+                             "without its request pipeline (objfs only; not behind an HTTP "
+                             "proxy); `false`: through google-cloud-storage like every other "
+                             "request."),
 }
 
 OBJFS_OPTIONS: dict[str, Option] = {
