@@ -1,11 +1,13 @@
-"""The Azure backend's direct downloads (objfs.backends.azuredirect): the URL is the SDK's,
-Azurite accepts their signature and serves what the SDK would, and every other kind of answer
-is mapped or left to the SDK, against a scripted HTTP server on 127.0.0.1."""
+"""The Azure backend's direct requests (objfs.backends.azuredirect): downloads, uploads, HEADs
+and listings. The URL is the SDK's, Azurite accepts their signature and serves, stores and
+lists what the SDK would, and every other kind of answer is mapped or left to the SDK,
+against a scripted HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import trio
 
 from objfs import errors
 from objfs.backends.azure import AzureBackend
+from objfs.backends.azuredirect import listed_blobs
 from objfs.config import settings_from_tree
 from tests.support.emulators import AZ_ACCOUNT, AZ_KEY, AzuriteServer
 from tests.support.scripted import (
@@ -160,11 +163,60 @@ def test_a_wrong_key_is_refused_both_ways(azurite: AzuriteServer, tmp_path: Path
         trio.run(azure.put, "other", source)
 
 
+def all_pages(azure: AzureBackend, prefix: str, limit: int) -> list[tuple[str, int, float]]:
+    """Every blob `prefix` names, page after page of `limit` (name, size, modified)."""
+    found: list[tuple[str, int, float]] = []
+    token = None
+    while True:
+        page, token = trio.run(azure.list_page, prefix, token, limit)
+        found.extend((info.key, info.size, info.modified or 0.0) for info in page)
+        if token is None:
+            return found
+
+
+def test_direct_listings_match_the_sdks(azurite: AzuriteServer) -> None:
+    """Listings (prefixes of odd names, pages of every size) give exactly what the SDK's
+    give, all of them direct: Azurite checks their signature."""
+    container = azurite.new_bucket("direct-listings")
+    azure = backend(azurite.connection_string(), container)
+    sdk = backend(azurite.connection_string(), container, DirectRequests=False)
+    assert azure.direct is not None and sdk.direct is None
+    names = [*ODD_NAMES, *(f"ab/cd/k{n}" for n in range(5))]
+    for n, name in enumerate(names):
+        azure.container.upload_blob(name, BODY[:100 * n])
+    sent = counting(azure.direct)
+    for prefix, limit in (("", 1000), ("", 3), ("ab/cd/", 2), ("ab/cd/k", 1), ("a b+c", 5),
+                          ("ünïcødé/", 5), ("x" * 300, 5), ("no/such/prefix", 5)):
+        listed = all_pages(azure, prefix, limit)
+        assert listed == all_pages(sdk, prefix, limit), (prefix, limit)
+        assert [name for name, _, _ in listed] == sorted(
+            name for name in names if name.startswith(prefix)), prefix
+        assert all(modified > 0 for _, _, modified in listed)
+    assert len(sent) == 1 + 4 + 3 + 5 + 1 + 1 + 1 + 1  # every page direct
+    assert azure.direct is not None  # nothing was refused
+
+
+def test_names_the_service_encoded_are_decoded() -> None:
+    """Names XML cannot carry come percent-encoded (`Encoded="true"`), as the SDK reads
+    them; a blob without a size is an answer objfs does not read."""
+    page = (b'<?xml version="1.0" encoding="utf-8"?><EnumerationResults><Blobs>'
+            b'<Blob><Name Encoded="true">ctl%01name</Name><Properties>'
+            b'<Last-Modified>Fri, 04 Dec 2026 01:02:03 GMT</Last-Modified>'
+            b'<Content-Length>7</Content-Length></Properties></Blob>'
+            b'<Blob><Name>plain%01</Name><Properties><Content-Length>0</Content-Length>'
+            b'</Properties></Blob></Blobs><NextMarker/></EnumerationResults>')
+    assert listed_blobs(page) == ([("ctl\x01name", 7, 1796346123.0), ("plain%01", 0, None)],
+                                  None)
+    with pytest.raises(ValueError):
+        listed_blobs(page.replace(b"<Content-Length>7</Content-Length>", b""))
+
+
 class Scripted(Answering):
-    """Answers a blob GET or PUT by its name; keeps the headers and body of each direct PUT
-    it stores."""
+    """Answers a blob GET, PUT or HEAD by its name, a listing by its prefix; keeps the
+    headers and body of each direct PUT it stores, and the query of each listing."""
 
     stored: list[tuple[dict[str, str], bytes]]
+    queries: list[tuple[dict[str, list[str]], bool]]
 
     def do_PUT(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
@@ -177,8 +229,31 @@ class Scripted(Answering):
         else:
             self.fail(name)
 
+    def listing(self, sdk: bool) -> None:
+        """A List Blobs answered by its prefix: "good" names one blob; "unreadable" gives
+        objfs a blob without a size (the SDK the good answer)."""
+        query = urllib.parse.parse_qs(self.path.split("?", 1)[1])
+        prefix = query.get("prefix", [""])[0]
+        self.seen.append((prefix, sdk))
+        self.queries.append((query, sdk))
+        if prefix not in ("good", "unreadable") and not (prefix == "forbidden-direct" and sdk):
+            self.fail(prefix)
+            return
+        size = "" if prefix == "unreadable" and not sdk else "<Content-Length>3</Content-Length>"
+        page = (f'<?xml version="1.0" encoding="utf-8"?><EnumerationResults '
+                f'ServiceEndpoint="http://127.0.0.1/{AZ_ACCOUNT}" ContainerName="c">'
+                f"<Prefix>{prefix}</Prefix><MaxResults>7</MaxResults><Blobs><Blob>"
+                f"<Name>{prefix}/1</Name><Properties>"
+                f"<Last-Modified>Fri, 04 Dec 2026 01:02:03 GMT</Last-Modified>{size}"
+                f"<BlobType>BlockBlob</BlobType></Properties></Blob></Blobs>"
+                f"<NextMarker>next</NextMarker></EnumerationResults>").encode()
+        self.send(200, page, content_type="application/xml")
+
     def do_GET(self) -> None:
         sdk = "x-ms-client-request-id" in self.headers
+        if "comp=list" in self.path:
+            self.listing(sdk)
+            return
         name = self.note(sdk)
         if name == "good":
             self.send(200, BODY)
@@ -219,12 +294,14 @@ class Scripted(Answering):
 
 # (endpoint, the requests seen, the direct PUTs stored)
 Script = tuple[str, list[tuple[str, bool]], list[tuple[dict[str, str], bytes]]]
+QUERIES: list[tuple[dict[str, list[str]], bool]] = []  # of the listings, by `scripted`
 
 
 @pytest.fixture
 def scripted() -> Iterator[Script]:
     stored: list[tuple[dict[str, str], bytes]] = []
-    with serving(Scripted, stored=stored) as (url, seen):
+    QUERIES.clear()
+    with serving(Scripted, stored=stored, queries=QUERIES) as (url, seen):
         yield f"{url}/{AZ_ACCOUNT}", seen, stored
 
 
@@ -270,3 +347,30 @@ def test_each_kind_of_answer_to_a_head(scripted: Script) -> None:
                           "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},
                    seen)
     expect_left_to_the_sdk(size, azure, b"%d" % len(BODY), seen)
+
+
+def test_each_kind_of_answer_to_a_listing(scripted: Script) -> None:
+    endpoint, seen, _ = scripted
+    azure = backend(connection_string(endpoint))
+
+    def listing(prefix: str) -> bytes:
+        page, token = trio.run(azure.list_page, prefix, None, 7)
+        assert token == "next"
+        assert [info.modified for info in page] == [1796346123.0]
+        return b"|".join(f"{info.key}={info.size}".encode() for info in page)
+
+    expect_answers(listing, {"good": b"good/1=3", "no-container": (errors.BucketMissing, None),
+                             "busy": (errors.Throttled, None),
+                             "failing": (errors.Unavailable, None)},
+                   seen)
+    expect_left_to_the_sdk(listing, azure, b"forbidden-direct/1=3", seen)
+    # objfs' listing asked what the SDK's asked.
+    asked = {sdk: query for query, sdk in QUERIES if query.get("prefix") == ["forbidden-direct"]}
+    assert asked[False] == asked[True]
+    assert asked[False]["comp"] == ["list"] and asked[False]["maxresults"] == ["7"]
+    # An answer objfs cannot read is the SDK's to read.
+    seen.clear()
+    unreadable = backend(connection_string(endpoint))
+    page, _ = trio.run(unreadable.list_page, "unreadable", None, 7)
+    assert [(info.key, info.size) for info in page] == [("unreadable/1", 3)]
+    assert seen == [("unreadable", False), ("unreadable", True)]

@@ -234,16 +234,21 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:
-        pages = self.container.list_blobs(name_starts_with=prefix or None,
-                                          results_per_page=limit).by_page(
-            continuation_token=token)
-        page = [ObjectInfo(b.name, int(b.size),
-                           b.last_modified.timestamp() if b.last_modified else None)
-                for b in next(pages)]
-        # by_page() returns an ItemPaged page iterator, which carries the token; the SDK's
-        # annotation says only Iterator.
-        following: str | None = getattr(pages, "continuation_token", None)
-        return page, (following or None)
+        def through_the_sdk() -> tuple[list[tuple[str, int, float | None]], str | None]:
+            pages = self.container.list_blobs(name_starts_with=prefix or None,
+                                              results_per_page=limit).by_page(
+                continuation_token=token)
+            page = [(b.name, int(b.size),
+                     b.last_modified.timestamp() if b.last_modified else None)
+                    for b in next(pages)]
+            # by_page() returns an ItemPaged page iterator, which carries the token; the
+            # SDK's annotation says only Iterator.
+            following: str | None = getattr(pages, "continuation_token", None)
+            return page, (following or None)
+
+        listed, following = self._either(
+            "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_the_sdk)
+        return [ObjectInfo(name, size, modified) for name, size, modified in listed], following
 
     def _copy_sync(self, src: str, dst: str) -> None:
         target = self.container.get_blob_client(dst)

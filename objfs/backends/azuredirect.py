@@ -1,5 +1,5 @@
-"""The Azure backend's downloads, single-request uploads and property reads (HEAD) without
-azure-storage-blob's request pipeline.
+"""The Azure backend's downloads, single-request uploads, property reads (HEAD) and listings
+without azure-storage-blob's request pipeline.
 
 A 0.5 MB GET through `ContainerClient.download_blob` took 3.5 ms of client CPU against
 Azurite (300 in a row), against 1.5 ms for the S3 backend's direct GET: the SDK's downloader,
@@ -14,6 +14,12 @@ through `upload_blob`, 1.8 to 2.2 direct (its MD5 0.8 of that), 200 in a row aga
 The request carries what the SDK's does: the block blob type, `application/octet-stream`, the
 body's MD5 (`validate_content`, which the service checks) and the access tier when one is set.
 Larger blobs stay with the SDK (blocks staged in parallel).
+
+A one-page listing (List Blobs) took 2.5 to 2.7 ms of client CPU through the SDK (200 in a
+row): on a SharedBucket every name this node does not know costs one, and the inventory at
+the first start one per 5,000 blobs. Direct, the answer's XML is read with ElementTree; a
+name the service sent percent-encoded (`Encoded="true"`, for characters XML cannot carry) is
+decoded, as the SDK decodes it.
 
 The contract is the SDK's: the same blob URL (the SDK's container URL, the name quoted as the
 SDK quotes it), the same service version, signed with the account key of the connection
@@ -30,9 +36,11 @@ HTTP proxy.
 from __future__ import annotations
 
 import datetime
+import email.utils
 import hashlib
 import http.client
 import urllib.parse
+import xml.etree.ElementTree as ElementTree
 from base64 import b64encode
 from typing import IO
 
@@ -47,6 +55,7 @@ from objfs.backends.kept import (
     byte_range,
     download_answer,
     head_answer,
+    network_error,
     origin,
     read_body,
     requests_ca_bundle,
@@ -59,8 +68,28 @@ def container_url(url: str) -> tuple[str, str, int, str]:
     return scheme, host, port, path.rstrip("/")
 
 
+def listed_blobs(answer: bytes) -> tuple[list[tuple[str, int, float | None]], str | None]:
+    """The blobs of a List Blobs answer, [(name, size, modification time)], and its
+    NextMarker (None on the last page). Raises ValueError (ElementTree's ParseError is one),
+    KeyError or TypeError for an answer without a usable name or size."""
+    root = ElementTree.fromstring(answer)
+    found: list[tuple[str, int, float | None]] = []
+    for blob in root.iterfind("Blobs/Blob"):
+        name = blob.find("Name")
+        if name is None or name.text is None:
+            raise ValueError("a blob without a name")
+        text = urllib.parse.unquote(name.text) if name.get("Encoded") == "true" else name.text
+        length = blob.findtext("Properties/Content-Length")
+        if length is None:
+            raise ValueError(f"blob {text!r} without a Content-Length")
+        modified = blob.findtext("Properties/Last-Modified")
+        found.append((text, int(length), email.utils.parsedate_to_datetime(modified).timestamp()
+                      if modified else None))
+    return found, root.findtext("NextMarker") or None
+
+
 class DirectAzure(KeptConnections):
-    """Downloads, single-request uploads and HEADs of one container's blobs over
+    """Downloads, single-request uploads, HEADs and listings of one container's blobs over
     `http.client`; thread-safe."""
 
     def __init__(self, url: tuple[str, str, int, str], account: str, account_key: str,
@@ -118,12 +147,50 @@ class DirectAzure(KeptConnections):
 
         self.exchange("PUT", path, headers, (body, size), answer)
 
+    def list_page(self, prefix: str, marker: str | None, limit: int
+                  ) -> tuple[list[tuple[str, int, float | None]], str | None]:
+        """One page of at most `limit` blobs whose names start with `prefix`, after the page
+        `marker` ended (List Blobs, the parameters the SDK sends): ([(name, size,
+        modification time)], the next page's marker or None). Raises Fallback (an answer it
+        cannot read), azure.core's ResourceNotFoundError (ContainerNotFound) or
+        HttpResponseError (429, 5xx), ConnectionError or TimeoutError."""
+        query = {"restype": "container", "comp": "list"}
+        if prefix:
+            query["prefix"] = prefix
+        query["maxresults"] = str(limit)
+        if marker:
+            query["marker"] = marker
+        target = self.prefix + "?" + "&".join(
+            f"{name}={urllib.parse.quote(value, safe='')}" for name, value in query.items())
+        headers = self._dated({"accept": "application/xml"})
+        headers["authorization"] = azsign.authorization("GET", self.prefix, headers,
+                                                        self.account, self.account_key, query)
+
+        def answer(response: http.client.HTTPResponse
+                   ) -> tuple[list[tuple[str, int, float | None]], str | None]:
+            if response.status != 200:
+                raise _refused(response)
+            try:
+                body = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise network_error(exc, self.host) from exc
+            try:
+                return listed_blobs(body)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise Fallback(f"a listing that cannot be read ({exc!r})") from exc
+
+        return self.exchange("GET", target, headers, None, answer)
+
+    def _dated(self, extra: dict[str, str]) -> dict[str, str]:
+        """`extra` with the date and the service version (before the authorization)."""
+        return {**extra, "x-ms-date": azsign.http_date(datetime.datetime.now(datetime.UTC)),
+                "x-ms-version": self.api_version}
+
     def _signed(self, method: str, key: str, extra: dict[str, str]) -> tuple[str, dict[str, str]]:
         """The request path of blob `key` and its headers (`extra`, lower-case names, with
         the date, the service version and the Shared Key authorization)."""
         path = self.path(key)
-        headers = {**extra, "x-ms-date": azsign.http_date(datetime.datetime.now(datetime.UTC)),
-                   "x-ms-version": self.api_version}
+        headers = self._dated(extra)
         headers["authorization"] = azsign.authorization(method, path, headers, self.account,
                                                         self.account_key)
         return path, headers

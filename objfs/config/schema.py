@@ -233,12 +233,11 @@ AZURE_OPTIONS: dict[str, Option] = {
                          "Pin the service API version: emulators, Azure Stack (objfs only).",
                          "the SDK's"),
     "DirectRequests": Option((bool,), True, None,
-                             "Downloads, HEADs and single Put Blob uploads signed with the "
-                             "connection string's account key and sent over `http.client`, "
-                             "without the SDK's request pipeline "
-                             "(objfs only; not with SAS or Entra ID, not behind an HTTP "
-                             "proxy); `false`: through azure-storage-blob like every other "
-                             "request."),
+                             "Downloads, HEADs, listings and single Put Blob uploads signed "
+                             "with the connection string's account key and sent over "
+                             "`http.client`, without the SDK's request pipeline (objfs only; "
+                             "not with SAS or Entra ID, not behind an HTTP proxy); `false`: "
+                             "through azure-storage-blob like every other request."),
 }
 
 GCS_OPTIONS: dict[str, Option] = {
