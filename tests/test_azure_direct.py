@@ -22,11 +22,15 @@ from objfs.config import settings_from_tree
 from tests.support.emulators import AZ_ACCOUNT, AZ_KEY, AzuriteServer
 from tests.support.scripted import (
     BODY,
+    LISTED_PAGES,
     ODD_NAMES,
     Answering,
     counting,
     expect_answers,
     expect_left_to_the_sdk,
+    expect_listings_as_the_sdks,
+    listed_names,
+    listing,
     serving,
     sizing,
     storing,
@@ -163,17 +167,6 @@ def test_a_wrong_key_is_refused_both_ways(azurite: AzuriteServer, tmp_path: Path
         trio.run(azure.put, "other", source)
 
 
-def all_pages(azure: AzureBackend, prefix: str, limit: int) -> list[tuple[str, int, float]]:
-    """Every blob `prefix` names, page after page of `limit` (name, size, modified)."""
-    found: list[tuple[str, int, float]] = []
-    token = None
-    while True:
-        page, token = trio.run(azure.list_page, prefix, token, limit)
-        found.extend((info.key, info.size, info.modified or 0.0) for info in page)
-        if token is None:
-            return found
-
-
 def test_direct_listings_match_the_sdks(azurite: AzuriteServer) -> None:
     """Listings (prefixes of odd names, pages of every size) give exactly what the SDK's
     give, all of them direct: Azurite checks their signature."""
@@ -181,18 +174,11 @@ def test_direct_listings_match_the_sdks(azurite: AzuriteServer) -> None:
     azure = backend(azurite.connection_string(), container)
     sdk = backend(azurite.connection_string(), container, DirectRequests=False)
     assert azure.direct is not None and sdk.direct is None
-    names = [*ODD_NAMES, *(f"ab/cd/k{n}" for n in range(5))]
-    for n, name in enumerate(names):
+    for n, name in enumerate(listed_names()):
         azure.container.upload_blob(name, BODY[:100 * n])
     sent = counting(azure.direct)
-    for prefix, limit in (("", 1000), ("", 3), ("ab/cd/", 2), ("ab/cd/k", 1), ("a b+c", 5),
-                          ("ünïcødé/", 5), ("x" * 300, 5), ("no/such/prefix", 5)):
-        listed = all_pages(azure, prefix, limit)
-        assert listed == all_pages(sdk, prefix, limit), (prefix, limit)
-        assert [name for name, _, _ in listed] == sorted(
-            name for name in names if name.startswith(prefix)), prefix
-        assert all(modified > 0 for _, _, modified in listed)
-    assert len(sent) == 1 + 4 + 3 + 5 + 1 + 1 + 1 + 1  # every page direct
+    expect_listings_as_the_sdks(azure, sdk)
+    assert len(sent) == LISTED_PAGES  # every page direct
     assert azure.direct is not None  # nothing was refused
 
 
@@ -352,18 +338,11 @@ def test_each_kind_of_answer_to_a_head(scripted: Script) -> None:
 def test_each_kind_of_answer_to_a_listing(scripted: Script) -> None:
     endpoint, seen, _ = scripted
     azure = backend(connection_string(endpoint))
-
-    def listing(prefix: str) -> bytes:
-        page, token = trio.run(azure.list_page, prefix, None, 7)
-        assert token == "next"
-        assert [info.modified for info in page] == [1796346123.0]
-        return b"|".join(f"{info.key}={info.size}".encode() for info in page)
-
-    expect_answers(listing, {"good": b"good/1=3", "no-container": (errors.BucketMissing, None),
-                             "busy": (errors.Throttled, None),
-                             "failing": (errors.Unavailable, None)},
+    expect_answers(listing(azure, 1796346123.0),
+                   {"good": b"good/1=3", "no-container": (errors.BucketMissing, None),
+                    "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},
                    seen)
-    expect_left_to_the_sdk(listing, azure, b"forbidden-direct/1=3", seen)
+    expect_left_to_the_sdk(listing(azure, 1796346123.0), azure, b"forbidden-direct/1=3", seen)
     # objfs' listing asked what the SDK's asked.
     asked = {sdk: query for query, sdk in QUERIES if query.get("prefix") == ["forbidden-direct"]}
     assert asked[False] == asked[True]

@@ -23,11 +23,16 @@ from objfs.config import settings_from_tree
 from tests.support.emulators import FakeGcsServer
 from tests.support.scripted import (
     BODY,
+    LISTED_PAGES,
     ODD_NAMES,
     Answering,
+    all_pages,
     counting,
     expect_answers,
     expect_left_to_the_sdk,
+    expect_listings_as_the_sdks,
+    listed_names,
+    listing,
     serving,
     sizing,
     storing,
@@ -122,17 +127,6 @@ def test_direct_uploads_store_what_the_sdk_would(fake_gcs: FakeGcsServer,
     assert get(backend, ODD_NAMES[0], tmp_path / "out") == b"replaced"
 
 
-def all_pages(backend: GcsBackend, prefix: str, limit: int) -> list[tuple[str, int, float]]:
-    """Every object `prefix` names, page after page of `limit` (name, size, modified)."""
-    found: list[tuple[str, int, float]] = []
-    token = None
-    while True:
-        page, token = trio.run(backend.list_page, prefix, token, limit)
-        found.extend((info.key, info.size, info.modified or 0.0) for info in page)
-        if token is None:
-            return found
-
-
 def test_direct_deletes_and_listings_match_the_sdks(fake_gcs: FakeGcsServer,
                                                     tmp_path: Path) -> None:
     """Listings (prefixes of odd names, pages of every size) give exactly what the SDK's
@@ -140,21 +134,15 @@ def test_direct_deletes_and_listings_match_the_sdks(fake_gcs: FakeGcsServer,
     direct."""
     bucket = fake_gcs.new_bucket("direct-deletes")
     source = tmp_path / "source"
-    names = [*ODD_NAMES, *(f"ab/cd/k{n}" for n in range(5))]
-    for n, name in enumerate(names):
+    for n, name in enumerate(listed_names()):
         source.write_bytes(BODY[:100 * n])
         fake_gcs.raw_put(bucket, name, source)
     backend = backend_at(fake_gcs.endpoint, bucket)
     sdk = backend_at(fake_gcs.endpoint, bucket, DirectRequests=False)
     assert backend.direct is not None and sdk.direct is None
     sent = counting(backend.direct)
-    for prefix, limit in (("", 1000), ("", 3), ("ab/cd/", 2), ("ab/cd/k", 1), ("a b+c", 5),
-                          ("ünïcødé/", 5), ("x" * 300, 5), ("no/such/prefix", 5)):
-        listed = all_pages(backend, prefix, limit)
-        assert listed == all_pages(sdk, prefix, limit), (prefix, limit)
-        assert [name for name, _, _ in listed] == sorted(
-            name for name in names if name.startswith(prefix)), prefix
-    assert all(modified > 0 for _, _, modified in all_pages(backend, "", 100))
+    expect_listings_as_the_sdks(backend, sdk)
+    assert len(sent) == LISTED_PAGES  # every page direct
     requests = len(sent)
     for name in [*ODD_NAMES, "ab/cd/k0", "no/such/object"]:
         trio.run(backend.delete, name)
@@ -303,18 +291,11 @@ def test_each_kind_of_answer_to_a_delete(scripted: Script) -> None:
 def test_each_kind_of_answer_to_a_listing(scripted: Script) -> None:
     endpoint, seen, _, targets = scripted
     backend = backend_at(endpoint)
-
-    def listing(prefix: str) -> bytes:
-        page, token = trio.run(backend.list_page, prefix, None, 7)
-        assert token == "next"
-        assert [info.modified for info in page] == [1796346123.456]
-        return b"|".join(f"{info.key}={info.size}".encode() for info in page)
-
-    expect_answers(listing, {"good": b"good/1=3", "missing": (errors.BucketMissing, None),
-                             "throttled": (errors.Throttled, None),
-                             "failing": (errors.Unavailable, None)},
+    expect_answers(listing(backend, 1796346123.456),
+                   {"good": b"good/1=3", "missing": (errors.BucketMissing, None),
+                    "throttled": (errors.Throttled, None), "failing": (errors.Unavailable, None)},
                    seen)
-    expect_left_to_the_sdk(listing, backend, b"forbidden-direct/1=3", seen)
+    expect_left_to_the_sdk(listing(backend, 1796346123.456), backend, b"forbidden-direct/1=3", seen)
     # objfs' listing asked what the SDK's asked (the same parameters, in another order).
     asked = [urllib.parse.parse_qs(target.split("?", 1)[1]) for target in targets
              if "prefix=forbidden-direct" in target]

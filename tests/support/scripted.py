@@ -124,3 +124,53 @@ def sizing(backend: Any) -> Callable[[str], bytes]:
     """A `fetch` for `expect_answers` that asks `backend` for each name's size (HEAD);
     returns it as ASCII digits."""
     return lambda name: b"%d" % trio.run(backend.head, name).size
+
+
+def listing(backend: Any, modified: float) -> Callable[[str], bytes]:
+    """A `fetch` for `expect_answers` that lists one page (at most 7) of each prefix through
+    `backend`, whose scripted answer names blobs modified at `modified` and a next page
+    ("next"); returns ``name=size`` of each, joined by ``|``."""
+
+    def fetch(prefix: str) -> bytes:
+        page, token = trio.run(backend.list_page, prefix, None, 7)
+        assert token == "next"
+        assert [info.modified for info in page] == [modified] * len(page)
+        return b"|".join(f"{info.key}={info.size}".encode() for info in page)
+
+    return fetch
+
+
+def all_pages(backend: Any, prefix: str, limit: int) -> list[tuple[str, int, float]]:
+    """Every object `backend` lists under `prefix`, page after page of `limit`: (name, size,
+    modification time)."""
+    found: list[tuple[str, int, float]] = []
+    token = None
+    while True:
+        page, token = trio.run(backend.list_page, prefix, token, limit)
+        found.extend((info.key, info.size, info.modified or 0.0) for info in page)
+        if token is None:
+            return found
+
+
+# (prefix, page size) of the listings the direct-path tests compare with the SDK's: pages of
+# every size, odd names, nothing; `LISTED_PAGES` pages over the objects of `listed_names`.
+LISTINGS = [("", 1000), ("", 3), ("ab/cd/", 2), ("ab/cd/k", 1), ("a b+c", 5), ("ünïcødé/", 5),
+            ("x" * 300, 5), ("no/such/prefix", 5)]
+LISTED_PAGES = 1 + 4 + 3 + 5 + 1 + 1 + 1 + 1
+
+
+def listed_names() -> list[str]:
+    """The names stored for `expect_listings_as_the_sdks`: ODD_NAMES and five more."""
+    return [*ODD_NAMES, *(f"ab/cd/k{n}" for n in range(5))]
+
+
+def expect_listings_as_the_sdks(backend: Any, sdk: Any) -> None:
+    """Each of LISTINGS through `backend` gives exactly what it gives through `sdk`: the
+    names of `listed_names` under the prefix, in order, with a modification time."""
+    names = listed_names()
+    for prefix, limit in LISTINGS:
+        listed = all_pages(backend, prefix, limit)
+        assert listed == all_pages(sdk, prefix, limit), (prefix, limit)
+        assert [name for name, _, _ in listed] == sorted(
+            name for name in names if name.startswith(prefix)), prefix
+        assert all(modified > 0 for _, _, modified in listed), prefix
