@@ -1,6 +1,6 @@
-"""The S3 backend's direct GETs, HEADs, PUTs and batch deletes (objfs.backends.s3direct): what
-they send and what they do with every kind of answer, against moto and against a scripted HTTP
-server on 127.0.0.1."""
+"""The S3 backend's direct GETs, HEADs, PUTs, batch deletes and listings
+(objfs.backends.s3direct): what they send and what they do with every kind of answer, against
+moto and against a scripted HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import ipaddress
 import re
 import ssl
 import threading
+import urllib.parse
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +25,16 @@ from cryptography.x509.oid import NameOID
 
 from objfs import errors
 from objfs.backends.s3 import S3Backend
-from objfs.backends.s3direct import bucket_url
+from objfs.backends.s3direct import bucket_url, listed_objects
 from objfs.config import settings_from_tree
 from tests.support.emulators import MotoServer
-from tests.support.scripted import serving
+from tests.support.scripted import (
+    LISTED_PAGES,
+    counting,
+    expect_listings_as_the_sdks,
+    listed_names,
+    serving,
+)
 
 BODY = bytes(range(256)) * 2048  # 512 KiB
 
@@ -51,6 +58,7 @@ class Scripted(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: list[tuple[str, int, str]]
     puts: list[tuple[dict[str, str], bytes]]  # headers and body of each PUT and POST
+    queries: list[tuple[dict[str, list[str]], bool]]  # of each listing; whether botocore's
     connections: Iterator[int]
 
     def setup(self) -> None:
@@ -123,8 +131,38 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
 
+    def listing(self) -> None:
+        """A ListObjectsV2 answered by its prefix: "good" names one object, its key
+        URL-encoded as asked; "unreadable" gives objfs an object without a size (botocore
+        the good answer)."""
+        query = urllib.parse.parse_qs(self.path.split("?", 1)[1])
+        prefix = query.get("prefix", [""])[0]
+        botocore = "Botocore" in self.headers.get("User-Agent", "")
+        self.queries.append((query, botocore))
+        if prefix == "missing":
+            self._send(404, b"<Error><Code>NoSuchBucket</Code><Message>no</Message></Error>")
+            return
+        if prefix == "slow-down":
+            self._send(503, b"<Error><Code>SlowDown</Code></Error>")
+            return
+        if prefix == "botocore-only" and not botocore:
+            self._send(400, b"<Error><Code>InvalidRequest</Code></Error>")
+            return
+        size = "" if prefix == "unreadable" and not botocore else "<Size>3</Size>"
+        self._send(200, (
+            '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws'
+            f'.com/doc/2006-03-01/"><Name>b</Name><Prefix>{prefix}</Prefix><KeyCount>1'
+            f'</KeyCount><MaxKeys>7</MaxKeys><EncodingType>url</EncodingType><IsTruncated>true'
+            f'</IsTruncated><Contents><Key>{prefix}%2F1+%26x</Key><LastModified>'
+            f'2026-12-04T01:02:03.000Z</LastModified><ETag>"e"</ETag>{size}<StorageClass>'
+            'STANDARD</StorageClass></Contents><NextContinuationToken>next'
+            '</NextContinuationToken></ListBucketResult>').encode())
+
     def do_GET(self) -> None:
         self.seen.append((self.path, self.number, self.headers.get("User-Agent", "")))
+        if "list-type=2" in self.path:
+            self.listing()
+            return
         name = self.path.rsplit("/", 1)[-1]
         if name == "good":
             self._send(200, BODY, x_amz_checksum_crc32=crc32(BODY))
@@ -153,12 +191,15 @@ class Scripted(http.server.BaseHTTPRequestHandler):
 
 
 PUTS: list[tuple[dict[str, str], bytes]] = []
+QUERIES: list[tuple[dict[str, list[str]], bool]] = []
 
 
 @pytest.fixture
 def scripted() -> Iterator[tuple[str, list[tuple[str, int, str]]]]:
     PUTS.clear()
-    with serving(Scripted, puts=PUTS, connections=iter(range(1, 1_000_000))) as server:
+    QUERIES.clear()
+    with serving(Scripted, puts=PUTS, queries=QUERIES,
+                 connections=iter(range(1, 1_000_000))) as server:
         yield server
 
 
@@ -321,6 +362,58 @@ async def test_batch_deletes_send_one_quiet_request_and_read_only_the_errors(
     assert len(agents) == 2 and "Botocore" not in agents[0] and "Botocore" in agents[1]
 
 
+async def test_listings_read_each_kind_of_answer(
+        scripted: tuple[str, list[tuple[str, int, str]]]) -> None:
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    page, token = await backend.list_page("good", None, 7)
+    assert [(info.key, info.size, info.modified) for info in page] == [
+        ("good/1 &x", 3, 1796346123.0)]  # decoded, as asked with encoding-type=url
+    assert token == "next"
+    await backend.list_page("good", "next", 7)
+    asked = [query for query, _ in QUERIES]
+    assert asked[0] == {"list-type": ["2"], "prefix": ["good"], "max-keys": ["7"],
+                        "encoding-type": ["url"]}
+    assert asked[1] == {**asked[0], "continuation-token": ["next"]}
+    with pytest.raises(errors.BucketMissing):
+        await backend.list_page("missing", None, 7)
+    with pytest.raises(errors.Throttled):
+        await backend.list_page("slow-down", None, 7)
+    assert all("Botocore" not in agent for _, _, agent in seen)
+    # A 400 and an answer objfs cannot read are botocore's, which asks the same.
+    for prefix in ("botocore-only", "unreadable"):
+        QUERIES.clear()
+        page, _ = await backend.list_page(prefix, None, 7)
+        assert [(info.key, info.size) for info in page] == [(f"{prefix}/1 &x", 3)]
+        assert [botocore for _, botocore in QUERIES] == [False, True]
+        assert QUERIES[0][0] == QUERIES[1][0]
+
+
+def test_keys_not_encoded_are_read_as_they_are() -> None:
+    """A store that ignores encoding-type=url (no EncodingType in its answer) sends keys as
+    they are; botocore then decodes nothing either. A token on a page that says it is the
+    last one is not followed (botocore's rule)."""
+    answer = (b"<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>a+b%20c"
+              b"</Key><Size>0</Size></Contents><NextContinuationToken>t</NextContinuationToken>"
+              b"</ListBucketResult>")
+    assert listed_objects(answer) == ([("a+b%20c", 0, None)], None)
+
+
+def test_listings_match_botocores(moto: MotoServer) -> None:
+    """Listings (prefixes of odd names, pages of every size) give exactly what botocore's
+    give, all of them direct."""
+    backend = backend_at(moto.endpoint, "direct-listings")
+    plain = backend_at(moto.endpoint, "direct-listings", DirectRequests=False)
+    assert backend.direct is not None and plain.direct is None
+    backend.client.create_bucket(Bucket="direct-listings")
+    for n, name in enumerate(listed_names()):
+        backend.client.put_object(Bucket="direct-listings", Key=name, Body=BODY[:100 * n])
+    sent = counting(backend.direct)
+    expect_listings_as_the_sdks(backend, plain)
+    assert len(sent) == LISTED_PAGES  # every page direct
+    assert backend.direct is not None  # nothing was refused
+
+
 async def test_moto_checks_the_signature(tmp_path: Path) -> None:
     """With signatures enforced, direct PUTs and GETs with the right keys store and read,
     whole or in part; wrong keys are Denied (botocore's answer, after the direct GET's
@@ -358,6 +451,10 @@ async def test_moto_checks_the_signature(tmp_path: Path) -> None:
         await backend.put("ab/a&b<c> d.dcm", source)
         with pytest.raises(errors.Denied):
             await wrong.delete_many(["ab/k.dcm"])
+        listed, _ = backend.direct.list_page("ab/a&b", None, 10)  # a signed query
+        assert [key for key, _, _ in listed] == ["ab/a&b<c> d.dcm"]
+        with pytest.raises(errors.Denied):
+            await wrong.list_page("ab/", None, 10)
         assert backend.direct.delete_many(["ab/k.dcm", "ab/a&b<c> d.dcm", "ab/none.dcm"]) == []
         assert backend.client.list_objects_v2(Bucket="direct-authed")["KeyCount"] == 0
     finally:

@@ -52,10 +52,11 @@ from objfs.backends.kept import (
     ERROR_BODY_LIMIT,
     Fallback,
     KeptConnections,
+    Listed,
     byte_range,
     download_answer,
     head_answer,
-    network_error,
+    listing_answer,
     origin,
     read_body,
     requests_ca_bundle,
@@ -68,7 +69,7 @@ def container_url(url: str) -> tuple[str, str, int, str]:
     return scheme, host, port, path.rstrip("/")
 
 
-def listed_blobs(answer: bytes) -> tuple[list[tuple[str, int, float | None]], str | None]:
+def listed_blobs(answer: bytes) -> Listed:
     """The blobs of a List Blobs answer, [(name, size, modification time)], and its
     NextMarker (None on the last page). Raises ValueError (ElementTree's ParseError is one),
     KeyError or TypeError for an answer without a usable name or size."""
@@ -147,8 +148,7 @@ class DirectAzure(KeptConnections):
 
         self.exchange("PUT", path, headers, (body, size), answer)
 
-    def list_page(self, prefix: str, marker: str | None, limit: int
-                  ) -> tuple[list[tuple[str, int, float | None]], str | None]:
+    def list_page(self, prefix: str, marker: str | None, limit: int) -> Listed:
         """One page of at most `limit` blobs whose names start with `prefix`, after the page
         `marker` ended (List Blobs, the parameters the SDK sends): ([(name, size,
         modification time)], the next page's marker or None). Raises Fallback (an answer it
@@ -166,20 +166,8 @@ class DirectAzure(KeptConnections):
         headers["authorization"] = azsign.authorization("GET", self.prefix, headers,
                                                         self.account, self.account_key, query)
 
-        def answer(response: http.client.HTTPResponse
-                   ) -> tuple[list[tuple[str, int, float | None]], str | None]:
-            if response.status != 200:
-                raise _refused(response)
-            try:
-                body = response.read()
-            except (OSError, http.client.HTTPException) as exc:
-                raise network_error(exc, self.host) from exc
-            try:
-                return listed_blobs(body)
-            except (ValueError, KeyError, TypeError) as exc:
-                raise Fallback(f"a listing that cannot be read ({exc!r})") from exc
-
-        return self.exchange("GET", target, headers, None, answer)
+        return self.exchange("GET", target, headers, None,
+                             listing_answer(listed_blobs, _refused, self.host))
 
     def _dated(self, extra: dict[str, str]) -> dict[str, str]:
         """`extra` with the date and the service version (before the authorization)."""

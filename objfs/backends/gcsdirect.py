@@ -48,11 +48,13 @@ from objfs.backends.kept import (
     ERROR_BODY_LIMIT,
     Fallback,
     KeptConnections,
+    Listed,
     byte_range,
     download_answer,
-    network_error,
+    listing_answer,
     origin,
     read_body,
+    read_whole,
     requests_ca_bundle,
 )
 
@@ -121,12 +123,18 @@ def _with_query(path: str, query: str) -> str:
     return f"{path}?{query}" if query else path
 
 
-def _listed(item: dict[str, Any]) -> tuple[str, int, float | None]:
-    """(name, size, modification time) of one object resource in a listing; ValueError,
-    KeyError or TypeError when it has no usable name or size."""
-    updated = item.get("updated")
-    modified = datetime.fromisoformat(updated).timestamp() if updated else None
-    return str(item["name"]), int(item["size"]), modified
+def listed_objects(answer: bytes) -> Listed:
+    """The objects of a listing's JSON answer, [(name, size, modification time)], and its
+    nextPageToken (None on the last page). Raises ValueError, KeyError, TypeError or
+    AttributeError for an answer without usable names or sizes."""
+    page = json.loads(answer)
+    found = []
+    for item in page.get("items", []):
+        updated = item.get("updated")
+        found.append((str(item["name"]), int(item["size"]),
+                      datetime.fromisoformat(updated).timestamp() if updated else None))
+    following = page.get("nextPageToken")
+    return found, str(following) if following else None
 
 
 class Concatenated(io.RawIOBase):
@@ -216,7 +224,7 @@ class DirectGcs(KeptConnections):
         def answer(response: http.client.HTTPResponse) -> int:
             if response.status != 200:
                 raise _refused(response, "GET metadata")
-            resource = _read_all(response, self.host)
+            resource = read_whole(response, self.host)
             try:
                 return int(json.loads(resource)["size"])
             except (ValueError, KeyError, TypeError) as exc:
@@ -276,8 +284,7 @@ class DirectGcs(KeptConnections):
 
         self.exchange("DELETE", target, headers, None, answer)
 
-    def list_page(self, prefix: str, token: str | None, limit: int
-                  ) -> tuple[list[tuple[str, int, float | None]], str | None]:
+    def list_page(self, prefix: str, token: str | None, limit: int) -> Listed:
         """One page of at most `limit` objects whose names start with `prefix`, after page
         `token`: ([(name, size, modification time)], the next page's token or None). Raises
         Fallback (an answer it cannot read), google.api_core's NotFound (no bucket),
@@ -294,20 +301,8 @@ class DirectGcs(KeptConnections):
         headers: dict[str, str] = {}
         self._authorize("GET", target, headers)
 
-        def answer(response: http.client.HTTPResponse
-                   ) -> tuple[list[tuple[str, int, float | None]], str | None]:
-            if response.status != 200:
-                raise _refused(response, "list")
-            page_bytes = _read_all(response, self.host)
-            try:
-                page = json.loads(page_bytes)
-                found = [_listed(item) for item in page.get("items", [])]
-                following = page.get("nextPageToken") or None
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise Fallback(f"a listing that cannot be read ({exc!r})") from exc
-            return found, None if following is None else str(following)
-
-        return self.exchange("GET", target, headers, None, answer)
+        return self.exchange("GET", target, headers, None, listing_answer(
+            listed_objects, lambda response: _refused(response, "list"), self.host))
 
     def _api(self) -> ApiTargets:
         if self.api is None:
@@ -338,15 +333,6 @@ class DirectGcs(KeptConnections):
             raise errors.Unavailable(f"{key}: the answer's CRC32C does not match the "
                                      "object's: damaged in transit")
         return copied
-
-
-def _read_all(response: http.client.HTTPResponse, host: str) -> bytes:
-    """A success answer's whole body (a JSON resource); the network's errors as
-    `network_error` gives them (a timeout or a cut connection: Unavailable)."""
-    try:
-        return response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise network_error(exc, host) from exc
 
 
 def _refused(response: http.client.HTTPResponse, operation: str) -> Exception:

@@ -125,6 +125,39 @@ def download_answer(body: Callable[[http.client.HTTPResponse], int],
     return answer
 
 
+def read_whole(response: http.client.HTTPResponse, host: str) -> bytes:
+    """A success answer's whole body (a resource or a listing); the network's errors as
+    `network_error` gives them (a timeout or a cut connection: Unavailable)."""
+    try:
+        return response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise network_error(exc, host) from exc
+
+
+# A listing page: [(name, size, modification time)] and the next page's token (None: the last).
+Listed = tuple[list[tuple[str, int, float | None]], str | None]
+
+
+def listing_answer(parse: Callable[[bytes], Listed],
+                   refused: Callable[[http.client.HTTPResponse], Exception], host: str,
+                   ) -> Callable[[http.client.HTTPResponse], Listed]:
+    """The `answer` of a listing, the same on every direct path: a 200's whole body read by
+    `parse` (a body it cannot read, raising ValueError, KeyError, TypeError or
+    AttributeError, is Fallback: the SDK reads it); anything else raises what `refused`
+    makes of it."""
+
+    def answer(response: http.client.HTTPResponse) -> Listed:
+        if response.status != 200:
+            raise refused(response)
+        body = read_whole(response, host)
+        try:
+            return parse(body)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise Fallback(f"a listing that cannot be read ({exc!r})") from exc
+
+    return answer
+
+
 def head_answer(refused: Callable[[http.client.HTTPResponse], Exception],
                 ) -> Callable[[http.client.HTTPResponse], int]:
     """The `answer` of a HEAD: the object's size from the Content-Length of a 200; Fallback

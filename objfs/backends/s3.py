@@ -273,14 +273,19 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": limit}
-        if token:
-            args["ContinuationToken"] = token
-        response = self.client.list_objects_v2(**args)
-        page = [ObjectInfo(o["Key"], o["Size"], o["LastModified"].timestamp())
-                for o in response.get("Contents", [])]
-        more = response.get("IsTruncated") and response.get("NextContinuationToken")
-        return page, (more or None)
+        def through_botocore() -> tuple[list[tuple[str, int, float | None]], str | None]:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": limit}
+            if token:
+                args["ContinuationToken"] = token
+            response = self.client.list_objects_v2(**args)
+            page = [(o["Key"], o["Size"], o["LastModified"].timestamp())
+                    for o in response.get("Contents", [])]
+            more = response.get("IsTruncated") and response.get("NextContinuationToken")
+            return page, (more or None)
+
+        listed, following = self._either(
+            "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_botocore)
+        return [ObjectInfo(key, size, modified) for key, size, modified in listed], following
 
     def _copy_sync(self, src: str, dst: str) -> None:
         extra = {k: v for k, v in self.extra.items() if k != "ChecksumAlgorithm"}

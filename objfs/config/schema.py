@@ -195,10 +195,10 @@ S3_OPTIONS: dict[str, Option] = {
                         "Multipart part size in MiB, >= 5; larger objects upload in parallel "
                         "parts."),
     "DirectRequests": Option((bool,), True, None,
-                             "GETs, HEADs, single PUTs and batch deletes signed by objfs "
-                             "and sent over `http.client`, without botocore's request "
-                             "pipeline (objfs only; not behind an HTTP proxy); `false`: "
-                             "through boto3 like every other request."),
+                             "GETs, HEADs, single PUTs, batch deletes and listings signed "
+                             "by objfs and sent over `http.client`, without botocore's "
+                             "request pipeline (objfs only; not behind an HTTP proxy); "
+                             "`false`: through boto3 like every other request."),
 }
 
 # Options of the official S3 plugin that have no meaning for objfs: accepted, with a notice.
