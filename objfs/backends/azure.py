@@ -20,7 +20,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, LinearRetry, 
 from objfs import errors
 from objfs.backends.azuredirect import DirectAzure, container_url
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.kept import DirectFirst, proxied
+from objfs.backends.kept import DirectFirst, Listed, proxied
 from objfs.config import AzureSettings
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:
-        def through_the_sdk() -> tuple[list[tuple[str, int, float | None]], str | None]:
+        def through_the_sdk() -> Listed:
             pages = self.container.list_blobs(name_starts_with=prefix or None,
                                               results_per_page=limit).by_page(
                 continuation_token=token)

@@ -32,7 +32,7 @@ from objfs.backends.gcsdirect import (
     media_url,
     upload_target,
 )
-from objfs.backends.kept import DirectFirst, proxied
+from objfs.backends.kept import DirectFirst, Listed, proxied
 from objfs.config import GcsSettings
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:
-        def through_the_sdk() -> tuple[list[tuple[str, int, float | None]], str | None]:
+        def through_the_sdk() -> Listed:
             blobs = self.client.list_blobs(self.bucket, prefix=prefix or None,
                                            page_token=token, max_results=None,
                                            page_size=limit, timeout=self.timeout,

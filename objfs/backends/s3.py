@@ -35,7 +35,7 @@ from botocore.config import Config
 
 from objfs import errors, sigv4
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.kept import DirectFirst
+from objfs.backends.kept import DirectFirst, Listed
 from objfs.backends.s3direct import DirectS3, bucket_url, byte_range, proxied
 from objfs.config import S3Settings
 
@@ -273,7 +273,7 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
 
     def _list_sync(self, prefix: str, token: str | None,
                    limit: int) -> tuple[list[ObjectInfo], str | None]:
-        def through_botocore() -> tuple[list[tuple[str, int, float | None]], str | None]:
+        def through_botocore() -> Listed:
             args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": limit}
             if token:
                 args["ContinuationToken"] = token

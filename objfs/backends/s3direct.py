@@ -188,8 +188,9 @@ class DirectS3(KeptConnections):
         ([(key, size, modification time)], the next page's token or None). Raises Fallback
         (an answer it cannot read), botocore's ClientError (404 NoSuchBucket, 429, 5xx),
         ConnectionError or TimeoutError."""
-        query = {"list-type": "2", "prefix": prefix, "max-keys": str(limit),
-                 "encoding-type": "url"}
+        query = {"list-type": "2", "max-keys": str(limit), "encoding-type": "url"}
+        if prefix:
+            query["prefix"] = prefix
         if token:
             query["continuation-token"] = token
 
