@@ -20,7 +20,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, LinearRetry, 
 from objfs import errors
 from objfs.backends.azuredirect import DirectAzure, container_url
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.kept import DirectFirst, Listed, proxied
+from objfs.backends.kept import DirectFirst, Listed, as_objects, proxied
 from objfs.config import AzureSettings
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,8 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
             following: str | None = getattr(pages, "continuation_token", None)
             return page, (following or None)
 
-        listed, following = self._either(
-            "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_the_sdk)
-        return [ObjectInfo(name, size, modified) for name, size, modified in listed], following
+        return as_objects(self._either(
+            "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_the_sdk))
 
     def _copy_sync(self, src: str, dst: str) -> None:
         target = self.container.get_blob_client(dst)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import google.auth.transport.requests
 import requests
@@ -32,10 +33,12 @@ from objfs.backends.gcsdirect import (
     media_url,
     upload_target,
 )
-from objfs.backends.kept import DirectFirst, Listed, proxied
+from objfs.backends.kept import DirectFirst, Listed, as_objects, proxied
 from objfs.config import GcsSettings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
@@ -184,10 +187,8 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
                 raise errors.NotFound(f"gs://{self.cfg.bucket}/{key}")
             return int(blob.size or 0)
 
-        direct = self.direct
-        if direct is None or direct.api is None:
-            return ObjectInfo(key, through_the_sdk())
-        return ObjectInfo(key, self._either("HEAD", key, lambda d: d.head(key), through_the_sdk))
+        return ObjectInfo(key, self._through_api("HEAD", key, lambda d: d.head(key),
+                                                 through_the_sdk))
 
     def _delete_sync(self, key: str) -> None:
         def through_the_sdk() -> None:
@@ -196,11 +197,17 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
             except gx.NotFound:
                 pass  # already gone: success
 
+        self._through_api("DELETE", key, lambda d: d.delete(key), through_the_sdk)
+
+    def _through_api(self, method: str, key: str, direct_call: Callable[[DirectGcs], T],
+                     sdk_call: Callable[[], T]) -> T:
+        """`_either` for the requests on the JSON API's URLs (HEAD, DELETE, listing): the
+        SDK's alone when those URLs could not be built (known at start, not a server's
+        refusal, so not counted as one)."""
         direct = self.direct
         if direct is None or direct.api is None:
-            through_the_sdk()
-            return
-        self._either("DELETE", key, lambda d: d.delete(key), through_the_sdk)
+            return sdk_call()
+        return self._either(method, key, direct_call, sdk_call)
 
     def _create_exclusive_sync(self, key: str, data: bytes) -> bool:
         try:
@@ -246,13 +253,8 @@ class GcsBackend(ThreadedBackend, DirectFirst[DirectGcs]):
                      for b in page]
             return found, blobs.next_page_token or None
 
-        direct = self.direct
-        if direct is None or direct.api is None:
-            listed, following = through_the_sdk()
-        else:
-            listed, following = self._either(
-                "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_the_sdk)
-        return [ObjectInfo(name, size, modified) for name, size, modified in listed], following
+        return as_objects(self._through_api(
+            "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_the_sdk))
 
     def _copy_sync(self, src: str, dst: str) -> None:
         target = self.bucket.blob(dst)

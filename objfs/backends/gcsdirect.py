@@ -86,7 +86,7 @@ def upload_target(upload_url: str, scheme: str, host: str, port: int) -> str:
     found = origin(upload_url)
     if found[:3] != (scheme, host, port):
         raise ValueError(f"{upload_url}: not on the server of the media URL")
-    return f"{found[3]}?{found[4]}" if found[4] else found[3]
+    return _with_query(found[3], found[4])
 
 
 @dataclass(frozen=True)

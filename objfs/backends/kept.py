@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import IO, Generic, TypeVar, cast
 
 from objfs import errors
+from objfs.backends.base import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,12 @@ def read_whole(response: http.client.HTTPResponse, host: str) -> bytes:
 
 # A listing page: [(name, size, modification time)] and the next page's token (None: the last).
 Listed = tuple[list[tuple[str, int, float | None]], str | None]
+
+
+def as_objects(listed: Listed) -> tuple[list[ObjectInfo], str | None]:
+    """A listing page as `Backend.list_page` returns it."""
+    found, following = listed
+    return [ObjectInfo(name, size, modified) for name, size, modified in found], following
 
 
 def listing_answer(parse: Callable[[bytes], Listed],

@@ -35,7 +35,7 @@ from botocore.config import Config
 
 from objfs import errors, sigv4
 from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.kept import DirectFirst, Listed
+from objfs.backends.kept import DirectFirst, Listed, as_objects
 from objfs.backends.s3direct import DirectS3, bucket_url, byte_range, proxied
 from objfs.config import S3Settings
 
@@ -283,9 +283,8 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
             more = response.get("IsTruncated") and response.get("NextContinuationToken")
             return page, (more or None)
 
-        listed, following = self._either(
-            "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_botocore)
-        return [ObjectInfo(key, size, modified) for key, size, modified in listed], following
+        return as_objects(self._either(
+            "LIST", prefix, lambda d: d.list_page(prefix, token, limit), through_botocore))
 
     def _copy_sync(self, src: str, dst: str) -> None:
         extra = {k: v for k, v in self.extra.items() if k != "ChecksumAlgorithm"}
