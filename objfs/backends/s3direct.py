@@ -204,8 +204,9 @@ class DirectS3(KeptConnections):
                   query: dict[str, str] | None = None) -> T:
         """Send one signed request on a kept or new connection and hand the response to
         `answer`; the connection is kept only when the answer was read to its end, whatever
-        `answer` returned or raised. `key` "" with a `query` is a request on the bucket."""
-        path = sigv4.uri_path(f"{self.prefix}/{key}")
+        `answer` returned or raised. `key` "" with a `query` is a request on the bucket, sent
+        where botocore sends it: `/bucket?...` in path style, `/?...` on a bucket's host."""
+        path = sigv4.uri_path(f"{self.prefix}/{key}" if key or not self.prefix else self.prefix)
         headers = sigv4.sign(method, self.host_header, path, extra, self.credentials(),
                              self.region, datetime.datetime.now(datetime.UTC), query=query,
                              keys=self.keys,
