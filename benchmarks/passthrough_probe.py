@@ -1,13 +1,20 @@
-"""What kernel FUSE passthrough (Linux >= 6.9) would bring objfs: Orthanc's ingest, warm read
-and delete on local disk, on objfs (local-directory bucket, no network), and on `mirrorfs`
-(benchmarks/passthrough/mirrorfs.c: a minimal C mirror on libfuse 3.17) without the writeback
-cache, with it (as objfs mounts), and with passthrough, in interleaved rounds.
+"""What kernel FUSE passthrough (Linux >= 6.9) and FUSE over io_uring (Linux >= 6.14) would
+bring objfs: Orthanc's ingest, warm read and delete on local disk, on objfs (local-directory
+bucket, no network), and on `mirrorfs` (benchmarks/passthrough/mirrorfs.c: a minimal C mirror
+on libfuse) without the writeback cache, with it (as objfs mounts), with passthrough, and with
+the writeback cache over io_uring, in interleaved rounds.
 
-Debian 12's libfuse 3.14 cannot ask for passthrough, so mirrorfs is built and run with
-Debian 13's libfuse 3.17 and C library from a trixie tree made with debootstrap
-(`--chroot`; `gcc`, `pkg-config` and `libfuse3-dev` are installed into it when missing).
+Debian 12's libfuse 3.14 cannot ask for passthrough, so mirrorfs is built and run with a newer
+libfuse and C library from a Debian 13 or sid tree made with debootstrap (`--chroot`; `gcc`,
+`pkg-config` and `libfuse3-dev` are installed into it when missing). Debian builds libfuse
+without io_uring: for the `uring` mode, `--libfuse-source` names a libfuse >= 3.18 source
+tree inside the chroot (e.g. /build/libfuse, a snapshot of github.com/libfuse/libfuse), built
+there with liburing (`meson`, `ninja-build`, `liburing-dev` installed when missing) into
+/usr/local; the probe sets the fuse module's `enable_uring` for that mode and restores it.
 
     .venv/bin/python benchmarks/passthrough_probe.py --chroot /tmp/pt-trixie [--rounds 2]
+    .venv/bin/python benchmarks/passthrough_probe.py --chroot /tmp/pt-sid \
+        --libfuse-source /build/libfuse --modes writeback,uring --rounds 3
 """
 
 from __future__ import annotations
@@ -27,20 +34,40 @@ from tests.support.daemon import Objfs, mounted_paths
 from tests.support.procs import Process, wait_until
 
 SOURCE = Path(__file__).resolve().parent / "passthrough" / "mirrorfs.c"
-MODES = ("plain", "writeback", "passthrough")
+MODES = ("plain", "writeback", "passthrough", "uring")
+# sid's (and a trixie tree's, weeks later) Release files expire; their packages still install.
+APT_UPDATE = "apt-get -o Acquire::Check-Valid-Until=false update -q"
+URING_SWITCH = Path("/sys/module/fuse/parameters/enable_uring")
 
 
-def build(chroot: Path) -> Path:
-    """Compile mirrorfs inside the trixie tree; returns the binary's path on this host."""
-    if not (chroot / "usr/include/fuse3/fuse_lowlevel.h").exists():
-        subprocess.run(["chroot", str(chroot), "sh", "-c",
-                        "apt-get update -q && apt-get install -y -q gcc pkg-config "
-                        "libfuse3-dev"], check=True, stdout=subprocess.DEVNULL)
+def build(chroot: Path, libfuse_source: str | None) -> Path:
+    """Compile mirrorfs inside the tree (against a libfuse built there from `libfuse_source`
+    with io_uring, when given); returns the binary's path on this host."""
+    if libfuse_source is not None:
+        if not (chroot / "usr/local/lib64/pkgconfig/fuse3.pc").exists():
+            subprocess.run(["chroot", str(chroot), "sh", "-c",
+                            f"{APT_UPDATE} && apt-get install -y -q --no-install-recommends "
+                            "gcc pkg-config meson ninja-build liburing-dev"],
+                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["chroot", str(chroot), "sh", "-c",
+                            f"cd {libfuse_source} && meson setup --wipe objfs-build "
+                            "-Denable-io-uring=true -Dexamples=false -Dtests=false "
+                            "-Dutils=false --buildtype=release --prefix=/usr/local "
+                            "&& ninja -C objfs-build install"],
+                           check=True, stdout=subprocess.DEVNULL)
+        flags = ("$(PKG_CONFIG_PATH=/usr/local/lib64/pkgconfig pkg-config --cflags --libs "
+                 "fuse3)")
+    else:
+        if not (chroot / "usr/include/fuse3/fuse_lowlevel.h").exists():
+            subprocess.run(["chroot", str(chroot), "sh", "-c",
+                            f"{APT_UPDATE} && apt-get install -y -q gcc pkg-config "
+                            "libfuse3-dev"], check=True, stdout=subprocess.DEVNULL)
+        flags = "$(pkg-config --cflags --libs fuse3)"
     (chroot / "build").mkdir(exist_ok=True)
     shutil.copy(SOURCE, chroot / "build" / "mirrorfs.c")
     subprocess.run(["chroot", str(chroot), "sh", "-c",
-                    "cd /build && gcc -O2 -Wall -Wextra -Werror -o mirrorfs mirrorfs.c "
-                    "$(pkg-config --cflags --libs fuse3) -lpthread"], check=True)
+                    f"cd /build && gcc -O2 -Wall -Wextra -Werror -o mirrorfs mirrorfs.c {flags} "
+                    "-lpthread"], check=True)
     return chroot / "build" / "mirrorfs"
 
 
@@ -49,7 +76,8 @@ def mirror_run(work: Path, chroot: Path, binary: Path, mode: str, small: list[by
     source, mnt = work / "source", work / "mnt"
     source.mkdir(parents=True)
     mnt.mkdir()
-    libs = f"{chroot}/lib/x86_64-linux-gnu:{chroot}/usr/lib/x86_64-linux-gnu"
+    libs = (f"{chroot}/usr/local/lib64:{chroot}/lib/x86_64-linux-gnu:"
+            f"{chroot}/usr/lib/x86_64-linux-gnu")
     proc = Process([str(chroot / "lib64/ld-linux-x86-64.so.2"), "--library-path", libs,
                     str(binary), str(source), str(mnt), mode], work / "mirrorfs.log")
     try:
@@ -72,26 +100,54 @@ def objfs_run(work: Path, small: list[bytes], large: list[bytes]) -> dict[str, f
         daemon.cleanup()
 
 
+def uring_switched(on: bool) -> bool:
+    """Set the fuse module's `enable_uring` (the kernel then offers FUSE over io_uring to
+    new mounts); returns the former setting."""
+    before = URING_SWITCH.read_text().strip() in ("Y", "1")
+    URING_SWITCH.write_text("Y" if on else "N")
+    return before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chroot", type=Path, required=True, help="a Debian 13 (trixie) tree")
+    parser.add_argument("--chroot", type=Path, required=True,
+                        help="a Debian 13 (trixie) or sid tree")
     parser.add_argument("--small", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="plain,writeback,passthrough",
+                        help=f"mirrorfs modes, comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--libfuse-source", help="a libfuse >= 3.18 source tree, as a path "
+                        "inside the chroot: needed for the uring mode")
     args = parser.parse_args()
-    binary = build(args.chroot)
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        parser.error(f"--modes: unknown {', '.join(sorted(set(modes) - set(MODES)))}")
+    if "uring" in modes and (args.libfuse_source is None or not URING_SWITCH.exists()):
+        parser.error("the uring mode needs --libfuse-source and a kernel with "
+                     f"{URING_SWITCH}")
+    binary = build(args.chroot, args.libfuse_source)
     small, large = corpus(args.small, 512)
     work = Path(tempfile.mkdtemp(prefix="objfs-probe-"))
-    labels = ["local", "objfs", *(f"mirrorfs {m}" for m in MODES)]
+    labels = ["local", "objfs", *(f"mirrorfs {m}" for m in modes)]
     results: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
+    uring_before = URING_SWITCH.exists() and uring_switched(False)
     try:
         for rnd in range(args.rounds):
             base = work / f"round{rnd}"
             results["local"].append(local_round(base, small, large))
             results["objfs"].append(objfs_run(base / "objfs", small, large))
-            for mode in MODES:
-                results[f"mirrorfs {mode}"].append(
-                    mirror_run(base / mode, args.chroot, binary, mode, small, large))
+            for mode in modes:
+                if mode == "uring":
+                    uring_switched(True)
+                try:
+                    results[f"mirrorfs {mode}"].append(
+                        mirror_run(base / mode, args.chroot, binary, mode, small, large))
+                finally:
+                    if mode == "uring":
+                        uring_switched(False)
     finally:
+        if URING_SWITCH.exists():
+            uring_switched(uring_before)
         shutil.rmtree(work, ignore_errors=True)
     ingest_warm, delete = figures(small, large)
     metrics = [*ingest_warm, delete]

@@ -1,15 +1,19 @@
 /*
  * mirrorfs: a measuring probe, not part of objfs. A minimal low-level libfuse (>= 3.17)
- * file system that mirrors a local directory, in one of three modes:
+ * file system that mirrors a local directory, in one of four modes:
  *
  *   plain        every read and write is a request to this process
  *   writeback    as plain, with the kernel's writeback cache (what objfs asks for today)
  *   passthrough  files opened or created get a kernel backing file (FUSE_PASSTHROUGH,
  *                Linux >= 6.9): reads and writes never reach this process
+ *   uring        as writeback, with requests and replies carried by io_uring instead of
+ *                read(2)/write(2) on /dev/fuse (FUSE_OVER_IO_URING, Linux >= 6.14 with the
+ *                fuse module's enable_uring set; libfuse >= 3.18 built with liburing)
  *
  * It answers only what Orthanc does to its StorageDirectory (lookup, getattr, mkdir, create,
  * open, read, write, fsync, flush, release, unlink, rmdir, statfs) and exists to measure
- * what kernel passthrough would bring objfs (benchmarks/passthrough_probe.py).
+ * what kernel passthrough and FUSE over io_uring would bring objfs
+ * (benchmarks/passthrough_probe.py).
  *
  *   mirrorfs SOURCE MOUNTPOINT MODE
  */
@@ -28,7 +32,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-enum mode { PLAIN, WRITEBACK, PASSTHROUGH };
+enum mode { PLAIN, WRITEBACK, PASSTHROUGH, URING };
 
 struct node {
 	int fd;            /* O_PATH descriptor of the mirrored entry */
@@ -55,8 +59,20 @@ static void init(void *userdata, struct fuse_conn_info *conn)
 			fprintf(stderr, "mirrorfs: the kernel does not offer passthrough\n");
 			exit(2);
 		}
-	} else if (mode == WRITEBACK) {
+	} else if (mode == WRITEBACK || mode == URING) {
 		fuse_set_feature_flag(conn, FUSE_CAP_WRITEBACK_CACHE);
+	}
+	if (mode == URING) {
+#ifdef FUSE_CAP_OVER_IO_URING
+		if (!fuse_set_feature_flag(conn, FUSE_CAP_OVER_IO_URING)) {
+			fprintf(stderr, "mirrorfs: the kernel does not offer FUSE over io_uring "
+				"(is /sys/module/fuse/parameters/enable_uring Y?)\n");
+			exit(2);
+		}
+#else
+		fprintf(stderr, "mirrorfs: built against a libfuse without io_uring\n");
+		exit(2);
+#endif
 	}
 }
 
@@ -202,7 +218,7 @@ static int open_flags(int flags)
 {
 	flags &= ~O_NOFOLLOW;
 	/* the writeback cache reads partial pages of files opened for writing */
-	if (mode == WRITEBACK && (flags & O_ACCMODE) == O_WRONLY)
+	if ((mode == WRITEBACK || mode == URING) && (flags & O_ACCMODE) == O_WRONLY)
 		flags = (flags & ~O_ACCMODE) | O_RDWR;
 	return flags;
 }
@@ -334,7 +350,8 @@ static const struct fuse_lowlevel_ops ops = {
 int main(int argc, char *argv[])
 {
 	if (argc != 4) {
-		fprintf(stderr, "usage: %s SOURCE MOUNTPOINT plain|writeback|passthrough\n", argv[0]);
+		fprintf(stderr, "usage: %s SOURCE MOUNTPOINT plain|writeback|passthrough|uring\n",
+			argv[0]);
 		return 2;
 	}
 	if (strcmp(argv[3], "plain") == 0)
@@ -343,6 +360,8 @@ int main(int argc, char *argv[])
 		mode = WRITEBACK;
 	else if (strcmp(argv[3], "passthrough") == 0)
 		mode = PASSTHROUGH;
+	else if (strcmp(argv[3], "uring") == 0)
+		mode = URING;
 	else {
 		fprintf(stderr, "mirrorfs: unknown mode %s\n", argv[3]);
 		return 2;
@@ -352,7 +371,9 @@ int main(int argc, char *argv[])
 		perror(argv[1]);
 		return 1;
 	}
-	char *fake_argv[] = {argv[0], "-o", "default_permissions,fsname=mirrorfs", NULL};
+	char *fake_argv[] = {argv[0], "-o",
+			     mode == URING ? "default_permissions,fsname=mirrorfs,io_uring"
+					   : "default_permissions,fsname=mirrorfs", NULL};
 	struct fuse_args args = FUSE_ARGS_INIT(3, fake_argv);
 	struct fuse_session *se = fuse_session_new(&args, &ops, sizeof(ops), NULL);
 	if (se == NULL || fuse_set_signal_handlers(se) != 0)
