@@ -71,8 +71,8 @@ def container_url(url: str) -> tuple[str, str, int, str]:
 
 def listed_blobs(answer: bytes) -> Listed:
     """The blobs of a List Blobs answer, [(name, size, modification time)], and its
-    NextMarker (None on the last page). Raises ValueError (ElementTree's ParseError is one),
-    KeyError or TypeError for an answer without a usable name or size."""
+    NextMarker (None on the last page). Raises ValueError (ElementTree's ParseError is one)
+    or TypeError for an answer without a usable name, size or date."""
     root = ElementTree.fromstring(answer)
     found: list[tuple[str, int, float | None]] = []
     for blob in root.iterfind("Blobs/Blob"):

@@ -215,9 +215,7 @@ class DirectGcs(KeptConnections):
         Fallback, google.api_core's NotFound, TooManyRequests or server errors,
         ConnectionError or TimeoutError; and what refreshing the credentials raises. Only
         when `api` is set (the caller checks)."""
-        api = self._api()
-        target = _with_query(api.object_prefix + urllib.parse.quote(key, safe=""),
-                             api.metadata_query)
+        target = self._object_target(key, self._api().metadata_query)
         headers: dict[str, str] = {}
         self._authorize("GET", target, headers)
 
@@ -271,9 +269,7 @@ class DirectGcs(KeptConnections):
         (`GcsBackend._delete_sync`). Raises Fallback, google.api_core's TooManyRequests or
         server errors, ConnectionError or TimeoutError; and what refreshing the credentials
         raises. Only when `api` is set (the caller checks)."""
-        api = self._api()
-        target = _with_query(api.object_prefix + urllib.parse.quote(key, safe=""),
-                             api.delete_query)
+        target = self._object_target(key, self._api().delete_query)
         headers = {"content-length": "0"}  # as the SDK sends it
         self._authorize("DELETE", target, headers)
 
@@ -303,6 +299,11 @@ class DirectGcs(KeptConnections):
 
         return self.exchange("GET", target, headers, None, listing_answer(
             listed_objects, lambda response: _refused(response, "list"), self.host))
+
+    def _object_target(self, key: str, query: str) -> str:
+        """The JSON API's URL path of object `key` (its name quoted whole, as the SDK quotes
+        it), with `query`."""
+        return _with_query(self._api().object_prefix + urllib.parse.quote(key, safe=""), query)
 
     def _api(self) -> ApiTargets:
         if self.api is None:
