@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,33 @@ def counting(journal: Journal) -> CountingReader:
     reader = CountingReader(journal._reader)
     journal._reader = reader  # type: ignore[assignment]
     return reader
+
+
+def test_a_write_that_must_not_wait_gives_way_to_another_writer(tmp_path: Path) -> None:
+    """The event loop's durable record of a write (`wait=False`) records nothing and says so
+    while another thread holds the journal, and records as usual once it is free."""
+    journal = Journal(tmp_path / "j.sqlite")
+    holding, answered = threading.Event(), threading.Event()
+
+    def writer() -> None:  # another thread in the middle of a write, for at most 5 s
+        with journal._lock:
+            holding.set()
+            answered.wait(5)
+
+    other = threading.Thread(target=writer)
+    other.start()
+    assert holding.wait(5)
+    try:
+        # A call that waited would get the journal once the writer gives up, and record.
+        assert journal.put_pending("b", 5, wait=False) is False
+    finally:
+        answered.set()
+        other.join()
+    assert journal.get("b") is None
+    assert journal.put_pending("b", 5, wait=False) is True
+    row = journal.get("b")
+    assert row is not None and row.state == PENDING_UPLOAD and row.size == 5
+    journal.close()
 
 
 def test_rows_are_kept_until_a_write_changes_them(tmp_path: Path) -> None:
