@@ -422,6 +422,13 @@ def main() -> None:
         loc = med("local", fn)
         cells = "".join(f" {med(n, fn):>8.1f} {med(n, fn) / loc:>6.2f}x" for n in labels)
         print(f"{title:<28} {unit:<7} {loc:>8.1f}{cells}")
+    # Each round's own ratio (rounds interleave, so local disk ran the same minute): how far
+    # apart they are says how much a median can be trusted on this machine.
+    for label in labels:
+        print(f"{label}, each round against local disk in that round: " + "; ".join(
+            f"{title} " + "/".join(f"{fn(run) / fn(local):.2f}" for run, local in
+                                   zip(results[label], results["local"], strict=True))
+            for title, _, fn in metrics))
     if "s3" in results and "s3+enc" in results:
         enc = [med("s3+enc", fn) / med("s3", fn) for _, _, fn in metrics]
         print("encryption on/off (s3): " + ", ".join(
