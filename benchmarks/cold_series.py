@@ -140,14 +140,20 @@ def main() -> None:
           f"(one client) from Orthanc {RELEASES[args.release]} ({args.release}), page cache "
           "dropped; objfs cache wiped, or only its copies gone "
           f"(evicted: the journal kept); moto at nice {EMULATOR_NICE}; "
-          f"median of {args.rounds} interleaved rounds")
-    local = med["local disk"]
+          f"median of {args.rounds} interleaved rounds; each ratio is the median of the "
+          "rounds' own")
+    def faster(name: str, than: str) -> float:
+        """How many times faster `name` read than `than`, the median of the rounds' own
+        ratios (each round ran both)."""
+        return statistics.median(slow / fast for fast, slow in
+                                 zip(times[name], times[than], strict=True))
+
     for name, _, _ in configs:
         print(f"  {name:<22} {med[name]:>6.2f} s  {args.instances / med[name]:>7.1f} inst/s  "
-              f"{local / med[name]:>5.2f}x local disk")
-    print(f"  prefetch on vs off: {med['objfs, prefetch off'] / med['objfs, prefetch on']:.2f}x "
+              f"{faster(name, 'local disk'):>5.2f}x local disk")
+    print(f"  prefetch on vs off: {faster('objfs, prefetch on', 'objfs, prefetch off'):.2f}x "
           f"faster (cache wiped), "
-          f"{med['evicted, prefetch off'] / med['evicted, prefetch on']:.2f}x (copies evicted)")
+          f"{faster('evicted, prefetch on', 'evicted, prefetch off'):.2f}x (copies evicted)")
     print(f"  CPU during the read, ms per instance (median): S3 stand-in, objfs daemon, "
           f"Orthanc, this client; their sum spread over the machine's {os.cpu_count()} CPUs "
           "is the least time the read can take")

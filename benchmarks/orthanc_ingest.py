@@ -369,7 +369,8 @@ def main() -> None:
           f"2 multi-frame files of {', '.join(f'{len(x) / 1e6:.0f}' for x in large)} MB; "
           f"{CLIENTS} concurrent REST clients; emulators at nice {EMULATOR_NICE}; "
           "objfs knows Orthanc's URL (series prefetch on); "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds; each ratio is the median of the "
+          "rounds' own (local disk ran in every round)")
     key = work / "bench.key"
     codec.write_key_file(key)
     makers = {"s3": lambda: MotoServer(work, nice=EMULATOR_NICE),
@@ -406,6 +407,13 @@ def main() -> None:
     def med(label: str, fn: Any) -> float:
         return statistics.median(fn(r) for r in results[label])
 
+    def ratio(label: str, fn: Any, base: str = "local", base_fn: Any = None) -> float:
+        """The median over rounds of `label`'s figure over `base`'s in the same round: the
+        rounds interleave, so each pair ran the same minute (a ratio of the two medians
+        would pair figures from different rounds)."""
+        return statistics.median(fn(run) / (base_fn or fn)(other) for run, other in
+                                 zip(results[label], results[base], strict=True))
+
     ingest_warm, delete = figures(small, large)
     metrics = [
         *ingest_warm,
@@ -420,7 +428,7 @@ def main() -> None:
     print(f"{'':<28} {'unit':<7} {'local':>8}" + "".join(f" {n:>16}" for n in labels))
     for title, unit, fn in metrics:
         loc = med("local", fn)
-        cells = "".join(f" {med(n, fn):>8.1f} {med(n, fn) / loc:>6.2f}x" for n in labels)
+        cells = "".join(f" {med(n, fn):>8.1f} {ratio(n, fn):>6.2f}x" for n in labels)
         print(f"{title:<28} {unit:<7} {loc:>8.1f}{cells}")
     # Each round's own ratio (rounds interleave, so local disk ran the same minute): how far
     # apart they are says how much a median can be trusted on this machine.
@@ -430,7 +438,7 @@ def main() -> None:
                                    zip(results[label], results["local"], strict=True))
             for title, _, fn in metrics))
     if "s3" in results and "s3+enc" in results:
-        enc = [med("s3+enc", fn) / med("s3", fn) for _, _, fn in metrics]
+        enc = [ratio("s3+enc", fn, "s3") for _, _, fn in metrics]
         print("encryption on/off (s3): " + ", ".join(
             f"{title} {r:.2f}x" for (title, _, _), r in zip(metrics, enc, strict=True)))
     local_ingest = med("local", lambda r: r["ingest_s"])
@@ -446,8 +454,12 @@ def main() -> None:
         if all("raw_get_small_s" in r for r in results[label]):
             raw = med(label, lambda r: r["small_bytes"] / 1e6 / r["raw_get_small_s"])
             cold = med(label, lambda r: r["small_bytes"] / 1e6 / r["cold_small_s"])
-            print(f"{label}: cold read of small instances {cold:.1f} MB/s = {cold / raw:.2f}x "
-                  f"raw SDK GETs of the same objects at concurrency {CLIENTS} ({raw:.1f} MB/s)")
+            # Both read the same objects in the same round.
+            against = statistics.median(r["raw_get_small_s"] / r["cold_small_s"]
+                                        for r in results[label])
+            print(f"{label}: cold read of small instances {cold:.1f} MB/s = {against:.2f}x "
+                  f"raw SDK GETs of the same objects at concurrency {CLIENTS} ({raw:.1f} MB/s; "
+                  "the ratio is the median of each round's)")
         if all("server_ms_raw_get" in r for r in results[label]):
             print(f"{label}: CPU on this machine from ingest start until all is in the bucket: "
                   f"daemon {med(label, lambda r: r['daemon_cpu_ingest_s']):.2f} s, stand-in "

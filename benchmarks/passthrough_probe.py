@@ -154,12 +154,16 @@ def main() -> None:
     metrics = [*ingest_warm, delete]
     print(f"Orthanc 1.10.1, {len(small)} instances of {len(small[0]) / 1e6:.2f} MB and 2 "
           f"multi-frame files; 4 REST clients; median of {args.rounds} interleaved rounds; "
-          "ratios to local disk")
+          "ratios to local disk: the median of the rounds' own")
     print(f"{'':<28}" + "".join(f" {label:>19}" for label in labels))
     for title, unit, fn in metrics:
         meds = [statistics.median(fn(r) for r in results[label]) for label in labels]
+        # Each round ran every label: a ratio pairs figures of the same round.
+        ratios = [statistics.median(fn(run) / fn(local) for run, local in
+                                    zip(results[label], results[labels[0]], strict=True))
+                  for label in labels]
         print(f"{title + ' (' + unit + ')':<28}" + "".join(
-            f" {m:>10.1f} {m / meds[0]:>6.2f}x" for m in meds))
+            f" {m:>10.1f} {r:>6.2f}x" for m, r in zip(meds, ratios, strict=True)))
 
 
 if __name__ == "__main__":

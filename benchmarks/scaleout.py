@@ -170,17 +170,22 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"corpus: {args.instances} instances of {args.kb} KiB per run; {CLIENTS} REST "
           f"clients in all; PostgreSQL 15 index; moto at nice {EMULATOR_NICE}; median of "
-          f"{args.rounds} interleaved rounds")
+          f"{args.rounds} interleaved rounds; each ratio is the median of the rounds' own")
     med = {name: statistics.median(v) for name, v in rates.items()}
+
+    def ratio(name: str, base: str) -> float:
+        """The median of each round's `name` rate over `base`'s (every round ran both)."""
+        return statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))
+
     for name, nodes, _ in CONFIGS:
-        local = med[f"local disk, {nodes} node{'s' if nodes > 1 else ''}"]
-        print(f"  ingest {name:<24} {med[name]:>7.1f} inst/s  {med[name] / local:>5.2f}x "
+        local = f"local disk, {nodes} node{'s' if nodes > 1 else ''}"
+        print(f"  ingest {name:<24} {med[name]:>7.1f} inst/s  {ratio(name, local):>5.2f}x "
               f"local disk ({nodes} node{'s' if nodes > 1 else ''})")
     print(f"  SharedBucket vs write-back, 1 node: "
-          f"{med['SharedBucket, 1 node'] / med['write-back, 1 node']:.2f}x")
+          f"{ratio('SharedBucket, 1 node', 'write-back, 1 node'):.2f}x")
     print(f"  2 nodes vs 1 node, SharedBucket: "
-          f"{med['SharedBucket, 2 nodes'] / med['SharedBucket, 1 node']:.2f}x "
-          f"(local disk: {med['local disk, 2 nodes'] / med['local disk, 1 node']:.2f}x)")
+          f"{ratio('SharedBucket, 2 nodes', 'SharedBucket, 1 node'):.2f}x "
+          f"(local disk: {ratio('local disk, 2 nodes', 'local disk, 1 node'):.2f}x)")
     for name, found in per_instance.items():
         ops = ", ".join(f"{op} {count / args.instances:.2f}"
                         for op, count in sorted(found.items()))
