@@ -142,6 +142,7 @@ def main() -> None:
           f"(evicted: the journal kept); moto at nice {EMULATOR_NICE}; "
           f"median of {args.rounds} interleaved rounds; each ratio is the median of the "
           "rounds' own")
+
     def faster(name: str, than: str) -> float:
         """How many times faster `name` read than `than`, the median of the rounds' own
         ratios (each round ran both)."""

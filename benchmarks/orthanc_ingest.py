@@ -407,11 +407,11 @@ def main() -> None:
     def med(label: str, fn: Any) -> float:
         return statistics.median(fn(r) for r in results[label])
 
-    def ratio(label: str, fn: Any, base: str = "local", base_fn: Any = None) -> float:
+    def ratio(label: str, fn: Any, base: str = "local") -> float:
         """The median over rounds of `label`'s figure over `base`'s in the same round: the
         rounds interleave, so each pair ran the same minute (a ratio of the two medians
         would pair figures from different rounds)."""
-        return statistics.median(fn(run) / (base_fn or fn)(other) for run, other in
+        return statistics.median(fn(run) / fn(other) for run, other in
                                  zip(results[label], results[base], strict=True))
 
     ingest_warm, delete = figures(small, large)
