@@ -25,7 +25,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.orthanc_ingest import EMULATOR_NICE, cpu_shares, cpu_snapshot, drop_page_cache
+from benchmarks.orthanc_ingest import (
+    EMULATOR_NICE,
+    cpu_shares,
+    cpu_snapshot,
+    drop_page_cache,
+    paired_ratio,
+)
 from objfs.sidecar.prefetch import PARALLEL
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
@@ -144,10 +150,8 @@ def main() -> None:
           "rounds' own")
 
     def faster(name: str, than: str) -> float:
-        """How many times faster `name` read than `than`, the median of the rounds' own
-        ratios (each round ran both)."""
-        return statistics.median(slow / fast for fast, slow in
-                                 zip(times[name], times[than], strict=True))
+        """How many times faster `name` read than `than` (each round ran both)."""
+        return paired_ratio(times[than], times[name])
 
     for name, _, _ in configs:
         print(f"  {name:<22} {med[name]:>6.2f} s  {args.instances / med[name]:>7.1f} inst/s  "

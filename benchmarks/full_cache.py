@@ -29,7 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ab_revisions import ROOT, Variant, parse_variant, start_from, workspace
-from benchmarks.orthanc_ingest import CLIENTS, EMULATOR_NICE, UPLOAD_CONCURRENCY, proc_usage
+from benchmarks.orthanc_ingest import (
+    CLIENTS,
+    EMULATOR_NICE,
+    UPLOAD_CONCURRENCY,
+    paired_ratio,
+    proc_usage,
+)
 from objfs import codec
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
@@ -148,9 +154,8 @@ def main() -> None:
     for name, _, cache_mb in configs:
         runs = results[name]
         rate = statistics.median(r for r, _, _ in runs)
-        # The median of each round's ratio: local disk ran in every round.
-        against = statistics.median(r / local for (r, _, _), (local, _, _) in
-                                    zip(runs, results["local disk"], strict=True))
+        against = paired_ratio((r for r, _, _ in runs),
+                               (r for r, _, _ in results["local disk"]))
         medians: Run = (rate, None, None)
         if runs[0][1] is not None:
             medians = (rate, statistics.median(c for _, c, _ in runs if c is not None),

@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,13 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def paired_ratio(figures: Iterable[float], bases: Iterable[float]) -> float:
+    """The median of each round's figure over its base figure, given in round order: rounds
+    interleave, so each pair ran the same minute (the ratio of the two medians could pair
+    figures of different rounds). Raises ValueError when the two differ in length."""
+    return statistics.median(a / b for a, b in zip(figures, bases, strict=True))
 
 
 def timed(fn: Any, *args: Any) -> tuple[float, Any]:
@@ -408,11 +415,7 @@ def main() -> None:
         return statistics.median(fn(r) for r in results[label])
 
     def ratio(label: str, fn: Any, base: str = "local") -> float:
-        """The median over rounds of `label`'s figure over `base`'s in the same round: the
-        rounds interleave, so each pair ran the same minute (a ratio of the two medians
-        would pair figures from different rounds)."""
-        return statistics.median(fn(run) / fn(other) for run, other in
-                                 zip(results[label], results[base], strict=True))
+        return paired_ratio(map(fn, results[label]), map(fn, results[base]))
 
     ingest_warm, delete = figures(small, large)
     metrics = [
@@ -455,8 +458,8 @@ def main() -> None:
             raw = med(label, lambda r: r["small_bytes"] / 1e6 / r["raw_get_small_s"])
             cold = med(label, lambda r: r["small_bytes"] / 1e6 / r["cold_small_s"])
             # Both read the same objects in the same round.
-            against = statistics.median(r["raw_get_small_s"] / r["cold_small_s"]
-                                        for r in results[label])
+            against = paired_ratio((r["raw_get_small_s"] for r in results[label]),
+                                   (r["cold_small_s"] for r in results[label]))
             print(f"{label}: cold read of small instances {cold:.1f} MB/s = {against:.2f}x "
                   f"raw SDK GETs of the same objects at concurrency {CLIENTS} ({raw:.1f} MB/s; "
                   "the ratio is the median of each round's)")

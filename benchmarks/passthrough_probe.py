@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.orthanc_ingest import corpus, figures, local_round, run_orthanc
+from benchmarks.orthanc_ingest import corpus, figures, local_round, paired_ratio, run_orthanc
 from tests.support.daemon import Objfs, mounted_paths
 from tests.support.procs import Process, wait_until
 
@@ -158,9 +158,7 @@ def main() -> None:
     print(f"{'':<28}" + "".join(f" {label:>19}" for label in labels))
     for title, unit, fn in metrics:
         meds = [statistics.median(fn(r) for r in results[label]) for label in labels]
-        # Each round ran every label: a ratio pairs figures of the same round.
-        ratios = [statistics.median(fn(run) / fn(local) for run, local in
-                                    zip(results[label], results[labels[0]], strict=True))
+        ratios = [paired_ratio(map(fn, results[label]), map(fn, results[labels[0]]))
                   for label in labels]
         print(f"{title + ' (' + unit + ')':<28}" + "".join(
             f" {m:>10.1f} {r:>6.2f}x" for m, r in zip(meds, ratios, strict=True)))

@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.orthanc_ingest import paired_ratio
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
@@ -174,8 +175,7 @@ def main() -> None:
     med = {name: statistics.median(v) for name, v in rates.items()}
 
     def ratio(name: str, base: str) -> float:
-        """The median of each round's `name` rate over `base`'s (every round ran both)."""
-        return statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))
+        return paired_ratio(rates[name], rates[base])
 
     for name, nodes, _ in CONFIGS:
         local = f"local disk, {nodes} node{'s' if nodes > 1 else ''}"

@@ -258,7 +258,7 @@ class ThreadedBackend(Backend):
 
     async def delete_many(self, keys: list[str]) -> None:
         if not self.batch_delete_limit:
-            await super().delete_many(keys)  # raises: the store has no batch delete
+            return await super().delete_many(keys)  # raises: the store has no batch delete
         await self._run("delete", keys[0] if keys else "", self._delete_many_sync, keys)
 
     async def list_page(self, prefix: str, token: str | None = None,
