@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -50,6 +51,10 @@ def backend_at(endpoint: str, bucket: str = "b", **extra: Any) -> S3Backend:
 
 def crc32(data: bytes) -> str:
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def crc32c(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
 
 
 class Scripted(http.server.BaseHTTPRequestHandler):
@@ -91,6 +96,12 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             self._send(503, b"<Error><Code>SlowDown</Code></Error>")
         elif name == "too-large":
             self._send(400, b"<Error><Code>EntityTooLarge</Code></Error>")
+        elif name.startswith("crc32-only") and "x-amz-checksum-crc32c" in self.headers:
+            # A store that knows CRC32 but not CRC32C, answering as the name says.
+            self._send(*{"crc32-only-501": (501, b"<Error><Code>NotImplemented</Code></Error>"),
+                         "crc32-only-400": (400, b"<Error><Code>InvalidArgument</Code>"
+                                                 b"<Message>x-amz-checksum-crc32c</Message>"
+                                                 b"</Error>")}[name])
         else:
             self._send(200, b"")
 
@@ -173,6 +184,10 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             self._send(200, BODY[:-1] + b"!", x_amz_checksum_crc32=crc32(BODY))
         elif name == "composite":
             self._send(200, BODY, x_amz_checksum_crc32="AAAAAA==-3")
+        elif name == "good-crc32c":
+            self._send(200, BODY, x_amz_checksum_crc32c=crc32c(BODY))
+        elif name == "damaged-crc32c":
+            self._send(200, BODY[:-1] + b"!", x_amz_checksum_crc32c=crc32c(BODY))
         elif name == "short":
             self._send(200, BODY[:1000], length=str(len(BODY)))
             self.close_connection = True
@@ -295,7 +310,20 @@ async def test_direct_requests_end_when_botocore_keeps_succeeding_where_they_fai
         "Botocore" in agent for _, _, agent in seen[before:])
 
 
-async def test_puts_send_an_unsigned_body_with_its_crc32_and_the_objects_headers(
+async def test_gets_check_a_crc32c_too(scripted: tuple[str, list[tuple[str, int, str]]],
+                                       tmp_path: Path) -> None:
+    """An object stored with a CRC32C (objfs' own PUTs) comes with that checksum: checked."""
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    out = tmp_path / "o"
+    assert await backend.get("good-crc32c", out) == len(BODY)
+    assert out.read_bytes() == BODY
+    with pytest.raises(errors.Unavailable, match="CRC32C does not match"):
+        await backend.get("damaged-crc32c", out)
+    assert all("Botocore" not in agent for _, _, agent in seen)
+
+
+async def test_puts_send_an_unsigned_body_with_its_crc32c_and_the_objects_headers(
         scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
     endpoint, seen = scripted
     backend = backend_at(endpoint, StorageClass="STANDARD_IA", ServerSideEncryption="aws:kms",
@@ -310,14 +338,17 @@ async def test_puts_send_an_unsigned_body_with_its_crc32_and_the_objects_headers
     assert body == BODY
     lower = {k.lower(): v for k, v in headers.items()}
     assert lower["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
-    assert lower["x-amz-checksum-crc32"] == crc32(BODY)
+    assert lower["x-amz-checksum-crc32c"] == crc32c(BODY)
+    assert lower["x-amz-sdk-checksum-algorithm"] == "CRC32C"
+    assert "x-amz-checksum-crc32" not in lower
     assert lower["x-amz-storage-class"] == "STANDARD_IA"
     assert lower["x-amz-server-side-encryption"] == "aws:kms"
     assert lower["x-amz-server-side-encryption-aws-kms-key-id"] == "key-1"
     assert lower["x-amz-acl"] == "bucket-owner-full-control"
     assert lower["x-amz-tagging"] == "site=a+b&kind=dicom"
     signed = lower["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
-    assert {"x-amz-checksum-crc32", "x-amz-storage-class", "x-amz-tagging", "host"} <= set(signed)
+    assert {"x-amz-checksum-crc32c", "x-amz-storage-class", "x-amz-tagging",
+            "host"} <= set(signed)
     with pytest.raises(errors.Throttled):
         await backend.put("slow-down", source)
     # What the direct PUT leaves to botocore: a 400, and an answer before the body was read.
@@ -328,6 +359,34 @@ async def test_puts_send_an_unsigned_body_with_its_crc32_and_the_objects_headers
         agents = [agent for path, _, agent in seen[before:] if path == f"/b/{name}"]
         assert "Botocore" not in agents[0] and all("Botocore" in a for a in agents[1:]), agents
         assert len(agents) >= 2
+    # A 400 that is not about the checksum leaves the algorithm as it was.
+    assert backend.direct is not None and backend.direct.checksum == "CRC32C"
+
+
+@pytest.mark.parametrize("name", ["crc32-only-501", "crc32-only-400"])
+async def test_a_store_refusing_crc32c_gets_crc32_from_then_on(
+        name: str, scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A store that does not know CRC32C (501 NotImplemented, or 400 InvalidArgument) gets
+    that PUT from botocore (CRC32), and CRC32 in every direct PUT after it, with a warning;
+    nothing fails and nothing is sent twice more."""
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    source = tmp_path / "src"
+    source.write_bytes(BODY)
+    await backend.put(name, source)
+    agents = ["Botocore" in agent for _, _, agent in seen]
+    assert agents == [False, True]
+    assert [{k.lower() for k in headers} & {"x-amz-checksum-crc32", "x-amz-checksum-crc32c"}
+            for headers, _ in PUTS] == [{"x-amz-checksum-crc32c"}, {"x-amz-checksum-crc32"}]
+    assert "PUTs send a CRC32 from now on" in caplog.text
+    for _ in range(2):
+        await backend.put(name, source)
+    assert ["Botocore" in agent for _, _, agent in seen] == [False, True, False, False]
+    for headers, body in PUTS[2:]:
+        lower = {k.lower(): v for k, v in headers.items()}
+        assert (lower["x-amz-checksum-crc32"], lower["x-amz-sdk-checksum-algorithm"],
+                body) == (crc32(BODY), "CRC32", BODY)
 
 
 async def test_batch_deletes_send_one_quiet_request_and_read_only_the_errors(
@@ -399,6 +458,22 @@ def test_keys_not_encoded_are_read_as_they_are() -> None:
               b"</Key><Size>0</Size></Contents><NextContinuationToken>t</NextContinuationToken>"
               b"</ListBucketResult>")
     assert listed_objects(answer) == ([("a+b%20c", 0, None)], None)
+
+
+async def test_objects_are_stored_with_their_crc32c(moto: MotoServer, tmp_path: Path) -> None:
+    """The store keeps a direct PUT's CRC32C as the object's checksum (what botocore asks
+    for says so) and sends it back with the object, which reads back intact."""
+    backend = backend_at(moto.endpoint, "direct-crc32c")
+    backend.client.create_bucket(Bucket="direct-crc32c")
+    source = tmp_path / "src"
+    source.write_bytes(BODY)
+    await backend.put("ab/k.dcm", source)
+    head = backend.client.head_object(Bucket="direct-crc32c", Key="ab/k.dcm",
+                                      ChecksumMode="ENABLED")
+    assert head.get("ChecksumCRC32C") == crc32c(BODY) and "ChecksumCRC32" not in head
+    out = tmp_path / "o"
+    assert await backend.get("ab/k.dcm", out) == len(BODY)
+    assert out.read_bytes() == BODY
 
 
 def test_listings_match_botocores(moto: MotoServer) -> None:

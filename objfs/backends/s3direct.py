@@ -11,9 +11,13 @@ the event loop that answers Orthanc.
 
 The contract is botocore's: the same URL (botocore builds it once, virtual-hosted or path
 style), the same credentials (botocore's resolved chain, refreshed as it refreshes them), the
-same CA bundle and timeouts; a GET asks for the object's CRC32 (`x-amz-checksum-mode: ENABLED`)
-and checks it when S3 sends one for the whole object; a PUT, and a batch delete's XML, send
-their body unsigned with a signed CRC32 header that S3 checks, as botocore does here. Answers
+same CA bundle and timeouts; a GET asks for the object's checksum (`x-amz-checksum-mode:
+ENABLED`) and checks a CRC32C or CRC32 of the whole object when S3 sends one; a PUT, and a
+batch delete's XML, send their body unsigned with a signed checksum header that S3 checks, as
+botocore does here. A PUT's checksum is a CRC32C (SSE4.2: 0.02 ms per 0.5 MB here, against 0.19
+ms for zlib's CRC32, on every upload and again on every download of the object); a store that
+refuses that algorithm (501 NotImplemented, or 400 InvalidRequest/InvalidArgument) gets the
+PUT from botocore with its CRC32, and CRC32 in every later PUT (`DirectS3.checksum`). Answers
 it does not handle itself are left to botocore (`Fallback`, before anything was written):
 redirects, 400/403 (wrong region, clock skew, bad credentials, a rejected checksum: botocore
 has the logic and the final word), and a fresh connection reset while a body was sent (the
@@ -32,6 +36,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import io
+import logging
 import re
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
@@ -42,6 +47,7 @@ from typing import IO, TypeVar
 from xml.sax.saxutils import escape, unescape
 
 import botocore.exceptions as bx
+import google_crc32c
 
 from objfs import errors, sigv4
 from objfs.backends.kept import (
@@ -61,12 +67,19 @@ from objfs.backends.kept import (
 
 __all__ = ["DirectS3", "Fallback", "bucket_url", "byte_range", "proxied"]
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
 _TAG = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 _ERROR = re.compile(rb"<Error>(.*?)</Error>", re.DOTALL)
 _ERROR_TAG = re.compile(rb"<(Key|Code|Message)>([^<]*)</\1>")
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+CRC32C = "CRC32C"
+CRC32 = "CRC32"
+# What a store that does not know a checksum algorithm may answer a PUT carrying one.
+_CHECKSUM_REFUSED = {"NotImplemented", "InvalidRequest", "InvalidArgument"}
 
 
 def listed_objects(answer: bytes) -> Listed:
@@ -115,6 +128,10 @@ class DirectS3(KeptConnections):
         self.region = region
         self.credentials = credentials
         self.keys = sigv4.SigningKeys()
+        # The algorithm of a PUT's checksum: CRC32C until the store refuses one, then CRC32
+        # for good (the only transition). Worker threads read it once per PUT; one that
+        # read CRC32C before the change sends that PUT with it, which is harmless.
+        self.checksum = CRC32C
 
     def get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         """Write the object (or range) into `out`; returns the bytes received, 0 for a range
@@ -137,20 +154,39 @@ class DirectS3(KeptConnections):
     def put(self, key: str, body: IO[bytes], size: int, headers: dict[str, str]) -> None:
         """Store `size` bytes of `body` (a file at offset 0) as `key` in one request, with
         `headers` (lower-case names: storage class, server-side encryption, ACL, tagging)
-        signed. Raises Fallback (`body` may have been read), botocore's ClientError (404,
-        429, 5xx), ConnectionError or TimeoutError."""
+        signed, and the body's checksum (`checksum`). Raises Fallback (`body` may have been
+        read; also when the store refused a CRC32C, after which PUTs send CRC32), botocore's
+        ClientError (404, 429, 5xx), ConnectionError or TimeoutError."""
+        algorithm = self.checksum
         crc = 0
         while chunk := body.read(BUFFER):
-            crc = zlib.crc32(chunk, crc)
-        extra = {**headers, "x-amz-checksum-crc32": b64encode(crc.to_bytes(4, "big")).decode(),
-                 "x-amz-sdk-checksum-algorithm": "CRC32"}
+            crc = (google_crc32c.extend(crc, chunk) if algorithm == CRC32C
+                   else zlib.crc32(chunk, crc))
+        extra = {**headers,
+                 f"x-amz-checksum-{algorithm.lower()}":
+                     b64encode(crc.to_bytes(4, "big")).decode(),
+                 "x-amz-sdk-checksum-algorithm": algorithm}
 
         def answer(response: http.client.HTTPResponse) -> None:
-            if not 200 <= response.status < 300:
-                raise _refused(response, "PutObject")
-            response.read()
+            if 200 <= response.status < 300:
+                response.read()
+                return
+            if algorithm == CRC32C and response.status in (400, 501):
+                error = response.read(ERROR_BODY_LIMIT)
+                code = _code_of(error)
+                if response.status == 501 or code in _CHECKSUM_REFUSED:
+                    self._refused_crc32c(key, response.status, code)
+                    raise Fallback(f"HTTP {response.status} {code} to a CRC32C checksum")
+                raise _refused(response, "PutObject", error)
+            raise _refused(response, "PutObject")
 
         self._exchange("PUT", key, extra, (body, size), answer)
+
+    def _refused_crc32c(self, key: str, status: int, code: str) -> None:
+        if self.checksum == CRC32C:
+            self.checksum = CRC32
+            log.warning("%s (%s): the store refused a PUT with a CRC32C checksum (HTTP %d %s); "
+                        "PUTs send a CRC32 from now on", key, self.host, status, code)
 
     def delete_many(self, keys: list[str]) -> list[tuple[str, str, str]]:
         """Delete `keys` (at most 1000) in one quiet DeleteObjects request: S3 answers only
@@ -221,27 +257,43 @@ class DirectS3(KeptConnections):
 
     def _body(self, response: http.client.HTTPResponse, key: str, out: IO[bytes],
               ranged: bool) -> int:
-        checksum = None if ranged else response.getheader("x-amz-checksum-crc32")
+        algorithm, checksum = CRC32C, None
+        if not ranged:  # a range's answer carries no checksum of its own
+            checksum = response.getheader("x-amz-checksum-crc32c")
+            if checksum is None:
+                algorithm, checksum = CRC32, response.getheader("x-amz-checksum-crc32")
         if checksum is not None and "-" in checksum:
             checksum = None  # a composite (per-part) checksum: not of the whole object
         crc = 0
 
         def update(chunk: memoryview) -> None:
             nonlocal crc
-            crc = zlib.crc32(chunk, crc)
+            # google_crc32c takes only immutable bytes: one copy of each chunk (copy and
+            # CRC32C 0.04 ms per 0.5 MB here, zlib's CRC32 alone 0.19 ms).
+            crc = (google_crc32c.extend(crc, bytes(chunk)) if algorithm == CRC32C
+                   else zlib.crc32(chunk, crc))
 
         copied = read_body(response, out, key, self.host, update if checksum else None)
         if checksum is not None and crc.to_bytes(4, "big") != b64decode(checksum):
-            raise errors.Unavailable(f"{key}: the answer's CRC32 does not match the "
+            raise errors.Unavailable(f"{key}: the answer's {algorithm} does not match the "
                                      f"object's ({checksum}): damaged in transit")
         return copied
 
 
-def _refused(response: http.client.HTTPResponse, operation: str) -> Exception:
+def _code_of(error: bytes) -> str:
+    """The <Code> of an S3 error answer's body, or ""."""
+    found = re.search(rb"<Code>([^<]*)</Code>", error)
+    return found[1].decode("utf-8", "replace") if found else ""
+
+
+def _refused(response: http.client.HTTPResponse, operation: str,
+             body: bytes | None = None) -> Exception:
     """What a non-success answer raises: botocore's ClientError with S3's code for 404, 429
-    and server errors (read as botocore reads them), else Fallback."""
+    and server errors (read as botocore reads them), else Fallback. `body`: the answer's
+    body when the caller has read it already."""
     status = response.status
-    body = response.read(ERROR_BODY_LIMIT)
+    if body is None:
+        body = response.read(ERROR_BODY_LIMIT)
     if status in (404, 429) or status >= 500:
         tags = {name.decode(): value.decode("utf-8", "replace")
                 for name, value in _TAG.findall(body)}
