@@ -469,7 +469,7 @@ async def test_s3_bodies_unsigned_but_checksummed(moto: MotoServer, bucket: str,
     """Over http:// too, bodies go as UNSIGNED-PAYLOAD (as the official plugin's S3 client)
     with a signed CRC32 header of exactly the body sent, for single PUTs and for every part,
     which S3 checks (moto does not, so that check is S3's, not tested here); the objects
-    read back intact. Through botocore here (tests/test_s3_direct_get.py: direct PUTs)."""
+    read back intact. Through botocore here (tests/test_s3_direct.py: direct PUTs)."""
     backend = s3_backend(moto, bucket, ChunkSize=5, DirectRequests=False)  # 11 MB: in parts
     sent: list[tuple[str, str, str, bytes]] = []
 
