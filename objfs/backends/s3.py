@@ -1,9 +1,10 @@
 """AWS S3 (and S3-compatible stores) through boto3.
 
-Uploads go through s3transfer: a single PUT up to `ChunkSize`, parallel multipart above it,
-each request carrying a CRC32 checksum the server verifies. Bodies are never hashed into the
-signature (`UNSIGNED-PAYLOAD`), on http:// endpoints too, as the official plugin does (its
-`PayloadSigningPolicy::Never`): the signed CRC32 header covers the body's integrity, and
+Uploads are a single PUT up to `ChunkSize`, parallel multipart (s3transfer) above it, each
+request carrying a checksum the server verifies: CRC32 through botocore, CRC32C on the direct
+path below (unless the store refused it). Bodies are never hashed into the signature
+(`UNSIGNED-PAYLOAD`), on http:// endpoints too, as the official plugin does (its
+`PayloadSigningPolicy::Never`): the signed checksum header covers the body's integrity, and
 hashing it cost about 0.8 ms of CPU per MB sent. Timeouts and SDK retries come from
 the configuration so that no call can block for long; objfs' own retry policy sits above.
 Timestamps in answers are parsed by `parse_timestamp`, not by botocore's default (dateutil),
