@@ -63,11 +63,17 @@ def drop_page_cache() -> bool:
         return False
 
 
+def round_ratios(figures: Iterable[float], bases: Iterable[float]) -> list[float]:
+    """Each round's figure over its base figure, both given in round order: rounds
+    interleave, so each pair ran the same minute. Raises ValueError when the two differ in
+    length."""
+    return [a / b for a, b in zip(figures, bases, strict=True)]
+
+
 def paired_ratio(figures: Iterable[float], bases: Iterable[float]) -> float:
-    """The median of each round's figure over its base figure, given in round order: rounds
-    interleave, so each pair ran the same minute (the ratio of the two medians could pair
-    figures of different rounds). Raises ValueError when the two differ in length."""
-    return statistics.median(a / b for a, b in zip(figures, bases, strict=True))
+    """The median of `round_ratios` (the ratio of the two medians could pair figures of
+    different rounds)."""
+    return statistics.median(round_ratios(figures, bases))
 
 
 def timed(fn: Any, *args: Any) -> tuple[float, Any]:
@@ -437,8 +443,8 @@ def main() -> None:
     # apart they are says how much a median can be trusted on this machine.
     for label in labels:
         print(f"{label}, each round against local disk in that round: " + "; ".join(
-            f"{title} " + "/".join(f"{fn(run) / fn(local):.2f}" for run, local in
-                                   zip(results[label], results["local"], strict=True))
+            f"{title} " + "/".join(f"{r:.2f}" for r in round_ratios(
+                map(fn, results[label]), map(fn, results["local"])))
             for title, _, fn in metrics))
     if "s3" in results and "s3+enc" in results:
         enc = [ratio("s3+enc", fn, "s3") for _, _, fn in metrics]

@@ -173,7 +173,7 @@ class DirectS3(KeptConnections):
                 return
             if algorithm == CRC32C and response.status in (400, 501):
                 error = response.read(ERROR_BODY_LIMIT)
-                code = _code_of(error)
+                code = _tags(error).get("Code", "")
                 if response.status == 501 or code in _CHECKSUM_REFUSED:
                     self._refused_crc32c(key, response.status, code)
                     raise Fallback(f"HTTP {response.status} {code} to a CRC32C checksum")
@@ -209,8 +209,7 @@ class DirectS3(KeptConnections):
             # <Error> elements are read.
             found = []
             for error in _ERROR.findall(response.read()):
-                tags = {name.decode(): unescape(value.decode("utf-8", "replace"))
-                        for name, value in _ERROR_TAG.findall(error)}
+                tags = {name: unescape(value) for name, value in _tags(error, _ERROR_TAG).items()}
                 found.append((tags.get("Key", ""), tags.get("Code", ""),
                               tags.get("Message", "")))
             return found
@@ -280,10 +279,11 @@ class DirectS3(KeptConnections):
         return copied
 
 
-def _code_of(error: bytes) -> str:
-    """The <Code> of an S3 error answer's body, or ""."""
-    found = re.search(rb"<Code>([^<]*)</Code>", error)
-    return found[1].decode("utf-8", "replace") if found else ""
+def _tags(body: bytes, pattern: re.Pattern[bytes] = _TAG) -> dict[str, str]:
+    """The elements `pattern` names in an S3 error answer's body (by default its Code and
+    Message), decoded."""
+    return {name.decode(): value.decode("utf-8", "replace")
+            for name, value in pattern.findall(body)}
 
 
 def _refused(response: http.client.HTTPResponse, operation: str,
@@ -295,8 +295,7 @@ def _refused(response: http.client.HTTPResponse, operation: str,
     if body is None:
         body = response.read(ERROR_BODY_LIMIT)
     if status in (404, 429) or status >= 500:
-        tags = {name.decode(): value.decode("utf-8", "replace")
-                for name, value in _TAG.findall(body)}
+        tags = _tags(body)
         error: Exception = bx.ClientError(
             {"Error": {"Code": tags.get("Code", str(status)),
                        "Message": tags.get("Message", response.reason)},
