@@ -34,7 +34,10 @@ for release in "${releases[@]}"; do
         exit 1
     fi
     umount "$target.tmp/proc"
-    chroot "$target.tmp" /usr/sbin/Orthanc --version | head -1 >"$target.tmp/.objfs-ready"
+    # Not "| head -1": head exits after one line, and Orthanc writing the rest gets SIGPIPE,
+    # which pipefail turns into a silent exit of this script (about 1 build in 4).
+    version=$(chroot "$target.tmp" /usr/sbin/Orthanc --version)
+    printf '%s\n' "${version%%$'\n'*}" >"$target.tmp/.objfs-ready"
     mv "$target.tmp" "$target"
 done
 for release in "${releases[@]}"; do

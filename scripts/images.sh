@@ -52,8 +52,9 @@ if ! docker compose version >/dev/null 2>&1; then
     if [ -d "$chroots/trixie" ]; then
         chroot "$chroots/trixie" sh -c 'cd /tmp && rm -f docker-compose_*.deb &&
             apt-get download -qq docker-compose' >/dev/null 2>&1 || true
-        deb=$(ls "$chroots"/trixie/tmp/docker-compose_*.deb 2>/dev/null | head -1)
-        if [ -n "$deb" ]; then
+        debs=("$chroots"/trixie/tmp/docker-compose_*.deb)
+        deb=${debs[0]}
+        if [ -f "$deb" ]; then
             tmp=$(mktemp -d)
             dpkg-deb -x "$deb" "$tmp"
             install -D -m 0755 "$tmp/usr/libexec/docker/cli-plugins/docker-compose" \
