@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up objfs and runs it with the Debian orthanc package on top, on the embedded local
 # bucket (no cloud needed), until Ctrl-C. Configuration: /etc/objfs/*.json if present.
-#   OBJFS_MOUNT (default /var/lib/orthanc/objfs), ORTHANC_HTTP_PORT (8042), ORTHANC_DICOM_PORT (4242)
+#   OBJFS_MOUNT (default /var/lib/orthanc/objfs), ORTHANC_INDEX (/var/lib/orthanc/objfs-index),
+#   ORTHANC_HTTP_PORT (8042), ORTHANC_DICOM_PORT (4242), OBJFS_CONFIG_DIR (/etc/objfs),
+#   OBJFS_LOG_DIR (/var/log/objfs), OBJFS_DEMO_STATE (/run/objfs-demo: Orthanc's configuration)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,10 +12,13 @@ mnt=${OBJFS_MOUNT:-/var/lib/orthanc/objfs}
 index=${ORTHANC_INDEX:-/var/lib/orthanc/objfs-index}
 http_port=${ORTHANC_HTTP_PORT:-8042}
 dicom_port=${ORTHANC_DICOM_PORT:-4242}
-state=/run/objfs-demo
-mkdir -p /etc/objfs "$state" "$index" /var/log/objfs
-# Always /etc/objfs (empty: the embedded defaults), never the default /etc/orthanc.
-config_args=(--config /etc/objfs)
+state=${OBJFS_DEMO_STATE:-/run/objfs-demo}
+config_dir=${OBJFS_CONFIG_DIR:-/etc/objfs}
+logs=${OBJFS_LOG_DIR:-/var/log/objfs}
+mkdir -p "$config_dir" "$state" "$index" "$logs"
+# Always a directory of objfs' own (empty: the embedded defaults), never the default
+# /etc/orthanc.
+config_args=(--config "$config_dir")
 
 if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev/null; then
     echo "run: stopping the packaged orthanc service (it serves the plain disk on port 8042)"
@@ -29,11 +34,11 @@ if ! grep -q " $mnt fuse.objfs " /proc/self/mountinfo; then
     chattr +i "$mnt" 2>/dev/null || echo "run: note: chattr +i unsupported on $mnt"
 fi
 
-.venv/bin/objfs mount "${config_args[@]}" "$mnt" >>/var/log/objfs/objfs.log 2>&1 &
+.venv/bin/objfs mount "${config_args[@]}" "$mnt" >>"$logs/objfs.log" 2>&1 &
 objfs_pid=$!
 for _ in $(seq 100); do
     grep -q " $mnt fuse.objfs " /proc/self/mountinfo && break
-    kill -0 "$objfs_pid" 2>/dev/null || { tail -5 /var/log/objfs/objfs.log; exit 1; }
+    kill -0 "$objfs_pid" 2>/dev/null || { tail -5 "$logs/objfs.log"; exit 1; }
     sleep 0.1
 done
 
@@ -50,19 +55,19 @@ cat > "$state/orthanc.json" <<JSON
   "Plugins": []
 }
 JSON
-runuser -u orthanc -- /usr/sbin/Orthanc "$state/orthanc.json" >>/var/log/objfs/orthanc.log 2>&1 &
+runuser -u orthanc -- /usr/sbin/Orthanc "$state/orthanc.json" >>"$logs/orthanc.log" 2>&1 &
 orthanc_pid=$!
 
 stop() {
     kill "$orthanc_pid" 2>/dev/null && wait "$orthanc_pid" 2>/dev/null || true
     kill "$objfs_pid" 2>/dev/null && wait "$objfs_pid" 2>/dev/null || true
-    echo "run: stopped (logs in /var/log/objfs/)"
+    echo "run: stopped (logs in $logs/)"
 }
 trap stop EXIT
 trap 'exit 130' INT TERM
 for _ in $(seq 300); do
     curl -fs "http://127.0.0.1:$http_port/system" >/dev/null 2>&1 && break
-    kill -0 "$orthanc_pid" 2>/dev/null || { tail -5 /var/log/objfs/orthanc.log; exit 1; }
+    kill -0 "$orthanc_pid" 2>/dev/null || { tail -5 "$logs/orthanc.log"; exit 1; }
     sleep 0.2
 done
 echo "Orthanc is running on objfs: http://127.0.0.1:$http_port/ (DICOM port $dicom_port)"
