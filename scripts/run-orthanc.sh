@@ -20,7 +20,9 @@ mkdir -p "$config_dir" "$state" "$index" "$logs"
 # /etc/orthanc.
 config_args=(--config "$config_dir")
 
-if command -v systemctl >/dev/null && systemctl is-active --quiet orthanc 2>/dev/null; then
+# Only when its ports are the ones asked for here (the package's defaults).
+if { [ "$http_port" = 8042 ] || [ "$dicom_port" = 4242 ]; } && command -v systemctl >/dev/null \
+        && systemctl is-active --quiet orthanc 2>/dev/null; then
     echo "run: stopping the packaged orthanc service (it serves the plain disk on port 8042)"
     systemctl stop orthanc
 fi
