@@ -1,5 +1,6 @@
 """The repository stands on its own: nothing in the tests, benchmarks or scripts reads a path
-outside the checkout (CI runs a plain clone; a user has nothing beside it)."""
+outside the checkout (CI runs a plain clone; a user has nothing beside it), and its scripts do
+not fail at random under `set -o pipefail`."""
 
 from __future__ import annotations
 
