@@ -22,6 +22,7 @@ from tests.support.daemon import mounted_paths
 from tests.support.dicom import make_dicom
 from tests.support.fuse import require_fuse
 from tests.support.procs import ROOT, Process, free_port, wait_until
+from tests.support.rest import rest
 
 pytestmark = pytest.mark.orthanc
 
@@ -59,9 +60,10 @@ def test_run_orthanc_script_stores_in_the_bucket_and_stops_at_ctrl_c(base: Path)
         assert mounted_paths().get(str(base / "mnt")) == "fuse.objfs"
         url = f"http://127.0.0.1:{http_port}"
         dicom = make_dicom(1)
-        with urllib.request.urlopen(urllib.request.Request(
-                f"{url}/instances", data=dicom, method="POST"), timeout=30) as answer:
-            instance = json.load(answer)["ID"]
+        status, stored = rest(url, "POST", "/instances", dicom, timeout=30)
+        assert status == 200, stored
+        instance = stored["ID"]
+        # The file as bytes (`rest` decodes what is not JSON as text).
         with urllib.request.urlopen(f"{url}/instances/{instance}/file", timeout=30) as answer:
             assert answer.read() == dicom
 
