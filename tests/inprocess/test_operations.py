@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from objfs.fs import Operations
+from objfs.fs import CLOCK_REALTIME_COARSE, Operations
 from objfs.store.state import KERNEL_ABSENT_TTL
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
@@ -94,6 +95,27 @@ async def test_orthanc_write_read_delete_sequence(
     await ops.rmdir(ab.st_ino, uuid[2:4].encode(), CTX)
     assert rig.tally.fuse_ops["create", "OK"] == 1
     assert rig.tally.fuse_ops["lookup", "ENOENT"] >= 2
+
+
+async def test_create_stamps_the_kernels_clock(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    """create's reply carries mtime and ctime from CLOCK_REALTIME_COARSE, the clock the
+    kernel compares a written inode's times with (a writeback-cache mount sends a SETATTR
+    when they differ)."""
+    rig = rig_factory()
+    await running(rig)
+    ops = ops_for(rig, tmp_path)
+    uuid = str(uuid_mod.uuid4())
+    folder = await mkdirs(ops, uuid)
+    earliest = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+    info, entry = await ops.create(folder, uuid.encode(), 0o666,
+                                   os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CTX)
+    latest = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+    await ops.release(info.fh)
+    assert earliest <= entry.st_mtime_ns == entry.st_ctime_ns <= latest
+    # The coarse clock lags the fine one by at most a tick (10 ms at HZ=100).
+    assert 0 <= time.time_ns() - entry.st_mtime_ns < 1_000_000_000
 
 
 async def test_attachments_are_write_once(
