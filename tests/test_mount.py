@@ -360,8 +360,7 @@ def test_a_store_looks_its_new_name_up_once(
     assert not path.exists()
 
 
-def test_a_store_sends_no_setattr_for_the_new_times(
-        local_mount: Objfs, tmp_path: Path) -> None:
+def test_a_store_sends_no_setattr_for_the_new_times(local_mount: Objfs) -> None:
     """The writeback cache keeps a new file's times in the kernel; create's reply carries the
     kernel's own clock, so Orthanc's write (one syscall, right after) leaves them as they are
     and its fdatasync and close send no SETATTR. Not every time: the write may fall in the
