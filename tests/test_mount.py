@@ -33,12 +33,13 @@ def att(mnt: Path, uuid: str, make_dirs: bool = True) -> Path:
     return path
 
 
-def orthanc_write(path: Path, data: bytes) -> None:
-    """Write as Orthanc does: O_WRONLY|O_CREAT|O_TRUNC, 4 KiB writes, fdatasync, close."""
+def orthanc_write(path: Path, data: bytes, piece: int = 4096) -> None:
+    """Write as Orthanc does: O_WRONLY|O_CREAT|O_TRUNC, writes of `piece` bytes, fdatasync,
+    close."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        for off in range(0, len(data), 4096):
-            os.write(fd, data[off:off + 4096])
+        for off in range(0, len(data), piece):
+            assert os.write(fd, data[off:off + piece]) == len(data[off:off + piece])
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -379,12 +380,7 @@ def test_a_store_sends_no_setattr_for_the_new_times(local_mount: Objfs) -> None:
                  for n in range(20)]
         before = setattrs()
         for path in paths:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            try:
-                assert os.write(fd, data) == len(data)
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            orthanc_write(path, data, piece=len(data))
         sent.append(setattrs() - before)
         assert all(path.read_bytes() == data for path in paths)
         if sent[-1] <= 5:
