@@ -11,14 +11,17 @@ import ipaddress
 import re
 import ssl
 import threading
+import time
 import urllib.parse
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import botocore.credentials
 import google_crc32c
 import pytest
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -47,6 +50,15 @@ def backend_at(endpoint: str, bucket: str = "b", **extra: Any) -> S3Backend:
         "RequestTimeout": 2, "MaxRetries": 0, **extra}})
     assert settings.s3 is not None
     return S3Backend(settings.s3)
+
+
+def gets_from(backend: S3Backend, where: str) -> S3Backend:
+    """`backend` with its whole-object GETs on the event loop (as built, "loop") or in worker
+    threads ("threads": as with credentials botocore refreshes)."""
+    assert backend.direct is not None and backend.direct.loop is not None
+    if where == "threads":
+        backend.direct.loop = None
+    return backend
 
 
 def crc32(data: bytes) -> str:
@@ -191,6 +203,14 @@ class Scripted(http.server.BaseHTTPRequestHandler):
         elif name == "short":
             self._send(200, BODY[:1000], length=str(len(BODY)))
             self.close_connection = True
+        elif name == "stall":  # a head and the first bytes, then nothing for 3 s
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY[:1000])
+            self.wfile.flush()
+            time.sleep(3)
+            self.close_connection = True
         elif name == "slow-down":
             self._send(503, b"<Error><Code>SlowDown</Code><Message>Reduce your request rate"
                        b"</Message></Error>")
@@ -218,10 +238,11 @@ def scripted() -> Iterator[tuple[str, list[tuple[str, int, str]]]]:
         yield server
 
 
+@pytest.mark.parametrize("where", ["loop", "threads"])
 async def test_answers_are_read_checked_and_connections_kept(
-        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path, where: str) -> None:
     endpoint, seen = scripted
-    backend = backend_at(endpoint)
+    backend = gets_from(backend_at(endpoint), where)
     assert backend.direct is not None
     out = tmp_path / "o"
     for _ in range(3):
@@ -247,7 +268,77 @@ async def test_answers_are_read_checked_and_connections_kept(
     await backend.aclose()  # the kept connection closes; none is kept after
     await backend.get("ab/good", out)
     assert seen[-1][1] != seen[-2][1]
-    assert backend.direct._idle == []
+    assert backend.direct._idle == [] and backend._loop is not None and backend._loop._idle == []
+
+
+async def test_whole_gets_take_no_worker_thread(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole object stored as it is read comes on the event loop; a range, or a download
+    through a transform (decryption), still takes a worker thread."""
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    threaded: list[str] = []
+    run = backend._run
+
+    async def counted(op: str, key: str, *args: Any) -> Any:
+        threaded.append(key)
+        return await run(op, key, *args)
+
+    monkeypatch.setattr(backend, "_run", counted)
+    out = tmp_path / "o"
+    assert await backend.get("ab/good", out) == len(BODY)
+    assert out.read_bytes() == BODY
+    assert threaded == []
+    await backend.get("ab/good", out, offset=10, length=5)  # (this server sends it all)
+    assert threaded == ["ab/good"]
+
+    class Same:
+        def update(self, data: bytes) -> bytes:
+            return data
+
+        def finalize(self) -> bytes:
+            return b""
+
+    assert await backend.get("ab/good", out, transform=Same()) == len(BODY)
+    assert out.read_bytes() == BODY
+    assert threaded == ["ab/good", "ab/good"]
+    assert [path for path, _, _ in seen] == ["/b/ab/good"] * 3
+
+
+async def test_a_stalled_answer_times_out_and_a_cancelled_get_closes_its_connection(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+    """On the event loop as in a thread: an answer that stops coming raises Unavailable after
+    the read timeout (2 s here; the server holds it 3 s), and a GET cancelled meanwhile does
+    not leave its connection to the next one."""
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    out = tmp_path / "o"
+    with pytest.raises(errors.Unavailable, match=r"no answer within 2"):
+        await backend.get("stall", out)
+    with trio.move_on_after(0.5) as scope:
+        await backend.get("stall", out)
+    assert scope.cancelled_caught
+    assert backend._loop is not None and backend._loop._idle == []
+    assert await backend.get("ab/good", out) == len(BODY)
+    assert [connection for _, connection, _ in seen] == [1, 2, 3]
+
+
+async def test_credentials_botocore_refreshes_keep_gets_in_threads(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refresh of a role's credentials is a blocking request: with such credentials no GET
+    runs on the event loop, and the direct path still serves them from threads."""
+    endpoint, seen = scripted
+    expiry = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).isoformat()
+    metadata = {"access_key": "a", "secret_key": "s", "token": None, "expiry_time": expiry}
+    refreshable = botocore.credentials.RefreshableCredentials.create_from_metadata(
+        metadata, lambda: metadata, "test")
+    monkeypatch.setattr("boto3.session.Session.get_credentials", lambda self: refreshable)
+    backend = backend_at(endpoint)
+    assert backend.direct is not None and backend.direct.loop is None
+    assert await backend.get("ab/good", tmp_path / "o") == len(BODY)
+    assert all("Botocore" not in agent for _, _, agent in seen)
 
 
 async def test_heads_tell_the_size_on_a_kept_connection(
@@ -266,10 +357,11 @@ async def test_heads_tell_the_size_on_a_kept_connection(
     assert len(agents) >= 2 and "Botocore" not in agents[0] and "Botocore" in agents[1]
 
 
+@pytest.mark.parametrize("where", ["loop", "threads"])
 async def test_a_kept_connection_the_server_closed_is_retried_once(
-        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path, where: str) -> None:
     endpoint, seen = scripted
-    backend = backend_at(endpoint)
+    backend = gets_from(backend_at(endpoint), where)
     out = tmp_path / "o"
     await backend.get("good-then-close", out)
     assert await backend.get("good", out) == len(BODY)
@@ -277,21 +369,23 @@ async def test_a_kept_connection_the_server_closed_is_retried_once(
         ("/b/good-then-close", 1), ("/b/good", 2)]
 
 
+@pytest.mark.parametrize("where", ["loop", "threads"])
 async def test_answers_it_does_not_handle_go_to_botocore(
-        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path) -> None:
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path, where: str) -> None:
     endpoint, seen = scripted
-    backend = backend_at(endpoint)
+    backend = gets_from(backend_at(endpoint), where)
     with pytest.raises(errors.ObjfsError):
         await backend.get("moved", tmp_path / "o")
     agents = [agent for path, _, agent in seen if path == "/b/moved"]
     assert len(agents) == 2 and "Botocore" not in agents[0] and "Botocore" in agents[1]
 
 
+@pytest.mark.parametrize("where", ["loop", "threads"])
 async def test_direct_requests_end_when_botocore_keeps_succeeding_where_they_fail(
         scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, where: str) -> None:
     endpoint, seen = scripted
-    backend = backend_at(endpoint)
+    backend = gets_from(backend_at(endpoint), where)
     out = tmp_path / "o"
     await backend.get("ab/good", out)
     for _ in range(2):
@@ -310,11 +404,12 @@ async def test_direct_requests_end_when_botocore_keeps_succeeding_where_they_fai
         "Botocore" in agent for _, _, agent in seen[before:])
 
 
+@pytest.mark.parametrize("where", ["loop", "threads"])
 async def test_gets_check_a_crc32c_too(scripted: tuple[str, list[tuple[str, int, str]]],
-                                       tmp_path: Path) -> None:
+                                       tmp_path: Path, where: str) -> None:
     """An object stored with a CRC32C (objfs' own PUTs) comes with that checksum: checked."""
     endpoint, seen = scripted
-    backend = backend_at(endpoint)
+    backend = gets_from(backend_at(endpoint), where)
     out = tmp_path / "o"
     assert await backend.get("good-crc32c", out) == len(BODY)
     assert out.read_bytes() == BODY
@@ -599,8 +694,9 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
+@pytest.mark.parametrize("where", ["loop", "threads"])
 async def test_https_with_the_ca_bundle_botocore_uses(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """Over TLS the direct requests trust what botocore trusts (AWS_CA_BUNDLE here): with the
     server's CA they read; without it the certificate is refused (Unavailable), never read."""
     cert, key = self_signed(tmp_path)
@@ -619,7 +715,7 @@ async def test_https_with_the_ca_bundle_botocore_uses(
     source.write_bytes(BODY)
     try:
         monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
-        trusted = backend_at(endpoint)
+        trusted = gets_from(backend_at(endpoint), where)
         assert trusted.direct is not None and trusted.direct.context is not None
         for _ in range(2):
             assert await trusted.get("ab/good", out) == len(BODY)
@@ -629,7 +725,7 @@ async def test_https_with_the_ca_bundle_botocore_uses(
         monkeypatch.delenv("AWS_CA_BUNDLE")
         out.unlink()
         with pytest.raises(errors.Unavailable, match=r"(?i)certificate"):
-            await backend_at(endpoint).get("ab/good", out)
+            await gets_from(backend_at(endpoint), where).get("ab/good", out)
         assert out.read_bytes() == b""
     finally:
         server.shutdown()

@@ -147,6 +147,10 @@ class Backend(abc.ABC):
         """Release connections. Closes even if it fails."""
 
 
+# A blocking GET: (key, out, offset, length) -> bytes received (`ThreadedBackend._get_sync`).
+GetSync = Callable[[str, IO[bytes], int, "int | None"], int]
+
+
 class ThreadedBackend(Backend):
     """A backend whose work is blocking calls, run in worker threads under one limiter.
 
@@ -231,13 +235,15 @@ class ThreadedBackend(Backend):
         return await self._run("get", key, self._get_into, key, path, offset, length, transform)
 
     def _get_into(self, key: str, path: Path, offset: int, length: int | None,
-                  transform: Transform | None) -> int:
+                  transform: Transform | None, get: GetSync | None = None) -> int:
+        """`get` (by default `_get_sync`) into `path`, through `transform` if given."""
+        get = get or self._get_sync
         try:
             with open(path, "wb") as out:
                 if transform is None:
-                    return self._get_sync(key, out, offset, length)
-                received = self._get_sync(key, cast(IO[bytes], _TransformedFile(out, transform)),
-                                          offset, length)
+                    return get(key, out, offset, length)
+                received = get(key, cast(IO[bytes], _TransformedFile(out, transform)), offset,
+                               length)
                 out.write(transform.finalize())
                 return received
         except OSError as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import logging
 import os
 import urllib.parse
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import boto3
+import botocore.credentials
 import botocore.exceptions as bx
 import botocore.httpsession
 import botocore.session
@@ -35,10 +37,12 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from objfs import errors, sigv4
-from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.kept import DirectFirst, Listed, as_objects
+from objfs.backends.base import ObjectInfo, ThreadedBackend, Transform
+from objfs.backends.kept import DirectFirst, Fallback, Listed, as_objects
 from objfs.backends.s3direct import DirectS3, bucket_url, byte_range, proxied
 from objfs.config import S3Settings
+from objfs.errnos import is_disk_full
+from objfs.priority import is_foreground
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,8 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
                             if name in self.extra}
         self.where = f"s3://{self.bucket}/"
         self.direct = self._direct_requests(core, session) if cfg.direct_requests else None
+        # Closed by aclose even after the direct path ended (`DirectFirst._either`).
+        self._loop = self.direct.loop if self.direct is not None else None
 
     def _direct_requests(self, core: botocore.session.Session,
                          session: boto3.session.Session) -> DirectS3 | None:
@@ -139,9 +145,12 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
 
         ca_bundle = core.get_config_variable("ca_bundle") or \
             botocore.httpsession.get_cert_path(True)
+        # Credentials botocore refreshes (a role's, the instance's) may block for a request
+        # when they expire: only fixed ones are read on the event loop.
         return DirectS3(base, str(self.client.meta.region_name), credentials,
                         self.cfg.connect_timeout, self.cfg.request_timeout, ca_bundle,
-                        self.cfg.max_connections)
+                        self.cfg.max_connections, loop_gets=not isinstance(
+                            found, botocore.credentials.RefreshableCredentials))
 
     def translate(self, exc: Exception, key: str, op: str) -> errors.ObjfsError:
         if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
@@ -187,10 +196,59 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
             self._either("PUT", key, lambda d: d.put(key, body, size, self.put_headers),
                          through_botocore)
 
+    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None,
+                  transform: Transform | None = None) -> int:
+        """A whole object stored as it is read (no `transform`) comes on the event loop
+        (`DirectS3.get_on_loop`: no worker thread, no GIL handed back and forth with the
+        loop); ranges, decrypted downloads and answers the loop leaves (`Fallback`) go to a
+        worker thread, as every request did before."""
+        direct = self.direct
+        if direct is not None and direct.loop is not None and transform is None \
+                and offset == 0 and length is None:
+            try:
+                received = await self._get_on_loop(direct, key, path)
+                self._discrepancies = 0  # a direct success, as `_either` counts them
+                return received
+            except Fallback as refused:
+                # botocore has the final word, as after a thread's direct GET was refused.
+                return await self._run("get", key, self._get_into, key, path, 0, None, None,
+                                       functools.partial(self._refused_on_loop, refused))
+        return await super().get(key, path, offset, length, transform)
+
+    async def _get_on_loop(self, direct: DirectS3, key: str, path: Path) -> int:
+        """`DirectS3.get_on_loop` into `path`, under the same limiter as a thread's GET;
+        errors as `ThreadedBackend.get` raises them."""
+        async with self._foreground if is_foreground() else self._limiter:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            except OSError as exc:
+                raise _local(exc, path, self.translate(exc, key, "get")) from exc
+            try:
+                return await direct.get_on_loop(key, fd)
+            except (Fallback, errors.ObjfsError):
+                raise
+            except (ConnectionError, TimeoutError, bx.ClientError) as exc:
+                raise self.translate(exc, key, "get") from exc
+            except OSError as exc:  # writing the local copy
+                raise _local(exc, path, self.translate(exc, key, "get")) from exc
+            finally:
+                os.close(fd)
+
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:
             return 0
         return self._either("GET", key, lambda d: d.get(key, out, offset, length),
+                            lambda: self._botocore_get(key, out, offset, length))
+
+    def _refused_on_loop(self, refused: Fallback, key: str, out: IO[bytes], offset: int,
+                         length: int | None) -> int:
+        """botocore's GET of what a direct GET on the event loop was refused, counted as
+        `_either` counts any direct refusal (DIRECT_GIVE_UP)."""
+
+        def direct_call(_: DirectS3) -> int:
+            raise refused
+
+        return self._either("GET", key, direct_call,
                             lambda: self._botocore_get(key, out, offset, length))
 
     def _botocore_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
@@ -295,7 +353,17 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
     async def aclose(self) -> None:
         if self.direct is not None:
             self.direct.close()
+        if self._loop is not None:
+            await self._loop.aclose()
         self.client.close()
+
+
+def _local(exc: OSError, path: Path, otherwise: errors.ObjfsError) -> errors.ObjfsError:
+    """A failure to write a download's local copy: LocalDiskFull for a full disk (as
+    `ThreadedBackend` says it), else `otherwise`."""
+    if is_disk_full(exc):
+        return errors.LocalDiskFull(f"{path}: {exc.strerror}")
+    return otherwise
 
 
 def parse_timestamp(value: str) -> datetime.datetime:

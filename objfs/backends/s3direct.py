@@ -50,6 +50,7 @@ import botocore.exceptions as bx
 import google_crc32c
 
 from objfs import errors, sigv4
+from objfs.backends.asyncget import Answer, LoopConnections
 from objfs.backends.kept import (
     BUFFER,
     ERROR_BODY_LIMIT,
@@ -120,8 +121,10 @@ class DirectS3(KeptConnections):
 
     def __init__(self, base: tuple[str, str, int, str], region: str,
                  credentials: Callable[[], sigv4.Credentials], connect_timeout: float,
-                 read_timeout: float, ca_bundle: str | None, pool_size: int) -> None:
-        """`base`: the bucket's (scheme, host, port, path prefix), from `bucket_url`."""
+                 read_timeout: float, ca_bundle: str | None, pool_size: int,
+                 loop_gets: bool = True) -> None:
+        """`base`: the bucket's (scheme, host, port, path prefix), from `bucket_url`;
+        `loop_gets`: whole-object GETs may run on the event loop (`get_on_loop`)."""
         scheme, host, port, self.prefix = base
         super().__init__(scheme, host, port, connect_timeout, read_timeout, ca_bundle,
                          pool_size)
@@ -132,6 +135,10 @@ class DirectS3(KeptConnections):
         # for good (the only transition). Worker threads read it once per PUT; one that
         # read CRC32C before the change sends that PUT with it, which is harmless.
         self.checksum = CRC32C
+        # Whole-object GETs from the event loop; None with credentials that botocore may
+        # refresh (a refresh is a blocking request: it stays in the worker threads).
+        self.loop = LoopConnections(host, port, connect_timeout, read_timeout, self.context,
+                                    pool_size) if loop_gets else None
 
     def get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         """Write the object (or range) into `out`; returns the bytes received, 0 for a range
@@ -144,6 +151,41 @@ class DirectS3(KeptConnections):
         return self._exchange("GET", key, extra, None, download_answer(
             lambda response: self._body(response, key, out, ranged),
             lambda response: _refused(response, "GetObject")))
+
+    async def get_on_loop(self, key: str, fd: int) -> int:
+        """The whole object into `fd` (empty), from the event loop (`objfs.backends.asyncget`):
+        what `get` does for it, without a worker thread. Raises Fallback (nothing written),
+        botocore's ClientError (404, 429, 5xx), Unavailable (a damaged answer),
+        ConnectionError, TimeoutError, or OSError from writing `fd`."""
+        assert self.loop is not None
+        path = self._path(key)
+        headers = sigv4.sign("GET", self.host_header, path, {"x-amz-checksum-mode": "ENABLED"},
+                             self.credentials(), self.region,
+                             datetime.datetime.now(datetime.UTC), keys=self.keys)
+        crc = 0
+        algorithm, checksum = CRC32C, None
+
+        def check(answer: Answer) -> Callable[[bytes], None] | None:
+            nonlocal algorithm, checksum
+            checksum = answer.headers.get("x-amz-checksum-crc32c")
+            if checksum is None:
+                algorithm, checksum = CRC32, answer.headers.get("x-amz-checksum-crc32")
+            if checksum is None or "-" in checksum:
+                checksum = None  # none, or a composite (per-part) checksum
+                return None
+
+            def update(chunk: bytes) -> None:
+                nonlocal crc
+                crc = _extend(algorithm, crc, chunk)
+
+            return update
+
+        copied = await self.loop.get(path, headers, fd, check, lambda answer, body: _refusal(
+            answer.status, answer.reason, body, "GetObject"))
+        if checksum is not None and crc.to_bytes(4, "big") != b64decode(checksum):
+            raise errors.Unavailable(f"{key}: the answer's {algorithm} does not match the "
+                                     f"object's ({checksum}): damaged in transit")
+        return copied
 
     def head(self, key: str) -> int:
         """The object's size. Raises Fallback, botocore's ClientError ("404", 429, 5xx),
@@ -240,7 +282,7 @@ class DirectS3(KeptConnections):
         `answer`; the connection is kept only when the answer was read to its end, whatever
         `answer` returned or raised. `key` "" with a `query` is a request on the bucket, sent
         where botocore sends it: `/bucket?...` in path style, `/?...` on a bucket's host."""
-        path = sigv4.uri_path(f"{self.prefix}/{key}" if key or not self.prefix else self.prefix)
+        path = self._path(key)
         headers = sigv4.sign(method, self.host_header, path, extra, self.credentials(),
                              self.region, datetime.datetime.now(datetime.UTC), query=query,
                              keys=self.keys,
@@ -252,6 +294,10 @@ class DirectS3(KeptConnections):
                 "=" + urllib.parse.quote(value, safe="-_.~") if value else "")
             for name, value in sorted(query.items()))
         return self.exchange(method, target, headers, body, answer)
+
+    def _path(self, key: str) -> str:
+        """The encoded path of `key`, or of the bucket for "" (`_exchange`)."""
+        return sigv4.uri_path(f"{self.prefix}/{key}" if key or not self.prefix else self.prefix)
 
     def _body(self, response: http.client.HTTPResponse, key: str, out: IO[bytes],
               ranged: bool) -> int:
@@ -293,17 +339,21 @@ def _tags(body: bytes, pattern: re.Pattern[bytes] = _TAG) -> dict[str, str]:
 
 def _refused(response: http.client.HTTPResponse, operation: str,
              body: bytes | None = None) -> Exception:
-    """What a non-success answer raises: botocore's ClientError with S3's code for 404, 429
-    and server errors (read as botocore reads them), else Fallback. `body`: the answer's
-    body when the caller has read it already."""
-    status = response.status
+    """What a non-success answer raises (`_refusal`). `body`: the answer's body when the
+    caller has read it already."""
     if body is None:
         body = response.read(ERROR_BODY_LIMIT)
+    return _refusal(response.status, response.reason, body, operation)
+
+
+def _refusal(status: int, reason: str, body: bytes, operation: str) -> Exception:
+    """What a non-success answer raises: botocore's ClientError with S3's code for 404, 429
+    and server errors (read as botocore reads them), else Fallback."""
     if status in (404, 429) or status >= 500:
         tags = _tags(body)
         error: Exception = bx.ClientError(
             {"Error": {"Code": tags.get("Code", str(status)),
-                       "Message": tags.get("Message", response.reason)},
+                       "Message": tags.get("Message", reason)},
              "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
         return error
     return Fallback(f"HTTP {status}")
