@@ -9,19 +9,18 @@ Here the socket work yields to Orthanc's requests at every receive, and the byte
 local file as they arrive (writes to the page cache, as the FUSE handlers' own).
 
 `LoopConnections.get` sends one GET on a kept or new stream and reads the answer: a 200 with
-a Content-Length is copied into a file descriptor; any other answer is handed to the caller's
+a Content-Length is handed to the caller chunk by chunk; any other answer is handed to the caller's
 `refused` after its body (when short) was read, and what that returns is raised. A kept
 stream that the server closed while idle (nothing of the answer came) is replaced once by a
 new one, as `objfs.backends.kept` does for threads. Network failures raise TimeoutError (no
 answer within the read timeout, per receive as a socket timeout would) or ConnectionError;
-errors writing the file raise as OSError, unchanged. Cancellation closes the stream in use.
+what the caller's writer raises goes through unchanged. Cancellation closes the stream in use.
 One owner: the event loop; no lock (every method runs on it).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from collections.abc import Callable
 
@@ -64,14 +63,15 @@ class LoopConnections:
         self._idle: list[trio.abc.Stream] = []
         self._closed = False
 
-    async def get(self, target: str, headers: dict[str, str], fd: int,
+    async def get(self, target: str, headers: dict[str, str], write: Callable[[bytes], None],
                   check: Callable[[Answer], Callable[[bytes], None] | None],
                   refused: Callable[[Answer, bytes], Exception]) -> int:
-        """GET `target` with `headers` (Host among them); a 200 answer's body is written to
-        `fd` and its length returned. `check` sees a 200 answer's head before any byte is
-        written and returns what each chunk is also given to (a checksum), or None; any
-        other answer raises `refused(answer, its body)`. Raises ConnectionError for an
-        answer shorter than its Content-Length, or without one."""
+        """GET `target` with `headers` (Host among them); a 200 answer's body is handed to
+        `write` as it arrives and its length returned. `check` sees a 200 answer's head
+        before any byte is written and returns what each chunk is also given to first (a
+        checksum), or None; any other answer raises `refused(answer, its body)`. Raises
+        ConnectionError for an answer shorter than its Content-Length, or without one; what
+        `write` raises, as it is."""
         request = "".join([f"GET {target} HTTP/1.1\r\n",
                            *(f"{name}: {value}\r\n" for name, value in headers.items()),
                            "\r\n"]).encode("latin-1")
@@ -98,7 +98,7 @@ class LoopConnections:
                 if length is None:
                     raise ConnectionError(f"{self.host}: an answer without a length")
                 update = check(answer)
-                copied = await self._copy(stream, answer.rest, length, fd, update)
+                copied = await self._copy(stream, answer.rest, length, write, update)
                 # Bytes past the body (none from a sound server) would be read as the next
                 # answer: such a stream is not kept.
                 reusable = _keeps(answer) and len(answer.rest) <= length
@@ -193,17 +193,15 @@ class LoopConnections:
             body += got
         return body
 
-    async def _copy(self, stream: trio.abc.Stream, first: bytes, length: int, fd: int,
-                    update: Callable[[bytes], None] | None) -> int:
+    async def _copy(self, stream: trio.abc.Stream, first: bytes, length: int,
+                    write: Callable[[bytes], None], update: Callable[[bytes], None] | None) -> int:
         copied = 0
         chunk = first[:length]
         while True:
             if chunk:
                 if update is not None:
                     update(chunk)
-                view = memoryview(chunk)
-                while view:  # a write to the page cache; short only when the disk fills
-                    view = view[os.write(fd, view):]
+                write(chunk)
                 copied += len(chunk)
             if copied >= length:
                 return copied

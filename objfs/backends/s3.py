@@ -198,33 +198,44 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
 
     async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None,
                   transform: Transform | None = None) -> int:
-        """A whole object stored as it is read (no `transform`) comes on the event loop
-        (`DirectS3.get_on_loop`: no worker thread, no GIL handed back and forth with the
-        loop); ranges, decrypted downloads and answers the loop leaves (`Fallback`) go to a
-        worker thread, as every request did before."""
+        """A whole object comes on the event loop (`DirectS3.get_on_loop`: no worker thread,
+        no GIL handed back and forth with the loop), decrypted as it arrives when a
+        `transform` is given; ranges and answers the loop leaves (`Fallback`) go to a worker
+        thread, as every request did before."""
         direct = self.direct
-        if direct is not None and direct.loop is not None and transform is None \
-                and offset == 0 and length is None:
+        if direct is not None and direct.loop is not None and offset == 0 and length is None:
             try:
-                received = await self._get_on_loop(direct, key, path)
+                received = await self._get_on_loop(direct, key, path, transform)
                 self._discrepancies = 0  # a direct success, as `_either` counts them
                 return received
             except Fallback as refused:
                 # botocore has the final word, as after a thread's direct GET was refused.
-                return await self._run("get", key, self._get_into, key, path, 0, None, None,
+                return await self._run("get", key, self._get_into, key, path, 0, None, transform,
                                        functools.partial(self._refused_on_loop, refused))
         return await super().get(key, path, offset, length, transform)
 
-    async def _get_on_loop(self, direct: DirectS3, key: str, path: Path) -> int:
-        """`DirectS3.get_on_loop` into `path`, under the same limiter as a thread's GET;
-        errors as `ThreadedBackend.get` raises them."""
+    async def _get_on_loop(self, direct: DirectS3, key: str, path: Path,
+                           transform: Transform | None) -> int:
+        """`DirectS3.get_on_loop` into `path` (through `transform`), under the same limiter as
+        a thread's GET; errors as `ThreadedBackend.get` raises them."""
         async with self._foreground if is_foreground() else self._limiter:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             except OSError as exc:
                 raise _local(exc, path, self.translate(exc, key, "get")) from exc
+
+            def write(data: bytes) -> None:
+                view = memoryview(data)
+                while view:  # to the page cache; short only when the disk fills
+                    view = view[os.write(fd, view):]
+
             try:
-                return await direct.get_on_loop(key, fd)
+                if transform is None:
+                    return await direct.get_on_loop(key, write)
+                received = await direct.get_on_loop(
+                    key, lambda chunk: write(transform.update(chunk)))
+                write(transform.finalize())
+                return received
             except (Fallback, errors.ObjfsError):
                 raise
             except (ConnectionError, TimeoutError, bx.ClientError) as exc:

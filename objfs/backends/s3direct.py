@@ -152,11 +152,12 @@ class DirectS3(KeptConnections):
             lambda response: self._body(response, key, out, ranged),
             lambda response: _refused(response, "GetObject")))
 
-    async def get_on_loop(self, key: str, fd: int) -> int:
-        """The whole object into `fd` (empty), from the event loop (`objfs.backends.asyncget`):
-        what `get` does for it, without a worker thread. Raises Fallback (nothing written),
-        botocore's ClientError (404, 429, 5xx), Unavailable (a damaged answer),
-        ConnectionError, TimeoutError, or OSError from writing `fd`."""
+    async def get_on_loop(self, key: str, write: Callable[[bytes], None]) -> int:
+        """The whole object, handed to `write` as it arrives, from the event loop
+        (`objfs.backends.asyncget`): what `get` does for it, without a worker thread. Raises
+        Fallback (nothing written), botocore's ClientError (404, 429, 5xx), Unavailable (a
+        damaged answer: checked after the last byte was written), ConnectionError,
+        TimeoutError, or what `write` raises."""
         assert self.loop is not None
         path = self._path(key)
         headers = sigv4.sign("GET", self.host_header, path, {"x-amz-checksum-mode": "ENABLED"},
@@ -180,7 +181,7 @@ class DirectS3(KeptConnections):
 
             return update
 
-        copied = await self.loop.get(path, headers, fd, check, lambda answer, body: _refusal(
+        copied = await self.loop.get(path, headers, write, check, lambda answer, body: _refusal(
             answer.status, answer.reason, body, "GetObject"))
         if checksum is not None and crc.to_bytes(4, "big") != b64decode(checksum):
             raise errors.Unavailable(f"{key}: the answer's {algorithm} does not match the "
