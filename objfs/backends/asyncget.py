@@ -2,20 +2,22 @@
 
 Why: a download in a worker thread hands the GIL back and forth with the event loop that
 answers Orthanc. In a cold series read (one reader, eight prefetch downloads at a time) the
-loop's thread waited for the GIL about 0.7 ms per instance, and the handoffs themselves took
-a fifth of its CPU (perf: futex waits and wakeups); the same GETs as trio tasks cost the
-daemon 2.3-2.5 ms of CPU per instance instead of 2.7-4.3 (docs/performance.md, 2026-12-04).
-Here the socket work yields to Orthanc's requests at every receive, and the bytes go to the
-local file as they arrive (writes to the page cache, as the FUSE handlers' own).
+loop's thread waited for the GIL about 0.7 ms per instance, and the handoffs took about a
+fifth of its CPU (perf: futex waits and wakeups). As trio tasks, the same downloads cost the
+daemon 2.5 instead of 3.0 ms of CPU per cold read of a 0.5 MB instance (2.8 instead of 3.5
+with A1 decryption), and Orthanc's cold reads went 10-15 % faster (docs/performance.md,
+2026-12-04). A download yields to Orthanc's requests at every receive of at most STEP bytes,
+which it checksums, decrypts if asked and writes to the local file (the page cache, as the
+FUSE handlers' own writes) before the next.
 
 `LoopConnections.get` sends one GET on a kept or new stream and reads the answer: a 200 with
-a Content-Length is handed to the caller chunk by chunk; any other answer is handed to the caller's
-`refused` after its body (when short) was read, and what that returns is raised. A kept
-stream that the server closed while idle (nothing of the answer came) is replaced once by a
-new one, as `objfs.backends.kept` does for threads. Network failures raise TimeoutError (no
-answer within the read timeout, per receive as a socket timeout would) or ConnectionError;
-what the caller's writer raises goes through unchanged. Cancellation closes the stream in use.
-One owner: the event loop; no lock (every method runs on it).
+a Content-Length is handed to the caller chunk by chunk; any other answer is handed to the
+caller's `refused` after its body (when short) was read, and what that returns is raised. A
+kept stream that the server closed while idle (nothing of the answer came) is replaced once
+by a new one, as `objfs.backends.kept` does for threads. Network failures raise TimeoutError
+(no answer within the read timeout, per receive as a socket timeout would) or
+ConnectionError; what the caller's writer raises goes through unchanged. Cancellation closes
+the stream in use. One owner: the event loop; no lock (every method runs on it).
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from collections.abc import Callable
 
 import trio
 
-from objfs.backends.kept import BUFFER, ERROR_BODY_LIMIT
+from objfs.backends.kept import ERROR_BODY_LIMIT
 
 log = logging.getLogger(__name__)
 
 # The most an answer's status line and headers may take.
 HEAD_LIMIT = 64 * 1024
+# The most one receive takes: what a step of a download does on the event loop (the copy to
+# the page cache, the checksum, a decryption) stays around a tenth of a millisecond, the
+# longest a FUSE request waits for it.
+STEP = 256 * 1024
 
 
 class Answer:
@@ -164,7 +170,7 @@ class LoopConnections:
             if len(data) > HEAD_LIMIT:
                 raise ConnectionError(f"{self.host}: an answer head over {HEAD_LIMIT} bytes")
             try:
-                got = await self._receive(stream, BUFFER)
+                got = await self._receive(stream, STEP)
             except ConnectionError:
                 if not data:
                     raise _Stale() from None
@@ -205,7 +211,7 @@ class LoopConnections:
                 copied += len(chunk)
             if copied >= length:
                 return copied
-            chunk = await self._receive(stream, min(BUFFER, length - copied))
+            chunk = await self._receive(stream, min(STEP, length - copied))
             if not chunk:
                 raise ConnectionError(f"{self.host}: short answer ({copied} bytes of "
                                       f"{length})")
