@@ -8,6 +8,7 @@ import base64
 import datetime
 import http.server
 import ipaddress
+import logging
 import re
 import ssl
 import threading
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from objfs import errors
+from objfs.backends import asyncget
 from objfs.backends.s3 import S3Backend
 from objfs.backends.s3direct import bucket_url, listed_objects
 from objfs.config import settings_from_tree
@@ -203,6 +205,15 @@ class Scripted(http.server.BaseHTTPRequestHandler):
         elif name == "short":
             self._send(200, BODY[:1000], length=str(len(BODY)))
             self.close_connection = True
+        elif name == "chunked":  # no Content-Length: the body in chunked coding
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("x-amz-checksum-crc32", crc32(BODY))
+            self.end_headers()
+            for start in range(0, len(BODY), 100_000):
+                piece = BODY[start:start + 100_000]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
         elif name == "stall":  # a head and the first bytes, then nothing for 3 s
             self.send_response(200)
             self.send_header("Content-Length", str(len(BODY)))
@@ -327,6 +338,24 @@ async def test_a_stalled_answer_times_out_and_a_cancelled_get_closes_its_connect
     assert backend._loop is not None and backend._loop._idle == []
     assert await backend.get("ab/good", out) == len(BODY)
     assert [connection for _, connection, _ in seen] == [1, 2, 3]
+
+
+async def test_an_answer_without_a_length_sends_gets_to_threads(
+        scripted: tuple[str, list[tuple[str, int, str]]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A store that streams an object in chunked coding: the GET is sent again from a worker
+    thread (direct, not botocore: nothing was refused), and later GETs go there first."""
+    caplog.set_level(logging.INFO, "objfs.backends.s3")
+    endpoint, seen = scripted
+    backend = backend_at(endpoint)
+    out = tmp_path / "o"
+    assert await backend.get("ab/chunked", out) == len(BODY)
+    assert out.read_bytes() == BODY
+    assert backend.direct is not None and backend.direct.loop is None
+    assert "worker threads from now on" in caplog.text
+    assert await backend.get("ab/good", out) == len(BODY)
+    assert [path for path, _, _ in seen] == ["/b/ab/chunked"] * 2 + ["/b/ab/good"]
+    assert all("Botocore" not in agent for _, _, agent in seen)
 
 
 async def test_credentials_botocore_refreshes_keep_gets_in_threads(
@@ -735,3 +764,16 @@ async def test_https_with_the_ca_bundle_botocore_uses(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_answer_keeps_its_connection_as_http_says() -> None:
+    """HTTP/1.1 keeps a connection unless the answer says "close"; HTTP/1.0 only when it says
+    "keep-alive"."""
+    def answer(version: str, **headers: str) -> asyncget.Answer:
+        return asyncget.Answer(version, 200, "OK", headers, b"")
+
+    assert asyncget._keeps(answer("HTTP/1.1"))
+    assert asyncget._keeps(answer("HTTP/1.1", connection="Keep-Alive"))
+    assert not asyncget._keeps(answer("HTTP/1.1", connection="Close"))
+    assert not asyncget._keeps(answer("HTTP/1.0"))
+    assert asyncget._keeps(answer("HTTP/1.0", connection="keep-alive"))

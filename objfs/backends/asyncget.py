@@ -44,11 +44,19 @@ class Answer:
     """An answer's status, reason, headers (names lower-cased) and the bytes of its body that
     arrived with the head."""
 
-    def __init__(self, status: int, reason: str, headers: dict[str, str], rest: bytes) -> None:
+    def __init__(self, version: str, status: int, reason: str, headers: dict[str, str],
+                 rest: bytes) -> None:
+        self.version = version
         self.status = status
         self.reason = reason
         self.headers = headers
         self.rest = rest
+
+
+class NotOnLoop(Exception):
+    """A success answer this module does not read (no Content-Length: chunked, or ended by
+    closing): nothing was written, the stream is closed; the caller sends the request again
+    through `objfs.backends.kept`, which reads any HTTP/1.1 answer."""
 
 
 class _Stale(Exception):
@@ -76,8 +84,8 @@ class LoopConnections:
         `write` as it arrives and its length returned. `check` sees a 200 answer's head
         before any byte is written and returns what each chunk is also given to first (a
         checksum), or None; any other answer raises `refused(answer, its body)`. Raises
-        ConnectionError for an answer shorter than its Content-Length, or without one; what
-        `write` raises, as it is."""
+        NotOnLoop for a 200 without a Content-Length, ConnectionError for an answer shorter
+        than its Content-Length, and what `write` raises, as it is."""
         request = "".join([f"GET {target} HTTP/1.1\r\n",
                            *(f"{name}: {value}\r\n" for name, value in headers.items()),
                            "\r\n"]).encode("latin-1")
@@ -102,7 +110,7 @@ class LoopConnections:
                         reusable = _keeps(answer)
                     raise refused(answer, body)
                 if length is None:
-                    raise ConnectionError(f"{self.host}: an answer without a length")
+                    raise NotOnLoop(f"{self.host}: a {answer.status} answer without a length")
                 update = check(answer)
                 copied = await self._copy(stream, answer.rest, length, write, update)
                 # Bytes past the body (none from a sound server) would be read as the next
@@ -189,7 +197,7 @@ class LoopConnections:
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        return Answer(int(code), reason, headers, data[end + 4:])
+        return Answer(version, int(code), reason, headers, data[end + 4:])
 
     async def _rest(self, stream: trio.abc.Stream, body: bytes, length: int) -> bytes:
         while len(body) < length:
@@ -226,7 +234,12 @@ def _length(answer: Answer) -> int | None:
 
 
 def _keeps(answer: Answer) -> bool:
-    return answer.headers.get("connection", "").lower() != "close"
+    """Whether the server keeps the connection open after `answer` (HTTP/1.0: only when it
+    says so)."""
+    connection = answer.headers.get("connection", "").lower()
+    if answer.version == "HTTP/1.0":
+        return connection == "keep-alive"
+    return connection != "close"
 
 
 def _network(exc: BaseException, host: str) -> ConnectionError:

@@ -37,6 +37,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from objfs import errors, sigv4
+from objfs.backends.asyncget import NotOnLoop
 from objfs.backends.base import ObjectInfo, ThreadedBackend, Transform
 from objfs.backends.kept import DirectFirst, Fallback, Listed, as_objects
 from objfs.backends.s3direct import DirectS3, bucket_url, byte_range, proxied
@@ -201,7 +202,8 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
         """A whole object comes on the event loop (`DirectS3.get_on_loop`: no worker thread,
         no GIL handed back and forth with the loop), decrypted as it arrives when a
         `transform` is given; ranges and answers the loop leaves (`Fallback`) go to a worker
-        thread, as every request did before."""
+        thread, as every request did before; so do all later GETs once the loop met an answer
+        it does not read (`NotOnLoop`: without a length)."""
         direct = self.direct
         if direct is not None and direct.loop is not None and offset == 0 and length is None:
             try:
@@ -212,6 +214,11 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
                 # botocore has the final word, as after a thread's direct GET was refused.
                 return await self._run("get", key, self._get_into, key, path, 0, None, transform,
                                        functools.partial(self._refused_on_loop, refused))
+            except NotOnLoop as exc:
+                # A store that streams objects without a length does so every time.
+                direct.loop = None
+                log.info("s3://%s/%s: %s; whole-object GETs run in worker threads from now "
+                         "on", self.bucket, key, exc)
         return await super().get(key, path, offset, length, transform)
 
     async def _get_on_loop(self, direct: DirectS3, key: str, path: Path,
@@ -236,7 +243,7 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
                     key, lambda chunk: write(transform.update(chunk)))
                 write(transform.finalize())
                 return received
-            except (Fallback, errors.ObjfsError):
+            except (Fallback, NotOnLoop, errors.ObjfsError):
                 raise
             except (ConnectionError, TimeoutError, bx.ClientError) as exc:
                 raise self.translate(exc, key, "get") from exc

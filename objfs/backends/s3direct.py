@@ -136,7 +136,9 @@ class DirectS3(KeptConnections):
         # read CRC32C before the change sends that PUT with it, which is harmless.
         self.checksum = CRC32C
         # Whole-object GETs from the event loop; None with credentials that botocore may
-        # refresh (a refresh is a blocking request: it stays in the worker threads).
+        # refresh (a refresh is a blocking request: it stays in the worker threads). Set to
+        # None (the only change, on the event loop) by `S3Backend.get` when the store answers
+        # without a length.
         self.loop = LoopConnections(host, port, connect_timeout, read_timeout, self.context,
                                     pool_size) if loop_gets else None
 
