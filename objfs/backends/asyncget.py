@@ -23,6 +23,7 @@ the stream in use. One owner: the event loop; no lock (every method runs on it).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -135,7 +136,7 @@ class LoopConnections:
     async def _open(self) -> trio.abc.Stream:
         try:
             with trio.fail_after(self.connect_timeout):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+                stream: trio.abc.Stream = await self._connect()
                 if self.context is not None:
                     tls = trio.SSLStream(stream, self.context, server_hostname=self.host,
                                          https_compatible=True)
@@ -151,6 +152,28 @@ class LoopConnections:
                                f"{self.connect_timeout}s") from None
         except (OSError, trio.BrokenResourceError) as exc:
             raise _network(exc, self.host) from exc
+
+    async def _connect(self) -> trio.SocketStream:
+        """A TCP stream to the first of the host's addresses that accepts one, tried in the
+        order the resolver gives them (as `http.client` connects); one after the other
+        rather than `trio.open_tcp_stream`'s staggered attempts, whose nursery costs more CPU
+        than the rest of a GET's setup, and servers that close every connection after one
+        answer (moto) make a GET pay it each time."""
+        found = await trio.socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        failure: OSError | None = None
+        for family, kind, proto, _, address in found:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                await sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                failure = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(sock)
+        raise failure or OSError(f"{self.host}: no address to connect to")
 
     async def _send(self, stream: trio.abc.Stream, data: bytes) -> None:
         try:
