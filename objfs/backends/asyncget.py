@@ -5,7 +5,7 @@ answers Orthanc. In a cold series read (one reader, eight prefetch downloads at 
 loop's thread waited for the GIL about 0.7 ms per instance, and the handoffs took about a
 fifth of its CPU (perf: futex waits and wakeups). As trio tasks, the same downloads cost the
 daemon 2.5 instead of 3.0 ms of CPU per cold read of a 0.5 MB instance (2.8 instead of 3.5
-with A1 decryption), and Orthanc's cold reads went 10-15 % faster (docs/performance.md,
+with A1 decryption), and Orthanc's cold reads went 10-18 % faster (docs/performance.md,
 2026-12-04). A download yields to Orthanc's requests at every receive of at most STEP bytes,
 which it checksums, decrypts if asked and writes to the local file (the page cache, as the
 FUSE handlers' own writes) before the next.
