@@ -22,7 +22,6 @@ the stream in use. One owner: the event loop; no lock (every method runs on it).
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -30,8 +29,6 @@ from collections.abc import Callable
 import trio
 
 from objfs.backends.kept import ERROR_BODY_LIMIT
-
-log = logging.getLogger(__name__)
 
 # The most an answer's status line and headers may take.
 HEAD_LIMIT = 64 * 1024

@@ -147,6 +147,12 @@ class Backend(abc.ABC):
         """Release connections. Closes even if it fails."""
 
 
+def local_disk_full(exc: OSError, path: Path) -> LocalDiskFull | None:
+    """What a failure to write a download's local copy `path` raises when the disk is full
+    (a backend's own error otherwise)."""
+    return LocalDiskFull(f"{path}: {exc.strerror}") if is_disk_full(exc) else None
+
+
 # A blocking GET: (key, out, offset, length) -> bytes received (`ThreadedBackend._get_sync`).
 GetSync = Callable[[str, IO[bytes], int, "int | None"], int]
 
@@ -248,8 +254,9 @@ class ThreadedBackend(Backend):
                 return received
         except OSError as exc:
             # No network call answers ENOSPC: only the local file can have raised it.
-            if is_disk_full(exc):
-                raise LocalDiskFull(f"{path}: {exc.strerror}") from exc
+            full = local_disk_full(exc, path)
+            if full is not None:
+                raise full from exc
             raise
 
     async def head(self, key: str) -> ObjectInfo:

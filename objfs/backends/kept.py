@@ -304,18 +304,25 @@ class DirectFirst(Generic[D]):
         try:
             result = direct_call(direct)
         except Fallback as refused:
-            result = sdk_call()
-            self._discrepancies += 1
-            log.info("%s: %s carried out a %s the direct path was refused (%s)",
-                     self.where + key, self.sdk_name, method, refused)
-            if self._discrepancies >= DIRECT_GIVE_UP and self.direct is direct:
-                self.direct = None
-                direct.close()
-                log.warning("%s carried out %d requests in a row that were refused to objfs' "
-                            "direct requests (last: %s of %s: %s); every request goes "
-                            "through %s from now on (set %s to false to skip the attempt at "
-                            "start)", self.sdk_name, self._discrepancies, method,
-                            self.where + key, refused, self.sdk_name, self.direct_option)
-            return result
+            return self._after_refusal(direct, method, key, refused, sdk_call)
         self._discrepancies = 0
+        return result
+
+    def _after_refusal(self, direct: D, method: str, key: str, refused: Fallback,
+                       sdk_call: Callable[[], T]) -> T:
+        """`sdk_call` for a request that `direct` was refused, counted towards
+        DIRECT_GIVE_UP (`_either`); also for direct requests made elsewhere (the S3 backend's
+        GETs on the event loop), whose successes reset the count as `_either`'s do."""
+        result = sdk_call()
+        self._discrepancies += 1
+        log.info("%s: %s carried out a %s the direct path was refused (%s)",
+                 self.where + key, self.sdk_name, method, refused)
+        if self._discrepancies >= DIRECT_GIVE_UP and self.direct is direct:
+            self.direct = None
+            direct.close()
+            log.warning("%s carried out %d requests in a row that were refused to objfs' "
+                        "direct requests (last: %s of %s: %s); every request goes "
+                        "through %s from now on (set %s to false to skip the attempt at "
+                        "start)", self.sdk_name, self._discrepancies, method,
+                        self.where + key, refused, self.sdk_name, self.direct_option)
         return result

@@ -38,11 +38,10 @@ from botocore.config import Config
 
 from objfs import errors, sigv4
 from objfs.backends.asyncget import NotOnLoop
-from objfs.backends.base import ObjectInfo, ThreadedBackend, Transform
+from objfs.backends.base import ObjectInfo, ThreadedBackend, Transform, local_disk_full
 from objfs.backends.kept import DirectFirst, Fallback, Listed, as_objects
 from objfs.backends.s3direct import DirectS3, bucket_url, byte_range, proxied
 from objfs.config import S3Settings
-from objfs.errnos import is_disk_full
 from objfs.priority import is_foreground
 
 log = logging.getLogger(__name__)
@@ -213,7 +212,7 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
             except Fallback as refused:
                 # botocore has the final word, as after a thread's direct GET was refused.
                 return await self._run("get", key, self._get_into, key, path, 0, None, transform,
-                                       functools.partial(self._refused_on_loop, refused))
+                                       functools.partial(self._refused_on_loop, direct, refused))
             except NotOnLoop as exc:
                 # A store that streams objects without a length does so every time.
                 direct.loop = None
@@ -229,7 +228,7 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             except OSError as exc:
-                raise _local(exc, path, self.translate(exc, key, "get")) from exc
+                raise local_disk_full(exc, path) or self.translate(exc, key, "get") from exc
 
             def write(data: bytes) -> None:
                 view = memoryview(data)
@@ -248,7 +247,7 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
             except (ConnectionError, TimeoutError, bx.ClientError) as exc:
                 raise self.translate(exc, key, "get") from exc
             except OSError as exc:  # writing the local copy
-                raise _local(exc, path, self.translate(exc, key, "get")) from exc
+                raise local_disk_full(exc, path) or self.translate(exc, key, "get") from exc
             finally:
                 os.close(fd)
 
@@ -258,16 +257,12 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
         return self._either("GET", key, lambda d: d.get(key, out, offset, length),
                             lambda: self._botocore_get(key, out, offset, length))
 
-    def _refused_on_loop(self, refused: Fallback, key: str, out: IO[bytes], offset: int,
-                         length: int | None) -> int:
-        """botocore's GET of what a direct GET on the event loop was refused, counted as
-        `_either` counts any direct refusal (DIRECT_GIVE_UP)."""
-
-        def direct_call(_: DirectS3) -> int:
-            raise refused
-
-        return self._either("GET", key, direct_call,
-                            lambda: self._botocore_get(key, out, offset, length))
+    def _refused_on_loop(self, direct: DirectS3, refused: Fallback, key: str, out: IO[bytes],
+                         offset: int, length: int | None) -> int:
+        """botocore's GET of what a direct GET on the event loop was refused
+        (`DirectFirst._after_refusal`)."""
+        return self._after_refusal(direct, "GET", key, refused,
+                                   lambda: self._botocore_get(key, out, offset, length))
 
     def _botocore_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
@@ -374,14 +369,6 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
         if self._loop is not None:
             await self._loop.aclose()
         self.client.close()
-
-
-def _local(exc: OSError, path: Path, otherwise: errors.ObjfsError) -> errors.ObjfsError:
-    """A failure to write a download's local copy: LocalDiskFull for a full disk (as
-    `ThreadedBackend` says it), else `otherwise`."""
-    if is_disk_full(exc):
-        return errors.LocalDiskFull(f"{path}: {exc.strerror}")
-    return otherwise
 
 
 def parse_timestamp(value: str) -> datetime.datetime:

@@ -165,29 +165,15 @@ class DirectS3(KeptConnections):
         headers = sigv4.sign("GET", self.host_header, path, {"x-amz-checksum-mode": "ENABLED"},
                              self.credentials(), self.region,
                              datetime.datetime.now(datetime.UTC), keys=self.keys)
-        crc = 0
-        algorithm, checksum = CRC32C, None
+        found: list[_Checksum] = []
 
         def check(answer: Answer) -> Callable[[bytes], None] | None:
-            nonlocal algorithm, checksum
-            checksum = answer.headers.get("x-amz-checksum-crc32c")
-            if checksum is None:
-                algorithm, checksum = CRC32, answer.headers.get("x-amz-checksum-crc32")
-            if checksum is None or "-" in checksum:
-                checksum = None  # none, or a composite (per-part) checksum
-                return None
-
-            def update(chunk: bytes) -> None:
-                nonlocal crc
-                crc = _extend(algorithm, crc, chunk)
-
-            return update
+            found.append(_Checksum(answer.headers.get))
+            return found[0].update if found[0].expected is not None else None
 
         copied = await self.loop.get(path, headers, write, check, lambda answer, body: _refusal(
             answer.status, answer.reason, body, "GetObject"))
-        if checksum is not None and crc.to_bytes(4, "big") != b64decode(checksum):
-            raise errors.Unavailable(f"{key}: the answer's {algorithm} does not match the "
-                                     f"object's ({checksum}): damaged in transit")
+        found[0].verify(key)
         return copied
 
     def head(self, key: str) -> int:
@@ -304,24 +290,34 @@ class DirectS3(KeptConnections):
 
     def _body(self, response: http.client.HTTPResponse, key: str, out: IO[bytes],
               ranged: bool) -> int:
-        algorithm, checksum = CRC32C, None
-        if not ranged:  # a range's answer carries no checksum of its own
-            checksum = response.getheader("x-amz-checksum-crc32c")
-            if checksum is None:
-                algorithm, checksum = CRC32, response.getheader("x-amz-checksum-crc32")
-        if checksum is not None and "-" in checksum:
-            checksum = None  # a composite (per-part) checksum: not of the whole object
-        crc = 0
-
-        def update(chunk: memoryview) -> None:
-            nonlocal crc
-            crc = _extend(algorithm, crc, chunk)
-
-        copied = read_body(response, out, key, self.host, update if checksum else None)
-        if checksum is not None and crc.to_bytes(4, "big") != b64decode(checksum):
-            raise errors.Unavailable(f"{key}: the answer's {algorithm} does not match the "
-                                     f"object's ({checksum}): damaged in transit")
+        # A range's answer carries no checksum of its own.
+        check = _Checksum(response.getheader if not ranged else lambda _: None)
+        copied = read_body(response, out, key, self.host,
+                           check.update if check.expected is not None else None)
+        check.verify(key)
         return copied
+
+
+class _Checksum:
+    """The whole object's checksum an answer announces (`x-amz-checksum-crc32c`, else
+    `-crc32`; none for a composite, per-part one), computed over the body as it arrives
+    (`update`) and compared once it has all come (`verify`)."""
+
+    def __init__(self, header: Callable[[str], str | None]) -> None:
+        self.algorithm, expected = CRC32C, header("x-amz-checksum-crc32c")
+        if expected is None:
+            self.algorithm, expected = CRC32, header("x-amz-checksum-crc32")
+        self.expected = None if expected is None or "-" in expected else expected
+        self.crc = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.crc = _extend(self.algorithm, self.crc, chunk)
+
+    def verify(self, key: str) -> None:
+        """Raises Unavailable when the body does not match the announced checksum."""
+        if self.expected is not None and self.crc.to_bytes(4, "big") != b64decode(self.expected):
+            raise errors.Unavailable(f"{key}: the answer's {self.algorithm} does not match the "
+                                     f"object's ({self.expected}): damaged in transit")
 
 
 def _extend(algorithm: str, crc: int, chunk: bytes | memoryview) -> int:

@@ -15,7 +15,7 @@ one GET. Two ways to know the series:
   instance list, which names each instance's DICOM attachment (`FileUuid`); a listing that
   did not would take one more request per instance.
 Either way up to `SeriesPrefetchLimit` are fetched, PARALLEL at a time, at background priority
-(the backends' background threads, the store's turn rule) and within the cache budget: least
+(the backends' background slots, the store's turn rule) and within the cache budget: least
 recently used copies make room, and what no eviction can free stays within half of it
 (`Store.prefetch`).
 
