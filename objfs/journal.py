@@ -25,6 +25,11 @@ SQLite in one lazy transaction, before any other write, every APPLY_BATCH delete
 checkpoint; `checkpoint_deletes` makes those rows durable with one fsync and empties the log;
 opening the journal replays what the log holds (durably) and empties it. `stats`, in any
 process, counts logged deletes as pending whether or not their rows say so yet.
+
+A download's "the copy is cached" (`cached_later`) is kept in memory the same way (`_marked`),
+without a commit or a worker thread: it reaches SQLite with the next write, or when the store
+calls `apply_kept` (a short while after a burst of downloads). Losing it in a crash loses
+nothing: start-up recovery removes a copy no row claims, and the bucket has the object.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ DAMAGE_MARK = "journal-damaged"
 LOST_AND_FOUND = "lost+found"
 # A delete's row change (state, uuid): by a durable commit, a lazy one, or a replay.
 _MARK_DELETED = "UPDATE attachments SET state=?, cached=0 WHERE uuid=?"
+# A download's cache flag (sealed, atime, uuid, state): kept by `cached_later`, applied lazily.
+_MARK_CACHED = "UPDATE attachments SET cached=1, sealed=?, atime=? WHERE uuid=? AND state=?"
 # An attachment's rows dropped (uuid): by `remove`, or lazily by `delete_logged`.
 _FORGET_SERIES = "DELETE FROM series_members WHERE uuid=?"
 _FORGET_ROW = "DELETE FROM attachments WHERE uuid=?"
@@ -304,6 +311,15 @@ class Journal:
         # committed. Readers (the event loop) see through it: `get` answers from it, queries
         # leave out or replace its uuids. Under `_cache_lock`, held only for dict operations.
         self._unapplied: dict[str, Row | None] = {}
+        # Cache flags of downloads not yet in SQLite, by uuid: (the row as the flag leaves it,
+        # its atime). Rule: `cached_later` (the event loop) adds one only to an uploaded row;
+        # `_apply_locked` (under `_lock`, any thread) commits them before the deletes' changes
+        # and removes those it committed; a write naming a uuid drops its flag after the
+        # commit (`_forget_rows`: the write decided what the row is, and a flag added while
+        # it committed must not override it). `get` answers from it; `cached_rows`,
+        # `eviction_candidates`, `in_state` and `series_members` take it into account;
+        # `stats` (a SQL count) lags until it is applied. Under `_cache_lock`.
+        self._marked: dict[str, tuple[Row, float]] = {}
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self._reader = self._connect(uri)
         if readonly:
@@ -356,7 +372,8 @@ class Journal:
                     self._apply_locked()
             except sqlite3.Error as exc:
                 log.warning("the journal closes with %d deletes only in its delete log (%s): "
-                            "the next start replays them", len(self._unapplied), exc)
+                            "the next start replays them; %d downloaded copies not recorded "
+                            "(it removes them)", len(self._unapplied), exc, len(self._marked))
             finally:
                 for db in {self._db, self._lazy, self._reader}:
                     db.close()
@@ -402,14 +419,18 @@ class Journal:
     def _apply_locked(self) -> None:
         """Commit the kept row changes of logged deletes (one lazy transaction), so that the
         write that follows, or a checkpoint's fsync, comes after them. Caller holds `_lock`."""
-        if not self._unapplied:
+        if not self._unapplied and not self._marked:
             # One added meanwhile goes with the next write; whatever a checkpoint counted
             # was added before it counted.
             return
         with self._cache_lock:
             batch = dict(self._unapplied)
+            marked = dict(self._marked)
         forgotten = [(uuid,) for uuid, row in batch.items() if row is None]
         with _atomic(self._lazy) as db:
+            # Flags first: a delete kept after one (or committed later) clears it again.
+            db.executemany(_MARK_CACHED, ((int(row.sealed), atime, uuid, UPLOADED)
+                                          for uuid, (row, atime) in marked.items()))
             db.executemany(_MARK_DELETED, ((PENDING_DELETE, uuid)
                                            for uuid, row in batch.items() if row is not None))
             db.executemany(_FORGET_SERIES, forgotten)
@@ -420,6 +441,27 @@ class Journal:
                 if uuid in self._unapplied and self._unapplied[uuid] is row:  # not replaced
                     del self._unapplied[uuid]
                 self._rows.pop(uuid, None)
+            for uuid, flag in marked.items():
+                if self._marked.get(uuid) is flag:  # not replaced
+                    del self._marked[uuid]
+                self._rows.pop(uuid, None)
+
+    def apply_kept(self) -> None:
+        """Commit the row changes kept in memory (`cached_later`, `delete_logged`) in one
+        lazy transaction. Any thread; it waits for another thread's write."""
+        with self._lock:
+            self._apply_locked()
+
+    @property
+    def kept_flags(self) -> int:
+        """Cache flags kept in memory (`cached_later`), not yet in SQLite."""
+        return len(self._marked)
+
+    def _flagged(self) -> dict[str, Row]:
+        """A copy of the kept cache flags' rows, for a query to see through."""
+        with self._cache_lock:
+            return {uuid: row for uuid, (row, _) in self._marked.items()} if self._marked \
+                else {}
 
     def _hidden(self) -> dict[str, Row | None]:
         """A copy of the kept row changes of logged deletes, for a query to see through."""
@@ -436,9 +478,11 @@ class Journal:
             self._generation += 1
             if uuids is None:
                 self._rows.clear()
+                self._marked.clear()
             else:
                 for uuid in uuids:
                     self._rows.pop(uuid, None)
+                    self._marked.pop(uuid, None)
 
     # --- meta ---------------------------------------------------------------------------------
 
@@ -465,6 +509,8 @@ class Journal:
         with self._cache_lock:
             if uuid in self._unapplied:
                 return self._unapplied[uuid]
+            if uuid in self._marked:
+                return self._marked[uuid][0]
             if uuid in self._rows:
                 return self._rows[uuid]
             generation = self._generation
@@ -582,6 +628,24 @@ class Journal:
         self.barrier()
         return self._deletes.reset_if(upto)
 
+    def cached_later(self, uuid: str, sealed: bool = False) -> bool:
+        """`set_cached(uuid, True, sealed)` for an uploaded row, kept in memory (`_marked`)
+        rather than committed: no SQLite work, no worker thread; every read of this journal
+        sees it at once, SQLite with the next write or `apply_kept`. For the event loop
+        (readers' thread). False, with nothing changed, when the row is not uploaded (or
+        there is none, or the journal is read-only): then `set_cached`."""
+        if self._db is self._reader:
+            return False
+        row = self.get(uuid)
+        if row is None or row.state != UPLOADED:
+            return False
+        with self._cache_lock:
+            self._marked[uuid] = (dataclasses.replace(row, cached=True, sealed=sealed),
+                                  time.time())
+            self._generation += 1  # a `get` under way must not keep what it read
+            self._rows.pop(uuid, None)
+        return True
+
     def set_cached(self, uuid: str, cached: bool, sealed: bool = False) -> None:
         """Not durable on its own: start-up recovery checks cached rows against the files."""
         self._write("UPDATE attachments SET cached=?, sealed=?, atime=? WHERE uuid=?",
@@ -616,7 +680,7 @@ class Journal:
     def series_members(self, series: str, limit: int) -> list[str]:
         """Uploaded attachments of `series` not cached locally, oldest first (the order they
         were stored, which is usually the order a modality sent them), at most `limit`."""
-        hidden = self._hidden()
+        hidden = {**self._hidden(), **self._flagged()}  # flagged: cached
         found = self._reader.execute(
             "SELECT a.uuid FROM series_members m JOIN attachments a ON a.uuid = m.uuid "
             "WHERE m.series=? AND a.state=? AND a.cached=0 ORDER BY a.created, a.uuid LIMIT ?",
@@ -648,9 +712,10 @@ class Journal:
 
     def in_state(self, state: RowState) -> list[Row]:
         hidden = self._hidden()
+        flagged = self._flagged()
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE state=? "
                                     "ORDER BY created", (state,)).fetchall()
-        found = [_row(r) for r in rows if r[0] not in hidden]
+        found = [flagged.get(r[0]) or _row(r) for r in rows if r[0] not in hidden]
         if state == PENDING_DELETE and hidden:
             found += [row for row in hidden.values() if row is not None]
             found.sort(key=lambda row: row.created)
@@ -659,8 +724,10 @@ class Journal:
     def cached_rows(self) -> list[Row]:
         """Every row that claims a local copy (dirty or clean)."""
         hidden = self._hidden()  # their changes say uncached
+        flagged = self._flagged()  # read before the query: one applied meanwhile is not lost
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE cached=1")
-        return [_row(r) for r in rows.fetchall() if r[0] not in hidden]
+        return [_row(r) for r in rows.fetchall() if r[0] not in hidden and r[0] not in flagged] \
+            + [row for uuid, row in flagged.items() if uuid not in hidden]
 
     def barrier(self) -> None:
         """Make every change committed so far durable, lazy ones included (one WAL fsync):
@@ -670,12 +737,16 @@ class Journal:
                     (str(time.time()),), rows=())
 
     def eviction_candidates(self, limit: int) -> list[tuple[str, int]]:
-        """Least recently used clean local copies: (uuid, size)."""
+        """Least recently used clean local copies: (uuid, size). Copies whose cache flag is
+        kept in memory (`cached_later`) are the newest: they come after the others."""
         hidden = self._hidden()
+        flagged = self._flagged()
         rows = self._reader.execute(
             "SELECT uuid, size FROM attachments WHERE state='uploaded' AND cached=1 "
-            "ORDER BY atime LIMIT ?", (limit + len(hidden),)).fetchall()
-        return [(str(u), int(s)) for u, s in rows if u not in hidden][:limit]
+            "ORDER BY atime LIMIT ?", (limit + len(hidden) + len(flagged),)).fetchall()
+        found = [(str(u), int(s)) for u, s in rows if u not in hidden and u not in flagged]
+        return (found + [(uuid, row.size) for uuid, row in flagged.items()
+                         if uuid not in hidden])[:limit]
 
     def children(self, prefix: str) -> list[str]:
         """Uuids (not pending delete) that start with `prefix`, in order."""

@@ -258,3 +258,122 @@ def test_damage_found_while_running_is_noted_once_and_checked_at_the_next_open(
         journal_module.read_stats(path)
     Journal(path).close()  # a new journal is built
     assert not mark.exists()
+
+
+def uploaded_uncached(journal: Journal, *names: str) -> None:
+    for name in names:
+        journal.put_pending(name, 10)
+        journal.mark_uploaded(name, f"{name}.dcm", "S")
+        journal.set_cached(name, False)
+
+
+def sql_cached(path: Path, uuid: str) -> tuple[int, int] | None:
+    """(cached, sealed) as SQLite has them, read by another connection (another process)."""
+    db = sqlite3.connect(path)
+    try:
+        found = db.execute("SELECT cached, sealed FROM attachments WHERE uuid=?",
+                           (uuid,)).fetchone()
+        return None if found is None else (int(found[0]), int(found[1]))
+    finally:
+        db.close()
+
+
+def test_a_kept_cache_flag_is_seen_at_once_and_committed_with_the_next_write(
+        tmp_path: Path) -> None:
+    """`cached_later` keeps a download's flag in memory: every read of the journal sees it at
+    once (the row, the cached rows, the eviction order, a series' uncached members), SQLite
+    only after `apply_kept` or any other write, which commits it first."""
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    uploaded_uncached(journal, "a", "b", "c")
+    journal.set_cached("c", True)
+    assert journal.cached_later("a", sealed=True)
+    assert journal.kept_flags == 1
+    a = journal.get("a")
+    assert a is not None and (a.state, a.cached, a.sealed) == (UPLOADED, True, True)
+    assert sql_cached(path, "a") == (0, 0)
+    assert sorted(row.uuid for row in journal.cached_rows()) == ["a", "c"]
+    assert [uuid for uuid, _ in journal.eviction_candidates(10)] == ["c", "a"]  # a: newest
+    assert journal.eviction_candidates(1) == [("c", 10)]
+    assert journal.series_members("S", 10) == ["b"]
+    assert {row.uuid: row.cached for row in journal.in_state(UPLOADED)} == \
+        {"a": True, "b": False, "c": True}
+    assert journal.stats().cached_entries == 1  # SQL's count: behind until applied
+    journal.set_error("b", "x")  # any write commits the kept flags before its own change
+    assert journal.kept_flags == 0 and sql_cached(path, "a") == (1, 1)
+    assert journal.stats().cached_entries == 2
+    assert journal.cached_later("b")
+    journal.apply_kept()
+    assert journal.kept_flags == 0 and sql_cached(path, "b") == (1, 0)
+    b = journal.get("b")
+    assert b is not None and b.cached
+    journal.close()
+
+
+def test_a_cache_flag_is_kept_only_for_an_uploaded_row(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.put_pending("p", 10)
+    uploaded_uncached(journal, "d")
+    journal.mark_pending_delete("d")
+    assert not journal.cached_later("p")
+    assert not journal.cached_later("d")
+    assert not journal.cached_later("missing")
+    assert journal.kept_flags == 0
+    journal.close()
+    readonly = Journal(tmp_path / "j.sqlite", readonly=True)
+    assert not readonly.cached_later("p")
+    readonly.close()
+
+
+def test_a_delete_after_a_kept_cache_flag_wins(tmp_path: Path) -> None:
+    """A delete, logged or committed, after a kept flag leaves the row deleted and uncached:
+    never an attachment that looks alive again."""
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    uploaded_uncached(journal, "logged", "committed")
+    assert journal.cached_later("logged") and journal.cached_later("committed")
+    assert journal.delete_logged("logged")
+    journal.mark_pending_delete("committed")
+    for name in ("logged", "committed"):
+        row = journal.get(name)
+        assert row is not None and (row.state, row.cached) == (PENDING_DELETE, False)
+        assert name not in {r.uuid for r in journal.cached_rows()}
+    journal.apply_kept()
+    assert sql_cached(path, "logged") == (0, 0) and sql_cached(path, "committed") == (0, 0)
+    assert journal.eviction_candidates(10) == []
+    journal.close()
+
+
+def test_a_flag_kept_while_another_thread_commits_that_row_does_not_override_it(
+        tmp_path: Path) -> None:
+    """A write in a worker thread that names a row drops a flag kept for it meanwhile: the
+    write decided what the row is (here: deleted), and the flag must not make it look
+    uploaded and cached again."""
+    journal = Journal(tmp_path / "j.sqlite")
+    uploaded_uncached(journal, "x")
+    journal.get("x")  # kept, as the event loop keeps rows
+    commit = journal._lazy.execute
+
+    def flag_meanwhile(sql: str, *args: Any) -> Any:
+        result = commit(sql, *args)
+        if sql.startswith("UPDATE attachments SET state"):
+            assert journal.cached_later("x")  # the loop, reading the kept row, flags it
+        return result
+
+    journal._db.execute = flag_meanwhile  # type: ignore[method-assign]
+    journal._db = journal._lazy  # the delete commits through the wrapped connection
+    journal._lazy.execute = flag_meanwhile  # type: ignore[method-assign]
+    journal.mark_pending_delete("x")
+    row = journal.get("x")
+    assert row is not None and (row.state, row.cached) == (PENDING_DELETE, False)
+    assert journal.kept_flags == 0
+    journal.close()
+
+
+def test_kept_cache_flags_reach_sqlite_at_close(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    uploaded_uncached(journal, "a")
+    assert journal.cached_later("a")
+    journal.close()
+    assert sql_cached(path, "a") == (1, 0)

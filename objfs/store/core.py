@@ -113,6 +113,9 @@ class StoreCore:
         # Set when a delete was logged in the delete log; `_checkpoint_deletes` (its one
         # waiter) replaces it with a fresh Event before it empties the log.
         self._deletes_logged = trio.Event()
+        # Set when a download kept its cache flag in memory; `_record_cached` (its one
+        # waiter) replaces it with a fresh Event before it commits the flags.
+        self._cached_flagged = trio.Event()
         # Whether deletes use the delete log, and how many of its writes in a row were slow
         # (SLOW_LOG_WRITE); owner: `Writeback._log_delete`, on the event loop.
         self._log_deletes = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
-from objfs.store.state import DISK_FULL_TRIES, FetchRecord, SharedPlain
+from objfs.store.state import CACHED_FLAG_DELAY, DISK_FULL_TRIES, FetchRecord, SharedPlain
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -394,6 +395,10 @@ class Fetch(Names):
             # never evicted).
             self.tier.release(row.size)
             raise errors.NotFound(f"attachment {row.uuid} was deleted while it was fetched")
+        if self.journal.cached_later(row.uuid, self.seal_local):
+            self._cached_flagged.set()  # `_record_cached` commits it with the burst's others
+            self._confirmed[row.uuid] = True
+            return
         try:
             await self._j(self.journal.set_cached, row.uuid, True, self.seal_local)
         except Exception:
@@ -403,6 +408,22 @@ class Fetch(Names):
             self.tier.release(row.size)
             raise
         self._confirmed[row.uuid] = True
+
+    async def _record_cached(self) -> None:
+        """Commit the cache flags downloads kept in memory (`Journal.cached_later`)
+        CACHED_FLAG_DELAY seconds after the first of a burst, all in one transaction in a
+        worker thread: one thread round trip for the burst instead of one per download (each
+        cost the daemon 0.1-0.15 ms of CPU and a GIL handoff with the loop). A failure (the
+        journal's disk full) leaves them kept for the next write or the next round."""
+        while True:
+            await self._cached_flagged.wait()
+            await trio.sleep(CACHED_FLAG_DELAY)
+            self._cached_flagged = trio.Event()
+            try:
+                await self._j(self.journal.apply_kept)
+            except sqlite3.Error as exc:
+                log.warning("cannot record %d downloaded copies in the journal yet: %s",
+                            self.journal.kept_flags, exc)
 
     def _decrypts_on_arrival(self, key: str) -> bool:
         """Whether a download of `key` is decrypted as its bytes arrive (no ciphertext copy on

@@ -75,6 +75,9 @@ BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, p
 # An upload the journal could not record (the cache directory's disk full) is tried again
 # after this pause; the series prefetch, which found the disk full, stays off for as long.
 DISK_FULL_PAUSE = 10.0
+# A download's cache flag is kept in memory (`Journal.cached_later`) and committed with the
+# burst's others this many seconds after the burst's first (`Fetch._record_cached`).
+CACHED_FLAG_DELAY = 0.25
 # Downloads, in all, of a reader's copy that finds the disk full (a clean copy evicted before
 # each new try): enough for the series prefetch's downloads under way when it paused to end.
 DISK_FULL_TRIES = 4

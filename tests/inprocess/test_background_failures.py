@@ -17,6 +17,7 @@ import trio.testing
 
 from objfs.cache import CHECKPOINT_SECONDS, DOWNLOADS_SYNCED
 from objfs.journal import UPLOADED
+from objfs.store.state import CACHED_FLAG_DELAY
 from tests.inprocess.conftest import Rig
 from tests.inprocess.test_operations import ops_for, orthanc_read, orthanc_write
 
@@ -83,6 +84,8 @@ async def test_a_journal_that_cannot_record_a_checkpoint_leaves_the_store_runnin
 async def test_a_fetched_copy_the_journal_cannot_record_gives_back_its_space(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download whose cache flag cannot be kept in memory (`cached_later` refuses: the row
+    is not an uploaded one) commits it in a worker thread; when that fails, the copy goes."""
     rig = rig_factory()
     await running(rig)
     uuid, data = str(uuid_mod.uuid4()), os.urandom(300_000)
@@ -91,6 +94,7 @@ async def test_a_fetched_copy_the_journal_cannot_record_gives_back_its_space(
     assert await rig.tier.evict(10 * 1024 * 1024) == len(data)
     used = rig.tier.used
     set_cached = rig.journal.set_cached
+    monkeypatch.setattr(rig.journal, "cached_later", lambda *args: False)
 
     def full_disk(*args: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
@@ -104,3 +108,46 @@ async def test_a_fetched_copy_the_journal_cannot_record_gives_back_its_space(
     monkeypatch.setattr(rig.journal, "set_cached", set_cached)
     assert await rig.read(uuid) == data
     assert rig.tier.used == used + len(data)
+
+
+async def test_downloads_whose_flags_cannot_be_committed_are_served_and_recorded_later(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Downloads keep their cache flags in memory; the task that commits them after a burst
+    finds the journal's disk full: they stay kept (the copies are served from the cache, not
+    fetched again, and take no more room) and are committed once the journal can write."""
+    rig = rig_factory()
+    await running(rig)
+    written = {str(uuid_mod.uuid4()): os.urandom(100_000) for _ in range(3)}
+    for uuid, data in written.items():
+        await rig.write(uuid, data)
+    assert await rig.store.drain(timeout=60)
+    assert await rig.tier.evict(10 * 1024 * 1024) == 300_000
+    used = rig.tier.used
+    apply_kept = rig.journal.apply_kept
+    refused = 0
+
+    def full_disk() -> None:
+        nonlocal refused
+        refused += 1
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(rig.journal, "apply_kept", full_disk)
+    for uuid, data in written.items():
+        assert await rig.read(uuid) == data
+    await trio.sleep(CACHED_FLAG_DELAY + 1)
+    assert refused == 1 and rig.journal.kept_flags == 3
+    assert "cannot record 3 downloaded copies in the journal yet" in caplog.text
+    gets = rig.backend.calls["get"]
+    for uuid, data in written.items():
+        row = rig.journal.get(uuid)
+        assert row is not None and row.cached
+        assert await rig.read(uuid) == data
+    assert rig.backend.calls["get"] == gets  # served from the cache
+    assert rig.tier.used == used + 300_000
+    monkeypatch.setattr(rig.journal, "apply_kept", apply_kept)
+    rig.store._cached_flagged.set()  # as the next download would
+    await trio.sleep(CACHED_FLAG_DELAY + 1)
+    assert rig.journal.kept_flags == 0
+    assert rig.journal.stats().cached_entries == 3
