@@ -134,6 +134,23 @@ async def test_a_copy_fetched_after_the_last_checkpoint_is_fetched_again_after_a
     assert rig.backend.calls["get"] == 1
 
 
+async def test_a_copy_whose_cached_flag_was_lost_in_a_crash_is_removed_and_fetched_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    """A download's "cached" flag waits in memory for its burst's commit
+    (`Journal.cached_later`): a crash before it leaves a copy no row claims. The start
+    removes it, gives nothing of the budget to it, and the next read fetches it again."""
+    rig = rig_factory()
+    data = os.urandom(60_000)
+    uuid = await _fetched_copy(rig, data)
+    assert rig.journal.kept_flags == 1  # no store task runs here: not committed yet
+    rig.journal._marked.clear()  # lost with the process
+    rig = rig.restarted()
+    assert not rig.tier.path(uuid).exists() and rig.tier.used == 0
+    rig.backend.calls.clear()
+    assert await rig.read(uuid) == data
+    assert rig.backend.calls["get"] == 1
+
+
 @pytest.mark.parametrize("final", [False, True])
 async def test_a_checkpoint_keeps_fetched_copies_across_a_restart(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
