@@ -282,15 +282,12 @@ class Fetch(Names):
 
     async def series_from_copy(self, uuid: str) -> str | None:
         """The SeriesInstanceUID in the header of `uuid`'s plaintext local copy; None when
-        there is no such copy (not cached, or sealed) or the header does not tell. The header
-        is read on the event loop, as an upload reads it (`_head`): the copy was just
-        fetched, so its first pages are in the page cache, where a read takes microseconds
-        and a worker thread's round trip 0.1-0.15 ms of CPU."""
+        there is no such copy (not cached, or sealed) or the header does not tell."""
         row = self.journal.get(uuid)
         if row is None or not row.cached or row.sealed:
             return None
         try:
-            head = self._head(uuid)
+            head = await trio.to_thread.run_sync(self._head, uuid)
         except FileNotFoundError:
             return None  # evicted meanwhile
         return series_instance_uid(head)
