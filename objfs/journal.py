@@ -417,8 +417,9 @@ class Journal:
             db.executemany(sql, args)
 
     def _apply_locked(self) -> None:
-        """Commit the kept row changes of logged deletes (one lazy transaction), so that the
-        write that follows, or a checkpoint's fsync, comes after them. Caller holds `_lock`."""
+        """Commit the kept cache flags and row changes of logged deletes (one lazy
+        transaction), so that the write that follows, or a checkpoint's fsync, comes after
+        them. Caller holds `_lock`."""
         if not self._unapplied and not self._marked:
             # One added meanwhile goes with the next write; whatever a checkpoint counted
             # was added before it counted.

@@ -352,18 +352,19 @@ def test_a_flag_kept_while_another_thread_commits_that_row_does_not_override_it(
     journal = Journal(tmp_path / "j.sqlite")
     uploaded_uncached(journal, "x")
     journal.get("x")  # kept, as the event loop keeps rows
-    commit = journal._lazy.execute
+    commit = journal._db.execute
+    flagged = []
 
     def flag_meanwhile(sql: str, *args: Any) -> Any:
         result = commit(sql, *args)
         if sql.startswith("UPDATE attachments SET state"):
-            assert journal.cached_later("x")  # the loop, reading the kept row, flags it
+            # The loop, reading the row it kept, flags it while the delete commits.
+            flagged.append(journal.cached_later("x"))
         return result
 
     journal._db.execute = flag_meanwhile  # type: ignore[method-assign]
-    journal._db = journal._lazy  # the delete commits through the wrapped connection
-    journal._lazy.execute = flag_meanwhile  # type: ignore[method-assign]
-    journal.mark_pending_delete("x")
+    journal.mark_pending_delete("x")  # a durable commit, through `_db`
+    assert flagged == [True]
     row = journal.get("x")
     assert row is not None and (row.state, row.cached) == (PENDING_DELETE, False)
     assert journal.kept_flags == 0
