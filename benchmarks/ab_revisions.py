@@ -8,7 +8,8 @@ small instances (4 REST clients) and of the multi-frame files (2 clients), the w
 everything is in the bucket, a warm read of everything, the small instances sent again
 by one client (Orthanc writes each duplicate, then unlinks it), a cold read of the small instances
 (the daemon restarted with its cache wiped, the page cache dropped), and the delete of every
-patient. `--encrypted` runs everything with A1 encryption. `--fresh-delete` skips the cold
+patient, against moto (or, with `--backend`, Azurite or fake-gcs-server).
+`--encrypted` runs everything with A1 encryption. `--fresh-delete` skips the cold
 read, so that the delete finds the copies Orthanc wrote and fsynced (a site that ingests,
 anonymizes and deletes the originals) rather than copies just downloaded.
 
@@ -17,7 +18,7 @@ rounds it was ahead: with this machine's noise a median alone proves little.
 
     .venv/bin/python benchmarks/ab_revisions.py --variant before=rev:HEAD~1 \\
         --variant after=rev:HEAD [--variant hold0=env:ORTHANC__OBJFS__BACKGROUND_HOLD=0] \\
-        [--rounds 6] [--small 300] [--encrypted] [--fresh-delete]
+        [--rounds 6] [--small 300] [--encrypted] [--fresh-delete] [--backend azure]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from benchmarks.orthanc_ingest import (
 )
 from objfs import codec
 from tests.support.daemon import Objfs
-from tests.support.emulators import MotoServer
+from tests.support.emulators import AzuriteServer, FakeGcsServer, MotoServer
 from tests.support.orthanc import Orthanc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,13 @@ def start_from(daemon: Objfs, tree: Path) -> None:
         os.chdir(here)
 
 
-def one_run(work: Path, server: MotoServer, variant: Variant, small: list[bytes],
+# The stand-in servers by backend name (`--backend`).
+SERVERS: dict[str, type[MotoServer] | type[AzuriteServer] | type[FakeGcsServer]] = {
+    "s3": MotoServer, "azure": AzuriteServer, "gcs": FakeGcsServer}
+Server = MotoServer | AzuriteServer | FakeGcsServer
+
+
+def one_run(work: Path, server: Server, variant: Variant, small: list[bytes],
             large: list[bytes], index: int, key: Path | None,
             fresh_delete: bool = False) -> dict[str, float]:
     bucket = server.new_bucket(f"ab-run-{index}")
@@ -170,14 +177,20 @@ def remove_trees(made: list[Path]) -> None:
 @dataclass
 class Workspace:
     """A benchmark's scratch directory in /var/tmp, the worktrees `parse_variant` made for it
-    (`made`) and the moto server it started (`moto`): all removed or stopped when its `with`
-    block ends, however it ends."""
+    (`made`) and the stand-in server it started (`moto`, `start`): all removed or stopped
+    when its `with` block ends, however it ends."""
     work: Path
     made: list[Path] = field(default_factory=list)
-    server: MotoServer | None = None
+    server: Server | None = None
 
     def moto(self) -> MotoServer:
-        self.server = MotoServer(self.work, nice=EMULATOR_NICE)
+        server = MotoServer(self.work, nice=EMULATOR_NICE)
+        self.server = server
+        return server
+
+    def start(self, backend: str) -> Server:
+        """The stand-in server of `backend` ("s3", "azure", "gcs"), at EMULATOR_NICE."""
+        self.server = SERVERS[backend](self.work, nice=EMULATOR_NICE)
         return self.server
 
     def __enter__(self) -> Workspace:
@@ -203,6 +216,8 @@ def main() -> None:
     parser.add_argument("--encrypted", action="store_true", help="A1 encryption in every run")
     parser.add_argument("--fresh-delete", action="store_true",
                         help="no cold read: delete the copies Orthanc wrote")
+    parser.add_argument("--backend", choices=sorted(SERVERS), default="s3",
+                        help="the bucket's stand-in server (default: moto)")
     args = parser.parse_args()
     if len(args.variant) < 2:
         parser.error("give at least two --variant")
@@ -215,10 +230,11 @@ def main() -> None:
         if args.encrypted:
             key = work / "master.key"
             codec.write_key_file(key)
-        server = ws.moto()
-        print(f"{len(small)} instances of 0.53 MB and 2 multi-frame files, moto at nice "
-              f"{EMULATOR_NICE}{', A1 encryption' if key else ''}; {args.rounds} rounds, "
-              "order reversed every other round")
+        server = ws.start(args.backend)
+        encrypted = ", A1 encryption" if key else ""
+        print(f"{len(small)} instances of 0.53 MB and 2 multi-frame files, "
+              f"{type(server).__name__} at nice {EMULATOR_NICE}{encrypted}; {args.rounds} "
+              "rounds, order reversed every other round")
         index = 0
         for rnd in range(args.rounds):
             for variant in variants if rnd % 2 == 0 else variants[::-1]:

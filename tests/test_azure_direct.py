@@ -29,6 +29,7 @@ from tests.support.scripted import (
     expect_answers,
     expect_left_to_the_sdk,
     expect_listings_as_the_sdks,
+    gets_from,
     listed_names,
     listing,
     serving,
@@ -77,14 +78,17 @@ def test_no_direct_downloads_without_an_account_key_when_asked_or_behind_a_proxy
     assert backend(connection_string(endpoint)).direct is None
 
 
+@pytest.mark.parametrize("where", ["loop", "threads"])
 def test_direct_downloads_serve_what_azurite_holds(azurite: AzuriteServer,
-                                                   tmp_path: Path) -> None:
-    container = azurite.new_bucket("direct-downloads")
+                                                   tmp_path: Path, where: str) -> None:
+    """Whole blobs come on the event loop (or, "threads", from worker threads as ranges
+    always do), every request direct and signed as Azurite wants, on kept connections."""
+    container = azurite.new_bucket(f"direct-downloads-{where}")
     source = tmp_path / "source"
     source.write_bytes(BODY)
     for name in ODD_NAMES[:4]:
         azurite.raw_put(container, name, source)
-    azure = backend(azurite.connection_string(), container)
+    azure = gets_from(backend(azurite.connection_string(), container), where)
     assert azure.direct is not None
     sent = counting(azure.direct)
     out = tmp_path / "out"
@@ -95,7 +99,8 @@ def test_direct_downloads_serve_what_azurite_holds(azurite: AzuriteServer,
     with pytest.raises(errors.NotFound):
         get(azure, "no/such/blob", out)
     assert len(sent) == 7  # every one of them direct (signed as Azurite wants)
-    assert len(azure.direct._idle) == 1  # seven requests, one kept connection
+    # Seven requests, one kept connection (the ranges' and, in threads, the others').
+    assert len(azure.direct._idle) == 1
     # Ranges open at the end, and blobs larger than the SDK's 4 MiB chunk (which it would
     # fetch in parallel ranges), are one direct GET as well.
     assert get(azure, ODD_NAMES[0], out, len(BODY) - 10) == BODY[-10:]
@@ -117,6 +122,37 @@ def test_direct_downloads_serve_what_azurite_holds(azurite: AzuriteServer,
         trio.run(azure.head, "no/such/blob")
     assert len(sent) == 15
     assert len(azure.direct._idle) == 1
+
+
+async def test_whole_blobs_come_on_the_event_loop_over_a_kept_stream(
+        azurite: AzuriteServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole blob comes on the event loop, without a worker thread, every one over the
+    same kept stream; a range still takes a worker thread; closing the backend closes the
+    stream."""
+    container = azurite.new_bucket("loop-downloads")
+    source = tmp_path / "source"
+    source.write_bytes(BODY)
+    azurite.raw_put(container, "blob", source)
+    azure = backend(azurite.connection_string(), container)
+    threaded: list[str] = []
+    run = azure._run
+
+    async def counted(op: str, key: str, *args: Any) -> Any:
+        threaded.append(key)
+        return await run(op, key, *args)
+
+    monkeypatch.setattr(azure, "_run", counted)
+    out = tmp_path / "out"
+    for _ in range(3):
+        assert await azure.get("blob", out) == len(BODY)
+        assert out.read_bytes() == BODY
+    assert threaded == []
+    streams = azure._loop_streams
+    assert streams is not None and len(streams._idle) == 1
+    assert await azure.get("blob", out, 10, 5) == 5
+    assert out.read_bytes() == BODY[10:15] and threaded == ["blob"]
+    await azure.aclose()
+    assert streams._idle == []
 
 
 def test_direct_uploads_store_what_the_sdk_would(azurite: AzuriteServer,
@@ -291,15 +327,17 @@ def scripted() -> Iterator[Script]:
         yield f"{url}/{AZ_ACCOUNT}", seen, stored
 
 
-def test_each_kind_of_answer(scripted: Script, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["loop", "threads"])
+def test_each_kind_of_answer(scripted: Script, tmp_path: Path, where: str) -> None:
     endpoint, seen, _ = scripted
-    azure = backend(connection_string(endpoint))
+    azure = gets_from(backend(connection_string(endpoint)), where)
     out = tmp_path / "out"
 
     def fetch(name: str) -> bytes:
         return get(azure, name, out)
 
-    expect_answers(fetch, {"good": BODY, "short": (errors.Unavailable, "short read"),
+    short = "short answer" if where == "loop" else "short read"
+    expect_answers(fetch, {"good": BODY, "short": (errors.Unavailable, short),
                            "missing": (errors.NotFound, None),
                            "no-container": (errors.BucketMissing, None),
                            "busy": (errors.Throttled, None), "failing": (errors.Unavailable, None)},

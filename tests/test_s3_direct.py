@@ -38,6 +38,7 @@ from tests.support.scripted import (
     LISTED_PAGES,
     counting,
     expect_listings_as_the_sdks,
+    gets_from,
     listed_names,
     serving,
 )
@@ -52,15 +53,6 @@ def backend_at(endpoint: str, bucket: str = "b", **extra: Any) -> S3Backend:
         "RequestTimeout": 2, "MaxRetries": 0, **extra}})
     assert settings.s3 is not None
     return S3Backend(settings.s3)
-
-
-def gets_from(backend: S3Backend, where: str) -> S3Backend:
-    """`backend` with its whole-object GETs on the event loop (as built, "loop") or in worker
-    threads ("threads": as with credentials botocore refreshes)."""
-    assert backend.direct is not None and backend.direct.loop is not None
-    if where == "threads":
-        backend.direct.loop = None
-    return backend
 
 
 def crc32(data: bytes) -> str:
@@ -279,7 +271,8 @@ async def test_answers_are_read_checked_and_connections_kept(
     await backend.aclose()  # the kept connection closes; none is kept after
     await backend.get("ab/good", out)
     assert seen[-1][1] != seen[-2][1]
-    assert backend.direct._idle == [] and backend._loop is not None and backend._loop._idle == []
+    streams = backend._loop_streams
+    assert backend.direct._idle == [] and streams is not None and streams._idle == []
 
 
 async def test_whole_gets_take_no_worker_thread(
@@ -335,7 +328,7 @@ async def test_a_stalled_answer_times_out_and_a_cancelled_get_closes_its_connect
     with trio.move_on_after(0.5) as scope:
         await backend.get("stall", out)
     assert scope.cancelled_caught
-    assert backend._loop is not None and backend._loop._idle == []
+    assert backend._loop_streams is not None and backend._loop_streams._idle == []
     assert await backend.get("ab/good", out) == len(BODY)
     assert [connection for _, connection, _ in seen] == [1, 2, 3]
 
@@ -345,7 +338,7 @@ async def test_an_answer_without_a_length_sends_gets_to_threads(
         caplog: pytest.LogCaptureFixture) -> None:
     """A store that streams an object in chunked coding: the GET is sent again from a worker
     thread (direct, not botocore: nothing was refused), and later GETs go there first."""
-    caplog.set_level(logging.INFO, "objfs.backends.s3")
+    caplog.set_level(logging.INFO, "objfs.backends.loopgets")
     endpoint, seen = scripted
     backend = backend_at(endpoint)
     out = tmp_path / "o"

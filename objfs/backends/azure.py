@@ -19,8 +19,9 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, LinearRetry, 
 
 from objfs import errors
 from objfs.backends.azuredirect import DirectAzure, container_url
-from objfs.backends.base import ObjectInfo, ThreadedBackend
-from objfs.backends.kept import DirectFirst, Listed, as_objects, proxied
+from objfs.backends.base import ObjectInfo
+from objfs.backends.kept import Listed, as_objects, proxied
+from objfs.backends.loopgets import LoopGets
 from objfs.config import AzureSettings
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ DOWNLOAD_CHUNK = 4 * 1024 * 1024
 COPY_POLL = 0.2
 
 
-class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
+class AzureBackend(LoopGets[DirectAzure]):
     """Backend for one Azure Blob container."""
 
     name = "azure"
@@ -67,6 +68,7 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
         self.container: ContainerClient = service.get_container_client(cfg.container)
         self.where = f"azure://{cfg.container}/"
         self.direct = self._direct_requests() if cfg.direct_requests else None
+        self._loop_streams = self.direct.loop if self.direct is not None else None
 
     def _direct_requests(self) -> DirectAzure | None:
         """Direct downloads from this container, on the SDK's URL and service version; None
@@ -264,4 +266,5 @@ class AzureBackend(ThreadedBackend, DirectFirst[DirectAzure]):
     async def aclose(self) -> None:
         if self.direct is not None:
             self.direct.close()
+        await self._close_loop()
         self.service.close()

@@ -42,16 +42,17 @@ import http.client
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from base64 import b64encode
+from collections.abc import Callable
 from typing import IO
 
 from azure.core import exceptions as ax
 
 from objfs import azsign
+from objfs.backends.asyncget import LoopConnections
 from objfs.backends.kept import (
     BUFFER,
     ERROR_BODY_LIMIT,
     Fallback,
-    KeptConnections,
     Listed,
     byte_range,
     download_answer,
@@ -61,6 +62,7 @@ from objfs.backends.kept import (
     read_body,
     requests_ca_bundle,
 )
+from objfs.backends.loopgets import LoopDirect
 
 
 def container_url(url: str) -> tuple[str, str, int, str]:
@@ -89,9 +91,10 @@ def listed_blobs(answer: bytes) -> Listed:
     return found, root.findtext("NextMarker") or None
 
 
-class DirectAzure(KeptConnections):
+class DirectAzure(LoopDirect):
     """Downloads, single-request uploads, HEADs and listings of one container's blobs over
-    `http.client`; thread-safe."""
+    `http.client`, and whole-blob downloads from the event loop (`get_on_loop`);
+    thread-safe."""
 
     def __init__(self, url: tuple[str, str, int, str], account: str, account_key: str,
                  api_version: str, connect_timeout: float, read_timeout: float,
@@ -103,6 +106,9 @@ class DirectAzure(KeptConnections):
         self.account = account
         self.account_key = account_key
         self.api_version = api_version
+        # The Shared Key signature is computed locally: nothing a GET needs blocks.
+        self.loop = LoopConnections(host, port, connect_timeout, read_timeout, self.context,
+                                    pool_size)
 
     def path(self, key: str) -> str:
         """The request path of blob `key`, quoted as the SDK quotes blob names."""
@@ -119,6 +125,19 @@ class DirectAzure(KeptConnections):
 
         return self.exchange("GET", path, headers, None, download_answer(
             lambda response: read_body(response, out, key, self.host), _refused))
+
+    async def get_on_loop(self, key: str, write: Callable[[bytes], None]) -> int:
+        """The whole blob, handed to `write` as it arrives, from the event loop
+        (`objfs.backends.asyncget`): what `get` does for it, without a worker thread. Raises
+        Fallback or NotOnLoop (nothing written), azure.core's ResourceNotFoundError or
+        HttpResponseError (429, 5xx), ConnectionError, TimeoutError, or what `write`
+        raises."""
+        assert self.loop is not None
+        path, headers = self._signed("GET", key, {})
+        return await self.loop.get(
+            path, {"host": self.host_header, **headers}, write, lambda answer: None,
+            lambda answer, body: _refusal(answer.status, answer.reason,
+                                          answer.headers.get("x-ms-error-code", "")))
 
     def head(self, key: str) -> int:
         """The blob's size (Get Blob Properties). Raises Fallback, azure.core's
@@ -185,17 +204,21 @@ class DirectAzure(KeptConnections):
 
 
 def _refused(response: http.client.HTTPResponse) -> Exception:
-    """What a non-success answer raises: azure.core's exception for 404, 429 and server
-    errors, carrying the service's status, reason and error code as the SDK's do; else
-    Fallback."""
-    status = response.status
+    """What a non-success answer raises (`_refusal`), its body read."""
     response.read(ERROR_BODY_LIMIT)
+    return _refusal(response.status, response.reason,
+                    response.getheader("x-ms-error-code") or "")
+
+
+def _refusal(status: int, reason: str, code: str) -> Exception:
+    """What a non-success answer raises: azure.core's exception for 404, 429 and server
+    errors, carrying the service's status, reason and error code (`code`, from
+    x-ms-error-code) as the SDK's do; else Fallback."""
     if status in (404, 429) or status >= 500:
-        code = response.getheader("x-ms-error-code") or ""
         kind = ax.ResourceNotFoundError if status == 404 else ax.HttpResponseError
-        error = kind(message=f"{status} {response.reason} ({code or 'no error code'})")
+        error = kind(message=f"{status} {reason} ({code or 'no error code'})")
         error.status_code = status
-        error.reason = response.reason
+        error.reason = reason
         error.error_code = code  # type: ignore[attr-defined]
         return error
     return Fallback(f"HTTP {status}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-import functools
 import logging
 import os
 import urllib.parse
@@ -37,12 +36,11 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from objfs import errors, sigv4
-from objfs.backends.asyncget import NotOnLoop
-from objfs.backends.base import ObjectInfo, ThreadedBackend, Transform, local_disk_full
-from objfs.backends.kept import DirectFirst, Fallback, Listed, as_objects
+from objfs.backends.base import ObjectInfo
+from objfs.backends.kept import Listed, as_objects
+from objfs.backends.loopgets import LoopGets
 from objfs.backends.s3direct import DirectS3, bucket_url, byte_range, proxied
 from objfs.config import S3Settings
-from objfs.priority import is_foreground
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ _TRANSIENT = {"RequestTimeout", "InternalError", "ServiceUnavailable", "500",
               "RequestTimeTooSkewed"}
 
 
-class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
+class S3Backend(LoopGets[DirectS3]):
     """Backend for one S3 bucket."""
 
     name = "s3"
@@ -121,8 +119,7 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
                             if name in self.extra}
         self.where = f"s3://{self.bucket}/"
         self.direct = self._direct_requests(core, session) if cfg.direct_requests else None
-        # Closed by aclose even after the direct path ended (`DirectFirst._either`).
-        self._loop = self.direct.loop if self.direct is not None else None
+        self._loop_streams = self.direct.loop if self.direct is not None else None
 
     def _direct_requests(self, core: botocore.session.Session,
                          session: boto3.session.Session) -> DirectS3 | None:
@@ -196,75 +193,13 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
             self._either("PUT", key, lambda d: d.put(key, body, size, self.put_headers),
                          through_botocore)
 
-    async def get(self, key: str, path: Path, offset: int = 0, length: int | None = None,
-                  transform: Transform | None = None) -> int:
-        """A whole object comes on the event loop (`DirectS3.get_on_loop`: no worker thread,
-        no GIL handed back and forth with the loop), decrypted as it arrives when a
-        `transform` is given; ranges and answers the loop leaves (`Fallback`) go to a worker
-        thread, as every request did before; so do all later GETs once the loop met an answer
-        it does not read (`NotOnLoop`: without a length)."""
-        direct = self.direct
-        if direct is not None and direct.loop is not None and offset == 0 and length is None:
-            try:
-                received = await self._get_on_loop(direct, key, path, transform)
-                self._discrepancies = 0  # a direct success, as `_either` counts them
-                return received
-            except Fallback as refused:
-                # botocore has the final word, as after a thread's direct GET was refused.
-                return await self._run("get", key, self._get_into, key, path, 0, None, transform,
-                                       functools.partial(self._refused_on_loop, direct, refused))
-            except NotOnLoop as exc:
-                # A store that streams objects without a length does so every time.
-                direct.loop = None
-                log.info("s3://%s/%s: %s; whole-object GETs run in worker threads from now "
-                         "on", self.bucket, key, exc)
-        return await super().get(key, path, offset, length, transform)
-
-    async def _get_on_loop(self, direct: DirectS3, key: str, path: Path,
-                           transform: Transform | None) -> int:
-        """`DirectS3.get_on_loop` into `path` (through `transform`), under the same limiter as
-        a thread's GET; errors as `ThreadedBackend.get` raises them."""
-        async with self._foreground if is_foreground() else self._limiter:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-            except OSError as exc:
-                raise local_disk_full(exc, path) or self.translate(exc, key, "get") from exc
-
-            def write(data: bytes) -> None:
-                view = memoryview(data)
-                while view:  # to the page cache; short only when the disk fills
-                    view = view[os.write(fd, view):]
-
-            try:
-                if transform is None:
-                    return await direct.get_on_loop(key, write)
-                received = await direct.get_on_loop(
-                    key, lambda chunk: write(transform.update(chunk)))
-                write(transform.finalize())
-                return received
-            except (Fallback, NotOnLoop, errors.ObjfsError):
-                raise
-            except (ConnectionError, TimeoutError, bx.ClientError) as exc:
-                raise self.translate(exc, key, "get") from exc
-            except OSError as exc:  # writing the local copy
-                raise local_disk_full(exc, path) or self.translate(exc, key, "get") from exc
-            finally:
-                os.close(fd)
-
     def _get_sync(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         if length == 0:
             return 0
         return self._either("GET", key, lambda d: d.get(key, out, offset, length),
-                            lambda: self._botocore_get(key, out, offset, length))
+                            lambda: self._sdk_get(key, out, offset, length))
 
-    def _refused_on_loop(self, direct: DirectS3, refused: Fallback, key: str, out: IO[bytes],
-                         offset: int, length: int | None) -> int:
-        """botocore's GET of what a direct GET on the event loop was refused
-        (`DirectFirst._after_refusal`)."""
-        return self._after_refusal(direct, "GET", key, refused,
-                                   lambda: self._botocore_get(key, out, offset, length))
-
-    def _botocore_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
+    def _sdk_get(self, key: str, out: IO[bytes], offset: int, length: int | None) -> int:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         wanted = byte_range(offset, length)
         if wanted is not None:
@@ -366,8 +301,7 @@ class S3Backend(ThreadedBackend, DirectFirst[DirectS3]):
     async def aclose(self) -> None:
         if self.direct is not None:
             self.direct.close()
-        if self._loop is not None:
-            await self._loop.aclose()
+        await self._close_loop()
         self.client.close()
 
 

@@ -55,7 +55,6 @@ from objfs.backends.kept import (
     BUFFER,
     ERROR_BODY_LIMIT,
     Fallback,
-    KeptConnections,
     Listed,
     byte_range,
     download_answer,
@@ -65,6 +64,7 @@ from objfs.backends.kept import (
     proxied,
     read_body,
 )
+from objfs.backends.loopgets import LoopDirect
 
 __all__ = ["DirectS3", "Fallback", "bucket_url", "byte_range", "proxied"]
 
@@ -115,7 +115,7 @@ def bucket_url(object_url: str, key: str) -> tuple[str, str, int, str]:
     return scheme, host, port, path[:-len(key) - 1]
 
 
-class DirectS3(KeptConnections):
+class DirectS3(LoopDirect):
     """GETs, HEADs, single PUTs and batch deletes of one bucket's objects over `http.client`;
     thread-safe."""
 

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -63,8 +63,9 @@ def serving(handler: type[http.server.BaseHTTPRequestHandler],
 
 
 def counting(direct: Any) -> list[str]:
-    """Count the requests a backend's direct path sends: its `exchange` wrapped to note each
-    request's target in the list returned."""
+    """Count the requests a backend's direct path sends: its `exchange` (worker threads) and
+    its loop streams' `get` (whole-object GETs on the event loop, when it has them) wrapped to
+    note each request's target in the list returned."""
     sent: list[str] = []
     exchange = direct.exchange
 
@@ -73,7 +74,29 @@ def counting(direct: Any) -> list[str]:
         return exchange(method, target, *args)
 
     direct.exchange = counted
+    loop = getattr(direct, "loop", None)
+    if loop is not None:
+        loop_get = loop.get
+
+        async def counted_on_loop(target: str, *args: Any) -> Any:
+            sent.append(target)
+            return await loop_get(target, *args)
+
+        loop.get = counted_on_loop
     return sent
+
+
+B = TypeVar("B")
+
+
+def gets_from(backend: B, where: str) -> B:
+    """`backend` with its whole-object GETs on the event loop (as built, "loop") or in worker
+    threads ("threads": as with credentials its SDK refreshes)."""
+    direct = getattr(backend, "direct", None)
+    assert direct is not None and direct.loop is not None
+    if where == "threads":
+        direct.loop = None
+    return backend
 
 
 # A name's bytes, or the error it raises and a pattern of its message (None: any).
