@@ -1,4 +1,5 @@
-"""Whole-object GETs on the event loop: HTTP/1.1 over trio streams, without a worker thread.
+"""Whole-object GETs on the event loop (the S3 and Azure direct paths', through
+`objfs.backends.loopgets`): HTTP/1.1 over trio streams, without a worker thread.
 
 Why: a download in a worker thread hands the GIL back and forth with the event loop that
 answers Orthanc. In a cold series read (one reader, eight prefetch downloads at a time) the

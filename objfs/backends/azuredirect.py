@@ -7,7 +7,9 @@ its policies, `requests` and urllib3 and its response deserializer, all under th
 the event loop that answers Orthanc. Larger blobs too: the SDK asks for the first 4 MiB, then
 the rest in 4 MiB ranges four at a time; one direct GET of a 31 or 79 MB blob took 3 to 7x less
 wall time and 3 to 8x less client CPU against Azurite. So every download is one GET, ranged
-only when a range is asked for, as the S3 and GCS backends' downloads are.
+only when a range is asked for, as the S3 and GCS backends' downloads are; a whole blob's is
+a trio task on the event loop (`get_on_loop`, `objfs.backends.loopgets`), as S3's are: the
+Shared Key signature needs nothing that blocks.
 
 A blob up to `ChunkSize` is stored by one Put Blob: 4.5 to 4.7 ms of client CPU per 0.5 MB
 through `upload_blob`, 1.8 to 2.2 direct (its MD5 0.8 of that), 200 in a row against Azurite.
