@@ -3,7 +3,7 @@
 Orthanc waits for every FUSE reply, and one thread, the event loop's, gives them all. On a busy
 machine that thread, woken by the kernel, can wait behind Orthanc's own threads and the daemon's
 workers before it runs. A lower nice value for it alone shortens that wait; the workers
-(uploads, journal commits, downloads) keep the priority they had.
+(uploads, journal commits, GCS and ranged downloads) keep the priority they had.
 
 Linux keeps the nice value per thread, and a new thread inherits its creator's. The event loop
 starts the daemon's worker threads (trio's thread cache), so a hook that every thread started

@@ -325,7 +325,9 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "EventLoopNice": Option((int,), -10, _event_loop_nice,
                             "Nice value of the daemon's event loop thread, which answers "
                             "every FUSE request Orthanc waits for; the worker threads "
-                            "(uploads, journal, downloads) keep theirs. Needs "
+                            "(uploads, journal commits, GCS and ranged downloads) keep "
+                            "theirs (whole-object S3 and Azure downloads run on the event "
+                            "loop). Needs "
                             "CAP_SYS_NICE (the systemd units grant it); without it the "
                             "thread stays as it is (logged). `0`: unchanged."),
     "SharedBucket": Option((bool,), False, None,
