@@ -35,6 +35,7 @@ from tests.support.scripted import (
     serving,
     sizing,
     storing,
+    worker_thread_calls,
 )
 
 
@@ -134,14 +135,7 @@ async def test_whole_blobs_come_on_the_event_loop_over_a_kept_stream(
     source.write_bytes(BODY)
     azurite.raw_put(container, "blob", source)
     azure = backend(azurite.connection_string(), container)
-    threaded: list[str] = []
-    run = azure._run
-
-    async def counted(op: str, key: str, *args: Any) -> Any:
-        threaded.append(key)
-        return await run(op, key, *args)
-
-    monkeypatch.setattr(azure, "_run", counted)
+    threaded = worker_thread_calls(azure, monkeypatch)
     out = tmp_path / "out"
     for _ in range(3):
         assert await azure.get("blob", out) == len(BODY)

@@ -41,6 +41,7 @@ from tests.support.scripted import (
     gets_from,
     listed_names,
     serving,
+    worker_thread_calls,
 )
 
 BODY = bytes(range(256)) * 2048  # 512 KiB
@@ -282,14 +283,7 @@ async def test_whole_gets_take_no_worker_thread(
     still takes a worker thread."""
     endpoint, seen = scripted
     backend = backend_at(endpoint)
-    threaded: list[str] = []
-    run = backend._run
-
-    async def counted(op: str, key: str, *args: Any) -> Any:
-        threaded.append(key)
-        return await run(op, key, *args)
-
-    monkeypatch.setattr(backend, "_run", counted)
+    threaded = worker_thread_calls(backend, monkeypatch)
     out = tmp_path / "o"
     assert await backend.get("ab/good", out) == len(BODY)
     assert out.read_bytes() == BODY

@@ -89,6 +89,20 @@ def counting(direct: Any) -> list[str]:
 B = TypeVar("B")
 
 
+def worker_thread_calls(backend: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys of the calls `backend` sends to worker threads (its `_run`), in a list that
+    grows as they are made."""
+    threaded: list[str] = []
+    run = backend._run
+
+    async def counted(op: str, key: str, *args: Any) -> Any:
+        threaded.append(key)
+        return await run(op, key, *args)
+
+    monkeypatch.setattr(backend, "_run", counted)
+    return threaded
+
+
 def gets_from(backend: B, where: str) -> B:
     """`backend` with its whole-object GETs on the event loop (as built, "loop") or in worker
     threads ("threads": as with credentials its SDK refreshes)."""
