@@ -107,11 +107,8 @@ class LoopGets(ThreadedBackend, DirectFirst[D]):
                 return received
             except (Fallback, NotOnLoop, errors.ObjfsError):
                 raise
-            except OSError as exc:
-                full = local_disk_full(exc, path)  # writing the local copy
-                if full is not None:
-                    raise full from exc
-                raise self.translate(exc, key, "get") from exc
+            except OSError as exc:  # writing the local copy, or the network
+                raise local_disk_full(exc, path) or self.translate(exc, key, "get") from exc
             except Exception as exc:  # the service's errors, as the threads' path raises them
                 raise self.translate(exc, key, "get") from exc
             finally:

@@ -116,8 +116,8 @@ def bucket_url(object_url: str, key: str) -> tuple[str, str, int, str]:
 
 
 class DirectS3(LoopDirect):
-    """GETs, HEADs, single PUTs and batch deletes of one bucket's objects over `http.client`;
-    thread-safe."""
+    """GETs, HEADs, single PUTs and batch deletes of one bucket's objects over `http.client`,
+    and whole-object GETs from the event loop (`get_on_loop`); thread-safe."""
 
     def __init__(self, base: tuple[str, str, int, str], region: str,
                  credentials: Callable[[], sigv4.Credentials], connect_timeout: float,
@@ -135,10 +135,9 @@ class DirectS3(LoopDirect):
         # for good (the only transition). Worker threads read it once per PUT; one that
         # read CRC32C before the change sends that PUT with it, which is harmless.
         self.checksum = CRC32C
-        # Whole-object GETs from the event loop; None with credentials that botocore may
-        # refresh (a refresh is a blocking request: it stays in the worker threads). Set to
-        # None (the only change, on the event loop) by `S3Backend.get` when the store answers
-        # without a length.
+        # Whole-object GETs from the event loop (`LoopDirect.loop`); None with credentials
+        # that botocore may refresh (a refresh is a blocking request: it stays in the worker
+        # threads).
         self.loop = LoopConnections(host, port, connect_timeout, read_timeout, self.context,
                                     pool_size) if loop_gets else None
 
