@@ -35,6 +35,7 @@ from benchmarks.orthanc_ingest import (
     CLIENTS,
     corpus,
     drop_page_cache,
+    idle_cpus_note,
     read_instances,
 )
 from tests.support.daemon import Objfs
@@ -146,6 +147,8 @@ def main() -> None:
           f"on objfs over moto, {CLIENTS} clients; delete: one patient after the other), "
           f"mean round trip from the kernel's send to the daemon's answer; median of "
           f"{args.rounds} rounds")
+    if (note := idle_cpus_note()) is not None:
+        print(note)
     for phase in rounds[0]:
         ops = sorted({op for r in rounds for op in r[phase]},
                      key=lambda op: -rounds[0][phase].get(op, (0.0, 0.0))[0])

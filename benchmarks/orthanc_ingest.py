@@ -104,6 +104,29 @@ def machine_busy() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
+CPUIDLE_DRIVER = Path("/sys/devices/system/cpu/cpuidle/current_driver")
+GUEST_HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def idle_cpus_note() -> str | None:
+    """What an idle CPU of this machine does, when the kernel says: a virtual machine whose
+    idle vCPUs halt at once pays a wake-up through the hypervisor whenever a FUSE request or
+    its answer finds the other side's CPU idle, which local disk's system calls do not."""
+    try:
+        driver = CPUIDLE_DRIVER.read_text().strip()
+    except OSError:
+        return None
+    note = f"idle CPUs: cpuidle driver {driver}"
+    try:
+        polling = int(GUEST_HALT_POLL.read_text())
+    except (OSError, ValueError):
+        return note
+    if polling:
+        return note + f", an idle vCPU polls {polling / 1000:.0f} µs before it halts"
+    return note + ", guest halt polling off (an idle vCPU halts at once: a FUSE round trip " \
+        "that finds one idle waits for its wake-up)"
+
+
 # Who takes the machine's CPU in a phase: the processes by name, "client" (this process: the
 # REST clients), "other" (the kernel's threads, e.g. writeback and ext4's journal, and
 # anything else running) and "busy" (all of it).
@@ -384,6 +407,8 @@ def main() -> None:
           "objfs knows Orthanc's URL (series prefetch on); "
           f"median of {args.rounds} interleaved rounds; each ratio is the median of the "
           "rounds' own (local disk ran in every round)")
+    if (note := idle_cpus_note()) is not None:
+        print(note)
     key = work / "bench.key"
     codec.write_key_file(key)
     makers = {"s3": lambda: MotoServer(work, nice=EMULATOR_NICE),
