@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ab_revisions import workspace
 from benchmarks.fuse_requests import traced, tracepoints
-from benchmarks.orthanc_ingest import idle_cpus_note
+from benchmarks.orthanc_ingest import EMULATOR_NICE, idle_cpus_note
 from tests.support.daemon import Objfs
 
 STEPS = ("lstat file", "unlink file", "lstat dir", "rmdir dir", "lstat parent", "rmdir parent")
@@ -126,8 +126,9 @@ def main() -> None:
             finally:
                 daemon.cleanup()
     print(f"Orthanc's delete, call by call ({args.files} files of {FILE_KB} KiB, written, read "
-          f"once and deleted one after the other; objfs over moto at nice 10, the files "
-          f"uploaded first); medians of each round's median, {args.rounds} alternating rounds")
+          f"once and deleted one after the other; objfs over moto at nice {EMULATOR_NICE}, the "
+          f"files uploaded first); medians of each round's median, {args.rounds} alternating "
+          "rounds")
     if (note := idle_cpus_note()) is not None:
         print(note)
     print(f"  {'call':<14} {'local µs':>9} {'objfs µs':>9} {'objfs/local':>12}")
