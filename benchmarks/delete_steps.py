@@ -48,12 +48,9 @@ def store(root: Path, count: int, data: bytes) -> list[Path]:
         folder = root / uuid[:2] / uuid[2:4]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / uuid
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, data)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        with open(path, "xb", buffering=0) as file:  # unbuffered: one write call
+            file.write(data)
+            os.fdatasync(file.fileno())
         paths.append(path)
     for path in paths:
         os.stat(path)
