@@ -184,8 +184,8 @@ class Workspace:
     server: Server | None = None
 
     def moto(self) -> MotoServer:
-        server = MotoServer(self.work, nice=EMULATOR_NICE)
-        self.server = server
+        server = self.start("s3")
+        assert isinstance(server, MotoServer)
         return server
 
     def start(self, backend: str) -> Server:
