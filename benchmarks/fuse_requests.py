@@ -12,7 +12,7 @@ FUSE mount on the machine: run nothing else meanwhile.
 Needs root and a kernel with the fuse tracepoints (6.18 on the project's machine; tracefs is
 mounted if it is not).
 
-    .venv/bin/python benchmarks/fuse_requests.py [--small 300] [--rounds 1]
+    .venv/bin/python benchmarks/fuse_requests.py [--small 300] [--rounds 1] [--clients 4]
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def traced(events: Path, action: Callable[[], object],
             for op, n in counts.most_common()}
 
 
-def one_round(work: Path, moto: MotoServer, small: list[bytes], events: Path) -> Round:
+def one_round(work: Path, moto: MotoServer, small: list[bytes], events: Path,
+              clients: int) -> Round:
     orthanc = Orthanc(work, work / "objfs-mnt", name="orthanc")
     config = {"AwsS3Storage": moto.s3_section(moto.new_bucket(f"fuse-requests-{work.name}")),
               "Objfs": {"CacheDirectory": str(work / "cache"), "CacheSize": 4096,
@@ -99,12 +100,12 @@ def one_round(work: Path, moto: MotoServer, small: list[bytes], events: Path) ->
         ids: list[str] = []
 
         def ingest() -> None:
-            with ThreadPoolExecutor(CLIENTS) as pool:
+            with ThreadPoolExecutor(clients) as pool:
                 ids.extend(pool.map(orthanc.upload, small))
 
         out["store"] = traced(events, ingest, len(small))
         daemon.wait_uploaded(600)
-        out["warm read"] = traced(events, lambda: read_instances(orthanc, ids, CLIENTS),
+        out["warm read"] = traced(events, lambda: read_instances(orthanc, ids, clients),
                                   len(ids))
         orthanc.stop()
         daemon.stop()
@@ -112,10 +113,10 @@ def one_round(work: Path, moto: MotoServer, small: list[bytes], events: Path) ->
         daemon.start()
         drop_page_cache()
         orthanc.start()
-        out["cold read"] = traced(events, lambda: read_instances(orthanc, ids, CLIENTS),
+        out["cold read"] = traced(events, lambda: read_instances(orthanc, ids, clients),
                                   len(ids))
         drop_page_cache()
-        out["cached read"] = traced(events, lambda: read_instances(orthanc, ids, CLIENTS),
+        out["cached read"] = traced(events, lambda: read_instances(orthanc, ids, clients),
                                     len(ids))
 
         def delete() -> None:
@@ -134,6 +135,9 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=300)
     parser.add_argument("--small-kb", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=CLIENTS,
+                        help="concurrent REST clients that store and read (one alone shows "
+                             "each request's own round trip, without waiting for the others')")
     args = parser.parse_args()
     events = tracepoints()
     small, _ = corpus(args.small, args.small_kb)
@@ -142,9 +146,9 @@ def main() -> None:
         moto = ws.moto()
         for number in range(args.rounds):
             (ws.work / f"r{number}").mkdir()
-            rounds.append(one_round(ws.work / f"r{number}", moto, small, events))
+            rounds.append(one_round(ws.work / f"r{number}", moto, small, events, args.clients))
     print(f"FUSE requests per instance ({args.small} instances of {args.small_kb} KiB, Orthanc "
-          f"on objfs over moto, {CLIENTS} clients; delete: one patient after the other), "
+          f"on objfs over moto, {args.clients} clients; delete: one patient after the other), "
           f"mean round trip from the kernel's send to the daemon's answer; median of "
           f"{args.rounds} rounds")
     if (note := idle_cpus_note()) is not None:
