@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ab_revisions import workspace
-from benchmarks.fuse_requests import traced, tracepoints
+from benchmarks.fuse_requests import summary, traced, tracepoints
 from benchmarks.orthanc_ingest import EMULATOR_NICE, idle_cpus_note
 from tests.support.daemon import Objfs
 
@@ -83,6 +83,8 @@ def delete_all(paths: list[Path]) -> Timings:
 
 
 def _collect(into: list[Timings], paths: list[Path]) -> None:
+    """`delete_all` for `traced`, which calls its action without arguments (a lambda in the
+    loop would not bind the round's variables)."""
     into.append(delete_all(paths))
 
 
@@ -142,13 +144,7 @@ def main() -> None:
     print(f"  {'one delete':<14} {whole_local:9.1f} {whole_objfs:9.1f} "
           f"{whole_objfs / whole_local:11.1f}x")
     if trips:
-        ops = sorted({op for trip in trips for op in trip})
-        cells = []
-        for op in ops:
-            per = statistics.median(trip.get(op, (0.0, 0.0))[0] for trip in trips)
-            mean = statistics.median(trip.get(op, (0.0, 0.0))[1] for trip in trips)
-            cells.append(f"{op} {per:.2f} ({mean:.0f} µs)")
-        print("FUSE requests per delete (mean round trip): " + ", ".join(cells))
+        print("FUSE requests per delete (mean round trip): " + summary(trips))
 
 
 if __name__ == "__main__":

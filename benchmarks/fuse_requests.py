@@ -86,6 +86,19 @@ def traced(events: Path, action: Callable[[], object],
             for op, n in counts.most_common()}
 
 
+def summary(runs: list[dict[str, tuple[float, float]]]) -> str:
+    """`traced`'s results of several runs in one line: each opcode's requests per item and
+    mean round trip, medians over the runs, the most frequent (in the first run) first."""
+    ops = sorted({op for run in runs for op in run},
+                 key=lambda op: -runs[0].get(op, (0.0, 0.0))[0])
+    cells = []
+    for op in ops:
+        per = statistics.median(run.get(op, (0.0, 0.0))[0] for run in runs)
+        took = statistics.median(run.get(op, (0.0, 0.0))[1] for run in runs)
+        cells.append(f"{op} {per:.2f} ({took:.0f} us)")
+    return ", ".join(cells)
+
+
 def one_round(work: Path, moto: MotoServer, small: list[bytes], events: Path,
               clients: int) -> Round:
     orthanc = Orthanc(work, work / "objfs-mnt", name="orthanc")
@@ -154,15 +167,8 @@ def main() -> None:
     if (note := idle_cpus_note()) is not None:
         print(note)
     for phase in rounds[0]:
-        ops = sorted({op for r in rounds for op in r[phase]},
-                     key=lambda op: -rounds[0][phase].get(op, (0.0, 0.0))[0])
         total = statistics.median(sum(n for n, _ in r[phase].values()) for r in rounds)
-        cells = []
-        for op in ops:
-            per = statistics.median(r[phase].get(op, (0.0, 0.0))[0] for r in rounds)
-            took = statistics.median(r[phase].get(op, (0.0, 0.0))[1] for r in rounds)
-            cells.append(f"{op} {per:.2f} ({took:.0f} us)")
-        print(f"  {phase:<12} {total:5.2f}: " + ", ".join(cells))
+        print(f"  {phase:<12} {total:5.2f}: " + summary([r[phase] for r in rounds]))
 
 
 if __name__ == "__main__":
