@@ -27,7 +27,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from objfs import errors, testhooks
+from objfs import errors, fuseloop, testhooks
 from objfs.backends import open_backend
 from objfs.backends.base import Backend
 from objfs.cache import LocalTier
@@ -388,6 +388,7 @@ async def _drain(store: Store, settings: Settings, root: Path, notifier: Notifie
 async def _fuse_main() -> None:
     """pyfuse3's request loop. With the test hook ``fuse-loop@SECONDS`` armed it fails after
     that long, to show what a dead loop does (exit non-zero, the mount left dead)."""
+    fuseloop.install()
     delay = testhooks.failure_delay("fuse-loop")
     if delay is None:
         await pyfuse3.main()
