@@ -46,6 +46,7 @@ from objfs.sidecar.prefetch import SeriesPrefetcher
 from objfs.sidecar.server import serve as serve_sidecar
 from objfs.store import Store, check_bucket_identity
 from objfs.supervise import supervised
+from objfs.tally import Tally
 from objfs.threadprio import prioritize_this_thread
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                          settings.write_mode, settings.hybrid_mode,
                          f", SharedBucket as node {settings.node_name}"
                          if settings.shared_bucket else "")
-                await _fuse_main()
+                await _fuse_main(metrics.tally)
                 status_scope.cancel()
                 jobs_scope.cancel()  # a running job resumes at the next start
                 prefetch_scope.cancel()
@@ -385,10 +386,11 @@ async def _drain(store: Store, settings: Settings, root: Path, notifier: Notifie
         notifier.status("shutdown deadline reached: uploads stay journaled")
 
 
-async def _fuse_main() -> None:
-    """pyfuse3's request loop. With the test hook ``fuse-loop@SECONDS`` armed it fails after
+async def _fuse_main(tally: Tally) -> None:
+    """pyfuse3's request loop, waiting for requests through `objfs.fuseloop` (counted in
+    `tally`). With the test hook ``fuse-loop@SECONDS`` armed it fails after
     that long, to show what a dead loop does (exit non-zero, the mount left dead)."""
-    fuseloop.install()
+    fuseloop.install(tally)
     delay = testhooks.failure_delay("fuse-loop")
     if delay is None:
         await pyfuse3.main()

@@ -23,16 +23,18 @@ from typing import Any
 import pyfuse3
 import trio
 
+from objfs.tally import Tally
+
 
 class ReadyFirstLowlevel:
     """``trio.lowlevel`` with a `wait_readable` that returns at once for a descriptor that has
     input; every other name is trio's own. One poll object per descriptor, made on first use
-    and kept: pyfuse3 waits on one descriptor for the life of the mount."""
+    and kept: pyfuse3 waits on one descriptor for the life of the mount. Counts its waits in
+    `tally` (``fuse_waits``: "ready", "parked"), on the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, tally: Tally) -> None:
         self._pollers: dict[int, select.poll] = {}
-        self.ready = 0  # waits that returned at once (tests and benchmarks read it)
-        self.parked = 0  # waits that went through trio
+        self.tally = tally
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
@@ -47,9 +49,9 @@ class ReadyFirstLowlevel:
             poller.register(number, select.POLLIN)
         events = poller.poll(0)
         if events and events[0][1] == select.POLLIN:
-            self.ready += 1
+            self.tally.fuse_waits["ready"] += 1
             return
-        self.parked += 1
+        self.tally.fuse_waits["parked"] += 1
         await trio.lowlevel.wait_readable(fd)
 
 
@@ -57,19 +59,16 @@ class TrioForPyfuse3:
     """The ``trio`` module as pyfuse3 sees it once `install` ran: trio itself, but for
     ``lowlevel``."""
 
-    def __init__(self) -> None:
-        self.lowlevel = ReadyFirstLowlevel()
+    def __init__(self, tally: Tally) -> None:
+        self.lowlevel = ReadyFirstLowlevel(tally)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)
 
 
-def install() -> ReadyFirstLowlevel:
-    """Point pyfuse3's module-level ``trio`` at a `TrioForPyfuse3` (once; later calls return
-    the same shim). Call before ``pyfuse3.main``."""
-    current = pyfuse3.__dict__.get("trio")
-    if isinstance(current, TrioForPyfuse3):
-        return current.lowlevel
-    shim = TrioForPyfuse3()
+def install(tally: Tally) -> ReadyFirstLowlevel:
+    """Point pyfuse3's module-level ``trio`` at a `TrioForPyfuse3` counting in `tally` (a
+    later call replaces it: one mount per process). Call before ``pyfuse3.main``."""
+    shim = TrioForPyfuse3(tally)
     setattr(pyfuse3, "trio", shim)  # noqa: B010 - pyfuse3's stub does not declare the name
     return shim.lowlevel

@@ -92,6 +92,13 @@ class DaemonCollector(Collector):
         for (op, code), count in sorted(self.tally.fuse_ops.items()):
             ops.add_metric([op, code], count)
         yield ops
+        waits = CounterMetricFamily("objfs_fuse_request_waits", "The FUSE loop's waits for "
+                                    "the next request: ready (one was queued, read at once) "
+                                    "or parked (the loop slept until one came)",
+                                    labels=["outcome"])
+        for outcome in ("ready", "parked"):
+            waits.add_metric([outcome], self.tally.fuse_waits[outcome])
+        yield waits
         yield _counter("objfs_bucket_lookups", "Lookups that asked the bucket: names the "
                        "journal did not know, and (SharedBucket) confirmations of known copies",
                        self.tally.bucket_lookups)

@@ -20,6 +20,9 @@ class Tally:
     bucket_lookups: int = 0  # lookups of names the journal did not know (LIST or HEAD)
     upload_errors: Counter[str] = field(default_factory=Counter)  # by error class
     fuse_ops: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, errno name)
+    # pyfuse3's waits for /dev/fuse (`objfs.fuseloop`): "ready" (a request was queued, read at
+    # once) or "parked" (the loop waited through trio)
+    fuse_waits: Counter[str] = field(default_factory=Counter)
 
 
 def error_class(exc: BaseException) -> str:
