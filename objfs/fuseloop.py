@@ -10,7 +10,7 @@ descriptor has input, and returns at once if so; otherwise, and whenever ``poll`
 anything but input (an error or hang-up at unmount, a closed descriptor), it waits as trio
 does, so unmount and ``notify_closing`` behave as before. The fast path is not a checkpoint:
 pyfuse3 takes its lock (a checkpoint) right before it, so its loop still yields to the other
-tasks once per request. Measured: docs/performance.md, "2026-12-05".
+tasks once per request. Measured: docs/performance.md, "2026-12-05, 02:15".
 
 Nothing else changes: if a pyfuse3 release waits some other way, the shim is simply unused.
 """
