@@ -12,7 +12,10 @@ does, so unmount and ``notify_closing`` behave as before. The fast path is not a
 pyfuse3 takes its lock (a checkpoint) right before it, so its loop still yields to the other
 tasks once per request. Measured: docs/performance.md, "2026-12-05, 02:15".
 
-Nothing else changes: if a pyfuse3 release waits some other way, the shim is simply unused.
+Replacing pyfuse3's module-level ``trio`` is the hook pyfuse3's own asyncio mode uses
+(``pyfuse3.asyncio.enable`` puts a stand-in module there). Nothing else changes: if a pyfuse3
+release waits some other way, the shim is simply unused, which the mount test in
+tests/test_fuseloop.py would report (no wait counted as ready).
 """
 
 from __future__ import annotations
