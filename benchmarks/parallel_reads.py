@@ -16,34 +16,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import threading
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ab_revisions import ROOT, Variant, parse_variant, start_from, workspace
+from benchmarks.operations_overhead import create_files
 from benchmarks.orthanc_ingest import proc_usage
 from tests.support.daemon import Objfs
-
-WAITS = re.compile(r'^objfs_fuse_request_waits_total\{outcome="(\w+)"\} ([0-9.e+]+)$', re.M)
+from tests.support.metrics import scrape, total
 
 
 def make_files(root: Path, count: int, size: int) -> list[Path]:
-    """`count` files in Orthanc's ``ab/cd/uuid`` layout under `root`, each read once (so the
-    kernel caches them)."""
-    files = []
-    for _ in range(count):
-        name = str(uuid.uuid4())
-        folder = root / name[:2] / name[2:4]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(os.urandom(size))
-        files.append(folder / name)
+    """`count` files in Orthanc's ``ab/cd/uuid`` layout under `root` (`create_files`), each
+    read once so that the kernel caches them."""
+    create_files(root, count, size)
+    files = sorted(root.glob("*/*/*"))
     for path in files:
         path.read_bytes()
     return files
@@ -75,9 +67,9 @@ def read_loops(files: list[Path], threads: int, seconds: float) -> float:
 
 
 def waits(daemon: Objfs) -> dict[str, float]:
-    with urllib.request.urlopen(daemon.api + "/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    return {outcome: float(value) for outcome, value in WAITS.findall(text)}
+    samples = scrape(daemon)
+    return {outcome: total(samples, "objfs_fuse_request_waits_total", outcome=outcome)
+            for outcome in ("ready", "parked")}
 
 
 def objfs_round(work: Path, variant: Variant, index: int, args: argparse.Namespace
@@ -96,7 +88,7 @@ def objfs_round(work: Path, variant: Variant, index: int, args: argparse.Namespa
         rate = read_loops(files, args.threads, args.seconds)
         used = proc_usage(daemon.process.pid)[1] - cpu
         after = waits(daemon)
-        counted = {k: after.get(k, 0) - before.get(k, 0) for k in ("ready", "parked")}
+        counted = {k: after[k] - before[k] for k in ("ready", "parked")}
         share = (counted["ready"] / sum(counted.values())) if sum(counted.values()) else None
         return rate, used * 1e6 / (rate * args.seconds), share
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from objfs import fuseloop
 from objfs.tally import Tally
 from tests.conftest import local_config
 from tests.support.daemon import Objfs
-from tests.test_metrics import scrape, total
+from tests.support.metrics import scrape, total
+from tests.test_hybrid import at, uuid_for, write
 
 
 @pytest.fixture
@@ -130,13 +130,9 @@ def test_a_mount_under_parallel_load_reads_queued_requests_at_once(
     """pyfuse3 waits through the shim on a live mount: with four threads calling it, some
     requests are found queued (and the mount still answers every call correctly)."""
     daemon = objfs_factory(local_config(tmp_path)).start()
-    files = []
-    for n in range(16):
-        name = str(uuid.uuid4())
-        folder = daemon.mountpoint / name[:2] / name[2:4]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(bytes([n]) * 4096)
-        files.append(folder / name)
+    files = [at(daemon.mountpoint, uuid_for(n)) for n in range(16)]
+    for n, path in enumerate(files):
+        write(path, bytes([n]) * 4096)
     before = scrape(daemon)
     errors: list[BaseException] = []
 

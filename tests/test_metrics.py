@@ -13,33 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from objfs import logs
 from tests.support.daemon import Objfs
 from tests.support.emulators import MotoServer
+from tests.support.metrics import scrape, total
 from tests.support.orthanc import Orthanc
 from tests.support.procs import wait_until
-from tests.support.rest import rest
 from tests.test_hybrid import at, check_reads, ingest, uuid_for, write
-
-
-def scrape(daemon: Objfs) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of GET /metrics: (name, sorted labels) -> value."""
-    status, text = rest(daemon.api, "GET", "/metrics")
-    assert status == 200, text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
-
-
-def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-          **labels: str) -> float:
-    """The sum of `name` over the samples whose labels include `labels`."""
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and set(labels.items()) <= set(ls))
 
 
 @pytest.mark.orthanc

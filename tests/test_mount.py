@@ -298,7 +298,7 @@ def test_orthanc_deletes_leave_every_bucket(tmp_path: Path, cloud: str,
     """Orthanc's remove sequence on 40 attachments: every object leaves the bucket, in a few
     batch requests where the store has batch deletes (S3, Azure), one by one elsewhere."""
     from tests.conftest import bucket_name, cloud_server
-    from tests.test_metrics import scrape, total
+    from tests.support.metrics import scrape, total
 
     server = cloud_server(request, cloud)
     bucket = server.new_bucket(bucket_name(request).replace("b", "del", 1))
@@ -337,7 +337,7 @@ def test_orthanc_deletes_leave_every_bucket(tmp_path: Path, cloud: str,
 @pytest.mark.parametrize("shared", [False, True], ids=["one-node", "shared-bucket"])
 def test_a_store_looks_its_new_name_up_once(
         tmp_path: Path, objfs_factory: Callable[..., Objfs], shared: bool) -> None:
-    from tests.test_metrics import scrape, total
+    from tests.support.metrics import scrape, total
 
     extra = {"SharedBucket": True, "NodeName": "node-a"} if shared else {}
     daemon = objfs_factory(local_config(tmp_path, **extra)).start()
@@ -368,7 +368,7 @@ def test_a_store_sends_no_setattr_for_the_new_times(local_mount: Objfs) -> None:
     next tick (4 ms at HZ=250), and a file system with fine-grained times (ext4, tmpfs) that
     stamps a file meanwhile moves the kernel's clock past the tick's. So: at most a quarter
     of 20 stores send one, in one of three batches (before, every store sent one)."""
-    from tests.test_metrics import scrape, total
+    from tests.support.metrics import scrape, total
 
     def setattrs() -> float:
         return total(scrape(local_mount), "objfs_fuse_operations_total", operation="setattr")
@@ -392,7 +392,7 @@ def test_a_store_sends_no_setattr_for_the_new_times(local_mount: Objfs) -> None:
 def test_read_ahead_makes_an_uncached_read_one_request(
         tmp_path: Path, objfs_factory: Callable[..., Objfs], read_ahead: int) -> None:
     from objfs.mountinfo import mounts
-    from tests.test_metrics import scrape, total
+    from tests.support.metrics import scrape, total
 
     daemon = objfs_factory(local_config(tmp_path, ReadAhead=read_ahead)).start()
     window = Path(f"/sys/class/bdi/{mounts()[str(daemon.mountpoint)].device}/read_ahead_kb")

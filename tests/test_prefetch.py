@@ -19,9 +19,9 @@ from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
 from tests.support.emulators import MotoServer
 from tests.support.faultproxy import FaultProxy
+from tests.support.metrics import scrape, total
 from tests.support.orthanc import Orthanc
 from tests.support.procs import free_port, wait_until
-from tests.test_metrics import scrape, total
 
 pytestmark = pytest.mark.orthanc
 SERIES = 24
