@@ -56,7 +56,7 @@ MTIME_SLACK = 0.1
 
 def disk_reserve(fs_size: int) -> int:
     """Bytes of the cache directory's file system left out of the budget for the journal, its
-    write-ahead log and the delete log: 5 % of the file system, at least DISK_RESERVE_MIN and
+    write-ahead log and the intent log: 5 % of the file system, at least DISK_RESERVE_MIN and
     at most DISK_RESERVE_MAX."""
     return max(DISK_RESERVE_MIN, min(DISK_RESERVE_MAX, fs_size // 20))
 
@@ -69,9 +69,12 @@ def stored_size(row: Row) -> int:
 class LocalTier:
     """Budgeted local copies. Methods run on the event loop; `recover` runs before it starts."""
 
+    # The copies' directory under the cache directory (the journal's replay looks there too).
+    DATA = "data"
+
     def __init__(self, root: Path, capacity: int, journal: Journal, full_timeout: float) -> None:
         self.root = root
-        self.data = root / "data"
+        self.data = root / self.DATA
         self.tmp = root / "tmp"
         self.capacity = capacity
         self.journal = journal
@@ -141,17 +144,19 @@ class LocalTier:
         # last stop synced everything after the mount was gone.
         since = float(synced) - MTIME_SLACK if synced not in (None, CLEAN) else None
         unplaced = [found for found in os.scandir(self.data) if found.name not in claimed]
-        if unplaced and self.journal.created:
-            # A new journal beside old copies: the former journal was lost or moved aside.
-            # Some of these may be acknowledged data not yet in the bucket: kept for the
-            # administrator, never removed (README, "A damaged journal").
+        if unplaced and (self.journal.created or self.journal.lost_intents):
+            # A new journal beside old copies (the former journal was lost or moved aside),
+            # or a damaged intent log, whose lost puts leave acknowledged copies no row
+            # claims: some of these may be acknowledged data not yet in the bucket, kept for
+            # the administrator, never removed (README, "A damaged journal").
             lost_and_found = self.root / LOST_AND_FOUND
             lost_and_found.mkdir(exist_ok=True)
             for found in unplaced:
                 os.replace(found.path, lost_and_found / found.name)
-            log.warning("a new journal, but %d local copies in %s: moved to %s (those the "
-                        "bucket lacks may be attachments Orthanc was told are stored; copy them "
-                        "back in through the mount)", len(unplaced), self.data, lost_and_found)
+            log.warning("%s, but %d local copies in %s: moved to %s (those the bucket lacks "
+                        "may be attachments Orthanc was told are stored; copy them back in "
+                        "through the mount)", "a new journal" if self.journal.created else
+                        "a damaged intent log", len(unplaced), self.data, lost_and_found)
             unplaced = []
         for found in unplaced:
             log.info("removing %s: written but never acknowledged", found.path)
@@ -193,7 +198,7 @@ class LocalTier:
     def fit_to_disk(self) -> None:
         """Lower the budget to what the cache directory's file system can hold when CacheSize
         is larger (logged as a warning): the copies already counted plus the free space, less
-        `disk_reserve` for the journal, its write-ahead log and the delete log. Otherwise the
+        `disk_reserve` for the journal, its write-ahead log and the intent log. Otherwise the
         disk would fill before the budget does, and writes would fail with ENOSPC although
         clean copies could have been evicted. Also sets aside the journal's room
         (`keep_journal_room`). Run after `recover`, before the event loop."""

@@ -255,7 +255,7 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
     async with AsyncExitStack() as stack:
         lock_fd = _lock_cache(root)
         stack.callback(os.close, lock_fd)
-        journal = Journal(root / "journal.sqlite")
+        journal = Journal(root / "journal.sqlite", copies=root / LocalTier.DATA)
         stack.callback(journal.close)
         check_bucket_identity(journal, bucket_identity(settings), root)
         tier = LocalTier(root, settings.cache_size, journal, settings.cache_full_timeout)

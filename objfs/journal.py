@@ -17,14 +17,15 @@ unlink), and a query costs more than the rest of such a request. Rule: a write f
 kept rows after its commit, whether or not it succeeded: every one unless it names the
 attachment rows it changes (`rows=`; empty when it changes none).
 
-Deletes of uploaded attachments, and of pending uploads not yet sent, are made durable through
-the delete log (`objfs.deletelog`, ``deletes.log`` beside the database) instead of a WAL fsync:
-`delete_logged` appends the uuid with one synchronous write and keeps the row change in memory
-(`_unapplied`, which every read of this journal takes into account); the kept changes reach
-SQLite in one lazy transaction, before any other write, every APPLY_BATCH deletes, and at a
-checkpoint; `checkpoint_deletes` makes those rows durable with one fsync and empties the log;
-opening the journal replays what the log holds (durably) and empties it. `stats`, in any
-process, counts logged deletes as pending whether or not their rows say so yet.
+New attachments (`put_logged`) and deletes of uploaded attachments, and of pending uploads not
+yet sent (`delete_logged`), are made durable through the intent log (`objfs.intentlog`,
+``intents.log`` beside the database) instead of a WAL fsync: one synchronous write of an
+intent, with the row change kept in memory (`_unapplied`, which every read of this journal
+takes into account); the kept changes reach SQLite in one lazy transaction, before any other
+write, every APPLY_BATCH changes, and at a checkpoint; `checkpoint_log` makes those rows
+durable with one fsync and empties the log; opening the journal replays what the log holds, in
+order (durably), and empties it. A read-only journal (another process: `objfs status`,
+`objfs audit`) sees the logged changes the same way, as the replay would make them.
 
 A download's "the copy is cached" (`cached_later`) is kept in memory the same way (`_marked`),
 without a commit or a worker thread: it reaches SQLite with the next write, or when the store
@@ -46,14 +47,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objfs.deletelog import DeleteLog, read_logged
 from objfs.errnos import is_damaged_database
 from objfs.errors import JournalDamaged
+from objfs.fsutil import fsync_path
+from objfs.intentlog import Intent, IntentLog, Kind, legacy_deletes, read_intents
 
 log = logging.getLogger(__name__)
 
-# The delete log's file name, beside the database.
-DELETE_LOG = "deletes.log"
+# The intent log's file name, beside the database.
+INTENT_LOG = "intents.log"
+# The delete log of objfs before 2026-12-05, replayed once and removed.
+LEGACY_DELETE_LOG = "deletes.log"
 # Written beside the database when SQLite found it damaged while objfs ran: the next start
 # checks the whole file (`PRAGMA quick_check`) before it uses it.
 DAMAGE_MARK = "journal-damaged"
@@ -61,6 +65,10 @@ DAMAGE_MARK = "journal-damaged"
 LOST_AND_FOUND = "lost+found"
 # A delete's row change (state, uuid): by a durable commit, a lazy one, or a replay.
 _MARK_DELETED = "UPDATE attachments SET state=?, cached=0 WHERE uuid=?"
+# A new attachment's row (uuid, state, size, key, sealed, created, atime): kept as it is when
+# there is one (a logged put replayed after its row was committed, or changed since).
+_INSERT_NEW = ("INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
+               "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT(uuid) DO NOTHING")
 # A download's cache flag (sealed, atime, uuid, state): kept by `cached_later`, applied lazily.
 _MARK_CACHED = "UPDATE attachments SET cached=1, sealed=?, atime=? WHERE uuid=? AND state=?"
 # An attachment's rows dropped (uuid): by `remove`, or lazily by `delete_logged`.
@@ -132,9 +140,9 @@ _COLUMNS = "uuid, state, size, key, cached, created, last_error, sealed"
 # Rows `get` keeps at most; the whole cache is dropped when it is full (simple, and a query
 # refills what is in use).
 ROW_CACHE = 16384
-# Logged deletes whose row changes `delete_logged` applies in one transaction (when no other
-# thread holds the journal): more only cost memory and the readers' filtering; fewer cost a
-# commit's overhead per few deletes.
+# Logged changes (puts and deletes) that `put_logged` and `delete_logged` apply in one
+# transaction (when no other thread holds the journal): more only cost memory and the readers'
+# filtering; fewer cost a commit's overhead per few changes.
 APPLY_BATCH = 64
 
 
@@ -229,11 +237,17 @@ class Journal:
     mark checks the whole file (`PRAGMA quick_check`, proportional to its size) and refuses it
     unless SQLite finds it sound (repaired meanwhile), or the journal is new (moved aside)."""
 
-    def __init__(self, path: Path, readonly: bool = False, heed_mark: bool = True) -> None:
+    def __init__(self, path: Path, readonly: bool = False, heed_mark: bool = True,
+                 copies: Path | None = None) -> None:
         """Open (or create) the journal. Raises JournalDamaged when SQLite finds the file
         damaged, or when it was found damaged while objfs ran and still is; `created` says
-        whether this call created it."""
+        whether this call created it, `lost_intents` whether the intent log was found damaged
+        (acknowledged writes may then have local copies no row claims). `copies`: the
+        directory of the local copies (the cache's ``data/``), where the replay of a logged
+        put looks for its copy (None: every logged put without a row is replayed)."""
         self.created = not readonly and not path.exists()
+        self.lost_intents = False
+        self._copies = copies
         self.damage: str | None = None
         self._damage_lock = threading.Lock()
         mark = path.with_name(DAMAGE_MARK)
@@ -296,7 +310,7 @@ class Journal:
     def _open(self, path: Path, readonly: bool) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._deletes: DeleteLog | None = None  # set once replayed; None when read-only
+        self._intents: IntentLog | None = None  # set once replayed; None when read-only
         # Rows read by `get`, by uuid (None: no row). Filled by `get` on the reading thread;
         # writers (any thread) drop what they changed after their commit and bump
         # `_generation`, so that a read that raced a write never keeps what it read. Both
@@ -304,12 +318,14 @@ class Journal:
         self._rows: dict[str, Row | None] = {}
         self._generation = 0
         self._cache_lock = threading.Lock()
-        # Row changes of logged deletes not yet in SQLite, by uuid: the row as the change
-        # leaves it (None: the row goes). Rule: `delete_logged` (the event loop) adds one
-        # before its record is appended, so every record a checkpoint counts has its change
-        # here or in SQLite; `_apply_locked` (under `_lock`, any thread) removes those it has
-        # committed. Readers (the event loop) see through it: `get` answers from it, queries
-        # leave out or replace its uuids. Under `_cache_lock`, held only for dict operations.
+        # Row changes of logged puts and deletes not yet in SQLite, by uuid: the row as the
+        # change leaves it (None: the row goes). Rule: `put_logged` (any thread) and
+        # `delete_logged` (the event loop) add one before its intent is appended, so every
+        # intent a checkpoint counts has its change here or in SQLite; `_apply_locked` (under
+        # `_lock`, any thread) removes those it has committed. Readers (the event loop) see
+        # through it: `get` answers from it, queries leave out, replace or add its uuids. In a
+        # read-only journal: the logged changes its opening found, as the replay would make
+        # them. Under `_cache_lock`, held only for dict operations.
         self._unapplied: dict[str, Row | None] = {}
         # Cache flags of downloads not yet in SQLite, by uuid: (the row as the flag leaves it,
         # its atime). Rule: `cached_later` (the event loop) adds one only to an uploaded row;
@@ -322,6 +338,8 @@ class Journal:
         self._marked: dict[str, tuple[Row, float]] = {}
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self._reader = self._connect(uri)
+        # A read-only journal reads the intent log at its first `get` or query (`_logged`).
+        self._unread_log = readonly
         if readonly:
             self._db = self._lazy = self._reader  # never written through
             return
@@ -335,13 +353,14 @@ class Journal:
         # writes them out along with itself, in order.
         self._lazy = self._connect(uri, check_same_thread=False)
         self._lazy.execute("PRAGMA synchronous=NORMAL")
-        deletes = DeleteLog(path.with_name(DELETE_LOG))
+        intents = IntentLog(path.with_name(INTENT_LOG))
+        self.lost_intents = intents.damaged
         try:
-            self._replay(deletes)
+            self._replay(intents)
         except BaseException:
-            deletes.close()
+            intents.close()
             raise
-        self._deletes = deletes
+        self._intents = intents
 
     def _connect(self, uri: str, check_same_thread: bool = True) -> _Connection:
         db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30,
@@ -349,13 +368,52 @@ class Journal:
         assert isinstance(db, _Connection)
         return db
 
-    def _replay(self, deletes: DeleteLog) -> None:
-        """Apply the deletes the log holds (a crash may have lost their lazy row changes),
-        durably, then empty the log."""
-        logged = deletes.pending()
-        if logged:
-            self._many(_MARK_DELETED, ((PENDING_DELETE, uuid) for uuid in logged))
-        deletes.reset_if(deletes.count)  # damaged slots included (nothing appends meanwhile)
+    def _replay(self, intents: IntentLog) -> None:
+        """Apply the changes the log holds, in order (a crash may have lost their lazy row
+        changes), and those of an earlier objfs' delete log, durably; then empty the log and
+        remove the old one. A logged put makes a pending-upload row unless there is a row
+        (committed since) or its local copy is gone (`copies`): the attachment was deleted
+        and its row dropped since, and must not come back."""
+        legacy = self.path.with_name(LEGACY_DELETE_LOG)
+        deletes = legacy_deletes(legacy)
+        logged = intents.pending()
+        now = time.time()
+        with self._transaction() if deletes or logged else contextlib.nullcontext(self._db) \
+                as db:
+            db.executemany(_MARK_DELETED, ((PENDING_DELETE, uuid) for uuid in deletes))
+            for intent in logged:
+                if intent.kind == Kind.DELETE:
+                    db.execute(_MARK_DELETED, (PENDING_DELETE, intent.uuid))
+                elif self._copies is None or (self._copies / intent.uuid).exists():
+                    db.execute(_INSERT_NEW, (intent.uuid, PENDING_UPLOAD, intent.size, None, 0,
+                                             now, now))
+        if legacy.exists():
+            legacy.unlink()
+            fsync_path(legacy.parent)
+        intents.reset_if(intents.count)  # damaged slots included (nothing appends meanwhile)
+
+    @staticmethod
+    def _as_replayed(intents: list[Intent], db: sqlite3.Connection) -> dict[str, Row | None]:
+        """What the replay would make of the rows that `intents` name, where that differs
+        from what `db` holds now (for a reader in another process; a put's copy is taken to
+        exist). Read the intents before the rows: a change applied and its log emptied in
+        between is then in the rows."""
+        changed: dict[str, Row | None] = {}
+        for intent in intents:
+            if intent.uuid in changed:
+                row = changed[intent.uuid]
+            else:
+                found = db.execute(f"SELECT {_COLUMNS} FROM attachments WHERE uuid=?",
+                                   (intent.uuid,)).fetchone()
+                row = None if found is None else _row(found)
+            if intent.kind == Kind.PUT:
+                if row is None:
+                    changed[intent.uuid] = Row(intent.uuid, PENDING_UPLOAD, intent.size, None,
+                                               True, time.time())
+            elif row is not None and row.state != PENDING_DELETE:
+                changed[intent.uuid] = dataclasses.replace(row, state=PENDING_DELETE,
+                                                           cached=False)
+        return changed
 
     def _migrate(self) -> None:
         """Bring a journal made by an earlier objfs to the current schema."""
@@ -367,19 +425,19 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             try:
-                if self._deletes is not None:
+                if self._intents is not None:
                     # Lazily: until the next open replays it, the log holds them durably.
                     self._apply_locked()
             except sqlite3.Error as exc:
-                log.warning("the journal closes with %d deletes only in its delete log (%s): "
+                log.warning("the journal closes with %d changes only in its intent log (%s): "
                             "the next start replays them; %d downloaded copies not recorded "
                             "(it removes them)", len(self._unapplied), exc, len(self._marked))
             finally:
                 for db in {self._db, self._lazy, self._reader}:
                     db.close()
-                if self._deletes is not None:
-                    self._deletes.close()
-                    self._deletes = None
+                if self._intents is not None:
+                    self._intents.close()
+                    self._intents = None
 
     def _write(self, sql: str, args: Iterable[object] = (), durable: bool = True,
                rows: Iterable[str] | None = None, wait: bool = True) -> bool:
@@ -417,7 +475,7 @@ class Journal:
             db.executemany(sql, args)
 
     def _apply_locked(self) -> None:
-        """Commit the kept cache flags and row changes of logged deletes (one lazy
+        """Commit the kept cache flags and row changes of logged puts and deletes (one lazy
         transaction), so that the write that follows, or a checkpoint's fsync, comes after
         them. Caller holds `_lock`."""
         if not self._unapplied and not self._marked:
@@ -428,12 +486,17 @@ class Journal:
             batch = dict(self._unapplied)
             marked = dict(self._marked)
         forgotten = [(uuid,) for uuid, row in batch.items() if row is None]
+        kept = [row for row in batch.values() if row is not None]
         with _atomic(self._lazy) as db:
             # Flags first: a delete kept after one (or committed later) clears it again.
             db.executemany(_MARK_CACHED, ((int(row.sealed), atime, uuid, UPLOADED)
                                           for uuid, (row, atime) in marked.items()))
-            db.executemany(_MARK_DELETED, ((PENDING_DELETE, uuid)
-                                           for uuid, row in batch.items() if row is not None))
+            # A delete kept after a put that was never applied needs the put's row first.
+            db.executemany(_INSERT_NEW, ((row.uuid, PENDING_UPLOAD, row.size, row.key,
+                                          int(row.sealed), row.created, row.created)
+                                         for row in kept))
+            db.executemany(_MARK_DELETED, ((PENDING_DELETE, row.uuid)
+                                           for row in kept if row.state == PENDING_DELETE))
             db.executemany(_FORGET_SERIES, forgotten)
             db.executemany(_FORGET_ROW, forgotten)
         with self._cache_lock:
@@ -448,8 +511,9 @@ class Journal:
                 self._rows.pop(uuid, None)
 
     def apply_kept(self) -> None:
-        """Commit the row changes kept in memory (`cached_later`, `delete_logged`) in one
-        lazy transaction. Any thread; it waits for another thread's write."""
+        """Commit the row changes kept in memory (`cached_later`, `put_logged`,
+        `delete_logged`) in one lazy transaction. Any thread; it waits for another thread's
+        write."""
         with self._lock:
             self._apply_locked()
 
@@ -464,8 +528,18 @@ class Journal:
             return {uuid: row for uuid, (row, _) in self._marked.items()} if self._marked \
                 else {}
 
+    def _logged(self) -> None:
+        """In a read-only journal, once: keep what the replay would make of the changes in
+        the intent log (`_as_replayed`), for `get` and the queries to see through."""
+        self._unread_log = False
+        self._unapplied = self._as_replayed(read_intents(self.path.with_name(INTENT_LOG)),
+                                            self._reader)
+
     def _hidden(self) -> dict[str, Row | None]:
-        """A copy of the kept row changes of logged deletes, for a query to see through."""
+        """A copy of the kept row changes of logged puts and deletes, for a query to see
+        through."""
+        if self._unread_log:
+            self._logged()
         with self._cache_lock:
             return dict(self._unapplied) if self._unapplied else {}
 
@@ -507,6 +581,8 @@ class Journal:
     # --- attachments --------------------------------------------------------------------------
 
     def get(self, uuid: str) -> Row | None:
+        if self._unread_log:
+            self._logged()
         with self._cache_lock:
             if uuid in self._unapplied:
                 return self._unapplied[uuid]
@@ -535,6 +611,40 @@ class Journal:
             "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT(uuid) DO UPDATE SET "
             "size=excluded.size, key=excluded.key, sealed=excluded.sealed",
             (uuid, PENDING_UPLOAD, size, key, int(sealed), now, now), rows=(uuid,), wait=wait)
+
+    def put_logged(self, uuid: str, size: int) -> bool:
+        """`put_pending(uuid, size)` for an attachment that has no row, made durable by the
+        intent log instead of a WAL fsync: one synchronous write on the calling thread (any),
+        which never waits for another thread's commit; the row is kept in memory for readers
+        (`_unapplied`) and reaches SQLite with a batch of others (`_apply_locked`). False,
+        with nothing changed, when the log is full (or the journal is read-only): then
+        `put_pending`. Call it only after the caller saw no row (`get`, on the readers'
+        thread): a row committed meanwhile is kept as it is. Raises OSError when the log
+        cannot be written (the row is then still kept, and applied, but may be lost in a
+        crash: the write must not be acknowledged)."""
+        if self._intents is None or self._intents.full:
+            return False
+        now = time.time()
+        with self._cache_lock:
+            self._unapplied[uuid] = Row(uuid, PENDING_UPLOAD, size, None, True, now)
+            self._generation += 1  # a `get` under way must not keep what it read
+            self._rows.pop(uuid, None)
+        logged = self._intents.append_put(uuid, size)
+        if not logged:  # filled by another thread meanwhile: the caller commits durably
+            with self._cache_lock:
+                self._unapplied.pop(uuid, None)
+                self._generation += 1
+            return False
+        self._apply_if_batch()
+        return True
+
+    def _apply_if_batch(self) -> None:
+        """Apply the kept changes once APPLY_BATCH are kept, unless another thread writes."""
+        if len(self._unapplied) >= APPLY_BATCH and self._lock.acquire(blocking=False):
+            try:
+                self._apply_locked()
+            finally:
+                self._lock.release()
 
     def put_uploaded(self, uuid: str, key: str, size: int) -> None:
         """Record an object put in the bucket by a move, with no local copy (durable)."""
@@ -579,7 +689,7 @@ class Journal:
         self._write(_MARK_DELETED, (PENDING_DELETE, uuid), rows=(uuid,))
 
     def delete_logged(self, uuid: str, forget: bool = False) -> bool:
-        """`mark_pending_delete` (or, with `forget`, `remove`), made durable by the delete log
+        """`mark_pending_delete` (or, with `forget`, `remove`), made durable by the intent log
         instead of a WAL fsync: the uuid is logged with one synchronous write, on the calling
         thread (the event loop: the row change is kept for its readers, `_unapplied`), which
         never waits for another thread's commit; the row change reaches SQLite with a batch
@@ -592,7 +702,7 @@ class Journal:
         `forget` is for an attachment that never reached the bucket: its row goes. A crash
         before that change is committed leaves the row as it was, and the replay marks it
         pending-delete: one needless delete request to the bucket, never a revived file."""
-        if self._deletes is None or self._deletes.full:
+        if self._intents is None or self._intents.full:
             return False
         row = self.get(uuid)
         if row is None:
@@ -604,30 +714,26 @@ class Journal:
             self._unapplied[uuid] = changed
             self._generation += 1  # a `get` under way must not keep what it read
             self._rows.pop(uuid, None)
-        logged = self._deletes.append(uuid)
-        if len(self._unapplied) >= APPLY_BATCH and self._lock.acquire(blocking=False):
-            try:
-                self._apply_locked()
-            finally:
-                self._lock.release()
+        logged = self._intents.append_delete(uuid)
+        self._apply_if_batch()
         return logged
 
     @property
-    def logged_deletes(self) -> int:
-        """Deletes in the delete log, not yet covered by a checkpoint."""
-        return 0 if self._deletes is None else self._deletes.count
+    def logged_intents(self) -> int:
+        """Puts and deletes in the intent log, not yet covered by a checkpoint."""
+        return 0 if self._intents is None else self._intents.count
 
-    def checkpoint_deletes(self) -> bool:
-        """Make the rows of every logged delete durable (one WAL fsync) and empty the log,
-        unless a delete was logged meanwhile (then it stays for the next checkpoint).
+    def checkpoint_log(self) -> bool:
+        """Make the rows of every logged put and delete durable (one WAL fsync) and empty
+        the log, unless one was logged meanwhile (then it stays for the next checkpoint).
         Returns whether the log is empty. May run in any thread."""
-        if self._deletes is None:
+        if self._intents is None:
             return True
-        upto = self._deletes.count
+        upto = self._intents.count
         if upto == 0:
             return True
         self.barrier()
-        return self._deletes.reset_if(upto)
+        return self._intents.reset_if(upto)
 
     def cached_later(self, uuid: str, sealed: bool = False) -> bool:
         """`set_cached(uuid, True, sealed)` for an uploaded row, kept in memory (`_marked`)
@@ -717,18 +823,20 @@ class Journal:
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE state=? "
                                     "ORDER BY created", (state,)).fetchall()
         found = [flagged.get(r[0]) or _row(r) for r in rows if r[0] not in hidden]
-        if state == PENDING_DELETE and hidden:
-            found += [row for row in hidden.values() if row is not None]
+        kept = [row for row in hidden.values() if row is not None and row.state == state]
+        if kept:
+            found += kept
             found.sort(key=lambda row: row.created)
         return found
 
     def cached_rows(self) -> list[Row]:
         """Every row that claims a local copy (dirty or clean)."""
-        hidden = self._hidden()  # their changes say uncached
+        hidden = self._hidden()  # deletes say uncached, puts cached
         flagged = self._flagged()  # read before the query: one applied meanwhile is not lost
         rows = self._reader.execute(f"SELECT {_COLUMNS} FROM attachments WHERE cached=1")
         return [_row(r) for r in rows.fetchall() if r[0] not in hidden and r[0] not in flagged] \
-            + [row for uuid, row in flagged.items() if uuid not in hidden]
+            + [row for uuid, row in flagged.items() if uuid not in hidden] \
+            + [row for row in hidden.values() if row is not None and row.cached]
 
     def barrier(self) -> None:
         """Make every change committed so far durable, lazy ones included (one WAL fsync):
@@ -756,11 +864,17 @@ class Journal:
         rows = self._reader.execute(
             "SELECT uuid FROM attachments WHERE uuid >= ? AND uuid < ? AND state != ? "
             "ORDER BY uuid", (prefix, upper, PENDING_DELETE)).fetchall()
-        return [str(r[0]) for r in rows if r[0] not in hidden]
+        kept = [uuid for uuid, row in hidden.items() if uuid.startswith(prefix)
+                and row is not None and row.state != PENDING_DELETE]
+        found = [str(r[0]) for r in rows if r[0] not in hidden]
+        return sorted(found + kept) if kept else found
 
     def has_children(self, prefix: str) -> bool:
         upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         hidden = self._hidden()
+        if any(uuid.startswith(prefix) and row is not None and row.state != PENDING_DELETE
+               for uuid, row in hidden.items()):
+            return True  # a logged put not yet in SQLite
         # Enough rows that one is not a delete kept in memory, if there is one (Orthanc
         # removes a directory right after deleting a file in it: usually one is hidden).
         skip = sum(1 for uuid in hidden if uuid.startswith(prefix))
@@ -771,12 +885,12 @@ class Journal:
 
     def stats(self) -> Stats:
         """The counters, consistent with one moment although another process (the daemon)
-        changes the journal meanwhile: the delete log is read first, then every count comes
-        from one read transaction. (Read the other way round, a delete logged but not yet
+        changes the journal meanwhile: the intent log is read first, then every count comes
+        from one read transaction. (Read the other way round, a change logged but not yet
         in the rows when the counts were taken, whose rows changed and whose log was reset
-        before the log was read, would be counted nowhere: a daemon with deletes to do
-        would look idle.)"""
-        logged = sorted(set(read_logged(self.path.with_name(DELETE_LOG))))
+        before the log was read, would be counted nowhere: a daemon with uploads or deletes
+        to do would look idle.)"""
+        logged = read_intents(self.path.with_name(INTENT_LOG))
         with _atomic(self._reader) as db:
             pending = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), "
@@ -792,34 +906,43 @@ class Journal:
                           oldest_pending=pending[2], pending_deletes=deletes,
                           uploaded=uploaded, cached_entries=cached[0], cached_bytes=cached[1],
                           failing=pending[3])
-            return self._with_logged_deletes(stats, logged)
+            return self._with_logged(stats, logged, db)
 
-    def _with_logged_deletes(self, stats: Stats, logged: list[str]) -> Stats:
-        """`stats` counting the deletes in the delete log (`logged`) whose rows do not say so
-        yet (their changes kept in memory by the process that logged them) as what the
-        replay makes them: pending deletes, neither uploaded nor pending upload nor cached.
-        (The oldest pending upload and the failing count are left as they are.)"""
+    def _with_logged(self, stats: Stats, logged: list[Intent], db: sqlite3.Connection) -> Stats:
+        """`stats` counting the puts and deletes in the intent log (`logged`) whose rows do
+        not say so yet (their changes kept in memory by the process that logged them) as
+        what the replay makes of them. (The oldest pending upload and the failing count are
+        left as they are.)"""
         counts = dataclasses.asdict(stats)
-        for start in range(0, len(logged), 500):
-            chunk = logged[start:start + 500]
+        changed = self._as_replayed(logged, db)
+        for start in range(0, len(changed), 500):
+            chunk = list(changed)[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for state, size, cached in self._reader.execute(
-                    f"SELECT state, size, cached FROM attachments WHERE uuid IN ({marks}) "
-                    "AND state != ?", (*chunk, PENDING_DELETE)):
-                counts["pending_deletes"] += 1
-                if state == UPLOADED:
-                    counts["uploaded"] -= 1
-                elif state == PENDING_UPLOAD:
-                    counts["pending_uploads"] -= 1
-                    counts["pending_upload_bytes"] -= size
-                if cached:
-                    counts["cached_entries"] -= 1
-                    counts["cached_bytes"] -= size
+            for values in db.execute(f"SELECT {_COLUMNS} FROM attachments WHERE uuid IN "
+                                     f"({marks})", chunk):
+                _count(counts, _row(values), -1)
+        for row in changed.values():
+            if row is not None:
+                _count(counts, row, 1)
         return Stats(**counts)
 
     def forget_all_clean(self) -> None:
         """Drop every uploaded row (used when the cache directory changes buckets)."""
         self._write("DELETE FROM attachments WHERE state=?", (UPLOADED,))
+
+
+def _count(counts: dict[str, Any], row: Row, sign: int) -> None:
+    """Add `row` to (`sign` 1) or take it from (-1) the counters of `Stats` in `counts`."""
+    if row.state == PENDING_DELETE:
+        counts["pending_deletes"] += sign
+    elif row.state == UPLOADED:
+        counts["uploaded"] += sign
+    else:
+        counts["pending_uploads"] += sign
+        counts["pending_upload_bytes"] += sign * row.size
+    if row.cached:
+        counts["cached_entries"] += sign
+        counts["cached_bytes"] += sign * row.size
 
 
 def read_stats(path: Path, owner: Journal | None = None) -> Stats:

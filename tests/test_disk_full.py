@@ -52,21 +52,24 @@ def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
     daemon = objfs_factory(local_config(tmp_path, CacheSize=16)).start()
     first = str(uuid_mod.uuid4())
     orthanc_write(att(daemon.mountpoint, first), b"acknowledged before the disk filled")
+    daemon.wait_uploaded()  # no upload's commit takes the room freed below
     # Something else fills the cache's disk. `first` stays open: an open copy is never
     # evicted, so no clean copy can make room.
     held = open(att(daemon.mountpoint, first), "rb")
     filler = small_disk / "filler"
     fill(filler)
     refused = []
-    for size, free in ((1024, 0), (300 * 1024, 0), (1024, 4096)):
-        # With one page free the copy fits, and then the journal's commit finds no room
-        # (SQLite's SQLITE_FULL), unless an upload's commit took that page first.
-        os.truncate(filler, filler.stat().st_size - free)
+    for size in (1024, 300 * 1024):
         uuid = str(uuid_mod.uuid4())
         with pytest.raises(OSError) as failed:
             orthanc_write(att(daemon.mountpoint, uuid), os.urandom(size))
         assert failed.value.errno == errno.ENOSPC, failed.value
         refused.append(uuid)
+    # With one page free the copy fits, and its row goes to the intent log, whose blocks
+    # were written beforehand: acknowledged, although SQLite has no room for the row yet.
+    os.truncate(filler, filler.stat().st_size - 4096)
+    late = str(uuid_mod.uuid4())
+    orthanc_write(att(daemon.mountpoint, late), b"acknowledged on a full disk")
     held.close()
     for uuid in refused:
         wait_until(lambda u=uuid: not att(daemon.mountpoint, u, False).exists(), 10,
@@ -78,8 +81,14 @@ def test_a_full_disk_answers_enospc_and_the_mount_serves_on_once_there_is_room(
     again = str(uuid_mod.uuid4())
     orthanc_write(att(daemon.mountpoint, again), b"room again")
     assert att(daemon.mountpoint, again, False).read_bytes() == b"room again"
+    assert att(daemon.mountpoint, late, False).read_bytes() == b"acknowledged on a full disk"
     daemon.wait_uploaded()
-    assert {name.split(".")[0] for name in bucket_files(tmp_path / "bucket")} == {first, again}
+    assert {name.split(".")[0] for name in bucket_files(tmp_path / "bucket")} \
+        == {first, again, late}
+    # Gone again, so that the start below finds the same copies as ever to drop (each one
+    # it drops gives the journal room).
+    os.unlink(att(daemon.mountpoint, late, False))
+    daemon.wait_uploaded()
     assert daemon.process is not None and daemon.process.alive()
     # A stop on a full disk: the final checkpoint may find no room in the journal; that is
     # logged, and the stop is as clean as ever.

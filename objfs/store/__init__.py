@@ -90,7 +90,7 @@ class Store(Hybrid):
             for row in deletes:
                 self._queue_delete(row.uuid)
             nursery.start_soon(supervised, "the cache checkpoint", self.tier.checkpoints)
-            nursery.start_soon(supervised, "the delete-log checkpoint", self._checkpoint_deletes)
+            nursery.start_soon(supervised, "the intent-log checkpoint", self._checkpoint_log)
             nursery.start_soon(supervised, "the record of downloaded copies",
                                self._record_cached)
             nursery.start_soon(supervised, "the removal of deleted copies",

@@ -110,13 +110,13 @@ class StoreCore:
         # Uuids being unlinked while their journal change is committed in a worker thread:
         # an upload that starts meanwhile must not send them to the bucket.
         self._unlinking: set[str] = set()
-        # Set when a delete was logged in the delete log; `_checkpoint_deletes` (its one
+        # Set when a put or a delete was logged in the intent log; `_checkpoint_log` (its one
         # waiter) replaces it with a fresh Event before it empties the log.
-        self._deletes_logged = trio.Event()
+        self._intents_logged = trio.Event()
         # Set when a download kept its cache flag in memory; `_record_cached` (its one
         # waiter) replaces it with a fresh Event before it commits the flags.
         self._cached_flagged = trio.Event()
-        # Whether deletes use the delete log, and how many of its writes in a row were slow
+        # Whether deletes use the intent log, and how many of its writes in a row were slow
         # (SLOW_LOG_WRITE); owner: `Writeback._log_delete`, on the event loop.
         self._log_deletes = True
         self._slow_log_writes = 0

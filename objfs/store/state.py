@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import trio
 
-from objfs.deletelog import SLOTS
+from objfs.intentlog import SLOTS
 from objfs.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -38,14 +38,15 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 # `BackgroundHold` seconds of a burst, then one at a time, until Orthanc pauses for
 # BUSY_WINDOW seconds, or until data not yet uploaded fills half the cache budget.
 BUSY_WINDOW = 0.5
-# The pause in deletes (seconds) after which the delete log (`objfs.deletelog`) is emptied by
-# a checkpoint (one WAL fsync for the burst's deletes), or the records it holds when that is
-# done without a pause: half its room, so that a long burst never fills it.
-DELETE_LOG_CHECKPOINT = 0.5
-DELETE_LOG_HALF = (SLOTS - 1) // 2
-# A delete log write runs on the event loop, which it stalls: after SLOW_LOG_WRITES writes in a
-# row that each took more than SLOW_LOG_WRITE seconds (a rotating disk), deletes go back to
-# durable journal commits in a worker thread for the rest of the process.
+# The pause in new attachments and deletes (seconds) after which the intent log
+# (`objfs.intentlog`) is emptied by a checkpoint (one WAL fsync for the burst's puts and
+# deletes), or the intents it holds when that is done without a pause: half its room, so that
+# a long burst never fills it.
+INTENT_LOG_CHECKPOINT = 0.5
+INTENT_LOG_HALF = (SLOTS - 1) // 2
+# A delete's intent log write runs on the event loop, which it stalls: after SLOW_LOG_WRITES
+# writes in a row that each took more than SLOW_LOG_WRITE seconds (a rotating disk), deletes
+# go back to durable journal commits in a worker thread for the rest of the process.
 SLOW_LOG_WRITE = 0.002
 SLOW_LOG_WRITES = 3
 # ... or until Orthanc paused for SPARE_WINDOW seconds while the machine had at least SPARE_CPUS

@@ -25,11 +25,11 @@ from objfs.store.state import (
     COMMIT_ROOM,
     DELETE_GATHER,
     DELETE_GATHER_MAX,
-    DELETE_LOG_CHECKPOINT,
-    DELETE_LOG_HALF,
     DISK_FULL_PAUSE,
     INLINE_SYNC_BYTES,
     INLINE_SYNC_MAX,
+    INTENT_LOG_CHECKPOINT,
+    INTENT_LOG_HALF,
     ROOM_MADE_PAUSE,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
@@ -140,17 +140,21 @@ class Writeback(Fetch):
                 raise
             handle.durable = True
             return
+        # A first sync's row may go to the intent log (`Journal.put_logged`), which needs to
+        # know that there is no row; a later one (more was written since) commits durably.
+        new = self.journal.get(handle.uuid) is None
         try:
             took = None
             try:
                 if alone and self._inline_syncs and handle.size <= INLINE_SYNC_BYTES:
                     # On the event loop, which never waits for the journal's lock: None when
                     # another thread holds it (the data is synced; the thread below commits).
-                    took = self._timed_make_durable(handle.fd, handle.uuid, handle.size, False)
+                    took = self._timed_make_durable(handle.fd, handle.uuid, handle.size, False,
+                                                    new)
                 if took is None:
                     took = await trio.to_thread.run_sync(
-                        self._timed_make_durable, handle.fd, handle.uuid, handle.size,
-                        limiter=self._journal_limiter)
+                        self._timed_make_durable, handle.fd, handle.uuid, handle.size, True,
+                        new, limiter=self._journal_limiter)
             except Exception as exc:
                 # The journal's commit found the disk full (SQLITE_FULL): evicting clean
                 # copies may give it room. Nothing was recorded; the retry starts afresh.
@@ -164,6 +168,8 @@ class Writeback(Fetch):
         except Exception as exc:
             handle.error = exc
             raise
+        if new:
+            self._intents_logged.set()  # the checkpoint empties the log once writes pause
         handle.durable = True
         if self.write_through:
             handle.sent = True
@@ -235,11 +241,11 @@ class Writeback(Fetch):
         encrypts the whole file)."""
         return self._sync_seconds <= INLINE_SYNC_MAX and not self.seal_local
 
-    def _timed_make_durable(self, fd: int, uuid: str, size: int,
-                            wait: bool = True) -> float | None:
+    def _timed_make_durable(self, fd: int, uuid: str, size: int, wait: bool = True,
+                            new: bool = False) -> float | None:
         """`_make_durable`: the seconds it took, or None when it recorded nothing."""
         started = time.perf_counter()
-        if not self._make_durable(fd, uuid, size, wait):
+        if not self._make_durable(fd, uuid, size, wait, new):
             return None
         return time.perf_counter() - started
 
@@ -259,15 +265,22 @@ class Writeback(Fetch):
                      "they run in worker threads until that falls", self._sync_seconds * 1000,
                      INLINE_SYNC_MAX * 1000)
 
-    def _make_durable(self, fd: int, uuid: str, size: int, wait: bool = True) -> bool:
-        """fdatasync, then the journal's durable row; True once recorded. In a worker thread,
-        or on the event loop with `wait` False (`sync`), which never waits for the journal's
-        lock: False, with the data synced and nothing recorded, when another thread holds it.
-        With EncryptLocalCache (worker thread only) the complete file is sealed (A1, exactly
-        the object to upload) and replaces the plaintext before the row commits."""
+    def _make_durable(self, fd: int, uuid: str, size: int, wait: bool = True,
+                      new: bool = False) -> bool:
+        """fdatasync, then the journal's durable row; True once recorded. For a `new` row
+        (the caller saw none) that is an intent in the intent log (`Journal.put_logged`: one
+        small synchronous write instead of a WAL commit and its fsync) when the log has room.
+        In a worker thread, or on the event loop with `wait` False (`sync`), which never
+        waits for the journal's lock: False, with the data synced and nothing recorded, when
+        another thread holds it. With EncryptLocalCache (worker thread only) the complete file
+        is sealed (A1, exactly the object to upload) and replaces the plaintext before the
+        row commits."""
         os.fdatasync(fd)
         crash_point("after-data-fsync")
         if not self.seal_local:
+            if new and self.journal.put_logged(uuid, size):
+                crash_point("after-journal-commit")
+                return True
             if not self.journal.put_pending(uuid, size, wait=wait):
                 return False
             crash_point("after-journal-commit")
@@ -378,7 +391,13 @@ class Writeback(Fetch):
                 # Never sent to the bucket: forgetting it locally is the whole delete (Orthanc
                 # does this to every duplicate it receives: it writes the file first).
                 if not self._log_delete(uuid, forget=True):
-                    await self._j(self.journal.remove, uuid)
+                    # Not `remove`: its put may still be in the intent log, and a crash before
+                    # the copy is gone would have the replay bring it back. The row goes once
+                    # the bucket confirms the (needless) delete.
+                    await self._j(self.journal.mark_pending_delete, uuid)
+                    crash_point("after-delete-journaled")
+                    if uuid not in self.inflight and queue:
+                        self._queue_delete(uuid)
             else:
                 if row.state == PENDING_UPLOAD:
                     # The local copy may be the only one: it goes once the delete is durable.
@@ -421,33 +440,34 @@ class Writeback(Fetch):
         logged = self.journal.delete_logged(uuid, forget)
         took = time.perf_counter() - started
         if logged:
-            self._deletes_logged.set()
+            self._intents_logged.set()
         self._slow_log_writes = self._slow_log_writes + 1 if took > SLOW_LOG_WRITE else 0
         if self._slow_log_writes >= SLOW_LOG_WRITES:
             self._log_deletes = False
-            log.warning("delete log writes take %.1f ms on this disk (more than %.1f ms %d "
-                        "times in a row): deletes commit in a worker thread from now on",
+            log.warning("intent log writes of deletes take %.1f ms on this disk (more than "
+                        "%.1f ms %d times in a row): deletes commit in a worker thread from now "
+                        "on",
                         took * 1000, SLOW_LOG_WRITE * 1000, SLOW_LOG_WRITES)
         return logged
 
-    async def _checkpoint_deletes(self) -> None:
-        """Empty the delete log once Orthanc's deletes pause (none logged for
-        DELETE_LOG_CHECKPOINT seconds) or it is half full (`journal.checkpoint_deletes`: one
-        WAL fsync for the burst's deletes). Not inside a burst: the checkpoint holds the
-        journal during its fsync, and the deletes meanwhile fall back to durable commits in
-        a worker thread, as they do when the log is full."""
+    async def _checkpoint_log(self) -> None:
+        """Empty the intent log once Orthanc's writes and deletes pause (nothing logged for
+        INTENT_LOG_CHECKPOINT seconds) or it is half full (`journal.checkpoint_log`: one WAL
+        fsync for the burst's puts and deletes). Not inside a burst: the checkpoint holds the
+        journal during its fsync, and the writes and deletes meanwhile fall back to durable
+        commits in a worker thread, as they do when the log is full."""
         while True:
-            await self._deletes_logged.wait()
+            await self._intents_logged.wait()
             while True:
-                self._deletes_logged = trio.Event()
-                with trio.move_on_after(DELETE_LOG_CHECKPOINT):
-                    await self._deletes_logged.wait()
-                if not self._deletes_logged.is_set() \
-                        or self.journal.logged_deletes >= DELETE_LOG_HALF:
+                self._intents_logged = trio.Event()
+                with trio.move_on_after(INTENT_LOG_CHECKPOINT):
+                    await self._intents_logged.wait()
+                if not self._intents_logged.is_set() \
+                        or self.journal.logged_intents >= INTENT_LOG_HALF:
                     break
-            while not await trio.to_thread.run_sync(self.journal.checkpoint_deletes,
+            while not await trio.to_thread.run_sync(self.journal.checkpoint_log,
                                                     limiter=self._journal_limiter):
-                await trio.sleep(DELETE_LOG_CHECKPOINT)
+                await trio.sleep(INTENT_LOG_CHECKPOINT)
 
     async def _upload_worker(self) -> None:
         """Take queued uploads one at a time. An upload that failed because the cache

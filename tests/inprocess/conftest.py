@@ -106,7 +106,7 @@ class Rig:
         self.settings: Settings = settings_from_tree(tree)
         cache = self.settings.cache_directory
         cache.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(cache / "journal.sqlite")
+        self.journal = Journal(cache / "journal.sqlite", copies=cache / LocalTier.DATA)
         self.tier = LocalTier(cache, self.settings.cache_size, self.journal,
                               self.settings.cache_full_timeout)
         self.tier.recover()

@@ -28,9 +28,11 @@ async def _drained(rig: Rig) -> None:
 
 
 async def _written_and_uploaded(rig: Rig, data: bytes) -> str:
+    """A new attachment, uploaded; its put checkpointed out of the intent log."""
     uuid = str(uuid_mod.uuid4())
     await rig.write(uuid, data)
     await _drained(rig)
+    assert rig.journal.checkpoint_log()
     return uuid
 
 
@@ -176,8 +178,8 @@ async def test_an_acknowledged_delete_whose_row_change_was_lost_is_not_served_ag
     data = os.urandom(5000)
     uuid = await _written_and_uploaded(rig, data)
     await rig.store.unlink(uuid)  # acknowledged; no worker runs, so the object stays
-    assert rig.journal.logged_deletes == 1
-    # A power loss before the next durable commit: the lazy row change is gone, the delete
+    assert rig.journal.logged_intents == 1
+    # A power loss before the next durable commit: the lazy row change is gone, the intent
     # log's record is not.
     rig.journal._write("UPDATE attachments SET state=?, cached=0 WHERE uuid=?", (UPLOADED, uuid))
     assert rig.bucket_files()  # the object is still there to be served
@@ -194,14 +196,15 @@ async def test_an_acknowledged_delete_of_a_write_never_uploaded_is_not_uploaded_
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         caplog: pytest.LogCaptureFixture) -> None:
     """Orthanc unlinks every duplicate it receives right after writing it. That delete drops
-    the row lazily and is made durable by the delete log: a power loss that brings the row
+    the row lazily and is made durable by the intent log: a power loss that brings the row
     back as a pending upload (its local copy gone) ends in a delete, never in an upload or a
     "data lost" error."""
     rig = rig_factory()
     uuid = str(uuid_mod.uuid4())
     await rig.write(uuid, os.urandom(5000))  # no worker runs: it is never sent
     await rig.store.unlink(uuid)
-    assert rig.journal.get(uuid) is None and rig.journal.logged_deletes == 1
+    assert rig.journal.get(uuid) is None
+    assert rig.journal.logged_intents == 2  # its put, then its delete
     assert not rig.tier.path(uuid).exists()
     rig.journal.put_pending(uuid, 5000)  # the lazy change lost, the log record durable
     rig = rig.restarted()
@@ -211,3 +214,90 @@ async def test_an_acknowledged_delete_of_a_write_never_uploaded_is_not_uploaded_
     assert rig.journal.get(uuid) is None and rig.bucket_files() == {}
     assert rig.backend.calls["put"] == 0
     assert "data lost" not in caplog.text
+
+
+def _lazy_commits_lost(rig: Rig) -> None:
+    """What a power loss takes from the journal: the row changes kept in memory, and those
+    committed lazily since the last durable commit (here: none reached SQLite)."""
+    rig.journal._unapplied.clear()
+    rig.journal._marked.clear()
+
+
+async def test_an_acknowledged_write_whose_row_was_only_logged_is_uploaded_after_a_crash(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    data = os.urandom(5000)
+    uuid = str(uuid_mod.uuid4())
+    await rig.write(uuid, data)  # acknowledged: its put is in the intent log
+    assert rig.journal.logged_intents == 1
+    _lazy_commits_lost(rig)
+    rig = rig.restarted()
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == PENDING_UPLOAD
+    assert await rig.read(uuid) == data
+    await _drained(rig)
+    assert list(rig.bucket_files().values()) == [data]
+
+
+async def test_a_deleted_attachment_whose_put_is_still_logged_does_not_come_back(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written, uploaded, deleted and the delete done in the bucket, all before the intent
+    log was checkpointed: the replay of its put finds no copy and brings nothing back."""
+    rig = rig_factory()
+    monkeypatch.setattr(rig.journal, "checkpoint_log", lambda: False)  # never emptied
+    uuid = str(uuid_mod.uuid4())
+    await rig.write(uuid, os.urandom(5000))
+    await _drained(rig)
+    await rig.store.unlink(uuid)
+    await _drained(rig)
+    assert rig.journal.logged_intents == 2 and rig.bucket_files() == {}
+    rig = rig.restarted()
+    assert rig.journal.get(uuid) is None
+    with pytest.raises(errors.NotFound):
+        await rig.read(uuid)
+    await _drained(rig)
+    assert rig.bucket_files() == {} and rig.backend.calls["put"] == 0
+
+
+async def test_a_write_deleted_while_the_intent_log_is_full_stays_deleted_after_a_crash(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orthanc's duplicate, written while the log had room and deleted once it was full:
+    the delete commits durably as a pending delete, not as a dropped row, so that a crash
+    before its copy is gone cannot have the replay of its put upload it."""
+    rig = rig_factory()
+    uuid = str(uuid_mod.uuid4())
+    await rig.write(uuid, os.urandom(5000))
+    monkeypatch.setattr(rig.journal, "delete_logged", lambda uuid, forget=False: False)
+    await rig.store.unlink(uuid)
+    assert _sql_state_of(rig, uuid) == PENDING_DELETE
+    rig = rig.restarted()
+    with pytest.raises(errors.NotFound):
+        await rig.read(uuid)
+    await _drained(rig)
+    assert rig.journal.get(uuid) is None and rig.backend.calls["put"] == 0
+
+
+def _sql_state_of(rig: Rig, uuid: str) -> str | None:
+    found = rig.journal._reader.execute("SELECT state FROM attachments WHERE uuid=?",
+                                        (uuid,)).fetchone()
+    return None if found is None else str(found[0])
+
+
+async def test_copies_a_damaged_intent_log_no_longer_places_go_to_lost_and_found(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        caplog: pytest.LogCaptureFixture) -> None:
+    rig = rig_factory()
+    data = os.urandom(5000)
+    uuid = str(uuid_mod.uuid4())
+    await rig.write(uuid, data)
+    _lazy_commits_lost(rig)
+    log_path = rig.journal._intents.path  # type: ignore[union-attr]
+    rig.journal.close()
+    with open(log_path, "r+b") as f:
+        f.write(b"garbage!")
+    rig = Rig(rig.root, rig.objfs)
+    assert rig.journal.get(uuid) is None
+    assert (rig.tier.root / "lost+found" / uuid).read_bytes() == data
+    assert "a damaged intent log, but 1 local copies" in caplog.text

@@ -14,14 +14,14 @@ import pytest
 import trio
 import trio.testing
 
-from objfs import deletelog, errors
+from objfs import errors, intentlog
 from objfs.journal import PENDING_UPLOAD, UPLOADED
 from objfs.store import writeback
 from objfs.store.state import (
     BUSY_WINDOW,
-    DELETE_LOG_CHECKPOINT,
     INLINE_SYNC_BYTES,
     INLINE_SYNC_MAX,
+    INTENT_LOG_CHECKPOINT,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
     SPARE_CPUS,
@@ -42,7 +42,8 @@ def new_uuid() -> str:
 
 async def stored_and_uploaded(rig: Rig, count: int) -> list[str]:
     """`count` new 1000-byte attachments, acknowledged and uploaded; the rig's workers run
-    only meanwhile, so nothing (no delete-log checkpoint) runs afterwards."""
+    only meanwhile, so nothing (no intent-log checkpoint) runs afterwards; their puts are
+    checkpointed out of the intent log."""
     uuids = [new_uuid() for _ in range(count)]
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.store.run)
@@ -50,12 +51,13 @@ async def stored_and_uploaded(rig: Rig, count: int) -> list[str]:
             await rig.write(uuid, os.urandom(1000))
         assert await rig.store.drain(timeout=60)
         nursery.cancel_scope.cancel()
+    assert rig.journal.checkpoint_log()
     return uuids
 
 
 def durable_deletes(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The uuids whose delete is committed durably (`mark_pending_delete`) from now on,
-    rather than logged in the delete log."""
+    rather than logged in the intent log."""
     durable: list[str] = []
     commit = rig.journal.mark_pending_delete
     monkeypatch.setattr(rig.journal, "mark_pending_delete",
@@ -567,7 +569,7 @@ async def test_writers_short_of_space_at_once_evict_different_copies(
     assert rig.tier.used == on_disk == 2 * 4 * MIB + 2 * 3 * MIB
 
 
-async def test_a_burst_of_deletes_is_checkpointed_out_of_the_delete_log(
+async def test_a_burst_of_deletes_is_checkpointed_out_of_the_intent_log(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
     rig = rig_factory()
@@ -575,51 +577,51 @@ async def test_a_burst_of_deletes_is_checkpointed_out_of_the_delete_log(
     await running(rig)
     for uuid in uuids:
         await rig.store.unlink(uuid)
-    assert rig.journal.logged_deletes == 5  # each durable by its record, none by a WAL fsync
-    await trio.sleep(DELETE_LOG_CHECKPOINT * 3)
-    assert rig.journal.logged_deletes == 0
+    assert rig.journal.logged_intents == 5  # each durable by its record, none by a WAL fsync
+    await trio.sleep(INTENT_LOG_CHECKPOINT * 3)
+    assert rig.journal.logged_intents == 0
     assert await rig.store.drain(timeout=60)
     assert rig.bucket_files() == {}
 
 
-async def test_the_delete_log_is_checkpointed_when_deletes_pause_or_it_is_half_full(
+async def test_the_intent_log_is_checkpointed_when_deletes_pause_or_it_is_half_full(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start, monkeypatch: pytest.MonkeyPatch) -> None:
     """No checkpoint inside a burst (its fsync would hold the journal while Orthanc deletes),
     unless the log is half full: a long burst never fills it."""
-    monkeypatch.setattr(writeback, "DELETE_LOG_HALF", 4)
+    monkeypatch.setattr(writeback, "INTENT_LOG_HALF", 4)
     rig = rig_factory()
     uuids = await stored_and_uploaded(rig, 6)
     await running(rig)
     for uuid in uuids[:3]:
         await rig.store.unlink(uuid)
-        await trio.sleep(DELETE_LOG_CHECKPOINT * 0.8)  # a slow burst, but a burst
-    assert rig.journal.logged_deletes == 3
+        await trio.sleep(INTENT_LOG_CHECKPOINT * 0.8)  # a slow burst, but a burst
+    assert rig.journal.logged_intents == 3
     await rig.store.unlink(uuids[3])  # half full
     await trio.sleep(0.01)
-    assert rig.journal.logged_deletes == 0
+    assert rig.journal.logged_intents == 0
     for uuid in uuids[4:]:
         await rig.store.unlink(uuid)
-    await trio.sleep(DELETE_LOG_CHECKPOINT * 0.8)
-    assert rig.journal.logged_deletes == 2
-    await trio.sleep(DELETE_LOG_CHECKPOINT)  # the pause
-    assert rig.journal.logged_deletes == 0
+    await trio.sleep(INTENT_LOG_CHECKPOINT * 0.8)
+    assert rig.journal.logged_intents == 2
+    await trio.sleep(INTENT_LOG_CHECKPOINT)  # the pause
+    assert rig.journal.logged_intents == 0
 
 
-async def test_a_full_delete_log_commits_each_delete_durably(
+async def test_a_full_intent_log_commits_each_delete_durably(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(deletelog, "SLOTS", 3)  # room for two records
+    monkeypatch.setattr(intentlog, "SLOTS", 3)  # room for two records
     rig = rig_factory()
     uuids = await stored_and_uploaded(rig, 4)
     durable = durable_deletes(rig, monkeypatch)
     for uuid in uuids:  # no checkpoint runs: the log fills
         await rig.store.unlink(uuid)
-    assert rig.journal.logged_deletes == 2 and durable == uuids[2:]
+    assert rig.journal.logged_intents == 2 and durable == uuids[2:]
     await assert_not_found(rig, uuids)
 
 
-async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_commits(
+async def test_a_disk_too_slow_for_intent_log_writes_on_the_loop_gets_worker_commits(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     rig = rig_factory()
@@ -634,9 +636,9 @@ async def test_a_disk_too_slow_for_delete_log_writes_on_the_loop_gets_worker_com
     durable = durable_deletes(rig, monkeypatch)
     for uuid in uuids:
         await rig.store.unlink(uuid)
-    assert rig.journal.logged_deletes == SLOW_LOG_WRITES
+    assert rig.journal.logged_intents == SLOW_LOG_WRITES
     assert durable == uuids[SLOW_LOG_WRITES:]
-    assert "delete log writes take" in caplog.text
+    assert "intent log writes of deletes take" in caplog.text
     await assert_not_found(rig, uuids)
 
 
@@ -646,10 +648,10 @@ def thread_syncs(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     synced: list[str] = []
     in_thread = rig.store._make_durable
 
-    def counted(fd: int, uuid: str, size: int, wait: bool = True) -> bool:
+    def counted(fd: int, uuid: str, size: int, wait: bool = True, new: bool = False) -> bool:
         if wait:
             synced.append(uuid)
-        return in_thread(fd, uuid, size, wait)
+        return in_thread(fd, uuid, size, wait, new)
 
     monkeypatch.setattr(rig.store, "_make_durable", counted)
     return synced
@@ -680,10 +682,48 @@ async def test_a_lone_fsync_of_a_small_attachment_commits_on_the_event_loop(
     assert in_thread == [busy, large]
 
 
+def journal_busy_in_a_thread(rig: Rig) -> tuple[threading.Thread, threading.Event]:
+    """Another thread's journal write, in progress until the returned event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with rig.journal._lock:
+            held.set()
+            release.wait(10)
+
+    other = threading.Thread(target=writer)
+    other.start()
+    held.wait(10)
+    return other, release
+
+
+async def test_a_lone_fsync_logs_its_row_on_the_loop_while_the_journal_is_busy(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new attachment's row goes to the intent log, which never waits for the journal's
+    lock: no worker thread, no WAL commit; the row reaches SQLite with the next write."""
+    rig = rig_factory()
+    in_thread = thread_syncs(rig, monkeypatch)
+    other, release = journal_busy_in_a_thread(rig)
+    uuid = new_uuid()
+    try:
+        await synced(rig, uuid, os.urandom(1000), alone=True)
+        assert rig.journal.logged_intents == 1 and other.is_alive()
+    finally:
+        release.set()
+        other.join(10)
+    assert in_thread == []
+    rig.journal.apply_kept()
+    assert [row.uuid for row in rig.journal.in_state(PENDING_UPLOAD)] == [uuid]
+
+
 async def test_a_lone_fsync_never_waits_on_the_loop_for_a_journal_busy_in_a_thread(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the intent log full: the row's durable commit must not wait on the
+    loop for the journal's lock, so the sync goes on in a worker thread."""
     rig = rig_factory()
+    monkeypatch.setattr(rig.journal, "put_logged", lambda uuid, size: False)
     held, release = threading.Event(), threading.Event()
 
     def writer() -> None:  # another thread's journal write, in progress
@@ -697,13 +737,14 @@ async def test_a_lone_fsync_never_waits_on_the_loop_for_a_journal_busy_in_a_thre
     handed: list[tuple[str, bool]] = []
     in_thread = rig.store._make_durable
 
-    def worker_sync(fd: int, uuid: str, size: int, wait: bool = True) -> bool:
+    def worker_sync(fd: int, uuid: str, size: int, wait: bool = True,
+                    new: bool = False) -> bool:
         if wait:
             # Reached while the other writer still holds the journal: the loop did not wait.
             handed.append((uuid, other.is_alive()))
             release.set()
             other.join(10)
-        return in_thread(fd, uuid, size, wait)
+        return in_thread(fd, uuid, size, wait, new)
 
     monkeypatch.setattr(rig.store, "_make_durable", worker_sync)
     uuid = new_uuid()
@@ -721,13 +762,13 @@ async def test_syncs_go_to_worker_threads_while_the_disk_is_slow_and_come_back(
     caplog.set_level(logging.INFO, logger="objfs.store.writeback")
     rig = rig_factory()
     in_thread = thread_syncs(rig, monkeypatch)
-    commit = rig.journal.put_pending
+    logged = rig.journal.put_logged
 
-    def slow_commit(*args: object, **kwargs: object) -> bool:  # a slow disk's fsync
+    def slow_log(*args: object, **kwargs: object) -> bool:  # a slow disk's synchronous write
         time.sleep(INLINE_SYNC_MAX * 3)
-        return commit(*args, **kwargs)  # type: ignore[arg-type]
+        return logged(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(rig.journal, "put_pending", slow_commit)
+    monkeypatch.setattr(rig.journal, "put_logged", slow_log)
     uuids = [new_uuid() for _ in range(5)]
     for uuid in uuids:
         await synced(rig, uuid, os.urandom(1000), alone=True)
@@ -739,7 +780,7 @@ async def test_syncs_go_to_worker_threads_while_the_disk_is_slow_and_come_back(
         rig.store._timed_sync(INLINE_SYNC_MAX / 10)
     assert rig.store._inline_syncs
     assert "run on the event loop again" in caplog.text
-    monkeypatch.setattr(rig.journal, "put_pending", commit)
+    monkeypatch.setattr(rig.journal, "put_logged", logged)
     again = new_uuid()
     await synced(rig, again, os.urandom(1000), alone=True)
     assert again not in in_thread

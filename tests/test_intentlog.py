@@ -1,5 +1,6 @@
-"""The delete log (objfs.deletelog) on its own, and as the journal uses it: what a reopen
-finds after appends, resets, torn writes and a damaged header."""
+"""The intent log (objfs.intentlog) on its own, and as the journal uses it: what a reopen
+finds after appends, resets, torn writes and a damaged header; deletes and puts logged, kept
+in memory, replayed, checkpointed and counted."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from objfs import deletelog
-from objfs.deletelog import SLOT, DeleteLog
+from objfs import intentlog
+from objfs.intentlog import SLOT, Intent, IntentLog, Kind
 from objfs.journal import (
     APPLY_BATCH,
-    DELETE_LOG,
+    INTENT_LOG,
+    LEGACY_DELETE_LOG,
     PENDING_DELETE,
     PENDING_UPLOAD,
     UPLOADED,
@@ -28,40 +30,44 @@ def _uuids(n: int) -> list[str]:
     return [str(uuid_mod.uuid4()) for _ in range(n)]
 
 
+def uuids_of(intents: list[Intent]) -> list[str]:
+    return [intent.uuid for intent in intents]
+
+
 def pending_after_reopen(path: Path) -> list[str]:
-    """What a fresh open of the log at `path` finds in it (as a restart would)."""
-    again = DeleteLog(path)
+    """The uuids a fresh open of the log at `path` finds in it (as a restart would)."""
+    again = IntentLog(path)
     try:
-        return again.pending()
+        return uuids_of(again.pending())
     finally:
         again.close()
 
 
 def test_logged_uuids_are_found_again_in_order(tmp_path: Path) -> None:
-    log = DeleteLog(tmp_path / "d.log")
+    log = IntentLog(tmp_path / "d.log")
     uuids = _uuids(5)
     for uuid in uuids:
-        assert log.append(uuid)
+        assert log.append_delete(uuid)
     log.close()
-    again = DeleteLog(tmp_path / "d.log")
-    assert again.pending() == uuids
+    again = IntentLog(tmp_path / "d.log")
+    assert uuids_of(again.pending()) == uuids
     assert again.count == 5
     again.close()
 
 
 def test_a_reset_empties_the_log_only_when_nothing_was_appended_since(tmp_path: Path) -> None:
-    log = DeleteLog(tmp_path / "d.log")
+    log = IntentLog(tmp_path / "d.log")
     first = _uuids(3)
     for uuid in first:
-        log.append(uuid)
+        log.append_delete(uuid)
     later = _uuids(1)[0]
-    log.append(later)
+    log.append_delete(later)
     assert not log.reset_if(3)  # the fourth was not covered: it must stay
-    assert log.pending() == [*first, later]
+    assert uuids_of(log.pending()) == [*first, later]
     assert log.reset_if(4)
     # Records of the old generation are still on disk in slots 2-4: they must not count.
     newer = _uuids(1)[0]
-    log.append(newer)
+    log.append_delete(newer)
     log.close()
     assert pending_after_reopen(tmp_path / "d.log") == [newer]
 
@@ -69,10 +75,10 @@ def test_a_reset_empties_the_log_only_when_nothing_was_appended_since(tmp_path: 
 def three_logged_one_spoilt(path: Path, record: int) -> list[str]:
     """A log at `path` holding three uuids (returned), then bytes inside its `record`th
     record (1 to 3) overwritten."""
-    log = DeleteLog(path)
+    log = IntentLog(path)
     uuids = _uuids(3)
     for uuid in uuids:
-        log.append(uuid)
+        log.append_delete(uuid)
     log.close()
     with open(path, "r+b") as f:
         f.seek(record * SLOT + 20)
@@ -90,50 +96,50 @@ def test_a_damaged_record_is_reported_and_the_others_still_count(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     uuids = three_logged_one_spoilt(tmp_path / "d.log", 2)  # a sound third after it
     before = (tmp_path / "d.log").read_bytes()
-    again = DeleteLog(tmp_path / "d.log")
-    assert again.pending() == [uuids[0], uuids[2]]
+    again = IntentLog(tmp_path / "d.log")
+    assert uuids_of(again.pending()) == [uuids[0], uuids[2]]
     assert again.count == 3  # the next append goes after the damaged slot's successor
     assert "1 of its records do not verify; the 2 that do are replayed" in caplog.text
     assert (tmp_path / "d.log.damaged").read_bytes() == before
-    assert again.append(uuids[1])
-    assert again.pending() == [uuids[0], uuids[2], uuids[1]]
-    assert again.reset_if(4) and again.pending() == []
+    assert again.append_delete(uuids[1])
+    assert uuids_of(again.pending()) == [uuids[0], uuids[2], uuids[1]]
+    assert again.reset_if(4) and uuids_of(again.pending()) == []
     again.close()
 
 
 def test_a_damaged_header_gives_a_fresh_log(tmp_path: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    log = DeleteLog(tmp_path / "d.log")
-    log.append(_uuids(1)[0])
+    log = IntentLog(tmp_path / "d.log")
+    log.append_delete(_uuids(1)[0])
     log.close()
     with open(tmp_path / "d.log", "r+b") as f:
         f.write(b"garbage!")
     before = (tmp_path / "d.log").read_bytes()
-    again = DeleteLog(tmp_path / "d.log")
-    assert again.pending() == []
-    assert os.path.getsize(tmp_path / "d.log") == deletelog.SLOTS * SLOT
-    assert again.append(_uuids(1)[0])
+    again = IntentLog(tmp_path / "d.log")
+    assert uuids_of(again.pending()) == []
+    assert os.path.getsize(tmp_path / "d.log") == intentlog.SLOTS * SLOT
+    assert again.append_delete(_uuids(1)[0])
     again.close()
     assert "its header does not verify" in caplog.text and "objfs audit" in caplog.text
     assert (tmp_path / "d.log.damaged").read_bytes() == before
 
 
 def test_a_full_log_refuses_appends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(deletelog, "SLOTS", 4)
-    log = DeleteLog(tmp_path / "d.log")
+    monkeypatch.setattr(intentlog, "SLOTS", 4)
+    log = IntentLog(tmp_path / "d.log")
     uuids = _uuids(4)
-    assert [log.append(u) for u in uuids] == [True, True, True, False]
-    assert log.full and log.pending() == uuids[:3]
+    assert [log.append_delete(u) for u in uuids] == [True, True, True, False]
+    assert log.full and uuids_of(log.pending()) == uuids[:3]
     assert log.reset_if(3) and not log.full
     log.close()
 
 
 def test_names_that_are_not_uuids_are_refused(tmp_path: Path) -> None:
-    log = DeleteLog(tmp_path / "d.log")
+    log = IntentLog(tmp_path / "d.log")
     with pytest.raises(ValueError):
-        log.append("x" * 41)
+        log.append_delete("x" * 41)
     with pytest.raises(ValueError):
-        log.append("é" * 10)
+        log.append_delete("é" * 10)
     assert log.count == 0
     log.close()
 
@@ -147,7 +153,7 @@ def test_the_journal_replays_deletes_whose_row_change_was_lost(tmp_path: Path) -
         journal.set_cached(uuid, True)
     assert journal.delete_logged(gone)
     assert journal.get(gone).state == PENDING_DELETE  # type: ignore[union-attr]
-    assert journal.logged_deletes == 1
+    assert journal.logged_intents == 1
     # What a power loss may leave: the lazy row change lost, the log record durable.
     journal._write("UPDATE attachments SET state=?, cached=1 WHERE uuid=?", (UPLOADED, gone))
     journal.close()
@@ -155,9 +161,9 @@ def test_the_journal_replays_deletes_whose_row_change_was_lost(tmp_path: Path) -
     row = again.get(gone)
     assert row is not None and row.state == PENDING_DELETE and not row.cached
     assert again.get(kept).state == UPLOADED  # type: ignore[union-attr]
-    assert again.logged_deletes == 0  # replayed durably, then emptied
+    assert again.logged_intents == 0  # replayed durably, then emptied
     again.close()
-    assert pending_after_reopen(tmp_path / DELETE_LOG) == []
+    assert pending_after_reopen(tmp_path / INTENT_LOG) == []
 
 
 def test_a_forgotten_pending_upload_whose_row_came_back_is_replayed_as_a_delete(
@@ -170,7 +176,7 @@ def test_a_forgotten_pending_upload_whose_row_came_back_is_replayed_as_a_delete(
     journal.note_series([(gone, "1.2.3")])
     assert journal.delete_logged(gone, forget=True)
     assert journal.get(gone) is None and journal.series_of(gone) is None
-    assert journal.logged_deletes == 1
+    assert journal.logged_intents == 1
     journal.put_pending(gone, 10)  # what a power loss may leave
     journal.close()
     again = Journal(tmp_path / "journal.sqlite")
@@ -185,7 +191,7 @@ def test_a_checkpoint_makes_a_forgotten_row_stay_gone(tmp_path: Path) -> None:
     gone, = _uuids(1)
     journal.put_pending(gone, 10)
     assert journal.delete_logged(gone, forget=True)
-    assert journal.checkpoint_deletes()
+    assert journal.checkpoint_log()
     journal.close()
     again = Journal(tmp_path / "journal.sqlite")
     assert again.get(gone) is None
@@ -199,11 +205,11 @@ def test_a_checkpoint_makes_the_rows_durable_and_empties_the_log(tmp_path: Path)
         journal.put_pending(uuid, 10)
         journal.mark_uploaded(uuid, f"{uuid}.dcm")
         assert journal.delete_logged(uuid)
-    assert journal.logged_deletes == 3
-    assert journal.checkpoint_deletes()
-    assert journal.logged_deletes == 0
+    assert journal.logged_intents == 3
+    assert journal.checkpoint_log()
+    assert journal.logged_intents == 0
     journal.close()
-    assert pending_after_reopen(tmp_path / DELETE_LOG) == []
+    assert pending_after_reopen(tmp_path / INTENT_LOG) == []
     again = Journal(tmp_path / "journal.sqlite")
     assert all(again.get(u).state == PENDING_DELETE for u in uuids)  # type: ignore[union-attr]
     again.close()
@@ -217,9 +223,9 @@ def test_a_read_only_journal_leaves_the_log_alone(tmp_path: Path) -> None:
     assert journal.delete_logged(uuid)
     reader = Journal(tmp_path / "journal.sqlite", readonly=True)
     assert not reader.delete_logged(_uuids(1)[0])
-    assert reader.checkpoint_deletes() and reader.logged_deletes == 0
+    assert reader.checkpoint_log() and reader.logged_intents == 0
     reader.close()
-    assert journal.logged_deletes == 1
+    assert journal.logged_intents == 1
     journal.close()
 
 
@@ -227,7 +233,7 @@ class _ResetFirst:
     """The log's lock, with a checkpoint's reset that wins the race for it once: it runs just
     before the next holder (an append) gets the lock."""
 
-    def __init__(self, log: DeleteLog) -> None:
+    def __init__(self, log: IntentLog) -> None:
         self.inner = threading.Lock()
         self.log = log
         self.armed = False
@@ -244,17 +250,17 @@ class _ResetFirst:
 
 def test_an_append_that_loses_the_race_to_a_reset_lands_in_the_new_generation(
         tmp_path: Path) -> None:
-    log = DeleteLog(tmp_path / "d.log")
+    log = IntentLog(tmp_path / "d.log")
     racing = _ResetFirst(log)
     log._lock = racing  # type: ignore[assignment]
     covered = _uuids(2)
     for uuid in covered:
-        log.append(uuid)
+        log.append_delete(uuid)
     # A checkpoint that made the first two durable resets the log while the third delete,
     # whose row change it may not have covered, is being appended.
     racing.armed = True
     late = _uuids(1)[0]
-    assert log.append(late)
+    assert log.append_delete(late)
     log.close()
     assert pending_after_reopen(tmp_path / "d.log") == [late]
 
@@ -321,7 +327,7 @@ def test_logged_row_changes_reach_sqlite_in_batches_and_before_any_other_write(
     journal.close()
 
 
-def test_stats_in_another_process_count_logged_deletes_as_pending(tmp_path: Path) -> None:
+def test_stats_in_another_process_count_logged_intents_as_pending(tmp_path: Path) -> None:
     """`objfs status` and the tests' wait for an idle daemon read the journal read-only: a
     delete logged a moment ago counts as pending there too, not as stored."""
     path = tmp_path / "journal.sqlite"
@@ -335,7 +341,7 @@ def test_stats_in_another_process_count_logged_deletes_as_pending(tmp_path: Path
     for stats in (read_stats(path), journal.stats()):
         assert (stats.pending_deletes, stats.uploaded, stats.pending_uploads,
                 stats.pending_upload_bytes, stats.cached_entries) == (2, 0, 0, 0, 0)
-    assert journal.checkpoint_deletes()
+    assert journal.checkpoint_log()
     stats = read_stats(path)
     assert (stats.pending_deletes, stats.uploaded, stats.pending_uploads) == (1, 0, 0)
     journal.close()
@@ -361,14 +367,14 @@ def test_stats_count_a_delete_whose_rows_change_while_they_are_read(
     from objfs import journal as journal_module
 
     path, journal = _two_of_three_deleted(tmp_path)
-    real = journal_module.read_logged
+    real = journal_module.read_intents
 
-    def then_checkpoint(log: Path) -> list[str]:
+    def then_checkpoint(log: Path) -> list[Intent]:
         found = real(log)
-        assert journal.checkpoint_deletes()  # the daemon, between the reader's two reads
+        assert journal.checkpoint_log()  # the daemon, between the reader's two reads
         return found
 
-    monkeypatch.setattr(journal_module, "read_logged", then_checkpoint)
+    monkeypatch.setattr(journal_module, "read_intents", then_checkpoint)
     stats = read_stats(path)
     assert (stats.pending_deletes, stats.uploaded) == (2, 1)
     journal.close()
@@ -387,7 +393,7 @@ def test_stats_count_a_delete_whose_rows_change_between_two_counts(
     def execute(db: journal_module._Connection, sql: str, parameters: object = ()) -> object:
         cursor = real(db, sql, parameters)
         if not checkpoints and parameters == (PENDING_DELETE,) and "COUNT" in sql:
-            checkpoints.append(journal.checkpoint_deletes())  # the daemon, in between
+            checkpoints.append(journal.checkpoint_log())  # the daemon, in between
         return cursor
 
     monkeypatch.setattr(journal_module._Connection, "execute", execute)
@@ -398,14 +404,14 @@ def test_stats_count_a_delete_whose_rows_change_between_two_counts(
 
 
 def test_reading_a_missing_or_foreign_log_finds_nothing(tmp_path: Path) -> None:
-    assert deletelog.read_logged(tmp_path / "none.log") == []
+    assert intentlog.read_intents(tmp_path / "none.log") == []
     (tmp_path / "short.log").write_bytes(b"x" * 100)
-    assert deletelog.read_logged(tmp_path / "short.log") == []
-    log = DeleteLog(tmp_path / "d.log")
+    assert intentlog.read_intents(tmp_path / "short.log") == []
+    log = IntentLog(tmp_path / "d.log")
     uuids = _uuids(3)
     for uuid in uuids:
-        log.append(uuid)
-    assert deletelog.read_logged(tmp_path / "d.log") == uuids
+        log.append_delete(uuid)
+    assert intentlog.read_intents(tmp_path / "d.log") == [Intent(Kind.DELETE, u) for u in uuids]
     log.close()
 
 
@@ -423,8 +429,179 @@ def test_a_journal_that_cannot_apply_its_kept_deletes_still_closes_and_replays_t
 
     monkeypatch.setattr(journal, "_apply_locked", disk_full)
     journal.close()
-    assert "1 deletes only in its delete log" in caplog.text
+    assert "1 changes only in its intent log" in caplog.text
     assert _sql_state(path, gone) == UPLOADED
     again = Journal(path)
     assert again.get(gone).state == PENDING_DELETE  # type: ignore[union-attr]
     again.close()
+
+
+def test_puts_and_deletes_are_found_again_in_order_with_their_kind_and_size(
+        tmp_path: Path) -> None:
+    log = IntentLog(tmp_path / "i.log")
+    first, second = _uuids(2)
+    assert log.append_put(first, 1234) and log.append_put(second, 5)
+    assert log.append_delete(first)
+    log.close()
+    again = IntentLog(tmp_path / "i.log")
+    assert again.pending() == [Intent(Kind.PUT, first, 1234), Intent(Kind.PUT, second, 5),
+                               Intent(Kind.DELETE, first, 0)]
+    again.close()
+
+
+def _logged_put(path: Path, size: int = 10) -> tuple[Journal, str]:
+    """A journal at `path` with one put logged and kept (no row in SQLite yet)."""
+    journal = Journal(path)
+    uuid, = _uuids(1)
+    assert journal.get(uuid) is None
+    assert journal.put_logged(uuid, size)
+    assert _sql_state(path, uuid) is None  # kept in memory: that is the point
+    return journal, uuid
+
+
+def test_every_read_sees_a_logged_put_before_its_row_is_committed(tmp_path: Path) -> None:
+    """A new attachment acknowledged through the intent log is stored, listed, pending
+    upload and cached for every query of the journal that logged it, and its directory is
+    not empty, before SQLite has its row."""
+    path = tmp_path / "journal.sqlite"
+    journal, uuid = _logged_put(path)
+    row = journal.get(uuid)
+    assert row is not None and row.state == PENDING_UPLOAD and row.size == 10 and row.cached
+    assert journal.children(uuid[:4]) == [uuid]
+    assert journal.has_children(uuid[:4]) and journal.has_children(uuid[:2])
+    assert [r.uuid for r in journal.in_state(PENDING_UPLOAD)] == [uuid]
+    assert [r.uuid for r in journal.cached_rows()] == [uuid]
+    assert journal.eviction_candidates(10) == []  # not uploaded: never evicted
+    assert journal.logged_intents == 1
+    journal.touch({uuid: 1.0})  # any write commits the kept rows first
+    assert _sql_state(path, uuid) == PENDING_UPLOAD
+    journal.mark_uploaded(uuid, f"{uuid}.dcm")
+    assert journal.get(uuid).state == UPLOADED  # type: ignore[union-attr]
+    journal.close()
+
+
+def test_a_logged_put_whose_row_was_lost_is_replayed_while_its_copy_is_there(
+        tmp_path: Path) -> None:
+    """A power loss that loses the lazy commit of a logged put: the replay makes the row
+    again (a pending upload), from the intent, when its local copy is there, and not when
+    the copy is gone (the attachment was deleted, and its row dropped, since)."""
+    copies = tmp_path / "data"
+    copies.mkdir()
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path, copies=copies)
+    kept, gone = _uuids(2)
+    (copies / kept).write_bytes(b"x" * 10)
+    for uuid in (kept, gone):
+        assert journal.put_logged(uuid, 10)
+    # No commit: closing applies the kept rows lazily; a power loss may undo that.
+    journal._unapplied.clear()
+    journal.close()
+    assert _sql_state(path, kept) is None
+    again = Journal(path, copies=copies)
+    row = again.get(kept)
+    assert row is not None and row.state == PENDING_UPLOAD and row.size == 10
+    assert again.get(gone) is None
+    assert again.logged_intents == 0  # replayed durably, then emptied
+    again.close()
+    assert pending_after_reopen(tmp_path / INTENT_LOG) == []
+
+
+def test_a_replayed_put_keeps_a_row_that_was_committed_and_changed_since(
+        tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal, uuid = _logged_put(path)
+    journal.apply_kept()
+    journal.mark_uploaded(uuid, f"{uuid}.dcm")
+    journal.barrier()
+    journal.close()  # the log still holds the put: no checkpoint ran
+    again = Journal(path)
+    row = again.get(uuid)
+    assert row is not None and row.state == UPLOADED and row.key == f"{uuid}.dcm"
+    again.close()
+
+
+def test_a_put_and_its_delete_both_kept_reach_sqlite_as_a_pending_delete(
+        tmp_path: Path) -> None:
+    """Orthanc may delete an attachment before its logged put was applied: the delete's
+    kept row must bring the put's row along, and a replay of both ends in a delete too."""
+    path = tmp_path / "journal.sqlite"
+    journal, uuid = _logged_put(path)
+    assert journal.delete_logged(uuid)
+    journal.apply_kept()
+    assert _sql_state(path, uuid) == PENDING_DELETE
+    assert [r.uuid for r in journal.in_state(PENDING_DELETE)] == [uuid]
+    assert journal.in_state(PENDING_UPLOAD) == []
+    journal._write("DELETE FROM attachments WHERE uuid=?", (uuid,))  # a lost lazy commit
+    journal.close()
+    again = Journal(path)
+    row = again.get(uuid)
+    assert row is not None and row.state == PENDING_DELETE
+    again.close()
+
+
+def test_stats_and_reads_in_another_process_see_logged_puts(tmp_path: Path) -> None:
+    """`objfs status` counts a put logged a moment ago as a pending upload, and `objfs audit`
+    (a read-only journal) finds its row: neither sees an attachment missing."""
+    path = tmp_path / "journal.sqlite"
+    journal, uuid = _logged_put(path, size=7)
+    stats = read_stats(path)
+    assert (stats.pending_uploads, stats.pending_upload_bytes, stats.cached_entries,
+            stats.cached_bytes) == (1, 7, 1, 7)
+    reader = Journal(path, readonly=True)
+    row = reader.get(uuid)
+    assert row is not None and row.state == PENDING_UPLOAD
+    reader.close()
+    assert journal.delete_logged(uuid, forget=True)
+    # What the replay makes of a put and its delete, until a checkpoint empties the log: a
+    # pending delete (one needless request to the bucket), neither an upload nor a copy.
+    stats = read_stats(path)
+    assert (stats.pending_uploads, stats.pending_deletes, stats.cached_entries) == (0, 1, 0)
+    assert journal.checkpoint_log()
+    stats = read_stats(path)
+    assert (stats.pending_uploads, stats.pending_deletes, stats.cached_entries) == (0, 0, 0)
+    journal.close()
+
+
+def test_an_earlier_objfs_delete_log_is_replayed_once_and_removed(tmp_path: Path) -> None:
+    """The delete log of objfs before the intent log (``deletes.log``: magic OBJFSDL1,
+    records of generation and uuid) still holds acknowledged deletes after an upgrade."""
+    import struct
+    import zlib
+
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    gone, kept = _uuids(2)
+    _uploaded(journal, [gone, kept])
+    journal.close()
+
+    def slot(body: bytes) -> bytes:
+        return (body + struct.pack("<I", zlib.crc32(body))).ljust(SLOT, b"\0")
+
+    legacy = bytearray(SLOT * intentlog.SLOTS)
+    legacy[:SLOT] = slot(struct.pack("<8sQ", b"OBJFSDL1", 3))
+    legacy[SLOT:2 * SLOT] = slot(struct.pack("<Q40s", 3, gone.encode()))
+    legacy[2 * SLOT:3 * SLOT] = slot(struct.pack("<Q40s", 2, kept.encode()))  # stale
+    (tmp_path / LEGACY_DELETE_LOG).write_bytes(bytes(legacy))
+    assert intentlog.legacy_deletes(tmp_path / LEGACY_DELETE_LOG) == [gone]
+    again = Journal(path)
+    assert again.get(gone).state == PENDING_DELETE  # type: ignore[union-attr]
+    assert again.get(kept).state == UPLOADED  # type: ignore[union-attr]
+    assert not (tmp_path / LEGACY_DELETE_LOG).exists()
+    again.close()
+
+
+def test_a_damaged_intent_log_is_reported_to_the_journal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Puts only a damaged log held leave copies no row claims: the journal says so
+    (`lost_intents`), and start-up recovery keeps such copies in lost+found."""
+    path = tmp_path / "journal.sqlite"
+    journal, _ = _logged_put(path)
+    journal._unapplied.clear()
+    journal.close()
+    with open(tmp_path / INTENT_LOG, "r+b") as f:
+        f.write(b"garbage!")
+    again = Journal(path)
+    assert again.lost_intents
+    assert "lost+found" in caplog.text
+    again.close()
+    assert not Journal(path).lost_intents  # a fresh log since
