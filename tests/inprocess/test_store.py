@@ -784,3 +784,22 @@ async def test_syncs_go_to_worker_threads_while_the_disk_is_slow_and_come_back(
     again = new_uuid()
     await synced(rig, again, os.urandom(1000), alone=True)
     assert again not in in_thread
+
+
+async def test_an_upload_queued_twice_is_sent_once_without_an_error(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A write acknowledged before the store's workers start is queued by its close and
+    again by the start (every pending row): one worker uploads it, the other finds it in
+    flight or done."""
+    rig = rig_factory()
+    uuid = new_uuid()
+    await rig.write(uuid, os.urandom(1000))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    assert rig.backend.calls["put"] == 1
+    assert "failed" not in caplog.text
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == UPLOADED
