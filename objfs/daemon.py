@@ -333,6 +333,10 @@ async def serve(settings: Settings, mountpoint: Path) -> None:
                         tier.flush_atimes()
                 try:
                     await trio.to_thread.run_sync(tier.checkpoint, True)
+                    # Nothing appends any more: the intent log's changes become rows, durably,
+                    # and the log is emptied, so that `objfs status` of the stopped daemon
+                    # reads the rows alone.
+                    await trio.to_thread.run_sync(journal.checkpoint_log)
                 except (OSError, sqlite3.Error) as exc:
                     # The last periodic checkpoint stands: the next start fetches again the
                     # copies downloaded since, as after a crash.

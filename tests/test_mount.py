@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from objfs.intentlog import read_intents
+from objfs.journal import INTENT_LOG
 from tests.conftest import local_config
 from tests.support.daemon import Objfs
 from tests.support.dicom import make_dicom
@@ -181,6 +183,8 @@ def test_restart_serves_everything_and_status(tmp_path: Path,
         orthanc_write(att(daemon.mountpoint, uuid), data)
     assert daemon.stop() == 0
     assert "all uploads done" in daemon.text()
+    # A clean stop leaves the intent log empty: its changes are rows, durably.
+    assert read_intents(tmp_path / "cache" / INTENT_LOG) == []
     status = daemon.status()
     assert status["pending_uploads"] == 0 and status["cache_entries"] == len(files)
     daemon.start()
