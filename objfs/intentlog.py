@@ -142,9 +142,14 @@ def legacy_deletes(path: Path) -> list[str]:
     generation = _generation_of(data, LEGACY_MAGIC)
     if generation is None:
         if data.strip(b"\0"):
-            log.error("the delete log %s of an earlier objfs is not of its format: deletes "
-                      "only it held leave their objects in the bucket; `objfs audit "
-                      "--delete-orphans` removes them", path)
+            aside = path.with_name(path.name + ".damaged")
+            try:
+                aside.write_bytes(data)
+            except OSError as exc:
+                log.error("cannot keep the damaged delete log's content in %s: %s", aside, exc)
+            log.error("the delete log %s of an earlier objfs is not of its format (kept as "
+                      "%s): deletes only it held leave their objects in the bucket; `objfs "
+                      "audit --delete-orphans` removes them", path, aside)
         return []
     return [intent.uuid for intent in _scan(data, generation, legacy=True)[0]]
 

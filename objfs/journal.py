@@ -915,8 +915,9 @@ class Journal:
         left as they are.)"""
         counts = dataclasses.asdict(stats)
         changed = self._as_replayed(logged, db)
-        for start in range(0, len(changed), 500):
-            chunk = list(changed)[start:start + 500]
+        named = list(changed)
+        for start in range(0, len(named), 500):
+            chunk = named[start:start + 500]
             marks = ",".join("?" * len(chunk))
             for values in db.execute(f"SELECT {_COLUMNS} FROM attachments WHERE uuid IN "
                                      f"({marks})", chunk):

@@ -604,4 +604,18 @@ def test_a_damaged_intent_log_is_reported_to_the_journal(
     assert again.lost_intents
     assert "lost+found" in caplog.text
     again.close()
-    assert not Journal(path).lost_intents  # a fresh log since
+    third = Journal(path)
+    assert not third.lost_intents  # a fresh log since
+    third.close()
+
+
+def test_a_damaged_delete_log_of_an_earlier_objfs_is_kept_aside(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "journal.sqlite"
+    Journal(path).close()
+    (tmp_path / LEGACY_DELETE_LOG).write_bytes(b"garbage!" * 100)
+    journal = Journal(path)
+    assert not (tmp_path / LEGACY_DELETE_LOG).exists()
+    assert (tmp_path / (LEGACY_DELETE_LOG + ".damaged")).read_bytes() == b"garbage!" * 100
+    assert "is not of its format" in caplog.text and "objfs audit" in caplog.text
+    journal.close()
