@@ -120,6 +120,17 @@ def _scan(data: bytes, generation: int, legacy: bool = False) -> tuple[list[Inte
     return found, last, damaged
 
 
+def _kept_aside(path: Path, data: bytes) -> Path:
+    """A damaged log's content (`data`) copied beside it, for a post-mortem; the copy's
+    path (a failure to write it is logged, not raised)."""
+    aside = path.with_name(path.name + ".damaged")
+    try:
+        aside.write_bytes(data)
+    except OSError as exc:
+        log.error("cannot keep the damaged log's content in %s: %s", aside, exc)
+    return aside
+
+
 def read_intents(path: Path) -> list[Intent]:
     """The intents the log at `path` holds now, read without changing it (another process
     may be appending): [] when there is no log, or none of its size and format; intents that
@@ -142,11 +153,7 @@ def legacy_deletes(path: Path) -> list[str]:
     generation = _generation_of(data, LEGACY_MAGIC)
     if generation is None:
         if data.strip(b"\0"):
-            aside = path.with_name(path.name + ".damaged")
-            try:
-                aside.write_bytes(data)
-            except OSError as exc:
-                log.error("cannot keep the damaged delete log's content in %s: %s", aside, exc)
+            aside = _kept_aside(path, data)
             log.error("the delete log %s of an earlier objfs is not of its format (kept as "
                       "%s): deletes only it held leave their objects in the bucket; `objfs "
                       "audit --delete-orphans` removes them", path, aside)
@@ -196,11 +203,7 @@ class IntentLog:
         longer references it, so none is served); a write leaves its local copy without a
         row, which start-up recovery keeps in lost+found (docs/durability.md)."""
         self.damaged = True
-        aside = self.path.with_name(self.path.name + ".damaged")
-        try:
-            aside.write_bytes(data)
-        except OSError as exc:
-            log.error("cannot keep the damaged intent log's content in %s: %s", aside, exc)
+        aside = _kept_aside(self.path, data)
         log.error("the intent log %s is damaged (%s; kept as %s): deletes acknowledged to "
                   "Orthanc that only the lost records held leave their objects in the bucket "
                   "(`objfs audit --delete-orphans` removes them); writes that only they held "

@@ -724,16 +724,7 @@ async def test_a_lone_fsync_never_waits_on_the_loop_for_a_journal_busy_in_a_thre
     loop for the journal's lock, so the sync goes on in a worker thread."""
     rig = rig_factory()
     monkeypatch.setattr(rig.journal, "put_logged", lambda uuid, size: False)
-    held, release = threading.Event(), threading.Event()
-
-    def writer() -> None:  # another thread's journal write, in progress
-        with rig.journal._lock:
-            held.set()
-            release.wait(10)
-
-    other = threading.Thread(target=writer)
-    other.start()
-    held.wait(10)
+    other, release = journal_busy_in_a_thread(rig)
     handed: list[tuple[str, bool]] = []
     in_thread = rig.store._make_durable
 
