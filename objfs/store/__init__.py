@@ -86,10 +86,7 @@ class Store(Hybrid):
                 log.info("resuming %d pending uploads and %d pending deletes from the journal",
                          len(pending), len(deletes))
             for row in pending:
-                # Not one queued already: acknowledged before this start (a close queues its
-                # upload), it would be uploaded twice at once.
-                if row.uuid not in self._outstanding:
-                    self._queue_upload(row.uuid, row.size)
+                self._queue_upload(row.uuid, row.size)
             for row in deletes:
                 self._queue_delete(row.uuid)
             nursery.start_soon(supervised, "the cache checkpoint", self.tier.checkpoints)

@@ -223,6 +223,11 @@ class StoreCore:
         return await trio.to_thread.run_sync(read_stats, self.journal.path, self.journal)
 
     def _queue_upload(self, uuid: str, size: int) -> None:
+        """Queue the upload of `uuid`, unless it is outstanding already (queued, running, or
+        waiting to be tried again): two workers must never upload one attachment at once, and
+        the scans of pending rows (at the start, at the drain) meet uploads a close queued."""
+        if uuid in self._outstanding:
+            return
         self._track(uuid)
         self._unsent_bytes += size
         self._uploads.put(uuid, size)

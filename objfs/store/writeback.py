@@ -717,8 +717,7 @@ class Writeback(Fetch):
         queued here too.
         """
         for row in self.journal.in_state(PENDING_UPLOAD):
-            if row.uuid not in self._outstanding:
-                self._queue_upload(row.uuid, row.size)
+            self._queue_upload(row.uuid, row.size)
         with trio.move_on_after(timeout):
             await self._idle.wait()
             await self.tier.doomed_removed()
