@@ -65,8 +65,8 @@ DAMAGE_MARK = "journal-damaged"
 LOST_AND_FOUND = "lost+found"
 # A delete's row change (state, uuid): by a durable commit, a lazy one, or a replay.
 _MARK_DELETED = "UPDATE attachments SET state=?, cached=0 WHERE uuid=?"
-# A new attachment's row (uuid, state, size, key, sealed, created, atime): kept as it is when
-# there is one (a logged put replayed after its row was committed, or changed since).
+# A kept change's row inserted unless there is one (uuid, state, size, key, sealed, created,
+# atime): a logged put's, or that of a delete logged before its put's row was applied.
 _INSERT_NEW = ("INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
                "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT(uuid) DO NOTHING")
 # A download's cache flag (sealed, atime, uuid, state): kept by `cached_later`, applied lazily.
@@ -370,34 +370,30 @@ class Journal:
 
     def _replay(self, intents: IntentLog) -> None:
         """Apply the changes the log holds, in order (a crash may have lost their lazy row
-        changes), and those of an earlier objfs' delete log, durably; then empty the log and
-        remove the old one. A logged put makes a pending-upload row unless there is a row
-        (committed since) or its local copy is gone (`copies`): the attachment was deleted
-        and its row dropped since, and must not come back."""
+        changes), and those of an earlier objfs' delete log before them, durably
+        (`_as_replayed`, then a barrier); then empty the log and remove the old one."""
         legacy = self.path.with_name(LEGACY_DELETE_LOG)
-        deletes = legacy_deletes(legacy)
-        logged = intents.pending()
-        now = time.time()
-        with self._transaction() if deletes or logged else contextlib.nullcontext(self._db) \
-                as db:
-            db.executemany(_MARK_DELETED, ((PENDING_DELETE, uuid) for uuid in deletes))
-            for intent in logged:
-                if intent.kind == Kind.DELETE:
-                    db.execute(_MARK_DELETED, (PENDING_DELETE, intent.uuid))
-                elif self._copies is None or (self._copies / intent.uuid).exists():
-                    db.execute(_INSERT_NEW, (intent.uuid, PENDING_UPLOAD, intent.size, None, 0,
-                                             now, now))
+        logged = [Intent(Kind.DELETE, uuid) for uuid in legacy_deletes(legacy)]
+        changed = self._as_replayed(logged + intents.pending(), self._reader, self._copies)
+        if changed:
+            with self._cache_lock:
+                self._unapplied = changed
+            self.barrier()  # applies them first
         if legacy.exists():
             legacy.unlink()
             fsync_path(legacy.parent)
         intents.reset_if(intents.count)  # damaged slots included (nothing appends meanwhile)
 
     @staticmethod
-    def _as_replayed(intents: list[Intent], db: sqlite3.Connection) -> dict[str, Row | None]:
-        """What the replay would make of the rows that `intents` name, where that differs
-        from what `db` holds now (for a reader in another process; a put's copy is taken to
-        exist). Read the intents before the rows: a change applied and its log emptied in
-        between is then in the rows."""
+    def _as_replayed(intents: list[Intent], db: sqlite3.Connection,
+                     copies: Path | None = None) -> dict[str, Row | None]:
+        """What replaying `intents` makes of the rows they name, where that differs from
+        what `db` holds now: a put makes a pending-upload row unless there is a row
+        (committed since) or its local copy is not in `copies` (the attachment was deleted
+        and its row dropped since, and must not come back; None: taken to be there, as a
+        reader in another process does); a delete marks the row pending-delete. A reader
+        reads the intents before the rows: a change applied and its log emptied in between
+        is then in the rows."""
         changed: dict[str, Row | None] = {}
         for intent in intents:
             if intent.uuid in changed:
@@ -407,7 +403,7 @@ class Journal:
                                    (intent.uuid,)).fetchone()
                 row = None if found is None else _row(found)
             if intent.kind == Kind.PUT:
-                if row is None:
+                if row is None and (copies is None or (copies / intent.uuid).exists()):
                     changed[intent.uuid] = Row(intent.uuid, PENDING_UPLOAD, intent.size, None,
                                                True, time.time())
             elif row is not None and row.state != PENDING_DELETE:

@@ -387,25 +387,21 @@ class Writeback(Fetch):
         self._unlinking.add(uuid)
         dropped = False  # the copy left data/ with nothing awaited since
         try:
-            if row.state == PENDING_UPLOAD and uuid in self._fresh:
-                # Never sent to the bucket: forgetting it locally is the whole delete (Orthanc
-                # does this to every duplicate it receives: it writes the file first).
-                if not self._log_delete(uuid, forget=True):
-                    # Not `remove`: its put may still be in the intent log, and a crash before
-                    # the copy is gone would have the replay bring it back. The row goes once
-                    # the bucket confirms the (needless) delete.
-                    await self._j(self.journal.mark_pending_delete, uuid)
-                    crash_point("after-delete-journaled")
-                    if uuid not in self.inflight and queue:
-                        self._queue_delete(uuid)
-            else:
+            # Never sent to the bucket: forgetting it locally is the whole delete (Orthanc does
+            # this to every duplicate it receives: it writes the file first). When that cannot
+            # be logged, it is deleted like any pending upload, not `remove`d: its put may
+            # still be in the intent log, and a crash before its copy is gone would have the
+            # replay bring it back; its row goes once the (needless) object delete is done.
+            forgotten = row.state == PENDING_UPLOAD and uuid in self._fresh \
+                and self._log_delete(uuid, forget=True)
+            if not forgotten:
                 if row.state == PENDING_UPLOAD:
                     # The local copy may be the only one: it goes once the delete is durable.
                     await self._j(self.journal.mark_pending_delete, uuid)
                 else:
                     # The bucket has the object, so the copy is only a cache: taken out of
                     # data/ on the event loop (`LocalTier.doom`) once the delete is durable in
-                    # the delete log, or while the durable commit waits for the disk when the
+                    # the intent log, or while the durable commit waits for the disk when the
                     # log is full (a crash in between leaves an unacknowledged delete and a
                     # row `recover` marks uncached).
                     def drop_copy() -> None:
