@@ -30,7 +30,9 @@ order (durably), and empties it. A read-only journal (another process: `objfs st
 A download's "the copy is cached" (`cached_later`) is kept in memory the same way (`_marked`),
 without a commit or a worker thread: it reaches SQLite with the next write, or when the store
 calls `apply_kept` (a short while after a burst of downloads). Losing it in a crash loses
-nothing: start-up recovery removes a copy no row claims, and the bucket has the object.
+nothing: start-up recovery removes a copy no row claims, and the bucket has the object. So is
+an upload's "now in the bucket" (`uploaded_later`, `_uploaded`): losing it in a crash repeats
+the upload.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ _INSERT_NEW = ("INSERT INTO attachments(uuid, state, size, key, cached, sealed, 
                "VALUES (?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT(uuid) DO NOTHING")
 # A download's cache flag (sealed, atime, uuid, state): kept by `cached_later`, applied lazily.
 _MARK_CACHED = "UPDATE attachments SET cached=1, sealed=?, atime=? WHERE uuid=? AND state=?"
+# An upload's end (state, key, atime, uuid, state before): by `mark_uploaded`, or kept by
+# `uploaded_later` and applied lazily.
+_MARK_UPLOADED = ("UPDATE attachments SET state=?, key=?, last_error=NULL, atime=? "
+                  "WHERE uuid=? AND state=?")
+# The series an uploaded attachment belongs to (uuid, series).
+_NOTE_SERIES = "INSERT OR REPLACE INTO series_members(uuid, series) VALUES (?, ?)"
 # An attachment's rows dropped (uuid): by `remove`, or lazily by `delete_logged`.
 _FORGET_SERIES = "DELETE FROM series_members WHERE uuid=?"
 _FORGET_ROW = "DELETE FROM attachments WHERE uuid=?"
@@ -140,9 +148,9 @@ _COLUMNS = "uuid, state, size, key, cached, created, last_error, sealed"
 # Rows `get` keeps at most; the whole cache is dropped when it is full (simple, and a query
 # refills what is in use).
 ROW_CACHE = 16384
-# Logged changes (puts and deletes) that `put_logged` and `delete_logged` apply in one
-# transaction (when no other thread holds the journal): more only cost memory and the readers'
-# filtering; fewer cost a commit's overhead per few changes.
+# Logged changes (puts and deletes) and kept upload ends that `put_logged` and `delete_logged`
+# apply in one transaction (when no other thread holds the journal): more only cost memory and
+# the readers' filtering; fewer cost a commit's overhead per few changes.
 APPLY_BATCH = 64
 
 
@@ -336,6 +344,16 @@ class Journal:
         # `eviction_candidates`, `in_state` and `series_members` take it into account;
         # `stats` (a SQL count) lags until it is applied. Under `_cache_lock`.
         self._marked: dict[str, tuple[Row, float]] = {}
+        # Upload ends not yet in SQLite, by uuid: (the row as the end leaves it, its atime,
+        # the attachment's series or None). Rule: `uploaded_later` (the event loop) adds one
+        # only to a pending-upload row; `_apply_locked` (under `_lock`, any thread) commits
+        # them after the kept puts' rows and before the deletes' changes (a delete comes
+        # later and wins) and removes those it committed; a write naming a uuid drops its
+        # end after the commit, as it drops a flag (losing one repeats the upload). An
+        # upload's end always follows its put: it hides a kept pending-upload row of its
+        # uuid in `_unapplied`, and nothing else there (`_seen`). `get` and every query see
+        # through it; `stats` (a SQL count) lags until it is applied. Under `_cache_lock`.
+        self._uploaded: dict[str, tuple[Row, float, str | None]] = {}
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self._reader = self._connect(uri)
         # A read-only journal reads the intent log at its first `get` or query (`_logged`).
@@ -427,7 +445,8 @@ class Journal:
             except sqlite3.Error as exc:
                 log.warning("the journal closes with %d changes only in its intent log (%s): "
                             "the next start replays them; %d downloaded copies not recorded "
-                            "(it removes them)", len(self._unapplied), exc, len(self._marked))
+                            "(it removes them), %d uploads not recorded (it repeats them)",
+                            len(self._unapplied), exc, len(self._marked), len(self._uploaded))
             finally:
                 for db in {self._db, self._lazy, self._reader}:
                     db.close()
@@ -474,23 +493,30 @@ class Journal:
         """Commit the kept cache flags and row changes of logged puts and deletes (one lazy
         transaction), so that the write that follows, or a checkpoint's fsync, comes after
         them. Caller holds `_lock`."""
-        if not self._unapplied and not self._marked:
+        if not self._unapplied and not self._marked and not self._uploaded:
             # One added meanwhile goes with the next write; whatever a checkpoint counted
             # was added before it counted.
             return
         with self._cache_lock:
             batch = dict(self._unapplied)
             marked = dict(self._marked)
+            uploaded = dict(self._uploaded)
         forgotten = [(uuid,) for uuid, row in batch.items() if row is None]
         kept = [row for row in batch.values() if row is not None]
         with _atomic(self._lazy) as db:
-            # Flags first: a delete kept after one (or committed later) clears it again.
-            db.executemany(_MARK_CACHED, ((int(row.sealed), atime, uuid, UPLOADED)
-                                          for uuid, (row, atime) in marked.items()))
-            # A delete kept after a put that was never applied needs the put's row first.
+            # A delete or an upload's end kept after a put that was never applied needs the
+            # put's row first.
             db.executemany(_INSERT_NEW, ((row.uuid, PENDING_UPLOAD, row.size, row.key,
                                           int(row.sealed), row.created, row.created)
                                          for row in kept))
+            db.executemany(_MARK_UPLOADED, ((UPLOADED, row.key, atime, uuid, PENDING_UPLOAD)
+                                            for uuid, (row, atime, _) in uploaded.items()))
+            db.executemany(_NOTE_SERIES, ((uuid, series)
+                                          for uuid, (_, _, series) in uploaded.items()
+                                          if series is not None))
+            # Flags before deletes: a delete kept after one (or committed later) clears it.
+            db.executemany(_MARK_CACHED, ((int(row.sealed), atime, uuid, UPLOADED)
+                                          for uuid, (row, atime) in marked.items()))
             db.executemany(_MARK_DELETED, ((PENDING_DELETE, row.uuid)
                                            for row in kept if row.state == PENDING_DELETE))
             db.executemany(_FORGET_SERIES, forgotten)
@@ -505,11 +531,15 @@ class Journal:
                 if self._marked.get(uuid) is flag:  # not replaced
                     del self._marked[uuid]
                 self._rows.pop(uuid, None)
+            for uuid, end in uploaded.items():
+                if self._uploaded.get(uuid) is end:
+                    del self._uploaded[uuid]
+                self._rows.pop(uuid, None)
 
     def apply_kept(self) -> None:
-        """Commit the row changes kept in memory (`cached_later`, `put_logged`,
-        `delete_logged`) in one lazy transaction. Any thread; it waits for another thread's
-        write."""
+        """Commit the row changes kept in memory (`cached_later`, `uploaded_later`,
+        `put_logged`, `delete_logged`) in one lazy transaction. Any thread; it waits for
+        another thread's write."""
         with self._lock:
             self._apply_locked()
 
@@ -517,6 +547,11 @@ class Journal:
     def kept_flags(self) -> int:
         """Cache flags kept in memory (`cached_later`), not yet in SQLite."""
         return len(self._marked)
+
+    @property
+    def kept_uploads(self) -> int:
+        """Upload ends kept in memory (`uploaded_later`), not yet in SQLite."""
+        return len(self._uploaded)
 
     def _flagged(self) -> dict[str, Row]:
         """A copy of the kept cache flags' rows, for a query to see through."""
@@ -532,12 +567,29 @@ class Journal:
                                             self._reader)
 
     def _hidden(self) -> dict[str, Row | None]:
-        """A copy of the kept row changes of logged puts and deletes, for a query to see
-        through."""
+        """A copy of the kept row changes of logged puts and deletes and of upload ends, as
+        `get` sees them (`_seen`), for a query to see through."""
         if self._unread_log:
             self._logged()
         with self._cache_lock:
-            return dict(self._unapplied) if self._unapplied else {}
+            if not self._uploaded:
+                return dict(self._unapplied) if self._unapplied else {}
+            hidden = dict(self._unapplied)
+            for uuid in self._uploaded:
+                hidden[uuid] = self._seen(uuid)
+            return hidden
+
+    def _seen(self, uuid: str) -> Row | None:
+        """The kept row of `uuid` in `_unapplied` or `_uploaded` (it must be in one): an
+        upload's end hides a kept put's pending-upload row, which it follows, and nothing
+        else. Caller holds `_cache_lock`."""
+        ended = self._uploaded.get(uuid)
+        if uuid in self._unapplied:
+            row = self._unapplied[uuid]
+            if ended is None or row is None or row.state != PENDING_UPLOAD:
+                return row
+        assert ended is not None
+        return ended[0]
 
     def _forget_rows(self, uuids: Iterable[str] | None) -> None:
         """Drop the kept rows of `uuids` (None: every row), after a commit."""
@@ -550,10 +602,12 @@ class Journal:
             if uuids is None:
                 self._rows.clear()
                 self._marked.clear()
+                self._uploaded.clear()
             else:
                 for uuid in uuids:
                     self._rows.pop(uuid, None)
                     self._marked.pop(uuid, None)
+                    self._uploaded.pop(uuid, None)
 
     # --- meta ---------------------------------------------------------------------------------
 
@@ -580,8 +634,8 @@ class Journal:
         if self._unread_log:
             self._logged()
         with self._cache_lock:
-            if uuid in self._unapplied:
-                return self._unapplied[uuid]
+            if uuid in self._unapplied or uuid in self._uploaded:
+                return self._seen(uuid)
             if uuid in self._marked:
                 return self._marked[uuid][0]
             if uuid in self._rows:
@@ -636,7 +690,8 @@ class Journal:
 
     def _apply_if_batch(self) -> None:
         """Apply the kept changes once APPLY_BATCH are kept, unless another thread writes."""
-        if len(self._unapplied) >= APPLY_BATCH and self._lock.acquire(blocking=False):
+        if len(self._unapplied) + len(self._uploaded) >= APPLY_BATCH \
+                and self._lock.acquire(blocking=False):
             try:
                 self._apply_locked()
             finally:
@@ -674,12 +729,28 @@ class Journal:
         """Not durable on its own: after a crash the upload is simply repeated. `series`: the
         attachment's SeriesInstanceUID, noted in the same transaction (`note_series`)."""
         with self._transaction(durable=False, rows=(uuid,)) as db:
-            db.execute("UPDATE attachments SET state=?, key=?, last_error=NULL, atime=? "
-                       "WHERE uuid=? AND state=?",
-                       (UPLOADED, key, time.time(), uuid, PENDING_UPLOAD))
+            db.execute(_MARK_UPLOADED, (UPLOADED, key, time.time(), uuid, PENDING_UPLOAD))
             if series is not None:
-                db.execute("INSERT OR REPLACE INTO series_members(uuid, series) VALUES (?, ?)",
-                           (uuid, series))
+                db.execute(_NOTE_SERIES, (uuid, series))
+
+    def uploaded_later(self, uuid: str, key: str, series: str | None = None) -> bool:
+        """`mark_uploaded(uuid, key, series)` kept in memory (`_uploaded`) rather than
+        committed: no SQLite work, no worker thread; every read of this journal sees it at
+        once, SQLite with the next write, APPLY_BATCH kept changes or `apply_kept` (until
+        then `stats`, and other processes, count the upload as pending). For the event loop
+        (readers' thread). False, with nothing changed, when the row is not pending upload
+        (or there is none, or the journal is read-only): then `mark_uploaded`."""
+        if self._db is self._reader:
+            return False
+        row = self.get(uuid)
+        if row is None or row.state != PENDING_UPLOAD:
+            return False
+        with self._cache_lock:
+            self._uploaded[uuid] = (dataclasses.replace(row, state=UPLOADED, key=key,
+                                                        last_error=None), time.time(), series)
+            self._generation += 1  # a `get` under way must not keep what it read
+            self._rows.pop(uuid, None)
+        return True
 
     def mark_pending_delete(self, uuid: str) -> None:
         self._write(_MARK_DELETED, (PENDING_DELETE, uuid), rows=(uuid,))
@@ -769,13 +840,15 @@ class Journal:
     def note_series(self, entries: Iterable[tuple[str, str]]) -> None:
         """Record (uuid, SeriesInstanceUID) pairs. Not durable on its own: a lost entry only
         means a later prefetch of that series asks Orthanc."""
-        self._many("INSERT OR REPLACE INTO series_members(uuid, series) VALUES (?, ?)",
-                   entries, durable=False, rows=())
+        self._many(_NOTE_SERIES, entries, durable=False, rows=())
 
     def series_of(self, uuid: str) -> str | None:
         with self._cache_lock:
             if uuid in self._unapplied and self._unapplied[uuid] is None:
                 return None  # forgotten, series and all
+            ended = self._uploaded.get(uuid)
+            if ended is not None and ended[2] is not None:
+                return ended[2]
         found = self._reader.execute("SELECT series FROM series_members WHERE uuid=?",
                                      (uuid,)).fetchone()
         return None if found is None else str(found[0])
@@ -842,16 +915,19 @@ class Journal:
                     (str(time.time()),), rows=())
 
     def eviction_candidates(self, limit: int) -> list[tuple[str, int]]:
-        """Least recently used clean local copies: (uuid, size). Copies whose cache flag is
-        kept in memory (`cached_later`) are the newest: they come after the others."""
+        """Least recently used clean local copies: (uuid, size). Copies whose cache flag or
+        upload's end is kept in memory (`cached_later`, `uploaded_later`) are the newest:
+        they come after the others."""
         hidden = self._hidden()
         flagged = self._flagged()
         rows = self._reader.execute(
             "SELECT uuid, size FROM attachments WHERE state='uploaded' AND cached=1 "
             "ORDER BY atime LIMIT ?", (limit + len(hidden) + len(flagged),)).fetchall()
         found = [(str(u), int(s)) for u, s in rows if u not in hidden and u not in flagged]
+        ended = [(uuid, row.size) for uuid, row in hidden.items()
+                 if row is not None and row.state == UPLOADED and row.cached]
         return (found + [(uuid, row.size) for uuid, row in flagged.items()
-                         if uuid not in hidden])[:limit]
+                         if uuid not in hidden] + ended)[:limit]
 
     def children(self, prefix: str) -> list[str]:
         """Uuids (not pending delete) that start with `prefix`, in order."""

@@ -378,3 +378,150 @@ def test_kept_cache_flags_reach_sqlite_at_close(tmp_path: Path) -> None:
     assert journal.cached_later("a")
     journal.close()
     assert sql_cached(path, "a") == (1, 0)
+
+
+def sql_row(path: Path, uuid: str) -> tuple[str, str | None, str | None] | None:
+    """(state, key, series) as SQLite has them, read by another connection."""
+    db = sqlite3.connect(path)
+    try:
+        found = db.execute("SELECT a.state, a.key, m.series FROM attachments a LEFT JOIN "
+                           "series_members m ON m.uuid = a.uuid WHERE a.uuid=?",
+                           (uuid,)).fetchone()
+        return None if found is None else (str(found[0]), found[1], found[2])
+    finally:
+        db.close()
+
+
+def test_a_kept_upload_end_is_seen_at_once_and_committed_with_the_next_write(
+        tmp_path: Path) -> None:
+    """`uploaded_later` keeps an upload's end in memory: `get`, the state and cached-row
+    queries, the eviction order (as the newest copy) and the series see it at once; SQLite
+    and the counts (another process's view) once it is applied, by `apply_kept` or by any
+    other write, which commits it first."""
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    uploaded_uncached(journal, "old")
+    journal.set_cached("old", True)
+    journal.put_pending("a", 10)
+    journal.put_pending("b", 20)
+    journal.set_error("a", "timed out")
+    assert journal.uploaded_later("a", "a.dcm", "S")
+    assert journal.kept_uploads == 1
+    a = journal.get("a")
+    assert a is not None and (a.state, a.key, a.cached, a.last_error) == \
+        (UPLOADED, "a.dcm", True, None)
+    assert sql_row(path, "a") == (PENDING_UPLOAD, None, None)
+    assert [row.uuid for row in journal.in_state(PENDING_UPLOAD)] == ["b"]
+    assert sorted(row.uuid for row in journal.in_state(UPLOADED)) == ["a", "old"]
+    assert sorted(row.uuid for row in journal.cached_rows()) == ["a", "b", "old"]
+    assert journal.eviction_candidates(10) == [("old", 10), ("a", 10)]
+    assert journal.series_of("a") == "S"
+    assert journal.stats().pending_uploads == 2  # SQL's count: behind until applied
+    journal.touch({"b": 1.0})  # any write commits the kept ends before its own change
+    assert journal.kept_uploads == 0 and sql_row(path, "a") == (UPLOADED, "a.dcm", "S")
+    assert journal.stats().pending_uploads == 1
+    assert journal.uploaded_later("b", "b.dcm")
+    journal.apply_kept()
+    assert journal.kept_uploads == 0 and sql_row(path, "b") == (UPLOADED, "b.dcm", None)
+    journal.close()
+
+
+def test_an_upload_end_is_kept_only_for_a_pending_upload(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    uploaded_uncached(journal, "done", "d")
+    journal.mark_pending_delete("d")
+    assert not journal.uploaded_later("done", "done.dcm")
+    assert not journal.uploaded_later("d", "d.dcm")
+    assert not journal.uploaded_later("missing", "missing.dcm")
+    assert journal.kept_uploads == 0
+    journal.put_pending("p", 10)
+    journal.close()
+    readonly = Journal(tmp_path / "j.sqlite", readonly=True)
+    assert not readonly.uploaded_later("p", "p.dcm")
+    readonly.close()
+
+
+def test_an_upload_end_after_a_logged_put_hides_it_and_a_delete_after_it_wins(
+        tmp_path: Path) -> None:
+    """A put kept in memory (intent log), its upload's end, then a delete: each reader sees
+    the latest; applied together they leave SQLite as the three commits one by one would
+    (the put's row, uploaded with its key, then pending delete, the key kept for the
+    bucket's delete)."""
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    for uuid in ("kept", "deleted"):
+        assert journal.put_logged(uuid, 10)
+        assert journal.uploaded_later(uuid, f"{uuid}.dcm", "S")
+    kept = journal.get("kept")
+    assert kept is not None and (kept.state, kept.key) == (UPLOADED, "kept.dcm")
+    assert journal.in_state(PENDING_UPLOAD) == []
+    assert journal.children("ke") == ["kept"]
+    assert journal.delete_logged("deleted")
+    deleted = journal.get("deleted")
+    assert deleted is not None and (deleted.state, deleted.key, deleted.cached) == \
+        (PENDING_DELETE, "deleted.dcm", False)
+    assert journal.children("de") == [] and not journal.has_children("de")
+    assert [row.uuid for row in journal.in_state(PENDING_DELETE)] == ["deleted"]
+    assert journal.eviction_candidates(10) == [("kept", 10)]
+    assert sql_row(path, "kept") is None  # nothing in SQLite yet
+    journal.apply_kept()
+    assert sql_row(path, "kept") == (UPLOADED, "kept.dcm", "S")
+    assert sql_row(path, "deleted") == (PENDING_DELETE, "deleted.dcm", "S")
+    journal.close()
+
+
+def test_an_upload_end_kept_while_another_thread_commits_that_row_is_dropped(
+        tmp_path: Path) -> None:
+    """A write in a worker thread that names a row drops an upload's end kept for it
+    meanwhile (here the row was deleted): the row must not look alive again. A dropped end
+    only means the upload is repeated."""
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.put_pending("x", 10)
+    journal.get("x")
+    commit = journal._db.execute
+    ended = []
+
+    def end_meanwhile(sql: str, *args: Any) -> Any:
+        result = commit(sql, *args)
+        if sql.startswith("UPDATE attachments SET state"):
+            ended.append(journal.uploaded_later("x", "x.dcm"))
+        return result
+
+    journal._db.execute = end_meanwhile  # type: ignore[method-assign]
+    journal.mark_pending_delete("x")
+    assert ended == [True]
+    row = journal.get("x")
+    assert row is not None and row.state == PENDING_DELETE
+    assert journal.kept_uploads == 0
+    journal.close()
+
+
+def test_a_kept_upload_end_reaches_sqlite_before_an_eviction_and_at_close(
+        tmp_path: Path) -> None:
+    """The barrier an eviction takes before it unlinks a copy commits kept upload ends
+    first (docs/durability.md, invariant 2); closing the journal commits the rest."""
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    journal.put_pending("a", 10)
+    journal.put_pending("b", 10)
+    assert journal.uploaded_later("a", "a.dcm")
+    journal.barrier()
+    assert sql_row(path, "a") == (UPLOADED, "a.dcm", None)
+    assert journal.uploaded_later("b", "b.dcm")
+    journal.close()
+    assert sql_row(path, "b") == (UPLOADED, "b.dcm", None)
+
+
+def test_kept_upload_ends_count_towards_the_batch_a_logged_change_applies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "APPLY_BATCH", 3)
+    path = tmp_path / "j.sqlite"
+    journal = Journal(path)
+    journal.put_pending("a", 10)
+    journal.put_pending("b", 10)
+    assert journal.uploaded_later("a", "a.dcm") and journal.uploaded_later("b", "b.dcm")
+    assert journal.put_logged("c", 10)  # the third kept change: all three applied
+    assert journal.kept_uploads == 0
+    assert sql_row(path, "a") == (UPLOADED, "a.dcm", None)
+    assert sql_row(path, "c") == (PENDING_UPLOAD, None, None)
+    journal.close()

@@ -91,8 +91,8 @@ class Store(Hybrid):
                 self._queue_delete(row.uuid)
             nursery.start_soon(supervised, "the cache checkpoint", self.tier.checkpoints)
             nursery.start_soon(supervised, "the intent-log checkpoint", self._checkpoint_log)
-            nursery.start_soon(supervised, "the record of downloaded copies",
-                               self._record_cached)
+            nursery.start_soon(supervised, "the record of downloaded copies and uploads",
+                               self._record_kept)
             nursery.start_soon(supervised, "the removal of deleted copies",
                                partial(self.tier.remove_doomed, self._turn))
             nursery.start_soon(supervised, "the bucket inventory", self._inventory)

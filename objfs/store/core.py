@@ -113,9 +113,12 @@ class StoreCore:
         # Set when a put or a delete was logged in the intent log; `_checkpoint_log` (its one
         # waiter) replaces it with a fresh Event before it empties the log.
         self._intents_logged = trio.Event()
-        # Set when a download kept its cache flag in memory; `_record_cached` (its one
-        # waiter) replaces it with a fresh Event before it commits the flags.
-        self._cached_flagged = trio.Event()
+        # Set when a download kept its cache flag in memory or an upload its end
+        # (`Journal.cached_later`, `uploaded_later`); `_kept_due` when those should be
+        # committed at once. `Fetch._record_kept` (their one waiter) replaces both with fresh
+        # Events before it commits them.
+        self._kept_changes = trio.Event()
+        self._kept_due = trio.Event()
         # Whether deletes use the intent log, and how many of its writes in a row were slow
         # (SLOW_LOG_WRITE); owner: `Writeback._log_delete`, on the event loop.
         self._log_deletes = True

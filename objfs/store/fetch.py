@@ -17,7 +17,7 @@ from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
-from objfs.store.state import CACHED_FLAG_DELAY, DISK_FULL_TRIES, FetchRecord, SharedPlain
+from objfs.store.state import DISK_FULL_TRIES, KEPT_CHANGES_DELAY, FetchRecord, SharedPlain
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,7 @@ class Fetch(Names):
             self.tier.release(row.size)
             raise errors.NotFound(f"attachment {row.uuid} was deleted while it was fetched")
         if self.journal.cached_later(row.uuid, self.seal_local):
-            self._cached_flagged.set()  # `_record_cached` commits it with the burst's others
+            self._kept_changes.set()  # `_record_kept` commits it with the burst's others
             self._confirmed[row.uuid] = True
             return
         try:
@@ -409,21 +409,24 @@ class Fetch(Names):
             raise
         self._confirmed[row.uuid] = True
 
-    async def _record_cached(self) -> None:
-        """Commit the cache flags downloads kept in memory (`Journal.cached_later`)
-        CACHED_FLAG_DELAY seconds after the first of a burst, all in one transaction in a
-        worker thread: one thread round trip for the burst instead of one per download (each
+    async def _record_kept(self) -> None:
+        """Commit the cache flags downloads kept in memory (`Journal.cached_later`) and the
+        ends uploads kept (`uploaded_later`) KEPT_CHANGES_DELAY seconds after the first of a
+        burst, or as soon as `_kept_due` is set, all in one transaction in a worker thread:
+        one thread round trip for the burst instead of one per download or upload (each
         cost the daemon 0.1-0.15 ms of CPU and a GIL handoff with the loop). A failure (the
         journal's disk full) leaves them kept for the next write or the next round."""
         while True:
-            await self._cached_flagged.wait()
-            await trio.sleep(CACHED_FLAG_DELAY)
-            self._cached_flagged = trio.Event()
+            await self._kept_changes.wait()
+            with trio.move_on_after(KEPT_CHANGES_DELAY):
+                await self._kept_due.wait()
+            self._kept_changes = trio.Event()
+            self._kept_due = trio.Event()
             try:
                 await self._j(self.journal.apply_kept)
             except sqlite3.Error as exc:
-                log.warning("cannot record %d downloaded copies in the journal yet: %s",
-                            self.journal.kept_flags, exc)
+                log.warning("cannot record %d downloaded copies and %d uploads in the journal "
+                            "yet: %s", self.journal.kept_flags, self.journal.kept_uploads, exc)
 
     def _decrypts_on_arrival(self, key: str) -> bool:
         """Whether a download of `key` is decrypted as its bytes arrive (no ciphertext copy on

@@ -16,7 +16,7 @@ from objfs import codec, errors
 from objfs.dicomhead import series_instance_uid
 from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path, fsync_path
-from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
+from objfs.journal import APPLY_BATCH, PENDING_DELETE, PENDING_UPLOAD, Row
 from objfs.retry import RetryPolicy
 from objfs.store.fetch import Fetch
 from objfs.store.state import (
@@ -613,7 +613,17 @@ class Writeback(Fetch):
             self._queue_delete(uuid)
         elif row is not None:
             series = series_instance_uid(head) if head and self.record_series else None
-            await self._j(self.journal.mark_uploaded, uuid, key, series)
+            if self.journal.uploaded_later(uuid, key, series):
+                # Committed with others (`_record_kept`): at once when a batch is kept, or
+                # when this was the last upload and Orthanc is not writing (the journal then
+                # says all is in the bucket; during a burst more are about to end).
+                self._kept_changes.set()
+                last = len(self._outstanding) <= 1 \
+                    and trio.current_time() >= self._last_foreground + SPARE_WINDOW
+                if last or self.journal.kept_uploads >= APPLY_BATCH:
+                    self._kept_due.set()
+            else:
+                await self._j(self.journal.mark_uploaded, uuid, key, series)
             self._confirmed[uuid] = True
             self.tally.uploads += 1
             self.tier.space_changed()

@@ -17,7 +17,7 @@ import trio.testing
 
 from objfs.cache import CHECKPOINT_SECONDS, DOWNLOADS_SYNCED
 from objfs.journal import UPLOADED
-from objfs.store.state import CACHED_FLAG_DELAY
+from objfs.store.state import KEPT_CHANGES_DELAY
 from tests.inprocess.conftest import Rig
 from tests.inprocess.test_operations import ops_for, orthanc_read, orthanc_write
 
@@ -136,9 +136,9 @@ async def test_downloads_whose_flags_cannot_be_committed_are_served_and_recorded
     monkeypatch.setattr(rig.journal, "apply_kept", full_disk)
     for uuid, data in written.items():
         assert await rig.read(uuid) == data
-    await trio.sleep(CACHED_FLAG_DELAY + 1)
+    await trio.sleep(KEPT_CHANGES_DELAY + 1)
     assert refused == 1 and rig.journal.kept_flags == 3
-    assert "cannot record 3 downloaded copies in the journal yet" in caplog.text
+    assert "cannot record 3 downloaded copies and 0 uploads in the journal yet" in caplog.text
     gets = rig.backend.calls["get"]
     for uuid, data in written.items():
         row = rig.journal.get(uuid)
@@ -147,7 +147,7 @@ async def test_downloads_whose_flags_cannot_be_committed_are_served_and_recorded
     assert rig.backend.calls["get"] == gets  # served from the cache
     assert rig.tier.used == used + 300_000
     monkeypatch.setattr(rig.journal, "apply_kept", apply_kept)
-    rig.store._cached_flagged.set()  # as the next download would
-    await trio.sleep(CACHED_FLAG_DELAY + 1)
+    rig.store._kept_changes.set()  # as the next download would
+    await trio.sleep(KEPT_CHANGES_DELAY + 1)
     assert rig.journal.kept_flags == 0
     assert rig.journal.stats().cached_entries == 3

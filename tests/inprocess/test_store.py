@@ -15,13 +15,14 @@ import trio
 import trio.testing
 
 from objfs import errors, intentlog
-from objfs.journal import PENDING_UPLOAD, UPLOADED
+from objfs.journal import PENDING_UPLOAD, UPLOADED, read_stats
 from objfs.store import writeback
 from objfs.store.state import (
     BUSY_WINDOW,
     INLINE_SYNC_BYTES,
     INLINE_SYNC_MAX,
     INTENT_LOG_CHECKPOINT,
+    KEPT_CHANGES_DELAY,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
     SPARE_CPUS,
@@ -794,3 +795,52 @@ async def test_an_upload_queued_twice_is_sent_once_without_an_error(
     assert "failed" not in caplog.text
     row = rig.journal.get(uuid)
     assert row is not None and row.state == UPLOADED
+
+
+async def test_upload_ends_are_committed_together_and_at_once_after_the_last(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload's end is kept in memory (no worker thread per upload): a burst of them is
+    committed in one transaction, and the last one's (Orthanc not writing) at once, so that
+    the journal another process reads says everything is in the bucket as soon as it is.
+    While Orthanc writes, an end waits for the others, at most KEPT_CHANGES_DELAY."""
+    rig = await gated_rig(CacheSize=64, BackgroundHold=0)
+    applied: list[int] = []
+    apply_kept = rig.journal.apply_kept
+
+    def counted() -> None:
+        applied.append(rig.journal.kept_uploads)
+        apply_kept()
+
+    def never(*args: object) -> None:
+        raise AssertionError("an upload's end committed on its own")
+
+    monkeypatch.setattr(rig.journal, "apply_kept", counted)
+    monkeypatch.setattr(rig.journal, "mark_uploaded", never)
+    await write_small(rig, 5)
+    await trio.sleep(BUSY_WINDOW * 1.02)
+    assert rig.backend.calls["put"] == 5  # all held at the gate
+    rig.backend.gate.set()
+    start = trio.current_time()
+    with trio.fail_after(KEPT_CHANGES_DELAY):
+        while read_stats(rig.journal.path).pending_uploads:
+            await trio.sleep(0.001)
+    assert trio.current_time() - start < KEPT_CHANGES_DELAY / 2
+    assert applied == [5]
+    # Orthanc writes on: an upload that ends meanwhile is committed after the delay.
+    rig.backend.set(Mode.GATED, "put")
+    uuid = new_uuid()
+    await rig.write(uuid, os.urandom(1000))
+    await trio.sleep(BUSY_WINDOW * 1.02)
+    assert rig.backend.calls["put"] == 6
+    rig.backend.gate.set()
+    await rig.write(new_uuid(), os.urandom(1000))  # busy again as the upload ends
+    while (row := rig.journal.get(uuid)) is None or row.state != UPLOADED:
+        await trio.sleep(0.001)
+    ended = trio.current_time()
+    assert read_stats(rig.journal.path).uploaded == 5  # kept for now
+    with trio.fail_after(KEPT_CHANGES_DELAY * 1.1):
+        while read_stats(rig.journal.path).uploaded < 6:
+            await trio.sleep(0.001)
+    assert trio.current_time() - ended > KEPT_CHANGES_DELAY / 2
+    assert applied[1:] == [2]  # with the second write's, whose upload ended meanwhile
