@@ -78,8 +78,8 @@ BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, p
 DISK_FULL_PAUSE = 10.0
 # A download's cache flag is kept in memory (`Journal.cached_later`), and so is an upload's
 # end (`Journal.uploaded_later`); both are committed with the burst's others this many seconds
-# after the burst's first (`Fetch._record_kept`), the upload ends at once when the last
-# outstanding upload ended or APPLY_BATCH are kept.
+# after the burst's first (`Fetch._record_kept`); the upload ends at once when the last
+# outstanding upload ended while Orthanc was not writing, or when APPLY_BATCH are kept.
 KEPT_CHANGES_DELAY = 0.25
 # Downloads, in all, of a reader's copy that finds the disk full (a clean copy evicted before
 # each new try): enough for the series prefetch's downloads under way when it paused to end.
