@@ -553,6 +553,12 @@ class Journal:
         """Upload ends kept in memory (`uploaded_later`), not yet in SQLite."""
         return len(self._uploaded)
 
+    @property
+    def kept_changes(self) -> int:
+        """Row changes of logged puts and deletes and upload ends kept in memory: at
+        APPLY_BATCH the next `put_logged` or `delete_logged` applies them."""
+        return len(self._unapplied) + len(self._uploaded)
+
     def _flagged(self) -> dict[str, Row]:
         """A copy of the kept cache flags' rows, for a query to see through."""
         with self._cache_lock:

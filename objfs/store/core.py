@@ -28,6 +28,7 @@ from objfs.store.state import (
     FIRST_LOOK,
     INVENTORY_COMPLETE,
     INVENTORY_META,
+    KEPT_APPLY_SOON,
     KERNEL_ABSENT_TTL,
     NEGATIVE_TTL,
     PIXEL_DATA_TAG,
@@ -251,6 +252,15 @@ class StoreCore:
     def _queue_delete(self, uuid: str) -> None:
         self._track(uuid)
         self._delete_send.send_nowait(uuid)
+
+    def _note_kept(self, now: bool = False) -> None:
+        """The journal kept a row change in memory. `_record_kept` commits the kept ones in a
+        worker thread: at once when `now` or when KEPT_APPLY_SOON are kept (before a full
+        batch is applied on Orthanc's path), otherwise after KEPT_CHANGES_DELAY (a logged
+        put's or delete's, whose checkpoint commits it anyway, does not start that delay)."""
+        if now or self.journal.kept_changes >= KEPT_APPLY_SOON:
+            self._kept_changes.set()
+            self._kept_due.set()
 
     def _track(self, uuid: str) -> None:
         self._outstanding.add(uuid)

@@ -81,6 +81,10 @@ DISK_FULL_PAUSE = 10.0
 # after the burst's first (`Fetch._record_kept`); the upload ends at once when the last
 # outstanding upload ended while Orthanc was not writing, or when APPLY_BATCH are kept.
 KEPT_CHANGES_DELAY = 0.25
+# Kept row changes (logged puts and deletes, upload ends) that `_record_kept` commits at once in
+# a worker thread: half the batch that `put_logged` or `delete_logged` would otherwise apply on
+# the thread of Orthanc's fsync or unlink.
+KEPT_APPLY_SOON = 32
 # Downloads, in all, of a reader's copy that finds the disk full (a clean copy evicted before
 # each new try): enough for the series prefetch's downloads under way when it paused to end.
 DISK_FULL_TRIES = 4

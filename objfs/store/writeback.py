@@ -16,7 +16,7 @@ from objfs import codec, errors
 from objfs.dicomhead import series_instance_uid
 from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path, fsync_path
-from objfs.journal import APPLY_BATCH, PENDING_DELETE, PENDING_UPLOAD, Row
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
 from objfs.retry import RetryPolicy
 from objfs.store.fetch import Fetch
 from objfs.store.state import (
@@ -170,6 +170,7 @@ class Writeback(Fetch):
             raise
         if new:
             self._intents_logged.set()  # the checkpoint empties the log once writes pause
+            self._note_kept()
         handle.durable = True
         if self.write_through:
             handle.sent = True
@@ -437,6 +438,7 @@ class Writeback(Fetch):
         took = time.perf_counter() - started
         if logged:
             self._intents_logged.set()
+            self._note_kept()
         self._slow_log_writes = self._slow_log_writes + 1 if took > SLOW_LOG_WRITE else 0
         if self._slow_log_writes >= SLOW_LOG_WRITES:
             self._log_deletes = False
@@ -614,14 +616,12 @@ class Writeback(Fetch):
         elif row is not None:
             series = series_instance_uid(head) if head and self.record_series else None
             if self.journal.uploaded_later(uuid, key, series):
-                # Committed with others (`_record_kept`): at once when a batch is kept, or
-                # when this was the last upload and Orthanc is not writing (the journal then
-                # says all is in the bucket; during a burst more are about to end).
+                # Committed with others (`_record_kept`): at once when this was the last
+                # upload and Orthanc is not writing (the journal then says all is in the
+                # bucket; during a burst more are about to end).
                 self._kept_changes.set()
-                last = len(self._outstanding) <= 1 \
-                    and trio.current_time() >= self._last_foreground + SPARE_WINDOW
-                if last or self.journal.kept_uploads >= APPLY_BATCH:
-                    self._kept_due.set()
+                self._note_kept(len(self._outstanding) <= 1 and trio.current_time()
+                                >= self._last_foreground + SPARE_WINDOW)
             else:
                 await self._j(self.journal.mark_uploaded, uuid, key, series)
             self._confirmed[uuid] = True

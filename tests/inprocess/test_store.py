@@ -22,6 +22,7 @@ from objfs.store.state import (
     INLINE_SYNC_BYTES,
     INLINE_SYNC_MAX,
     INTENT_LOG_CHECKPOINT,
+    KEPT_APPLY_SOON,
     KEPT_CHANGES_DELAY,
     SLOW_LOG_WRITE,
     SLOW_LOG_WRITES,
@@ -844,3 +845,26 @@ async def test_upload_ends_are_committed_together_and_at_once_after_the_last(
             await trio.sleep(0.001)
     assert trio.current_time() - ended > KEPT_CHANGES_DELAY / 2
     assert applied[1:] == [2]  # with the second write's, whose upload ended meanwhile
+
+
+async def test_kept_row_changes_are_committed_in_a_worker_at_half_a_batch(
+        autojump_clock: trio.testing.MockClock, gated_rig: GatedRig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logged puts (and deletes, and upload ends) kept in memory go to SQLite from
+    `_record_kept`'s worker thread once KEPT_APPLY_SOON are kept, not in a full batch on the
+    thread of the Orthanc fsync that logs the 64th."""
+    rig = await gated_rig(CacheSize=64)
+    applied: list[int] = []
+    apply_kept = rig.journal.apply_kept
+
+    def counted() -> None:
+        applied.append(rig.journal.kept_changes)
+        apply_kept()
+
+    monkeypatch.setattr(rig.journal, "apply_kept", counted)
+    for _ in range(KEPT_APPLY_SOON * 3):
+        await write_small(rig, 1)
+        await trio.sleep(0.001)
+        assert rig.journal.kept_changes < KEPT_APPLY_SOON
+    assert len(applied) >= 2 and set(applied) == {KEPT_APPLY_SOON}
+    assert read_stats(rig.journal.path).pending_uploads >= 2 * KEPT_APPLY_SOON
