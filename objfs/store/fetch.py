@@ -17,7 +17,13 @@ from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
-from objfs.store.state import DISK_FULL_TRIES, KEPT_CHANGES_DELAY, FetchRecord, SharedPlain
+from objfs.store.state import (
+    DISK_FULL_TRIES,
+    KEPT_CHANGES_DELAY,
+    KEPT_FAILED_PAUSE,
+    FetchRecord,
+    SharedPlain,
+)
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -415,7 +421,8 @@ class Fetch(Names):
         burst, or as soon as `_kept_due` is set, all in one transaction in a worker thread:
         one thread round trip for the burst instead of one per download or upload (each
         cost the daemon 0.1-0.15 ms of CPU and a GIL handoff with the loop). A failure (the
-        journal's disk full) leaves them kept for the next write or the next round."""
+        journal's disk full) leaves them kept for the next write or the next round, which
+        waits KEPT_FAILED_PAUSE first."""
         while True:
             await self._kept_changes.wait()
             with trio.move_on_after(KEPT_CHANGES_DELAY):
@@ -427,6 +434,7 @@ class Fetch(Names):
             except sqlite3.Error as exc:
                 log.warning("cannot record %d downloaded copies and %d uploads in the journal "
                             "yet: %s", self.journal.kept_flags, self.journal.kept_uploads, exc)
+                await trio.sleep(KEPT_FAILED_PAUSE)
 
     def _decrypts_on_arrival(self, key: str) -> bool:
         """Whether a download of `key` is decrypted as its bytes arrive (no ciphertext copy on

@@ -17,7 +17,7 @@ import trio.testing
 
 from objfs.cache import CHECKPOINT_SECONDS, DOWNLOADS_SYNCED
 from objfs.journal import UPLOADED
-from objfs.store.state import KEPT_CHANGES_DELAY
+from objfs.store.state import KEPT_CHANGES_DELAY, KEPT_FAILED_PAUSE
 from tests.inprocess.conftest import Rig
 from tests.inprocess.test_operations import ops_for, orthanc_read, orthanc_write
 
@@ -151,3 +151,40 @@ async def test_downloads_whose_flags_cannot_be_committed_are_served_and_recorded
     await trio.sleep(KEPT_CHANGES_DELAY + 1)
     assert rig.journal.kept_flags == 0
     assert rig.journal.stats().cached_entries == 3
+
+
+async def test_upload_ends_that_cannot_be_committed_stay_kept_and_retries_are_paced(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Upload ends kept in memory whose commit finds the journal's disk full stay kept (the
+    attachments read as uploaded); each upload that ends asks for a commit at once, but after
+    a failure the next try waits KEPT_FAILED_PAUSE: one warning a second at most, not one per
+    upload. Once the journal can write, they are committed."""
+    rig = rig_factory(BackgroundHold=0)
+    await running(rig)
+    apply_kept = rig.journal.apply_kept
+    refused = 0
+
+    def full_disk() -> None:
+        nonlocal refused
+        refused += 1
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(rig.journal, "apply_kept", full_disk)
+    start = trio.current_time()
+    written = [str(uuid_mod.uuid4()) for _ in range(12)]
+    for uuid in written:
+        await rig.write(uuid, os.urandom(1000))
+        await trio.sleep(0.2)  # uploaded meanwhile, Orthanc idle: its end is due at once
+        row = rig.journal.get(uuid)
+        assert row is not None and row.state == UPLOADED
+    took = trio.current_time() - start
+    assert rig.journal.kept_uploads == len(written)
+    assert 1 <= refused <= took / KEPT_FAILED_PAUSE + 1
+    assert caplog.text.count("cannot record 0 downloaded copies and") == refused
+    monkeypatch.setattr(rig.journal, "apply_kept", apply_kept)
+    await rig.write(str(uuid_mod.uuid4()), os.urandom(1000))
+    await trio.sleep(KEPT_FAILED_PAUSE + 1)
+    assert rig.journal.kept_uploads == 0
+    assert rig.journal.stats().uploaded == len(written) + 1
