@@ -79,7 +79,8 @@ DISK_FULL_PAUSE = 10.0
 # A download's cache flag is kept in memory (`Journal.cached_later`), and so is an upload's
 # end (`Journal.uploaded_later`); both are committed with the burst's others this many seconds
 # after the burst's first (`Fetch._record_kept`); the upload ends at once when the last
-# outstanding upload ended while Orthanc was not writing, or when APPLY_BATCH are kept.
+# outstanding upload ended while Orthanc was not writing, or when KEPT_APPLY_SOON row changes
+# are kept.
 KEPT_CHANGES_DELAY = 0.25
 # Kept row changes (logged puts and deletes, upload ends) that `_record_kept` commits at once in
 # a worker thread: half the batch that `put_logged` or `delete_logged` would otherwise apply on
