@@ -683,8 +683,7 @@ class Journal:
         now = time.time()
         with self._cache_lock:
             self._unapplied[uuid] = Row(uuid, PENDING_UPLOAD, size, None, True, now)
-            self._generation += 1  # a `get` under way must not keep what it read
-            self._rows.pop(uuid, None)
+            self._kept_row_changed(uuid)
         logged = self._intents.append_put(uuid, size)
         if not logged:  # filled by another thread meanwhile: the caller commits durably
             with self._cache_lock:
@@ -746,17 +745,28 @@ class Journal:
         then `stats`, and other processes, count the upload as pending). For the event loop
         (readers' thread). False, with nothing changed, when the row is not pending upload
         (or there is none, or the journal is read-only): then `mark_uploaded`."""
-        if self._db is self._reader:
-            return False
-        row = self.get(uuid)
-        if row is None or row.state != PENDING_UPLOAD:
+        row = self._to_keep(uuid, PENDING_UPLOAD)
+        if row is None:
             return False
         with self._cache_lock:
             self._uploaded[uuid] = (dataclasses.replace(row, state=UPLOADED, key=key,
                                                         last_error=None), time.time(), series)
-            self._generation += 1  # a `get` under way must not keep what it read
-            self._rows.pop(uuid, None)
+            self._kept_row_changed(uuid)
         return True
+
+    def _to_keep(self, uuid: str, state: RowState) -> Row | None:
+        """For a change kept in memory (`uploaded_later`, `cached_later`): the row of `uuid`
+        when it is in `state` and this journal writes, else None."""
+        if self._db is self._reader:
+            return None
+        row = self.get(uuid)
+        return row if row is not None and row.state == state else None
+
+    def _kept_row_changed(self, uuid: str) -> None:
+        """After a change of `uuid`'s row was kept: a `get` under way must not keep what it
+        read. Caller holds `_cache_lock`."""
+        self._generation += 1
+        self._rows.pop(uuid, None)
 
     def mark_pending_delete(self, uuid: str) -> None:
         self._write(_MARK_DELETED, (PENDING_DELETE, uuid), rows=(uuid,))
@@ -785,8 +795,7 @@ class Journal:
                                                           cached=False)
         with self._cache_lock:
             self._unapplied[uuid] = changed
-            self._generation += 1  # a `get` under way must not keep what it read
-            self._rows.pop(uuid, None)
+            self._kept_row_changed(uuid)
         logged = self._intents.append_delete(uuid)
         self._apply_if_batch()
         return logged
@@ -814,16 +823,13 @@ class Journal:
         sees it at once, SQLite with the next write or `apply_kept`. For the event loop
         (readers' thread). False, with nothing changed, when the row is not uploaded (or
         there is none, or the journal is read-only): then `set_cached`."""
-        if self._db is self._reader:
-            return False
-        row = self.get(uuid)
-        if row is None or row.state != UPLOADED:
+        row = self._to_keep(uuid, UPLOADED)
+        if row is None:
             return False
         with self._cache_lock:
             self._marked[uuid] = (dataclasses.replace(row, cached=True, sealed=sealed),
                                   time.time())
-            self._generation += 1  # a `get` under way must not keep what it read
-            self._rows.pop(uuid, None)
+            self._kept_row_changed(uuid)
         return True
 
     def set_cached(self, uuid: str, cached: bool, sealed: bool = False) -> None:

@@ -24,6 +24,20 @@ from tests.inprocess.test_operations import ops_for, orthanc_read, orthanc_write
 Start = Callable[[Rig], Awaitable[None]]
 
 
+def refuse_kept_commits(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Make the commit of kept changes (`Journal.apply_kept`) fail as on a full disk; returns
+    how many times it was refused so far."""
+    refused = 0
+
+    def full_disk() -> None:
+        nonlocal refused
+        refused += 1
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(rig.journal, "apply_kept", full_disk)
+    return lambda: refused
+
+
 async def still_serving(rig: Rig, tmp_path: Path) -> None:
     """A new attachment is acknowledged, read back and uploaded."""
     ops = ops_for(rig, tmp_path)
@@ -126,18 +140,11 @@ async def test_downloads_whose_flags_cannot_be_committed_are_served_and_recorded
     assert await rig.tier.evict(10 * 1024 * 1024) == 300_000
     used = rig.tier.used
     apply_kept = rig.journal.apply_kept
-    refused = 0
-
-    def full_disk() -> None:
-        nonlocal refused
-        refused += 1
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setattr(rig.journal, "apply_kept", full_disk)
+    refused = refuse_kept_commits(rig, monkeypatch)
     for uuid, data in written.items():
         assert await rig.read(uuid) == data
     await trio.sleep(KEPT_CHANGES_DELAY + 1)
-    assert refused == 1 and rig.journal.kept_flags == 3
+    assert refused() == 1 and rig.journal.kept_flags == 3
     assert "cannot record 3 downloaded copies and 0 uploads in the journal yet" in caplog.text
     gets = rig.backend.calls["get"]
     for uuid, data in written.items():
@@ -164,14 +171,7 @@ async def test_upload_ends_that_cannot_be_committed_stay_kept_and_retries_are_pa
     rig = rig_factory(BackgroundHold=0)
     await running(rig)
     apply_kept = rig.journal.apply_kept
-    refused = 0
-
-    def full_disk() -> None:
-        nonlocal refused
-        refused += 1
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setattr(rig.journal, "apply_kept", full_disk)
+    refused = refuse_kept_commits(rig, monkeypatch)
     start = trio.current_time()
     written = [str(uuid_mod.uuid4()) for _ in range(12)]
     for uuid in written:
@@ -181,8 +181,8 @@ async def test_upload_ends_that_cannot_be_committed_stay_kept_and_retries_are_pa
         assert row is not None and row.state == UPLOADED
     took = trio.current_time() - start
     assert rig.journal.kept_uploads == len(written)
-    assert 1 <= refused <= took / KEPT_FAILED_PAUSE + 1
-    assert caplog.text.count("cannot record 0 downloaded copies and") == refused
+    assert 1 <= refused() <= took / KEPT_FAILED_PAUSE + 1
+    assert caplog.text.count("cannot record 0 downloaded copies and") == refused()
     monkeypatch.setattr(rig.journal, "apply_kept", apply_kept)
     await rig.write(str(uuid_mod.uuid4()), os.urandom(1000))
     await trio.sleep(KEPT_FAILED_PAUSE + 1)
