@@ -553,6 +553,11 @@ class Journal:
         """Upload ends kept in memory (`uploaded_later`), not yet in SQLite."""
         return len(self._uploaded)
 
+    def kept_upload(self) -> str | None:
+        """One of the uploads whose end is kept in memory (`uploaded_later`), if any."""
+        with self._cache_lock:
+            return next(iter(self._uploaded), None)
+
     @property
     def kept_changes(self) -> int:
         """Row changes of logged puts and deletes and upload ends kept in memory: at

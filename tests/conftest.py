@@ -7,6 +7,7 @@ and the run ends with a banner saying why; tests that need no mount run and pass
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -99,9 +100,13 @@ def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
 
 
 def fill(path: Path) -> None:
-    """Write zeros into `path` until its disk is full."""
-    with open(path, "wb") as out, pytest.raises(OSError) as filled:
-        while True:
-            out.write(b"\0" * 65536)
-            out.flush()
+    """Write zeros into `path` until its disk is full. Unbuffered: a buffered file keeps
+    what the last write could not place and fails again when it is closed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with pytest.raises(OSError) as filled:
+            while True:
+                os.write(fd, b"\0" * 65536)
+    finally:
+        os.close(fd)
     assert filled.value.errno == errno.ENOSPC

@@ -115,13 +115,16 @@ def test_an_upload_the_full_disk_kept_from_being_recorded_goes_through_once_ther
         tmp_path: Path, small_disk: Path, moto: MotoServer, objfs_factory: Callable[..., Objfs],
         request: pytest.FixtureRequest) -> None:
     # The bucket refuses the upload until the disk is full; then the PUT succeeds, and the
-    # journal has no room to record it.
+    # journal has no room to record it. The copy stays open (a reader): once uploaded it is
+    # clean, and evicting it would make the room (the next test).
     daemon, proxy, bucket = behind_proxy(moto, small_disk, objfs_factory, request, "diskfull")
     daemon.wait_inventory()
     proxy.set("reset")
     uuid = str(uuid_mod.uuid4())
     data = os.urandom(256 * 1024)
     orthanc_write(att(daemon.mountpoint, uuid), data)
+    held = open(att(daemon.mountpoint, uuid), "rb")
+    request.addfinalizer(held.close)
     filler = small_disk / "filler"
     fill(filler)
     proxy.set("ok")
@@ -129,6 +132,7 @@ def test_an_upload_the_full_disk_kept_from_being_recorded_goes_through_once_ther
                in daemon.text(), 120, "the upload refused by the full disk",
                daemon.process.proc if daemon.process else None, daemon.log)
     assert daemon.journal_stats().pending_uploads == 1
+    held.close()
     filler.unlink()
     daemon.wait_uploaded(60)  # tried again after a pause, without a restart
     assert list(moto.sizes(bucket).values()) == [len(data)]

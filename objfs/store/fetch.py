@@ -18,9 +18,11 @@ from objfs.fsutil import fd_path
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
 from objfs.store.state import (
+    COMMIT_ROOM,
     DISK_FULL_TRIES,
     KEPT_CHANGES_DELAY,
     KEPT_FAILED_PAUSE,
+    ROOM_MADE_PAUSE,
     FetchRecord,
     SharedPlain,
 )
@@ -420,9 +422,12 @@ class Fetch(Names):
         ends uploads kept (`uploaded_later`) KEPT_CHANGES_DELAY seconds after the first of a
         burst, or as soon as `_kept_due` is set, all in one transaction in a worker thread:
         one thread round trip for the burst instead of one per download or upload (each
-        cost the daemon 0.1-0.15 ms of CPU and a GIL handoff with the loop). A failure (the
-        journal's disk full) leaves them kept for the next write or the next round, which
-        waits KEPT_FAILED_PAUSE first."""
+        cost the daemon 0.1-0.15 ms of CPU and a GIL handoff with the loop). A commit that
+        finds the journal's disk full evicts clean copies to make room, as an upload's own
+        commit did, and tries again ROOM_MADE_PAUSE later; with nothing to evict, or any other
+        failure, they stay kept (read as they are: served, uploaded) and it tries again
+        KEPT_FAILED_PAUSE later, or with the next write: until then `objfs status` counts
+        those uploads as pending."""
         while True:
             await self._kept_changes.wait()
             with trio.move_on_after(KEPT_CHANGES_DELAY):
@@ -432,9 +437,27 @@ class Fetch(Names):
             try:
                 await self._j(self.journal.apply_kept)
             except sqlite3.Error as exc:
-                log.warning("cannot record %d downloaded copies and %d uploads in the journal "
-                            "yet: %s", self.journal.kept_flags, self.journal.kept_uploads, exc)
-                await trio.sleep(KEPT_FAILED_PAUSE)
+                pause = KEPT_FAILED_PAUSE
+                if is_disk_full(exc) and await self._make_disk_room(COMMIT_ROOM, exc):
+                    pause = ROOM_MADE_PAUSE
+                else:
+                    self._say_not_recorded(exc)
+                await trio.sleep(pause)
+                self._kept_changes.set()
+                self._kept_due.set()
+
+    def _say_not_recorded(self, exc: sqlite3.Error) -> None:
+        """Log that the kept changes could not be committed (`exc`): for an upload, in the
+        words an upload whose record found the disk full has always used."""
+        ended = self.journal.kept_upload()
+        if ended is not None and is_disk_full(exc):
+            log.error("upload of attachment %s: no space left on the local disk (%s); it is "
+                      "in the bucket, and the journal records it (with %d more uploads and %d "
+                      "downloaded copies) once there is room", ended, exc,
+                      self.journal.kept_uploads - 1, self.journal.kept_flags)
+            return
+        log.warning("cannot record %d downloaded copies and %d uploads in the journal yet: %s",
+                    self.journal.kept_flags, self.journal.kept_uploads, exc)
 
     def _decrypts_on_arrival(self, key: str) -> bool:
         """Whether a download of `key` is decrypted as its bytes arrive (no ciphertext copy on

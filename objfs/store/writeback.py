@@ -469,7 +469,8 @@ class Writeback(Fetch):
 
     async def _upload_worker(self) -> None:
         """Take queued uploads one at a time. An upload that failed because the cache
-        directory's disk is full (the journal cannot record it as uploaded) is tried again after
+        directory's disk is full (its encrypted body, or the journal's record of an end that
+        could not be kept in memory: `Journal.uploaded_later`) is tried again after
         ROOM_MADE_PAUSE when evicting clean copies made room (`make_disk_room`), else after
         DISK_FULL_PAUSE, still counted as unsent and outstanding (a drain waits for it); any
         other failure (the bucket's are retried inside `_upload`) leaves it journaled for the
