@@ -19,6 +19,7 @@ from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
 from objfs.store.state import (
     COMMIT_ROOM,
+    DISK_FULL_PAUSE,
     DISK_FULL_TRIES,
     KEPT_CHANGES_DELAY,
     KEPT_FAILED_PAUSE,
@@ -424,10 +425,11 @@ class Fetch(Names):
         one thread round trip for the burst instead of one per download or upload (each
         cost the daemon 0.1-0.15 ms of CPU and a GIL handoff with the loop). A commit that
         finds the journal's disk full evicts clean copies to make room, as an upload's own
-        commit did, and tries again ROOM_MADE_PAUSE later; with nothing to evict, or any other
-        failure, they stay kept (read as they are: served, uploaded) and it tries again
-        KEPT_FAILED_PAUSE later, or with the next write: until then `objfs status` counts
-        those uploads as pending."""
+        commit did, and tries again ROOM_MADE_PAUSE later; with nothing to evict they stay
+        kept (read as they are: served, uploaded) and it tries again DISK_FULL_PAUSE later
+        (logged each time, as an upload whose record found the disk full always was), after
+        any other failure KEPT_FAILED_PAUSE later; sooner with the next write. Until then
+        `objfs status` counts those uploads as pending."""
         while True:
             await self._kept_changes.wait()
             with trio.move_on_after(KEPT_CHANGES_DELAY):
@@ -437,11 +439,12 @@ class Fetch(Names):
             try:
                 await self._j(self.journal.apply_kept)
             except sqlite3.Error as exc:
-                pause = KEPT_FAILED_PAUSE
-                if is_disk_full(exc) and await self._make_disk_room(COMMIT_ROOM, exc):
+                full = is_disk_full(exc)
+                if full and await self._make_disk_room(COMMIT_ROOM, exc):
                     pause = ROOM_MADE_PAUSE
                 else:
                     self._say_not_recorded(exc)
+                    pause = DISK_FULL_PAUSE if full else KEPT_FAILED_PAUSE
                 await trio.sleep(pause)
                 self._kept_changes.set()
                 self._kept_due.set()

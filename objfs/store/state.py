@@ -86,7 +86,7 @@ KEPT_CHANGES_DELAY = 0.25
 # a worker thread: half the batch that `put_logged` or `delete_logged` would otherwise apply on
 # the thread of Orthanc's fsync or unlink.
 KEPT_APPLY_SOON = 32
-# After a commit of kept changes failed (the journal's disk full, nothing to evict), the next
+# After a commit of kept changes failed (other than for a full disk: DISK_FULL_PAUSE), the next
 # try waits this long whatever is kept meanwhile: one message a second at most, no thread round
 # trip per change; then it tries again by itself (the uploads count as pending until then).
 KEPT_FAILED_PAUSE = 1.0
