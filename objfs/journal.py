@@ -408,11 +408,15 @@ class Journal:
         """What replaying `intents` makes of the rows they name, where that differs from
         what `db` holds now: a put makes a pending-upload row unless there is a row
         (committed since) or its local copy is not in `copies` (the attachment was deleted
-        and its row dropped since, and must not come back; None: taken to be there, as a
-        reader in another process does); a delete marks the row pending-delete. A reader
-        reads the intents before the rows: a change applied and its log emptied in between
-        is then in the rows."""
+        since, and must not come back; None: taken to be there, as a reader in another
+        process does); a delete marks the row pending-delete, and makes a pending-delete
+        row for a put whose copy was gone: deleted before any of its row changes reached
+        SQLite, it may have been uploaded meanwhile (its end kept in memory too), so its
+        object's delete is repeated (needless when it was never sent, or when the delete
+        had reached the bucket and the row was dropped). A reader reads the intents before
+        the rows: a change applied and its log emptied in between is then in the rows."""
         changed: dict[str, Row | None] = {}
+        gone: dict[str, int] = {}  # puts whose copy was not in `copies`: their sizes
         for intent in intents:
             if intent.uuid in changed:
                 row = changed[intent.uuid]
@@ -421,12 +425,19 @@ class Journal:
                                    (intent.uuid,)).fetchone()
                 row = None if found is None else _row(found)
             if intent.kind == Kind.PUT:
-                if row is None and (copies is None or (copies / intent.uuid).exists()):
+                if row is not None:
+                    continue
+                if copies is None or (copies / intent.uuid).exists():
                     changed[intent.uuid] = Row(intent.uuid, PENDING_UPLOAD, intent.size, None,
                                                True, time.time())
+                else:
+                    gone[intent.uuid] = intent.size
             elif row is not None and row.state != PENDING_DELETE:
                 changed[intent.uuid] = dataclasses.replace(row, state=PENDING_DELETE,
                                                            cached=False)
+            elif row is None and intent.uuid in gone:
+                changed[intent.uuid] = Row(intent.uuid, PENDING_DELETE, gone[intent.uuid],
+                                           None, False, time.time())
         return changed
 
     def _migrate(self) -> None:

@@ -506,6 +506,29 @@ def test_a_logged_put_whose_row_was_lost_is_replayed_while_its_copy_is_there(
     assert pending_after_reopen(tmp_path / INTENT_LOG) == []
 
 
+def test_a_logged_put_whose_copy_is_gone_and_its_logged_delete_replay_as_a_pending_delete(
+        tmp_path: Path) -> None:
+    """Both row changes lost in a crash: the put's copy is gone (the delete took it), so no
+    pending upload comes back; the delete after it leaves a pending delete, since the
+    attachment may have reached the bucket in between (an object delete that is needless
+    when it had not). A put whose copy is gone with no delete after it leaves nothing."""
+    copies = tmp_path / "data"
+    copies.mkdir()
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path, copies=copies)
+    deleted, discarded = _uuids(2)
+    assert journal.put_logged(deleted, 10) and journal.put_logged(discarded, 20)
+    assert journal.delete_logged(deleted)
+    journal._unapplied.clear()  # lost in the crash
+    journal.close()
+    again = Journal(path, copies=copies)
+    row = again.get(deleted)
+    assert row is not None and (row.state, row.size, row.cached) == (PENDING_DELETE, 10, False)
+    assert again.get(discarded) is None
+    again.close()
+    assert _sql_state(path, deleted) == PENDING_DELETE
+
+
 def test_a_replayed_put_keeps_a_row_that_was_committed_and_changed_since(
         tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite"

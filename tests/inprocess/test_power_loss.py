@@ -243,7 +243,9 @@ async def test_a_deleted_attachment_whose_put_is_still_logged_does_not_come_back
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Written, uploaded, deleted and the delete done in the bucket, all before the intent
-    log was checkpointed: the replay of its put finds no copy and brings nothing back."""
+    log was checkpointed: the replay of its put finds no copy and brings nothing back; its
+    logged delete leaves a pending delete (the replay cannot tell this from a delete whose
+    row changes were all lost: the next test), whose needless object delete drops it."""
     rig = rig_factory()
     monkeypatch.setattr(rig.journal, "checkpoint_log", lambda: False)  # never emptied
     uuid = str(uuid_mod.uuid4())
@@ -253,11 +255,45 @@ async def test_a_deleted_attachment_whose_put_is_still_logged_does_not_come_back
     await _drained(rig)
     assert rig.journal.logged_intents == 2 and rig.bucket_files() == {}
     rig = rig.restarted()
-    assert rig.journal.get(uuid) is None
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == PENDING_DELETE
     with pytest.raises(errors.NotFound):
         await rig.read(uuid)
     await _drained(rig)
+    assert rig.journal.get(uuid) is None
     assert rig.bucket_files() == {} and rig.backend.calls["put"] == 0
+
+
+async def test_an_uploaded_attachment_deleted_before_its_rows_were_committed_leaves_the_bucket(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written (its put logged), uploaded (its end kept in memory), deleted (logged), and a
+    crash before any of those row changes reached SQLite (the CI's SIGKILL at
+    "after-object-delete" found such an object left in the bucket): the replay finds the
+    put's copy gone and its delete logged, and repeats the object's delete."""
+    rig = rig_factory()
+    # Every row change stays kept in memory until the crash; the log is never emptied.
+    monkeypatch.setattr(rig.journal, "_apply_locked", lambda: None)
+    monkeypatch.setattr(rig.journal, "checkpoint_log", lambda: False)
+    uuid = str(uuid_mod.uuid4())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        await rig.write(uuid, os.urandom(5000))
+        while (row := rig.journal.get(uuid)) is None or row.state != UPLOADED:
+            await trio.sleep(0.01)
+        assert len(rig.bucket_files()) == 1
+        nursery.cancel_scope.cancel()
+    await rig.store.unlink(uuid)
+    assert _sql_state_of(rig, uuid) is None  # put, end and delete: all kept in memory
+    rig.journal._unapplied.clear()  # the crash loses them
+    rig.journal._uploaded.clear()
+    rig = rig.restarted()
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == PENDING_DELETE
+    with pytest.raises(errors.NotFound):
+        await rig.read(uuid)
+    await _drained(rig)
+    assert rig.bucket_files() == {} and rig.journal.get(uuid) is None
 
 
 async def test_a_write_deleted_while_the_intent_log_is_full_stays_deleted_after_a_crash(
