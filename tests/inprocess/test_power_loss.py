@@ -27,6 +27,17 @@ async def _drained(rig: Rig) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def _pending_delete_until_drained(rig: Rig, uuid: str) -> None:
+    """After a restart: `uuid` is a pending delete, never readable, and neither in the
+    journal nor in the bucket once the rig's workers have drained."""
+    row = rig.journal.get(uuid)
+    assert row is not None and row.state == PENDING_DELETE
+    with pytest.raises(errors.NotFound):
+        await rig.read(uuid)
+    await _drained(rig)
+    assert rig.journal.get(uuid) is None and rig.bucket_files() == {}
+
+
 async def _written_and_uploaded(rig: Rig, data: bytes) -> str:
     """A new attachment, uploaded; its put checkpointed out of the intent log."""
     uuid = str(uuid_mod.uuid4())
@@ -255,13 +266,8 @@ async def test_a_deleted_attachment_whose_put_is_still_logged_does_not_come_back
     await _drained(rig)
     assert rig.journal.logged_intents == 2 and rig.bucket_files() == {}
     rig = rig.restarted()
-    row = rig.journal.get(uuid)
-    assert row is not None and row.state == PENDING_DELETE
-    with pytest.raises(errors.NotFound):
-        await rig.read(uuid)
-    await _drained(rig)
-    assert rig.journal.get(uuid) is None
-    assert rig.bucket_files() == {} and rig.backend.calls["put"] == 0
+    await _pending_delete_until_drained(rig, uuid)
+    assert rig.backend.calls["put"] == 0
 
 
 async def test_an_uploaded_attachment_deleted_before_its_rows_were_committed_leaves_the_bucket(
@@ -287,13 +293,7 @@ async def test_an_uploaded_attachment_deleted_before_its_rows_were_committed_lea
     assert _sql_state_of(rig, uuid) is None  # put, end and delete: all kept in memory
     rig.journal._unapplied.clear()  # the crash loses them
     rig.journal._uploaded.clear()
-    rig = rig.restarted()
-    row = rig.journal.get(uuid)
-    assert row is not None and row.state == PENDING_DELETE
-    with pytest.raises(errors.NotFound):
-        await rig.read(uuid)
-    await _drained(rig)
-    assert rig.bucket_files() == {} and rig.journal.get(uuid) is None
+    await _pending_delete_until_drained(rig.restarted(), uuid)
 
 
 async def test_a_write_deleted_while_the_intent_log_is_full_stays_deleted_after_a_crash(
