@@ -277,8 +277,10 @@ OBJFS_OPTIONS: dict[str, Option] = {
                              "during which no background request (upload, bucket delete, "
                              "prefetch) runs; then one at a time until Orthanc pauses for "
                              "0.5 s. Half the cache full of unsent data ends the wait. `0`: "
-                             "one at a time from the start (the bucket closer behind, ingest "
-                             "and delete slower)."),
+                             "one at a time from the start: the bucket closer behind, ingest "
+                             "and delete slower (on the project's 2-core machine the durable "
+                             "lag 0.92 s instead of 1.52 s, small ingest 281 instead of 398 "
+                             "instances/s: docs/performance.md, 2026-12-05 10:31)."),
     "ShutdownDrainTimeout": Option(NUMBER, 60, at_least(0),
                                    "Seconds unmount waits for uploads; the rest stays "
                                    "journaled."),
