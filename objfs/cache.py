@@ -10,12 +10,13 @@ copy (docs/durability.md, invariants 2 and 5).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sqlite3
 import time
 import uuid as uuid_mod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -31,6 +32,11 @@ from objfs.testhooks import crash_point
 log = logging.getLogger(__name__)
 
 EVICTION_BATCH = 64
+# Copies given up by deletes leave data/ after Orthanc's burst (`LocalTier.remove_doomed`):
+# renamed on the event loop TAKE_OUT_BATCH at a time (a checkpoint between: about 2 ms of
+# renames), and unlinked in a worker thread DOOMED_BATCH at a time.
+TAKE_OUT_BATCH = 32
+DOOMED_BATCH = 1024
 # A reservation short of space evicts this much more than it needs (at most; 1/128 of
 # CacheSize).
 EVICT_AHEAD_MAX = 8 * 1024 * 1024
@@ -88,13 +94,21 @@ class LocalTier:
         # The one temporary copy allowed beyond CacheSize (a Semaphore: whoever is done with
         # the copy gives it back, not necessarily the task that took it).
         self._overflow = trio.Semaphore(1)
-        # Copies given up by deletes (`doom`): renamed into tmp/, their bytes still in `used`,
-        # until `remove_doomed` unlinks them and gives the bytes back. Owner: the event loop;
-        # `_doomed_arrived` is set while the list is not empty.
+        # Copies given up by deletes (`doom`) and still in data/: uuid -> their bytes, still
+        # in `used`. Rule: `doom` adds; `_take_out` (a batch in `remove_doomed`'s turn, all of
+        # them in `_unlink_doomed_now`, one in `claim`, those whose rows are about to go in
+        # `take_out`) renames the copy into tmp/ and moves it to `_doomed`; nothing else
+        # changes it. Owner: the event loop.
+        self._doom_later: dict[str, int] = {}
+        # Copies taken out of data/ and not yet handed to a worker thread to unlink: renamed
+        # into tmp/, their bytes still in `used`, until `remove_doomed` (or a reservation short
+        # of space) unlinks them and gives the bytes back. Owner: the event loop.
         self._doomed: list[tuple[Path, int]] = []
+        # Set while `_doom_later` or `_doomed` is not empty (the event loop sets and replaces
+        # it).
         self._doomed_arrived = trio.Event()
-        # Doomed copies not yet unlinked (listed or being unlinked); `_doomed_settled` is set
-        # while there are none.
+        # Copies given up and not yet unlinked (in data/, listed or being unlinked);
+        # `_doomed_settled` is set while there are none.
         self._doomed_pending = 0
         self._doomed_settled = trio.Event()
         self._doomed_settled.set()
@@ -120,6 +134,14 @@ class LocalTier:
     def path(self, uuid: str) -> Path:
         return self.data / uuid
 
+    def claim(self, uuid: str) -> Path:
+        """`path(uuid)` for a new copy of `uuid` (a write of the name): a copy a delete gave up
+        (`doom`) that still has the name is taken out of data/ first, so that neither is
+        mistaken for the other. Event loop only."""
+        if uuid in self._doom_later:
+            self._take_out(uuid)
+        return self.data / uuid
+
     def tmp_path(self, uuid: str, purpose: str = "part") -> Path:
         """A scratch file name in ``tmp/`` that no other caller gets: concurrent operations on
         one attachment (a download and a tier move, say) never share a temporary file."""
@@ -128,11 +150,12 @@ class LocalTier:
     def recover(self) -> None:
         """Reconcile files with the journal after any stop, clean or not.
 
-        Files without a row were never acknowledged: removed. Rows whose clean copy is gone,
-        has the wrong size, or was modified after the last `checkpoint` are marked uncached
-        (the copy is removed; the bucket has the object). A dirty row whose file is gone is
-        data loss (the disk lost an acknowledged file): logged as an error and kept in the
-        journal for the administrator.
+        Files no row claims were never acknowledged, or belong to deleted attachments (a
+        delete leaves its copy for after Orthanc's burst, `doom`): removed. Rows whose clean
+        copy is gone, has the wrong size, or was modified after the last `checkpoint` are
+        marked uncached (the copy is removed; the bucket has the object). A dirty row whose
+        file is gone is data loss (the disk lost an acknowledged file): logged as an error and
+        kept in the journal for the administrator.
         """
         for directory in (self.data, self.tmp):
             directory.mkdir(parents=True, exist_ok=True)
@@ -159,7 +182,8 @@ class LocalTier:
                         "a damaged intent log", len(unplaced), self.data, lost_and_found)
             unplaced = []
         for found in unplaced:
-            log.info("removing %s: written but never acknowledged", found.path)
+            log.info("removing %s: no row claims it (never acknowledged, or deleted)",
+                     found.path)
             os.unlink(found.path)
         lost = []
         for uuid, row in claimed.items():
@@ -473,7 +497,7 @@ class LocalTier:
             if total >= want:
                 break
             if uuid not in skip and uuid not in self.open_counts \
-                    and uuid not in self._evicting:
+                    and uuid not in self._evicting and uuid not in self._doom_later:
                 chosen.append((uuid, size))
                 total += size
         return chosen
@@ -490,26 +514,73 @@ class LocalTier:
 
     # --- copies given up by deletes -----------------------------------------------------------
 
-    def doom(self, uuid: str, nbytes: int) -> bool:
-        """Take `uuid`'s copy (`nbytes` of budget) out of data/ now, for `remove_doomed` to
-        unlink later; False when there is no copy (then nothing is owed).
+    def doom(self, uuid: str, nbytes: int) -> None:
+        """Give up `uuid`'s copy (`nbytes` of budget), if there is one: it is removed after
+        Orthanc's burst (`remove_doomed`), and its bytes come back then. Nothing touches the
+        disk now. The caller has made the delete durable, so nothing serves the copy again: a
+        reader that has it open keeps reading, and the name's next write takes it out first
+        (`claim`).
 
-        Unlinking a file whose blocks are on disk waits for the file system (0.2-0.4 ms each
-        on ext4 with online discard, and a journal commit running beside it takes twice as
-        long), which Orthanc's delete would wait for; a rename does not free blocks. Open
-        readers keep their descriptors. The copy lands in tmp/, so a crash leaves nothing
-        `recover` does not remove."""
-        doomed = self.tmp_path(uuid, "deleted")
-        try:
-            os.rename(self.path(uuid), doomed)
-        except FileNotFoundError:
-            return False
-        self._doomed.append((doomed, nbytes))
+        Orthanc waits for each delete. Unlinking a file whose blocks are on disk waits for the
+        file system (0.2-0.4 ms each on ext4 with online discard, and a journal commit running
+        beside it takes twice as long); even a rename into tmp/ (about 0.06 ms with its tmp
+        name) left Orthanc's delete 0.18 ms slower, the calls after it included
+        (docs/performance.md, 2026-12-05 11:00). A crash leaves the copy in data/ with no row
+        claiming it (the delete was durable first), which `recover` removes."""
+        if uuid in self._doom_later:
+            return  # given up already: one copy, one debt
+        self._doom_later[uuid] = nbytes
         self._doomed_arrived.set()
         self._doomed_pending += 1
         if self._doomed_pending == 1:
             self._doomed_settled = trio.Event()
-        return True
+
+    def take_out(self, uuids: Iterable[str]) -> None:
+        """Take the copies of `uuids` that deletes gave up (`doom`) out of data/ now: before
+        a deleted attachment's row goes. The intent log's replay brings back a logged put
+        whose copy is still in data/ and which has no row (docs/durability.md, invariant 1),
+        so no copy of a deleted attachment may outlive its row there. Event loop only."""
+        for uuid in uuids:
+            if uuid in self._doom_later:
+                self._take_out(uuid)
+
+    def _take_out(self, uuid: str) -> None:
+        """Rename the copy `doom` gave up into tmp/, for a worker thread to unlink."""
+        nbytes = self._doom_later.pop(uuid)
+        doomed = self.tmp_path(uuid, "deleted")
+        try:
+            os.rename(self.data / uuid, doomed)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.error("cannot remove the deleted copy %s: %s (it is removed at the next "
+                          "start)", self.data / uuid, exc)
+                self.release(nbytes)
+            # else gone already: whoever removed it (an eviction under way) gave its space back.
+            self._doomed_pending -= 1
+            if not self._doomed_pending:
+                self._doomed_settled.set()
+            return
+        self._doomed.append((doomed, nbytes))
+
+    async def _take_out_some(self, limit: int) -> None:
+        """Take up to `limit` given-up copies out of data/, oldest first: renames on the event
+        loop, TAKE_OUT_BATCH at a time with a checkpoint between, so that Orthanc's requests
+        are not held up long."""
+        while self._doom_later and limit > 0:
+            chunk = list(itertools.islice(self._doom_later, min(limit, TAKE_OUT_BATCH)))
+            for uuid in chunk:
+                if uuid in self._doom_later:  # not claimed during the checkpoint
+                    self._take_out(uuid)
+            limit -= len(chunk)
+            await trio.lowlevel.checkpoint()
+
+    def _take_batch(self) -> list[tuple[Path, int]]:
+        """The copies taken out of data/, for a worker thread to unlink."""
+        batch, self._doomed = self._doomed, []
+        self._doomed_arrived = trio.Event()
+        if self._doom_later:
+            self._doomed_arrived.set()
+        return batch
 
     async def doomed_removed(self) -> None:
         """Return once no doomed copy is left on disk (at once when there is none)."""
@@ -519,10 +590,10 @@ class LocalTier:
         """Unlink the doomed copies not yet taken by `remove_doomed` at once (in a worker
         thread, not cancellable midway): for a reservation short of space (`_make_room`),
         which would otherwise wait for Orthanc to pause."""
+        await self._take_out_some(len(self._doom_later))
         if not self._doomed:
             return
-        batch, self._doomed = self._doomed, []
-        self._doomed_arrived = trio.Event()
+        batch = self._take_batch()
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(_unlink_all, [path for path, _ in batch])
@@ -538,8 +609,8 @@ class LocalTier:
         while True:
             await self._doomed_arrived.wait()
             async with turn():
-                batch, self._doomed = self._doomed, []
-                self._doomed_arrived = trio.Event()
+                await self._take_out_some(DOOMED_BATCH)
+                batch = self._take_batch()
                 if not batch:
                     continue  # a reservation short of space unlinked them meanwhile
                 try:

@@ -385,7 +385,7 @@ class Fetch(Names):
             current = self.journal.get(row.uuid)
             deleted = current is None or current.state == PENDING_DELETE
             if not deleted:  # no await since the check: atomic on the event loop
-                os.replace(source, self.tier.path(row.uuid))
+                os.replace(source, self.tier.claim(row.uuid))
         except errors.NotFound:
             log.error("attachment %s: object %s is missing from the bucket", row.uuid, key)
             self.tier.release(row.size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -49,14 +50,21 @@ class Writeback(Fetch):
     """New attachments, deletes, and the background work that sends both to the bucket."""
 
     async def create(self, uuid: str) -> WriteHandle:
-        """Start a new attachment. Raises Immutable when it exists already."""
+        """Start a new attachment. Raises Immutable when it exists already, and OSError
+        EBUSY when it was deleted and its object's delete is still to reach the bucket: that
+        delete, and the row's removal after it, would take the new attachment with them."""
         if await self.size_of(uuid) is not None:
             raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
+        row = self.journal.get(uuid)
+        if row is not None and row.state == PENDING_DELETE:
+            raise OSError(errno.EBUSY, f"attachment {uuid} was deleted and the delete of its "
+                          "object has not reached the bucket yet; write it again once it has "
+                          "(objfs status: no pending deletes)")
         if self.fs is not None and self.fs_first:
             fd = os.open(self.fs.partial_path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             handle = WriteHandle(uuid, fd, fs=True)
         else:
-            fd = os.open(self.tier.path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(self.tier.claim(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             handle = WriteHandle(uuid, fd)
             self._fresh.add(uuid)
         self.writing[uuid] = handle
@@ -695,6 +703,7 @@ class Writeback(Fetch):
                 await self._delete_remote(row.uuid)
             return
         crash_point("after-object-delete")
+        self.tier.take_out(row.uuid for row in rows)
         await self._j(self.journal.forget_deleted, [row.uuid for row in rows])
 
     async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
@@ -713,6 +722,7 @@ class Writeback(Fetch):
         for key in sorted(keys):
             await self._retry(policy, f"delete {key}", functools.partial(self.backend.delete, key))
             crash_point("after-object-delete")
+        self.tier.take_out([uuid])
         await self._j(self.journal.remove, uuid)
 
     async def drain(self, timeout: float) -> bool:

@@ -36,6 +36,30 @@ async def _pending_delete_until_drained(rig: Rig, uuid: str) -> None:
         await rig.read(uuid)
     await _drained(rig)
     assert rig.journal.get(uuid) is None and rig.bucket_files() == {}
+    assert not rig.tier.path(uuid).exists()
+
+
+async def test_a_deleted_copy_leaves_its_place_before_its_row_goes(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
+    """A delete leaves the copy in place for after Orthanc's burst. When the row goes first
+    (the object's delete is done) while the put is still in the intent log, the copy must be
+    gone from data/ already: the replay makes a logged put with no row and a copy in place a
+    pending upload, and the deleted attachment would be served and uploaded again."""
+    rig = rig_factory()
+    uuid = str(uuid_mod.uuid4())
+    await rig.write(uuid, os.urandom(5000))  # no worker runs: no checkpoint empties the log
+    rig.store._log_deletes = False  # a slow disk: the delete commits in SQLite, not logged
+    await rig.store.unlink(uuid)
+    assert rig.tier.path(uuid).exists()  # left for after the burst
+    await rig.store._delete_remote(uuid)  # the delete worker's step: the row goes
+    assert rig.journal.get(uuid) is None
+    assert rig.journal.logged_intents == 1  # the put, still in the log
+    assert not rig.tier.path(uuid).exists()
+    rig = rig.restarted()
+    assert rig.journal.get(uuid) is None
+    with pytest.raises(errors.NotFound):
+        await rig.read(uuid)
+    assert list(rig.tier.data.iterdir()) == [] and rig.tier.used == 0
 
 
 async def _written_and_uploaded(rig: Rig, data: bytes) -> str:
@@ -208,15 +232,15 @@ async def test_an_acknowledged_delete_of_a_write_never_uploaded_is_not_uploaded_
         caplog: pytest.LogCaptureFixture) -> None:
     """Orthanc unlinks every duplicate it receives right after writing it. That delete drops
     the row lazily and is made durable by the intent log: a power loss that brings the row
-    back as a pending upload (its local copy gone) ends in a delete, never in an upload or a
-    "data lost" error."""
+    back as a pending upload (its local copy still in place: it is removed after the burst)
+    ends in a delete, never in an upload or a "data lost" error."""
     rig = rig_factory()
     uuid = str(uuid_mod.uuid4())
     await rig.write(uuid, os.urandom(5000))  # no worker runs: it is never sent
     await rig.store.unlink(uuid)
     assert rig.journal.get(uuid) is None
     assert rig.journal.logged_intents == 2  # its put, then its delete
-    assert not rig.tier.path(uuid).exists()
+    assert rig.tier.path(uuid).exists()
     rig.journal.put_pending(uuid, 5000)  # the lazy change lost, the log record durable
     rig = rig.restarted()
     with pytest.raises(errors.NotFound):

@@ -3,6 +3,7 @@ local backend, under a mock clock."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -208,12 +209,12 @@ async def test_deleted_attachment_leaves_the_bucket(
     assert await rig.store.size_of(keep) == 1000
 
 
-async def test_a_deleted_copy_leaves_at_once_and_is_unlinked_after_the_burst(
+async def test_a_deleted_copy_is_left_in_place_and_removed_after_the_burst(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:
-    """Orthanc's delete does not wait for the file system to free the copy's blocks: the copy
-    leaves data/ before unlink returns (a reader that has it open keeps reading), and it is
-    unlinked, its budget given back, once Orthanc's burst has paused."""
+    """Orthanc's delete does not wait for the file system: the attachment is gone for Orthanc
+    before unlink returns, but its copy stays where it is (a reader that has it open keeps
+    reading) and leaves the disk, its budget given back, once Orthanc's burst has paused."""
     rig = rig_factory()
     await running(rig)
     uuids = [new_uuid() for _ in range(3)]
@@ -223,17 +224,68 @@ async def test_a_deleted_copy_leaves_at_once_and_is_unlinked_after_the_burst(
     fd = await rig.store.open_read(uuids[0])
     for uuid in uuids:
         await rig.store.unlink(uuid)
-        assert not rig.tier.path(uuid).exists()
         assert await rig.store.size_of(uuid) is None
-    assert len(list(rig.tier.tmp.iterdir())) == 3
+        with pytest.raises(errors.NotFound):
+            await rig.read(uuid)
+    assert sorted(p.name for p in rig.tier.data.iterdir()) == sorted(uuids)
+    assert list(rig.tier.tmp.iterdir()) == []
     assert rig.tier.used == 3000
     assert os.pread(fd, 1000, 0) == b"d" * 1000
     rig.store.close_read(uuids[0], fd)
     await trio.sleep(BUSY_WINDOW * 0.9)
-    assert len(list(rig.tier.tmp.iterdir())) == 3  # Orthanc may still be deleting
+    assert len(list(rig.tier.data.iterdir())) == 3  # Orthanc may still be deleting
     await trio.sleep(BUSY_WINDOW * 0.12)
-    assert list(rig.tier.tmp.iterdir()) == [] and rig.tier.used == 0
+    assert list(rig.tier.data.iterdir()) == list(rig.tier.tmp.iterdir()) == []
+    assert rig.tier.used == 0
     assert rig.bucket_files() == {}
+
+
+async def test_a_name_written_again_right_after_its_delete_keeps_the_new_copy(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """The copy a delete left in place (`LocalTier.doom`) is moved aside by the name's next
+    write (`claim`), so the removal after the burst takes the old copy, never the new one,
+    and each copy's budget is counted once. (Orthanc never writes a name twice; a copy put
+    back through the mount may.)"""
+    rig = rig_factory()
+    uuid = new_uuid()
+    await rig.write(uuid, b"old" * 1000)  # no worker runs yet: never sent
+    await rig.store.unlink(uuid)  # so its row goes at once
+    assert rig.journal.get(uuid) is None and rig.tier.path(uuid).exists()
+    await rig.write(uuid, b"new" * 500)
+    assert rig.tier.used == 4500  # the old copy's 3000 until it is removed
+    assert await rig.read(uuid) == b"new" * 500
+    await running(rig)
+    assert await rig.store.drain(timeout=60)
+    assert rig.tier.used == 1500
+    assert await rig.read(uuid) == b"new" * 500
+    assert list(rig.tier.data.iterdir()) == [rig.tier.path(uuid)]
+    assert list(rig.bucket_files().values()) == [b"new" * 500]
+
+
+async def test_a_name_whose_delete_has_not_reached_the_bucket_cannot_be_written_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """The object's delete, still to come, and the row's removal after it would take a new
+    write of the name with them: the write is refused (EBUSY) instead of acknowledged and
+    lost; once the delete is done, the name can be written again."""
+    rig = rig_factory()
+    await running(rig)
+    uuid = new_uuid()
+    await rig.write(uuid, b"old" * 1000)
+    assert await rig.store.drain(timeout=60)
+    rig.backend.set(Mode.GATED, "delete")
+    await rig.store.unlink(uuid)
+    with pytest.raises(OSError) as refused:
+        await rig.write(uuid, b"new" * 500)
+    assert refused.value.errno == errno.EBUSY
+    assert "has not reached the bucket" in str(refused.value)
+    rig.backend.gate.set()
+    assert await rig.store.drain(timeout=60)
+    await rig.write(uuid, b"new" * 500)
+    assert await rig.store.drain(timeout=60)
+    assert await rig.read(uuid) == b"new" * 500
+    assert list(rig.bucket_files().values()) == [b"new" * 500]
 
 
 async def test_deleted_copies_left_by_a_crash_are_removed_at_start(
@@ -245,10 +297,11 @@ async def test_deleted_copies_left_by_a_crash_are_removed_at_start(
         await rig.write(uuid, b"c" * 1000)
         assert await rig.store.drain(timeout=60)
         await rig.store.unlink(uuid)
-        nursery.cancel_scope.cancel()  # the daemon dies before the copy is unlinked
-    assert len(list(rig.tier.tmp.iterdir())) == 1
+        nursery.cancel_scope.cancel()  # the daemon dies before the copy is removed
+    assert rig.tier.path(uuid).exists()
     rig = rig.restarted()
-    assert list(rig.tier.tmp.iterdir()) == [] and rig.tier.used == 0
+    assert list(rig.tier.data.iterdir()) == list(rig.tier.tmp.iterdir()) == []
+    assert rig.tier.used == 0
     assert await rig.store.size_of(uuid) is None
 
 
