@@ -30,7 +30,7 @@ Who may act on one uuid at a time, and what protects it (all on the event loop):
   after its attachment was deleted discards its copy.
 - `tier.opened(uuid)`: an open copy is never evicted; `tier.reserve`/`take_scratch` give
   every byte on disk a place in the budget, given back exactly once (a deleted copy's once
-  `tier.remove_doomed` has unlinked it).
+  `tier.remove_doomed` has unlinked it, after Orthanc's burst).
 - `_plain[uuid]`: one decrypted copy per attachment, shared by its readers.
 
 Uploads and deletes retry until they succeed, their data journaled; reads and lookups retry

@@ -296,9 +296,11 @@ class StoreCore:
         return await self.tier.make_disk_room(nbytes)
 
     def _drop_local(self, uuid: str, size: int) -> None:
-        """Give up the local copy of `uuid`, if there is one: it leaves data/ at once, and its
+        """Give up the local copy of `uuid`, if there is one: it stays in data/ until Orthanc's
+        burst has paused (or the name is written again, or the row is about to go), and its
         budget comes back once the tier's background worker has unlinked it
-        (`LocalTier.doom`, `LocalTier.remove_doomed`)."""
+        (`LocalTier.doom`, `LocalTier.remove_doomed`). Call it only once nothing serves the
+        copy any more (the delete is durable, or being committed while Orthanc waits)."""
         self.tier.doom(uuid, size)
 
     def write_handle(self, uuid: str) -> WriteHandle | None:

@@ -408,11 +408,10 @@ class Writeback(Fetch):
                     # The local copy may be the only one: it goes once the delete is durable.
                     await self._j(self.journal.mark_pending_delete, uuid)
                 else:
-                    # The bucket has the object, so the copy is only a cache: taken out of
-                    # data/ on the event loop (`LocalTier.doom`) once the delete is durable in
-                    # the intent log, or while the durable commit waits for the disk when the
-                    # log is full (a crash in between leaves an unacknowledged delete and a
-                    # row `recover` marks uncached).
+                    # The bucket has the object, so the copy is only a cache: given up
+                    # (`LocalTier.doom`, which leaves it in place for after the burst) once the
+                    # delete is durable in the intent log, or while the durable commit waits
+                    # for the disk when the log is full.
                     def drop_copy() -> None:
                         self._drop_local(uuid, row.size)
                         crash_point("after-copy-dropped")

@@ -30,8 +30,8 @@ async def test_eviction_during_a_delete_gives_the_space_back_once(
         running: Start, holds: Holds) -> None:
     """Finding 6: the delete read its row, then eviction removed the copy while the delete
     waited for its journal write; the space was given back twice. (Since the delete of an
-    uploaded attachment drops the copy while its commit runs, eviction finds nothing left
-    to evict then; the space is still given back once.)"""
+    uploaded attachment gives the copy up while its commit runs, eviction no longer chooses
+    it then; the space is still given back once.)"""
     rig = rig_factory()
     await running(rig)
     gone = str(uuid_mod.uuid4())
@@ -44,7 +44,7 @@ async def test_eviction_during_a_delete_gives_the_space_back_once(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rig.store.unlink, gone)
         await trio.sleep(1)  # the delete now waits on its journal write
-        assert await rig.tier.evict(1) == 0  # the copy went while the commit waits
+        assert await rig.tier.evict(1) == 0  # given up while the commit waits
         holds["mark_pending_delete"].set()
     assert rig.tier.used == on_disk(rig) == 200_000
 
