@@ -97,8 +97,8 @@ class LocalTier:
         # Copies given up by deletes (`doom`) and still in data/: uuid -> their bytes, still
         # in `used`. Rule: `doom` adds; `_take_out` (a batch in `remove_doomed`'s turn, all of
         # them in `_unlink_doomed_now`, one in `claim`, those whose rows are about to go in
-        # `take_out`) renames the copy into tmp/ and moves it to `_doomed`; nothing else
-        # changes it. Owner: the event loop.
+        # `take_out`, called by the store's `_drop_rows`) renames the copy into tmp/ and
+        # moves it to `_doomed`; nothing else changes it. Owner: the event loop.
         self._doom_later: dict[str, int] = {}
         # Copies taken out of data/ and not yet handed to a worker thread to unlink: renamed
         # into tmp/, their bytes still in `used`, until `remove_doomed` (or a reservation short
@@ -587,9 +587,10 @@ class LocalTier:
         await self._doomed_settled.wait()
 
     async def _unlink_doomed_now(self) -> None:
-        """Unlink the doomed copies not yet taken by `remove_doomed` at once (in a worker
-        thread, not cancellable midway): for a reservation short of space (`_make_room`),
-        which would otherwise wait for Orthanc to pause."""
+        """Remove every copy given up by deletes that `remove_doomed` has not taken yet, at
+        once (renamed out of data/, then unlinked in a worker thread, not cancellable
+        midway): for a reservation short of space (`_make_room`), which would otherwise
+        wait for Orthanc to pause."""
         await self._take_out_some(len(self._doom_later))
         if not self._doomed:
             return

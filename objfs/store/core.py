@@ -303,6 +303,18 @@ class StoreCore:
         copy any more (the delete is durable, or being committed while Orthanc waits)."""
         self.tier.doom(uuid, size)
 
+    async def _drop_rows(self, uuids: list[str], pending_delete_only: bool = True) -> None:
+        """Remove the journal rows of deleted attachments (only those still pending delete,
+        or, with `pending_delete_only` False, whatever they say). The copies their deletes
+        gave up leave data/ first (`LocalTier.take_out`): the intent log's replay makes a
+        pending upload of a logged put that has no row and a copy in data/."""
+        self.tier.take_out(uuids)
+        if pending_delete_only:
+            await self._j(self.journal.forget_deleted, uuids)
+        else:
+            for uuid in uuids:
+                await self._j(self.journal.remove, uuid)
+
     def write_handle(self, uuid: str) -> WriteHandle | None:
         """The open write of `uuid`, if Orthanc is writing it now."""
         return self.writing.get(uuid)

@@ -72,8 +72,7 @@ class Names(StoreCore):
         self._negative[row.uuid] = True
         self._confirmed.pop(row.uuid, None)
         self._drop_local(row.uuid, current.size)
-        self.tier.take_out([row.uuid])  # before its row goes (`LocalTier.take_out`)
-        await self._j(self.journal.remove, row.uuid)
+        await self._drop_rows([row.uuid], pending_delete_only=False)
 
     async def _remote_listing(self, prefix: str, limit: int) -> list[ObjectInfo]:
         """One listing for a name the journal does not know, retried up to `ReadTimeout`.

@@ -702,8 +702,7 @@ class Writeback(Fetch):
                 await self._delete_remote(row.uuid)
             return
         crash_point("after-object-delete")
-        self.tier.take_out(row.uuid for row in rows)
-        await self._j(self.journal.forget_deleted, [row.uuid for row in rows])
+        await self._drop_rows([row.uuid for row in rows])
 
     async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
         row = self.journal.get(uuid)
@@ -721,8 +720,7 @@ class Writeback(Fetch):
         for key in sorted(keys):
             await self._retry(policy, f"delete {key}", functools.partial(self.backend.delete, key))
             crash_point("after-object-delete")
-        self.tier.take_out([uuid])
-        await self._j(self.journal.remove, uuid)
+        await self._drop_rows([uuid], pending_delete_only=False)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no upload or delete is queued or running and every deleted copy is
