@@ -31,6 +31,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -263,9 +264,22 @@ class IntentLog:
         with self._lock:
             if self.count != count:
                 return False
-            if count == 0:
-                return True
-            os.pwrite(self._sync_fd, _sealed(_HEADER.pack(MAGIC, self.generation + 1)), 0)
-            self.generation += 1
-            self.count = 0
+            self._next_generation()
         return True
+
+    def reset_after(self, prepare: Callable[[], None]) -> None:
+        """Run `prepare`, which makes the change of every intent logged so far durable
+        elsewhere, then empty the log (durably), with appends held throughout: an append
+        waits for both. Raises what `prepare` raises (the log is then left as it was)."""
+        with self._lock:
+            prepare()
+            self._next_generation()
+
+    def _next_generation(self) -> None:
+        """Start the next generation (an empty log), unless this one is empty. Caller holds
+        `_lock`."""
+        if self.count == 0:
+            return
+        os.pwrite(self._sync_fd, _sealed(_HEADER.pack(MAGIC, self.generation + 1)), 0)
+        self.generation += 1
+        self.count = 0

@@ -33,6 +33,13 @@ calls `apply_kept` (a short while after a burst of downloads). Losing it in a cr
 nothing: start-up recovery removes a copy no row claims, and the bucket has the object. So is
 an upload's "now in the bucket" (`uploaded_later`, `_uploaded`): losing it in a crash repeats
 the upload.
+
+A name written again after its attachment was deleted (Orthanc never does; a copy put back
+through the mount can) must not meet what the log or a lazy commit still says of the deleted
+attachment: its logged put would be replayed with the old size, its logged delete onto the
+new row, and a kept put of the new one is not applied over a stale row. `settle_before_rewrite`
+makes every change durable and empties the log first, for names deleted since the last
+checkpoint (`_gone`).
 """
 
 from __future__ import annotations
@@ -152,6 +159,9 @@ ROW_CACHE = 16384
 # apply in one transaction (when no other thread holds the journal): more only cost memory and
 # the readers' filtering; fewer cost a commit's overhead per few changes.
 APPLY_BATCH = 64
+# Names `_gone` holds at most; past it the set is dropped and every new write settles
+# (`settle_before_rewrite`) until a checkpoint: bounded memory in an endless delete burst.
+GONE_LIMIT = 65536
 
 
 def _row(values: tuple[Any, ...]) -> Row:
@@ -354,6 +364,16 @@ class Journal:
         # uuid in `_unapplied`, and nothing else there (`_seen`). `get` and every query see
         # through it; `stats` (a SQL count) lags until it is applied. Under `_cache_lock`.
         self._uploaded: dict[str, tuple[Row, float, str | None]] = {}
+        # Names marked pending-delete or whose rows were dropped since the rows were last made
+        # durable with the log emptied: the log, or a lazy commit not yet on disk, may still
+        # speak of the deleted attachment (`settle_before_rewrite`). Rule: each method that
+        # marks or drops rows (`delete_logged`, `mark_pending_delete`, `remove`,
+        # `forget_deleted`) adds their uuids before it changes anything; a checkpoint that
+        # emptied the log after its barrier removes those it saw before the barrier (and the
+        # overflow it saw). Past GONE_LIMIT the set is dropped and `_gone_overflow` set: then
+        # every new write settles. Under `_cache_lock`.
+        self._gone: set[str] = set()
+        self._gone_overflow = False
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
         self._reader = self._connect(uri)
         # A read-only journal reads the intent log at its first `get` or query (`_logged`).
@@ -785,6 +805,7 @@ class Journal:
         self._rows.pop(uuid, None)
 
     def mark_pending_delete(self, uuid: str) -> None:
+        self._note_gone((uuid,))
         self._write(_MARK_DELETED, (PENDING_DELETE, uuid), rows=(uuid,))
 
     def delete_logged(self, uuid: str, forget: bool = False) -> bool:
@@ -809,6 +830,7 @@ class Journal:
         # What `_MARK_DELETED` (or, forgotten, `_FORGET_ROW`) will make of the row.
         changed = None if forget else dataclasses.replace(row, state=PENDING_DELETE,
                                                           cached=False)
+        self._note_gone((uuid,))
         with self._cache_lock:
             self._unapplied[uuid] = changed
             self._kept_row_changed(uuid)
@@ -828,10 +850,58 @@ class Journal:
         if self._intents is None:
             return True
         upto = self._intents.count
-        if upto == 0:
+        seen = self._gone_seen()
+        if upto == 0 and not seen[0] and not seen[1]:
             return True
         self.barrier()
-        return self._intents.reset_if(upto)
+        if not self._intents.reset_if(upto):
+            return False
+        self._settled(seen)
+        return True
+
+    def _note_gone(self, uuids: Iterable[str]) -> None:
+        """`uuids` are being marked deleted or their rows dropped (`_gone`)."""
+        with self._cache_lock:
+            self._gone.update(uuids)
+            if len(self._gone) > GONE_LIMIT:
+                self._gone.clear()
+                self._gone_overflow = True
+
+    def _gone_seen(self) -> tuple[set[str], bool]:
+        """What `_gone` holds now, for `_settled` once a barrier made it durable."""
+        with self._cache_lock:
+            return set(self._gone), self._gone_overflow
+
+    def _settled(self, seen: tuple[set[str], bool]) -> None:
+        """The names in `seen` were made durable by a barrier and the log emptied after it."""
+        with self._cache_lock:
+            self._gone -= seen[0]
+            if seen[1]:
+                self._gone_overflow = False
+
+    def unsettled(self, uuid: str) -> bool:
+        """Whether a new write of `uuid` must call `settle_before_rewrite` first (cheap)."""
+        if self._intents is None:
+            return False
+        with self._cache_lock:
+            return uuid in self._gone or self._gone_overflow
+
+    def settle_before_rewrite(self, uuid: str) -> None:
+        """Call before a new write of `uuid` (before its data is acknowledged). When that
+        name was deleted since the last checkpoint, make every change durable (the kept ones
+        applied, one WAL fsync) and empty the intent log, with appends to the log held
+        meanwhile so that it empties even in a burst (an append waits a WAL fsync at most):
+        the replay of the deleted attachment's put would make the new attachment's row with
+        the old size, that of its delete would mark the new row deleted, a kept put of the new
+        one is not applied over a row still committed, and a power loss could undo a lazily
+        committed drop of the old row. Nothing to do for other names, the usual case. Blocks:
+        for a worker thread. Raises what the commit or the log's write raises."""
+        intents = self._intents
+        if intents is None or not self.unsettled(uuid):
+            return
+        seen = self._gone_seen()
+        intents.reset_after(self.barrier)
+        self._settled(seen)
 
     def cached_later(self, uuid: str, sealed: bool = False) -> bool:
         """`set_cached(uuid, True, sealed)` for an uploaded row, kept in memory (`_marked`)
@@ -861,6 +931,7 @@ class Journal:
                    durable=False, rows=uuids)
 
     def remove(self, uuid: str) -> None:
+        self._note_gone((uuid,))
         with self._transaction(rows=(uuid,)) as db:
             db.execute(_FORGET_SERIES, (uuid,))
             db.execute(_FORGET_ROW, (uuid,))
@@ -895,6 +966,7 @@ class Journal:
         """Drop the rows of deletes the bucket confirmed (one transaction). Not durable on its
         own: after a crash those deletes are repeated, which is harmless."""
         uuids = list(uuids)
+        self._note_gone(uuids)
         with self._transaction(durable=False, rows=uuids) as db:
             db.executemany("DELETE FROM series_members WHERE uuid=?", ((u,) for u in uuids))
             db.executemany("DELETE FROM attachments WHERE uuid=? AND state=?",

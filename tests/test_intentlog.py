@@ -642,3 +642,116 @@ def test_a_damaged_delete_log_of_an_earlier_objfs_is_kept_aside(
     assert (tmp_path / (LEGACY_DELETE_LOG + ".damaged")).read_bytes() == b"garbage!" * 100
     assert "is not of its format" in caplog.text and "objfs audit" in caplog.text
     journal.close()
+
+
+def test_a_reset_after_a_barrier_holds_appends_until_it_is_done(tmp_path: Path) -> None:
+    """`reset_after` empties the log even while appends keep coming: one that arrives while
+    the barrier runs waits, and lands in the new generation."""
+    log = IntentLog(tmp_path / "d.log")
+    covered, late = _uuids(2)
+    log.append_put(covered, 10)
+    appended = threading.Event()
+
+    def barrier() -> None:
+        thread = threading.Thread(target=lambda: (log.append_delete(late), appended.set()))
+        thread.start()
+        assert not appended.wait(0.2)  # held by the reset
+        barrier.thread = thread  # type: ignore[attr-defined]
+
+    log.reset_after(barrier)
+    barrier.thread.join(10)  # type: ignore[attr-defined]
+    assert appended.is_set()
+    log.close()
+    assert pending_after_reopen(tmp_path / "d.log") == [late]
+
+
+def test_a_reset_whose_barrier_fails_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    log = IntentLog(tmp_path / "d.log")
+    uuid = _uuids(1)[0]
+    log.append_delete(uuid)
+
+    def failing() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError):
+        log.reset_after(failing)
+    log.close()
+    assert pending_after_reopen(tmp_path / "d.log") == [uuid]
+
+
+def _crash_and_reopen(journal: Journal, path: Path, copies: Path) -> Journal:
+    """The process dies: kept changes are lost, SQLite and the log stay as they are."""
+    journal._unapplied.clear()
+    journal._marked.clear()
+    journal._uploaded.clear()
+    for db in {journal._db, journal._lazy, journal._reader}:
+        db.close()
+    assert journal._intents is not None
+    journal._intents.close()
+    journal._intents = None
+    return Journal(path, copies=copies)
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["kept", "committed"])
+def test_a_name_written_again_after_its_delete_settles_the_journal_first(
+        tmp_path: Path, applied: bool) -> None:
+    """A put, its delete (the row dropped: never uploaded), and a put of the same name
+    again, all before a checkpoint. Settling first (`settle_before_rewrite`, which the store
+    calls before a new write of a name deleted since the last checkpoint) empties the log
+    and commits the drop: the new row has the new size, in memory and in SQLite, and a crash
+    replays the new put alone."""
+    copies = tmp_path / "data"
+    copies.mkdir()
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path, copies=copies)
+    uuid = _uuids(1)[0]
+    assert journal.put_logged(uuid, 10)
+    if applied:
+        journal.apply_kept()  # the first put's row committed, as a batch would
+    assert journal.delete_logged(uuid, forget=True)
+    assert journal.get(uuid) is None and journal.unsettled(uuid)
+    journal.settle_before_rewrite(uuid)
+    assert not journal.unsettled(uuid) and journal.logged_intents == 0
+    (copies / uuid).write_bytes(b"n" * 20)
+    assert journal.put_logged(uuid, 20)
+    journal.apply_kept()
+    row = journal.get(uuid)
+    assert row is not None and (row.state, row.size) == (PENDING_UPLOAD, 20)
+    journal._rows.clear()
+    row = journal.get(uuid)  # from SQLite
+    assert row is not None and row.size == 20
+    again = _crash_and_reopen(journal, path, copies)
+    row = again.get(uuid)
+    assert row is not None and (row.state, row.size) == (PENDING_UPLOAD, 20)
+    again.close()
+
+
+def test_names_deleted_since_the_last_checkpoint_are_unsettled_until_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every way a row is marked deleted or dropped counts; a checkpoint settles them, even
+    with nothing in the log (a lazy drop made durable by its barrier); past GONE_LIMIT every
+    name is unsettled until one."""
+    import objfs.journal as journal_module
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    logged, marked, removed, forgotten, other = _uuids(5)
+    for uuid in (logged, marked, removed, forgotten):
+        journal.put_pending(uuid, 10)
+    assert journal.checkpoint_log()
+    assert journal.delete_logged(logged)
+    journal.mark_pending_delete(marked)
+    journal.remove(removed)
+    journal.forget_deleted([forgotten])
+    assert [journal.unsettled(u) for u in (logged, marked, removed, forgotten, other)] == \
+        [True, True, True, True, False]
+    assert journal.checkpoint_log()
+    assert not any(journal.unsettled(u) for u in (logged, marked, removed, forgotten))
+    journal.forget_deleted([logged])  # no intent: the log stays empty
+    assert journal.logged_intents == 0 and journal.unsettled(logged)
+    assert journal.checkpoint_log() and not journal.unsettled(logged)
+    monkeypatch.setattr(journal_module, "GONE_LIMIT", 2)
+    journal.forget_deleted(_uuids(3))
+    assert journal.unsettled(other)
+    journal.settle_before_rewrite(other)
+    assert not journal.unsettled(other)
+    journal.close()

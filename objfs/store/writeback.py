@@ -53,13 +53,20 @@ class Writeback(Fetch):
         """Start a new attachment. Raises Immutable when it exists already, and OSError
         EBUSY when it was deleted and its object's delete is still to reach the bucket: that
         delete, and the row's removal after it, would take the new attachment with them."""
-        if await self.size_of(uuid) is not None:
-            raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
-        row = self.journal.get(uuid)
-        if row is not None and row.state == PENDING_DELETE:
-            raise OSError(errno.EBUSY, f"attachment {uuid} was deleted and the delete of its "
-                          "object has not reached the bucket yet; write it again once it has "
-                          "(objfs status: no pending deletes)")
+        while True:
+            if await self.size_of(uuid) is not None:
+                raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
+            row = self.journal.get(uuid)
+            if row is not None and row.state == PENDING_DELETE:
+                raise OSError(errno.EBUSY, f"attachment {uuid} was deleted and the delete of "
+                              "its object has not reached the bucket yet; write it again once "
+                              "it has (objfs status: no pending deletes)")
+            if not self.journal.unsettled(uuid):
+                break
+            # Deleted lately: what the journal still holds of that attachment must not meet
+            # the new one (`Journal.settle_before_rewrite`). Then check again.
+            await trio.to_thread.run_sync(self.journal.settle_before_rewrite, uuid,
+                                          limiter=self._journal_limiter)
         if self.fs is not None and self.fs_first:
             fd = os.open(self.fs.partial_path(uuid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             handle = WriteHandle(uuid, fd, fs=True)

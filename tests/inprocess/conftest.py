@@ -125,6 +125,23 @@ class Rig:
         self.journal.close()
         return Rig(self.root, self.objfs)
 
+    def crashed(self) -> Rig:
+        """The same directories opened again after the process died: what the journal kept
+        in memory is lost (its SQLite commits and the intent log's writes are in the files),
+        and so is the rest of the store's memory (the caller's background workers must be
+        stopped first)."""
+        journal = self.journal
+        with journal._cache_lock:
+            journal._unapplied.clear()
+            journal._marked.clear()
+            journal._uploaded.clear()
+        for db in {journal._db, journal._lazy, journal._reader}:
+            db.close()
+        if journal._intents is not None:
+            journal._intents.close()
+            journal._intents = None
+        return Rig(self.root, self.objfs)
+
     def bucket_files(self) -> dict[str, bytes]:
         bucket = self.settings.local_bucket
         return {str(p.relative_to(bucket)): p.read_bytes() for p in bucket.rglob("*")

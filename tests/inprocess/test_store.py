@@ -263,6 +263,33 @@ async def test_a_name_written_again_right_after_its_delete_keeps_the_new_copy(
     assert list(rig.bucket_files().values()) == [b"new" * 500]
 
 
+async def test_a_name_written_again_after_its_delete_has_the_new_size_and_survives_a_crash(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start) -> None:
+    """A name deleted and written again before the intent log was emptied: the journal
+    still held the deleted attachment's committed row (the delete's drop only kept in memory)
+    and its put and delete in the log. The new write settles that first
+    (`Journal.settle_before_rewrite`): without it the row kept the old size (reads cut short)
+    and a crash replayed the old put and the delete onto the new attachment, losing it."""
+    rig = rig_factory()
+    uuid = new_uuid()
+    await rig.write(uuid, b"old" * 1000)  # no worker runs yet: never sent
+    rig.journal.apply_kept()  # its row committed, as a batch of others would
+    await rig.store.unlink(uuid)  # the row's drop kept, the delete logged
+    assert rig.journal.logged_intents == 2 and rig.journal.unsettled(uuid)
+    await rig.write(uuid, b"new" * 1500)
+    assert rig.journal.logged_intents == 1  # the new put alone
+    rig.journal.apply_kept()
+    assert await rig.store.size_of(uuid) == 4500
+    assert await rig.read(uuid) == b"new" * 1500
+    rig = rig.crashed()
+    assert await rig.read(uuid) == b"new" * 1500
+    await running(rig)
+    assert await rig.store.drain(timeout=60)
+    assert list(rig.bucket_files().values()) == [b"new" * 1500]
+    assert rig.tier.used == 4500
+
+
 async def test_a_name_whose_delete_has_not_reached_the_bucket_cannot_be_written_again(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start) -> None:

@@ -1,0 +1,149 @@
+"""Random runs of Orthanc's writes, reads and deletes with the store's background work
+(uploads, deletes, checkpoints of the intent log, evictions, removal of deleted copies)
+interleaved, each run ended by a crash: the process' memory is lost (the journal's kept
+changes, the tier's pending removals, the queues), the disk stays as the process left it.
+After each restart: every acknowledged attachment not deleted since reads back identical
+and reaches the bucket, no deleted one is served or left in the bucket, and the cache's
+accounting equals the bytes in `data/`.
+
+The crash here comes between two of Orthanc's calls, at any point of the background work
+(cancelled where it stood: trio runs its `finally` blocks, so this is gentler than SIGKILL,
+which tests/test_crash_points.py sends at named points). What it covers is the order of the
+durable and the kept steps across features that each keep something in memory: puts and
+deletes in the intent log, upload ends and cache flags kept for a batch, deleted copies left
+in place until the burst ends."""
+
+from __future__ import annotations
+
+import errno
+import random
+import re
+import uuid as uuid_mod
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from objfs import errors, intentlog
+from tests.inprocess.conftest import Rig
+
+SEEDS = range(24)
+RUNS = 3  # crashes per seed
+STEPS = 40  # of Orthanc's calls per run
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class Model:
+    """What Orthanc was told: acknowledged contents by uuid, and the deleted uuids."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, bytes] = {}
+        self.deleted: set[str] = set()
+        self.log: list[str] = []
+
+
+async def _step(rig: Rig, model: Model, rnd: random.Random) -> None:
+    """One of Orthanc's calls (or a pause that lets background work run)."""
+    choice = rnd.random()
+    if choice < 0.45 or not model.live:
+        uuid = str(uuid_mod.uuid4())
+        data = rnd.randbytes(rnd.choice([1, 700, 4096, 70_000, 400_000, 1_500_000, 3_000_000]))
+        await rig.write(uuid, data)
+        model.live[uuid] = data
+        model.log.append(f"write {uuid} {len(data)}")
+    elif choice < 0.65:
+        uuid = rnd.choice(sorted(model.live))
+        await rig.store.unlink(uuid)
+        del model.live[uuid]
+        model.deleted.add(uuid)
+        model.log.append(f"unlink {uuid}")
+    elif choice < 0.80:
+        uuid = rnd.choice(sorted(model.live))
+        assert await rig.read(uuid) == model.live[uuid], f"read {uuid}"
+        model.log.append(f"read {uuid}")
+    elif choice < 0.85 and model.deleted:
+        # Orthanc never writes a name twice; a copy put back through the mount can.
+        uuid = rnd.choice(sorted(model.deleted))
+        data = rnd.randbytes(5000)
+        try:
+            await rig.write(uuid, data)
+        except OSError as exc:
+            assert exc.errno == errno.EBUSY, exc  # its bucket delete is still to come
+            model.log.append(f"rewrite {uuid}: EBUSY")
+        else:
+            model.deleted.discard(uuid)
+            model.live[uuid] = data
+            model.log.append(f"rewrite {uuid}")
+    else:
+        pause = rnd.choice([0.01, 0.2, 0.6, 3.0])
+        await trio.sleep(pause)
+        model.log.append(f"pause {pause}")
+
+
+async def _run(rig: Rig, model: Model, rnd: random.Random) -> None:
+    """STEPS calls with the store's workers running, then the crash: the workers are
+    cancelled wherever they stand."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        for _ in range(STEPS):
+            await _step(rig, model, rnd)
+        # Let the background reach a random point of its work before the crash.
+        await trio.sleep(rnd.choice([0, 0.001, 0.05, 0.3, 1.0]))
+        nursery.cancel_scope.cancel()
+
+
+def _in_bucket(rig: Rig) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for key, data in rig.bucket_files().items():
+        match = UUID.search(key)
+        assert match is not None, key
+        assert match.group(0) not in found, f"two objects for {match.group(0)}"
+        found[match.group(0)] = data
+    return found
+
+
+async def _check(rig: Rig, model: Model) -> None:
+    """What a restart must show, before and after its workers drained."""
+    on_disk = sum(p.stat().st_size for p in rig.tier.data.iterdir())
+    assert rig.tier.used == on_disk, "cache accounting after the restart"
+    for uuid, data in model.live.items():
+        assert await rig.read(uuid) == data, f"acknowledged {uuid} after the restart"
+    for uuid in model.deleted:
+        with pytest.raises(errors.NotFound):
+            await rig.read(uuid)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        assert await rig.store.drain(timeout=120)
+        nursery.cancel_scope.cancel()
+    bucket = _in_bucket(rig)
+    assert set(bucket) == set(model.live), "the bucket after the drain"
+    for uuid, data in model.live.items():
+        assert bucket[uuid] == data, uuid
+    on_disk = sum(p.stat().st_size for p in rig.tier.data.iterdir())
+    assert rig.tier.used == on_disk, "cache accounting after the drain"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Every third seed with an intent log of 8 slots (it fills: durable commits instead,
+    checkpoints because it is half full); in a random third of the runs deletes commit in
+    SQLite instead of the log (what a slow disk makes the store do)."""
+    rnd = random.Random(seed)
+    if seed % 3 == 0:
+        monkeypatch.setattr(intentlog, "SLOTS", 8)
+    rig = rig_factory()  # 16 MiB of cache: the runs' copies outgrow it, so eviction runs too
+    model = Model()
+    for run in range(RUNS):
+        try:
+            rig.store._log_deletes = rnd.random() >= 1 / 3
+            model.log.append(f"run {run}, deletes logged: {rig.store._log_deletes}")
+            await _run(rig, model, rnd)
+            rig = rig.crashed()
+            model.log.append(f"crash {run}")
+            await _check(rig, model)
+        except BaseException:
+            print(f"seed {seed}, run {run}:", *model.log[-60:], sep="\n  ")
+            raise
