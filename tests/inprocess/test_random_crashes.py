@@ -78,6 +78,14 @@ async def _step(rig: Rig, model: Model, rnd: random.Random) -> None:
             model.deleted.discard(uuid)
             model.live[uuid] = data
             model.log.append(f"rewrite {uuid}")
+    elif choice < 0.87 and rig.store.fs is not None:
+        uuid = rnd.choice(sorted(model.live))
+        if rig.store.fs.stat(uuid) is not None:
+            await rig.store.move_to_object_storage(uuid)
+            model.log.append(f"move {uuid} to the bucket")
+        else:
+            await rig.store.move_to_file_system(uuid)
+            model.log.append(f"move {uuid} to the file-system tier")
     elif choice < 0.90:
         # The bucket down for a while: writes and deletes go on locally, the background
         # work fails and retries. (No read: one of a copy not cached would fail.)
@@ -166,32 +174,46 @@ async def _check(rig: Rig, model: Model) -> None:
         assert await rig.store.drain(timeout=120)
         nursery.cancel_scope.cancel()
     bucket = _in_bucket(rig)
-    assert set(bucket) == set(model.live), "the bucket after the drain"
-    for uuid, data in model.live.items():
-        assert bucket[uuid] == data, uuid
+    fs = rig.store.fs
+    if fs is None:
+        assert set(bucket) == set(model.live), "the bucket after the drain"
+    else:
+        # HybridMode: each live attachment in the bucket or the file-system tier (both
+        # after a crash in the middle of a move), no deleted one in either.
+        assert set(bucket) <= set(model.live), "the bucket after the drain"
+        assert not [u for u in model.deleted if fs.stat(u) is not None]
+        assert not [u for u in model.live if u not in bucket and fs.stat(u) is None]
+    for uuid, data in bucket.items():
+        assert data == model.live[uuid], uuid
     assert rig.tier.used == _copies_bytes(rig), "cache accounting after the drain"
 
 
-@pytest.mark.parametrize("variant", ["plain", "encrypted", "sealed"])
+@pytest.mark.parametrize("variant", ["plain", "encrypted", "sealed", "hybrid"])
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int, variant: str) -> None:
-    """Objects stored as they are, with A1 encryption, and with the local copies sealed
-    too (EncryptLocalCache). Every third seed with an intent log of 8 slots (it fills:
+    """Objects stored as they are, with A1 encryption, with the local copies sealed too
+    (EncryptLocalCache), and in HybridMode (new attachments in the file-system tier, moves
+    between the tiers among the calls). Every third seed with an intent log of 8 slots (it fills:
     durable commits instead, checkpoints because it is half full); in a random third of the
     runs deletes commit in SQLite instead of the log (what a slow disk makes the store do)."""
     rnd = random.Random(f"{variant} {seed}")
     if seed % 3 == 0:
         monkeypatch.setattr(intentlog, "SLOTS", 8)
     options: dict[str, object] = {}
-    if variant != "plain":
+    if variant == "hybrid":
+        options.update(HybridMode="WriteToFileSystem",
+                       FileSystemDirectory=str(tmp_path / "fs-tier"))
+    elif variant != "plain":
         key = tmp_path / "master.key"
         codec.write_key_file(key)
         options["StorageEncryption"] = {"MasterKey": [1, str(key)]}
         options["EncryptLocalCache"] = variant == "sealed"
     # 16 MiB of cache: the runs' copies outgrow it, so eviction runs too.
     rig = rig_factory(**options)
+    if rig.store.fs is not None:
+        rig.store.fs.prepare()
     model = Model()
     for run in range(RUNS):
         try:
