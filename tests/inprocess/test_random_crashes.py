@@ -145,9 +145,16 @@ async def _step(rig: Rig, model: Model, rnd: random.Random) -> None:
             model.log.append(f"move {uuid} to the file-system tier")
     elif choice < 0.90:
         # The bucket down for a while: writes and deletes go on locally, the background
-        # work fails and retries. (No read: one of a copy not cached would fail.)
-        rig.backend.set(Mode.UNAVAILABLE)
-        model.log.append("outage begins")
+        # work fails or times out, and retries. (No read: one of a copy not cached would fail.)
+        if rnd.random() < 0.5:
+            rig.backend.set(Mode.UNAVAILABLE)
+            model.log.append("outage begins (errors)")
+        else:
+            # Reads that never answer (the callers' deadlines end them; a real backend's
+            # request timeout ends every call, which this stand-in has not), writes failing.
+            rig.backend.set(Mode.HANG, "get", "head", "list")
+            rig.backend.set(Mode.UNAVAILABLE, "put", "delete", "copy")
+            model.log.append("outage begins (hung reads)")
         for _ in range(rnd.randrange(1, 6)):
             if model.live and rnd.random() < 0.3:
                 uuid = rnd.choice(sorted(model.live))
