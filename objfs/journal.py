@@ -846,7 +846,8 @@ class Journal:
     def checkpoint_log(self) -> bool:
         """Make the rows of every logged put and delete durable (one WAL fsync) and empty
         the log, unless one was logged meanwhile (then it stays for the next checkpoint).
-        Returns whether the log is empty. May run in any thread."""
+        Names deleted before the fsync are settled then (`_gone`; a fsync for them alone
+        when the log is empty). Returns whether the log is empty. May run in any thread."""
         if self._intents is None:
             return True
         upto = self._intents.count

@@ -52,7 +52,9 @@ class Writeback(Fetch):
     async def create(self, uuid: str) -> WriteHandle:
         """Start a new attachment. Raises Immutable when it exists already, and OSError
         EBUSY when it was deleted and its object's delete is still to reach the bucket: that
-        delete, and the row's removal after it, would take the new attachment with them."""
+        delete, and the row's removal after it, would take the new attachment with them. A
+        name deleted since the journal's last checkpoint first waits for one WAL fsync
+        (`Journal.settle_before_rewrite`); raises what that raises."""
         while True:
             if await self.size_of(uuid) is not None:
                 raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
