@@ -125,11 +125,12 @@ class Rig:
         self.journal.close()
         return Rig(self.root, self.objfs)
 
-    def crashed(self) -> Rig:
+    def crashed(self, meanwhile: Callable[[], None] | None = None) -> Rig:
         """The same directories opened again after the process died: what the journal kept
         in memory is lost (its SQLite commits and the intent log's writes are in the files),
         and so is the rest of the store's memory (the caller's background workers must be
-        stopped first)."""
+        stopped first). `meanwhile` runs once the journal's connections are closed (to put
+        its files back as a power loss would leave them)."""
         journal = self.journal
         with journal._cache_lock:
             journal._unapplied.clear()
@@ -137,6 +138,8 @@ class Rig:
             journal._uploaded.clear()
         for db in {journal._db, journal._lazy, journal._reader}:
             db.close()
+        if meanwhile is not None:
+            meanwhile()
         if journal._intents is not None:
             journal._intents.close()
             journal._intents = None

@@ -35,6 +35,8 @@ from tests.inprocess.faults import Mode
 SEEDS = range(8)
 RUNS = 3  # crashes per seed
 STEPS = 40  # of Orthanc's calls per run
+# Sizes of new attachments, bytes.
+SIZES = [1, 700, 4096, 70_000, 400_000, 1_500_000, 3_000_000]
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -78,50 +80,52 @@ class DurableWal:
         would checkpoint it into the database: the files are put back as they were)."""
         database = self.path.read_bytes()
         wal = self.wal.read_bytes()[:self.synced] if self.wal.exists() else b""
-        journal = self.rig.journal
-        with journal._cache_lock:
-            journal._unapplied.clear()
-            journal._marked.clear()
-            journal._uploaded.clear()
-        for db in {journal._db, journal._lazy, journal._reader}:
-            db.close()
-        self.path.write_bytes(database)
-        self.wal.write_bytes(wal)
-        self.path.with_name(self.path.name + "-shm").unlink(missing_ok=True)
-        assert journal._intents is not None
-        journal._intents.close()
-        journal._intents = None
-        return Rig(self.rig.root, self.rig.objfs)
+
+        def put_back() -> None:
+            self.path.write_bytes(database)
+            self.wal.write_bytes(wal)
+            self.path.with_name(self.path.name + "-shm").unlink(missing_ok=True)
+
+        return self.rig.crashed(put_back)
 
 
 class Model:
-    """What Orthanc was told: acknowledged contents by uuid, and the deleted uuids."""
+    """What Orthanc was told: acknowledged contents by uuid, and the deleted uuids; each call
+    is noted in `log`, prefixed by `who` (a node)."""
 
     def __init__(self) -> None:
         self.live: dict[str, bytes] = {}
         self.deleted: set[str] = set()
         self.log: list[str] = []
 
+    async def write(self, rig: Rig, data: bytes, who: str = "") -> None:
+        uuid = str(uuid_mod.uuid4())
+        await rig.write(uuid, data)
+        self.live[uuid] = data
+        self.log.append(f"{who}write {uuid} {len(data)}")
+
+    async def unlink(self, rig: Rig, rnd: random.Random, who: str = "") -> None:
+        uuid = rnd.choice(sorted(self.live))
+        await rig.store.unlink(uuid)
+        del self.live[uuid]
+        self.deleted.add(uuid)
+        self.log.append(f"{who}unlink {uuid}")
+
+    async def read(self, rig: Rig, rnd: random.Random, who: str = "") -> None:
+        uuid = rnd.choice(sorted(self.live))
+        assert await rig.read(uuid) == self.live[uuid], f"{who}read {uuid}"
+        self.log.append(f"{who}read {uuid}")
+
 
 async def _step(rig: Rig, model: Model, rnd: random.Random) -> None:
     """One of Orthanc's calls (or a pause that lets background work run)."""
     choice = rnd.random()
     if choice < 0.45 or not model.live:
-        uuid = str(uuid_mod.uuid4())
-        data = rnd.randbytes(rnd.choice([1, 700, 4096, 70_000, 400_000, 1_500_000, 3_000_000]))
-        await rig.write(uuid, data)
-        model.live[uuid] = data
-        model.log.append(f"write {uuid} {len(data)}")
+        await model.write(rig, rnd.randbytes(rnd.choice(SIZES)))
     elif choice < 0.65:
-        uuid = rnd.choice(sorted(model.live))
-        await rig.store.unlink(uuid)
-        del model.live[uuid]
-        model.deleted.add(uuid)
-        model.log.append(f"unlink {uuid}")
+        await model.unlink(rig, rnd)
     elif choice < 0.80:
-        uuid = rnd.choice(sorted(model.live))
-        assert await rig.read(uuid) == model.live[uuid], f"read {uuid}"
-        model.log.append(f"read {uuid}")
+        await model.read(rig, rnd)
     elif choice < 0.85 and model.deleted:
         # Orthanc never writes a name twice; a copy put back through the mount can.
         uuid = rnd.choice(sorted(model.deleted))
@@ -157,24 +161,17 @@ async def _step(rig: Rig, model: Model, rnd: random.Random) -> None:
             model.log.append("outage begins (hung reads)")
         for _ in range(rnd.randrange(1, 6)):
             if model.live and rnd.random() < 0.3:
-                uuid = rnd.choice(sorted(model.live))
-                await rig.store.unlink(uuid)
-                del model.live[uuid]
-                model.deleted.add(uuid)
-                model.log.append(f"unlink {uuid}")
+                await model.unlink(rig, rnd)
             else:
-                uuid, data = str(uuid_mod.uuid4()), rnd.randbytes(rnd.choice([10, 90_000]))
                 listed = rig.store.inventory_done
                 try:
-                    await rig.write(uuid, data)
+                    await model.write(rig, rnd.randbytes(rnd.choice([10, 90_000])))
                 except errors.Unavailable:
                     # Until the first inventory is done a name the journal does not know is
                     # looked up in the bucket: the write fails, and is not acknowledged.
                     assert not listed
-                    model.log.append(f"write {uuid}: Unavailable")
+                    model.log.append("write: Unavailable")
                     continue
-                model.live[uuid] = data
-                model.log.append(f"write {uuid} {len(data)}")
             await trio.sleep(rnd.choice([0, 0.5, 2.0]))
         rig.backend.set(Mode.OK)
         model.log.append("outage ends")
@@ -300,22 +297,14 @@ async def _node_step(nodes: list[Rig], model: Model, rnd: random.Random) -> None
     at = rnd.randrange(len(nodes))
     rig = nodes[at]
     choice = rnd.random()
+    who = f"node {at}: "
     if choice < 0.45 or not model.live:
-        uuid = str(uuid_mod.uuid4())
-        data = rnd.randbytes(rnd.choice([1, 4096, 70_000, 400_000, 1_500_000]))
-        await rig.write(uuid, data)  # written through: in the bucket once acknowledged
-        model.live[uuid] = data
-        model.log.append(f"node {at}: write {uuid} {len(data)}")
+        # Written through: in the bucket once acknowledged.
+        await model.write(rig, rnd.randbytes(rnd.choice(SIZES[:-1])), who)
     elif choice < 0.65:
-        uuid = rnd.choice(sorted(model.live))
-        await rig.store.unlink(uuid)
-        del model.live[uuid]
-        model.deleted.add(uuid)
-        model.log.append(f"node {at}: unlink {uuid}")
+        await model.unlink(rig, rnd, who)
     elif choice < 0.90:
-        uuid = rnd.choice(sorted(model.live))
-        assert await rig.read(uuid) == model.live[uuid], f"node {at}: read {uuid}"
-        model.log.append(f"node {at}: read {uuid}")
+        await model.read(rig, rnd, who)
     else:
         pause = rnd.choice([0.01, 0.6, 3.0])
         await trio.sleep(pause)
