@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import objfs.journal as journal_module
 from objfs import intentlog
 from objfs.intentlog import SLOT, Intent, IntentLog, Kind
 from objfs.journal import (
@@ -651,15 +652,14 @@ def test_a_reset_after_a_barrier_holds_appends_until_it_is_done(tmp_path: Path) 
     covered, late = _uuids(2)
     log.append_put(covered, 10)
     appended = threading.Event()
+    appender = threading.Thread(target=lambda: (log.append_delete(late), appended.set()))
 
     def barrier() -> None:
-        thread = threading.Thread(target=lambda: (log.append_delete(late), appended.set()))
-        thread.start()
+        appender.start()
         assert not appended.wait(0.2)  # held by the reset
-        barrier.thread = thread  # type: ignore[attr-defined]
 
     log.reset_after(barrier)
-    barrier.thread.join(10)  # type: ignore[attr-defined]
+    appender.join(10)
     assert appended.is_set()
     log.close()
     assert pending_after_reopen(tmp_path / "d.log") == [late]
@@ -731,8 +731,6 @@ def test_names_deleted_since_the_last_checkpoint_are_unsettled_until_the_next(
     """Every way a row is marked deleted or dropped counts; a checkpoint settles them, even
     with nothing in the log (a lazy drop made durable by its barrier); past GONE_LIMIT every
     name is unsettled until one."""
-    import objfs.journal as journal_module
-
     journal = Journal(tmp_path / "journal.sqlite")
     logged, marked, removed, forgotten, other = _uuids(5)
     for uuid in (logged, marked, removed, forgotten):
