@@ -16,6 +16,7 @@ in place until the burst ends."""
 from __future__ import annotations
 
 import errno
+import os
 import random
 import re
 import sqlite3
@@ -28,6 +29,8 @@ import trio
 import trio.testing
 
 from objfs import codec, errors, intentlog
+from objfs.cache import CLEAN, DOWNLOADS_SYNCED
+from objfs.journal import Row
 from objfs.store.state import SHARED_CONFIRM_TTL
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
@@ -40,13 +43,15 @@ SIZES = [1, 700, 4096, 70_000, 400_000, 1_500_000, 3_000_000]
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-class DurableWal:
-    """Power loss for the journal: SQLite's WAL as it stood after the last commit that was
-    synced (on the journal's durable connection, `synchronous=FULL`); the lazy commits
-    after it (`synchronous=NORMAL`: written, never synced) are lost. Auto-checkpoints are
-    off, so the WAL only grows and its synced part is a prefix. The intent log's writes are
-    synchronous (`O_DSYNC`) and kept; so are the local copies Orthanc's fsync made durable.
-    (A download's copy, not synced until the tier's checkpoint, is not cut here.)"""
+class PowerLoss:
+    """A power loss: the journal's WAL as it stood after the last commit that was synced (on
+    the journal's durable connection, `synchronous=FULL`), the lazy commits after it
+    (`synchronous=NORMAL`: written, never synced) lost; auto-checkpoints are off, so the WAL
+    only grows and its synced part is a prefix. The intent log's writes are synchronous
+    (`O_DSYNC`) and kept; so are the local copies Orthanc's fsync made durable. A download's
+    copy is synced by the tier's next checkpoint only (`LocalTier.checkpoint`): one placed
+    since the last checkpoint the synced journal records comes back zero-filled, its size and
+    time kept (its blocks never written)."""
 
     def __init__(self, rig: Rig) -> None:
         journal = rig.journal
@@ -71,6 +76,14 @@ class DurableWal:
         durable.execute = execute  # type: ignore[method-assign]
         durable.executemany = executemany  # type: ignore[method-assign]
         self.rig = rig
+        self.downloaded: set[str] = set()
+        download = rig.store._download
+
+        async def noted(row: Row, background: bool = False) -> None:
+            await download(row, background)
+            self.downloaded.add(row.uuid)
+
+        rig.store._download = noted  # type: ignore[method-assign]
 
     def _size(self) -> int:
         return self.wal.stat().st_size if self.wal.exists() else 0
@@ -85,8 +98,30 @@ class DurableWal:
             self.path.write_bytes(database)
             self.wal.write_bytes(wal)
             self.path.with_name(self.path.name + "-shm").unlink(missing_ok=True)
+            self._lose_downloads()
 
         return self.rig.crashed(put_back)
+
+    def _lose_downloads(self) -> None:
+        """Zero-fill the downloaded copies placed since the synced journal's last checkpoint
+        of the tier (by their time, as `LocalTier.recover` tells them)."""
+        db = sqlite3.connect(self.path)
+        try:
+            found = db.execute("SELECT value FROM meta WHERE name=?",
+                               (DOWNLOADS_SYNCED,)).fetchone()
+        finally:
+            db.close()
+        if found is None or found[0] == CLEAN:
+            return
+        for uuid in self.downloaded:
+            copy = self.rig.tier.path(uuid)
+            try:
+                st = copy.stat()
+            except FileNotFoundError:
+                continue
+            if st.st_mtime >= float(found[0]):
+                copy.write_bytes(bytes(st.st_size))
+                os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 class Model:
@@ -281,7 +316,7 @@ async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
             rig.store._log_deletes = rnd.random() >= 1 / 3
             model.log.append(f"run {run}, deletes logged: {rig.store._log_deletes}")
             power = variant != "hybrid" and rnd.random() < 0.5
-            wal = DurableWal(rig) if power else None
+            wal = PowerLoss(rig) if power else None
             await _run(rig, model, rnd)
             rig = wal.lose_power() if wal is not None else rig.crashed()
             model.log.append(f"{'power loss' if power else 'crash'} {run}")
