@@ -31,7 +31,7 @@ import trio.testing
 from objfs import codec, errors, intentlog
 from objfs.cache import CLEAN, DOWNLOADS_SYNCED
 from objfs.journal import Row
-from objfs.store.state import SHARED_CONFIRM_TTL
+from objfs.store.state import SHARED_CONFIRM_TTL, WriteHandle
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -77,14 +77,21 @@ class PowerLoss:
         durable.execute = execute  # type: ignore[method-assign]
         durable.executemany = executemany  # type: ignore[method-assign]
         self.rig = rig
-        self.downloaded: set[str] = set()
-        download = rig.store._download
+        # Copies placed by downloads: uuid -> the file's inode. A later write of the name
+        # makes a file of its own, which Orthanc's fsync syncs: it forgets the download.
+        self.downloaded: dict[str, int] = {}
+        download, create = rig.store._download, rig.store.create
 
         async def noted(row: Row, background: bool = False) -> None:
             await download(row, background)
-            self.downloaded.add(row.uuid)
+            self.downloaded[row.uuid] = rig.tier.path(row.uuid).stat().st_ino
+
+        async def created(uuid: str) -> WriteHandle:
+            self.downloaded.pop(uuid, None)
+            return await create(uuid)
 
         rig.store._download = noted  # type: ignore[method-assign]
+        rig.store.create = created  # type: ignore[method-assign]
 
     def _size(self) -> int:
         return self.wal.stat().st_size if self.wal.exists() else 0
@@ -114,13 +121,13 @@ class PowerLoss:
             db.close()
         if found is None or found[0] == CLEAN:
             return
-        for uuid in self.downloaded:
+        for uuid, inode in self.downloaded.items():
             copy = self.rig.tier.path(uuid)
             try:
                 st = copy.stat()
             except FileNotFoundError:
                 continue
-            if st.st_mtime >= float(found[0]):
+            if st.st_ino == inode and st.st_mtime >= float(found[0]):
                 copy.write_bytes(bytes(st.st_size))
                 os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
 
