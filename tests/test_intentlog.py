@@ -25,6 +25,7 @@ from objfs.journal import (
     Journal,
     read_stats,
 )
+from tests.support.crash import abandon
 
 
 def _uuids(n: int) -> list[str]:
@@ -679,19 +680,6 @@ def test_a_reset_whose_barrier_fails_leaves_the_log_as_it_was(tmp_path: Path) ->
     assert pending_after_reopen(tmp_path / "d.log") == [uuid]
 
 
-def _crash_and_reopen(journal: Journal, path: Path, copies: Path) -> Journal:
-    """The process dies: kept changes are lost, SQLite and the log stay as they are."""
-    journal._unapplied.clear()
-    journal._marked.clear()
-    journal._uploaded.clear()
-    for db in {journal._db, journal._lazy, journal._reader}:
-        db.close()
-    assert journal._intents is not None
-    journal._intents.close()
-    journal._intents = None
-    return Journal(path, copies=copies)
-
-
 @pytest.mark.parametrize("applied", [False, True], ids=["kept", "committed"])
 def test_a_name_written_again_after_its_delete_settles_the_journal_first(
         tmp_path: Path, applied: bool) -> None:
@@ -720,7 +708,8 @@ def test_a_name_written_again_after_its_delete_settles_the_journal_first(
     journal._rows.clear()
     row = journal.get(uuid)  # from SQLite
     assert row is not None and row.size == 20
-    again = _crash_and_reopen(journal, path, copies)
+    abandon(journal)  # the process dies
+    again = Journal(path, copies=copies)
     row = again.get(uuid)
     assert row is not None and (row.state, row.size) == (PENDING_UPLOAD, 20)
     again.close()

@@ -30,6 +30,7 @@ from objfs.journal import Journal
 from objfs.store import Store
 from objfs.tally import Tally
 from tests.inprocess.faults import FaultyBackend, Mode
+from tests.support.crash import abandon
 
 # Worker-thread calls to hold: function name -> an Event the call waits for before it runs.
 # Races are reproduced by holding one step while another task acts.
@@ -131,18 +132,7 @@ class Rig:
         and so is the rest of the store's memory (the caller's background workers must be
         stopped first). `meanwhile` runs once the journal's connections are closed (to put
         its files back as a power loss would leave them)."""
-        journal = self.journal
-        with journal._cache_lock:
-            journal._unapplied.clear()
-            journal._marked.clear()
-            journal._uploaded.clear()
-        for db in {journal._db, journal._lazy, journal._reader}:
-            db.close()
-        if meanwhile is not None:
-            meanwhile()
-        if journal._intents is not None:
-            journal._intents.close()
-            journal._intents = None
+        abandon(self.journal, meanwhile)
         return Rig(self.root, self.objfs)
 
     def bucket_files(self) -> dict[str, bytes]:
