@@ -86,6 +86,9 @@ class FileNode:
     uuid: str
     lookups: int = 0
     size: int = 0  # last size reported, kept for files unlinked while open
+    # The file this inode stood for is gone (unlinked, or its name made anew by create): the
+    # kernel may hold the inode until its FORGET, but the name leads to another inode.
+    unlinked: bool = False
 
 
 @dataclass
@@ -183,9 +186,22 @@ class Operations(pyfuse3.Operations):
             if node.lookups <= 0:
                 del self.nodes[inode]
                 if isinstance(node, FileNode):
-                    self.by_uuid.pop(node.uuid, None)
+                    if self.by_uuid.get(node.uuid) == inode:
+                        del self.by_uuid[node.uuid]
                 else:
                     self.by_rel.pop(node.rel, None)
+
+    def _detach(self, uuid: str) -> None:
+        """The file named `uuid` is gone: its inode, if the kernel still holds one, keeps
+        answering for the old file (an open handle, a late FORGET) and the name's next file gets
+        an inode of its own. Reusing the number would make the kernel take the new file for the
+        old one (same node id and generation: it keeps the old inode, its size and its cached
+        pages), and the old inode's FORGET would then drop the new file's node."""
+        inode = self.by_uuid.pop(uuid, None)
+        if inode is not None:
+            node = self.nodes[inode]
+            assert isinstance(node, FileNode)
+            node.unlinked = True
 
     def _pass_path(self, rel: str) -> Path:
         if not self._warned_passthrough:
@@ -250,7 +266,7 @@ class Operations(pyfuse3.Operations):
             return self._dir_entry(name)
         node = self.nodes.get(inode)
         if isinstance(node, FileNode):
-            size = await self.store.size_of(node.uuid)
+            size = None if node.unlinked else await self.store.size_of(node.uuid)
             if size is None:
                 # Unlinked while open: the kernel still asks (fstat, writeback of times).
                 entry = self._entry(inode, self.file_mode, node.size, STABLE_TIMEOUT)
@@ -321,7 +337,7 @@ class Operations(pyfuse3.Operations):
                 os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                                    attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
         elif isinstance(node, FileNode) and fields.update_size:
-            handle = self.store.write_handle(node.uuid)
+            handle = None if node.unlinked else self.store.write_handle(node.uuid)
             if handle is None:
                 raise Immutable(f"attachment {node.uuid} is write-once")
             await self.store.truncate(handle, attr.st_size)
@@ -356,6 +372,7 @@ class Operations(pyfuse3.Operations):
         kind, what = self._child(parent_inode, name)
         if kind == "file":
             await self.store.unlink(what)
+            self._detach(what)
         elif kind == "pass":
             os.unlink(self._pass_path(what))
         else:
@@ -391,6 +408,9 @@ class Operations(pyfuse3.Operations):
         kind, what = self._child(parent_inode, name)
         if kind == "file":
             handle = await self.store.create(what)
+            # A new file: never the inode of one the name stood for before (deleted through
+            # this mount, or by another node of a SharedBucket).
+            self._detach(what)
             entry = self._counted(await self._file_entry(what))
             # With the writeback cache the kernel keeps a file's mtime and ctime itself, from
             # this reply on. Orthanc's write follows within a tick: when the new file's times
@@ -415,7 +435,7 @@ class Operations(pyfuse3.Operations):
                 flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
             fd = os.open(self._pass_path(node.rel), flags & ~(os.O_CREAT | os.O_EXCL))
             return pyfuse3.FileInfo(fh=self._add_handle(PassHandle(fd)))
-        if not isinstance(node, FileNode):
+        if not isinstance(node, FileNode) or node.unlinked:
             raise OSError(errno.EISDIR if _dir_name(inode) is not None else errno.ENOENT, "open")
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise OSError(errno.EPERM, f"attachment {node.uuid} is write-once")

@@ -174,6 +174,25 @@ def test_concurrent_readers_and_open_unlink(tmp_path: Path,
     assert bucket_files(tmp_path / "bucket") == {}
 
 
+
+def test_a_name_written_again_while_its_old_file_is_open(local_mount: Objfs) -> None:
+    """A file unlinked while open, then its name written again (a copy put back through the
+    mount; Orthanc never writes a name twice): the kernel still holds the old inode, and the new
+    file must not be taken for it (size, content), while the open handle reads the old file."""
+    old, new = os.urandom(300_000), os.urandom(7_000)
+    path = att(local_mount.mountpoint, U1)
+    orthanc_write(path, old)
+    with open(path, "rb") as held:
+        first = held.read(1000)
+        os.unlink(path)
+        local_mount.wait_uploaded()  # its bucket delete done: the name may be written again
+        orthanc_write(path, new)
+        assert os.stat(path).st_size == len(new)
+        assert path.read_bytes() == new
+        assert os.fstat(held.fileno()).st_nlink == 0
+        assert first + held.read() == old
+    assert path.read_bytes() == new
+
 def test_restart_serves_everything_and_status(tmp_path: Path,
                                               objfs_factory: Callable[..., Objfs]) -> None:
     daemon = objfs_factory(local_config(tmp_path)).start()

@@ -300,3 +300,56 @@ async def test_a_failed_fdatasync_is_eio_at_fsync_and_close_and_leaves_nothing(
     assert rig.journal.get(uuid) is None
     assert not rig.store.tier.path(uuid).exists()
     assert uuid not in rig.store.writing
+
+
+async def test_a_name_written_again_gets_a_new_inode_while_the_kernel_holds_the_old(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    """The kernel holds an unlinked file's inode until its last handle closes and its FORGET
+    (queued) arrives. A file created under the same name meanwhile gets an inode of its own:
+    given the old number, the kernel would take the new file for the old one (same node id,
+    same generation: it keeps the old inode's size and cached pages), and the old FORGET would
+    drop the new file's node."""
+    rig = rig_factory()
+    await running(rig)
+    ops = ops_for(rig, tmp_path)
+    uuid = str(uuid_mod.uuid4())
+    old = await orthanc_write(ops, uuid, b"a" * 5000)
+    reader = await ops.open(old, os.O_RDONLY, CTX)
+    folder = await mkdirs(ops, uuid)
+    await ops.unlink(folder, uuid.encode(), CTX)
+    assert await rig.store.drain(timeout=60)  # its bucket delete done: the name is free again
+    new = await orthanc_write(ops, uuid, b"b" * 100)
+    assert new != old
+    assert (await ops.getattr(old, CTX)).st_nlink == 0
+    with pytest.raises(pyfuse3.FUSEError) as reopened:
+        await ops.open(old, os.O_RDONLY, CTX)
+    assert reopened.value.errno == errno.ENOENT
+    assert await ops.read(reader.fh, 0, 8192) == b"a" * 5000
+    await ops.release(reader.fh)
+    await ops.forget([(old, 1)])
+    attr = await ops.getattr(new, CTX)
+    assert (attr.st_nlink, attr.st_size) == (1, 100)
+    assert await orthanc_read(ops, new) == b"b" * 100
+    entry = await ops.lookup(folder, uuid.encode(), CTX)
+    assert entry.st_ino == new
+
+
+async def test_a_name_deleted_behind_the_kernels_back_gets_a_new_inode_when_made_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    """A name whose file went without an unlink through this mount (another node of a
+    SharedBucket deleted it; here the store is told directly) and is then created again: the
+    create gives a new inode too, and the old inode's FORGET leaves the new file alone."""
+    rig = rig_factory()
+    await running(rig)
+    ops = ops_for(rig, tmp_path)
+    uuid = str(uuid_mod.uuid4())
+    old = await orthanc_write(ops, uuid, b"a" * 5000)
+    await rig.store.unlink(uuid)
+    assert await rig.store.drain(timeout=60)
+    new = await orthanc_write(ops, uuid, b"b" * 100)
+    assert new != old
+    await ops.forget([(old, 1)])
+    assert (await ops.getattr(new, CTX)).st_size == 100
+    assert await orthanc_read(ops, new) == b"b" * 100
