@@ -573,8 +573,9 @@ async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int, variant: str) -> None:
     """Objects stored as they are, with A1 encryption, with the local copies sealed too
     (EncryptLocalCache), and in HybridMode (new attachments in the file-system tier, moves
-    between the tiers among the calls), and through `fs.Operations` with three clients at once
-    and a model of the kernel's inodes (`Kernel`). Every third seed with an intent log of 8
+    between the tiers among the calls), and through `fs.Operations` with a model of the
+    kernel's inodes (`Kernel`). One client calls at a time in the plain runs, two at once in
+    the others, three through `fs.Operations`. Every third seed with an intent log of 8
     slots (it fills: durable commits instead, checkpoints because it is half full); in a random
     third of the runs deletes commit in SQLite instead of the log (what a slow disk makes the
     store do)."""
@@ -606,7 +607,7 @@ async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
                 monkeypatch.setattr(pyfuse3, "invalidate_entry_async", kernel.invalidate)
                 await _run(rig, kernel, model, rnd, 3)
             else:
-                await _run(rig, StoreCalls(rig), model, rnd)
+                await _run(rig, StoreCalls(rig), model, rnd, 1 if variant == "plain" else 2)
             rig = wal.lose_power() if wal is not None else rig.crashed()
             model.log.append(f"{'power loss' if power else 'crash'} {run}")
             await _check(rig, model)
