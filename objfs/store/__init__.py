@@ -31,7 +31,8 @@ Who may act on one uuid at a time, and what protects it (all on the event loop):
 - `tier.opened(uuid)`: an open copy is never evicted; `tier.reserve`/`take_scratch` give
   every byte on disk a place in the budget, given back exactly once (a deleted copy's once
   `tier.remove_doomed` has unlinked it, after Orthanc's burst).
-- `_plain[uuid]`: one decrypted copy per attachment, shared by its readers.
+- `_plain[(uuid, device, inode)]`: one decrypted copy per A1 file, shared by its readers (a
+  name written again is another file).
 
 Uploads and deletes retry until they succeed, their data journaled; reads and lookups retry
 temporary errors until `ReadTimeout`, then fail (EIO); a bucket that cannot say whether a name

@@ -36,6 +36,7 @@ from objfs.store.state import (
     SHARED_NEGATIVE_TTL,
     CacheSpace,
     FetchRecord,
+    PlainKey,
     SharedPlain,
     T,
     WriteHandle,
@@ -155,11 +156,11 @@ class StoreCore:
         # anything found the cache directory's disk full (`_pause_prefetch`): its GETs would
         # be thrown away, or take the room Orthanc's reads and writes need.
         self._prefetch_resumes = -math.inf
-        # Decrypted copies shared by their readers (owner: the event loop): by uuid, the
-        # readers' fds, and decryptions under way.
-        self._plain: dict[str, SharedPlain] = {}
-        self._plain_fds: dict[int, str] = {}
-        self._plain_pending: dict[str, trio.Event] = {}
+        # Decrypted copies shared by their readers (owner: the event loop): by the file they
+        # were decrypted from, the readers' fds, and decryptions under way.
+        self._plain: dict[PlainKey, SharedPlain] = {}
+        self._plain_fds: dict[int, PlainKey] = {}
+        self._plain_pending: dict[PlainKey, trio.Event] = {}
         # Unbounded on purpose: what waits here is bounded by the cache budget (dirty data
         # cannot exceed CacheSize) and an entry is one uuid.
         self._uploads = LargestFirst()

@@ -15,7 +15,7 @@ from objfs import codec, errors
 from objfs.dicomhead import series_instance_uid
 from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
-from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
+from objfs.journal import PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
 from objfs.store.state import (
     COMMIT_ROOM,
@@ -30,6 +30,15 @@ from objfs.store.state import (
 from objfs.testhooks import crash_point
 
 log = logging.getLogger(__name__)
+
+
+class DamagedFile(errors.Corrupt):
+    """Corrupt, naming the file found damaged by its device and inode: a reader that waited
+    before reading it may find its name given to another file since."""
+
+    def __init__(self, message: str, file: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.file = file
 
 
 class Fetch(Names):
@@ -79,6 +88,10 @@ class Fetch(Names):
                                                  "is missing") from None
                         await self._j(self.journal.set_cached, uuid, False)
                     except errors.Corrupt as exc:
+                        if not self._still_named(uuid, exc):
+                            # Deleted and written again while this reader waited: the damaged
+                            # file went with its delete; the new one is another matter.
+                            continue
                         if row.state == PENDING_UPLOAD:
                             if await self._adopt_uploaded(row):
                                 continue
@@ -103,6 +116,17 @@ class Fetch(Names):
         except BaseException:
             self.tier.closed(uuid)
             raise
+
+    def _still_named(self, uuid: str, exc: errors.Corrupt) -> bool:
+        """Whether the local copy found damaged is still the one named `uuid` (always, for a
+        copy checked with no wait in between)."""
+        if not isinstance(exc, DamagedFile):
+            return True
+        try:
+            st = os.stat(self.tier.path(uuid))
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == exc.file
 
     async def _adopt_uploaded(self, row: Row) -> bool:
         """A pending upload whose local copy is gone or damaged (a power loss undid the
@@ -145,41 +169,54 @@ class Fetch(Names):
         try:
             if not self.fs.encrypted(uuid):
                 return os.open(path, os.O_RDONLY)
+            source = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
-            return await self._shared_plain(uuid, path, None)
-        except FileNotFoundError:
-            return None
+            return await self._shared_plain(uuid, source, None)
         except errors.Corrupt as exc:
             log.error("attachment %s: cannot read %s: %s", uuid, path, exc)
             raise
+        finally:
+            os.close(source)
 
     async def _unseal(self, row: Row) -> int:
-        """An fd on the decrypted, verified copy of a sealed local file."""
-        return await self._shared_plain(row.uuid, self.tier.path(row.uuid), row.size)
+        """An fd on the decrypted, verified copy of a sealed local file. The copy is opened
+        before anything is awaited: the file decrypted is the one `row` describes, even if
+        the name is deleted and written again while this reader waits. Raises
+        FileNotFoundError when the copy is gone, DamagedFile when it does not verify."""
+        source = os.open(self.tier.path(row.uuid), os.O_RDONLY)
+        try:
+            return await self._shared_plain(row.uuid, source, row.size)
+        except errors.Corrupt as exc:
+            st = os.fstat(source)
+            raise DamagedFile(str(exc), (st.st_dev, st.st_ino)) from exc
+        finally:
+            os.close(source)
 
-    async def _shared_plain(self, uuid: str, source: Path, size: int | None) -> int:
-        """A reader's fd on the plaintext of A1 file `source`: one decrypted copy per
-        attachment (an O_TMPFILE, never linked into a directory, counted in the cache budget
-        by `take_scratch`), shared by every reader that has it open and freed when the last
-        one closes. Raises Corrupt (authentication failed, or not `size` bytes),
-        FileNotFoundError."""
-        while (pending := self._plain_pending.get(uuid)) is not None:
+    async def _shared_plain(self, uuid: str, source: int, size: int | None) -> int:
+        """A reader's fd on the plaintext of the A1 file open as `source` (the caller's, left
+        open): one decrypted copy per file (an O_TMPFILE, never linked into a directory,
+        counted in the cache budget by `take_scratch`), shared by every reader that has it
+        open and freed when the last one closes. Raises Corrupt (authentication failed, or
+        not `size` bytes)."""
+        st = os.fstat(source)
+        key = (uuid, st.st_dev, st.st_ino)
+        while (pending := self._plain_pending.get(key)) is not None:
             await pending.wait()
-        shared = self._plain.get(uuid)
+        shared = self._plain.get(key)
         if shared is None:
             assert self.encryption is not None
-            done = self._plain_pending[uuid] = trio.Event()
+            done = self._plain_pending[key] = trio.Event()
             try:
                 shared = await self._decrypt_shared(source, size)
-                self._plain[uuid] = shared
+                self._plain[key] = shared
             finally:
-                del self._plain_pending[uuid]
+                del self._plain_pending[key]
                 done.set()
         fd = os.open(fd_path(shared.fd), os.O_RDONLY)
         shared.readers += 1
-        self._plain_fds[fd] = uuid
+        self._plain_fds[fd] = key
         return fd
 
     async def _scratch_for_reader(self, nbytes: int) -> Callable[[], None]:
@@ -190,36 +227,40 @@ class Fetch(Names):
         raise errors.Unavailable(f"no room for a {nbytes}-byte temporary copy in the cache "
                                  f"within {deadline}s")
 
-    async def _decrypt_shared(self, source: Path, size: int | None) -> SharedPlain:
+    async def _decrypt_shared(self, source: int, size: int | None) -> SharedPlain:
         assert self.encryption is not None
-        expected = size if size is not None else max(0, source.stat().st_size - codec.OVERHEAD)
+        expected = size if size is not None else max(0, os.fstat(source).st_size -
+                                                     codec.OVERHEAD)
         give_back = await self._scratch_for_reader(expected)
-        fd = -1
+        fd = held = -1
         try:
             fd = os.open(self.tier.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
+            held = os.dup(source)
             async with self._crypto_limiter:
-                await trio.to_thread.run_sync(codec.decrypt_file, source, fd_path(fd),
+                await trio.to_thread.run_sync(codec.decrypt_file, fd_path(source), fd_path(fd),
                                               self.encryption.ring)
             got = os.fstat(fd).st_size
             if size is not None and got != size:
                 raise errors.Corrupt(f"{got} bytes, expected {size}")
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
+            for opened in (fd, held):
+                if opened >= 0:
+                    os.close(opened)
             give_back()
             raise
-        return SharedPlain(fd, 0, give_back)
+        return SharedPlain(fd, 0, give_back, held)
 
     def close_read(self, uuid: str, fd: int) -> None:
         os.close(fd)
         self.tier.closed(uuid)
-        shared_uuid = self._plain_fds.pop(fd, None)
-        if shared_uuid is not None:
-            shared = self._plain[shared_uuid]
+        key = self._plain_fds.pop(fd, None)
+        if key is not None:
+            shared = self._plain[key]
             shared.readers -= 1
             if shared.readers == 0:
-                del self._plain[shared_uuid]
+                del self._plain[key]
                 os.close(shared.fd)
+                os.close(shared.source)
                 shared.give_back()
 
     async def _fetch(self, row: Row, until: float) -> None:
@@ -382,8 +423,12 @@ class Fetch(Names):
                 source = await self._seal(source, tmp, plain)
             # No fsync here (a reader waits for this): the tier's next checkpoint makes the
             # copy durable, and a crash before it drops the copy at start (`LocalTier`).
+            # A row in another state than the one downloaded, or a delete while it downloaded:
+            # the attachment went (and its name may be another file's by now).
             current = self.journal.get(row.uuid)
-            deleted = current is None or current.state == PENDING_DELETE
+            fetch = self._fetches.get(row.uuid)
+            deleted = current is None or current.state != UPLOADED or (
+                fetch is not None and fetch.gone)
             if not deleted:  # no await since the check: atomic on the event loop
                 os.replace(source, self.tier.claim(row.uuid))
         except errors.NotFound:

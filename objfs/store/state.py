@@ -136,9 +136,21 @@ class SharedPlain:
     fd: int  # the O_TMPFILE; each reader has its own fd opened on it
     readers: int
     give_back: Callable[[], None]  # its share of the cache budget
+    # The A1 file it was decrypted from, held open: while it is, no other file can take that
+    # file's inode number, which is part of this copy's key (`PlainKey`).
+    source: int = -1
+
+
+# A shared decrypted copy's key: the attachment and the device and inode of the A1 file it was
+# decrypted from. A name deleted and written again is another file: its readers never share the
+# copy that readers of the old file still hold.
+PlainKey = tuple[str, int, int]
 
 
 @dataclass
 class FetchRecord:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    # Deleted while it downloaded (`_forget_object`): its copy must not take the place of the
+    # name's next file, whatever the journal says by then.
+    gone: bool = False

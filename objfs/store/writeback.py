@@ -400,6 +400,9 @@ class Writeback(Fetch):
         queued (unless `queue` is False: the caller deletes it), the local copy removed."""
         self._negative[uuid] = True
         self._confirmed.pop(uuid, None)
+        fetch = self._fetches.get(uuid)
+        if fetch is not None:
+            fetch.gone = True
         if not self.inventory_done and not self.shared:
             self._deleted_during_inventory.add(uuid)
         self._unlinking.add(uuid)

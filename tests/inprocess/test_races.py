@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from objfs import errors
+from objfs import codec, errors
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
 
@@ -143,3 +143,166 @@ async def test_unlink_of_a_fresh_write_during_its_upload_leaves_nothing(
     assert await rig.store.drain(timeout=120)
     assert rig.bucket_files() == {}
     assert rig.tier.used == on_disk(rig) == 0
+
+
+def _sealed(rig_factory: Callable[..., Rig], tmp_path: Path) -> Rig:
+    key = tmp_path / "master.key"
+    codec.write_key_file(key)
+    return rig_factory(EncryptLocalCache=True,
+                       StorageEncryption={"MasterKey": [1, str(key)]})
+
+
+async def test_a_sealed_copy_decrypted_while_its_name_is_written_again_is_the_old_one(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, holds: Holds, tmp_path: Path) -> None:
+    """A reader of a sealed copy waits (for budget, for a worker thread) between finding the
+    copy and decrypting it; meanwhile the name is deleted and written again. The reader
+    decrypts the file it found (the old one: its open came first), and never takes the new
+    file for a damaged old copy: that would have removed the new attachment's only copy."""
+    rig = _sealed(rig_factory, tmp_path)
+    await running(rig)
+    uuid, old, new = str(uuid_mod.uuid4()), os.urandom(300_000), os.urandom(7_000)
+    await rig.write(uuid, old)
+    assert await rig.store.drain(timeout=60)  # uploaded, its sealed copy cached
+    holds["decrypt_file"] = trio.Event()
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await rig.read(uuid))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.sleep(1)  # the reader waits to decrypt
+        await rig.store.unlink(uuid)
+        assert await rig.store.drain(timeout=60)  # the object's delete done: the name is free
+        await rig.write(uuid, new)
+        holds["decrypt_file"].set()
+    assert got == [old]
+    assert await rig.read(uuid) == new
+    assert await rig.store.drain(timeout=60)
+    assert [codec.is_encrypted(data[:2]) for data in rig.bucket_files().values()] == [True]
+    plain = tmp_path / "plain"
+    (object_path,) = [p for p in rig.settings.local_bucket.rglob("*") if p.is_file()]
+    codec.decrypt_file(object_path, plain, rig.settings.encryption.ring)  # type: ignore[union-attr]
+    assert plain.read_bytes() == new
+
+
+async def test_a_reader_of_a_name_written_again_never_gets_the_old_files_plaintext(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    """Readers of one sealed copy share its decrypted copy. A reader still holding the old
+    file's, when the name was deleted and written again, shares it with no reader of the new
+    file."""
+    rig = _sealed(rig_factory, tmp_path)
+    await running(rig)
+    uuid, old, new = str(uuid_mod.uuid4()), os.urandom(300_000), os.urandom(7_000)
+    await rig.write(uuid, old)
+    assert await rig.store.drain(timeout=60)
+    held = await rig.store.open_read(uuid)
+    try:
+        await rig.store.unlink(uuid)
+        assert await rig.store.drain(timeout=60)
+        await rig.write(uuid, new)
+        assert await rig.store.drain(timeout=60)  # uploaded: its sealed copy is what is read
+        assert await rig.read(uuid) == new
+        assert os.pread(held, len(old) + 1, 0) == old
+    finally:
+        rig.store.close_read(uuid, held)
+    assert await rig.read(uuid) == new
+
+
+async def test_a_damaged_sealed_copy_found_after_its_name_was_written_again_spares_the_new(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, holds: Holds, tmp_path: Path) -> None:
+    """A reader finds a sealed copy damaged only after the name was deleted and written again
+    while it waited: the damaged file went with the delete, and the reader leaves the new
+    attachment's copy alone (dropping the copy "found damaged" by its name would have removed
+    an acknowledged write's only copy) and reads the name afresh."""
+    rig = _sealed(rig_factory, tmp_path)
+    await running(rig)
+    uuid, old, new = str(uuid_mod.uuid4()), os.urandom(300_000), os.urandom(7_000)
+    await rig.write(uuid, old)
+    assert await rig.store.drain(timeout=60)
+    with open(rig.tier.path(uuid), "r+b") as copy:  # damaged in place: same inode
+        copy.seek(1000)
+        copy.write(bytes(b ^ 0xFF for b in copy.read(16)))
+    holds["decrypt_file"] = trio.Event()
+    rig.backend.set(Mode.GATED, "put")  # the new attachment's copy is its only one
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await rig.read(uuid))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.sleep(1)
+        await rig.store.unlink(uuid)
+        for _ in range(100):
+            if not rig.bucket_files():
+                break
+            await trio.sleep(0.1)
+        assert not rig.bucket_files()  # the object's delete done: the name is free
+        await rig.write(uuid, new)
+        holds["decrypt_file"].set()
+    assert got == [new]
+    rig.backend.set(Mode.OK)
+    assert await rig.store.drain(timeout=60)
+    assert await rig.read(uuid) == new
+    (object_path,) = [p for p in rig.settings.local_bucket.rglob("*") if p.is_file()]
+    plain = tmp_path / "plain"
+    codec.decrypt_file(object_path, plain, rig.settings.encryption.ring)  # type: ignore[union-attr]
+    assert plain.read_bytes() == new
+
+
+@pytest.mark.parametrize("uploaded", [False, True], ids=["new-pending", "new-uploaded"])
+async def test_a_download_that_ends_after_its_name_was_written_again_leaves_the_new_copy(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, uploaded: bool) -> None:
+    """A reader's download has the old object's bytes when the name is deleted (the object's
+    delete done) and written again: the download must not put the old bytes in place of the
+    new attachment's copy: its only one until it is uploaded; once it is, a copy of the same
+    size would be served as the new attachment."""
+    rig = rig_factory()
+    await running(rig)
+    uuid, old = str(uuid_mod.uuid4()), os.urandom(300_000)
+    new = os.urandom(len(old) if uploaded else 7_000)
+    await rig.write(uuid, old)
+    assert await rig.store.drain(timeout=60)
+    assert await rig.tier.evict(1 << 30) == len(old)
+    fetched, go_on = trio.Event(), trio.Event()
+    get = rig.backend.get
+
+    async def slow_get(*args: object, **kwargs: object) -> int:
+        got = await get(*args, **kwargs)  # type: ignore[arg-type]
+        fetched.set()
+        await go_on.wait()  # the answer's bytes are in; the reader is slow to go on
+        return got
+
+    rig.backend.get = slow_get  # type: ignore[method-assign]
+    results: list[bytes | Exception] = []
+
+    async def reader() -> None:
+        try:
+            results.append(await rig.read(uuid))
+        except errors.NotFound as exc:
+            results.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await fetched.wait()
+        rig.backend.get = get  # type: ignore[method-assign]
+        await rig.store.unlink(uuid)
+        while rig.bucket_files():
+            await trio.sleep(0.1)
+        if uploaded:
+            await rig.write(uuid, new)
+            assert await rig.store.drain(timeout=60)
+        else:
+            rig.backend.set(Mode.GATED, "put")  # the new copy stays the only one
+            await rig.write(uuid, new)
+        go_on.set()
+    assert results[0] == old or isinstance(results[0], errors.NotFound), results
+    assert await rig.read(uuid) == new
+    rig.backend.set(Mode.OK)
+    assert await rig.store.drain(timeout=60)
+    assert list(rig.bucket_files().values()) == [new]
