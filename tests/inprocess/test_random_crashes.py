@@ -186,6 +186,12 @@ class Model:
         self.deleted: set[str] = set()
         self.log: list[str] = []
         self.failed: set[str] = set()  # writes not acknowledged
+        # Writes and deletes under way: ("write", data) or ("unlink", None) by name. A crash
+        # in the middle leaves them to `resolve`.
+        self.inflight: dict[str, tuple[str, bytes | None]] = {}
+        self.steps = 0  # calls begun, by all clients
+        # The step at which a crash is set off in the middle of calls, and what sets it off.
+        self.crash_at: tuple[int, Callable[[], None]] | None = None
         self.busy: set[str] = set()
         self.versions: collections.Counter[str] = collections.Counter()
         self.weather = 0
@@ -200,6 +206,34 @@ class Model:
         self.busy.add(uuid)
         return uuid
 
+    async def resolve(self, rig: Rig) -> None:
+        """After a crash that came in the middle of writes or deletes: each reads back whole
+        or not at all (never cut short), and the model takes what it finds."""
+        for uuid, (kind, data) in sorted(self.inflight.items()):
+            try:
+                found: bytes | None = await rig.read(uuid)
+            except errors.NotFound:
+                found = None
+            if kind == "write":
+                assert found is None or found == data, (
+                    f"{uuid}, written when the crash came: {len(found)} of {len(data or b'')} "
+                    "bytes, or others")
+                if found is not None:
+                    self.live[uuid] = found
+                    self.deleted.discard(uuid)
+                elif uuid not in self.deleted:
+                    self.failed.add(uuid)
+            else:
+                assert found is None or found == self.live[uuid], (
+                    f"{uuid}, deleted when the crash came")
+                if found is None:
+                    del self.live[uuid]
+                    self.deleted.add(uuid)
+            self.versions[uuid] += 1
+            self.log.append(f"{kind} of {uuid} cut by the crash: "
+                            f"{'absent' if found is None else 'present'}")
+        self.inflight.clear()
+
     def stormy(self, since: int) -> bool:
         """Whether an outage was under way at some point since `weather` was `since`."""
         return self.outage.locked() or self.weather != since
@@ -210,10 +244,14 @@ class Model:
         uploaded, and CacheFullTimeout ends the wait for room)."""
         uuid = str(uuid_mod.uuid4())
         self.busy.add(uuid)
+        self.inflight[uuid] = ("write", data)
         since = self.weather
         try:
             await calls.write(uuid, data)
+        except trio.Cancelled:
+            raise  # the crash came in the middle: `resolve` finds out what it left
         except BaseException as exc:
+            del self.inflight[uuid]
             self.failed.add(uuid)
             if errno_of(exc) == errno.ENOSPC and self.stormy(since):
                 self.log.append(f"{who}write {uuid} {len(data)}: ENOSPC in an outage")
@@ -221,6 +259,7 @@ class Model:
             raise
         finally:
             self.busy.discard(uuid)
+        del self.inflight[uuid]
         self.live[uuid] = data
         self.versions[uuid] += 1
         self.log.append(f"{who}write {uuid} {len(data)}")
@@ -229,10 +268,17 @@ class Model:
         uuid = self.pick(rnd, self.live)
         if uuid is None:
             return
+        self.inflight[uuid] = ("unlink", None)
         try:
             await calls.unlink(uuid)
+        except trio.Cancelled:
+            raise
+        except BaseException:
+            del self.inflight[uuid]
+            raise
         finally:
             self.busy.discard(uuid)
+        del self.inflight[uuid]
         del self.live[uuid]
         self.deleted.add(uuid)
         self.versions[uuid] += 1
@@ -403,6 +449,10 @@ class Kernel:
 async def _step(rig: Rig, calls: Calls, model: Model, rnd: random.Random,
                 who: str = "") -> None:
     """One of Orthanc's calls (or a pause that lets background work run), by client `who`."""
+    model.steps += 1
+    if model.crash_at is not None and model.steps == model.crash_at[0]:
+        model.crash_at[1]()
+        model.crash_at = None
     choice = rnd.random()
     if choice < 0.45 or not model.live:
         await model.write(calls, rnd.randbytes(rnd.choice(SIZES)), who)
@@ -416,16 +466,22 @@ async def _step(rig: Rig, calls: Calls, model: Model, rnd: random.Random,
         if uuid is None:
             return
         data, since = rnd.randbytes(5000), model.weather
+        model.inflight[uuid] = ("write", data)
         try:
             await calls.write(uuid, data)
+        except trio.Cancelled:
+            raise
         except (OSError, errors.ObjfsError, pyfuse3.FUSEError) as exc:
+            del model.inflight[uuid]
             # EBUSY: its bucket delete is still to come.
             assert errno_of(exc) == errno.EBUSY or (
                 errno_of(exc) == errno.ENOSPC and model.stormy(since)), exc
             model.log.append(f"{who}rewrite {uuid}: {errno.errorcode[errno_of(exc) or 0]}")
         else:
+            del model.inflight[uuid]
             model.deleted.discard(uuid)
             model.live[uuid] = data
+            model.versions[uuid] += 1
             model.log.append(f"{who}rewrite {uuid}")
         finally:
             model.busy.discard(uuid)
@@ -494,14 +550,26 @@ async def _outage(rig: Rig, calls: Calls, model: Model, rnd: random.Random, who:
 async def _run(rig: Rig, calls: Calls, model: Model, rnd: random.Random,
                clients: int = 1) -> None:
     """STEPS calls by `clients` clients at once with the store's workers running, then the
-    crash: once the clients are done, the workers are cancelled wherever they stand."""
+    crash: the workers are cancelled wherever they stand, once the clients are done or, in a
+    third of the runs, at a random point that may be in the middle of their calls."""
 
     async def client(number: int) -> None:
         for _ in range(STEPS // clients):
             await _step(rig, calls, model, rnd, f"client {number}: " if clients > 1 else "")
 
+    async def crash_mid_call() -> None:
+        # Some scheduling points later: within the call that just began (or the next ones),
+        # wherever it stands then.
+        for _ in range(rnd.randrange(25)):
+            await trio.lowlevel.checkpoint()
+        model.log.append(f"the crash comes with {sorted(model.inflight)} under way")
+        nursery.cancel_scope.cancel()
+
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.store.run)
+        if rnd.random() < 1 / 3:
+            model.crash_at = (model.steps + rnd.randrange(STEPS),
+                              lambda: nursery.start_soon(crash_mid_call))
         async with trio.open_nursery() as orthanc:
             for number in range(clients):
                 orthanc.start_soon(client, number)
@@ -544,6 +612,7 @@ async def _check(rig: Rig, model: Model) -> None:
     async with trio.open_nursery() as nursery:
         # Workers running: a read of an evicted copy may need room that only uploads make.
         await nursery.start(rig.store.run)
+        await model.resolve(rig)
         for uuid, data in model.live.items():
             assert await rig.read(uuid) == data, f"acknowledged {uuid} after the restart"
         for uuid in model.deleted | model.failed:
