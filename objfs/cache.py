@@ -112,8 +112,10 @@ class LocalTier:
         self._doomed_pending = 0
         self._doomed_settled = trio.Event()
         self._doomed_settled.set()
-        # Copies an `evict` is removing (owner: the event loop).
+        # Copies an `evict` is removing (owner: the event loop), and an Event set (and
+        # replaced) each time an eviction's batch is done.
         self._evicting: set[str] = set()
+        self._batch_evicted = trio.Event()
         self._evict_ahead = min(capacity // 128, EVICT_AHEAD_MAX)
         # Budget held by background work that no eviction can free yet: temporary copies
         # (upload bodies, tier moves) until given back, prefetched copies until their download
@@ -483,9 +485,21 @@ class LocalTier:
                     self._evicted(removed, got)
             finally:
                 self._evicting -= chosen
+                self._batch_evicted.set()
+                self._batch_evicted = trio.Event()
             skip.update(removed)
             freed += got
         return freed
+
+    def evicting(self, uuid: str) -> bool:
+        """Whether an eviction is removing `uuid`'s copy."""
+        return uuid in self._evicting
+
+    async def wait_evicted(self, uuid: str) -> None:
+        """Return once no eviction is about to unlink `uuid`'s copy. A new write of the name
+        waits for this: the eviction's thread unlinks by name, and would take the new file."""
+        while uuid in self._evicting:
+            await self._batch_evicted.wait()
 
     def _victims(self, skip: set[str], want: int) -> list[tuple[str, int]]:
         """Least recently used clean copies nobody has open, enough for `want` bytes (as far

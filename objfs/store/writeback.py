@@ -54,8 +54,12 @@ class Writeback(Fetch):
         EBUSY when it was deleted and its object's delete is still to reach the bucket: that
         delete, and the row's removal after it, would take the new attachment with them. A
         name deleted since the journal's last checkpoint first waits for one WAL fsync
-        (`Journal.settle_before_rewrite`); raises what that raises."""
+        (`Journal.settle_before_rewrite`); raises what that raises. One whose old copy an
+        eviction is removing waits for that eviction (`LocalTier.wait_evicted`)."""
         while True:
+            if self.tier.evicting(uuid):
+                await self.tier.wait_evicted(uuid)
+                continue
             if await self.size_of(uuid) is not None:
                 raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
             row = self.journal.get(uuid)

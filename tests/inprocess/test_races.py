@@ -306,3 +306,43 @@ async def test_a_download_that_ends_after_its_name_was_written_again_leaves_the_
     rig.backend.set(Mode.OK)
     assert await rig.store.drain(timeout=60)
     assert list(rig.bucket_files().values()) == [new]
+
+
+async def test_an_eviction_under_way_never_removes_the_copy_of_a_name_written_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, holds: Holds) -> None:
+    """An eviction chooses a clean copy, then unlinks it in a worker thread; meanwhile the
+    name is deleted and written again. The new write waits for that eviction: the thread
+    would otherwise unlink the new attachment's copy, its only one until it is uploaded."""
+    rig = rig_factory()
+    await running(rig)
+    uuid, old, new = str(uuid_mod.uuid4()), os.urandom(300_000), os.urandom(7_000)
+    await rig.write(uuid, old)
+    assert await rig.store.drain(timeout=60)
+    holds["_remove_copies"] = trio.Event()
+    written = trio.Event()
+
+    async def write_again() -> None:
+        await rig.write(uuid, new)
+        written.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.tier.evict, 1 << 30)
+        try:
+            await trio.sleep(1)  # the eviction chose the copy; its thread waits
+            await rig.store.unlink(uuid)
+            for _ in range(600):
+                if not rig.bucket_files():
+                    break
+                await trio.sleep(0.1)
+            assert not rig.bucket_files()  # the object's delete done: the name is free
+            rig.backend.set(Mode.GATED, "put")  # the new copy stays the only one
+            nursery.start_soon(write_again)
+            await trio.sleep(1)
+            assert not written.is_set()  # waits for the eviction
+        finally:
+            holds["_remove_copies"].set()
+    assert await rig.read(uuid) == new
+    rig.backend.set(Mode.OK)
+    assert await rig.store.drain(timeout=60)
+    assert list(rig.bucket_files().values()) == [new]
