@@ -29,7 +29,11 @@ class Hybrid(Writeback):
         A1 file as it is when encryption is on, else encrypted now), read the object back and
         compare checksums, journal it durably, then delete the file. Returns False when it
         was already in the bucket only. Raises NotFound (neither tier), Corrupt, Unavailable
-        (after ReadTimeout); on any failure both copies are left as they were."""
+        (after ReadTimeout); on any failure the file is left as it was, and an object this
+        move put in the bucket is deleted again (when the bucket refuses that too, a warning
+        names it for `objfs audit --delete-orphans`: no row claims it, and the attachment's
+        later delete would not find it). A move cut short by a stop or crash is run again by
+        its job."""
         fs = self._require_fs()
         async with self.locks.hold(uuid):
             while (handle := self.writing.get(uuid)) is not None:
@@ -62,14 +66,21 @@ class Hybrid(Writeback):
                 size = plaintext.stat().st_size
                 key = self._choose_key(uuid, size, plaintext)
                 expected = await trio.to_thread.run_sync(sha256_file, upload)
+                # No row: an object under this name is this move's (else a row claims it).
+                own_object = self.journal.get(uuid) is None
                 await self._retry(self.read_retry, f"upload {key}",
                                   lambda: self.backend.put(key, upload))
-                await self._retry(self.read_retry, f"read back {key}",
-                                  lambda: self.backend.get(key, check))
-                got = await trio.to_thread.run_sync(sha256_file, check)
-                if got != expected:
-                    raise errors.Corrupt(f"object {key} does not read back as uploaded ({got[0]} "
-                                         f"bytes, expected {expected[0]})")
+                try:
+                    await self._retry(self.read_retry, f"read back {key}",
+                                      lambda: self.backend.get(key, check))
+                    got = await trio.to_thread.run_sync(sha256_file, check)
+                    if got != expected:
+                        raise errors.Corrupt(f"object {key} does not read back as uploaded "
+                                             f"({got[0]} bytes, expected {expected[0]})")
+                except errors.ObjfsError:
+                    if own_object:
+                        await self._take_back(uuid, key)
+                    raise
                 crash_point("mid-move-to-bucket")
                 old = self.journal.get(uuid)
                 await self._j(self.journal.put_uploaded, uuid, key, size)
@@ -83,6 +94,15 @@ class Hybrid(Writeback):
                     name.unlink(missing_ok=True)
                 give_back()
         return True
+
+    async def _take_back(self, uuid: str, key: str) -> None:
+        """Delete the object a failed move put in the bucket; never raises (logged)."""
+        try:
+            await self._retry(self.read_retry, f"delete {key}", lambda: self.backend.delete(key))
+        except errors.ObjfsError as exc:
+            log.warning("the failed move of attachment %s to the bucket left object %s there "
+                        "(deleting it failed: %s); no row claims it: `objfs audit "
+                        "--delete-orphans` removes it", uuid, key, exc)
 
     async def move_to_file_system(self, uuid: str) -> bool:
         """Move an attachment from the bucket to the file-system tier: write the plaintext

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -948,3 +949,35 @@ async def test_kept_row_changes_are_committed_in_a_worker_at_half_a_batch(
         assert rig.journal.kept_changes < KEPT_APPLY_SOON
     assert len(applied) >= 2 and set(applied) == {KEPT_APPLY_SOON}
     assert read_stats(rig.journal.path).pending_uploads >= 2 * KEPT_APPLY_SOON
+
+
+@pytest.mark.parametrize("delete_works", [True, False], ids=["taken-back", "left-named"])
+async def test_a_move_to_the_bucket_that_fails_after_its_put_takes_the_object_back(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        delete_works: bool) -> None:
+    """A move whose object does not read back (the bucket fails after the PUT) fails and
+    leaves the attachment in the file-system tier. The object it put is deleted again: no row
+    claims it, so the attachment's later delete would leave it in the bucket. When the bucket
+    refuses that delete too, a warning names the object for `objfs audit --delete-orphans`."""
+    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
+                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    assert rig.store.fs is not None
+    rig.store.fs.prepare()
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(50_000)
+    await rig.write(uuid, data)
+    rig.backend.set(Mode.UNAVAILABLE, "get", *(() if delete_works else ("delete",)))
+    with pytest.raises(errors.Unavailable):
+        await rig.store.move_to_object_storage(uuid)
+    assert rig.backend.calls["put"] >= 1
+    rig.backend.set(Mode.OK)
+    assert rig.store.fs.stat(uuid) is not None and await rig.read(uuid) == data
+    if delete_works:
+        assert rig.bucket_files() == {}
+    else:
+        (key,) = rig.bucket_files()
+        assert f"left object {key} there" in caplog.text and "--delete-orphans" in caplog.text
+    await rig.store.move_to_object_storage(uuid)  # tried again: done
+    assert list(rig.bucket_files().values()) == [data]
+    assert rig.store.fs.stat(uuid) is None
