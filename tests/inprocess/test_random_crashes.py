@@ -186,8 +186,8 @@ class Model:
         self.deleted: set[str] = set()
         self.log: list[str] = []
         self.failed: set[str] = set()  # writes not acknowledged
-        # Writes and deletes under way: ("write", data) or ("unlink", None) by name. A crash
-        # in the middle leaves them to `resolve`.
+        # Writes, deletes and moves under way: ("write", data), ("unlink", None) or (a move,
+        # None) by name. A crash in the middle leaves them to `resolve`.
         self.inflight: dict[str, tuple[str, bytes | None]] = {}
         self.steps = 0  # calls begun, by all clients
         # The step at which a crash is set off in the middle of calls, and what sets it off.
@@ -207,13 +207,20 @@ class Model:
         return uuid
 
     async def resolve(self, rig: Rig) -> None:
-        """After a crash that came in the middle of writes or deletes: each reads back whole
-        or not at all (never cut short), and the model takes what it finds."""
+        """After a crash that came in the middle of writes, deletes or moves: a write or delete
+        reads back whole or not at all (never cut short), and the model takes what it finds; a
+        move reads back whole and is run again, as its job would be."""
         for uuid, (kind, data) in sorted(self.inflight.items()):
             try:
                 found: bytes | None = await rig.read(uuid)
             except errors.NotFound:
                 found = None
+            if kind.startswith("move"):
+                # The job that was moving it runs again after the restart.
+                assert found == self.live[uuid], f"{uuid}, moved when the crash came"
+                await _move(rig, kind, uuid)
+                self.log.append(f"{kind} of {uuid} cut by the crash: done again")
+                continue
             if kind == "write":
                 assert found is None or found == data, (
                     f"{uuid}, written when the crash came: {len(found)} of {len(data or b'')} "
@@ -489,15 +496,27 @@ async def _step(rig: Rig, calls: Calls, model: Model, rnd: random.Random,
         uuid = model.pick(rnd, model.live)
         if uuid is None:
             return
+        kind = "move to the bucket" if rig.store.fs.stat(uuid) is not None else \
+            "move to the file-system tier"
+        model.inflight[uuid] = (kind, None)
+        since = model.weather
         try:
-            if rig.store.fs.stat(uuid) is not None:
-                await rig.store.move_to_object_storage(uuid)
-                model.log.append(f"{who}move {uuid} to the bucket")
-            else:
-                await rig.store.move_to_file_system(uuid)
-                model.log.append(f"{who}move {uuid} to the file-system tier")
+            try:
+                await _move(rig, kind, uuid)
+            except errors.Unavailable:
+                # Another client's outage: the job fails (both copies as they were), and the
+                # administrator runs it again once the bucket is back.
+                assert model.stormy(since)
+                model.log.append(f"{who}{kind} {uuid}: Unavailable")
+                async with model.outage:
+                    await _move(rig, kind, uuid)
+        except trio.Cancelled:
+            raise  # the crash came in the middle: its job runs again after the restart
+        else:
+            del model.inflight[uuid]
         finally:
             model.busy.discard(uuid)
+        model.log.append(f"{who}{kind} {uuid}")
     elif choice < 0.90 and not model.outage.locked():
         async with model.outage:
             await _outage(rig, calls, model, rnd, who)
@@ -510,6 +529,13 @@ async def _step(rig: Rig, calls: Calls, model: Model, rnd: random.Random,
         pause = rnd.choice([0.01, 0.2, 0.6, 3.0])
         await trio.sleep(pause)
         model.log.append(f"{who}pause {pause}")
+
+
+async def _move(rig: Rig, kind: str, uuid: str) -> None:
+    if kind == "move to the bucket":
+        await rig.store.move_to_object_storage(uuid)
+    else:
+        await rig.store.move_to_file_system(uuid)
 
 
 async def _outage(rig: Rig, calls: Calls, model: Model, rnd: random.Random, who: str) -> None:
