@@ -145,6 +145,17 @@ async def test_unlink_of_a_fresh_write_during_its_upload_leaves_nothing(
     assert rig.tier.used == on_disk(rig) == 0
 
 
+async def delete_everywhere(rig: Rig, uuid: str) -> None:
+    """Orthanc's delete of `uuid`, then the wait for its object's delete to reach the bucket
+    (the name may be written again from then on; other background work goes on)."""
+    await rig.store.unlink(uuid)
+    for _ in range(600):
+        if not rig.bucket_files():
+            return
+        await trio.sleep(0.1)
+    raise AssertionError(f"the object of {uuid} is still in the bucket")
+
+
 def _sealed(rig_factory: Callable[..., Rig], tmp_path: Path) -> Rig:
     key = tmp_path / "master.key"
     codec.write_key_file(key)
@@ -236,12 +247,7 @@ async def test_a_damaged_sealed_copy_found_after_its_name_was_written_again_spar
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
         await trio.sleep(1)
-        await rig.store.unlink(uuid)
-        for _ in range(100):
-            if not rig.bucket_files():
-                break
-            await trio.sleep(0.1)
-        assert not rig.bucket_files()  # the object's delete done: the name is free
+        await delete_everywhere(rig, uuid)
         await rig.write(uuid, new)
         holds["decrypt_file"].set()
     assert got == [new]
@@ -291,9 +297,7 @@ async def test_a_download_that_ends_after_its_name_was_written_again_leaves_the_
         nursery.start_soon(reader)
         await fetched.wait()
         rig.backend.get = get  # type: ignore[method-assign]
-        await rig.store.unlink(uuid)
-        while rig.bucket_files():
-            await trio.sleep(0.1)
+        await delete_everywhere(rig, uuid)
         if uploaded:
             await rig.write(uuid, new)
             assert await rig.store.drain(timeout=60)
@@ -330,12 +334,7 @@ async def test_an_eviction_under_way_never_removes_the_copy_of_a_name_written_ag
         nursery.start_soon(rig.tier.evict, 1 << 30)
         try:
             await trio.sleep(1)  # the eviction chose the copy; its thread waits
-            await rig.store.unlink(uuid)
-            for _ in range(600):
-                if not rig.bucket_files():
-                    break
-                await trio.sleep(0.1)
-            assert not rig.bucket_files()  # the object's delete done: the name is free
+            await delete_everywhere(rig, uuid)
             rig.backend.set(Mode.GATED, "put")  # the new copy stays the only one
             nursery.start_soon(write_again)
             await trio.sleep(1)
