@@ -647,15 +647,15 @@ async def _check(rig: Rig, model: Model) -> None:
         assert await rig.store.drain(timeout=120)
         nursery.cancel_scope.cancel()
     bucket = _in_bucket(rig)
-    fs = rig.store.fs
-    if fs is None:
+    tier = rig.store.fs
+    if tier is None:
         assert set(bucket) == set(model.live), "the bucket after the drain"
     else:
         # HybridMode: each live attachment in the bucket or the file-system tier (both
         # after a crash in the middle of a move), no deleted one in either.
         assert set(bucket) <= set(model.live), "the bucket after the drain"
-        assert not [u for u in model.deleted if fs.stat(u) is not None]
-        assert not [u for u in model.live if u not in bucket and fs.stat(u) is None]
+        assert not [u for u in model.deleted if tier.stat(u) is not None]
+        assert not [u for u in model.live if u not in bucket and tier.stat(u) is None]
     for uuid, data in bucket.items():
         assert data == model.live[uuid], uuid
     assert rig.tier.used == _copies_bytes(rig), "cache accounting after the drain"
