@@ -86,9 +86,6 @@ class FileNode:
     uuid: str
     lookups: int = 0
     size: int = 0  # last size reported, kept for files unlinked while open
-    # The file this inode stood for is gone (unlinked, or its name made anew by create): the
-    # kernel may hold the inode until its FORGET, but the name leads to another inode.
-    unlinked: bool = False
 
 
 @dataclass
@@ -197,11 +194,11 @@ class Operations(pyfuse3.Operations):
         an inode of its own. Reusing the number would make the kernel take the new file for the
         old one (same node id and generation: it keeps the old inode, its size and its cached
         pages), and the old inode's FORGET would then drop the new file's node."""
-        inode = self.by_uuid.pop(uuid, None)
-        if inode is not None:
-            node = self.nodes[inode]
-            assert isinstance(node, FileNode)
-            node.unlinked = True
+        self.by_uuid.pop(uuid, None)
+
+    def _gone(self, inode: int, node: FileNode) -> bool:
+        """Whether `node` stands for a file that is gone (`_detach`): its name leads elsewhere."""
+        return self.by_uuid.get(node.uuid) != inode
 
     def _pass_path(self, rel: str) -> Path:
         if not self._warned_passthrough:
@@ -266,7 +263,7 @@ class Operations(pyfuse3.Operations):
             return self._dir_entry(name)
         node = self.nodes.get(inode)
         if isinstance(node, FileNode):
-            size = None if node.unlinked else await self.store.size_of(node.uuid)
+            size = None if self._gone(inode, node) else await self.store.size_of(node.uuid)
             if size is None:
                 # Unlinked while open: the kernel still asks (fstat, writeback of times).
                 entry = self._entry(inode, self.file_mode, node.size, STABLE_TIMEOUT)
@@ -337,7 +334,7 @@ class Operations(pyfuse3.Operations):
                 os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                                    attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
         elif isinstance(node, FileNode) and fields.update_size:
-            handle = None if node.unlinked else self.store.write_handle(node.uuid)
+            handle = None if self._gone(inode, node) else self.store.write_handle(node.uuid)
             if handle is None:
                 raise Immutable(f"attachment {node.uuid} is write-once")
             await self.store.truncate(handle, attr.st_size)
@@ -435,7 +432,7 @@ class Operations(pyfuse3.Operations):
                 flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
             fd = os.open(self._pass_path(node.rel), flags & ~(os.O_CREAT | os.O_EXCL))
             return pyfuse3.FileInfo(fh=self._add_handle(PassHandle(fd)))
-        if not isinstance(node, FileNode) or node.unlinked:
+        if not isinstance(node, FileNode) or self._gone(inode, node):
             raise OSError(errno.EISDIR if _dir_name(inode) is not None else errno.ENOENT, "open")
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise OSError(errno.EPERM, f"attachment {node.uuid} is write-once")
