@@ -188,9 +188,6 @@ class Fetch(Names):
         source = os.open(self.tier.path(row.uuid), os.O_RDONLY)
         try:
             return await self._shared_plain(row.uuid, source, row.size)
-        except errors.Corrupt as exc:
-            st = os.fstat(source)
-            raise DamagedFile(str(exc), (st.st_dev, st.st_ino)) from exc
         finally:
             os.close(source)
 
@@ -198,8 +195,8 @@ class Fetch(Names):
         """A reader's fd on the plaintext of the A1 file open as `source` (the caller's, left
         open): one decrypted copy per file (an O_TMPFILE, never linked into a directory,
         counted in the cache budget by `take_scratch`), shared by every reader that has it
-        open and freed when the last one closes. Raises Corrupt (authentication failed, or
-        not `size` bytes)."""
+        open and freed when the last one closes. Raises DamagedFile (authentication failed,
+        or not `size` bytes)."""
         st = os.fstat(source)
         key = (uuid, st.st_dev, st.st_ino)
         while (pending := self._plain_pending.get(key)) is not None:
@@ -211,6 +208,8 @@ class Fetch(Names):
             try:
                 shared = await self._decrypt_shared(source, size)
                 self._plain[key] = shared
+            except errors.Corrupt as exc:
+                raise DamagedFile(str(exc), (st.st_dev, st.st_ino)) from exc
             finally:
                 del self._plain_pending[key]
                 done.set()
