@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import trio
 import trio.testing
 
 import objfs.store.core
+from objfs import codec
 from objfs.backends.local import LocalBackend
 from objfs.cache import LocalTier
 from objfs.config import Settings, settings_from_tree
@@ -31,6 +33,8 @@ from objfs.store import Store
 from objfs.tally import Tally
 from tests.inprocess.faults import FaultyBackend, Mode
 from tests.support.crash import abandon
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 # Worker-thread calls to hold: function name -> an Event the call waits for before it runs.
 # Races are reproduced by holding one step while another task acts.
@@ -139,6 +143,22 @@ class Rig:
         bucket = self.settings.local_bucket
         return {str(p.relative_to(bucket)): p.read_bytes() for p in bucket.rglob("*")
                 if p.is_file() and ".objfs-tmp" not in p.parts}
+
+    def attachments_in_bucket(self) -> dict[str, bytes]:
+        """The attachments in the bucket by uuid, as plaintext (A1 objects decrypted)."""
+        found: dict[str, bytes] = {}
+        encryption = self.settings.encryption
+        for key, data in self.bucket_files().items():
+            match = UUID.search(key)
+            assert match is not None, key
+            assert match.group(0) not in found, f"two objects for {match.group(0)}"
+            if encryption is not None and codec.is_encrypted(data[:2]):
+                sealed, plain = self.root / "sealed", self.root / "plain"
+                sealed.write_bytes(data)
+                codec.decrypt_file(sealed, plain, encryption.ring)
+                data = plain.read_bytes()
+            found[match.group(0)] = data
+        return found
 
     async def write(self, uuid: str, data: bytes) -> None:
         """Orthanc's create, write, fdatasync and close of one attachment."""

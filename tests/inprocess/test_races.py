@@ -15,6 +15,7 @@ import trio.testing
 from objfs import codec, errors
 from tests.inprocess.conftest import Rig
 from tests.inprocess.faults import Mode
+from tests.inprocess.test_budget import encrypted
 
 Start = Callable[[Rig], Awaitable[None]]
 GatedRig = Callable[..., Awaitable[Rig]]
@@ -157,10 +158,7 @@ async def delete_everywhere(rig: Rig, uuid: str) -> None:
 
 
 def _sealed(rig_factory: Callable[..., Rig], tmp_path: Path) -> Rig:
-    key = tmp_path / "master.key"
-    codec.write_key_file(key)
-    return rig_factory(EncryptLocalCache=True,
-                       StorageEncryption={"MasterKey": [1, str(key)]})
+    return rig_factory(EncryptLocalCache=True, **encrypted(tmp_path))
 
 
 async def test_a_sealed_copy_decrypted_while_its_name_is_written_again_is_the_old_one(
@@ -192,10 +190,7 @@ async def test_a_sealed_copy_decrypted_while_its_name_is_written_again_is_the_ol
     assert await rig.read(uuid) == new
     assert await rig.store.drain(timeout=60)
     assert [codec.is_encrypted(data[:2]) for data in rig.bucket_files().values()] == [True]
-    plain = tmp_path / "plain"
-    (object_path,) = [p for p in rig.settings.local_bucket.rglob("*") if p.is_file()]
-    codec.decrypt_file(object_path, plain, rig.settings.encryption.ring)  # type: ignore[union-attr]
-    assert plain.read_bytes() == new
+    assert rig.attachments_in_bucket() == {uuid: new}
 
 
 async def test_a_reader_of_a_name_written_again_never_gets_the_old_files_plaintext(
@@ -254,10 +249,7 @@ async def test_a_damaged_sealed_copy_found_after_its_name_was_written_again_spar
     rig.backend.set(Mode.OK)
     assert await rig.store.drain(timeout=60)
     assert await rig.read(uuid) == new
-    (object_path,) = [p for p in rig.settings.local_bucket.rglob("*") if p.is_file()]
-    plain = tmp_path / "plain"
-    codec.decrypt_file(object_path, plain, rig.settings.encryption.ring)  # type: ignore[union-attr]
-    assert plain.read_bytes() == new
+    assert rig.attachments_in_bucket() == {uuid: new}
 
 
 @pytest.mark.parametrize("uploaded", [False, True], ids=["new-pending", "new-uploaded"])

@@ -21,7 +21,6 @@ import collections
 import errno
 import os
 import random
-import re
 import sqlite3
 import uuid as uuid_mod
 from collections.abc import Callable, Iterable
@@ -47,7 +46,6 @@ RUNS = 3  # crashes per seed
 STEPS = 40  # of Orthanc's calls per run
 # Sizes of new attachments, bytes.
 SIZES = [1, 700, 4096, 70_000, 400_000, 1_500_000, 3_000_000]
-UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class PowerLoss:
@@ -604,23 +602,6 @@ async def _run(rig: Rig, calls: Calls, model: Model, rnd: random.Random,
         nursery.cancel_scope.cancel()
 
 
-def _in_bucket(rig: Rig) -> dict[str, bytes]:
-    """The attachments in the bucket by uuid, as plaintext."""
-    found: dict[str, bytes] = {}
-    encryption = rig.settings.encryption
-    for key, data in rig.bucket_files().items():
-        match = UUID.search(key)
-        assert match is not None, key
-        assert match.group(0) not in found, f"two objects for {match.group(0)}"
-        if encryption is not None and codec.is_encrypted(data[:2]):
-            sealed, plain = rig.root / "sealed", rig.root / "plain"
-            sealed.write_bytes(data)
-            codec.decrypt_file(sealed, plain, encryption.ring)
-            data = plain.read_bytes()
-        found[match.group(0)] = data
-    return found
-
-
 def _copies_bytes(rig: Rig) -> int:
     """The bytes of the local copies as the budget counts them: plaintext sizes (a sealed
     copy takes A1's overhead more on disk)."""
@@ -646,7 +627,7 @@ async def _check(rig: Rig, model: Model) -> None:
                 await rig.read(uuid)
         assert await rig.store.drain(timeout=120)
         nursery.cancel_scope.cancel()
-    bucket = _in_bucket(rig)
+    bucket = rig.attachments_in_bucket()
     tier = rig.store.fs
     if tier is None:
         assert set(bucket) == set(model.live), "the bucket after the drain"
@@ -812,7 +793,8 @@ async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
                         with pytest.raises(errors.NotFound):
                             await rig.read(uuid)
                 nursery.cancel_scope.cancel()
-            assert set(_in_bucket(nodes[0])) == set(model.live), "the bucket after the drain"
+            in_bucket = nodes[0].attachments_in_bucket()
+            assert set(in_bucket) == set(model.live), "the bucket after the drain"
             for rig in nodes:
                 assert rig.tier.used == _copies_bytes(rig), "cache accounting"
         except BaseException:
