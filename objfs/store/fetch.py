@@ -107,6 +107,10 @@ class Fetch(Names):
                 try:
                     await self._fetch(row, until)
                 except errors.NotFound:
+                    if fs is not None and await self._row(uuid) is None:
+                        # Moved to the file-system tier (or deleted) while it was fetched:
+                        # the loop looks there again.
+                        continue
                     if not self.shared:
                         raise
                     await self._forget_gone(row)

@@ -116,6 +116,47 @@ async def test_a_move_that_starts_during_a_delete_does_not_resurrect_it(
     assert rig.bucket_files() == {}
 
 
+async def test_a_read_during_a_move_to_the_file_system_reads_the_moved_file(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, holds: Holds, tmp_path: Path) -> None:
+    """A reader that finds the attachment in the bucket while a move to the file-system tier
+    forgets the object (its local copy already given up, the journal commit still running)
+    fetched an object that is no longer the attachment's, and got NotFound (ENOENT: Orthanc
+    serves 404) although the file-system tier held the attachment all along. It now reads the
+    moved file."""
+    rig = rig_factory("hybrid", HybridMode="WriteToObjectStorage",
+                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    assert rig.store.fs is not None
+    rig.store.fs.prepare()
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(80_000)
+    await rig.write(uuid, data)
+    assert await rig.store.drain(timeout=60)
+    rig.store._log_deletes = False  # a slow disk: the forget commits in a worker thread
+    holds["mark_pending_delete"] = trio.Event()
+    got: list[bytes | BaseException] = []
+
+    async def reader() -> None:
+        try:
+            got.append(await rig.read(uuid))
+        except errors.ObjfsError as exc:
+            got.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.store.move_to_file_system, uuid)
+        await trio.sleep(1)  # the move has written the file and waits on its journal write
+        assert rig.store.fs.stat(uuid) is not None and not rig.tier.path(uuid).exists()
+        rig.backend.set(Mode.GATED, "get")
+        nursery.start_soon(reader)
+        await trio.sleep(1)  # its download waits at the bucket
+        holds["mark_pending_delete"].set()
+        await trio.sleep(1)  # the move is done: the object is deleted
+        rig.backend.gate.set()
+    assert got == [data]
+    assert await rig.store.drain(timeout=60)
+    assert rig.bucket_files() == {} and await rig.read(uuid) == data
+
+
 def test_temporary_names_never_collide(rig_factory: Callable[..., Rig]) -> None:
     """Finding 8: a download and a tier move of one attachment shared a temporary name."""
     rig = rig_factory()
