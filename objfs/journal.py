@@ -739,7 +739,11 @@ class Journal:
                 self._lock.release()
 
     def put_uploaded(self, uuid: str, key: str, size: int) -> None:
-        """Record an object put in the bucket by a move, with no local copy (durable)."""
+        """Record an object put in the bucket by a move, with no local copy (durable). A name
+        whose earlier object's delete the log still holds (moved to the file-system tier and
+        back) is settled first (`settle_before_rewrite`): replayed, that delete would mark
+        this row deleted. Blocks: for a worker thread."""
+        self.settle_before_rewrite(uuid)
         now = time.time()
         self._write(
             "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "

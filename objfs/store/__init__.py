@@ -26,6 +26,8 @@ Who may act on one uuid at a time, and what protects it (all on the event loop):
   a uuid being uploaded is queued after the upload settles.
 - `locks.hold(uuid)` (`objfs.keylocks`): unlink and the tier moves hold it for their whole
   length, so a delete and a move never interleave and a deleted attachment never comes back.
+- `_deleting[uuid]`: a delete of the uuid's objects under way; a move to the bucket waits
+  for it (and sends a pending one itself) before it puts the same key again.
 - `_fetches[uuid]`: one download per uuid however many readers wait; a download that ends
   after its attachment was deleted discards its copy.
 - `tier.opened(uuid)`: an open copy is never evicted; `tier.reserve`/`take_scratch` give

@@ -170,6 +170,11 @@ class StoreCore:
         # the upload subtracts when done with it, whatever the outcome.
         self._unsent_bytes = 0
         self._delete_send, self._delete_recv = trio.open_memory_channel[str](math.inf)
+        # Uuids whose objects a delete may be removing now (`Writeback._removing_objects`:
+        # from its row check until its rows are dropped or it failed), each with the Event
+        # set when it ends. Owner: the event loop. A move to the bucket waits for it before
+        # it puts the same key again (the delete would remove the new object).
+        self._deleting: dict[str, trio.Event] = {}
         self._outstanding: set[str] = set()
         self._idle = trio.Event()
         self._idle.set()

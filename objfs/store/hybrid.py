@@ -42,6 +42,7 @@ class Hybrid(Writeback):
                 if await self._row(uuid) is not None:
                     return False
                 raise errors.NotFound(f"attachment {uuid} is in neither tier")
+            await self._settle_earlier_object(uuid)
             names = [self.tier.tmp_path(uuid, f"move-{n}") for n in ("plain", "body", "check")]
             plain, body, check = names
             st = fs.stat(uuid)
@@ -94,6 +95,20 @@ class Hybrid(Writeback):
                     name.unlink(missing_ok=True)
                 give_back()
         return True
+
+    async def _settle_earlier_object(self, uuid: str) -> None:
+        """Before a move puts `uuid`'s object: end the delete of the object an earlier move
+        to the file-system tier left (it would remove the new one, and drop its row). Waits
+        for a delete under way, else sends a pending one itself. Raises Unavailable when the
+        bucket does not take it within ReadTimeout (the move is tried again later)."""
+        await self.wait_deletes_ended(uuid)
+        row = self.journal.get(uuid)
+        if row is None or row.state != PENDING_DELETE:
+            return
+        await self._delete_remote(uuid, self.read_retry)
+        if self.journal.get(uuid) is not None:
+            raise errors.Unavailable(f"attachment {uuid}: the delete of its earlier object "
+                                     "has not reached the bucket yet")
 
     async def _take_back(self, uuid: str, key: str) -> None:
         """Delete the object a failed move put in the bucket; never raises (logged)."""

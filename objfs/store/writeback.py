@@ -8,7 +8,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -694,6 +694,25 @@ class Writeback(Fetch):
             return 1
         return self.backend.batch_delete_limit // len(self.layout.possible_keys(uuid))
 
+    @contextlib.contextmanager
+    def _removing_objects(self, uuids: list[str]) -> Iterator[None]:
+        """Announce in `_deleting` that the objects of `uuids` may be being deleted, until
+        the block ends (a uuid already announced stays its announcer's). Enter it with no
+        await since the rows were checked."""
+        mine = [uuid for uuid in uuids if uuid not in self._deleting]
+        for uuid in mine:
+            self._deleting[uuid] = trio.Event()
+        try:
+            yield
+        finally:
+            for uuid in mine:
+                self._deleting.pop(uuid).set()
+
+    async def wait_deletes_ended(self, uuid: str) -> None:
+        """Return once no delete of `uuid`'s objects is under way (`_deleting`)."""
+        while (deleting := self._deleting.get(uuid)) is not None:
+            await deleting.wait()
+
     async def _delete_batch(self, uuids: list[str]) -> None:
         """Delete the objects of journaled deletes `uuids` in one request per
         `batch_delete_limit` keys: every name the layout could have given each uuid, so no
@@ -706,37 +725,40 @@ class Writeback(Fetch):
                       | {row.key for row in rows if row.key is not None})
         limit = self.backend.batch_delete_limit
         try:
-            for start in range(0, len(keys), limit):
-                chunk = keys[start:start + limit]
-                await self._retry(BACKGROUND_RETRY, f"delete {len(chunk)} keys ({chunk[0]}, ...)",
-                                  functools.partial(self.backend.delete_many, chunk))
+            with self._removing_objects([row.uuid for row in rows]):
+                for start in range(0, len(keys), limit):
+                    chunk = keys[start:start + limit]
+                    await self._retry(BACKGROUND_RETRY,
+                                      f"delete {len(chunk)} keys ({chunk[0]}, ...)",
+                                      functools.partial(self.backend.delete_many, chunk))
+                crash_point("after-object-delete")
+                await self._drop_rows([row.uuid for row in rows])
         except errors.Unsupported as exc:  # `final`: the retry policy gives it back at once
             log.warning("the bucket refuses batch deletes (%s): deleting one object at a time",
                         exc)
             self._no_batch_delete = True
             for row in rows:
                 await self._delete_remote(row.uuid)
-            return
-        crash_point("after-object-delete")
-        await self._drop_rows([row.uuid for row in rows])
 
     async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
         row = self.journal.get(uuid)
         if row is None or row.state != PENDING_DELETE or uuid in self.inflight:
             return
-        # Every object of the uuid, not only the journaled key: `objfs rekey` renames X.dcm to
-        # X.dcm.enc, and a plugin may have written a sibling (.dcm.head, .json).
-        prefix = self.layout.lookup_prefix(uuid)
-        page, _ = await self._retry(
-            policy, f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
-        keys = {o.key for o in page if (info := self.layout.parse_key(o.key))
-                and info.uuid == uuid}
-        if row.key is not None:
-            keys.add(row.key)
-        for key in sorted(keys):
-            await self._retry(policy, f"delete {key}", functools.partial(self.backend.delete, key))
-            crash_point("after-object-delete")
-        await self._drop_rows([uuid], pending_delete_only=False)
+        with self._removing_objects([uuid]):
+            # Every object of the uuid, not only the journaled key: `objfs rekey` renames
+            # X.dcm to X.dcm.enc, and a plugin may have written a sibling (.dcm.head, .json).
+            prefix = self.layout.lookup_prefix(uuid)
+            page, _ = await self._retry(
+                policy, f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
+            keys = {o.key for o in page if (info := self.layout.parse_key(o.key))
+                    and info.uuid == uuid}
+            if row.key is not None:
+                keys.add(row.key)
+            for key in sorted(keys):
+                await self._retry(policy, f"delete {key}",
+                                  functools.partial(self.backend.delete, key))
+                crash_point("after-object-delete")
+            await self._drop_rows([uuid], pending_delete_only=False)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no upload or delete is queued or running and every deleted copy is

@@ -157,6 +157,42 @@ async def test_a_read_during_a_move_to_the_file_system_reads_the_moved_file(
     assert rig.bucket_files() == {} and await rig.read(uuid) == data
 
 
+@pytest.mark.parametrize("batches", [True, False], ids=["batch-delete", "one-by-one"])
+async def test_a_move_back_to_the_bucket_waits_for_the_delete_of_the_earlier_object(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path, batches: bool) -> None:
+    """A move to the file-system tier whose object delete failed leaves that delete to the
+    background worker. A move back to the bucket while the worker's request was under way
+    put the same key again; the worker's delete then removed the new object and dropped its
+    row, and the file-system copy was gone already: the attachment was lost. The move back
+    now waits for that delete to end (and sends it itself when it is still pending)."""
+    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
+                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    assert rig.store.fs is not None
+    rig.store.fs.prepare()
+    rig.backend.refuse_batches = not batches
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(60_000)
+    await rig.write(uuid, data)
+    assert await rig.store.move_to_object_storage(uuid)
+    rig.backend.set(Mode.GATED, "delete")
+    assert await rig.store.move_to_file_system(uuid)  # its delete timed out: queued
+    moved: list[bool] = []
+
+    async def move_back() -> None:
+        moved.append(await rig.store.move_to_object_storage(uuid))
+
+    async with trio.open_nursery() as nursery:
+        await trio.sleep(5)  # the worker's delete waits at the bucket
+        nursery.start_soon(move_back)
+        await trio.sleep(5)
+        rig.backend.gate.set()
+    assert moved == [True]
+    assert await rig.store.drain(timeout=60)
+    assert await rig.read(uuid) == data
+    assert rig.attachments_in_bucket() == {uuid: data} and rig.store.fs.stat(uuid) is None
+
+
 def test_temporary_names_never_collide(rig_factory: Callable[..., Rig]) -> None:
     """Finding 8: a download and a tier move of one attachment shared a temporary name."""
     rig = rig_factory()

@@ -981,3 +981,35 @@ async def test_a_move_to_the_bucket_that_fails_after_its_put_takes_the_object_ba
     await rig.store.move_to_object_storage(uuid)  # tried again: done
     assert list(rig.bucket_files().values()) == [data]
     assert rig.store.fs.stat(uuid) is None
+
+
+async def test_a_move_back_to_the_bucket_outlives_the_logged_delete_of_its_last_object(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    """A move to the file-system tier logs the delete of the attachment's object in the
+    intent log; a move back to the bucket then journaled the new object's row in SQLite. A
+    crash before the log's next checkpoint replayed the delete onto the new row: the object
+    was deleted, the file-system copy was gone already, and the attachment was lost (found by
+    `test_random_crashes.py`). The move back now makes the log's changes durable first, as a
+    write of a name deleted lately does (`Journal.settle_before_rewrite`)."""
+    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
+                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    assert rig.store.fs is not None
+    rig.store.fs.prepare()
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(40_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        await rig.write(uuid, data)
+        assert await rig.store.move_to_object_storage(uuid)
+        assert await rig.store.move_to_file_system(uuid)
+        assert rig.journal.logged_intents == 1  # the delete of the object
+        assert await rig.store.move_to_object_storage(uuid)
+        nursery.cancel_scope.cancel()
+    rig = rig.crashed()
+    assert rig.store.fs is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        assert await rig.read(uuid) == data
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    assert rig.attachments_in_bucket() == {uuid: data} and rig.store.fs.stat(uuid) is None
