@@ -35,6 +35,7 @@ from objfs.store.state import (
     SHARED_CONFIRM_TTL,
     SHARED_NEGATIVE_TTL,
     CacheSpace,
+    DeleteRecord,
     FetchRecord,
     PlainKey,
     SharedPlain,
@@ -170,11 +171,11 @@ class StoreCore:
         # the upload subtracts when done with it, whatever the outcome.
         self._unsent_bytes = 0
         self._delete_send, self._delete_recv = trio.open_memory_channel[str](math.inf)
-        # Uuids whose objects a delete may be removing now (`Writeback._removing_objects`:
-        # from its row check until its rows are dropped or it failed), each with the Event
-        # set when it ends. Owner: the event loop. A move to the bucket waits for it before
-        # it puts the same key again (the delete would remove the new object).
-        self._deleting: dict[str, trio.Event] = {}
+        # Uuids whose objects deletes may be removing now (`Writeback._removing_objects`:
+        # each from its row check until its rows are dropped or it failed; a worker's and a
+        # move's may overlap). Owner: the event loop. A move to the bucket waits until none
+        # is left before it puts the same key again (a delete would remove the new object).
+        self._deleting: dict[str, DeleteRecord] = {}
         self._outstanding: set[str] = set()
         self._idle = trio.Event()
         self._idle.set()

@@ -148,6 +148,14 @@ PlainKey = tuple[str, int, int]
 
 
 @dataclass
+class DeleteRecord:
+    """Deletes of one uuid's objects under way (`StoreCore._deleting`): how many, and the
+    Event set when the last of them ends."""
+    running: int = 0
+    ended: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
 class FetchRecord:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None

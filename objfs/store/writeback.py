@@ -38,6 +38,7 @@ from objfs.store.state import (
     SPARE_SAMPLE,
     SPARE_WINDOW,
     SYNC_AVERAGE_WEIGHT,
+    DeleteRecord,
     WriteHandle,
 )
 from objfs.tally import error_class
@@ -696,22 +697,24 @@ class Writeback(Fetch):
 
     @contextlib.contextmanager
     def _removing_objects(self, uuids: list[str]) -> Iterator[None]:
-        """Announce in `_deleting` that the objects of `uuids` may be being deleted, until
-        the block ends (a uuid already announced stays its announcer's). Enter it with no
-        await since the rows were checked."""
-        mine = [uuid for uuid in uuids if uuid not in self._deleting]
-        for uuid in mine:
-            self._deleting[uuid] = trio.Event()
+        """Count in `_deleting` that the objects of `uuids` may be being deleted, until the
+        block ends. Enter it with no await since the rows were checked."""
+        records = [self._deleting.setdefault(uuid, DeleteRecord()) for uuid in uuids]
+        for record in records:
+            record.running += 1
         try:
             yield
         finally:
-            for uuid in mine:
-                self._deleting.pop(uuid).set()
+            for uuid, record in zip(uuids, records, strict=True):
+                record.running -= 1
+                if not record.running:
+                    del self._deleting[uuid]
+                    record.ended.set()
 
     async def wait_deletes_ended(self, uuid: str) -> None:
         """Return once no delete of `uuid`'s objects is under way (`_deleting`)."""
         while (deleting := self._deleting.get(uuid)) is not None:
-            await deleting.wait()
+            await deleting.ended.wait()
 
     async def _delete_batch(self, uuids: list[str]) -> None:
         """Delete the objects of journaled deletes `uuids` in one request per

@@ -193,6 +193,47 @@ async def test_a_move_back_to_the_bucket_waits_for_the_delete_of_the_earlier_obj
     assert rig.attachments_in_bucket() == {uuid: data} and rig.store.fs.stat(uuid) is None
 
 
+async def test_a_move_back_to_the_bucket_waits_for_every_delete_of_the_earlier_object(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, holds: Holds, tmp_path: Path) -> None:
+    """Two deletes of one uuid's objects may overlap: a move's own, and the background
+    worker's for the same pending delete (queued at a start, say). A move back to the bucket
+    must wait for both, not only for the first: the worker's batch delete, ending after the
+    move's, removed the new object."""
+    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
+                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    assert rig.store.fs is not None
+    rig.store.fs.prepare()
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(60_000)
+    await rig.write(uuid, data)
+    assert await rig.store.move_to_object_storage(uuid)
+    holds["_delete_sync"] = trio.Event()  # the move's own delete, one key at a time
+    holds["_delete_many_sync"] = trio.Event()  # the worker's, in a batch
+    moved: list[bool] = []
+
+    async def move(to_bucket: bool) -> None:
+        store = rig.store
+        moved.append(await (store.move_to_object_storage(uuid) if to_bucket
+                            else store.move_to_file_system(uuid)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(move, False)
+        await trio.sleep(1)  # the move's delete waits at the bucket
+        rig.store._queue_delete(uuid)  # as a start queues every pending delete
+        await trio.sleep(1)  # the worker's batch waits at the bucket too
+        holds["_delete_sync"].set()
+        await trio.sleep(1)
+        assert moved == [True]  # moved to the file-system tier; the worker still deleting
+        nursery.start_soon(move, True)
+        await trio.sleep(1)
+        holds["_delete_many_sync"].set()
+    assert moved == [True, True]
+    assert await rig.store.drain(timeout=60)
+    assert await rig.read(uuid) == data
+    assert rig.attachments_in_bucket() == {uuid: data} and rig.store.fs.stat(uuid) is None
+
+
 def test_temporary_names_never_collide(rig_factory: Callable[..., Rig]) -> None:
     """Finding 8: a download and a tier move of one attachment shared a temporary name."""
     rig = rig_factory()
