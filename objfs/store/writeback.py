@@ -52,8 +52,9 @@ class Writeback(Fetch):
 
     async def create(self, uuid: str) -> WriteHandle:
         """Start a new attachment. Raises Immutable when it exists already, and OSError
-        EBUSY when it was deleted and its object's delete is still to reach the bucket: that
-        delete, and the row's removal after it, would take the new attachment with them. A
+        EBUSY when it was deleted and its object's delete is still to reach the bucket (or
+        still under way: `_deleting`): that delete, and the row's removal after it, would
+        take the new attachment with them. A
         name deleted since the journal's last checkpoint first waits for one WAL fsync
         (`Journal.settle_before_rewrite`); raises what that raises. One whose old copy an
         eviction is removing waits for that eviction (`LocalTier.wait_evicted`)."""
@@ -64,7 +65,9 @@ class Writeback(Fetch):
             if await self.size_of(uuid) is not None:
                 raise errors.Immutable(f"attachment {uuid} exists; attachments are write-once")
             row = self.journal.get(uuid)
-            if row is not None and row.state == PENDING_DELETE:
+            # A delete of its objects may outlive the row: another one of the same uuid (it
+            # was queued twice) drops the row while this one still sends its requests.
+            if (row is not None and row.state == PENDING_DELETE) or uuid in self._deleting:
                 raise OSError(errno.EBUSY, f"attachment {uuid} was deleted and the delete of "
                               "its object has not reached the bucket yet; write it again once "
                               "it has (objfs status: no pending deletes)")

@@ -316,6 +316,38 @@ async def test_a_name_whose_delete_has_not_reached_the_bucket_cannot_be_written_
     assert list(rig.bucket_files().values()) == [b"new" * 500]
 
 
+async def test_a_name_whose_delete_is_still_sent_by_a_second_worker_cannot_be_written_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, holds: dict[str, trio.Event]) -> None:
+    """A delete queued twice runs in two workers. The first drops the row when it is done;
+    a write of the name then was accepted, and the second worker's requests, still under way,
+    deleted its object and its row. The write is refused (EBUSY) until both are done."""
+    rig = rig_factory()
+    await running(rig)
+    uuid = new_uuid()
+    await rig.write(uuid, b"old" * 1000)
+    assert await rig.store.drain(timeout=60)
+    holds["_delete_many_sync"] = trio.Event()  # the first worker's batch
+    holds["_delete_sync"] = trio.Event()  # the second worker's, one key at a time
+    await rig.store.unlink(uuid)
+    await trio.sleep(1)
+    rig.backend.refuse_batches = True  # the second worker falls back to single deletes
+    rig.store._queue_delete(uuid)  # queued again (as a start queues every pending delete)
+    await trio.sleep(1)
+    holds["_delete_many_sync"].set()
+    await trio.sleep(1)
+    assert rig.journal.get(uuid) is None  # the first worker is done
+    with pytest.raises(OSError) as refused:
+        await rig.write(uuid, b"new" * 500)
+    assert refused.value.errno == errno.EBUSY
+    holds["_delete_sync"].set()
+    await rig.store.wait_deletes_ended(uuid)
+    await rig.write(uuid, b"new" * 500)
+    assert await rig.store.drain(timeout=60)
+    assert await rig.read(uuid) == b"new" * 500
+    assert list(rig.bucket_files().values()) == [b"new" * 500]
+
+
 async def test_deleted_copies_left_by_a_crash_are_removed_at_start(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory()
