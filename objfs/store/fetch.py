@@ -15,7 +15,7 @@ from objfs import codec, errors
 from objfs.dicomhead import series_instance_uid
 from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
-from objfs.journal import PENDING_UPLOAD, UPLOADED, Row
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
 from objfs.store.state import (
     COMMIT_ROOM,
@@ -72,6 +72,10 @@ class Fetch(Names):
                         fd = await self._open_fs(uuid)
                         if fd is not None:
                             return fd
+                    if fs is not None and (now := self.journal.get(uuid)) is not None \
+                            and now.state != PENDING_DELETE:
+                        # Moved to the bucket while the bucket was asked: look again.
+                        continue
                     raise errors.NotFound(f"attachment {uuid}")
                 if self.shared and row.state != PENDING_UPLOAD and not await self._confirm(row):
                     continue  # deleted by another node: perhaps moved to the shared fs tier

@@ -23,6 +23,7 @@ class Mode(enum.Enum):
     UNAVAILABLE = "unavailable"  # every call fails with a temporary error
     HANG = "hang"  # every call blocks until cancelled
     GATED = "gated"  # every call waits for `gate` to be set, then succeeds
+    ANSWER_GATED = "answer gated"  # every call is done at once, its answer waits for `gate`
 
 
 class FaultyBackend(Backend):
@@ -41,7 +42,7 @@ class FaultyBackend(Backend):
     def set(self, mode: Mode, *ops: str) -> None:
         for op in ops or ("put", "get", "head", "delete", "list", "copy"):
             self.modes[op] = mode
-        if mode is Mode.GATED:
+        if mode in (Mode.GATED, Mode.ANSWER_GATED):
             self.gate = trio.Event()
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -56,6 +57,10 @@ class FaultyBackend(Backend):
             await trio.sleep_forever()
         if mode is Mode.GATED:
             await self.gate.wait()
+        if mode is Mode.ANSWER_GATED:
+            answer = await fn()
+            await self.gate.wait()
+            return answer
         return await fn()
 
     async def put(self, key: str, path: Path) -> None:

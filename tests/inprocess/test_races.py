@@ -234,6 +234,44 @@ async def test_a_move_back_to_the_bucket_waits_for_every_delete_of_the_earlier_o
     assert rig.attachments_in_bucket() == {uuid: data} and rig.store.fs.stat(uuid) is None
 
 
+async def test_a_read_that_looks_in_the_bucket_during_a_move_there_reads_the_moved_object(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    """Before the first inventory a name the journal does not know is looked up in the
+    bucket. A reader whose listing was answered "absent" just before a move to the bucket
+    put the object, and who then found the file-system tier empty (the move had removed the
+    file meanwhile), answered ENOENT for an attachment that was in the bucket."""
+    rig = rig_factory("hybrid", HybridMode="WriteToObjectStorage",
+                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    assert rig.store.fs is not None
+    rig.store.fs.prepare()
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(30_000)
+    rig.store.fs.write_copy(_file(tmp_path, data), uuid)  # written in a HybridMode past
+    assert not rig.store.inventory_done
+    rig.backend.set(Mode.ANSWER_GATED, "list")
+    got: list[bytes | BaseException] = []
+
+    async def reader() -> None:
+        try:
+            got.append(await rig.read(uuid))
+        except errors.ObjfsError as exc:
+            got.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.sleep(1)  # listed ("absent"), the answer on its way
+        rig.backend.set(Mode.OK, "list")
+        assert await rig.store.move_to_object_storage(uuid)
+        rig.backend.gate.set()
+    assert got == [data]
+
+
+def _file(directory: Path, data: bytes) -> Path:
+    path = directory / "source"
+    path.write_bytes(data)
+    return path
+
+
 def test_temporary_names_never_collide(rig_factory: Callable[..., Rig]) -> None:
     """Finding 8: a download and a tier move of one attachment shared a temporary name."""
     rig = rig_factory()
