@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 
@@ -101,7 +102,12 @@ class Hybrid(Writeback):
         to the file-system tier left (it would remove the new one, and drop its row). Waits
         for a delete under way, else sends a pending one itself. Raises Unavailable when the
         bucket does not take it within ReadTimeout (the move is tried again later)."""
-        await self.wait_deletes_ended(uuid)
+        deadline = self.read_retry.deadline
+        with trio.move_on_after(deadline if deadline is not None else math.inf) as waited:
+            await self.wait_deletes_ended(uuid)
+        if waited.cancelled_caught:
+            raise errors.Unavailable(f"attachment {uuid}: the delete of its earlier object "
+                                     f"did not end within {deadline}s")
         row = self.journal.get(uuid)
         if row is None or row.state != PENDING_DELETE:
             return

@@ -193,6 +193,34 @@ async def test_a_move_back_to_the_bucket_waits_for_the_delete_of_the_earlier_obj
     assert rig.attachments_in_bucket() == {uuid: data} and rig.store.fs.stat(uuid) is None
 
 
+async def test_a_move_back_to_the_bucket_waits_for_the_earlier_delete_at_most_read_timeout(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        running: Start, tmp_path: Path) -> None:
+    """The worker retries a delete for as long as the bucket refuses it; a move that waits
+    for it gives up after ReadTimeout (Unavailable, its job tries again), the file left in
+    place."""
+    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
+                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    assert rig.store.fs is not None
+    rig.store.fs.prepare()
+    await running(rig)
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(20_000)
+    await rig.write(uuid, data)
+    assert await rig.store.move_to_object_storage(uuid)
+    rig.backend.set(Mode.GATED, "delete")
+    assert await rig.store.move_to_file_system(uuid)  # its delete timed out: queued
+    await trio.sleep(5)  # the worker's delete waits at the bucket
+    started = trio.current_time()
+    with pytest.raises(errors.Unavailable, match=r"did not end within 20\.0s"):
+        await rig.store.move_to_object_storage(uuid)
+    assert trio.current_time() - started == pytest.approx(20, abs=1)
+    assert rig.store.fs.stat(uuid) is not None and await rig.read(uuid) == data
+    rig.backend.gate.set()
+    assert await rig.store.move_to_object_storage(uuid)
+    assert await rig.store.drain(timeout=60)
+    assert rig.attachments_in_bucket() == {uuid: data} and rig.store.fs.stat(uuid) is None
+
+
 async def test_a_move_back_to_the_bucket_waits_for_every_delete_of_the_earlier_object(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start, holds: Holds, tmp_path: Path) -> None:
