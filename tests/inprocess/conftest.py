@@ -178,6 +178,14 @@ class Rig:
             self.store.close_read(uuid, fd)
 
 
+def hybrid_rig(rig_factory: Callable[..., Rig], tmp_path: Path, mode: str) -> Rig:
+    """A rig in HybridMode `mode`, its file-system tier under `tmp_path`, made ready."""
+    rig = rig_factory("hybrid", HybridMode=mode, FileSystemDirectory=str(tmp_path / "fs-tier"))
+    assert rig.store.fs is not None
+    rig.store.fs.prepare()
+    return rig
+
+
 @pytest.fixture
 def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []

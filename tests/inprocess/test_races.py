@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from objfs import codec, errors
-from tests.inprocess.conftest import Rig
+from tests.inprocess.conftest import Rig, hybrid_rig
 from tests.inprocess.faults import Mode
 from tests.inprocess.test_budget import encrypted
 
@@ -24,6 +24,15 @@ Holds = dict[str, trio.Event]
 
 def on_disk(rig: Rig) -> int:
     return sum(p.stat().st_size for p in rig.tier.data.iterdir())
+
+
+async def read_into(rig: Rig, uuid: str, got: list[bytes | BaseException]) -> None:
+    """A reader for a nursery: what `rig.read` returned or raised (an ObjfsError) goes to
+    `got`."""
+    try:
+        got.append(await rig.read(uuid))
+    except errors.ObjfsError as exc:
+        got.append(exc)
 
 
 async def test_eviction_during_a_delete_gives_the_space_back_once(
@@ -86,10 +95,8 @@ async def test_a_move_that_starts_during_a_delete_does_not_resurrect_it(
         running: Start, holds: Holds, tmp_path: Path) -> None:
     """Finding 5: unlink did not register against moves; a move to the file-system tier
     started in the middle of the delete brought the attachment back there."""
-    rig = rig_factory("hybrid", HybridMode="WriteToObjectStorage",
-                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToObjectStorage")
     assert rig.store.fs is not None
-    rig.store.fs.prepare()
     await running(rig)
     uuid = str(uuid_mod.uuid4())
     await rig.write(uuid, os.urandom(50_000))
@@ -124,10 +131,8 @@ async def test_a_read_during_a_move_to_the_file_system_reads_the_moved_file(
     fetched an object that is no longer the attachment's, and got NotFound (ENOENT: Orthanc
     serves 404) although the file-system tier held the attachment all along. It now reads the
     moved file."""
-    rig = rig_factory("hybrid", HybridMode="WriteToObjectStorage",
-                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToObjectStorage")
     assert rig.store.fs is not None
-    rig.store.fs.prepare()
     await running(rig)
     uuid, data = str(uuid_mod.uuid4()), os.urandom(80_000)
     await rig.write(uuid, data)
@@ -136,18 +141,12 @@ async def test_a_read_during_a_move_to_the_file_system_reads_the_moved_file(
     holds["mark_pending_delete"] = trio.Event()
     got: list[bytes | BaseException] = []
 
-    async def reader() -> None:
-        try:
-            got.append(await rig.read(uuid))
-        except errors.ObjfsError as exc:
-            got.append(exc)
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rig.store.move_to_file_system, uuid)
         await trio.sleep(1)  # the move has written the file and waits on its journal write
         assert rig.store.fs.stat(uuid) is not None and not rig.tier.path(uuid).exists()
         rig.backend.set(Mode.GATED, "get")
-        nursery.start_soon(reader)
+        nursery.start_soon(read_into, rig, uuid, got)
         await trio.sleep(1)  # its download waits at the bucket
         holds["mark_pending_delete"].set()
         await trio.sleep(1)  # the move is done: the object is deleted
@@ -155,6 +154,18 @@ async def test_a_read_during_a_move_to_the_file_system_reads_the_moved_file(
     assert got == [data]
     assert await rig.store.drain(timeout=60)
     assert rig.bucket_files() == {} and await rig.read(uuid) == data
+
+
+async def out_of_the_bucket_with_its_delete_left(rig: Rig, size: int) -> tuple[str, bytes]:
+    """A new attachment of `size` bytes in the file-system tier of running HybridMode `rig`,
+    moved to the bucket and back with the bucket's deletes held at its gate: the move back
+    gives up on the object's delete after ReadTimeout and leaves it to the delete worker."""
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(size)
+    await rig.write(uuid, data)
+    assert await rig.store.move_to_object_storage(uuid)
+    rig.backend.set(Mode.GATED, "delete")
+    assert await rig.store.move_to_file_system(uuid)
+    return uuid, data
 
 
 @pytest.mark.parametrize("batches", [True, False], ids=["batch-delete", "one-by-one"])
@@ -166,17 +177,11 @@ async def test_a_move_back_to_the_bucket_waits_for_the_delete_of_the_earlier_obj
     put the same key again; the worker's delete then removed the new object and dropped its
     row, and the file-system copy was gone already: the attachment was lost. The move back
     now waits for that delete to end (and sends it itself when it is still pending)."""
-    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
-                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
     assert rig.store.fs is not None
-    rig.store.fs.prepare()
     rig.backend.refuse_batches = not batches
     await running(rig)
-    uuid, data = str(uuid_mod.uuid4()), os.urandom(60_000)
-    await rig.write(uuid, data)
-    assert await rig.store.move_to_object_storage(uuid)
-    rig.backend.set(Mode.GATED, "delete")
-    assert await rig.store.move_to_file_system(uuid)  # its delete timed out: queued
+    uuid, data = await out_of_the_bucket_with_its_delete_left(rig, 60_000)
     moved: list[bool] = []
 
     async def move_back() -> None:
@@ -199,16 +204,10 @@ async def test_a_move_back_to_the_bucket_waits_for_the_earlier_delete_at_most_re
     """The worker retries a delete for as long as the bucket refuses it; a move that waits
     for it gives up after ReadTimeout (Unavailable, its job tries again), the file left in
     place."""
-    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
-                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
     assert rig.store.fs is not None
-    rig.store.fs.prepare()
     await running(rig)
-    uuid, data = str(uuid_mod.uuid4()), os.urandom(20_000)
-    await rig.write(uuid, data)
-    assert await rig.store.move_to_object_storage(uuid)
-    rig.backend.set(Mode.GATED, "delete")
-    assert await rig.store.move_to_file_system(uuid)  # its delete timed out: queued
+    uuid, data = await out_of_the_bucket_with_its_delete_left(rig, 20_000)
     await trio.sleep(5)  # the worker's delete waits at the bucket
     started = trio.current_time()
     with pytest.raises(errors.Unavailable, match=r"did not end within 20\.0s"):
@@ -228,10 +227,8 @@ async def test_a_move_back_to_the_bucket_waits_for_every_delete_of_the_earlier_o
     worker's for the same pending delete (queued at a start, say). A move back to the bucket
     must wait for both, not only for the first: the worker's batch delete, ending after the
     move's, removed the new object."""
-    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
-                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
     assert rig.store.fs is not None
-    rig.store.fs.prepare()
     await running(rig)
     uuid, data = str(uuid_mod.uuid4()), os.urandom(60_000)
     await rig.write(uuid, data)
@@ -269,24 +266,16 @@ async def test_a_read_that_looks_in_the_bucket_during_a_move_there_reads_the_mov
     bucket. A reader whose listing was answered "absent" just before a move to the bucket
     put the object, and who then found the file-system tier empty (the move had removed the
     file meanwhile), answered ENOENT for an attachment that was in the bucket."""
-    rig = rig_factory("hybrid", HybridMode="WriteToObjectStorage",
-                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToObjectStorage")
     assert rig.store.fs is not None
-    rig.store.fs.prepare()
     uuid, data = str(uuid_mod.uuid4()), os.urandom(30_000)
     rig.store.fs.write_copy(_file(tmp_path, data), uuid)  # written in a HybridMode past
     assert not rig.store.inventory_done
     rig.backend.set(Mode.ANSWER_GATED, "list")
     got: list[bytes | BaseException] = []
 
-    async def reader() -> None:
-        try:
-            got.append(await rig.read(uuid))
-        except errors.ObjfsError as exc:
-            got.append(exc)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
+        nursery.start_soon(read_into, rig, uuid, got)
         await trio.sleep(1)  # listed ("absent"), the answer on its way
         rig.backend.set(Mode.OK, "list")
         assert await rig.store.move_to_object_storage(uuid)

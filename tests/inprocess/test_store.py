@@ -32,7 +32,7 @@ from objfs.store.state import (
     SPARE_SAMPLE,
     SPARE_WINDOW,
 )
-from tests.inprocess.conftest import Rig
+from tests.inprocess.conftest import Rig, hybrid_rig
 from tests.inprocess.faults import Mode
 
 MIB = 1024 * 1024
@@ -992,10 +992,8 @@ async def test_a_move_to_the_bucket_that_fails_after_its_put_takes_the_object_ba
     leaves the attachment in the file-system tier. The object it put is deleted again: no row
     claims it, so the attachment's later delete would leave it in the bucket. When the bucket
     refuses that delete too, a warning names the object for `objfs audit --delete-orphans`."""
-    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
-                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
     assert rig.store.fs is not None
-    rig.store.fs.prepare()
     await running(rig)
     uuid, data = str(uuid_mod.uuid4()), os.urandom(50_000)
     await rig.write(uuid, data)
@@ -1024,10 +1022,8 @@ async def test_a_move_back_to_the_bucket_outlives_the_logged_delete_of_its_last_
     was deleted, the file-system copy was gone already, and the attachment was lost (found by
     `test_random_crashes.py`). The move back now makes the log's changes durable first, as a
     write of a name deleted lately does (`Journal.settle_before_rewrite`)."""
-    rig = rig_factory("hybrid", HybridMode="WriteToFileSystem",
-                      FileSystemDirectory=str(tmp_path / "fs-tier"))
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
     assert rig.store.fs is not None
-    rig.store.fs.prepare()
     uuid, data = str(uuid_mod.uuid4()), os.urandom(40_000)
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.store.run)
