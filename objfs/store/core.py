@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -176,7 +177,9 @@ class StoreCore:
         # move's may overlap). Owner: the event loop. A move to the bucket waits until none
         # is left before it puts the same key again (a delete would remove the new object).
         self._deleting: dict[str, DeleteRecord] = {}
-        self._outstanding: set[str] = set()
+        # Uploads and deletes queued, running or waiting to be tried again, by uuid: how many
+        # (a delete may be queued twice); `drain` waits until none is left (`_idle`).
+        self._outstanding: collections.Counter[str] = collections.Counter()
         self._idle = trio.Event()
         self._idle.set()
         self._journal_limiter = trio.CapacityLimiter(4)
@@ -270,12 +273,15 @@ class StoreCore:
             self._kept_due.set()
 
     def _track(self, uuid: str) -> None:
-        self._outstanding.add(uuid)
+        self._outstanding[uuid] += 1
         if self._idle.is_set():
             self._idle = trio.Event()
 
     def _untrack(self, uuid: str) -> None:
-        self._outstanding.discard(uuid)
+        if self._outstanding[uuid] <= 1:
+            self._outstanding.pop(uuid, None)
+        else:
+            self._outstanding[uuid] -= 1
         if not self._outstanding:
             self._idle.set()
 

@@ -663,9 +663,12 @@ class Writeback(Fetch):
             async for uuid in receive:
                 batch = [uuid]
                 per_request = self._uuids_per_batch(uuid)
-                if per_request > 1:
-                    await self._gather(receive, batch, per_request)
                 try:
+                    # Inside the `try`: a worker stopped while it gathers still counts the
+                    # deletes it took out of the queue as no longer outstanding (their rows
+                    # stay pending, and the next start queues them again).
+                    if per_request > 1:
+                        await self._gather(receive, batch, per_request)
                     async with self._turn():
                         if per_request > 1:
                             await self._delete_batch(batch)
