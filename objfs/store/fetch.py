@@ -15,7 +15,7 @@ from objfs import codec, errors
 from objfs.dicomhead import series_instance_uid
 from objfs.errnos import is_disk_full
 from objfs.fsutil import fd_path
-from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
+from objfs.journal import PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.names import Names
 from objfs.store.state import (
     COMMIT_ROOM,
@@ -72,8 +72,7 @@ class Fetch(Names):
                         fd = await self._open_fs(uuid)
                         if fd is not None:
                             return fd
-                    if fs is not None and (now := self.journal.get(uuid)) is not None \
-                            and now.state != PENDING_DELETE:
+                    if fs is not None and self._live_row(uuid) is not None:
                         # Moved to the bucket while the bucket was asked: look again.
                         continue
                     raise errors.NotFound(f"attachment {uuid}")
@@ -111,7 +110,7 @@ class Fetch(Names):
                 try:
                     await self._fetch(row, until)
                 except errors.NotFound:
-                    if fs is not None and await self._row(uuid) is None:
+                    if fs is not None and self._live_row(uuid) is None:
                         # Moved to the file-system tier (or deleted) while it was fetched:
                         # the loop looks there again.
                         continue

@@ -145,8 +145,8 @@ class Hybrid(Writeback):
                 self.close_read(uuid, fd)
             while (settled := self.inflight.get(uuid)) is not None:
                 await settled.wait()  # an upload of it is running: let it settle first
-            row = self.journal.get(uuid)
-            if row is None or row.state == PENDING_DELETE:
+            row = self._live_row(uuid)
+            if row is None:
                 return True
             await self._forget_object(uuid, row, queue=False)
             try:
@@ -177,8 +177,8 @@ class Hybrid(Writeback):
                     facts["Size"] = self.fs.size(uuid)
             except FileNotFoundError:  # moved or deleted this very moment
                 facts.pop("FileSystem", None)
-        row = self.journal.get(uuid)
-        if row is not None and row.state != PENDING_DELETE:
+        row = self._live_row(uuid)
+        if row is not None:
             facts["ObjectStorage"] = {"Key": row.key, "Uploaded": row.state != PENDING_UPLOAD,
                                       "PendingUpload": row.state == PENDING_UPLOAD,
                                       "Cached": row.cached, "LastError": row.last_error}

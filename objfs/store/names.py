@@ -34,6 +34,12 @@ class Names(StoreCore):
             return row.size
         return None if self.fs is None or self.fs_first else self.fs.size(uuid)
 
+    def _live_row(self, uuid: str) -> Row | None:
+        """The journal's row of `uuid`, unless it is a delete still to reach the bucket; the
+        bucket is not asked (`_row` asks it for a name the journal does not know)."""
+        row = self.journal.get(uuid)
+        return None if row is None or row.state == PENDING_DELETE else row
+
     async def _row(self, uuid: str) -> Row | None:
         row = self.journal.get(uuid)
         if row is not None:
