@@ -8,6 +8,13 @@ the flat layout, the old unencrypted name). An interruption at any point leaves 
 object; a rerun skips what is done and removes leftover temporary objects, so it is resumable.
 It can run while objfs serves the bucket: objfs keeps plaintext copies locally and finds a
 renamed object by listing.
+
+An object deleted while it is rewritten (Orthanc deleted the attachment, or a HybridMode move
+took it to the file-system tier) is left deleted: it is looked up again right before the copy
+over its final key, and one found gone then, or at any earlier step, is counted as `vanished`,
+its temporary object removed, never as a failure. A delete that lands between that last look
+and the copy's end (one request's time) leaves the rewritten object behind, unreferenced:
+`objfs audit --delete-orphans` removes it.
 """
 
 from __future__ import annotations
@@ -45,11 +52,13 @@ class Summary:
     unencrypted_skipped: int = 0
     rewritten: int = 0
     failed: int = 0
+    vanished: int = 0  # deleted (by Orthanc, or moved away) while rekey looked at it
 
     def line(self, dry_run: bool) -> str:
         verb = "to rewrite" if dry_run else "rewritten"
         return (f"scanned {self.scanned}, {verb} {self.rewritten}, failed {self.failed}, "
-                f"already current {self.current}, unencrypted left {self.unencrypted_skipped}")
+                f"already current {self.current}, unencrypted left {self.unencrypted_skipped}, "
+                f"deleted meanwhile {self.vanished}")
 
 
 class Rekeyer:
@@ -83,12 +92,23 @@ class Rekeyer:
         if got != expected:
             raise errors.Corrupt(f"{key}: read-back does not match the original")
 
+    async def _exists(self, key: str) -> bool:
+        try:
+            await RETRY.call(f"look up {key}", lambda: self.backend.head(key))
+        except errors.NotFound:
+            return False
+        return True
+
     async def one(self, key: str) -> None:
+        """Rewrite the object `key` under the current key if it needs it. Failures are counted
+        and logged, not raised; an object found deleted is counted as vanished."""
         info = self.layout.parse_key(key)
         if info is None:
             return
         self.summary.scanned += 1
         scratch = Path(tempfile.mkdtemp(dir=self.workdir))
+        temp_key = self.temp_prefix + info.uuid
+        uploaded = False
         try:
             head = scratch / "head"
             await self._get(key, head, 6)
@@ -107,22 +127,57 @@ class Rekeyer:
             source = await self._plaintext(key, fetched, plain)
             _, digest = await trio.to_thread.run_sync(sha256_file, source)
             await trio.to_thread.run_sync(codec.encrypt_file, source, sealed, self.ring)
-            temp_key = self.temp_prefix + info.uuid
+            uploaded = True
             await RETRY.call(f"upload {temp_key}", lambda: self.backend.put(temp_key, sealed))
             await self._verify(temp_key, digest, scratch)
+            # The rewrite took a while (a download, two cipher passes, an upload and its
+            # read-back): the copy must not bring back an object deleted meanwhile.
+            if not await self._exists(key):
+                raise errors.NotFound(f"{key}: deleted while it was rewritten")
             final = self.layout.object_key(info.uuid, info.kind or Kind.UNKNOWN, True) \
                 if not self.layout.legacy else key
             await RETRY.call(f"copy to {final}", lambda: self.backend.copy(temp_key, final))
             await self._verify(final, digest, scratch)
-            await RETRY.call(f"delete {temp_key}", lambda: self.backend.delete(temp_key))
+            await self._remove(temp_key)
+            uploaded = False
             if final != key:
-                await RETRY.call(f"delete {key}", lambda: self.backend.delete(key))
+                await self._remove(key)
             self.summary.rewritten += 1
         except errors.ObjfsError as exc:
-            self.summary.failed += 1
-            log.error("rekey of %s failed: %s", key, exc)
+            # Not found: the object, unless something else went missing (it is still there).
+            gone = isinstance(exc, errors.NotFound) and not await self._exists_quietly(key)
+            if gone:
+                self.summary.vanished += 1
+                log.info("%s was deleted while rekey rewrote it (%s): left deleted", key, exc)
+            else:
+                self.summary.failed += 1
+                log.error("rekey of %s failed: %s", key, exc)
+            if uploaded:
+                await self._remove_temp(temp_key)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _exists_quietly(self, key: str) -> bool:
+        """`_exists`, True when the bucket cannot say (the failure is then counted)."""
+        try:
+            return await self._exists(key)
+        except errors.ObjfsError:
+            return True
+
+    async def _remove(self, key: str) -> None:
+        """Delete `key`; one already gone is fine."""
+        try:
+            await RETRY.call(f"delete {key}", lambda: self.backend.delete(key))
+        except errors.NotFound:
+            pass
+
+    async def _remove_temp(self, temp_key: str) -> None:
+        """Remove the temporary object of a rewrite given up; a failure here is logged (the
+        next run removes it)."""
+        try:
+            await self._remove(temp_key)
+        except errors.ObjfsError as exc:
+            log.warning("cannot remove %s (%s): the next rekey removes it", temp_key, exc)
 
     async def run(self, progress: Callable[[Summary], None]) -> Summary:
         async for leftover in self.backend.list(self.temp_prefix):
