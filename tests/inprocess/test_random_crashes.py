@@ -11,9 +11,9 @@ The crash here comes between two of Orthanc's calls, at any point of the backgro
 which tests/test_crash_points.py sends at named points). What it covers is the order of the
 durable and the kept steps across features that each keep something in memory: puts and
 deletes in the intent log, upload ends and cache flags kept for a batch, deleted copies left
-in place until the burst ends. One variant goes through `fs.Operations` with several clients at
-once and a model of the kernel's side (`Kernel`): the inodes it holds, and the FORGETs it sends
-late."""
+in place until the burst ends. Two variants go through `fs.Operations` (one in HybridMode) with
+several clients at once and a model of the kernel's side (`Kernel`): the inodes it holds, and the
+FORGETs it sends late."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ from tests.inprocess.test_operations import CTX
 
 # Seeds per variant; OBJFS_TEST_SEEDS asks for more (a longer hunt than CI's).
 SEEDS = range(int(os.environ.get("OBJFS_TEST_SEEDS", "8")))
+# How many of the model's last calls a failure prints (OBJFS_TEST_LOG_LINES: more, to see
+# a name's whole history).
+LOG_LINES = int(os.environ.get("OBJFS_TEST_LOG_LINES", "60"))
 RUNS = 3  # crashes per seed
 STEPS = 40  # of Orthanc's calls per run
 # Sizes of new attachments, bytes.
@@ -254,6 +257,13 @@ class Model:
         self.busy.add(uuid)
         return uuid
 
+    def release(self, uuid: str) -> None:
+        """The call on `uuid` ended: its name is free again, unless the crash cut it short
+        (still in `inflight`): then it stays claimed until `resolve`, so that no other
+        client's call, begun before the crash reached it, takes the record of the cut one."""
+        if uuid not in self.inflight:
+            self.busy.discard(uuid)
+
     async def resolve(self, rig: Rig) -> None:
         """After a crash that came in the middle of writes, deletes or moves: a write or delete
         reads back whole or not at all (never cut short), and the model takes what it finds; a
@@ -287,6 +297,7 @@ class Model:
             self.versions[uuid] += 1
             self.log.append(f"{kind} of {uuid} cut by the crash: "
                             f"{'absent' if found is None else 'present'}")
+        self.busy -= set(self.inflight)
         self.inflight.clear()
 
     def stormy(self, since: int) -> bool:
@@ -317,9 +328,10 @@ class Model:
                 self.log.append(f"{who}write {uuid} {len(data)}: EIO in an outage, unlisted")
                 return
             raise
+        else:
+            del self.inflight[uuid]
         finally:
-            self.busy.discard(uuid)
-        del self.inflight[uuid]
+            self.release(uuid)
         self.live[uuid] = data
         self.versions[uuid] += 1
         self.log.append(f"{who}write {uuid} {len(data)}")
@@ -343,9 +355,10 @@ class Model:
                 self.log.append(f"{who}unlink {uuid}: EIO in an outage, unlisted")
                 return
             raise
+        else:
+            del self.inflight[uuid]
         finally:
-            self.busy.discard(uuid)
-        del self.inflight[uuid]
+            self.release(uuid)
         del self.live[uuid]
         self.deleted.add(uuid)
         self.versions[uuid] += 1
@@ -552,7 +565,7 @@ async def _step(rig: Rig, calls: Calls, model: Model, rnd: random.Random,
             model.versions[uuid] += 1
             model.log.append(f"{who}rewrite {uuid}")
         finally:
-            model.busy.discard(uuid)
+            model.release(uuid)
     elif choice < 0.87 and rig.store.fs is not None:
         uuid = model.pick(rnd, model.live)
         if uuid is None:
@@ -576,7 +589,7 @@ async def _step(rig: Rig, calls: Calls, model: Model, rnd: random.Random,
         else:
             del model.inflight[uuid]
         finally:
-            model.busy.discard(uuid)
+            model.release(uuid)
         model.log.append(f"{who}{kind} {uuid}")
     elif choice < 0.90 and not model.outage.locked():
         async with model.outage:
@@ -698,15 +711,17 @@ async def _check(rig: Rig, model: Model) -> None:
 
 
 @pytest.mark.parametrize("variant", ["plain", "encrypted", "sealed", "hybrid", "hybrid-bucket",
-                                     "fuse"])
+                                     "hybrid-encrypted", "fuse", "fuse-hybrid"])
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int, variant: str) -> None:
     """Objects stored as they are, with A1 encryption, with the local copies sealed too
     (EncryptLocalCache), in HybridMode (new attachments in the file-system tier, or in the
-    bucket in "hybrid-bucket"; moves between the tiers among the calls), and through
-    `fs.Operations` with a model of the kernel's inodes (`Kernel`). One client calls at a
+    bucket in "hybrid-bucket"; moves between the tiers among the calls; in "hybrid-encrypted"
+    A1 in the bucket and in the file-system tier, EncryptFileSystemTier), and through
+    `fs.Operations` with a model of the kernel's inodes (`Kernel`; "fuse-hybrid" in HybridMode,
+    new attachments in the file-system tier). One client calls at a
     time in the plain runs, two at once in the others, three through `fs.Operations`. Every
     third seed with an intent log of 8
     slots (it fills: durable commits instead, checkpoints because it is half full); in a random
@@ -718,11 +733,11 @@ async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
     if seed % 2 == 1:
         slow_threads(monkeypatch, random.Random(f"threads {variant} {seed}"))
     options: dict[str, object] = {}
-    hybrid = variant.startswith("hybrid")
+    hybrid = "hybrid" in variant
     if hybrid:
-        options.update(HybridMode="WriteToFileSystem" if variant == "hybrid"
-                       else "WriteToObjectStorage", FileSystemDirectory=str(tmp_path / "fs-tier"))
-    elif variant != "plain":
+        options.update(HybridMode="WriteToObjectStorage" if variant == "hybrid-bucket"
+                       else "WriteToFileSystem", FileSystemDirectory=str(tmp_path / "fs-tier"))
+    if variant in ("encrypted", "sealed", "hybrid-encrypted"):
         key = tmp_path / "master.key"
         codec.write_key_file(key)
         options["StorageEncryption"] = {"MasterKey": [1, str(key)]}
@@ -738,7 +753,7 @@ async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
             model.log.append(f"run {run}, deletes logged: {rig.store._log_deletes}")
             power = not hybrid and rnd.random() < 0.5
             wal = PowerLoss(rig) if power else None
-            if variant == "fuse":
+            if variant.startswith("fuse"):
                 kernel = Kernel(rig, tmp_path / "passthrough", rnd)
                 monkeypatch.setattr(pyfuse3, "invalidate_entry_async", kernel.invalidate)
                 await _run(rig, kernel, model, rnd, 3)
@@ -748,7 +763,7 @@ async def test_a_crash_at_a_random_point_loses_nothing_acknowledged(
             model.log.append(f"{'power loss' if power else 'crash'} {run}")
             await _check(rig, model)
         except BaseException:
-            print(f"seed {seed}, run {run}:", *model.log[-60:], sep="\n  ")
+            print(f"seed {seed}, run {run}:", *model.log[-LOG_LINES:], sep="\n  ")
             raise
 
 
@@ -865,5 +880,5 @@ async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
             for rig in nodes:
                 assert rig.tier.used == _copies_bytes(rig), "cache accounting"
         except BaseException:
-            print(f"seed {seed}, run {run}:", *model.log[-60:], sep="\n  ")
+            print(f"seed {seed}, run {run}:", *model.log[-LOG_LINES:], sep="\n  ")
             raise
