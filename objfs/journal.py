@@ -367,7 +367,7 @@ class Journal:
         # Names marked pending-delete or whose rows were dropped since the rows were last made
         # durable with the log emptied: the log, or a lazy commit not yet on disk, may still
         # speak of the deleted attachment (`settle_before_rewrite`). Rule: each method that
-        # marks or drops rows (`delete_logged`, `mark_pending_delete`, `remove`,
+        # marks or drops rows (`delete_logged`, `mark_pending_delete`, `put_move_target`, `remove`,
         # `forget_deleted`) adds their uuids before it changes anything; a checkpoint that
         # emptied the log after its barrier removes those it saw before the barrier (and the
         # overflow it saw). Past GONE_LIMIT the set is dropped and `_gone_overflow` set: then
@@ -750,6 +750,19 @@ class Journal:
             "VALUES (?, ?, ?, ?, 0, 0, ?, ?) ON CONFLICT(uuid) DO UPDATE SET state=excluded.state, "
             "size=excluded.size, key=excluded.key, cached=0, sealed=0, last_error=NULL",
             (uuid, UPLOADED, size, key, now, now), rows=(uuid,))
+
+    def put_move_target(self, uuid: str, key: str, size: int) -> None:
+        """Record, durably, the object a move to the bucket is about to put under `key`, as a
+        pending delete: until the move records it (`put_uploaded`), no attachment claims that
+        object, so a crash in between must leave its delete behind (the start resumes it).
+        Blocks: for a worker thread."""
+        self._note_gone((uuid,))
+        now = time.time()
+        self._write(
+            "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
+            "VALUES (?, ?, ?, ?, 0, 0, ?, ?) ON CONFLICT(uuid) DO UPDATE SET state=excluded.state, "
+            "size=excluded.size, key=excluded.key, cached=0, sealed=0, last_error=NULL",
+            (uuid, PENDING_DELETE, size, key, now, now), rows=(uuid,))
 
     def put_written_through(self, uuid: str, key: str, size: int, durable: bool) -> None:
         """Record a write whose object is already in the bucket, with its local copy (start-up

@@ -177,6 +177,12 @@ class StoreCore:
         # move's may overlap). Owner: the event loop. A move to the bucket waits until none
         # is left before it puts the same key again (a delete would remove the new object).
         self._deleting: dict[str, DeleteRecord] = {}
+        # Uuids a move to the bucket is putting an object for, from its journaled delete of
+        # that object (`Journal.put_move_target`) until its record replaced it or the move
+        # failed (then the move sends that delete itself). Owner: the move (the event loop).
+        # The delete workers skip them, as they skip uploads running (`inflight`): a delete
+        # queued earlier would remove the object being moved and drop its record.
+        self._moving: set[str] = set()
         # Uploads and deletes queued, running or waiting to be tried again, by uuid: how many
         # (a delete may be queued twice); `drain` waits until none is left (`_idle`).
         self._outstanding: collections.Counter[str] = collections.Counter()

@@ -31,10 +31,12 @@ class Hybrid(Writeback):
         compare checksums, journal it durably, then delete the file. Returns False when it
         was already in the bucket only. Raises NotFound (neither tier), Corrupt, Unavailable
         (after ReadTimeout); on any failure the file is left as it was, and an object this
-        move put in the bucket is deleted again (when the bucket refuses that too, a warning
-        names it for `objfs audit --delete-orphans`: no row claims it, and the attachment's
-        later delete would not find it). A move cut short by a stop or crash is run again by
-        its job."""
+        move put in the bucket is deleted again: no row would claim it, and the attachment's
+        later delete would not find it. So before its PUT the move journals that object's
+        delete (`Journal.put_move_target`), which its record replaces on success; a failure
+        sends it at once, or leaves it to the delete worker when the bucket refuses it, and
+        a crash leaves it for the next start. A move cut short by a stop or crash is run
+        again by its job."""
         fs = self._require_fs()
         async with self.locks.hold(uuid):
             while (handle := self.writing.get(uuid)) is not None:
@@ -70,22 +72,33 @@ class Hybrid(Writeback):
                 expected = await trio.to_thread.run_sync(sha256_file, upload)
                 # No row: an object under this name is this move's (else a row claims it).
                 own_object = self.journal.get(uuid) is None
-                await self._retry(self.read_retry, f"upload {key}",
-                                  lambda: self.backend.put(key, upload))
+                if own_object:
+                    self._moving.add(uuid)
                 try:
+                    if own_object:
+                        await self._j(self.journal.put_move_target, uuid, key, size)
+                    await self._retry(self.read_retry, f"upload {key}",
+                                      lambda: self.backend.put(key, upload))
                     await self._retry(self.read_retry, f"read back {key}",
                                       lambda: self.backend.get(key, check))
                     got = await trio.to_thread.run_sync(sha256_file, check)
                     if got != expected:
                         raise errors.Corrupt(f"object {key} does not read back as uploaded "
                                              f"({got[0]} bytes, expected {expected[0]})")
+                    crash_point("mid-move-to-bucket")
+                    old = self.journal.get(uuid)
+                    await self._j(self.journal.put_uploaded, uuid, key, size)
                 except errors.ObjfsError:
                     if own_object:
+                        self._moving.discard(uuid)
                         await self._take_back(uuid, key)
                     raise
-                crash_point("mid-move-to-bucket")
-                old = self.journal.get(uuid)
-                await self._j(self.journal.put_uploaded, uuid, key, size)
+                except BaseException:
+                    if own_object:
+                        self._moving.discard(uuid)
+                        self._queue_delete(uuid)  # stopped: the delete worker sends it
+                    raise
+                self._moving.discard(uuid)
                 if old is not None and old.cached:
                     self.tier.path(uuid).unlink(missing_ok=True)
                     self.tier.release(old.size)
@@ -117,13 +130,19 @@ class Hybrid(Writeback):
                                      "has not reached the bucket yet")
 
     async def _take_back(self, uuid: str, key: str) -> None:
-        """Delete the object a failed move put in the bucket; never raises (logged)."""
+        """Send the journaled delete of the object a failed move may have put in the bucket
+        (`Journal.put_move_target`); when the bucket refuses it, the delete worker sends it
+        later. Never raises (logged)."""
         try:
-            await self._retry(self.read_retry, f"delete {key}", lambda: self.backend.delete(key))
+            await self._delete_remote(uuid, self.read_retry)
         except errors.ObjfsError as exc:
-            log.warning("the failed move of attachment %s to the bucket left object %s there "
-                        "(deleting it failed: %s); no row claims it: `objfs audit "
-                        "--delete-orphans` removes it", uuid, key, exc)
+            log.warning("the failed move of attachment %s to the bucket may have left object "
+                        "%s there (deleting it failed: %s); its delete is retried in the "
+                        "background", uuid, key, exc)
+            self._queue_delete(uuid)
+        except BaseException:
+            self._queue_delete(uuid)
+            raise
 
     async def move_to_file_system(self, uuid: str) -> bool:
         """Move an attachment from the bucket to the file-system tier: write the plaintext

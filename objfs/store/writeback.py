@@ -727,7 +727,8 @@ class Writeback(Fetch):
         `batch_delete_limit` keys: every name the layout could have given each uuid, so no
         listing is needed. Falls back to `_delete_remote` for a store that refuses batches."""
         rows = [row for u in uuids if (row := self.journal.get(u)) is not None
-                and row.state == PENDING_DELETE and u not in self.inflight]
+                and row.state == PENDING_DELETE and u not in self.inflight
+                and u not in self._moving]
         if not rows:
             return
         keys = sorted({k for row in rows for k in self.layout.possible_keys(row.uuid)}
@@ -751,7 +752,8 @@ class Writeback(Fetch):
 
     async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
         row = self.journal.get(uuid)
-        if row is None or row.state != PENDING_DELETE or uuid in self.inflight:
+        if row is None or row.state != PENDING_DELETE or uuid in self.inflight \
+                or uuid in self._moving:
             return
         with self._removing_objects([uuid]):
             # Every object of the uuid, not only the journaled key: `objfs rekey` renames

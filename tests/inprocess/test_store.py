@@ -983,7 +983,7 @@ async def test_kept_row_changes_are_committed_in_a_worker_at_half_a_batch(
     assert read_stats(rig.journal.path).pending_uploads >= 2 * KEPT_APPLY_SOON
 
 
-@pytest.mark.parametrize("delete_works", [True, False], ids=["taken-back", "left-named"])
+@pytest.mark.parametrize("delete_works", [True, False], ids=["taken-back", "retried"])
 async def test_a_move_to_the_bucket_that_fails_after_its_put_takes_the_object_back(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         running: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -991,7 +991,7 @@ async def test_a_move_to_the_bucket_that_fails_after_its_put_takes_the_object_ba
     """A move whose object does not read back (the bucket fails after the PUT) fails and
     leaves the attachment in the file-system tier. The object it put is deleted again: no row
     claims it, so the attachment's later delete would leave it in the bucket. When the bucket
-    refuses that delete too, a warning names the object for `objfs audit --delete-orphans`."""
+    refuses that delete too, the delete worker sends it once the bucket is back."""
     rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
     assert rig.store.fs is not None
     await running(rig)
@@ -1003,11 +1003,12 @@ async def test_a_move_to_the_bucket_that_fails_after_its_put_takes_the_object_ba
     assert rig.backend.calls["put"] >= 1
     rig.backend.set(Mode.OK)
     assert rig.store.fs.stat(uuid) is not None and await rig.read(uuid) == data
-    if delete_works:
-        assert rig.bucket_files() == {}
-    else:
+    if not delete_works:
         (key,) = rig.bucket_files()
-        assert f"left object {key} there" in caplog.text and "--delete-orphans" in caplog.text
+        assert f"left object {key} there" in caplog.text and "retried in the background" \
+            in caplog.text
+        assert await rig.store.drain(timeout=60)
+    assert rig.bucket_files() == {}
     await rig.store.move_to_object_storage(uuid)  # tried again: done
     assert list(rig.bucket_files().values()) == [data]
     assert rig.store.fs.stat(uuid) is None
@@ -1041,3 +1042,64 @@ async def test_a_move_back_to_the_bucket_outlives_the_logged_delete_of_its_last_
         assert await rig.store.drain(timeout=60)
         nursery.cancel_scope.cancel()
     assert rig.attachments_in_bucket() == {uuid: data} and rig.store.fs.stat(uuid) is None
+
+
+async def test_a_move_to_the_bucket_cut_by_a_crash_after_its_put_leaves_no_object_behind(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    """A crash between a move's PUT and its record left an object no row claimed: the
+    attachment, still in the file-system tier, was deleted before its job ran the move again,
+    and the object stayed in the bucket for good (found by `test_random_crashes.py`). The
+    move now journals that object's delete before its PUT; the start sends it."""
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(40_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        await rig.write(uuid, data)
+        rig.backend.set(Mode.GATED, "get")  # the read-back waits: the PUT is done
+        nursery.start_soon(rig.store.move_to_object_storage, uuid)
+        while not rig.backend.calls["get"]:
+            await trio.sleep(0.01)
+        assert list(rig.bucket_files().values()) == [data]
+        nursery.cancel_scope.cancel()
+    rig = rig.crashed()
+    assert rig.store.fs is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        assert await rig.read(uuid) == data
+        await rig.store.unlink(uuid)  # before its job runs the move again
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    assert rig.bucket_files() == {} and rig.store.fs.stat(uuid) is None
+
+
+async def test_a_delete_resumed_at_start_spares_the_object_a_move_is_putting(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    """A move journals the delete of the object it is about to put (above). The start
+    resumes the journaled deletes: one that met a move running again, between its PUT and its
+    record, would remove the new object and drop its record, and the move would then remove
+    the file-system copy. The delete workers leave the objects of moves under way alone."""
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(40_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        await rig.write(uuid, data)
+        nursery.cancel_scope.cancel()
+    rig = rig.crashed()
+    assert rig.store.fs is not None
+    rig.backend.set(Mode.GATED, "get")  # the move's read-back waits: its PUT is done
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.store.move_to_object_storage, uuid)  # its job, at start
+        while not rig.backend.calls["get"]:
+            await trio.sleep(0.01)
+        await nursery.start(rig.store.run)  # resumes the journaled deletes
+        await trio.sleep(5)
+        rig.backend.set(Mode.OK)
+        rig.backend.gate.set()
+        while rig.store.fs.stat(uuid) is not None:
+            await trio.sleep(0.01)
+        assert await rig.read(uuid) == data
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    assert rig.attachments_in_bucket() == {uuid: data}
