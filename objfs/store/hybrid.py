@@ -113,21 +113,26 @@ class Hybrid(Writeback):
     async def _settle_earlier_object(self, uuid: str) -> None:
         """Before a move puts `uuid`'s object: end the delete of the object an earlier move
         to the file-system tier left (it would remove the new one, and drop its row). Waits
-        for a delete under way, else sends a pending one itself. Raises Unavailable when the
-        bucket does not take it within ReadTimeout (the move is tried again later)."""
+        for a delete under way, else sends a pending one itself, until neither is left at
+        once: a delete worker that found the row pending while the move's own delete dropped
+        it is still to be waited for. Raises Unavailable when the bucket does not take it
+        within ReadTimeout (the move is tried again later)."""
         deadline = self.read_retry.deadline
-        with trio.move_on_after(deadline if deadline is not None else math.inf) as waited:
-            await self.wait_deletes_ended(uuid)
-        if waited.cancelled_caught:
-            raise errors.Unavailable(f"attachment {uuid}: the delete of its earlier object "
-                                     f"did not end within {deadline}s")
-        row = self.journal.get(uuid)
-        if row is None or row.state != PENDING_DELETE:
-            return
-        await self._delete_remote(uuid, self.read_retry)
-        if self.journal.get(uuid) is not None:
-            raise errors.Unavailable(f"attachment {uuid}: the delete of its earlier object "
-                                     "has not reached the bucket yet")
+        while True:
+            with trio.move_on_after(deadline if deadline is not None else math.inf) as waited:
+                await self.wait_deletes_ended(uuid)
+            if waited.cancelled_caught:
+                raise errors.Unavailable(f"attachment {uuid}: the delete of its earlier "
+                                         f"object did not end within {deadline}s")
+            # No await from here to the return: a worker that checks the row later finds it
+            # gone (or the move's own record, `_moving`).
+            row = self.journal.get(uuid)
+            if row is None or row.state != PENDING_DELETE:
+                return
+            await self._delete_remote(uuid, self.read_retry)
+            if self.journal.get(uuid) is not None:
+                raise errors.Unavailable(f"attachment {uuid}: the delete of its earlier "
+                                         "object has not reached the bucket yet")
 
     async def _take_back(self, uuid: str, key: str) -> None:
         """Send the journaled delete of the object a failed move may have put in the bucket

@@ -510,3 +510,43 @@ async def test_an_eviction_under_way_never_removes_the_copy_of_a_name_written_ag
     rig.backend.set(Mode.OK)
     assert await rig.store.drain(timeout=60)
     assert list(rig.bucket_files().values()) == [new]
+
+
+async def test_a_move_back_to_the_bucket_waits_for_a_delete_that_began_during_its_own(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        holds: Holds, tmp_path: Path) -> None:
+    """A move to the bucket sends a pending delete of the attachment's object itself, then
+    puts the object. A delete worker that found the row still pending while the move's own
+    delete dropped it went on to delete the new object once the move had put it (the move
+    had stopped waiting for deletes before that one began): the file-system copy was gone,
+    and the attachment lost (found by `test_random_crashes.py`: a move cut by a crash, run
+    again by its job while the start resumed the delete it had journaled). The move now
+    waits until no delete is under way and the row is no longer pending, together."""
+    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
+    uuid, data = str(uuid_mod.uuid4()), os.urandom(30_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        await rig.write(uuid, data)
+        rig.backend.set(Mode.GATED, "get")  # the move's read-back waits: its PUT is done
+        nursery.start_soon(rig.store.move_to_object_storage, uuid)
+        while not rig.backend.calls["get"]:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    rig = rig.crashed()  # the journaled delete of the object the move put is left
+    assert rig.store.fs is not None
+    holds["remove"] = trio.Event()  # the move's own delete drops the row slowly
+    holds["_delete_many_sync"] = trio.Event()  # the worker's delete waits at the bucket
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.store.move_to_object_storage, uuid)  # its job, run again
+        await trio.sleep(1)
+        await nursery.start(rig.store.run)  # resumes that delete
+        await trio.sleep(5)
+        holds["remove"].set()
+        await trio.sleep(5)
+        holds["_delete_many_sync"].set()
+        while rig.store.fs.stat(uuid) is not None:
+            await trio.sleep(0.01)
+        assert await rig.read(uuid) == data
+        assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    assert rig.attachments_in_bucket() == {uuid: data}
