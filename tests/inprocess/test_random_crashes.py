@@ -366,14 +366,17 @@ class Model:
 
     async def read(self, calls: Calls, rnd: random.Random, who: str = "") -> None:
         """A read of a live name; another client may delete it meanwhile (and write it
-        again): then the read finds it gone, or reads the old file or the new one whole."""
+        again): then the read finds it gone (also while that delete has yet to return: the
+        two calls overlap, and either may come first), or reads the old file or the new one
+        whole."""
         uuid = rnd.choice(sorted(self.live))
         expected, version, since = self.live[uuid], self.versions[uuid], self.weather
         try:
             data = await calls.read(uuid)
         except (errors.ObjfsError, pyfuse3.FUSEError) as exc:
             code = errno_of(exc)
-            if code == errno.ENOENT and self.versions[uuid] != version:
+            deleting = self.inflight.get(uuid, ("", None))[0] == "unlink"
+            if code == errno.ENOENT and (self.versions[uuid] != version or deleting):
                 self.log.append(f"{who}read {uuid}: ENOENT, deleted meanwhile")
                 return
             # Another client's outage: a copy not cached cannot be read meanwhile.
