@@ -108,7 +108,7 @@ class Rekeyer:
         self.summary.scanned += 1
         scratch = Path(tempfile.mkdtemp(dir=self.workdir))
         temp_key = self.temp_prefix + info.uuid
-        uploaded = False
+        temp_may_exist = False
         try:
             head = scratch / "head"
             await self._get(key, head, 6)
@@ -127,7 +127,7 @@ class Rekeyer:
             source = await self._plaintext(key, fetched, plain)
             _, digest = await trio.to_thread.run_sync(sha256_file, source)
             await trio.to_thread.run_sync(codec.encrypt_file, source, sealed, self.ring)
-            uploaded = True
+            temp_may_exist = True
             await RETRY.call(f"upload {temp_key}", lambda: self.backend.put(temp_key, sealed))
             await self._verify(temp_key, digest, scratch)
             # The rewrite took a while (a download, two cipher passes, an upload and its
@@ -139,7 +139,7 @@ class Rekeyer:
             await RETRY.call(f"copy to {final}", lambda: self.backend.copy(temp_key, final))
             await self._verify(final, digest, scratch)
             await self._remove(temp_key)
-            uploaded = False
+            temp_may_exist = False
             if final != key:
                 await self._remove(key)
             self.summary.rewritten += 1
@@ -152,7 +152,7 @@ class Rekeyer:
             else:
                 self.summary.failed += 1
                 log.error("rekey of %s failed: %s", key, exc)
-            if uploaded:
+            if temp_may_exist:
                 await self._remove_temp(temp_key)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
