@@ -35,8 +35,10 @@ class Hybrid(Writeback):
         later delete would not find it. So before its PUT the move journals that object's
         delete (`Journal.put_move_target`), which its record replaces on success; a failure
         sends it at once, or leaves it to the delete worker when the bucket refuses it, and
-        a crash leaves it for the next start. A move cut short by a stop or crash is run
-        again by its job."""
+        a crash leaves it for the next start. (Not with SharedBucket, where another node may
+        move the attachment while this one is down: there a crash between the PUT and the
+        record leaves the object for `objfs audit --delete-orphans`.) A move cut short by a
+        stop or crash is run again by its job."""
         fs = self._require_fs()
         async with self.locks.hold(uuid):
             while (handle := self.writing.get(uuid)) is not None:
@@ -72,10 +74,13 @@ class Hybrid(Writeback):
                 expected = await trio.to_thread.run_sync(sha256_file, upload)
                 # No row: an object under this name is this move's (else a row claims it).
                 own_object = self.journal.get(uuid) is None
-                if own_object:
+                # Not with SharedBucket: while this node is down another may move the
+                # attachment, and the delete its start resumed would remove that object.
+                journaled = own_object and not self.shared
+                if journaled:
                     self._moving.add(uuid)
                 try:
-                    if own_object:
+                    if journaled:
                         await self._j(self.journal.put_move_target, uuid, key, size)
                     await self._retry(self.read_retry, f"upload {key}",
                                       lambda: self.backend.put(key, upload))
@@ -91,10 +96,10 @@ class Hybrid(Writeback):
                 except errors.ObjfsError:
                     if own_object:
                         self._moving.discard(uuid)
-                        await self._take_back(uuid, key)
+                        await self._take_back(uuid, key, journaled)
                     raise
                 except BaseException:
-                    if own_object:
+                    if journaled:
                         self._moving.discard(uuid)
                         self._queue_delete(uuid)  # stopped: the delete worker sends it
                     raise
@@ -134,10 +139,20 @@ class Hybrid(Writeback):
                 raise errors.Unavailable(f"attachment {uuid}: the delete of its earlier "
                                          "object has not reached the bucket yet")
 
-    async def _take_back(self, uuid: str, key: str) -> None:
-        """Send the journaled delete of the object a failed move may have put in the bucket
-        (`Journal.put_move_target`); when the bucket refuses it, the delete worker sends it
-        later. Never raises (logged)."""
+    async def _take_back(self, uuid: str, key: str, journaled: bool) -> None:
+        """Delete the object a failed move may have put in the bucket: its `journaled` delete
+        (`Journal.put_move_target`), which the delete worker sends later when the bucket
+        refuses it; else (SharedBucket) the key itself, and when the bucket refuses that, a
+        warning names it for `objfs audit --delete-orphans`. Never raises (logged)."""
+        if not journaled:
+            try:
+                await self._retry(self.read_retry, f"delete {key}",
+                                  lambda: self.backend.delete(key))
+            except errors.ObjfsError as exc:
+                log.warning("the failed move of attachment %s to the bucket may have left "
+                            "object %s there (deleting it failed: %s); no row claims it: "
+                            "`objfs audit --delete-orphans` removes it", uuid, key, exc)
+            return
         try:
             await self._delete_remote(uuid, self.read_retry)
         except errors.ObjfsError as exc:

@@ -291,3 +291,58 @@ async def test_a_job_submitted_while_the_runner_gives_the_lock_back_runs(
             assert (await jobs.wait(second.id)).state.value == "Success"
         assert await lock.renew()  # the lease in the bucket is the one this node holds
         nursery.cancel_scope.cancel()
+
+
+async def test_a_move_cut_by_a_crash_on_one_node_leaves_the_same_move_on_another_alone(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    """A move to the bucket cut by a crash between its PUT and its record, then the same
+    attachment moved by another node while the first was down. Nothing the first node kept
+    of its move (a journaled delete of the object it was putting, as a single node keeps)
+    may remove the other node's object when it starts again."""
+    a, b = _pair(rig_factory, tmp_path, HybridMode="WriteToFileSystem",
+                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True)
+    for rig in (a, b):
+        assert rig.store.fs is not None
+        rig.store.fs.prepare()
+    uuid, data = _uuid(), b"dicom" * 8000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.store.run)
+        await a.write(uuid, data)
+        a.backend.set(Mode.GATED, "get")  # the move's read-back waits: its PUT is done
+        nursery.start_soon(a.store.move_to_object_storage, uuid)
+        while not a.backend.calls["get"]:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    a = a.crashed()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.store.run)
+        assert await b.store.move_to_object_storage(uuid)
+        await nursery.start(a.store.run)
+        assert await a.store.drain(timeout=60)
+        for rig in (a, b):
+            assert await rig.read(uuid) == data
+        nursery.cancel_scope.cancel()
+    assert list(b.bucket_files().values()) == [data]
+
+
+async def test_a_failed_move_to_the_bucket_takes_its_object_back(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    """SharedBucket journals no delete for the object a move puts (above): a move that fails
+    after its PUT deletes the key itself."""
+    a, _ = _pair(rig_factory, tmp_path, HybridMode="WriteToFileSystem",
+                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True)
+    assert a.store.fs is not None
+    a.store.fs.prepare()
+    await running(a)
+    uuid, data = _uuid(), b"dicom" * 8000
+    await a.write(uuid, data)
+    a.backend.set(Mode.UNAVAILABLE, "get")
+    with pytest.raises(errors.Unavailable):
+        await a.store.move_to_object_storage(uuid)
+    assert a.backend.calls["put"] >= 1 and a.bucket_files() == {}
+    a.backend.set(Mode.OK)
+    assert await a.read(uuid) == data
+    assert await a.store.move_to_object_storage(uuid)
+    assert list(a.bucket_files().values()) == [data] and a.store.fs.stat(uuid) is None
