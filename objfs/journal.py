@@ -744,12 +744,16 @@ class Journal:
         back) is settled first (`settle_before_rewrite`): replayed, that delete would mark
         this row deleted. Blocks: for a worker thread."""
         self.settle_before_rewrite(uuid)
+        self._put_moved(uuid, UPLOADED, key, size)
+
+    def _put_moved(self, uuid: str, state: RowState, key: str, size: int) -> None:
+        """A move's row for the object under `key`, with no local copy (durable)."""
         now = time.time()
         self._write(
             "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
             "VALUES (?, ?, ?, ?, 0, 0, ?, ?) ON CONFLICT(uuid) DO UPDATE SET state=excluded.state, "
             "size=excluded.size, key=excluded.key, cached=0, sealed=0, last_error=NULL",
-            (uuid, UPLOADED, size, key, now, now), rows=(uuid,))
+            (uuid, state, size, key, now, now), rows=(uuid,))
 
     def put_move_target(self, uuid: str, key: str, size: int) -> None:
         """Record, durably, the object a move to the bucket is about to put under `key`, as a
@@ -757,12 +761,7 @@ class Journal:
         object, so a crash in between must leave its delete behind (the start resumes it).
         Blocks: for a worker thread."""
         self._note_gone((uuid,))
-        now = time.time()
-        self._write(
-            "INSERT INTO attachments(uuid, state, size, key, cached, sealed, created, atime) "
-            "VALUES (?, ?, ?, ?, 0, 0, ?, ?) ON CONFLICT(uuid) DO UPDATE SET state=excluded.state, "
-            "size=excluded.size, key=excluded.key, cached=0, sealed=0, last_error=NULL",
-            (uuid, PENDING_DELETE, size, key, now, now), rows=(uuid,))
+        self._put_moved(uuid, PENDING_DELETE, key, size)
 
     def put_written_through(self, uuid: str, key: str, size: int, durable: bool) -> None:
         """Record a write whose object is already in the bucket, with its local copy (start-up

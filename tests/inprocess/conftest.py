@@ -186,6 +186,32 @@ def hybrid_rig(rig_factory: Callable[..., Rig], tmp_path: Path, mode: str) -> Ri
     return rig
 
 
+async def move_cut_after_its_put(rig: Rig, uuid: str, data: bytes) -> Rig:
+    """`data` written as `uuid` by HybridMode `rig` (WriteToFileSystem), then moved to the
+    bucket with a crash once the move's PUT is done (its read-back held at the gate): the
+    rig opened again, its workers not started."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.store.run)
+        await rig.write(uuid, data)
+        rig.backend.set(Mode.GATED, "get")
+        nursery.start_soon(rig.store.move_to_object_storage, uuid)
+        while not rig.backend.calls["get"]:
+            await trio.sleep(0.01)
+        assert data in rig.bucket_files().values()
+        nursery.cancel_scope.cancel()
+    return rig.crashed()
+
+
+async def moved_in_the_end(rig: Rig, uuid: str, data: bytes) -> None:
+    """Wait until a move of `uuid` to the bucket by running HybridMode `rig` removed its
+    file-system copy; then it must read back as `data`, and the drain end."""
+    assert rig.store.fs is not None
+    while rig.store.fs.stat(uuid) is not None:
+        await trio.sleep(0.01)
+    assert await rig.read(uuid) == data
+    assert await rig.store.drain(timeout=60)
+
+
 @pytest.fixture
 def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []

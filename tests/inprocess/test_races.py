@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from objfs import codec, errors
-from tests.inprocess.conftest import Rig, hybrid_rig
+from tests.inprocess.conftest import Rig, hybrid_rig, move_cut_after_its_put, moved_in_the_end
 from tests.inprocess.faults import Mode
 from tests.inprocess.test_budget import encrypted
 
@@ -522,17 +522,10 @@ async def test_a_move_back_to_the_bucket_waits_for_a_delete_that_began_during_it
     and the attachment lost (found by `test_random_crashes.py`: a move cut by a crash, run
     again by its job while the start resumed the delete it had journaled). The move now
     waits until no delete is under way and the row is no longer pending, together."""
-    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
     uuid, data = str(uuid_mod.uuid4()), os.urandom(30_000)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.store.run)
-        await rig.write(uuid, data)
-        rig.backend.set(Mode.GATED, "get")  # the move's read-back waits: its PUT is done
-        nursery.start_soon(rig.store.move_to_object_storage, uuid)
-        while not rig.backend.calls["get"]:
-            await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
-    rig = rig.crashed()  # the journaled delete of the object the move put is left
+    # The journaled delete of the object the move put is left.
+    rig = await move_cut_after_its_put(hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem"),
+                                       uuid, data)
     assert rig.store.fs is not None
     holds["remove"] = trio.Event()  # the move's own delete drops the row slowly
     holds["_delete_many_sync"] = trio.Event()  # the worker's delete waits at the bucket
@@ -544,9 +537,6 @@ async def test_a_move_back_to_the_bucket_waits_for_a_delete_that_began_during_it
         holds["remove"].set()
         await trio.sleep(5)
         holds["_delete_many_sync"].set()
-        while rig.store.fs.stat(uuid) is not None:
-            await trio.sleep(0.01)
-        assert await rig.read(uuid) == data
-        assert await rig.store.drain(timeout=60)
+        await moved_in_the_end(rig, uuid, data)
         nursery.cancel_scope.cancel()
     assert rig.attachments_in_bucket() == {uuid: data}

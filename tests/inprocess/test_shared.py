@@ -20,7 +20,7 @@ from objfs.fstier import FileSystemTier
 from objfs.sidecar.jobs import Jobs
 from objfs.sidecar.orthanc import OrthancClient
 from objfs.store.state import SHARED_CONFIRM_TTL, SHARED_NEGATIVE_TTL
-from tests.inprocess.conftest import Rig
+from tests.inprocess.conftest import Rig, move_cut_after_its_put
 from tests.inprocess.faults import Mode
 from tests.inprocess.test_operations import CTX, mkdirs, ops_for
 
@@ -306,15 +306,7 @@ async def test_a_move_cut_by_a_crash_on_one_node_leaves_the_same_move_on_another
         assert rig.store.fs is not None
         rig.store.fs.prepare()
     uuid, data = _uuid(), b"dicom" * 8000
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.store.run)
-        await a.write(uuid, data)
-        a.backend.set(Mode.GATED, "get")  # the move's read-back waits: its PUT is done
-        nursery.start_soon(a.store.move_to_object_storage, uuid)
-        while not a.backend.calls["get"]:
-            await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
-    a = a.crashed()
+    a = await move_cut_after_its_put(a, uuid, data)
     async with trio.open_nursery() as nursery:
         await nursery.start(b.store.run)
         assert await b.store.move_to_object_storage(uuid)

@@ -32,7 +32,7 @@ from objfs.store.state import (
     SPARE_SAMPLE,
     SPARE_WINDOW,
 )
-from tests.inprocess.conftest import Rig, hybrid_rig
+from tests.inprocess.conftest import Rig, hybrid_rig, move_cut_after_its_put, moved_in_the_end
 from tests.inprocess.faults import Mode
 
 MIB = 1024 * 1024
@@ -1051,18 +1051,9 @@ async def test_a_move_to_the_bucket_cut_by_a_crash_after_its_put_leaves_no_objec
     attachment, still in the file-system tier, was deleted before its job ran the move again,
     and the object stayed in the bucket for good (found by `test_random_crashes.py`). The
     move now journals that object's delete before its PUT; the start sends it."""
-    rig = hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem")
     uuid, data = str(uuid_mod.uuid4()), os.urandom(40_000)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.store.run)
-        await rig.write(uuid, data)
-        rig.backend.set(Mode.GATED, "get")  # the read-back waits: the PUT is done
-        nursery.start_soon(rig.store.move_to_object_storage, uuid)
-        while not rig.backend.calls["get"]:
-            await trio.sleep(0.01)
-        assert list(rig.bucket_files().values()) == [data]
-        nursery.cancel_scope.cancel()
-    rig = rig.crashed()
+    rig = await move_cut_after_its_put(hybrid_rig(rig_factory, tmp_path, "WriteToFileSystem"),
+                                       uuid, data)
     assert rig.store.fs is not None
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.store.run)
@@ -1097,9 +1088,6 @@ async def test_a_delete_resumed_at_start_spares_the_object_a_move_is_putting(
         await trio.sleep(5)
         rig.backend.set(Mode.OK)
         rig.backend.gate.set()
-        while rig.store.fs.stat(uuid) is not None:
-            await trio.sleep(0.01)
-        assert await rig.read(uuid) == data
-        assert await rig.store.drain(timeout=60)
+        await moved_in_the_end(rig, uuid, data)
         nursery.cancel_scope.cancel()
     assert rig.attachments_in_bucket() == {uuid: data}
