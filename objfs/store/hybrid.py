@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NoReturn
 
 import trio
 
 from objfs import codec, errors
 from objfs.fstier import FileSystemTier
 from objfs.fsutil import fd_path, sha256_file
-from objfs.journal import PENDING_DELETE, PENDING_UPLOAD
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
 from objfs.store.writeback import Writeback
 from objfs.testhooks import crash_point
 
@@ -168,7 +169,11 @@ class Hybrid(Writeback):
         """Move an attachment from the bucket to the file-system tier: write the plaintext
         (encrypted when EncryptFileSystemTier) durably, read it back and compare checksums,
         then delete the object. Returns False when it was already in the file-system tier
-        only. Raises like `move_to_object_storage`; a failure leaves both copies."""
+        only. Raises like `move_to_object_storage`; a failure leaves both copies. When the
+        bucket refuses the delete, the delete worker sends it later; with SharedBucket the
+        move fails instead, its row put back (the attachment in both tiers): another node may
+        move the attachment back to the bucket while this one is down, and a delete left
+        journaled here would remove that object when this node starts again."""
         fs = self._require_fs()
         async with self.locks.hold(uuid):
             row = await self._row(uuid)
@@ -191,6 +196,8 @@ class Hybrid(Writeback):
             try:
                 await self._delete_remote(uuid, self.read_retry)
             except errors.ObjfsError as exc:
+                if self.shared and row.key is not None:
+                    await self._keep_object(row, exc)
                 log.warning("attachment %s is in the file-system tier; deleting its object "
                             "failed (%s) and is retried in the background", uuid, exc)
                 self._queue_delete(uuid)
@@ -198,6 +205,22 @@ class Hybrid(Writeback):
                 self._queue_delete(uuid)
                 raise
         return True
+
+    async def _keep_object(self, row: Row, failure: errors.ObjfsError) -> NoReturn:
+        """SharedBucket: the delete of `row`'s object failed during a move to the file-system
+        tier. Put the row back as it was (uploaded, its copy not cached) and raise
+        Unavailable: the attachment stays in both tiers until the move is run again. When the
+        row cannot be put back, its delete is left to the delete worker."""
+        assert row.key is not None
+        try:
+            await self._j(self.journal.put_uploaded, row.uuid, row.key, row.size)
+        except BaseException:
+            self._queue_delete(row.uuid)
+            raise
+        self._negative.pop(row.uuid, None)
+        raise errors.Unavailable(f"attachment {row.uuid}: the delete of its object failed "
+                                 f"({failure}); it stays in both tiers, and the move is to be "
+                                 "run again") from failure
 
     def placement(self, uuid: str) -> dict[str, object] | None:
         """Where an attachment is, for the REST API; None when no tier has it."""

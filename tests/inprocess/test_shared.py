@@ -17,6 +17,7 @@ from objfs import errors
 from objfs.backends.local import LocalBackend
 from objfs.clusterlock import LEASE_SECONDS, BucketLease, LockHeld, keep
 from objfs.fstier import FileSystemTier
+from objfs.journal import UPLOADED
 from objfs.sidecar.jobs import Jobs
 from objfs.sidecar.orthanc import OrthancClient
 from objfs.store.state import SHARED_CONFIRM_TTL, SHARED_NEGATIVE_TTL
@@ -338,3 +339,39 @@ async def test_a_failed_move_to_the_bucket_takes_its_object_back(
     assert await a.read(uuid) == data
     assert await a.store.move_to_object_storage(uuid)
     assert list(a.bucket_files().values()) == [data] and a.store.fs.stat(uuid) is None
+
+
+async def test_a_move_to_the_file_system_whose_object_delete_fails_leaves_no_delete_behind(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    """A move to the file-system tier whose delete of the bucket object fails, on a node that
+    then stops; another node moves the attachment back to the bucket meanwhile. A delete the
+    first node had left journaled removed that object when it started again, and the
+    file-system copy was gone: the attachment was lost. The move now fails instead, with the
+    attachment in both tiers and the row as it was (its job runs it again)."""
+    a, b = _pair(rig_factory, tmp_path, HybridMode="WriteToObjectStorage",
+                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True)
+    for rig in (a, b):
+        assert rig.store.fs is not None
+        rig.store.fs.prepare()
+    uuid, data = _uuid(), b"dicom" * 8000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.store.run)
+        await a.write(uuid, data)
+        a.backend.set(Mode.UNAVAILABLE, "delete")
+        with pytest.raises(errors.Unavailable, match="stays in both tiers"):
+            await a.store.move_to_file_system(uuid)
+        assert a.store.fs is not None and a.store.fs.stat(uuid) is not None
+        row = a.journal.get(uuid)
+        assert row is not None and row.state == UPLOADED
+        nursery.cancel_scope.cancel()
+    a = a.crashed()  # stopped before the bucket took deletes again
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.store.run)
+        assert await b.store.move_to_object_storage(uuid)
+        await nursery.start(a.store.run)
+        assert await a.store.drain(timeout=60)
+        for rig in (a, b):
+            assert await rig.read(uuid) == data
+        nursery.cancel_scope.cancel()
+    assert list(b.bucket_files().values()) == [data]
