@@ -46,6 +46,30 @@ async def _running_pair(rig_factory: Callable[..., Rig], tmp_path: Path,
     return a, b
 
 
+def _hybrid_pair(rig_factory: Callable[..., Rig], tmp_path: Path, mode: str) -> tuple[Rig, Rig]:
+    """Two nodes in HybridMode `mode` on one shared file-system tier, made ready."""
+    a, b = _pair(rig_factory, tmp_path, HybridMode=mode,
+                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True)
+    for rig in (a, b):
+        assert rig.store.fs is not None
+        rig.store.fs.prepare()
+    return a, b
+
+
+async def _moved_back_while_down(down: Rig, other: Rig, uuid: str, data: bytes) -> None:
+    """`other` moves `uuid` to the bucket while node `down` is stopped; then `down` starts
+    again and drains: both nodes must read `data`, and the bucket hold it alone."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(other.store.run)
+        assert await other.store.move_to_object_storage(uuid)
+        await nursery.start(down.store.run)
+        assert await down.store.drain(timeout=60)
+        for rig in (down, other):
+            assert await rig.read(uuid) == data
+        nursery.cancel_scope.cancel()
+    assert list(other.bucket_files().values()) == [data]
+
+
 async def test_an_acknowledged_write_reads_at_once_on_the_other_node(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         tmp_path: Path, running: Start) -> None:
@@ -301,22 +325,10 @@ async def test_a_move_cut_by_a_crash_on_one_node_leaves_the_same_move_on_another
     attachment moved by another node while the first was down. Nothing the first node kept
     of its move (a journaled delete of the object it was putting, as a single node keeps)
     may remove the other node's object when it starts again."""
-    a, b = _pair(rig_factory, tmp_path, HybridMode="WriteToFileSystem",
-                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True)
-    for rig in (a, b):
-        assert rig.store.fs is not None
-        rig.store.fs.prepare()
+    a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToFileSystem")
     uuid, data = _uuid(), b"dicom" * 8000
     a = await move_cut_after_its_put(a, uuid, data)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(b.store.run)
-        assert await b.store.move_to_object_storage(uuid)
-        await nursery.start(a.store.run)
-        assert await a.store.drain(timeout=60)
-        for rig in (a, b):
-            assert await rig.read(uuid) == data
-        nursery.cancel_scope.cancel()
-    assert list(b.bucket_files().values()) == [data]
+    await _moved_back_while_down(a, b, uuid, data)
 
 
 async def test_a_failed_move_to_the_bucket_takes_its_object_back(
@@ -324,10 +336,8 @@ async def test_a_failed_move_to_the_bucket_takes_its_object_back(
         tmp_path: Path, running: Start) -> None:
     """SharedBucket journals no delete for the object a move puts (above): a move that fails
     after its PUT deletes the key itself."""
-    a, _ = _pair(rig_factory, tmp_path, HybridMode="WriteToFileSystem",
-                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True)
+    a, _ = _hybrid_pair(rig_factory, tmp_path, "WriteToFileSystem")
     assert a.store.fs is not None
-    a.store.fs.prepare()
     await running(a)
     uuid, data = _uuid(), b"dicom" * 8000
     await a.write(uuid, data)
@@ -349,11 +359,7 @@ async def test_a_move_to_the_file_system_whose_object_delete_fails_leaves_no_del
     first node had left journaled removed that object when it started again, and the
     file-system copy was gone: the attachment was lost. The move now fails instead, with the
     attachment in both tiers and the row as it was (its job runs it again)."""
-    a, b = _pair(rig_factory, tmp_path, HybridMode="WriteToObjectStorage",
-                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True)
-    for rig in (a, b):
-        assert rig.store.fs is not None
-        rig.store.fs.prepare()
+    a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToObjectStorage")
     uuid, data = _uuid(), b"dicom" * 8000
     async with trio.open_nursery() as nursery:
         await nursery.start(a.store.run)
@@ -366,12 +372,4 @@ async def test_a_move_to_the_file_system_whose_object_delete_fails_leaves_no_del
         assert row is not None and row.state == UPLOADED
         nursery.cancel_scope.cancel()
     a = a.crashed()  # stopped before the bucket took deletes again
-    async with trio.open_nursery() as nursery:
-        await nursery.start(b.store.run)
-        assert await b.store.move_to_object_storage(uuid)
-        await nursery.start(a.store.run)
-        assert await a.store.drain(timeout=60)
-        for rig in (a, b):
-            assert await rig.read(uuid) == data
-        nursery.cancel_scope.cancel()
-    assert list(b.bucket_files().values()) == [data]
+    await _moved_back_while_down(a, b, uuid, data)
