@@ -81,30 +81,32 @@ class Hybrid(Writeback):
                 if journaled:
                     self._moving.add(uuid)
                 try:
-                    if journaled:
-                        await self._j(self.journal.put_move_target, uuid, key, size)
-                    await self._retry(self.read_retry, f"upload {key}",
-                                      lambda: self.backend.put(key, upload))
-                    await self._retry(self.read_retry, f"read back {key}",
-                                      lambda: self.backend.get(key, check))
-                    got = await trio.to_thread.run_sync(sha256_file, check)
-                    if got != expected:
-                        raise errors.Corrupt(f"object {key} does not read back as uploaded "
-                                             f"({got[0]} bytes, expected {expected[0]})")
-                    crash_point("mid-move-to-bucket")
-                    old = self.journal.get(uuid)
-                    await self._j(self.journal.put_uploaded, uuid, key, size)
+                    try:
+                        if journaled:
+                            await self._j(self.journal.put_move_target, uuid, key, size)
+                        await self._retry(self.read_retry, f"upload {key}",
+                                          lambda: self.backend.put(key, upload))
+                        await self._retry(self.read_retry, f"read back {key}",
+                                          lambda: self.backend.get(key, check))
+                        got = await trio.to_thread.run_sync(sha256_file, check)
+                        if got != expected:
+                            raise errors.Corrupt(f"object {key} does not read back as "
+                                                 f"uploaded ({got[0]} bytes, expected "
+                                                 f"{expected[0]})")
+                        crash_point("mid-move-to-bucket")
+                        old = self.journal.get(uuid)
+                        await self._j(self.journal.put_uploaded, uuid, key, size)
+                    finally:
+                        # Recorded, or failed: the delete workers may see its row again.
+                        self._moving.discard(uuid)
                 except errors.ObjfsError:
                     if own_object:
-                        self._moving.discard(uuid)
                         await self._take_back(uuid, key, journaled)
                     raise
                 except BaseException:
                     if journaled:
-                        self._moving.discard(uuid)
                         self._queue_delete(uuid)  # stopped: the delete worker sends it
                     raise
-                self._moving.discard(uuid)
                 if old is not None and old.cached:
                     self.tier.path(uuid).unlink(missing_ok=True)
                     self.tier.release(old.size)

@@ -726,9 +726,7 @@ class Writeback(Fetch):
         """Delete the objects of journaled deletes `uuids` in one request per
         `batch_delete_limit` keys: every name the layout could have given each uuid, so no
         listing is needed. Falls back to `_delete_remote` for a store that refuses batches."""
-        rows = [row for u in uuids if (row := self.journal.get(u)) is not None
-                and row.state == PENDING_DELETE and u not in self.inflight
-                and u not in self._moving]
+        rows = [row for u in uuids if (row := self._delete_due(u)) is not None]
         if not rows:
             return
         keys = sorted({k for row in rows for k in self.layout.possible_keys(row.uuid)}
@@ -750,10 +748,19 @@ class Writeback(Fetch):
             for row in rows:
                 await self._delete_remote(row.uuid)
 
-    async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
+    def _delete_due(self, uuid: str) -> Row | None:
+        """`uuid`'s row when its objects are to be deleted now: pending delete, and neither
+        an upload (`inflight`) nor a move to the bucket (`_moving`) is putting its object;
+        else None. The one check before every delete of objects (`_removing_objects`)."""
         row = self.journal.get(uuid)
         if row is None or row.state != PENDING_DELETE or uuid in self.inflight \
                 or uuid in self._moving:
+            return None
+        return row
+
+    async def _delete_remote(self, uuid: str, policy: RetryPolicy = BACKGROUND_RETRY) -> None:
+        row = self._delete_due(uuid)
+        if row is None:
             return
         with self._removing_objects([uuid]):
             # Every object of the uuid, not only the journaled key: `objfs rekey` renames
