@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import NoReturn
 
 import trio
 
 from objfs import codec, errors
 from objfs.fstier import FileSystemTier
 from objfs.fsutil import fd_path, sha256_file
-from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, Row
+from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
 from objfs.store.writeback import Writeback
 from objfs.testhooks import crash_point
 
@@ -173,9 +172,7 @@ class Hybrid(Writeback):
         then delete the object. Returns False when it was already in the file-system tier
         only. Raises like `move_to_object_storage`; a failure leaves both copies. When the
         bucket refuses the delete, the delete worker sends it later; with SharedBucket the
-        move fails instead, its row put back (the attachment in both tiers): another node may
-        move the attachment back to the bucket while this one is down, and a delete left
-        journaled here would remove that object when this node starts again."""
+        move fails instead, the attachment in both tiers (`_end_shared_move`)."""
         fs = self._require_fs()
         async with self.locks.hold(uuid):
             row = await self._row(uuid)
@@ -183,7 +180,14 @@ class Hybrid(Writeback):
                 if fs.stat(uuid) is not None:
                     return False
                 raise errors.NotFound(f"attachment {uuid} is in neither tier")
-            fd = await self.open_read(uuid, objects_only=True)
+            try:
+                fd = await self.open_read(uuid, objects_only=True)
+            except errors.NotFound:
+                if not self.shared or fs.stat(uuid) is None:
+                    raise
+                # The objects went in an earlier run of this move, cut before it forgot the
+                # row (`_end_shared_move`), or by another node's; the read forgot the row.
+                return False
             try:
                 await trio.to_thread.run_sync(fs.write_copy, fd_path(fd), uuid)
                 crash_point("mid-move-to-fs")
@@ -194,12 +198,13 @@ class Hybrid(Writeback):
             row = self._live_row(uuid)
             if row is None:
                 return True
+            if self.shared:
+                await self._end_shared_move(row)
+                return True
             await self._forget_object(uuid, row, queue=False)
             try:
                 await self._delete_remote(uuid, self.read_retry)
             except errors.ObjfsError as exc:
-                if self.shared and row.key is not None:
-                    await self._keep_object(row, exc)
                 log.warning("attachment %s is in the file-system tier; deleting its object "
                             "failed (%s) and is retried in the background", uuid, exc)
                 self._queue_delete(uuid)
@@ -208,21 +213,28 @@ class Hybrid(Writeback):
                 raise
         return True
 
-    async def _keep_object(self, row: Row, failure: errors.ObjfsError) -> NoReturn:
-        """SharedBucket: the delete of `row`'s object failed during a move to the file-system
-        tier. Put the row back as it was (uploaded, its copy not cached) and raise
-        Unavailable: the attachment stays in both tiers until the move is run again. When the
-        row cannot be put back, its delete is left to the delete worker."""
-        assert row.key is not None
+    async def _end_shared_move(self, row: Row) -> None:
+        """SharedBucket: end a move to the file-system tier (its copy there durable) by
+        deleting the attachment's objects first, then forgetting its row and local copy, with
+        no delete journaled at any point: while this node is down another may move the
+        attachment back to the bucket, and a delete resumed at this node's start would
+        remove that object. A crash or stop before the row goes leaves the row as it was:
+        a read confirms the object (gone: the row is forgotten and the file-system copy
+        read), and the job runs the move again. Raises Unavailable, the row as it was and
+        the attachment in both tiers, when the bucket does not take the deletes, or when the
+        attachment's upload has not ended (run the move again later)."""
+        uuid = row.uuid
+        if row.state != UPLOADED:
+            raise errors.Unavailable(f"attachment {uuid}: its upload has not ended; it stays "
+                                     "in both tiers, and the move is to be run again")
         try:
-            await self._j(self.journal.put_uploaded, row.uuid, row.key, row.size)
-        except BaseException:
-            self._queue_delete(row.uuid)
-            raise
-        self._negative.pop(row.uuid, None)
-        raise errors.Unavailable(f"attachment {row.uuid}: the delete of its object failed "
-                                 f"({failure}); it stays in both tiers, and the move is to be "
-                                 "run again") from failure
+            with self._removing_objects([uuid]):
+                await self._delete_objects(uuid, row.key, self.read_retry)
+        except errors.ObjfsError as exc:
+            raise errors.Unavailable(f"attachment {uuid}: the delete of its object failed "
+                                     f"({exc}); it stays in both tiers, and the move is to be "
+                                     "run again") from exc
+        await self._forget_uploaded(row)
 
     def placement(self, uuid: str) -> dict[str, object] | None:
         """Where an attachment is, for the REST API; None when no tier has it."""

@@ -71,14 +71,22 @@ class Names(StoreCore):
 
     async def _forget_gone(self, row: Row) -> None:
         """Another node deleted `row`'s attachment: forget it here (row, local copy)."""
+        if await self._forget_uploaded(row):
+            log.info("attachment %s: deleted by another node; forgot it here", row.uuid)
+
+    async def _forget_uploaded(self, row: Row) -> bool:
+        """SharedBucket: the objects of `row`'s attachment are gone from the bucket (deleted
+        by another node, or by a move to the file-system tier). Forget its row and local copy
+        here, with no delete journaled; returns False (nothing done) when the journal no
+        longer holds it as uploaded."""
         current = self.journal.get(row.uuid)
         if current is None or current.state != UPLOADED:
-            return
-        log.info("attachment %s: deleted by another node; forgetting it here", row.uuid)
+            return False
         self._negative[row.uuid] = True
         self._confirmed.pop(row.uuid, None)
         self._drop_local(row.uuid, current.size)
         await self._drop_rows([row.uuid], pending_delete_only=False)
+        return True
 
     async def _remote_listing(self, prefix: str, limit: int) -> list[ObjectInfo]:
         """One listing for a name the journal does not know, retried up to `ReadTimeout`.

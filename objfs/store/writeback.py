@@ -763,20 +763,25 @@ class Writeback(Fetch):
         if row is None:
             return
         with self._removing_objects([uuid]):
-            # Every object of the uuid, not only the journaled key: `objfs rekey` renames
-            # X.dcm to X.dcm.enc, and a plugin may have written a sibling (.dcm.head, .json).
-            prefix = self.layout.lookup_prefix(uuid)
-            page, _ = await self._retry(
-                policy, f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
-            keys = {o.key for o in page if (info := self.layout.parse_key(o.key))
-                    and info.uuid == uuid}
-            if row.key is not None:
-                keys.add(row.key)
-            for key in sorted(keys):
-                await self._retry(policy, f"delete {key}",
-                                  functools.partial(self.backend.delete, key))
-                crash_point("after-object-delete")
+            await self._delete_objects(uuid, row.key, policy)
             await self._drop_rows([uuid], pending_delete_only=False)
+
+    async def _delete_objects(self, uuid: str, key: str | None, policy: RetryPolicy) -> None:
+        """Delete every object of `uuid` in the bucket, `key` included: not only the
+        journaled key, since `objfs rekey` renames X.dcm to X.dcm.enc and a plugin may have
+        written a sibling (.dcm.head, .json). Call it inside `_removing_objects`. Raises what
+        `policy` gives up with; the objects deleted so far stay deleted."""
+        prefix = self.layout.lookup_prefix(uuid)
+        page, _ = await self._retry(
+            policy, f"list {prefix}", lambda: self.backend.list_page(prefix, None, 16))
+        keys = {o.key for o in page if (info := self.layout.parse_key(o.key))
+                and info.uuid == uuid}
+        if key is not None:
+            keys.add(key)
+        for name in sorted(keys):
+            await self._retry(policy, f"delete {name}",
+                              functools.partial(self.backend.delete, name))
+            crash_point("after-object-delete")
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no upload or delete is queued or running and every deleted copy is

@@ -373,3 +373,58 @@ async def test_a_move_to_the_file_system_whose_object_delete_fails_leaves_no_del
         nursery.cancel_scope.cancel()
     a = a.crashed()  # stopped before the bucket took deletes again
     await _moved_back_while_down(a, b, uuid, data)
+
+
+@pytest.mark.parametrize("mode", [Mode.GATED, Mode.ANSWER_GATED])
+async def test_a_move_to_the_file_system_cut_during_its_object_delete_leaves_no_delete_behind(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, mode: Mode) -> None:
+    """A node that dies while the bucket has its move's object delete (not yet done, or done
+    and not yet answered); another node moves the attachment back to the bucket meanwhile.
+    A delete the first node had journaled before its request resumed when it started again
+    and removed that object, the file-system copy gone with the move back: the attachment
+    was lost. The move now deletes the objects before it changes the row, so the start finds
+    the row as it was, and the other node's object is confirmed, not deleted."""
+    a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToObjectStorage")
+    uuid, data = _uuid(), b"dicom" * 8000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.store.run)
+        await a.write(uuid, data)
+        a.backend.set(mode, "delete")
+        nursery.start_soon(a.store.move_to_file_system, uuid)
+        while not a.backend.calls["delete"]:
+            await trio.sleep(0.01)
+        assert a.store.fs is not None and a.store.fs.stat(uuid) is not None
+        assert (a.bucket_files() == {}) is (mode is Mode.ANSWER_GATED)
+        nursery.cancel_scope.cancel()
+    a = a.crashed()
+    await _moved_back_while_down(a, b, uuid, data)
+
+
+async def test_a_move_to_the_file_system_cut_after_its_object_delete_ends_when_run_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    """The same cut, with the object deleted and its answer lost, and nobody moving the
+    attachment meanwhile: the row the node finds at its start names an object that is gone,
+    and the move's job, run again, finds the attachment in the file-system tier alone."""
+    a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToObjectStorage")
+    uuid, data = _uuid(), b"dicom" * 8000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.store.run)
+        await a.write(uuid, data)
+        a.backend.set(Mode.ANSWER_GATED, "delete")
+        nursery.start_soon(a.store.move_to_file_system, uuid)
+        while not a.backend.calls["delete"]:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    a = a.crashed()
+    row = a.journal.get(uuid)
+    assert row is not None and row.state == UPLOADED and a.bucket_files() == {}
+    async with trio.open_nursery() as nursery:
+        for rig in (a, b):
+            await nursery.start(rig.store.run)
+        assert not await a.store.move_to_file_system(uuid)
+        assert a.journal.get(uuid) is None
+        for rig in (a, b):
+            assert await rig.read(uuid) == data
+        nursery.cancel_scope.cancel()
