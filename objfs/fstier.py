@@ -30,6 +30,10 @@ from objfs.fsutil import fd_path, fsync_path, sha256_file
 log = logging.getLogger(__name__)
 
 TMP_DIR = ".objfs-tmp"
+# A shared tier's tombstones (``.objfs-deleted/<ab>/<uuid>``, empty files): a node's delete of
+# an attachment leaves one before it looks at either tier, and another node's move of that
+# attachment looks for one once its own step is done, then undoes the move (`Hybrid`).
+DELETED_DIR = ".objfs-deleted"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -202,6 +206,51 @@ class FileSystemTier:
                         break
                     raise
         return True
+
+    # --- tombstones (a shared tier) ------------------------------------------------------------
+
+    def _tombstone(self, uuid: str) -> Path:
+        return self.root / DELETED_DIR / uuid[:2] / uuid
+
+    def mark_deleted(self, uuid: str) -> None:
+        """Leave `uuid`'s tombstone (kept until `prune_tombstones`). Not fsynced: it orders
+        a delete against a move on another node running at the same moment, which a crash of
+        the tier's file server interrupts anyway. Raises OSError."""
+        path = self._tombstone(uuid)
+        try:
+            path.touch()
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
+    def deleted(self, uuid: str) -> bool:
+        """Whether a node left `uuid`'s tombstone (`mark_deleted`)."""
+        return self._tombstone(uuid).exists()
+
+    def prune_tombstones(self, older_than: float) -> int:
+        """Remove the tombstones last touched before `older_than` (seconds since the epoch);
+        returns how many went. Every node of the tier prunes: entries another one removed
+        meanwhile are skipped."""
+        removed = 0
+        try:
+            shards = os.listdir(self.root / DELETED_DIR)
+        except FileNotFoundError:
+            return 0
+        for shard in shards:
+            directory = self.root / DELETED_DIR / shard
+            try:
+                names = os.listdir(directory)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name in names:
+                path = directory / name
+                try:
+                    if path.stat().st_mtime < older_than:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
 
     # --- status -------------------------------------------------------------------------------
 

@@ -101,6 +101,9 @@ class Store(Hybrid):
             nursery.start_soon(supervised, "the bucket inventory", self._inventory)
             nursery.start_soon(supervised, "the bucket watch", self._watch_bucket)
             nursery.start_soon(supervised, "the idle-CPU watch", self._watch_spare_cpu)
+            if self.shared and self.fs is not None:
+                nursery.start_soon(supervised, "the pruning of delete tombstones",
+                                   self.prune_tombstones)
             task_status.started()
 
 

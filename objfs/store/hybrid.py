@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from typing import NoReturn
 
 import trio
 
@@ -11,6 +13,7 @@ from objfs import codec, errors
 from objfs.fstier import FileSystemTier
 from objfs.fsutil import fd_path, sha256_file
 from objfs.journal import PENDING_DELETE, PENDING_UPLOAD, UPLOADED, Row
+from objfs.store.state import TOMBSTONE_PRUNE_INTERVAL, TOMBSTONE_SECONDS
 from objfs.store.writeback import Writeback
 from objfs.testhooks import crash_point
 
@@ -109,8 +112,16 @@ class Hybrid(Writeback):
                 if old is not None and old.cached:
                     self.tier.path(uuid).unlink(missing_ok=True)
                     self.tier.release(old.size)
+                if self.shared and fs.deleted(uuid):
+                    await self._deleted_meanwhile(uuid)
                 self._negative.pop(uuid, None)
                 await trio.to_thread.run_sync(fs.remove, uuid, True)
+            except FileNotFoundError as exc:
+                if fs.stat(uuid) is not None:
+                    raise
+                # Deleted through another node (SharedBucket) while it was read here.
+                raise errors.NotFound(f"attachment {uuid} was deleted while it was "
+                                      "moved") from exc
             finally:
                 for name in names:
                     name.unlink(missing_ok=True)
@@ -199,6 +210,8 @@ class Hybrid(Writeback):
             if row is None:
                 return True
             if self.shared:
+                if fs.deleted(uuid):
+                    await self._deleted_meanwhile(uuid)
                 await self._end_shared_move(row)
                 return True
             await self._forget_object(uuid, row, queue=False)
@@ -212,6 +225,31 @@ class Hybrid(Writeback):
                 self._queue_delete(uuid)
                 raise
         return True
+
+    async def _deleted_meanwhile(self, uuid: str) -> NoReturn:
+        """SharedBucket: another node deleted `uuid` while this one moved it, and its delete
+        may have looked at the tiers before this move's step (its tombstone, found after that
+        step, says so). Undo what the move left: the file-system copy, and the object and
+        row (its delete journaled: the attachment is gone for good, nobody moves it back).
+        Raises NotFound."""
+        assert self.fs is not None
+        row = self.journal.get(uuid)
+        if row is not None and row.state != PENDING_DELETE:
+            await self._forget_object(uuid, row)
+        await trio.to_thread.run_sync(self.fs.remove, uuid, True)
+        raise errors.NotFound(f"attachment {uuid} was deleted while it was moved")
+
+    async def prune_tombstones(self) -> None:
+        """SharedBucket with a file-system tier: every TOMBSTONE_PRUNE_INTERVAL, remove the
+        tombstones older than TOMBSTONE_SECONDS (`FileSystemTier.prune_tombstones`)."""
+        fs = self._require_fs()
+        while True:
+            removed = await trio.to_thread.run_sync(fs.prune_tombstones,
+                                                    time.time() - TOMBSTONE_SECONDS)
+            if removed:
+                log.info("removed %d delete tombstones older than %.0f s from the "
+                         "file-system tier", removed, TOMBSTONE_SECONDS)
+            await trio.sleep(TOMBSTONE_PRUNE_INTERVAL)
 
     async def _end_shared_move(self, row: Row) -> None:
         """SharedBucket: end a move to the file-system tier (its copy there durable) by

@@ -72,6 +72,10 @@ SYNC_AVERAGE_WEIGHT = 0.2
 DELETE_GATHER = 0.05
 DELETE_GATHER_MAX = 1.0
 PROBE_INTERVAL = 5.0
+# A shared file-system tier's tombstones (`FileSystemTier.mark_deleted`) are kept this long,
+# far past any move of one attachment, and pruned every TOMBSTONE_PRUNE_INTERVAL by each node.
+TOMBSTONE_SECONDS = 24 * 3600.0
+TOMBSTONE_PRUNE_INTERVAL = 3600.0
 BACKGROUND_RETRY = RetryPolicy(first_delay=0.5, max_delay=60.0, deadline=None, persistent=True)
 # An upload the journal could not record (the cache directory's disk full) is tried again
 # after this pause; the series prefetch, which found the disk full, stays off for as long.

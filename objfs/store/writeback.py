@@ -392,6 +392,13 @@ class Writeback(Fetch):
             await self._unlink_locked(uuid)
 
     async def _unlink_locked(self, uuid: str) -> None:
+        if self.shared and self.fs is not None:
+            # Before either tier is looked at: a move of the attachment by another node then
+            # finds the tombstone once its step is done and undoes it, or its step is done
+            # before the looks below, which then find it (the bucket asked afresh).
+            await trio.to_thread.run_sync(self.fs.mark_deleted, uuid,
+                                          limiter=self._journal_limiter)
+            self._negative.pop(uuid, None)
         in_fs = self.fs is not None and self.fs.stat(uuid) is not None
         row = await self._row(uuid)
         if row is None and not in_fs:

@@ -4,6 +4,7 @@ journal; the cluster lease; the job runner's cluster lock."""
 from __future__ import annotations
 
 import errno
+import os
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from objfs import errors
+from objfs import codec, errors
 from objfs.backends.local import LocalBackend
 from objfs.clusterlock import LEASE_SECONDS, BucketLease, LockHeld, keep
 from objfs.fstier import FileSystemTier
@@ -46,10 +47,12 @@ async def _running_pair(rig_factory: Callable[..., Rig], tmp_path: Path,
     return a, b
 
 
-def _hybrid_pair(rig_factory: Callable[..., Rig], tmp_path: Path, mode: str) -> tuple[Rig, Rig]:
+def _hybrid_pair(rig_factory: Callable[..., Rig], tmp_path: Path, mode: str,
+                 **objfs: object) -> tuple[Rig, Rig]:
     """Two nodes in HybridMode `mode` on one shared file-system tier, made ready."""
     a, b = _pair(rig_factory, tmp_path, HybridMode=mode,
-                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True)
+                 FileSystemDirectory=str(tmp_path / "fs-tier"), SharedFileSystemTier=True,
+                 **objfs)
     for rig in (a, b):
         assert rig.store.fs is not None
         rig.store.fs.prepare()
@@ -428,3 +431,111 @@ async def test_a_move_to_the_file_system_cut_after_its_object_delete_ends_when_r
         for rig in (a, b):
             assert await rig.read(uuid) == data
         nursery.cancel_scope.cancel()
+
+
+async def _delete_on_b_during_a_move(a: Rig, b: Rig, uuid: str, data: bytes, move: str,
+                                     held: str, holds: dict[str, trio.Event]) -> None:
+    """Orthanc deletes `uuid` through node `b` while node `a` moves it (`move`), the move's
+    worker-thread step `held` waiting until the delete is done; then the attachment must be
+    gone from both tiers and served by neither node."""
+    async with trio.open_nursery() as nursery:
+        for rig in (a, b):
+            await nursery.start(rig.store.run)
+        await a.write(uuid, data)
+        holds[held] = trio.Event()
+        outcome: list[BaseException | bool] = []
+
+        async def run_move() -> None:
+            try:
+                outcome.append(await getattr(a.store, move)(uuid))
+            except errors.ObjfsError as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as moving:
+            moving.start_soon(run_move)
+            await trio.sleep(1)  # the move runs up to its held step
+            assert not outcome
+            await b.store.unlink(uuid)
+            assert await b.store.drain(timeout=60)
+            holds.pop(held).set()
+        assert isinstance(outcome[0], errors.NotFound), outcome
+        assert "deleted while it was moved" in str(outcome[0])
+        for rig in (a, b):
+            assert await rig.store.drain(timeout=60)
+        await trio.sleep(SHARED_CONFIRM_TTL + 0.01)
+        for rig in (a, b):
+            with pytest.raises(errors.NotFound):
+                await rig.read(uuid)
+        nursery.cancel_scope.cancel()
+    assert a.store.fs is not None and a.store.fs.stat(uuid) is None
+    assert a.bucket_files() == {}
+    for rig in (a, b):
+        assert rig.journal.get(uuid) is None
+
+
+async def test_a_delete_on_one_node_during_a_move_to_the_file_system_on_another_leaves_nothing(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, holds: dict[str, trio.Event]) -> None:
+    """The delete looks at both tiers after the move fetched the object and before it wrote
+    the file-system copy: it finds the file-system tier empty and deletes the object. The
+    move then published its copy and deleted nothing (the object was gone), and the copy of
+    a deleted attachment stayed in the file-system tier for good. The delete now leaves a
+    tombstone first; the move, its copy written, finds it and removes the copy."""
+    a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToObjectStorage")
+    await _delete_on_b_during_a_move(a, b, _uuid(), b"dicom" * 8000, "move_to_file_system",
+                                     "write_copy", holds)
+
+
+@pytest.mark.parametrize("sealed_file", [False, True])
+async def test_a_delete_on_one_node_during_a_move_to_the_bucket_on_another_leaves_nothing(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, holds: dict[str, trio.Event], sealed_file: bool) -> None:
+    """The delete looks at both tiers after the move read the plaintext file (its encrypted
+    body ready) and before its PUT: it removes the file and finds no object. The move then
+    put the object and recorded it, so the bucket kept a deleted attachment, which the
+    moving node served. The move now finds the delete's tombstone after its record, and
+    deletes the object and the row. When the file is already A1 (`sealed_file`), the move
+    sends the file itself, which is gone: NotFound, not an unexpected FileNotFoundError."""
+    key = tmp_path / "master.key"
+    codec.write_key_file(key)
+    a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToFileSystem",
+                        StorageEncryption={"MasterKey": [1, str(key)]},
+                        EncryptFileSystemTier=sealed_file)
+    await _delete_on_b_during_a_move(a, b, _uuid(), b"dicom" * 8000, "move_to_object_storage",
+                                     "sha256_file", holds)
+
+
+def test_tombstones_are_pruned_by_age(tmp_path: Path) -> None:
+    tier = FileSystemTier(tmp_path, None, False, "node-a")
+    old, new = _uuid(), _uuid()
+    for uuid in (old, new):
+        tier.mark_deleted(uuid)
+    os.utime(tier._tombstone(old), (1000.0, 1000.0))
+    assert tier.deleted(old) and tier.deleted(new)
+    assert tier.prune_tombstones(older_than=2000.0) == 1
+    assert not tier.deleted(old) and tier.deleted(new)
+    assert tier.children("") == []  # never shown as an Orthanc directory
+
+
+async def test_a_delete_right_after_another_node_moved_the_attachment_to_the_bucket_finds_it(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path) -> None:
+    """Node b read the attachment from the file-system tier, its bucket lookup remembered
+    as absent (SHARED_NEGATIVE_TTL); node a then moved it to the bucket, and Orthanc deleted
+    it through b within that bound: b found it in neither tier (ENOENT to Orthanc) and the
+    object stayed. A delete asks the bucket afresh."""
+    a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToObjectStorage")
+    uuid, data = _uuid(), b"dicom" * 8000
+    async with trio.open_nursery() as nursery:
+        for rig in (a, b):
+            await nursery.start(rig.store.run)
+        await a.write(uuid, data)
+        assert await a.store.move_to_file_system(uuid)
+        assert await b.read(uuid) == data
+        assert await a.store.move_to_object_storage(uuid)
+        await b.store.unlink(uuid)
+        for rig in (a, b):
+            assert await rig.store.drain(timeout=60)
+        nursery.cancel_scope.cancel()
+    assert a.store.fs is not None and a.store.fs.stat(uuid) is None
+    assert a.bucket_files() == {}
