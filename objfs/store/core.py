@@ -150,6 +150,11 @@ class StoreCore:
         # Trio's clock (used only on the event loop): tests run these bounds on a mock clock.
         self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
             65536, SHARED_NEGATIVE_TTL if self.shared else NEGATIVE_TTL, timer=trio.current_time)
+        # SharedBucket HybridMode: uuids found in neither tier by looks that no move of
+        # another node can have crossed (`Names._found_on_second_look`), for
+        # SHARED_NEGATIVE_TTL. `_negative` says only that the bucket had no object.
+        self._absent: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            65536, SHARED_NEGATIVE_TTL, timer=trio.current_time)
         # SharedBucket: uuids whose object the bucket showed within SHARED_CONFIRM_TTL.
         self._confirmed: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
             65536, SHARED_CONFIRM_TTL, timer=trio.current_time)

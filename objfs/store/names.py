@@ -25,14 +25,64 @@ class Names(StoreCore):
         handle = self.writing.get(uuid)
         if handle is not None:
             return None if handle.unlinked else handle.size
-        if self.fs is not None and self.fs_first:
-            size = self.fs.size(uuid)
-            if size is not None:
-                return size
-        row = await self._row(uuid)
-        if row is not None:
-            return row.size
-        return None if self.fs is None or self.fs_first else self.fs.size(uuid)
+        while True:
+            fs_first = self._fs_first_for(uuid)
+            if fs_first:
+                assert self.fs is not None
+                size = self.fs.size(uuid)
+                if size is not None:
+                    return size
+            asked = self._will_ask_bucket(uuid)
+            row = await self._row(uuid)
+            if row is not None:
+                return row.size
+            if self.fs is None:
+                return None
+            if not fs_first:
+                size = self.fs.size(uuid)
+                if size is not None:
+                    return size
+            if not await self._found_on_second_look(uuid, fs_first and asked):
+                return None
+
+    def _fs_first_for(self, uuid: str) -> bool:
+        """Whether to look for `uuid` in the file-system tier before the bucket: in HybridMode
+        WriteToFileSystem, and with SharedBucket for a name the journal does not know (the
+        bucket is then asked after the file-system tier, which saves the second look of
+        `_found_on_second_look`)."""
+        return self.fs is not None and (
+            self.fs_first or (self.shared and self.journal.get(uuid) is None))
+
+    def _will_ask_bucket(self, uuid: str) -> bool:
+        """Whether `_row` would ask the bucket about `uuid` now (not answer from the journal
+        or from its memory of absent names)."""
+        return self.journal.get(uuid) is None and not self.inventory_done \
+            and uuid not in self._negative
+
+    async def _found_on_second_look(self, uuid: str, bucket_after_fs: bool) -> bool:
+        """SharedBucket HybridMode, for `uuid` found in neither tier: whether looking again
+        finds it (then look once more from the start). Another node's move may have crossed
+        the looks: it copies before it removes (to the bucket its PUT, then the file's unlink;
+        to the file-system tier the file published, then the objects' delete), so a bucket
+        look that finds nothing, made after a file-system look that found nothing, and a
+        file-system look after it that finds nothing settle absence. The bucket is asked
+        afresh unless it was asked after the file-system look already (`bucket_after_fs`),
+        or this node settled the name absent within SHARED_NEGATIVE_TTL (`_absent`). False
+        at once without SharedBucket (moves then hold this node's lock on the name), and for
+        a name whose delete is journaled here."""
+        assert self.fs is not None
+        if (row := self.journal.get(uuid)) is not None:
+            return row.state != PENDING_DELETE  # known meanwhile
+        if not self.shared or uuid in self._absent:
+            return False
+        if not bucket_after_fs:
+            self._negative.pop(uuid, None)
+            if await self._find_remote(uuid) is not None:
+                return True
+        if self.fs.stat(uuid) is not None:
+            return True
+        self._absent[uuid] = True
+        return False
 
     def _live_row(self, uuid: str) -> Row | None:
         """The journal's row of `uuid`, unless it is a delete still to reach the bucket; the

@@ -86,6 +86,7 @@ class Writeback(Fetch):
             self._fresh.add(uuid)
         self.writing[uuid] = handle
         self._negative.pop(uuid, None)
+        self._absent.pop(uuid, None)
         self.tier.opened(uuid)
         return handle
 

@@ -539,3 +539,48 @@ async def test_a_delete_right_after_another_node_moved_the_attachment_to_the_buc
         nursery.cancel_scope.cancel()
     assert a.store.fs is not None and a.store.fs.stat(uuid) is None
     assert a.bucket_files() == {}
+
+
+@pytest.mark.parametrize("mode", ["WriteToObjectStorage", "WriteToFileSystem"])
+async def test_a_node_finds_what_another_moved_back_right_after_it_moved_it_away(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, mode: str) -> None:
+    """Node a moved the attachment to the file-system tier (its bucket object gone, which it
+    remembered for SHARED_NEGATIVE_TTL), node b moved it back to the bucket at once, and a
+    looked it up and read it within that bound: a found it in neither tier (ENOENT to
+    Orthanc) until the bound ran out. A node now looks again before it answers absent."""
+    a, b = _hybrid_pair(rig_factory, tmp_path, mode)
+    uuid, data = _uuid(), b"dicom" * 8000
+    async with trio.open_nursery() as nursery:
+        for rig in (a, b):
+            await nursery.start(rig.store.run)
+        await a.write(uuid, data)
+        if mode == "WriteToFileSystem":
+            assert await a.store.move_to_object_storage(uuid)
+        assert await a.store.move_to_file_system(uuid)
+        assert await b.store.move_to_object_storage(uuid)
+        assert await a.store.size_of(uuid) == len(data)
+        assert await a.read(uuid) == data
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("mode", [None, "WriteToObjectStorage", "WriteToFileSystem"])
+async def test_a_new_attachment_costs_one_bucket_listing(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, mode: str | None) -> None:
+    """Orthanc's store of a new attachment: two lookups of the absent name (its `stat`, then
+    the kernel's before the create), then the create, write and close. One LIST in every
+    mode (docs/scale-out.md, "Requests"): in HybridMode the second look at the bucket that
+    settles an absent name (`Names._found_on_second_look`) is saved by looking at the
+    file-system tier first for a name the journal does not know."""
+    a, _ = _pair(rig_factory, tmp_path) if mode is None else \
+        _hybrid_pair(rig_factory, tmp_path, mode)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.store.run)
+        for _ in range(5):
+            uuid = _uuid()
+            for _ in range(2):
+                assert await a.store.size_of(uuid) is None
+            await a.write(uuid, b"dicom" * 200)
+        assert a.backend.calls["list"] == 5
+        nursery.cancel_scope.cancel()
