@@ -67,7 +67,7 @@ class Fetch(Names):
                     fd = await self._open_fs(uuid)
                     if fd is not None:
                         return fd
-                asked = self._will_ask_bucket(uuid)
+                asked = fs is not None and self._will_ask_bucket(uuid)
                 row = await self._row(uuid)
                 if row is None:
                     if fs is not None and not fs_first:

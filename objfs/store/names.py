@@ -32,7 +32,7 @@ class Names(StoreCore):
                 size = self.fs.size(uuid)
                 if size is not None:
                     return size
-            asked = self._will_ask_bucket(uuid)
+            asked = self.fs is not None and self._will_ask_bucket(uuid)
             row = await self._row(uuid)
             if row is not None:
                 return row.size
