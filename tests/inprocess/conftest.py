@@ -190,14 +190,24 @@ async def move_cut_after_its_put(rig: Rig, uuid: str, data: bytes) -> Rig:
     """`data` written as `uuid` by HybridMode `rig` (WriteToFileSystem), then moved to the
     bucket with a crash once the move's PUT is done (its read-back held at the gate): the
     rig opened again, its workers not started."""
+    rig = await move_cut_at(rig, uuid, data, "move_to_object_storage", "get", Mode.GATED)
+    assert data in rig.bucket_files().values()
+    return rig
+
+
+async def move_cut_at(rig: Rig, uuid: str, data: bytes, move: str, op: str,
+                      mode: Mode) -> Rig:
+    """`data` written as `uuid` by HybridMode `rig`, then moved by its store's method `move`
+    with a crash once the move's first bucket call `op` is under way (`mode`: GATED, not yet
+    done; ANSWER_GATED, done, its answer held): the rig opened again, its workers not
+    started."""
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.store.run)
         await rig.write(uuid, data)
-        rig.backend.set(Mode.GATED, "get")
-        nursery.start_soon(rig.store.move_to_object_storage, uuid)
-        while not rig.backend.calls["get"]:
+        rig.backend.set(mode, op)
+        nursery.start_soon(getattr(rig.store, move), uuid)
+        while not rig.backend.calls[op]:
             await trio.sleep(0.01)
-        assert data in rig.bucket_files().values()
         nursery.cancel_scope.cancel()
     return rig.crashed()
 

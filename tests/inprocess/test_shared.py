@@ -22,7 +22,7 @@ from objfs.journal import UPLOADED
 from objfs.sidecar.jobs import Jobs
 from objfs.sidecar.orthanc import OrthancClient
 from objfs.store.state import SHARED_CONFIRM_TTL, SHARED_NEGATIVE_TTL
-from tests.inprocess.conftest import Rig, move_cut_after_its_put
+from tests.inprocess.conftest import Rig, move_cut_after_its_put, move_cut_at
 from tests.inprocess.faults import Mode
 from tests.inprocess.test_operations import CTX, mkdirs, ops_for
 
@@ -390,17 +390,9 @@ async def test_a_move_to_the_file_system_cut_during_its_object_delete_leaves_no_
     the row as it was, and the other node's object is confirmed, not deleted."""
     a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToObjectStorage")
     uuid, data = _uuid(), b"dicom" * 8000
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.store.run)
-        await a.write(uuid, data)
-        a.backend.set(mode, "delete")
-        nursery.start_soon(a.store.move_to_file_system, uuid)
-        while not a.backend.calls["delete"]:
-            await trio.sleep(0.01)
-        assert a.store.fs is not None and a.store.fs.stat(uuid) is not None
-        assert (a.bucket_files() == {}) is (mode is Mode.ANSWER_GATED)
-        nursery.cancel_scope.cancel()
-    a = a.crashed()
+    a = await move_cut_at(a, uuid, data, "move_to_file_system", "delete", mode)
+    assert a.store.fs is not None and a.store.fs.stat(uuid) is not None
+    assert (a.bucket_files() == {}) is (mode is Mode.ANSWER_GATED)
     await _moved_back_while_down(a, b, uuid, data)
 
 
@@ -412,15 +404,7 @@ async def test_a_move_to_the_file_system_cut_after_its_object_delete_ends_when_r
     and the move's job, run again, finds the attachment in the file-system tier alone."""
     a, b = _hybrid_pair(rig_factory, tmp_path, "WriteToObjectStorage")
     uuid, data = _uuid(), b"dicom" * 8000
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.store.run)
-        await a.write(uuid, data)
-        a.backend.set(Mode.ANSWER_GATED, "delete")
-        nursery.start_soon(a.store.move_to_file_system, uuid)
-        while not a.backend.calls["delete"]:
-            await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
-    a = a.crashed()
+    a = await move_cut_at(a, uuid, data, "move_to_file_system", "delete", Mode.ANSWER_GATED)
     row = a.journal.get(uuid)
     assert row is not None and row.state == UPLOADED and a.bucket_files() == {}
     async with trio.open_nursery() as nursery:
