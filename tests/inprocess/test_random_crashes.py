@@ -940,15 +940,7 @@ async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
                     await nursery.start(rig.store.run)
                 for at, rig in enumerate(nodes):
                     for uuid, data in model.live.items():
-                        try:
-                            got = await rig.read(uuid)
-                        except errors.NotFound:
-                            print("DEBUG node", at, uuid, [r.journal.get(uuid) for r in nodes],
-                                  [k for k in nodes[0].bucket_files() if uuid in k],
-                                  nodes[0].store.fs.stat(uuid) if nodes[0].store.fs else None,
-                                  nodes[0].store.fs.deleted(uuid) if nodes[0].store.fs else None)
-                            raise
-                        assert got == data, f"node {at}: {uuid}"
+                        assert await rig.read(uuid) == data, f"node {at}: {uuid}"
                 for rig in nodes:
                     assert await rig.store.drain(timeout=120)
                 # The other node serves a copy it has until its delete reached the bucket,
