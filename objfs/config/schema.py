@@ -340,7 +340,8 @@ OBJFS_OPTIONS: dict[str, Option] = {
     "SharedFileSystemTier": Option((bool,), False, None,
                                    "With `SharedBucket` and a HybridMode: the operator "
                                    "declares `FileSystemDirectory` a filesystem every node "
-                                   "mounts (NFS, CephFS...); required then."),
+                                   "mounts (CephFS, or NFS mounted with `lookupcache=none`: "
+                                   "docs/scale-out.md); required then."),
     "NodeName": Option((str,), None, _node_name,
                        "This node's name in cluster locks, `objfs status` and 409 answers.",
                        "the host name"),
