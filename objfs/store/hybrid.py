@@ -47,9 +47,11 @@ class Hybrid(Writeback):
             while (handle := self.writing.get(uuid)) is not None:
                 await handle.closed.wait()  # Orthanc is closing it: moments away
             if fs.stat(uuid) is None:
-                if await self._row(uuid) is not None:
+                if await self._row(uuid) is None and \
+                        not await self._found_on_second_look(uuid, False):
+                    raise errors.NotFound(f"attachment {uuid} is in neither tier")
+                if fs.stat(uuid) is None:
                     return False
-                raise errors.NotFound(f"attachment {uuid} is in neither tier")
             await self._settle_earlier_object(uuid)
             names = [self.tier.tmp_path(uuid, f"move-{n}") for n in ("plain", "body", "check")]
             plain, body, check = names
@@ -187,6 +189,9 @@ class Hybrid(Writeback):
         fs = self._require_fs()
         async with self.locks.hold(uuid):
             row = await self._row(uuid)
+            if row is None and fs.stat(uuid) is None and \
+                    await self._found_on_second_look(uuid, False):
+                row = await self._row(uuid)  # another node moved it (SharedBucket)
             if row is None:
                 if fs.stat(uuid) is not None:
                     return False

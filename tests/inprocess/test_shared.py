@@ -568,3 +568,32 @@ async def test_a_new_attachment_costs_one_bucket_listing(
             await a.write(uuid, b"dicom" * 200)
         assert a.backend.calls["list"] == 5
         nursery.cancel_scope.cancel()
+
+
+
+@pytest.mark.parametrize("mode", ["WriteToObjectStorage", "WriteToFileSystem"])
+async def test_a_move_right_after_another_node_moved_the_attachment_back_finds_it(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, mode: str) -> None:
+    """The same moves as above, then node a's move job asked again within the bound: its
+    move to the file-system tier, and its move to the bucket, found the attachment in
+    neither tier (NotFound: the job failed). They now look again as a lookup does: the move
+    to the file-system tier moves it, the move to the bucket finds it there already."""
+    a, b = _hybrid_pair(rig_factory, tmp_path, mode)
+    uuid, data = _uuid(), b"dicom" * 8000
+    async with trio.open_nursery() as nursery:
+        for rig in (a, b):
+            await nursery.start(rig.store.run)
+        await a.write(uuid, data)
+        if mode == "WriteToFileSystem":
+            assert await a.store.move_to_object_storage(uuid)
+        assert await a.store.move_to_file_system(uuid)
+        assert await b.store.move_to_object_storage(uuid)
+        assert await a.store.move_to_file_system(uuid)
+        assert await b.store.move_to_object_storage(uuid)
+        assert not await a.store.move_to_object_storage(uuid)
+        assert a.store.fs is not None and a.store.fs.stat(uuid) is None
+        for rig in (a, b):
+            assert await rig.read(uuid) == data
+        nursery.cancel_scope.cancel()
+    assert list(a.bucket_files().values()) == [data]
