@@ -3,10 +3,11 @@ journal; the cluster lease; the job runner's cluster lock."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid as uuid_mod
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
@@ -525,15 +526,11 @@ async def test_a_delete_right_after_another_node_moved_the_attachment_to_the_buc
     assert a.bucket_files() == {}
 
 
-@pytest.mark.parametrize("mode", ["WriteToObjectStorage", "WriteToFileSystem"])
-async def test_a_node_finds_what_another_moved_back_right_after_it_moved_it_away(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        tmp_path: Path, mode: str) -> None:
-    """Node a moved the attachment to the file-system tier (its bucket object gone, which it
-    remembered for SHARED_NEGATIVE_TTL), node b moved it back to the bucket at once, and a
-    looked it up and read it within that bound: a found it in neither tier (ENOENT to
-    Orthanc) until the bound ran out. A node now looks again before it answers absent."""
-    a, b = _hybrid_pair(rig_factory, tmp_path, mode)
+@contextlib.asynccontextmanager
+async def _moved_back_by_the_other(a: Rig, b: Rig, mode: str) -> AsyncIterator[tuple[str, bytes]]:
+    """Both nodes running: an attachment written through node a, moved to the file-system
+    tier by a (which then remembers its object absent for SHARED_NEGATIVE_TTL), and moved
+    back to the bucket by node b at once; yields its uuid and data."""
     uuid, data = _uuid(), b"dicom" * 8000
     async with trio.open_nursery() as nursery:
         for rig in (a, b):
@@ -543,9 +540,41 @@ async def test_a_node_finds_what_another_moved_back_right_after_it_moved_it_away
             assert await a.store.move_to_object_storage(uuid)
         assert await a.store.move_to_file_system(uuid)
         assert await b.store.move_to_object_storage(uuid)
+        yield uuid, data
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("mode", ["WriteToObjectStorage", "WriteToFileSystem"])
+async def test_a_node_finds_what_another_moved_back_right_after_it_moved_it_away(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, mode: str) -> None:
+    """Node a moved the attachment to the file-system tier (its bucket object gone, which it
+    remembered for SHARED_NEGATIVE_TTL), node b moved it back to the bucket at once, and a
+    looked it up and read it within that bound: a found it in neither tier (ENOENT to
+    Orthanc) until the bound ran out. A node now looks again before it answers absent."""
+    a, b = _hybrid_pair(rig_factory, tmp_path, mode)
+    async with _moved_back_by_the_other(a, b, mode) as (uuid, data):
         assert await a.store.size_of(uuid) == len(data)
         assert await a.read(uuid) == data
-        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("mode", ["WriteToObjectStorage", "WriteToFileSystem"])
+async def test_a_move_right_after_another_node_moved_the_attachment_back_finds_it(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, mode: str) -> None:
+    """The same moves, then node a's move job asked again within the bound: its move to the
+    file-system tier, and its move to the bucket, found the attachment in neither tier
+    (NotFound: the job failed). They now look again as a lookup does: the move to the
+    file-system tier moves it, the move to the bucket finds it there already."""
+    a, b = _hybrid_pair(rig_factory, tmp_path, mode)
+    async with _moved_back_by_the_other(a, b, mode) as (uuid, data):
+        assert await a.store.move_to_file_system(uuid)
+        assert await b.store.move_to_object_storage(uuid)
+        assert not await a.store.move_to_object_storage(uuid)
+        assert a.store.fs is not None and a.store.fs.stat(uuid) is None
+        for rig in (a, b):
+            assert await rig.read(uuid) == data
+    assert list(a.bucket_files().values()) == [data]
 
 
 @pytest.mark.parametrize("mode", [None, "WriteToObjectStorage", "WriteToFileSystem"])
@@ -568,32 +597,3 @@ async def test_a_new_attachment_costs_one_bucket_listing(
             await a.write(uuid, b"dicom" * 200)
         assert a.backend.calls["list"] == 5
         nursery.cancel_scope.cancel()
-
-
-
-@pytest.mark.parametrize("mode", ["WriteToObjectStorage", "WriteToFileSystem"])
-async def test_a_move_right_after_another_node_moved_the_attachment_back_finds_it(
-        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        tmp_path: Path, mode: str) -> None:
-    """The same moves as above, then node a's move job asked again within the bound: its
-    move to the file-system tier, and its move to the bucket, found the attachment in
-    neither tier (NotFound: the job failed). They now look again as a lookup does: the move
-    to the file-system tier moves it, the move to the bucket finds it there already."""
-    a, b = _hybrid_pair(rig_factory, tmp_path, mode)
-    uuid, data = _uuid(), b"dicom" * 8000
-    async with trio.open_nursery() as nursery:
-        for rig in (a, b):
-            await nursery.start(rig.store.run)
-        await a.write(uuid, data)
-        if mode == "WriteToFileSystem":
-            assert await a.store.move_to_object_storage(uuid)
-        assert await a.store.move_to_file_system(uuid)
-        assert await b.store.move_to_object_storage(uuid)
-        assert await a.store.move_to_file_system(uuid)
-        assert await b.store.move_to_object_storage(uuid)
-        assert not await a.store.move_to_object_storage(uuid)
-        assert a.store.fs is not None and a.store.fs.stat(uuid) is None
-        for rig in (a, b):
-            assert await rig.read(uuid) == data
-        nursery.cancel_scope.cancel()
-    assert list(a.bucket_files().values()) == [data]
