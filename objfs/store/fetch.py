@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -62,25 +63,14 @@ class Fetch(Names):
                 handle = self.writing.get(uuid)
                 if handle is not None:  # its own (plaintext) file, even if sealed meanwhile
                     return os.open(fd_path(handle.fd), os.O_RDONLY)
-                fs_first = fs is not None and self._fs_first_for(uuid)
-                if fs_first:
-                    fd = await self._open_fs(uuid)
-                    if fd is not None:
-                        return fd
-                asked = fs is not None and self._will_ask_bucket(uuid)
-                row = await self._row(uuid)
-                if row is None:
-                    if fs is not None and not fs_first:
-                        fd = await self._open_fs(uuid)
-                        if fd is not None:
-                            return fd
-                    if fs is not None and self._live_row(uuid) is not None:
-                        # Moved to the bucket while the bucket was asked: look again.
-                        continue
-                    if fs is not None and await self._found_on_second_look(
-                            uuid, fs_first and asked):
-                        continue  # moved by another node while this one looked
+                found = await self._where_is(
+                    uuid, None if fs is None else functools.partial(self._open_fs, uuid),
+                    self._fs_first_for(uuid))
+                if found is None:
                     raise errors.NotFound(f"attachment {uuid}")
+                if not isinstance(found, Row):
+                    return found  # an fd on the file-system tier's copy
+                row = found
                 if self.shared and row.state != PENDING_UPLOAD and not await self._confirm(row):
                     continue  # deleted by another node: perhaps moved to the shared fs tier
                 if row.cached or row.state == PENDING_UPLOAD:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import time
 from typing import NoReturn
 
@@ -46,12 +48,11 @@ class Hybrid(Writeback):
         async with self.locks.hold(uuid):
             while (handle := self.writing.get(uuid)) is not None:
                 await handle.closed.wait()  # Orthanc is closing it: moments away
-            if fs.stat(uuid) is None:
-                if await self._row(uuid) is None and \
-                        not await self._found_on_second_look(uuid, False):
-                    raise errors.NotFound(f"attachment {uuid} is in neither tier")
-                if fs.stat(uuid) is None:
-                    return False
+            where = await self._where_is(uuid, functools.partial(self._stat_fs, fs, uuid), True)
+            if where is None:
+                raise errors.NotFound(f"attachment {uuid} is in neither tier")
+            if isinstance(where, Row):
+                return False  # in the bucket only
             await self._settle_earlier_object(uuid)
             names = [self.tier.tmp_path(uuid, f"move-{n}") for n in ("plain", "body", "check")]
             plain, body, check = names
@@ -188,14 +189,11 @@ class Hybrid(Writeback):
         move fails instead, the attachment in both tiers (`_end_shared_move`)."""
         fs = self._require_fs()
         async with self.locks.hold(uuid):
-            row = await self._row(uuid)
-            if row is None and fs.stat(uuid) is None and \
-                    await self._found_on_second_look(uuid, False):
-                row = await self._row(uuid)  # another node moved it (SharedBucket)
-            if row is None:
-                if fs.stat(uuid) is not None:
-                    return False
+            where = await self._where_is(uuid, functools.partial(self._stat_fs, fs, uuid), False)
+            if where is None:
                 raise errors.NotFound(f"attachment {uuid} is in neither tier")
+            if not isinstance(where, Row):
+                return False  # in the file-system tier only
             try:
                 fd = await self.open_read(uuid, objects_only=True)
             except errors.NotFound:
@@ -230,6 +228,11 @@ class Hybrid(Writeback):
                 self._queue_delete(uuid)
                 raise
         return True
+
+    @staticmethod
+    async def _stat_fs(fs: FileSystemTier, uuid: str) -> os.stat_result | None:
+        """The file-system tier's file of `uuid`, for `_where_is`."""
+        return fs.stat(uuid)
 
     async def _deleted_meanwhile(self, uuid: str) -> NoReturn:
         """SharedBucket: another node deleted `uuid` while this one moved it, and its delete

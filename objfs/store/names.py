@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
@@ -16,6 +18,8 @@ from objfs.store.state import BACKGROUND_RETRY, INVENTORY_COMPLETE, INVENTORY_ME
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class Names(StoreCore):
     """Lookups, directories and the bucket inventory."""
@@ -25,39 +29,49 @@ class Names(StoreCore):
         handle = self.writing.get(uuid)
         if handle is not None:
             return None if handle.unlinked else handle.size
+        fs = self.fs
+
+        async def in_fs() -> int | None:
+            assert fs is not None
+            return fs.size(uuid)
+
+        found = await self._where_is(uuid, None if fs is None else in_fs, self._fs_first_for(uuid))
+        return found.size if isinstance(found, Row) else found
+
+    async def _where_is(self, uuid: str, in_fs: Callable[[], Awaitable[T | None]] | None,
+                        fs_first: bool) -> Row | T | None:
+        """Where attachment `uuid` is: its live row (the journal's, or the bucket's answer for
+        a name the journal does not know, as `_row`), or what `in_fs` found in the
+        file-system tier (not None), or None when it is in neither tier. `in_fs` None leaves
+        the file-system tier out; `fs_first` looks there before the bucket (which of two
+        copies a caller gets when an attachment is in both tiers, as a move leaves it for a
+        moment). With SharedBucket HybridMode absence is settled by
+        `_found_on_second_look`, as another node's move may cross these looks. Raises
+        Unavailable (the bucket did not answer) and whatever `in_fs` raises."""
         while True:
-            fs_first = self._fs_first_for(uuid)
-            if fs_first:
-                assert self.fs is not None
-                size = self.fs.size(uuid)
-                if size is not None:
-                    return size
-            asked = self.fs is not None and self._will_ask_bucket(uuid)
-            row = await self._row(uuid)
+            if in_fs is not None and fs_first:
+                found = await in_fs()
+                if found is not None:
+                    return found
+            row, asked = await self._row_asked(uuid)
             if row is not None:
-                return row.size
-            if self.fs is None:
+                return row
+            if in_fs is None:
                 return None
             if not fs_first:
-                size = self.fs.size(uuid)
-                if size is not None:
-                    return size
+                found = await in_fs()
+                if found is not None:
+                    return found
             if not await self._found_on_second_look(uuid, fs_first and asked):
                 return None
 
     def _fs_first_for(self, uuid: str) -> bool:
-        """Whether to look for `uuid` in the file-system tier before the bucket: in HybridMode
-        WriteToFileSystem, and with SharedBucket for a name the journal does not know (the
-        bucket is then asked after the file-system tier, which saves the second look of
-        `_found_on_second_look`)."""
+        """Whether a lookup or open looks for `uuid` in the file-system tier before the
+        bucket: in HybridMode WriteToFileSystem, and with SharedBucket for a name the journal
+        does not know (the bucket is then asked after the file-system tier, which saves the
+        second look of `_found_on_second_look`)."""
         return self.fs is not None and (
             self.fs_first or (self.shared and self.journal.get(uuid) is None))
-
-    def _will_ask_bucket(self, uuid: str) -> bool:
-        """Whether `_row` would ask the bucket about `uuid` now (not answer from the journal
-        or from its memory of absent names)."""
-        return self.journal.get(uuid) is None and not self.inventory_done \
-            and uuid not in self._negative
 
     async def _found_on_second_look(self, uuid: str, bucket_after_fs: bool) -> bool:
         """SharedBucket HybridMode, for `uuid` found in neither tier: whether looking again
@@ -91,12 +105,20 @@ class Names(StoreCore):
         return None if row is None or row.state == PENDING_DELETE else row
 
     async def _row(self, uuid: str) -> Row | None:
+        """The live row of `uuid` (`_row_asked`)."""
+        return (await self._row_asked(uuid))[0]
+
+    async def _row_asked(self, uuid: str) -> tuple[Row | None, bool]:
+        """The journal's row of `uuid` unless it is a delete still to reach the bucket; for a
+        name the journal does not know, the bucket's answer (one listing, recorded as a row),
+        unless the inventory is complete or the bucket showed no object within the negative
+        TTL (`_negative`). Also whether the bucket was asked. Raises Unavailable."""
         row = self.journal.get(uuid)
         if row is not None:
-            return None if row.state == PENDING_DELETE else row
+            return (None if row.state == PENDING_DELETE else row), False
         if self.inventory_done or uuid in self._negative:
-            return None
-        return await self._find_remote(uuid)
+            return None, False
+        return await self._find_remote(uuid), True
 
     async def _confirm(self, row: Row) -> bool:
         """SharedBucket: whether the object behind journaled `row` is still in the bucket (one
