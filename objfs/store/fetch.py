@@ -265,7 +265,8 @@ class Fetch(Names):
                 shared.give_back()
 
     async def _fetch(self, row: Row, until: float) -> None:
-        """Download `row` once however many readers ask at the same time; raises what the
+        """Download `row` once however many readers ask at the same time (at once when the
+        journal says a copy is cached by now: the caller looks again); raises what the
         download raised. A download cancelled in its own task (its reader gave up) is not an
         error for the others: the next waiter downloads it itself, so another task's
         `trio.Cancelled` never escapes into a FUSE handler.
@@ -287,6 +288,12 @@ class Fetch(Names):
                         return
                     if isinstance(running.error, Exception) and not is_disk_full(running.error):
                         raise running.error
+                current = self.journal.get(row.uuid)
+                if current is not None and current.cached:
+                    # Fetched by another reader since the caller read `row` (it waited for
+                    # a HEAD, say): its copy serves. Fetched again, the copy would replace
+                    # that one, each taking the budget, given back once.
+                    return
                 try:
                     await self._recorded_download(row)
                     return

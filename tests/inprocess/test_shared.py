@@ -155,6 +155,41 @@ async def test_within_the_bound_a_cached_copy_is_served_without_a_request(
     assert a.backend.calls["head"] == heads + 1
 
 
+async def test_a_reader_confirmed_after_another_fetched_the_copy_does_not_fetch_it_again(
+        autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
+        tmp_path: Path, running: Start) -> None:
+    """A reader whose HEAD (confirming the journal's row of an uncached attachment) is
+    answered after another reader fetched the copy uses that copy. It used to fetch the
+    attachment again over it, each copy taking the budget, which was given back only once
+    (found by the two-node random crash test with A1)."""
+    a, b = await _running_pair(rig_factory, tmp_path, running)
+    uuid = _uuid()
+    data = b"dicom" * 8000
+    await a.write(uuid, data)
+    assert await b.read(uuid) == data  # b knows the row now
+    await b.tier.evict(1 << 30)
+    await trio.sleep(SHARED_CONFIRM_TTL + 0.01)
+    gets = b.backend.calls["get"]
+    b.backend.set(Mode.GATED, "head")
+    got: list[bytes] = []
+
+    async def first_reader() -> None:
+        got.append(await b.read(uuid))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first_reader)
+        while not b.backend.calls["head"]:
+            await trio.sleep(0.01)
+        gate = b.backend.gate
+        b.backend.set(Mode.OK, "head")  # the first reader's HEAD still waits at `gate`
+        assert await b.read(uuid) == data
+        gate.set()
+    assert got == [data]
+    assert b.backend.calls["get"] == gets + 1
+    assert b.tier.used == len(data)
+    assert await b.store.drain(timeout=30)
+
+
 async def test_a_write_through_that_fails_is_not_acknowledged_and_leaves_no_object(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
         tmp_path: Path, running: Start) -> None:
