@@ -887,11 +887,11 @@ async def _shared_outage(nodes: list[Rig], model: Model, rnd: random.Random) -> 
     model.log.append("outage ends")
 
 
-@pytest.mark.parametrize("hybrid", [False, True], ids=["objects", "hybrid"])
+@pytest.mark.parametrize("variant", ["objects", "hybrid", "hybrid-encrypted"])
 @pytest.mark.parametrize("seed", range(len(SEEDS) + 4))
 async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int, hybrid: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int, variant: str) -> None:
     """SharedBucket: two nodes write, read and delete at random, the bucket goes down now and
     then, one of the nodes crashes now and then and starts again. Every acknowledged
     attachment reads back identical on both; once both have drained and the bound on cached
@@ -900,8 +900,11 @@ async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
     WriteToObjectStorage in the even seeds, WriteToFileSystem in the odd ones) a move job
     runs on one node at a time in the background, and Orthanc deletes what it moves through
     either node now and then: no tier keeps a deleted attachment, and every live one is in
-    one. In the odd seeds, worker-thread calls take time (`slow_threads`)."""
-    rnd = random.Random(f"shared {'hybrid ' if hybrid else ''}{seed}")
+    one. In "hybrid-encrypted" A1 in the bucket, and in the file-system tier in the seeds
+    divisible by 4 (EncryptFileSystemTier), the other seeds' files there stored as they are.
+    In the odd seeds, worker-thread calls take time (`slow_threads`)."""
+    hybrid = variant != "objects"
+    rnd = random.Random(f"shared {'' if variant == 'objects' else variant + ' '}{seed}")
     if seed % 2 == 1:
         slow_threads(monkeypatch, random.Random(f"threads shared {seed}"))
     bucket = str(tmp_path / "shared-bucket")
@@ -910,6 +913,11 @@ async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
         options.update(HybridMode="WriteToFileSystem" if seed % 2 else "WriteToObjectStorage",
                        FileSystemDirectory=str(tmp_path / "fs-tier"),
                        SharedFileSystemTier=True)
+    if variant == "hybrid-encrypted":
+        key = tmp_path / "master.key"
+        codec.write_key_file(key)
+        options.update(StorageEncryption={"MasterKey": [1, str(key)]},
+                       EncryptFileSystemTier=seed % 4 == 0)
     nodes = [rig_factory(name, SharedBucket=True, NodeName=f"node-{name}", LocalBucket=bucket,
                          **options) for name in ("a", "b")]
     model = Model()
