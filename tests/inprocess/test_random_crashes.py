@@ -887,7 +887,7 @@ async def _shared_outage(nodes: list[Rig], model: Model, rnd: random.Random) -> 
     model.log.append("outage ends")
 
 
-@pytest.mark.parametrize("variant", ["objects", "hybrid", "hybrid-encrypted"])
+@pytest.mark.parametrize("variant", ["objects", "sealed", "hybrid", "hybrid-encrypted"])
 @pytest.mark.parametrize("seed", range(len(SEEDS) + 4))
 async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
         autojump_clock: trio.testing.MockClock, rig_factory: Callable[..., Rig],
@@ -901,9 +901,10 @@ async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
     runs on one node at a time in the background, and Orthanc deletes what it moves through
     either node now and then: no tier keeps a deleted attachment, and every live one is in
     one. In "hybrid-encrypted" A1 in the bucket, and in the file-system tier in the seeds
-    divisible by 4 (EncryptFileSystemTier), the other seeds' files there stored as they are.
+    divisible by 4 (EncryptFileSystemTier), the other seeds' files there stored as they are;
+    in "sealed" (no HybridMode) A1 in the bucket and in the local caches (EncryptLocalCache).
     In the odd seeds, worker-thread calls take time (`slow_threads`)."""
-    hybrid = variant != "objects"
+    hybrid = variant.startswith("hybrid")
     rnd = random.Random(f"shared {'' if variant == 'objects' else variant + ' '}{seed}")
     if seed % 2 == 1:
         slow_threads(monkeypatch, random.Random(f"threads shared {seed}"))
@@ -913,11 +914,14 @@ async def test_two_nodes_on_one_bucket_lose_nothing_when_one_crashes(
         options.update(HybridMode="WriteToFileSystem" if seed % 2 else "WriteToObjectStorage",
                        FileSystemDirectory=str(tmp_path / "fs-tier"),
                        SharedFileSystemTier=True)
-    if variant == "hybrid-encrypted":
+    if variant in ("sealed", "hybrid-encrypted"):
         key = tmp_path / "master.key"
         codec.write_key_file(key)
-        options.update(StorageEncryption={"MasterKey": [1, str(key)]},
-                       EncryptFileSystemTier=seed % 4 == 0)
+        options["StorageEncryption"] = {"MasterKey": [1, str(key)]}
+    if variant == "sealed":
+        options["EncryptLocalCache"] = True
+    if variant == "hybrid-encrypted":
+        options["EncryptFileSystemTier"] = seed % 4 == 0
     nodes = [rig_factory(name, SharedBucket=True, NodeName=f"node-{name}", LocalBucket=bucket,
                          **options) for name in ("a", "b")]
     model = Model()
